@@ -1,0 +1,33 @@
+"""Parameter-efficient delta modules on a frozen pre-trained transformer.
+
+Public API:
+  DeltaModel                  frozen backbone + named task deltas and heads
+  available_methods, get_method, make_config, register
+  save_task, load_task        shareable per-task checkpoints
+  load_backbone               offline-first backbone loading
+"""
+
+from .backbones import BACKBONES, DEFAULT_BACKBONE, load_backbone
+from .base import Delta, LayerwiseConfig, SiteDelta
+from .checkpoint import backbone_fingerprint, load_task, read_meta, save_task
+from .config import DeltaConfig
+from .errors import (
+    BackboneError,
+    CheckpointError,
+    ConfigError,
+    DeltaError,
+    TargetError,
+    TaskError,
+    UnknownMethodError,
+)
+from .model import DeltaModel, TaskDelta
+from .registry import available_methods, get_method, make_config, register
+from .targets import ARCHITECTURES, ArchSpec, register_architecture
+
+__all__ = [
+    "ARCHITECTURES", "ArchSpec", "BACKBONES", "BackboneError", "CheckpointError", "ConfigError",
+    "DEFAULT_BACKBONE", "Delta", "DeltaConfig", "DeltaError", "DeltaModel", "LayerwiseConfig",
+    "SiteDelta", "TargetError", "TaskDelta", "TaskError", "UnknownMethodError", "available_methods",
+    "backbone_fingerprint", "get_method", "load_backbone", "load_task", "make_config", "read_meta",
+    "register", "register_architecture", "save_task",
+]

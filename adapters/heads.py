@@ -1,0 +1,49 @@
+"""Per-task classification heads over the backbone's token states."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+POOLINGS = ("mean", "cls", "last")
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
+    """Pool token states (B, T, d) to (B, d) using the attention mask (B, T)."""
+    if how == "mean":
+        m = mask.to(hidden.dtype).unsqueeze(-1)
+        return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+    if how == "cls":
+        return hidden[:, 0]
+    if how == "last":
+        # index of the last attended token; works for left and right padding
+        positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+        idx = (positions * mask.long()).argmax(dim=1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
+    raise ConfigError(f"unknown pooling {how!r}; known: {POOLINGS}")
+
+
+class ClassificationHead(nn.Module):
+    """Pooling, dropout and one linear layer (what a sentence classifier on MiniLM uses)."""
+
+    def __init__(self, hidden_size: int, num_labels: int, pooling: str = "mean", dropout: float = 0.1) -> None:
+        super().__init__()
+        if num_labels < 2:
+            raise ConfigError(f"a classification head needs at least 2 labels, got {num_labels}")
+        if pooling not in POOLINGS:
+            raise ConfigError(f"unknown pooling {pooling!r}; known: {POOLINGS}")
+        self.pooling = pooling
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(hidden_size, num_labels)
+        nn.init.normal_(self.classifier.weight, std=0.02)
+        nn.init.zeros_(self.classifier.bias)
+
+    @property
+    def num_labels(self) -> int:
+        return self.classifier.out_features
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        pooled = pool(hidden, mask, self.pooling).to(self.classifier.weight.dtype)
+        return self.classifier(self.dropout(pooled))

@@ -1,0 +1,52 @@
+"""Parallel adapter (He et al. 2022, "Towards a unified view of PETL").
+
+Beside a sub-layer: ``out = sublayer(x) + scaling * up(act(down(x)))``, reading the sub-layer's
+input ``x``. Default: beside the FFN block, scaling 4, as in the paper's best variant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from ..base import LayerwiseConfig, SiteDelta
+from ..errors import ConfigError
+from ..registry import register
+from ..targets import Site
+from .bottleneck import Bottleneck
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelConfig(LayerwiseConfig):
+    method = "parallel"
+    default_lr = 1e-3
+    targets: tuple[str, ...] = ("ffn",)
+    bottleneck_dim: int = 64
+    activation: str = "relu"
+    scaling: float = 4.0
+
+    def validate(self) -> None:
+        super().validate()
+        if self.bottleneck_dim < 1:
+            raise ConfigError(f"bottleneck_dim must be >= 1, got {self.bottleneck_dim}")
+
+
+class ParallelSite(nn.Module):
+    def __init__(self, mlp: Bottleneck, scaling: float) -> None:
+        super().__init__()
+        self.mlp = mlp
+        self.scaling = scaling
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return self.scaling * self.mlp(x)
+
+
+@register
+class ParallelAdapter(SiteDelta):
+    config_class = ParallelConfig
+
+    def build_site(self, site: Site, d_in: int, d_out: int, backbone: nn.Module) -> nn.Module:
+        c = self.config
+        return ParallelSite(Bottleneck(d_in, d_out, c.bottleneck_dim, c.activation), c.scaling)

@@ -1,0 +1,283 @@
+"""DeltaModel: one frozen backbone, many named task deltas, each with its own head.
+
+    model = DeltaModel.from_pretrained()                 # MiniLM, offline
+    model.add_task("movies", ["bottleneck", "bitfit"], label_names=["neg", "pos"])
+    model.activate("movies")                              # only its parameters are trainable
+    logits = model(**batch)
+    with model.disabled():                                # backbone alone (+ the task's head)
+        ...
+    model.freeze("movies")                                # trained: never trainable again
+
+A task's delta is a list of method configs applied together (a combination); each method is a
+:class:`~adapters.base.Delta` hooked into the backbone, acting only while its task is active.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from functools import partial
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .base import Delta
+from .config import DeltaConfig
+from .errors import ConfigError, TaskError
+from .heads import ClassificationHead
+from .registry import get_method, make_config
+from .targets import arch_spec
+
+MethodSpec = str | dict[str, Any] | DeltaConfig
+
+_TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
+
+
+class TaskDelta(nn.Module):
+    """The deltas (keyed by method name) and the head of one task."""
+
+    def __init__(
+        self,
+        name: str,
+        configs: Sequence[DeltaConfig],
+        backbone: nn.Module,
+        head: ClassificationHead | None,
+        label_names: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__()
+        if not configs:
+            raise ConfigError(f"task {name!r}: give at least one delta method")
+        self.name = name
+        self.configs = tuple(configs)
+        self.deltas = nn.ModuleDict()
+        for i, config in enumerate(self.configs):
+            key = config.method if config.method not in self.deltas else f"{config.method}_{i}"
+            self.deltas[key] = get_method(config.method)(config, backbone)
+        self.head = head
+        self.label_names = list(label_names) if label_names is not None else None
+        self.frozen = False
+
+    def delta_parameters(self) -> int:
+        return sum(d.num_parameters() for d in self.deltas.values())
+
+    def head_parameters(self) -> int:
+        return 0 if self.head is None else sum(p.numel() for p in self.head.parameters())
+
+    def param_groups(self, lr: float | None = None, head_lr: float = 1e-3) -> list[dict[str, Any]]:
+        """Optimizer groups: each method at its own default learning rate unless ``lr`` is given."""
+        groups = [
+            {"params": [p for p in d.parameters() if p.requires_grad], "lr": lr or d.config.default_lr, "name": key}
+            for key, d in self.deltas.items()
+        ]
+        if self.head is not None:
+            groups.append({"params": [p for p in self.head.parameters() if p.requires_grad], "lr": head_lr, "name": "head"})
+        return [g for g in groups if g["params"]]
+
+
+class DeltaModel(nn.Module):
+    """A frozen pre-trained transformer carrying named, coexisting task deltas."""
+
+    def __init__(self, backbone: nn.Module, tokenizer: Any = None, backbone_name: str | None = None) -> None:
+        super().__init__()
+        base = getattr(backbone, "base_model", backbone)
+        self.spec = arch_spec(base)  # fails early, with the supported list, for unknown models
+        self.backbone = base
+        for p in self.backbone.parameters():
+            p.requires_grad_(False)
+        self.tasks = nn.ModuleDict()
+        self.tokenizer = tokenizer
+        self.backbone_name = backbone_name or getattr(base.config, "_name_or_path", "") or base.config.model_type
+        self._active: tuple[str, ...] = ()
+        self._head: str | None = None
+
+    @classmethod
+    def from_pretrained(cls, name: str = "minilm", **kwargs: Any) -> "DeltaModel":
+        """Load a backbone by short name or path (see :mod:`adapters.backbones`) and wrap it."""
+        from .backbones import load_backbone
+
+        backbone, tokenizer = load_backbone(name, **kwargs)
+        return cls(backbone, tokenizer, name)
+
+    # -- tasks -------------------------------------------------------------------------------------
+    def add_task(
+        self,
+        name: str,
+        methods: MethodSpec | Sequence[MethodSpec] = "bottleneck",
+        num_labels: int | None = None,
+        label_names: Sequence[str] | None = None,
+        pooling: str | None = None,
+        head_dropout: float = 0.1,
+    ) -> TaskDelta:
+        """Attach a new delta (one method or a combination) and a classification head.
+
+        ``methods``: a method name, a dict with a ``method`` key, a config, or a list of those.
+        Give ``label_names`` or ``num_labels`` for a head; with neither the task has no head.
+        """
+        if not isinstance(name, str) or not _TASK_NAME.match(name):
+            raise TaskError(f"invalid task name {name!r}: use letters, digits, '_' and '-', starting with a letter or digit")
+        if name in self.tasks:
+            raise TaskError(f"task {name!r} already exists; remove_task({name!r}) first or pick another name")
+        specs = list(methods) if isinstance(methods, (list, tuple)) else [methods]
+        configs = [make_config(s) for s in specs]
+        if label_names is not None:
+            if num_labels is not None and num_labels != len(label_names):
+                raise ConfigError(f"num_labels={num_labels} but {len(label_names)} label names given")
+            num_labels = len(label_names)
+        head = None
+        if num_labels is not None:
+            head = ClassificationHead(self.backbone.config.hidden_size, num_labels, pooling or self.spec.pooling, head_dropout)
+        task = TaskDelta(name, configs, self.backbone, head, label_names).to(self.device)
+        for delta in task.deltas.values():
+            delta.attach(self.backbone, partial(self._is_active, name))
+        self.tasks[name] = task
+        self._update_trainable()
+        return task
+
+    def remove_task(self, name: str) -> None:
+        """Detach and delete a task's delta and head."""
+        task = self._task(name)
+        for delta in task.deltas.values():
+            delta.detach()
+        del self.tasks[name]
+        self._active = tuple(t for t in self._active if t != name)
+        if self._head == name:
+            self._head = self._active[-1] if self._active else None
+
+    def _task(self, name: str) -> TaskDelta:
+        if name not in self.tasks:
+            known = ", ".join(self.tasks) or "none yet"
+            raise TaskError(f"unknown task {name!r}; known tasks: {known}")
+        return self.tasks[name]
+
+    def task(self, name: str) -> TaskDelta:
+        """The :class:`TaskDelta` of a task (error lists the known tasks)."""
+        return self._task(name)
+
+    # -- which deltas act --------------------------------------------------------------------------
+    def _is_active(self, name: str) -> bool:
+        return name in self._active
+
+    @property
+    def active_tasks(self) -> tuple[str, ...]:
+        return self._active
+
+    def activate(self, *names: str) -> None:
+        """Make these tasks' deltas act (in order); the last one's head gives the logits.
+
+        Only active, unfrozen tasks have trainable parameters."""
+        for n in names:
+            self._task(n)
+        self._active = tuple(names)
+        self._head = names[-1] if names else None
+        self._update_trainable()
+
+    def deactivate(self) -> None:
+        """No delta acts; no head is selected."""
+        self.activate()
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Within the block no delta acts (the selected head still does): the backbone's output."""
+        saved = self._active
+        self._active = ()
+        try:
+            yield
+        finally:
+            self._active = saved
+
+    @contextlib.contextmanager
+    def using(self, *names: str) -> Iterator[None]:
+        """Temporarily activate ``names``."""
+        saved, head = self._active, self._head
+        self.activate(*names)
+        try:
+            yield
+        finally:
+            self._active, self._head = saved, head
+            self._update_trainable()
+
+    def freeze(self, name: str) -> None:
+        """Mark a trained task frozen: its parameters stay untrainable and training-time
+        reparameterisations are folded away."""
+        task = self._task(name)
+        for delta in task.deltas.values():
+            delta.fold()
+        task.frozen = True
+        self._update_trainable()
+
+    def unfreeze(self, name: str) -> None:
+        self._task(name).frozen = False
+        self._update_trainable()
+
+    def _update_trainable(self) -> None:
+        for name, task in self.tasks.items():
+            flag = name in self._active and not task.frozen
+            for p in task.parameters():
+                p.requires_grad_(flag)
+
+    # -- forward -----------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.backbone.parameters()).device
+
+    def _active_deltas(self) -> list[Delta]:
+        return [d for t in self._active for d in self.tasks[t].deltas.values()]
+
+    def encode(
+        self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, **extra: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token states of the backbone with the active deltas, and their mask.
+
+        Positions a delta prepended (prompt tokens) are removed, so the result lines up with the
+        input tokens whatever is active."""
+        if input_ids is None:
+            raise ValueError("encode needs input_ids")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        extra = {k: v for k, v in extra.items() if v is not None}
+        deltas = self._active_deltas()
+        transforms = [d for d in deltas if type(d).transform_inputs is not Delta.transform_inputs]
+        if not transforms:
+            out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **extra)
+            return out.last_hidden_state, attention_mask
+        embeds = self.backbone.get_input_embeddings()(input_ids)
+        mask, added = attention_mask, 0
+        for d in transforms:
+            embeds, mask, extra, n = d.transform_inputs(embeds, mask, extra)
+            added += n
+        out = self.backbone(inputs_embeds=embeds, attention_mask=mask, **extra)
+        return out.last_hidden_state[:, added:], attention_mask
+
+    def forward(
+        self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, **extra: Any
+    ) -> torch.Tensor:
+        """Logits of the selected task's head (the last task passed to :meth:`activate`)."""
+        if self._head is None:
+            raise TaskError("no task selected: call model.activate(task) first")
+        head = self.tasks[self._head].head
+        if head is None:
+            raise TaskError(f"task {self._head!r} has no head (it was added without labels)")
+        hidden, mask = self.encode(input_ids, attention_mask, **extra)
+        return head(hidden, mask)
+
+    # -- accounting --------------------------------------------------------------------------------
+    def backbone_parameters(self) -> int:
+        return sum(p.numel() for p in self.backbone.parameters())
+
+    def parameter_report(self, name: str) -> dict[str, Any]:
+        """Parameter counts of one task and their ratio to the backbone."""
+        task = self._task(name)
+        backbone = self.backbone_parameters()
+        delta = task.delta_parameters()
+        return {
+            "task": name,
+            "methods": {k: d.num_parameters() for k, d in task.deltas.items()},
+            "delta_params": delta,
+            "head_params": task.head_parameters(),
+            "backbone_params": backbone,
+            "delta_ratio": delta / backbone,
+        }
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]

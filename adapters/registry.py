@@ -1,0 +1,75 @@
+"""Name -> delta class registry.
+
+Methods register themselves with ``@register``. Every module in ``adapters/methods/`` is imported
+once, on first lookup, so adding a method is adding one file there: nothing else names it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from typing import TYPE_CHECKING, Any
+
+from .errors import UnknownMethodError
+
+if TYPE_CHECKING:
+    from .base import Delta
+    from .config import DeltaConfig
+
+_REGISTRY: dict[str, type["Delta"]] = {}
+_loaded = False
+
+
+def register(cls: type["Delta"]) -> type["Delta"]:
+    """Class decorator: register a :class:`~adapters.base.Delta` under its config's method name."""
+    name = cls.config_class.method
+    if not name:
+        raise ValueError(f"{cls.__name__}.config_class has no method name")
+    if name in _REGISTRY and _REGISTRY[name] is not cls:
+        raise ValueError(f"method {name!r} is registered twice ({_REGISTRY[name].__name__}, {cls.__name__})")
+    _REGISTRY[name] = cls
+    return cls
+
+
+def _load_methods() -> None:
+    global _loaded
+    if _loaded:
+        return
+    from . import methods
+
+    for info in pkgutil.iter_modules(methods.__path__):
+        importlib.import_module(f"{methods.__name__}.{info.name}")
+    _loaded = True
+
+
+def available_methods() -> list[str]:
+    """Sorted names of every registered method."""
+    _load_methods()
+    return sorted(_REGISTRY)
+
+
+def get_method(name: str) -> type["Delta"]:
+    """The delta class registered as ``name``; the error lists the known names."""
+    _load_methods()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UnknownMethodError(
+            f"unknown delta method {name!r}; known methods: {', '.join(sorted(_REGISTRY))}"
+        ) from None
+
+
+def make_config(spec: "str | dict[str, Any] | DeltaConfig", **overrides: Any) -> "DeltaConfig":
+    """Turn a method name, a dict with a ``method`` key, or a config into a validated config."""
+    from .config import DeltaConfig
+
+    if isinstance(spec, DeltaConfig):
+        return spec.replace(**overrides) if overrides else spec
+    if isinstance(spec, str):
+        return get_method(spec).config_class.from_dict(dict(overrides))
+    if isinstance(spec, dict):
+        if "method" not in spec:
+            raise UnknownMethodError(f"a delta config dict needs a 'method' key; known methods: {', '.join(available_methods())}")
+        cls = get_method(spec["method"]).config_class
+        return cls.from_dict({**spec, **overrides})
+    raise TypeError(f"cannot make a delta config from {type(spec).__name__}")

@@ -1,0 +1,76 @@
+import json
+
+import pytest
+
+import adapters
+from adapters import ConfigError, UnknownMethodError, make_config
+
+
+def test_every_method_registered():
+    assert set(adapters.available_methods()) >= {
+        "bottleneck", "parallel", "compacter", "lora", "prefix", "prompt", "bitfit", "last_layer", "selective"
+    }
+
+
+def test_unknown_method_lists_known_ones():
+    with pytest.raises(UnknownMethodError) as e:
+        make_config("lorra")
+    msg = str(e.value)
+    assert "lorra" in msg and "lora" in msg and "bottleneck" in msg
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['rnak'\].*rank"):
+        make_config({"method": "lora", "rnak": 4})
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"rank": "8"}, {"rank": 8.5}, {"alpha": "x"}, {"targets": "query"}, {"dropout": True}, {"layers": [0, "1"]}],
+)
+def test_wrong_types_rejected(bad):
+    with pytest.raises(ConfigError, match="must be"):
+        make_config({"method": "lora", **bad})
+
+
+def test_value_ranges_checked():
+    with pytest.raises(ConfigError, match="rank"):
+        make_config("lora", rank=0)
+    with pytest.raises(ConfigError, match="divisible"):
+        make_config("compacter", bottleneck_dim=10, phm_dim=4)
+    with pytest.raises(ConfigError, match="patterns"):
+        make_config("selective")
+    with pytest.raises(ConfigError, match="one of"):
+        make_config("prompt", init="zeros")
+
+
+def test_method_mismatch_rejected():
+    cls = adapters.get_method("lora").config_class
+    with pytest.raises(ConfigError, match="not 'prefix'"):
+        cls.from_dict({"method": "prefix"})
+
+
+@pytest.mark.parametrize("method", adapters.available_methods())
+def test_round_trip_through_json(method):
+    from conftest import method_config
+
+    config = make_config(method_config(method))
+    again = make_config(json.loads(json.dumps(config.to_dict())))
+    assert again == config and hash(again) == hash(config)
+
+
+def test_configs_are_frozen_and_replace_validates():
+    c = make_config("lora")
+    with pytest.raises(Exception):
+        c.rank = 4  # type: ignore[misc]
+    assert c.replace(rank=4).rank == 4
+    with pytest.raises(ConfigError):
+        c.replace(rank=-1)
+
+
+def test_defaults_follow_the_survey():
+    assert make_config("lora").rank == 8 and make_config("lora").targets == ("query", "value")
+    assert make_config("prefix").num_tokens == 5
+    assert make_config("prompt").num_tokens == 100
+    b = make_config("bottleneck")
+    assert b.bottleneck_dim == 64 and b.activation == "silu" and b.targets == ("attn_out", "ffn_out")
