@@ -50,6 +50,7 @@ def test_zero_init_gives_backbone_output(method, arch):
 def test_detach_restores_bit_identical_outputs(method, arch):
     backbone = tiny_backbone(arch)
     inputs = batch()
+    attn_impl = backbone.config._attn_implementation
     with torch.no_grad():
         reference = backbone(**inputs).last_hidden_state.clone()
     model = adapters.DeltaModel(backbone)
@@ -62,6 +63,9 @@ def test_detach_restores_bit_identical_outputs(method, arch):
         assert torch.equal(states(model, inputs), reference)
     model.remove_task("t")
     assert torch.equal(states(model, inputs), reference)
+    leftover = [n for n, m in backbone.named_modules() if m._forward_hooks or m._forward_pre_hooks]
+    assert leftover == [], f"hooks left on {leftover}"
+    assert backbone.config._attn_implementation == attn_impl
     with torch.no_grad():
         assert torch.equal(backbone(**inputs).last_hidden_state, reference)
 

@@ -1,0 +1,156 @@
+"""Many deltas on one backbone: activation, combinations, errors, accounting."""
+
+import pytest
+import torch
+
+import adapters
+from adapters import ConfigError, TargetError, TaskError
+from conftest import batch, method_config, tiny_backbone
+
+
+def states(model, inputs):
+    with torch.no_grad():
+        return model.encode(**inputs)[0]
+
+
+def randomize(task, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in task.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def test_tasks_coexist_and_activation_switches(arch):
+    model = adapters.DeltaModel(tiny_backbone(arch))
+    inputs = batch()
+    for i, name in enumerate(["a", "b"]):
+        model.add_task(name, "lora", num_labels=2)
+        randomize(model.task(name), seed=i)
+    model.activate("a")
+    out_a = states(model, inputs)
+    model.activate("b")
+    out_b = states(model, inputs)
+    model.activate("a")
+    assert torch.equal(states(model, inputs), out_a)
+    assert not torch.allclose(out_a, out_b)
+    model.deactivate()
+    with model.disabled():
+        base = states(model, inputs)
+    assert torch.equal(states(model, inputs), base)
+    with model.using("b"):
+        assert torch.equal(states(model, inputs), out_b)
+    assert model.active_tasks == ()
+
+
+def test_only_active_unfrozen_task_is_trainable(tiny_model):
+    for name in ["a", "b"]:
+        tiny_model.add_task(name, "bottleneck", num_labels=2)
+    tiny_model.activate("b")
+    ids = {id(p) for p in tiny_model.trainable_parameters()}
+    assert ids == {id(p) for p in tiny_model.task("b").parameters()}
+    tiny_model.freeze("b")
+    assert tiny_model.trainable_parameters() == []
+    tiny_model.unfreeze("b")
+    assert tiny_model.trainable_parameters()
+
+
+def test_heads_differ_per_task(tiny_model):
+    tiny_model.add_task("two", "bitfit", label_names=["neg", "pos"])
+    tiny_model.add_task("five", "bitfit", num_labels=5)
+    inputs = batch()
+    tiny_model.activate("two")
+    assert tiny_model(**inputs).shape == (3, 2)
+    tiny_model.activate("five")
+    assert tiny_model(**inputs).shape == (3, 5)
+    assert tiny_model.task("two").label_names == ["neg", "pos"]
+
+
+def test_combination_applies_every_method(arch):
+    """adapter + BitFit + prompt on one task: each part changes the output."""
+    model = adapters.DeltaModel(tiny_backbone(arch))
+    combo = [method_config("bottleneck"), "bitfit", method_config("prompt")]
+    task = model.add_task("combo", combo, num_labels=2)
+    assert list(task.deltas) == ["bottleneck", "bitfit", "prompt"]
+    randomize(task, seed=3)
+    model.activate("combo")
+    inputs = batch()
+    full = states(model, inputs)
+    for key in ["bottleneck", "bitfit"]:
+        with torch.no_grad():
+            saved = [p.clone() for p in task.deltas[key].parameters()]
+            for p in task.deltas[key].parameters():
+                p.zero_()
+        assert not torch.allclose(states(model, inputs), full), f"{key} had no effect in the combination"
+        with torch.no_grad():
+            for p, s in zip(task.deltas[key].parameters(), saved):
+                p.copy_(s)
+    groups = task.param_groups()
+    assert {g["name"] for g in groups} == {"bottleneck", "bitfit", "prompt", "head"}
+    assert {g["name"]: g["lr"] for g in groups}["prompt"] == adapters.make_config("prompt").default_lr
+
+
+def test_same_method_twice_gets_distinct_keys(tiny_model):
+    task = tiny_model.add_task("t", ["lora", {"method": "lora", "targets": ["attn_out"]}], num_labels=2)
+    assert list(task.deltas) == ["lora", "lora_1"]
+
+
+def test_adapter_drop_skips_first_layers(tiny_model):
+    full = tiny_model.add_task("full", "bottleneck", num_labels=2)
+    drop = tiny_model.add_task("drop", {"method": "bottleneck", "skip_first": 1}, num_labels=2)
+    assert {s.layer for s in full.deltas["bottleneck"].sites} == {0, 1}
+    assert {s.layer for s in drop.deltas["bottleneck"].sites} == {1}
+    assert drop.delta_parameters() == full.delta_parameters() // 2
+
+
+def test_layers_option_and_module_path_targets(tiny_model):
+    task = tiny_model.add_task("t", {"method": "lora", "targets": ["ffn_up"], "layers": [-1]}, num_labels=2)
+    assert [s.layer for s in task.deltas["lora"].sites] == [1]
+
+
+def test_targets_matching_nothing_list_candidates(tiny_model):
+    with pytest.raises(TargetError) as e:
+        tiny_model.add_task("t", {"method": "lora", "targets": ["q_projj"]}, num_labels=2)
+    msg = str(e.value)
+    assert "q_projj" in msg and "roles" in msg and "query" in msg
+    with pytest.raises(TargetError, match="candidates"):
+        tiny_model.add_task("u", {"method": "selective", "patterns": ["no_such_module"]}, num_labels=2)
+    assert "t" not in tiny_model.tasks and "u" not in tiny_model.tasks
+
+
+def test_layer_out_of_range(tiny_model):
+    with pytest.raises(TargetError, match="out of range"):
+        tiny_model.add_task("t", {"method": "lora", "layers": [7]}, num_labels=2)
+
+
+def test_task_name_errors(tiny_model):
+    tiny_model.add_task("a", "lora", num_labels=2)
+    with pytest.raises(TaskError, match="already exists"):
+        tiny_model.add_task("a", "lora", num_labels=2)
+    with pytest.raises(TaskError, match="invalid task name"):
+        tiny_model.add_task("a.b", "lora", num_labels=2)
+    with pytest.raises(TaskError, match="unknown task 'zzz'; known tasks: a"):
+        tiny_model.activate("zzz")
+    with pytest.raises(TaskError, match="no task selected"):
+        tiny_model(**batch())
+    with pytest.raises(adapters.UnknownMethodError, match="known methods"):
+        tiny_model.add_task("b", "adapterr", num_labels=2)
+    with pytest.raises(ConfigError, match="label names"):
+        tiny_model.add_task("c", "lora", num_labels=3, label_names=["x", "y"])
+
+
+def test_unknown_architecture_lists_supported():
+    from transformers import GPT2Config, GPT2Model
+
+    with pytest.raises(TargetError, match="supported: .*bert"):
+        adapters.DeltaModel(GPT2Model(GPT2Config(n_embd=32, n_layer=1, n_head=2)))
+
+
+def test_parameter_report():
+    tiny_model = adapters.DeltaModel(tiny_backbone("bert"))
+    tiny_model.add_task("t", ["lora", "bitfit"], num_labels=4)
+    r = tiny_model.parameter_report("t")
+    # LoRA r=8 on query and value of 2 layers, 32 -> 32: 2 * 2 * (8*32 + 32*8)
+    assert r["methods"]["lora"] == 2 * 2 * (8 * 32 + 32 * 8)
+    assert r["delta_params"] == sum(r["methods"].values())
+    assert r["head_params"] == 32 * 4 + 4
+    assert r["delta_ratio"] == pytest.approx(r["delta_params"] / tiny_model.backbone_parameters())
