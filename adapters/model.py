@@ -90,6 +90,7 @@ class DeltaModel(nn.Module):
         self.backbone_name = backbone_name or getattr(base.config, "_name_or_path", "") or base.config.model_type
         self._active: tuple[str, ...] = ()
         self._head: str | None = None
+        self.train(base.training)  # a backbone loaded for inference stays in eval mode
 
     @classmethod
     def from_pretrained(cls, name: str = "minilm", **kwargs: Any) -> "DeltaModel":
@@ -128,6 +129,7 @@ class DeltaModel(nn.Module):
         if num_labels is not None:
             head = ClassificationHead(self.backbone.config.hidden_size, num_labels, pooling or self.spec.pooling, head_dropout)
         task = TaskDelta(name, configs, self.backbone, head, label_names).to(self.device)
+        task.train(self.training)  # no dropout in a head added to a model used for inference
         for delta in task.deltas.values():
             delta.attach(self.backbone, partial(self._is_active, name))
         self.tasks[name] = task

@@ -154,3 +154,16 @@ def test_parameter_report():
     assert r["delta_params"] == sum(r["methods"].values())
     assert r["head_params"] == 32 * 4 + 4
     assert r["delta_ratio"] == pytest.approx(r["delta_params"] / tiny_model.backbone_parameters())
+
+
+def test_new_tasks_follow_the_model_mode():
+    model = adapters.DeltaModel(tiny_backbone("bert"))  # backbone in eval mode
+    assert not model.training
+    task = model.add_task("t", "lora", num_labels=2)
+    assert not any(m.training for m in task.modules())
+    inputs = batch()
+    model.activate("t")
+    with torch.no_grad():
+        assert torch.equal(model(**inputs), model(**inputs))  # no dropout at inference
+    model.train()
+    assert all(m.training for m in model.add_task("u", "lora", num_labels=2).modules())
