@@ -45,7 +45,7 @@ def _prefix_attention(module: nn.Module, query, key, value, attention_mask, **kw
     prefixes = [p for p in (f() for f in _PROVIDERS.get(module, ())) if p is not None]
     if not prefixes:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    b, _, q_len, k_len = query.shape[0], None, query.shape[2], key.shape[2]
+    b, q_len, k_len = query.shape[0], query.shape[2], key.shape[2]
     pk = torch.cat([k for k, _ in prefixes], dim=1).to(key.dtype)  # heads x P x d
     pv = torch.cat([v for _, v in prefixes], dim=1).to(value.dtype)
     n = pk.shape[1]
@@ -83,6 +83,8 @@ class PrefixConfig(DeltaConfig):
     def validate(self) -> None:
         if self.num_tokens < 1 or self.hidden_dim < 1:
             raise ConfigError("num_tokens and hidden_dim must be >= 1")
+        if self.skip_first < 0:
+            raise ConfigError(f"prefix: skip_first must be >= 0, got {self.skip_first}")
 
 
 @register
