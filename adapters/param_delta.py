@@ -105,8 +105,6 @@ class ParamDelta(SiteDelta):
 
     layerwise = False  # not an additive layer-wise module in the fusion sense
 
-    params: tuple[str, ...] = ("weight", "bias")
-
     def module_patterns(self, backbone: nn.Module) -> list[str]:
         """Regexes over module paths; by default the config's ``patterns``."""
         return list(self.config.patterns)

@@ -11,13 +11,12 @@ dev), test accuracy, and the dev majority-class rate to beat.
 from __future__ import annotations
 
 import argparse
-import collections
 import time
 
 import torch
 
 import adapters
-from continual import TrainConfig, evaluate, make_loader, tokenize, train_task
+from continual import TrainConfig, eval_loader, evaluate, majority_rate, train_task
 from streams import SOURCES, load_task_data
 
 # Small-model settings where the survey's T5-base defaults do not fit a 6-layer, 64-token model.
@@ -41,9 +40,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     data, src = load_task_data(args.task, seed=args.seed, max_train=args.max_train, max_eval=args.max_eval)
-    majority = max(collections.Counter(data["dev"]["label"]).values()) / len(data["dev"])
+    majority = majority_rate(data["dev"])
     model = adapters.DeltaModel.from_pretrained(args.backbone)
-    test_loader = make_loader(tokenize(data["test"], model.tokenizer, args.max_length), model.tokenizer, 64, False)
+    test_loader = eval_loader(data["test"], model.tokenizer, args.max_length)
     config = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, max_length=args.max_length,
                          eval_every=max(1, args.steps // 6), patience=None, seed=args.seed,
                          device=args.device, progress=False)

@@ -89,6 +89,17 @@ def make_loader(dataset: Dataset, tokenizer: Any, batch_size: int, shuffle: bool
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, generator=gen)
 
 
+def eval_loader(dataset: Dataset, tokenizer: Any, max_length: int, batch_size: int = 64) -> DataLoader:
+    """Tokenised, unshuffled batches for evaluation."""
+    return make_loader(tokenize(dataset, tokenizer, max_length), tokenizer, batch_size, False)
+
+
+def majority_rate(dataset: Dataset) -> float:
+    """Accuracy of always predicting the most frequent label: the baseline to beat."""
+    labels = np.asarray(dataset["label"])
+    return float(np.bincount(labels).max() / len(labels))
+
+
 def macro_f1(pred: np.ndarray, gold: np.ndarray, num_labels: int) -> float:
     """Mean F1 over the labels present in gold or pred."""
     scores = []
@@ -149,7 +160,7 @@ def train_task(
     device = resolve_device(config.device)
     model.to(device)
     train_ds = tokenize(data["train"], tokenizer, config.max_length)
-    dev_loader = make_loader(tokenize(data["dev"], tokenizer, config.max_length), tokenizer, config.batch_size * 2, False)
+    dev_loader = eval_loader(data["dev"], tokenizer, config.max_length, config.batch_size * 2)
 
     model.activate(task)
     groups = model.task(task).param_groups(config.lr, config.head_lr)

@@ -10,13 +10,12 @@ Prints the trainable-parameter ratio and the dev/test accuracy next to the major
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 
 import torch
 
 import adapters
-from continual import TrainConfig, evaluate, make_loader, tokenize, train_task
+from continual import TrainConfig, eval_loader, evaluate, majority_rate, train_task
 from streams import SOURCES, load_task_data
 
 
@@ -43,9 +42,8 @@ def main(argv: list[str] | None = None) -> dict:
     config = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, max_length=args.max_length,
                          eval_every=max(1, args.steps // 4), seed=args.seed, device=args.device)
     result = train_task(model, args.task, data, config)
-    test_loader = make_loader(tokenize(data["test"], model.tokenizer, args.max_length), model.tokenizer, 64, False)
-    test = evaluate(model, args.task, test_loader)
-    majority = max(collections.Counter(data["dev"]["label"]).values()) / len(data["dev"])
+    test = evaluate(model, args.task, eval_loader(data["test"], model.tokenizer, args.max_length))
+    majority = majority_rate(data["dev"])
     report = model.parameter_report(args.task)
     summary = {
         "task": args.task, "methods": methods, "delta_params": report["delta_params"],

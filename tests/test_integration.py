@@ -5,13 +5,11 @@ package) and must beat the dev majority class clearly. Runs and thresholds are k
 2-core CI machine; benchmarks/method_accuracy.py runs the longer version.
 """
 
-import collections
-
 import pytest
 import torch
 
 import adapters
-from continual import TrainConfig, evaluate, make_loader, tokenize, train_task
+from continual import TrainConfig, eval_loader, evaluate, majority_rate, train_task
 from streams import load_task_data
 
 pytestmark = pytest.mark.integration
@@ -30,7 +28,7 @@ def minilm():
 @pytest.fixture(scope="module")
 def movie():
     data, src = load_task_data("movie", seed=0, max_train=1200, max_eval=200)
-    majority = max(collections.Counter(data["dev"]["label"]).values()) / len(data["dev"])
+    majority = majority_rate(data["dev"])
     return data, src, majority
 
 
@@ -65,7 +63,7 @@ def test_each_method_learns_a_real_task(minilm, movie, method, steps):
 
 def test_real_checkpoint_round_trip_and_detach(minilm, movie, tmp_path):
     data, src, _ = movie
-    loader = make_loader(tokenize(data["dev"].select(range(64)), minilm.tokenizer, 48), minilm.tokenizer, 32, False)
+    loader = eval_loader(data["dev"].select(range(64)), minilm.tokenizer, 48, batch_size=32)
     batch = {k: v for k, v in next(iter(loader)).items() if k != "labels"}
     with torch.no_grad():
         base = minilm.backbone(**batch).last_hidden_state.clone()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 
-
 from ..config import DeltaConfig
 from ..param_delta import ParamDelta, check_params
 from ..registry import register

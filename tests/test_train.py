@@ -1,0 +1,28 @@
+"""Training-loop helpers, checked against values computed by hand."""
+
+import numpy as np
+import pytest
+from datasets import Dataset
+
+from continual import majority_rate
+from continual.train import _schedule, macro_f1
+
+
+def test_majority_rate():
+    assert majority_rate(Dataset.from_dict({"label": [0, 1, 1, 2]})) == 0.5
+    assert majority_rate(Dataset.from_dict({"label": [3, 3, 3]})) == 1.0
+
+
+def test_macro_f1_by_hand():
+    pred, gold = np.array([0, 0, 1, 1, 2]), np.array([0, 1, 1, 1, 2])
+    # class 0: tp1 fp1 fn0 -> 2/3; class 1: tp2 fp0 fn1 -> 4/5; class 2: 1
+    assert macro_f1(pred, gold, 3) == pytest.approx((2 / 3 + 4 / 5 + 1) / 3)
+    # a label absent from both gold and pred is not averaged in
+    assert macro_f1(np.array([0, 1]), np.array([0, 1]), 5) == 1.0
+
+
+def test_warmup_then_linear_decay():
+    assert _schedule(0, 100, 10) == pytest.approx(0.1)
+    assert _schedule(9, 100, 10) == pytest.approx(1.0)
+    assert _schedule(55, 100, 10) == pytest.approx(0.5)
+    assert _schedule(100, 100, 10) == 0.0
