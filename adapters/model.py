@@ -46,8 +46,8 @@ class TaskDelta(nn.Module):
         label_names: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
-        if not configs:
-            raise ConfigError(f"task {name!r}: give at least one delta method")
+        if not configs and head is None:
+            raise ConfigError(f"task {name!r}: give at least one delta method, or labels for a head-only task")
         self.name = name
         self.configs = tuple(configs)
         self.deltas = nn.ModuleDict()
@@ -112,7 +112,8 @@ class DeltaModel(nn.Module):
     ) -> TaskDelta:
         """Attach a new delta (one method or a combination) and a classification head.
 
-        ``methods``: a method name, a dict with a ``method`` key, a config, or a list of those.
+        ``methods``: a method name, a dict with a ``method`` key, a config, or a list of those; an
+        empty list gives a head-only task (a probe on whatever else is active, e.g. a shared delta).
         Give ``label_names`` or ``num_labels`` for a head; with neither the task has no head.
         """
         if not isinstance(name, str) or not _TASK_NAME.match(name):

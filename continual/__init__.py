@@ -1,10 +1,27 @@
-"""Training and (to come) the lifelong-learning scheduler, metrics, baselines, tracking and CLI."""
+"""Lifelong learning on a frozen backbone: training, the stream scheduler, metrics, baselines,
+MLflow tracking and the ``continual`` command line.
 
+    from continual import run_stream, make_strategy, MLflowLogger, TrainConfig
+    result = run_stream(stream, model, make_strategy("per-task", ["lora"]), TrainConfig(max_steps=200),
+                        "runs/my-stream", loggers=[MLflowLogger()])
+    result.matrix.R, result.metrics["BWT"]
+"""
+
+from .metrics import (
+    AccuracyMatrix, average_accuracy, backward_transfer, forgetting, forward_transfer, summarize,
+)
+from .plots import format_matrix, heatmap
+from .runner import RunStateError, StreamResult, run_stream, task_seed
+from .strategies import STRATEGIES, Strategy, make_strategy
+from .tracking import DEFAULT_TRACKING_URI, MLflowLogger, StreamLogger
 from .train import (
-    TrainConfig, TrainResult, eval_loader, evaluate, majority_rate, make_loader, resolve_device, tokenize, train_task,
+    TrainConfig, TrainResult, eval_loader, evaluate, majority_rate, make_loader, resolve_device, tokenize, train_joint,
+    train_task,
 )
 
 __all__ = [
-    "TrainConfig", "TrainResult", "eval_loader", "evaluate", "majority_rate", "make_loader", "resolve_device", "tokenize",
-    "train_task",
+    "AccuracyMatrix", "DEFAULT_TRACKING_URI", "MLflowLogger", "RunStateError", "STRATEGIES", "Strategy", "StreamLogger",
+    "StreamResult", "TrainConfig", "TrainResult", "average_accuracy", "backward_transfer", "eval_loader", "evaluate",
+    "forgetting", "format_matrix", "forward_transfer", "heatmap", "majority_rate", "make_loader", "make_strategy",
+    "resolve_device", "run_stream", "summarize", "task_seed", "tokenize", "train_joint", "train_task",
 ]

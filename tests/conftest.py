@@ -62,3 +62,70 @@ def arch(request) -> str:
 @pytest.fixture
 def tiny_model(arch) -> adapters.DeltaModel:
     return adapters.DeltaModel(tiny_backbone(arch))
+
+
+# -- streams: toy keyword tasks on a tiny BERT with the real MiniLM tokenizer ------------------------
+WORDS = "apple river green music table window cloud stone paper light dream voice fire ocean".split()
+
+
+def toy_rows(keyword: str, seed: int, n: int = 120) -> list[tuple[str, int]]:
+    """Six random words; label 1 iff ``keyword`` is among them (balanced, seeded)."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        words = [w for w in rng.choices(WORDS, k=6) if w != keyword]
+        if i % 2:
+            words[rng.randrange(len(words))] = keyword
+        rows.append((" ".join(words), i % 2))
+    return rows
+
+
+def toy_task(name: str, keyword: str, seed: int):
+    from datasets import Dataset
+
+    from streams import Task
+
+    rows = toy_rows(keyword, seed)
+    ds = lambda rs: Dataset.from_dict({"text": [r[0] for r in rs], "label": [r[1] for r in rs]})  # noqa: E731
+    return Task(name, ds(rows[:80]), ds(rows[80:100]), ds(rows[100:]), ["no", "yes"], {"origin": "toy"})
+
+
+def toy_stream():
+    from streams import TaskStream
+
+    return TaskStream("toy", [toy_task("a", "apple", 1), toy_task("b", "river", 2), toy_task("c", "music", 3)])
+
+
+@pytest.fixture(scope="session")
+def minilm_tokenizer():
+    from transformers import AutoTokenizer
+
+    from adapters.backbones import _minilm
+
+    return AutoTokenizer.from_pretrained(str(_minilm()))
+
+
+def tiny_text_backbone(vocab_size: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = BertConfig(**{**TINY, "vocab_size": vocab_size}, max_position_embeddings=64)
+    return BertModel(cfg, add_pooling_layer=False).eval()
+
+
+@pytest.fixture
+def text_model(minilm_tokenizer):
+    """A factory of fresh tiny BERTs (same weights each time) that tokenise real text."""
+    return lambda: adapters.DeltaModel(tiny_text_backbone(minilm_tokenizer.vocab_size), minilm_tokenizer, "tiny-bert")
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone_dir(tmp_path_factory, minilm_tokenizer):
+    """The tiny BERT saved with the MiniLM tokenizer: a local path the CLI can load."""
+    path = tmp_path_factory.mktemp("tiny-bert")
+    tiny_text_backbone(minilm_tokenizer.vocab_size).save_pretrained(path)
+    minilm_tokenizer.save_pretrained(path)
+    return path
+
+
+FAST = dict(max_steps=60, batch_size=16, eval_every=20, max_length=16, lr=1e-2, head_lr=1e-2, progress=False)

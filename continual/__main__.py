@@ -1,0 +1,7 @@
+"""``python -m continual``: the command-line interface (see ``continual.cli``)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,182 @@
+"""Loggers for stream runs, behind one small interface; MLflow is the real one.
+
+MLflow layout of a stream run: one parent run per stream (params: strategy, methods, backbone,
+seeds, caps, data fingerprints; metrics: ``acc/<task>`` and ``f1/<task>`` with step = row of the
+matrix, ``R.<i>.<j>``, the summary ACC / BWT / FWT / forgetting; artifacts: the matrix as CSV and
+JSON, its heatmap PNG, the stream config) and one nested run per training step (params of the
+task; step metrics ``train/loss``, ``train/lr``, ``train/samples_per_s``, ``dev/*``; the task's
+delta checkpoint under ``checkpoint/``).
+
+Default store: ``sqlite:///mlflow.db`` in the working directory, no server needed.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DEFAULT_EXPERIMENT = "continual"
+
+
+class StreamLogger:
+    """The interface the runner talks to. Every method is optional (no-op here)."""
+
+    def start_stream(self, name: str, params: dict[str, Any], resume: dict[str, Any] | None) -> dict[str, Any]:
+        """Begin (or, with ``resume`` = what this returned last time, continue) a stream.
+        Returns what must be kept to resume it."""
+        return {}
+
+    def start_step(self, row: int, tasks: list[str], params: dict[str, Any]) -> None: ...
+
+    def log_step(self, record: dict[str, Any]) -> None: ...
+
+    def end_step(self, row: int, metrics: dict[str, float], artifacts: dict[str, Path]) -> None: ...
+
+    def log_matrix(self, row: int, tasks: list[str], R_row: list[float], F1_row: list[float], summary: dict[str, float]) -> None: ...
+
+    def end_stream(self, summary: dict[str, float], artifacts: list[Path], status: str = "FINISHED") -> None: ...
+
+
+def _finite(d: dict[str, float]) -> dict[str, float]:
+    return {k: float(v) for k, v in d.items() if v is not None and not math.isnan(v)}
+
+
+def _flat(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in params.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = str(v)[:6000]  # MLflow's limit on a param value
+    return out
+
+
+def sqlite_artifact_root(uri: str) -> str | None:
+    """For a SQLite store, artifacts go to ``mlartifacts/`` beside the database file."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri[len("sqlite:///"):]).resolve()
+    return (db.parent / "mlartifacts").as_uri()
+
+
+class MLflowLogger(StreamLogger):
+    """Parent run per stream, nested run per step, through ``MlflowClient`` (no global state)."""
+
+    def __init__(self, tracking_uri: str = DEFAULT_TRACKING_URI, experiment: str = DEFAULT_EXPERIMENT,
+                 run_name: str | None = None, flush_every: int = 50) -> None:
+        from mlflow import MlflowClient
+
+        self.uri, self.experiment, self.run_name = tracking_uri, experiment, run_name
+        self.client = MlflowClient(tracking_uri)
+        self.flush_every = flush_every
+        self.parent: str | None = None
+        self.child: str | None = None
+        self._buffer: list[Any] = []
+
+    def _experiment_id(self) -> str:
+        exp = self.client.get_experiment_by_name(self.experiment)
+        if exp is not None:
+            return exp.experiment_id
+        return self.client.create_experiment(self.experiment, artifact_location=sqlite_artifact_root(self.uri))
+
+    def start_stream(self, name, params, resume):
+        from mlflow.entities import RunStatus
+
+        if resume and resume.get("parent_run_id"):
+            self.parent = resume["parent_run_id"]
+            # A step killed half-way left its nested run RUNNING: mark it, the step is redone.
+            for run in self.client.search_runs(
+                [self.client.get_run(self.parent).info.experiment_id],
+                filter_string=f"tags.mlflow.parentRunId = '{self.parent}'",
+            ):
+                if run.info.status == "RUNNING":
+                    self.client.set_terminated(run.info.run_id, "KILLED")
+            self.client.update_run(self.parent, status=RunStatus.to_string(RunStatus.RUNNING))
+            self.client.set_tag(self.parent, "resumed", "true")
+        else:
+            run = self.client.create_run(self._experiment_id(), run_name=self.run_name or name,
+                                         tags={"stream": name, "kind": "stream"})
+            self.parent = run.info.run_id
+            self._params(self.parent, params)
+        return {"parent_run_id": self.parent, "tracking_uri": self.uri, "experiment": self.experiment}
+
+    def _params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in _flat(params).items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[i:i + 100])
+
+    def start_step(self, row, tasks, params):
+        run = self.client.create_run(
+            self.client.get_run(self.parent).info.experiment_id, run_name=f"{row}-{'+'.join(tasks)}",
+            tags={"mlflow.parentRunId": self.parent, "kind": "task", "row": str(row)},
+        )
+        self.child = run.info.run_id
+        self._params(self.child, params)
+
+    def log_step(self, record):
+        from mlflow.entities import Metric
+
+        now, step = int(time.time() * 1000), int(record["step"])
+        for k, v in record.items():
+            if k == "step" or v is None or (isinstance(v, float) and math.isnan(v)):
+                continue
+            key = f"dev/{k[4:]}" if k.startswith("dev_") else f"train/{k}"
+            self._buffer.append(Metric(key, float(v), now, step))
+        if len(self._buffer) >= self.flush_every * 3:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._buffer and self.child:
+            for i in range(0, len(self._buffer), 900):
+                self.client.log_batch(self.child, metrics=self._buffer[i:i + 900])
+        self._buffer = []
+
+    def end_step(self, row, metrics, artifacts):
+        from mlflow.entities import Metric
+
+        self._flush()
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.child, metrics=[Metric(k, v, now, row) for k, v in _finite(metrics).items()])
+        for name, path in artifacts.items():
+            if Path(path).is_dir():
+                self.client.log_artifacts(self.child, str(path), name)
+            else:
+                self.client.log_artifact(self.child, str(path), name)
+        self.client.set_terminated(self.child, "FINISHED")
+        self.child = None
+
+    def log_matrix(self, row, tasks, R_row, F1_row, summary):
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        ms = []
+        for j, name in enumerate(tasks):
+            for prefix, values in (("acc", R_row), ("f1", F1_row)):
+                if not math.isnan(values[j]):
+                    ms.append(Metric(f"{prefix}/{name}", float(values[j]), now, row))
+            if not math.isnan(R_row[j]):
+                ms.append(Metric(f"R.{row}.{j}", float(R_row[j]), now, 0))
+        ms += [Metric(f"so_far/{k}", v, now, row) for k, v in _finite(summary).items()]
+        self.client.log_batch(self.parent, metrics=ms)
+
+    def end_stream(self, summary, artifacts, status="FINISHED"):
+        from mlflow.entities import Metric
+
+        if self.child:  # interrupted inside a step
+            self._flush()
+            self.client.set_terminated(self.child, status)
+            self.child = None
+        if self.parent is None:
+            return
+        now = int(time.time() * 1000)
+        ms = [Metric(k, v, now, 0) for k, v in _finite(summary).items()]
+        if ms:
+            self.client.log_batch(self.parent, metrics=ms)
+        for path in artifacts:
+            self.client.log_artifact(self.parent, str(path))
+        self.client.set_terminated(self.parent, status)

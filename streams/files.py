@@ -1,0 +1,169 @@
+"""Reading a user's labelled text from CSV / JSONL / parquet files or a HF hub data set.
+
+Every problem is reported with the file, the row (1-based, header excluded) and the column, and
+before anything is trained: a stream either loads whole or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .catalog import DataError
+
+FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
+
+
+def read_table(path: Path, encoding: str = "utf-8") -> pd.DataFrame:
+    """A data file as a DataFrame of strings/numbers; clear errors for missing, empty, malformed
+    or wrongly encoded files."""
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, expected a data file")
+    kind = FORMATS.get(path.suffix.lower())
+    if kind is None:
+        raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(FORMATS)}")
+    if kind == "parquet":
+        try:
+            return pd.read_parquet(path)
+        except Exception as e:  # pyarrow raises several types for a damaged file
+            raise DataError(f"{path}: not a readable parquet file ({e})") from None
+    raw = path.read_bytes()
+    try:
+        text = raw.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}: cannot decode byte {e.start} (line {line}) as {encoding}; re-save the file "
+                        f"as UTF-8 or set 'encoding:' for this task (e.g. latin-1)") from None
+    except LookupError:
+        raise DataError(f"{path}: unknown encoding {encoding!r}") from None
+    if not text.strip():
+        raise DataError(f"{path}: the file is empty")
+    if kind == "jsonl":
+        return _read_jsonl(path, text)
+    import io
+
+    try:
+        return pd.read_csv(io.StringIO(text), sep="\t" if kind == "tsv" else ",", keep_default_na=False,
+                           na_values=[""], dtype=object)
+    except pd.errors.ParserError as e:
+        raise DataError(f"{path}: malformed {kind.upper()} ({e})") from None
+
+
+def _read_jsonl(path: Path, text: str) -> pd.DataFrame:
+    stripped = text.lstrip()
+    if stripped.startswith("["):  # a JSON array of objects is accepted too
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: malformed JSON at line {e.lineno} ({e.msg})") from None
+    else:
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: line {n} is not valid JSON ({e.msg})") from None
+    for n, row in enumerate(rows, 1):
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: row {n} is a {type(row).__name__}, expected an object with named fields")
+    return pd.DataFrame(rows, dtype=object)
+
+
+def _is_missing(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and np.isnan(v)) or (isinstance(v, str) and not v.strip())
+
+
+def extract(
+    frame: pd.DataFrame, where: str, text_column: str, label_column: str, text_pair_column: str | None,
+) -> tuple[dict[str, list[str]], list[Any]]:
+    """Text columns and raw labels of a table; ``where`` names the file in errors."""
+    wanted = [text_column, label_column] + ([text_pair_column] if text_pair_column else [])
+    missing = [c for c in wanted if c not in frame.columns]
+    if missing:
+        have = ", ".join(map(str, frame.columns)) or "none"
+        raise DataError(f"{where}: no column {', '.join(map(repr, missing))} (columns: {have}); set "
+                        f"text_column / label_column / text_pair_column for this task")
+    if len(frame) == 0:
+        raise DataError(f"{where}: no rows (empty task)")
+    columns = {"text": text_column, **({"text_pair": text_pair_column} if text_pair_column else {})}
+    out: dict[str, list[str]] = {}
+    for key, col in columns.items():
+        values = frame[col].tolist()
+        for n, v in enumerate(values, 1):
+            if _is_missing(v):
+                raise DataError(f"{where}: row {n}, column {col!r}: empty text")
+        out[key] = [str(v) for v in values]
+    labels = frame[label_column].tolist()
+    for n, v in enumerate(labels, 1):
+        if _is_missing(v):
+            raise DataError(f"{where}: row {n}, column {label_column!r}: missing label")
+    return out, labels
+
+
+def _norm(v: Any) -> str:
+    """Label values as strings, with 1.0 and '1' alike read as '1'."""
+    if isinstance(v, (bool, np.bool_)):
+        return str(v)
+    if isinstance(v, (int, np.integer)) or (isinstance(v, (float, np.floating)) and float(v).is_integer()):
+        return str(int(v))
+    s = str(v).strip()
+    try:
+        f = float(s)
+        return str(int(f)) if f.is_integer() else s
+    except ValueError:
+        return s
+
+
+def label_vocabulary(train_labels: Sequence[Any], label_names: Sequence[str] | None) -> list[str]:
+    """The label names: given, or the training labels sorted (numerically when all are integers)."""
+    if label_names is not None:
+        names = [str(n) for n in label_names]
+        if len(set(names)) != len(names):
+            raise DataError(f"label_names has duplicates: {names}")
+        return names
+    values = sorted({_norm(v) for v in train_labels})
+    if all(v.lstrip("-").isdigit() for v in values):
+        values.sort(key=int)
+    return values
+
+
+def encode_labels(labels: Sequence[Any], names: list[str], where: str, column: str, given: bool) -> list[int]:
+    """Label ids; a label outside ``names`` is an error naming the file, row and column.
+
+    Integer labels index ``label_names`` when those were given and the integers fit."""
+    index = {n: i for i, n in enumerate(names)}
+    normed = [_norm(v) for v in labels]
+    if given and all(v.isdigit() for v in normed) and not any(v in index for v in normed):
+        if all(int(v) < len(names) for v in normed):
+            return [int(v) for v in normed]
+    out = []
+    for n, v in enumerate(normed, 1):
+        if v not in index:
+            origin = "in label_names" if given else "in the training data"
+            raise DataError(f"{where}: row {n}, column {column!r}: label {v!r} never occurs {origin} "
+                            f"(known labels: {', '.join(names)})")
+        out.append(index[v])
+    return out
+
+
+def load_hub(name: str, config: str | None, task: str) -> dict[str, pd.DataFrame]:
+    """Splits of a HF hub data set as DataFrames; offline, a clear error naming the way out."""
+    import datasets
+
+    try:
+        dd = datasets.load_dataset(name, config)
+    except Exception as e:  # offline gives ConnectionError / OfflineModeIsEnabled / FileNotFoundError
+        raise DataError(
+            f"task {task!r}: cannot load the hub data set {name!r}{f' ({config})' if config else ''}: "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Hub data needs network access; "
+            f"offline, export the data to a local CSV/JSONL/parquet file and give its path as 'train:'."
+        ) from None
+    return {split: dd[split].to_pandas() for split in dd}

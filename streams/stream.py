@@ -1,0 +1,190 @@
+"""Building task streams: the built-in ones and a user's YAML file.
+
+A stream YAML file::
+
+    name: my-stream              # optional (default: the file's name)
+    seed: 0                      # split seed (optional)
+    max_train: 2000              # per-task caps (optional)
+    max_eval: 300
+    tasks:
+      - name: reviews
+        train: data/reviews.csv  # path relative to this file; CSV, TSV, JSONL or parquet
+        test: data/reviews_test.csv      # optional; dev/test are split off train when missing
+        text_column: text                # defaults: text / label
+        label_column: label
+        text_pair_column: hypothesis     # optional second text
+        label_names: [neg, pos]          # optional; default: the sorted training labels
+        encoding: utf-8                  # optional
+      - name: questions
+        source: trec                     # a built-in data set (``continual list``)
+      - name: imdb
+        hub: imdb                        # a HF hub data set (needs network access)
+        hub_splits: {train: train, test: test}
+
+Splits that a data set lacks are cut from its training data: seeded and stratified.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from datasets import Dataset
+
+from .catalog import SOURCES, DataError, load_task_data, stratified_split
+from .files import encode_labels, extract, label_vocabulary, load_hub, read_table
+from .task import SPLITS, Task, TaskStream
+
+STREAMS: dict[str, tuple[str, ...]] = {
+    "default": ("movie", "bbc", "trec", "sms", "disaster", "amazon"),
+    "sentiment-domains": ("movie", "amazon", "tweets", "nyt"),
+}
+"""Built-in streams: catalogued real data sets (shared/data-catalog.md), in this order."""
+
+# Tokens per example where a task needs more than the run's default: BBC articles are long.
+TASK_MAX_LENGTH = {"bbc": 128}
+
+_STREAM_KEYS = {"name", "seed", "max_train", "max_eval", "dev_fraction", "test_fraction", "tasks"}
+_TASK_KEYS = {"name", "source", "train", "dev", "test", "hub", "hub_config", "hub_splits", "text_column",
+              "label_column", "text_pair_column", "label_names", "encoding", "max_train", "max_eval", "max_length"}
+
+
+def _cap(ds: Dataset, cap: int | None, seed: int) -> Dataset:
+    if cap is None or len(ds) <= cap:
+        return ds
+    labels = np.asarray(list(ds["label"]))
+    keep = stratified_split(labels, (cap / len(ds), 1 - cap / len(ds)), seed)[0][:cap]
+    return ds.select(sorted(keep.tolist()))
+
+
+def builtin_task(name: str, seed: int = 0, max_train: int | None = None, max_eval: int | None = None,
+                 dev_fraction: float = 0.1, test_fraction: float = 0.1, task_name: str | None = None) -> Task:
+    """A catalogued data set as a :class:`Task` (seeded stratified splits, capped)."""
+    data, src = load_task_data(name, seed, dev_fraction, test_fraction, max_train, max_eval)
+    source = {**src.source, "split_seed": seed, "dataset": name}
+    return Task(task_name or name, data["train"], data["dev"], data["test"], src.label_names, source,
+                TASK_MAX_LENGTH.get(name))
+
+
+def builtin_stream(name: str, seed: int = 0, max_train: int | None = None, max_eval: int | None = None) -> TaskStream:
+    if name not in STREAMS:
+        raise DataError(f"unknown stream {name!r}; built-in streams: {', '.join(STREAMS)} (or give a YAML file)")
+    tasks = [builtin_task(t, seed, max_train, max_eval) for t in STREAMS[name]]
+    return TaskStream(name, tasks, {"stream": name, "seed": seed, "max_train": max_train, "max_eval": max_eval})
+
+
+def load_stream(spec: str | Path, seed: int = 0, max_train: int | None = None, max_eval: int | None = None) -> TaskStream:
+    """A built-in stream by name, or a user stream from a YAML file.
+
+    ``seed``, ``max_train``, ``max_eval`` apply to built-in streams; for a YAML stream they are the
+    defaults that the file's own settings override per stream and per task."""
+    if str(spec) in STREAMS:
+        return builtin_stream(str(spec), seed, max_train, max_eval)
+    path = Path(spec)
+    if path.suffix.lower() in (".yaml", ".yml") or path.exists():
+        return stream_from_yaml(path, seed, max_train, max_eval)
+    raise DataError(f"unknown stream {str(spec)!r}: not a built-in stream ({', '.join(STREAMS)}) and no such file")
+
+
+def stream_from_yaml(path: str | Path, seed: int = 0, max_train: int | None = None, max_eval: int | None = None) -> TaskStream:
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: stream file not found")
+    try:
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not a readable YAML file ({e})") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("tasks"), list) or not spec["tasks"]:
+        raise DataError(f"{path}: expected a mapping with a non-empty 'tasks:' list")
+    _check_keys(spec, _STREAM_KEYS, f"{path}")
+    defaults = {"seed": seed, "max_train": max_train, "max_eval": max_eval, "dev_fraction": 0.1, "test_fraction": 0.1}
+    settings = {k: spec.get(k, v) for k, v in defaults.items()}
+    names: dict[str, int] = {}
+    for i, entry in enumerate(spec["tasks"], 1):
+        if not isinstance(entry, dict) or "name" not in entry:
+            raise DataError(f"{path}: task {i} must be a mapping with a 'name'")
+        if entry["name"] in names:
+            raise DataError(f"{path}: task name {entry['name']!r} appears twice (tasks {names[entry['name']]} and {i})")
+        names[entry["name"]] = i
+    tasks = [_yaml_task(entry, path.parent, settings, f"{path}: task {entry['name']!r}") for entry in spec["tasks"]]
+    return TaskStream(str(spec.get("name", path.stem)), tasks, {"file": str(path.resolve()), **spec, **settings})
+
+
+def _check_keys(d: dict[str, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(set(d) - allowed)
+    if unknown:
+        raise DataError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
+
+
+def _yaml_task(entry: dict[str, Any], root: Path, settings: dict[str, Any], where: str) -> Task:
+    _check_keys(entry, _TASK_KEYS, where)
+    name = str(entry["name"])
+    seed = int(settings["seed"])
+    max_train, max_eval = entry.get("max_train", settings["max_train"]), entry.get("max_eval", settings["max_eval"])
+    kinds = [k for k in ("source", "train", "hub") if k in entry]
+    if len(kinds) != 1:
+        raise DataError(f"{where}: give exactly one of 'source' (built-in data set), 'train' (a file) or 'hub'")
+    if "source" in entry:
+        if entry["source"] not in SOURCES:
+            raise DataError(f"{where}: unknown source {entry['source']!r}; built-in data sets: {', '.join(SOURCES)}")
+        task = builtin_task(entry["source"], seed, max_train, max_eval, settings["dev_fraction"],
+                            settings["test_fraction"], task_name=name)
+        task.max_length = entry.get("max_length", task.max_length)
+        return task
+
+    text_col, label_col = entry.get("text_column", "text"), entry.get("label_column", "label")
+    pair_col = entry.get("text_pair_column")
+    if "hub" in entry:
+        frames = load_hub(entry["hub"], entry.get("hub_config"), name)
+        mapping = entry.get("hub_splits") or {s: s for s in SPLITS if s in frames}
+        if "dev" not in mapping and "validation" in frames:
+            mapping["dev"] = "validation"
+        tables = {}
+        for split, hub_split in mapping.items():
+            if hub_split not in frames:
+                raise DataError(f"{where}: hub data set {entry['hub']!r} has no split {hub_split!r} (has: {', '.join(frames)})")
+            tables[split] = (frames[hub_split], f"{where} (hub {entry['hub']}, split {hub_split})")
+        origin = {"hub": entry["hub"], "hub_config": entry.get("hub_config")}
+    else:
+        tables = {}
+        for split in SPLITS:
+            if split in entry:
+                file = (root / str(entry[split])).resolve()
+                tables[split] = (read_table(file, entry.get("encoding", "utf-8")), str(file))
+        origin = {s: tables[s][1] for s in tables}
+    if "train" not in tables:
+        raise DataError(f"{where}: no training data ('train:' file or hub split)")
+
+    columns, raw_labels = {}, {}
+    for split, (frame, file) in tables.items():
+        columns[split], raw_labels[split] = extract(frame, file, text_col, label_col, pair_col)
+    names = label_vocabulary(raw_labels["train"], entry.get("label_names"))
+    ids = {split: encode_labels(raw_labels[split], names, tables[split][1], label_col, "label_names" in entry)
+           for split in tables}
+    if "label_names" in entry:  # given names: the training data must still hold every label it is tested on
+        seen = set(ids["train"])
+        for split in tables:
+            for n, v in enumerate(ids[split], 1):
+                if v not in seen:
+                    raise DataError(f"{tables[split][1]}: row {n}, column {label_col!r}: label {names[v]!r} "
+                                    f"never occurs in the training data")
+    full = {split: Dataset.from_dict({**columns[split], "label": ids[split]}) for split in tables}
+
+    # Missing dev/test: cut from train, seeded and stratified.
+    missing = [s for s in ("dev", "test") if s not in full]
+    if missing:
+        fractions = {"dev": settings["dev_fraction"], "test": settings["test_fraction"]}
+        fr = [fractions[s] for s in missing]
+        parts = stratified_split(np.asarray(list(full["train"]["label"])), (1 - sum(fr), *fr), seed)
+        train = full["train"]
+        full["train"] = train.select(sorted(parts[0].tolist()))
+        for split, idx in zip(missing, parts[1:]):
+            full[split] = train.select(sorted(idx.tolist()))
+            if len(full[split]) == 0:
+                raise DataError(f"{where}: too few rows ({len(train)}) to split off a {split} set; give a '{split}:' file")
+    caps = {"train": max_train, "dev": max_eval, "test": max_eval}
+    splits = {s: _cap(full[s], caps[s], seed) for s in SPLITS}
+    source = {**origin, "split_seed": seed, "cut_from_train": ",".join(missing)}
+    return Task(name, splits["train"], splits["dev"], splits["test"], names, source, entry.get("max_length"))

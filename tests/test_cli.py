@@ -1,0 +1,107 @@
+"""The ``continual`` command line: run / report / list, errors, and resuming a run killed with
+SIGKILL in a real subprocess."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import toy_rows
+from continual.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def toy_yaml(tmp_path):
+    tasks = []
+    for name, key, seed in (("a", "apple", 1), ("b", "river", 2), ("c", "music", 3)):
+        lines = ["text,label"] + [f"{t},{'yes' if y else 'no'}" for t, y in toy_rows(key, seed, 160)]
+        (tmp_path / f"{name}.csv").write_text("\n".join(lines) + "\n")
+        tasks.append({"name": name, "train": f"{name}.csv"})
+    path = tmp_path / "toy.yaml"
+    path.write_text(yaml.safe_dump({"name": "toy", "tasks": tasks}))
+    return path
+
+
+def args(toy_yaml, backbone, out, *extra):
+    return ["run", "--stream", str(toy_yaml), "--backbone", str(backbone), "--method", "lora:rank=4", "--steps", "60",
+            "--eval-every", "20", "--max-length", "16", "--lr", "1e-2", "--head-lr", "1e-2", "--no-progress",
+            "--out", str(out), *extra]
+
+
+def test_run_then_report_from_directory_and_mlflow(toy_yaml, tiny_backbone_dir, tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    assert main(args(toy_yaml, tiny_backbone_dir, tmp_path / "out", "--tracking-uri", uri, "--run-name", "cli-toy")) == 0
+    out = capsys.readouterr().out
+    assert "accuracy matrix R[i, j]" in out and "BWT=+0.0000" in out and f"mlflow ui --backend-store-uri {uri}" in out
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["matrix"]["tasks"] == ["a", "b", "c"] and results["metrics"]["BWT"] == 0.0
+    assert (tmp_path / "out" / "heatmap.png").stat().st_size > 1000
+
+    assert main(["report", str(tmp_path / "out"), "--plot", str(tmp_path / "p.png")]) == 0
+    shown = capsys.readouterr().out
+    assert "toy / per-task" in shown and "untrained (b)" in shown and (tmp_path / "p.png").exists()
+    # the same run read back from MLflow, by run name and by run id
+    assert main(["report", "cli-toy", "--tracking-uri", uri, "--json", "--plot", str(tmp_path / "q.png")]) == 0
+    from_mlflow = json.loads(capsys.readouterr().out.split("heatmap:")[0])
+    assert from_mlflow == results["metrics"]
+    assert main(["report", results["tracking"]["parent_run_id"], "--tracking-uri", uri, "--json",
+                 "--plot", str(tmp_path / "r.png")]) == 0
+
+
+def test_errors_are_clear_and_exit_2(toy_yaml, tiny_backbone_dir, tmp_path, capsys):
+    assert main(["run", "--stream", str(tmp_path / "missing.yaml"), "--no-mlflow"]) == 2
+    assert "missing.yaml: stream file not found" in capsys.readouterr().err
+    assert main(args(toy_yaml, tmp_path / "no-model", tmp_path / "o", "--no-mlflow")) == 2
+    assert "no-model" in capsys.readouterr().err
+    assert main(args(toy_yaml, tiny_backbone_dir, tmp_path / "o", "--no-mlflow", "--method", "lora:rnak=4")) == 2
+    assert "rnak" in capsys.readouterr().err
+    assert main(["report", str(tmp_path)]) == 2
+    assert "not a stream run directory" in capsys.readouterr().err
+
+
+def test_list_and_help(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for word in ("lora", "bottleneck", "per-task", "seq-ft", "default", "sentiment-domains", "minilm"):
+        assert word in out
+    for cmd in ("run", "report", "list"):
+        with pytest.raises(SystemExit) as e:
+            main([cmd, "--help"])
+        assert e.value.code == 0
+    assert "--resume" in capsys.readouterr().out
+
+
+def test_sigkilled_run_resumes_to_the_same_matrix(toy_yaml, tiny_backbone_dir, tmp_path):
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "continual", *args(toy_yaml, tiny_backbone_dir, killed, "--no-mlflow", "--patience", "0",
+                                                     "--steps", "150")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    state = killed / "state.json"
+    deadline = time.time() + 180
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if state.exists() and json.loads(state.read_text() or "{}").get("done") == [0]:
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    assert not (killed / "results.json").exists()
+    assert main(args(toy_yaml, tiny_backbone_dir, killed, "--no-mlflow", "--patience", "0", "--steps", "150", "--resume")) == 0
+    assert main(args(toy_yaml, tiny_backbone_dir, tmp_path / "full", "--no-mlflow", "--patience", "0", "--steps", "150")) == 0
+    a, b = (json.loads((d / "results.json").read_text()) for d in (killed, tmp_path / "full"))
+    assert [s["tasks"] for s in a["steps"]] == [["a"], ["b"], ["c"]]
+    np.testing.assert_array_equal(np.array(a["matrix"]["R"], dtype=float), np.array(b["matrix"]["R"], dtype=float))
+    assert a["metrics"] == b["metrics"]

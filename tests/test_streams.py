@@ -1,0 +1,157 @@
+"""Task streams: built-in streams on real data, and user streams from YAML + files, with clear
+errors for bad input (naming file, row and column)."""
+
+import json
+
+import pandas as pd
+import pytest
+import yaml
+from datasets import Dataset
+
+from streams import STREAMS, DataError, Task, TaskStream, builtin_stream, load_stream
+
+
+def write_yaml(tmp_path, tasks, **top):
+    path = tmp_path / "stream.yaml"
+    path.write_text(yaml.safe_dump({"tasks": tasks, **top}))
+    return path
+
+
+def write_csv(path, rows, columns=("text", "label")):
+    pd.DataFrame(rows, columns=list(columns)).to_csv(path, index=False)
+    return path.name
+
+
+def rows(n=40, labels=("neg", "pos")):
+    return [(f"example number {i} about {labels[i % len(labels)]}", labels[i % len(labels)]) for i in range(n)]
+
+
+def test_default_stream_is_the_catalog_order_with_caps():
+    s = builtin_stream("default", seed=0, max_train=100, max_eval=40)
+    assert s.names == ["movie", "bbc", "trec", "sms", "disaster", "amazon"] == list(STREAMS["default"])
+    for t in s:
+        assert len(t.train) <= 100 and len(t.dev) <= 40 and len(t.test) <= 40
+        assert set(t.train["label"]) == set(range(t.num_labels)), t.name  # stratified: every label kept
+        assert t.source["package"] and t.source["split_seed"] == 0
+    assert s["bbc"].max_length == 128  # long articles get more tokens
+    assert s["trec"].source["file"] == "data/trec.csv"
+
+
+def test_builtin_splits_are_seeded():
+    a, b, c = (load_stream("sentiment-domains", seed=s, max_train=50, max_eval=20) for s in (0, 0, 1))
+    assert a.names == ["movie", "amazon", "tweets", "nyt"]
+    assert a.fingerprints() == b.fingerprints()
+    assert a.fingerprints() != c.fingerprints()
+
+
+def test_yaml_stream_from_csv_jsonl_parquet(tmp_path):
+    write_csv(tmp_path / "a.csv", rows())
+    with open(tmp_path / "b.jsonl", "w") as f:
+        for text, label in rows(30, ("x", "y", "z")):
+            f.write(json.dumps({"sentence": text, "tag": label}) + "\n")
+    pd.DataFrame({"premise": ["p"] * 30, "hyp": [f"h {i}" for i in range(30)], "label": [i % 2 for i in range(30)]}) \
+        .to_parquet(tmp_path / "c.parquet")
+    path = write_yaml(tmp_path, [
+        {"name": "a", "train": "a.csv"},
+        {"name": "b", "train": "b.jsonl", "text_column": "sentence", "label_column": "tag"},
+        {"name": "c", "train": "c.parquet", "text_column": "premise", "text_pair_column": "hyp", "label_names": ["no", "yes"]},
+        {"name": "q", "source": "trec", "max_train": 60},
+    ], seed=3, max_eval=10)
+    s = load_stream(path)
+    assert s.name == "stream" and s.names == ["a", "b", "c", "q"]
+    assert s["a"].label_names == ["neg", "pos"] and s["b"].label_names == ["x", "y", "z"]
+    assert s["c"].label_names == ["no", "yes"] and "text_pair" in s["c"].train.column_names
+    assert len(s["q"].train) == 60 and len(s["q"].test) == 10
+    assert sum(s["a"].sizes().values()) == 40 and s["a"].source["cut_from_train"] == "dev,test"
+    assert isinstance(s["a"].train, Dataset)
+    assert load_stream(path).fingerprints() == s.fingerprints()
+
+
+def test_tokenisation_runs_once_per_split(tmp_path, minilm_tokenizer):
+    from continual.runner import _Tokenised
+
+    task = load_stream(write_yaml(tmp_path, [{"name": "a", "train": write_csv(tmp_path / "a.csv", rows())}]))["a"]
+    cache = _Tokenised(minilm_tokenizer, 16, 8)
+    first = cache(task)
+    assert cache(task) is first and "input_ids" in first["test"].column_names
+    assert cache.loader(task) is cache.loader(task)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing_column", r"a\.csv: no column 'label' \(columns: text, y\)"),
+    ("empty_file", r"a\.csv: the file is empty"),
+    ("header_only", r"a\.csv: no rows \(empty task\)"),
+    ("unseen_test_label", r"test\.csv: row 3, column 'label': label 'maybe' never occurs in the training data"),
+    ("duplicate_names", r"task name 'a' appears twice \(tasks 1 and 2\)"),
+    ("bad_encoding", r"a\.csv: cannot decode byte \d+ \(line 3\) as utf-8"),
+    ("missing_file", r"nothere\.csv: file not found"),
+    ("bad_jsonl", r"a\.jsonl: line 2 is not valid JSON"),
+    ("empty_text", r"a\.csv: row 2, column 'text': empty text"),
+    ("unknown_key", r"unknown key\(s\) txt_column"),
+    ("label_not_in_names", r"row 1, column 'label': label 'neg' never occurs in label_names"),
+    ("one_label", r"single label"),
+    ("hub_offline", r"cannot load the hub data set 'no-such-user/no-such-set'.*export the data to a local"),
+])
+def test_bad_user_streams_fail_clearly(tmp_path, monkeypatch, case, message):
+    entry = {"name": "a", "train": "a.csv"}
+    tasks = [entry]
+    if case == "missing_column":
+        write_csv(tmp_path / "a.csv", [("t", 1)], ("text", "y"))
+    elif case == "empty_file":
+        (tmp_path / "a.csv").write_text("")
+    elif case == "header_only":
+        (tmp_path / "a.csv").write_text("text,label\n")
+    elif case == "unseen_test_label":
+        write_csv(tmp_path / "a.csv", rows())
+        write_csv(tmp_path / "test.csv", [("x", "neg"), ("y", "pos"), ("z", "maybe")])
+        entry["test"] = "test.csv"
+    elif case == "duplicate_names":
+        write_csv(tmp_path / "a.csv", rows())
+        tasks = [entry, dict(entry)]
+    elif case == "bad_encoding":
+        (tmp_path / "a.csv").write_bytes("text,label\nok,pos\ncaf\xe9,neg\n".encode("latin-1"))
+    elif case == "missing_file":
+        entry["train"] = "nothere.csv"
+    elif case == "bad_jsonl":
+        (tmp_path / "a.jsonl").write_text('{"text": "a", "label": 1}\n{"text": oops}\n')
+        entry["train"] = "a.jsonl"
+    elif case == "empty_text":
+        (tmp_path / "a.csv").write_text("text,label\nfine,pos\n,neg\n")
+    elif case == "unknown_key":
+        write_csv(tmp_path / "a.csv", rows())
+        entry["txt_column"] = "text"
+    elif case == "label_not_in_names":
+        write_csv(tmp_path / "a.csv", rows())
+        entry["label_names"] = ["negative", "positive"]
+    elif case == "one_label":
+        write_csv(tmp_path / "a.csv", rows(20, ("pos",)))
+    elif case == "hub_offline":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+        tasks = [{"name": "a", "hub": "no-such-user/no-such-set"}]
+    with pytest.raises(DataError, match=message):
+        load_stream(write_yaml(tmp_path, tasks))
+
+
+def test_unknown_stream_and_malformed_yaml(tmp_path):
+    with pytest.raises(DataError, match=r"not a built-in stream \(default, sentiment-domains\) and no such file"):
+        load_stream("nope")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tasks: [unclosed")
+    with pytest.raises(DataError, match="not a readable YAML"):
+        load_stream(bad)
+    with pytest.raises(DataError, match="non-empty 'tasks:' list"):
+        load_stream(write_yaml(tmp_path, []))
+
+
+def test_task_and_stream_invariants():
+    ds = Dataset.from_dict({"text": ["a", "b"], "label": [0, 1]})
+    with pytest.raises(DataError, match="test split is empty"):
+        Task("t", ds, ds, ds.select([]), ["x", "y"])
+    with pytest.raises(DataError, match=r"label ids \[2\] outside 0..1"):
+        Task("t", ds, ds, Dataset.from_dict({"text": ["c"], "label": [2]}), ["x", "y"])
+    t = Task("t", ds, ds, ds, ["x", "y"])
+    with pytest.raises(DataError, match="appears twice"):
+        TaskStream("s", [t, t])
+    with pytest.raises(DataError, match="no tasks"):
+        TaskStream("s", [])
