@@ -54,7 +54,13 @@ def resolve_device(device: str | None) -> torch.device:
     """``None`` picks CUDA when there is a GPU, else the CPU."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"unknown device {device!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but this torch build sees no CUDA GPU; use --device cpu")
+    return dev
 
 
 def tokenize(dataset: Dataset, tokenizer: Any, max_length: int) -> Dataset:

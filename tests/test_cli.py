@@ -80,7 +80,7 @@ def test_list_and_help(capsys):
     assert "--resume" in capsys.readouterr().out
 
 
-def test_sigkilled_run_resumes_to_the_same_matrix(toy_yaml, tiny_backbone_dir, tmp_path):
+def test_sigkilled_run_resumes_to_the_same_matrix(toy_yaml, tiny_backbone_dir, tmp_path, capsys):
     killed = tmp_path / "killed"
     cmd = [sys.executable, "-m", "continual", *args(toy_yaml, tiny_backbone_dir, killed, "--no-mlflow", "--patience", "0",
                                                      "--steps", "150")]
@@ -99,6 +99,8 @@ def test_sigkilled_run_resumes_to_the_same_matrix(toy_yaml, tiny_backbone_dir, t
         proc.wait()
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
     assert not (killed / "results.json").exists()
+    assert main(["report", str(killed), "--plot", str(tmp_path / "partial.png")]) == 0  # what is done so far
+    assert "toy / per-task (unfinished)" in capsys.readouterr().out
     assert main(args(toy_yaml, tiny_backbone_dir, killed, "--no-mlflow", "--patience", "0", "--steps", "150", "--resume")) == 0
     assert main(args(toy_yaml, tiny_backbone_dir, tmp_path / "full", "--no-mlflow", "--patience", "0", "--steps", "150")) == 0
     a, b = (json.loads((d / "results.json").read_text()) for d in (killed, tmp_path / "full"))

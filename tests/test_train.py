@@ -26,3 +26,16 @@ def test_warmup_then_linear_decay():
     assert _schedule(9, 100, 10) == pytest.approx(1.0)
     assert _schedule(55, 100, 10) == pytest.approx(0.5)
     assert _schedule(100, 100, 10) == 0.0
+
+
+def test_resolve_device_errors_clearly():
+    import torch
+
+    from continual import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="unknown device 'gpu0'"):
+        resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="sees no CUDA GPU"):
+            resolve_device("cuda")
