@@ -14,14 +14,14 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def stream():
-    tasks = [builtin_task(n, seed=0, max_train=600, max_eval=150) for n in ("trec", "sms", "movie")]
+    tasks = [builtin_task(n, seed=0, max_train=500, max_eval=120) for n in ("trec", "sms", "movie")]
     return TaskStream("mini", tasks)
 
 
 def test_per_task_lora_on_real_minilm(stream, tmp_path):
     torch.set_num_threads(2)
     model = adapters.DeltaModel.from_pretrained()
-    config = TrainConfig(max_steps=80, batch_size=16, max_length=48, eval_every=40, progress=False)
+    config = TrainConfig(max_steps=60, batch_size=16, max_length=48, eval_every=30, progress=False)
     res = run_stream(stream, model, make_strategy("per-task", ["lora"]), config, tmp_path / "run", progress=False)
     R = res.matrix.R
     for j, task in enumerate(stream):

@@ -126,8 +126,14 @@ def test_bad_user_streams_fail_clearly(tmp_path, monkeypatch, case, message):
     elif case == "one_label":
         write_csv(tmp_path / "a.csv", rows(20, ("pos",)))
     elif case == "hub_offline":
+        # as on a machine without network: HF_HUB_OFFLINE=1 (read at import, so set on the modules too)
+        import datasets
+        import huggingface_hub.constants
+
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-        monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+        monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+        monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
         tasks = [{"name": "a", "hub": "no-such-user/no-such-set"}]
     with pytest.raises(DataError, match=message):
         load_stream(write_yaml(tmp_path, tasks))
