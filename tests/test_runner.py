@@ -156,3 +156,19 @@ def test_evaluate_with_active_tasks_matches_using(text_model):
     assert with_shared == alone  # zero-init LoRA: identical until trained
     with pytest.raises(Exception, match="unknown task"):
         evaluate(model, "a", loader, ("nope", "a"))
+
+
+@pytest.mark.parametrize("methods", [
+    [{"method": "prefix", "num_tokens": 3, "hidden_dim": 16}, "bitfit"],  # folded on freeze
+    [{"method": "prompt", "num_tokens": 4}],
+])
+def test_resume_rebuilds_folded_and_prompt_deltas(text_model, tmp_path, methods):
+    config = TrainConfig(**{**FAST, "max_steps": 20, "eval_every": 10})
+    go = lambda name, **kw: run_stream(toy_stream(), text_model(), make_strategy("per-task", methods), config,  # noqa: E731
+                                       tmp_path / name, progress=False, **kw)
+    full = go("full")
+    with pytest.raises(KeyboardInterrupt):
+        go("k", loggers=[Recorder(kill_at_row=1)])
+    resumed = go("k", resume=True)
+    np.testing.assert_array_equal(resumed.matrix.R, full.matrix.R)
+    assert resumed.metrics["BWT"] == 0.0
