@@ -100,9 +100,8 @@ class AccuracyMatrix:
 
     def to_dict(self) -> dict:
         nan = lambda a: [None if math.isnan(x) else float(x) for x in np.ravel(a)]  # noqa: E731 JSON has no NaN
-        T = len(self.tasks)
         return {"tasks": self.tasks, "R": [nan(r) for r in self.R], "F1": [nan(r) for r in self.F1],
-                "b": nan(self.b), "b_f1": nan(self.b_f1), "T": T}
+                "b": nan(self.b), "b_f1": nan(self.b_f1)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "AccuracyMatrix":

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from adapters import DeltaModel, backbone_fingerprint, save_task
 from streams import Task, TaskStream
 
-from .metrics import AccuracyMatrix
+from .metrics import AccuracyMatrix, summarize
 from .plots import format_matrix, heatmap
 from .strategies import Strategy
 from .tracking import StreamLogger
@@ -181,9 +181,8 @@ def run_stream(
     for lg in loggers:
         state["tracking"] = lg.start_stream(stream.name, params, state["tracking"] or None) or state["tracking"]
     _write_state(out, state, None)
-    _write_stream_spec(out, stream)
+    _write_stream_spec(out, stream, identity["data"])
 
-    status = "FAILED"
     try:
         bar = tqdm(total=len(plan), initial=len(state["done"]), desc=f"stream {stream.name}", disable=not progress)
         for k, step in enumerate(plan):
@@ -192,7 +191,7 @@ def run_stream(
             row = step[-1]
             step_tasks = [tasks[j] for j in step]
             prev_row = plan[k - 1][-1] if k else None
-            step_params = _step_params(step_tasks, seed, row)
+            step_params = _step_params(step_tasks, seed, row, identity["data"])
             for lg in loggers:
                 lg.start_step(row, [t.name for t in step_tasks], step_params)
             pre: dict[str, float] = {}
@@ -214,14 +213,15 @@ def run_stream(
             for j in range(row + 1):
                 s = score(tasks[j])
                 matrix.update(row, j, s["accuracy"], s["macro_f1"])
-            for t in step_tasks:
-                metrics[f"test_accuracy/{t.name}"] = float(matrix.R[row, stream.names.index(t.name)])
-                metrics[f"trainable_params/{t.name}"] = strategy.trainable_parameters(model, t)
+            trainable = {tasks[j].name: strategy.trainable_parameters(model, tasks[j]) for j in step}
+            for j in step:
+                metrics[f"test_accuracy/{tasks[j].name}"] = float(matrix.R[row, j])
+                metrics[f"trainable_params/{tasks[j].name}"] = trainable[tasks[j].name]
             artifacts = _export_checkpoints(model, strategy, step_tasks, out / "checkpoints")
             so_far = _so_far(matrix, row)
             record = {"row": row, "tasks": [t.name for t in step_tasks], "train_seconds": result.seconds,
                       "steps": result.steps, "best_step": result.best_step, "best_dev": result.best_dev,
-                      "trainable_params": {t.name: strategy.trainable_parameters(model, t) for t in step_tasks}}
+                      "trainable_params": trainable}
             for lg in loggers:
                 lg.end_step(row, metrics, artifacts)
                 lg.log_matrix(row, stream.names, list(matrix.R[row]), list(matrix.F1[row]), so_far)
@@ -233,14 +233,13 @@ def run_stream(
             _write_state(out, state, strategy.state(model), k)
             bar.update(1)
             bar.set_postfix(ACC=f"{so_far['ACC']:.3f}")
-            tqdm.write(f"after {'+'.join(r for r in record['tasks'])}: " + "  ".join(
+            tqdm.write(f"after {'+'.join(record['tasks'])}: " + "  ".join(
                 f"{n}={matrix.R[row, j]:.3f}" for j, n in enumerate(stream.names[:row + 1])))
         bar.close()
         metrics = matrix.result()
         artifacts = _write_results(out, stream, matrix, metrics, state)
-        status = "FINISHED"
         for lg in loggers:
-            lg.end_stream(metrics, artifacts, status)
+            lg.end_stream(metrics, artifacts, "FINISHED")
         return StreamResult(matrix, metrics, state["steps"], out, state["tracking"], state["seconds"])
     except BaseException as e:
         status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
@@ -262,20 +261,17 @@ def _fan_out(loggers: Sequence[StreamLogger]) -> Callable[[dict[str, Any]], None
     return callback
 
 
-def _step_params(tasks: list[Task], seed: int, row: int) -> dict[str, Any]:
+def _step_params(tasks: list[Task], seed: int, row: int, fingerprints: dict[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {"row": row, "seed": task_seed(seed, row)}
     for t in tasks:
-        out[t.name] = {"labels": ",".join(t.label_names), **t.sizes(), "fingerprint": t.fingerprint()[:16],
+        out[t.name] = {"labels": ",".join(t.label_names), **t.sizes(), "fingerprint": fingerprints[t.name][:16],
                        "source": t.source}
     return out
 
 
 def _so_far(matrix: AccuracyMatrix, row: int) -> dict[str, float]:
     """The metrics of the stream as if it ended after ``row``."""
-    sub = AccuracyMatrix(matrix.tasks[:row + 1])
-    sub.R, sub.F1 = matrix.R[:row + 1, :row + 1], matrix.F1[:row + 1, :row + 1]
-    sub.b, sub.b_f1 = matrix.b[:row + 1], matrix.b_f1[:row + 1]
-    return {k: v for k, v in sub.result().items() if not k.endswith("_f1")}
+    return summarize(matrix.R[:row + 1, :row + 1], matrix.b[:row + 1])
 
 
 def _export_checkpoints(model: DeltaModel, strategy: Strategy, tasks: list[Task], root: Path) -> dict[str, Path]:
@@ -314,12 +310,12 @@ def _read_state(path: Path) -> dict[str, Any]:
     return state
 
 
-def _write_stream_spec(out: Path, stream: TaskStream) -> None:
+def _write_stream_spec(out: Path, stream: TaskStream, fingerprints: dict[str, str]) -> None:
     import yaml
 
     spec = {"name": stream.name, **stream.spec,
             "tasks_resolved": [{"name": t.name, "labels": t.label_names, "sizes": t.sizes(), "source": t.source,
-                                "fingerprint": t.fingerprint()} for t in stream]}
+                                "fingerprint": fingerprints[t.name]} for t in stream]}
     _atomic_write(out / "stream.yaml", yaml.safe_dump(json.loads(json.dumps(spec, default=str)), sort_keys=False))
 
 

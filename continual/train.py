@@ -292,15 +292,10 @@ def train_joint(
     probs = np.asarray(sizes, dtype=float) / sum(sizes)
     # Everything any task trains, trainable at once while the groups are collected; each step then
     # activates one task's set, and AdamW skips the parameters that got no gradient.
-    model.activate(*dict.fromkeys(n for active, _ in tasks.values() for n in active))
-    groups: list[dict[str, Any]] = []
-    seen: set[int] = set()
-    for name, (active, _) in tasks.items():  # a shared delta appears in several tasks' lists: once
-        for g in _groups(model, tuple(active), config, ()):
-            g["params"] = [p for p in g["params"] if id(p) not in seen]
-            seen.update(id(p) for p in g["params"])
-            if g["params"]:
-                groups.append(g)
+    # (a shared delta appears in several tasks' lists: de-duplicated, it gets one group)
+    involved = tuple(dict.fromkeys(n for active, _ in tasks.values() for n in active))
+    model.activate(*involved)
+    groups = _groups(model, involved, config, ())
 
     def next_batch() -> tuple[Sequence[str], dict[str, torch.Tensor]]:
         name = names[rng.choice(len(names), p=probs)]

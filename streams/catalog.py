@@ -136,7 +136,8 @@ def stratified_split(labels: np.ndarray, fractions: tuple[float, ...], seed: int
     return [rng.permutation(np.array(p, dtype=int)) for p in parts]
 
 
-def _cap(idx: np.ndarray, labels: np.ndarray, cap: int | None, seed: int) -> np.ndarray:
+def cap_indices(idx: np.ndarray, labels: np.ndarray, cap: int | None, seed: int) -> np.ndarray:
+    """At most ``cap`` of ``idx``, label proportions kept (seeded)."""
     if cap is None or len(idx) <= cap:
         return idx
     keep = stratified_split(labels[idx], (cap / len(idx), 1 - cap / len(idx)), seed)[0]
@@ -158,8 +159,8 @@ def load_task_data(
         test_i = np.arange(src.test_start, len(labels))
     else:
         train_i, dev_i, test_i = stratified_split(labels, (1 - dev_fraction - test_fraction, dev_fraction, test_fraction), seed)
-    train_i = _cap(train_i, labels, max_train, seed)
-    dev_i, test_i = _cap(dev_i, labels, max_eval, seed), _cap(test_i, labels, max_eval, seed)
+    train_i = cap_indices(train_i, labels, max_train, seed)
+    dev_i, test_i = cap_indices(dev_i, labels, max_eval, seed), cap_indices(test_i, labels, max_eval, seed)
 
     def build(idx: np.ndarray) -> Dataset:
         return Dataset.from_dict({"text": [src.texts[i] for i in idx], "label": labels[idx].tolist()})

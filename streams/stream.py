@@ -33,7 +33,7 @@ import numpy as np
 import yaml
 from datasets import Dataset
 
-from .catalog import SOURCES, DataError, load_task_data, stratified_split
+from .catalog import SOURCES, DataError, cap_indices, load_task_data, stratified_split
 from .files import encode_labels, extract, label_vocabulary, load_hub, read_table
 from .task import SPLITS, Task, TaskStream
 
@@ -54,8 +54,7 @@ _TASK_KEYS = {"name", "source", "train", "dev", "test", "hub", "hub_config", "hu
 def _cap(ds: Dataset, cap: int | None, seed: int) -> Dataset:
     if cap is None or len(ds) <= cap:
         return ds
-    labels = np.asarray(list(ds["label"]))
-    keep = stratified_split(labels, (cap / len(ds), 1 - cap / len(ds)), seed)[0][:cap]
+    keep = cap_indices(np.arange(len(ds)), np.asarray(list(ds["label"])), cap, seed)
     return ds.select(sorted(keep.tolist()))
 
 
