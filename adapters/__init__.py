@@ -5,6 +5,7 @@ Public API:
   available_methods, get_method, make_config, register
   save_task, load_task        shareable per-task checkpoints
   load_backbone               offline-first backbone loading
+  MixedTasks (model.mixed())  many tasks in one batch, each example through its own delta
 """
 
 from .backbones import BACKBONES, DEFAULT_BACKBONE, load_backbone
@@ -20,13 +21,14 @@ from .errors import (
     TaskError,
     UnknownMethodError,
 )
+from .mixed import MixedTasks
 from .model import DeltaModel, TaskDelta
 from .registry import available_methods, get_method, make_config, register
 from .targets import ARCHITECTURES, ArchSpec, register_architecture
 
 __all__ = [
     "ARCHITECTURES", "ArchSpec", "BACKBONES", "BackboneError", "CheckpointError", "ConfigError",
-    "DEFAULT_BACKBONE", "Delta", "DeltaConfig", "DeltaError", "DeltaModel", "LayerwiseConfig",
+    "DEFAULT_BACKBONE", "Delta", "DeltaConfig", "DeltaError", "DeltaModel", "LayerwiseConfig", "MixedTasks",
     "SiteDelta", "TargetError", "TaskDelta", "TaskError", "UnknownMethodError", "available_methods",
     "backbone_fingerprint", "get_method", "load_backbone", "load_task", "make_config", "read_meta",
     "register", "register_architecture", "save_task",

@@ -146,6 +146,17 @@ class SiteDelta(Delta):
     def build_site(self, site: Site, d_in: int, d_out: int, backbone: nn.Module) -> nn.Module:
         raise NotImplementedError
 
+    @classmethod
+    def stack_sites(cls, sites: list[nn.Module | None]) -> nn.Module | None:
+        """One module that computes, for a mixed-task batch, every example's own contribution.
+
+        ``sites``: this method's site module of each task at one site (None where a task has
+        none; its examples get 0). The returned module's ``forward(x, h, batch)`` reads the
+        per-example task slot from ``batch.idx`` (see :mod:`adapters.mixed`). Return None (the
+        default) when the sites cannot be stacked; mixed batches then run each task's examples
+        through its own site module, one task at a time."""
+        return None
+
     def contribution(self, key: str, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """The term added to ``h`` at site ``key``."""
         return self.site_modules[key](x, h)
@@ -157,25 +168,41 @@ class SiteDelta(Delta):
         return handles
 
     def _site_hooks(self, backbone: nn.Module, site: Site, is_active: IsActive) -> list[RemovableHandle]:
-        key, same = site.key, site.input == site.output
-        handles = []
-        if not same:
-            def capture(_mod: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-                if is_active():
-                    self._captured[key] = _first_tensor(args, kwargs)
+        key = site.key
+        return hook_site(backbone, site, is_active, lambda x, h: self.contribution(key, x, h), self._captured)
 
-            handles.append(backbone.get_submodule(site.input).register_forward_pre_hook(capture, with_kwargs=True))
 
-        def apply(_mod: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
-            if not is_active():
-                return None
-            x = _first_tensor(args, kwargs) if same else self._captured.pop(key)
-            h = output[0] if isinstance(output, tuple) else output
-            new = h + self.contribution(key, x, h).to(h.dtype)
-            return (new, *output[1:]) if isinstance(output, tuple) else new
+def hook_site(
+    backbone: nn.Module,
+    site: Site,
+    is_active: IsActive,
+    contribution: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    captured: dict[str, torch.Tensor],
+) -> list[RemovableHandle]:
+    """Hooks that make ``h <- h + contribution(x, h)`` at one site while ``is_active()``.
 
-        handles.append(backbone.get_submodule(site.output).register_forward_hook(apply, with_kwargs=True))
-        return handles
+    Shared by every layer-wise delta and by mixed-task batches (:mod:`adapters.mixed`), so both
+    read ``x`` and ``h`` at exactly the same places. ``captured`` carries a block site's input from
+    its pre-hook to the output hook of the same forward pass."""
+    key, same = site.key, site.input == site.output
+    handles = []
+    if not same:
+        def capture(_mod: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+            if is_active():
+                captured[key] = _first_tensor(args, kwargs)
+
+        handles.append(backbone.get_submodule(site.input).register_forward_pre_hook(capture, with_kwargs=True))
+
+    def apply(_mod: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
+        if not is_active():
+            return None
+        x = _first_tensor(args, kwargs) if same else captured.pop(key)
+        h = output[0] if isinstance(output, tuple) else output
+        new = h + contribution(x, h).to(h.dtype)
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    handles.append(backbone.get_submodule(site.output).register_forward_hook(apply, with_kwargs=True))
+    return handles
 
 
 def _first_tensor(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:

@@ -264,6 +264,13 @@ class DeltaModel(nn.Module):
         hidden, mask = self.encode(input_ids, attention_mask, **extra)
         return head(hidden, mask)
 
+    def mixed(self, tasks: Sequence[str] | None = None, dtype: torch.dtype | None = None) -> "MixedTasks":
+        """A :class:`~adapters.mixed.MixedTasks` serving ``tasks`` (default: all) in mixed batches,
+        each example through its own task's delta and head."""
+        from .mixed import MixedTasks
+
+        return MixedTasks(self, list(self.tasks) if tasks is None else tasks, dtype)
+
     # -- accounting --------------------------------------------------------------------------------
     def backbone_parameters(self) -> int:
         return sum(p.numel() for p in self.backbone.parameters())

@@ -74,6 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--patience", type=int, default=DEFAULTS["patience"], help="dev evaluations without gain before stopping (0: never)")
     r.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="seeds splits, initialisation and training")
     r.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    r.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16", "auto"],
+                   help="training/eval precision (auto: bf16 on a GPU that has it, else fp32)")
+    r.add_argument("--compile", default=None, choices=["default", "reduce-overhead", "max-autotune"],
+                   help="torch.compile the training forward pass with this mode (pays off on a GPU)")
+    r.add_argument("--bucket", action="store_true", help="length-bucketed training batches (less padding)")
+    r.add_argument("--fast", action="store_true",
+                   help="the fast path: --precision auto --bucket, and --compile default on a GPU")
     r.add_argument("--out", default=None, help="output directory (default: runs/<stream>-<strategy>-<methods>-s<seed>)")
     r.add_argument("--resume", action="store_true", help="continue the run saved in --out after its last finished task")
     r.add_argument("--overwrite", action="store_true", help="replace a run saved in --out")
@@ -118,10 +125,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     torch.manual_seed(args.seed)  # weights a checkpoint lacks (an unused pooler) start the same every run
     model = DeltaModel.from_pretrained(args.backbone)
-    config = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, lr=args.lr, head_lr=args.head_lr,
-                         max_length=args.max_length,
-                         eval_every=args.eval_every, patience=args.patience or None, seed=args.seed, device=args.device,
-                         progress=not args.no_progress)
+    opts = dict(max_steps=args.steps, batch_size=args.batch_size, lr=args.lr, head_lr=args.head_lr,
+                max_length=args.max_length, eval_every=args.eval_every, patience=args.patience or None,
+                seed=args.seed, device=args.device, progress=not args.no_progress)
+    speed = dict(precision=args.precision, compile=args.compile, bucket=args.bucket)
+    if args.fast:
+        config = TrainConfig.fast(**opts, **{k: v for k, v in speed.items() if v not in (None, False, "fp32")})
+    else:
+        config = TrainConfig(**opts, **speed)
     loggers = [] if args.no_mlflow else [MLflowLogger(args.tracking_uri, args.experiment, args.run_name or out.name)]
     result = run_stream(stream, model, strategy, config, out, seed=args.seed, loggers=loggers, resume=args.resume,
                         overwrite=args.overwrite, progress=not args.no_progress,

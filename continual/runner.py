@@ -151,7 +151,7 @@ def run_stream(
     start = time.perf_counter()
 
     def score(task: Task) -> dict[str, float]:
-        return evaluate(model, task.name, data.loader(task), strategy.active(task.name))
+        return evaluate(model, task.name, data.loader(task), strategy.active(task.name), config.precision)
 
     if state is None:
         matrix = AccuracyMatrix(stream.names)

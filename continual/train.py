@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from adapters import DeltaModel
+from adapters.speed import autocast, frozen_linears_in, resolve_precision
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +40,29 @@ class TrainConfig:
     seed: int = 0
     device: str | None = None
     progress: bool = True
+    # -- speed (see adapters.speed); the defaults reproduce the plain fp32 loop -------------------
+    precision: str = "fp32"      # fp32 | bf16 | fp16 | auto (bf16 on a GPU that has it, else fp32)
+    compile: str | None = None   # None, or a torch.compile mode: default | reduce-overhead | max-autotune
+    bucket: bool = False         # length-bucketed batches (less padding); pads to a multiple of 8
+    log_every: int = 10          # steps between records; the loss is read back (a host sync) only then
+
+    def validate(self) -> None:
+        from adapters.speed import PRECISIONS
+
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.compile not in (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
+            raise ValueError(f"compile must be None or a torch.compile mode, got {self.compile!r}")
+        if self.log_every < 1 or self.max_steps < 1 or self.batch_size < 1:
+            raise ValueError("log_every, max_steps and batch_size must be >= 1")
+
+    @classmethod
+    def fast(cls, **overrides: Any) -> "TrainConfig":
+        """The fast path: bf16 and torch.compile on a GPU, length buckets everywhere."""
+        device = overrides.get("device")
+        gpu = (device is None and torch.cuda.is_available()) or str(device).startswith("cuda")
+        opts = {"precision": "auto", "compile": "default" if gpu else None, "bucket": True}
+        return cls(**{**opts, **overrides})
 
 
 @dataclasses.dataclass
@@ -84,17 +108,44 @@ def tokenize(dataset: Dataset, tokenizer: Any, max_length: int) -> Dataset:
             datasets.enable_progress_bars()
 
 
-def make_loader(dataset: Dataset, tokenizer: Any, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
-    """Dynamically padded batches; shuffling is seeded."""
+def _collate(dataset: Dataset, tokenizer: Any, pad_multiple: int | None) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
     columns = [c for c in ("input_ids", "attention_mask", "token_type_ids") if c in dataset.column_names]
 
     def collate(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        padded = tokenizer.pad([{c: r[c] for c in columns} for r in rows], return_tensors="pt")
+        padded = tokenizer.pad([{c: r[c] for c in columns} for r in rows], return_tensors="pt", pad_to_multiple_of=pad_multiple)
         padded["labels"] = torch.tensor([r["label"] for r in rows])
         return dict(padded)
 
+    return collate
+
+
+def make_loader(dataset: Dataset, tokenizer: Any, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+    """Dynamically padded batches; shuffling is seeded."""
     gen = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, generator=gen)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=_collate(dataset, tokenizer, None),
+                      generator=gen, pin_memory=torch.cuda.is_available())
+
+
+def bucket_batches(lengths: Sequence[int], batch_size: int, seed: int, pool: int = 50) -> list[list[int]]:
+    """Seeded batches of similar lengths: shuffle, sort each pool of ``pool`` batches by length,
+    cut it into batches, shuffle the batch order. Every example appears once; padding (and so
+    wasted compute) drops to what the length spread inside a batch needs."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(lengths))
+    lengths = np.asarray(lengths)
+    batches = []
+    for start in range(0, len(order), batch_size * pool):
+        chunk = order[start : start + batch_size * pool]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches += [chunk[i : i + batch_size].tolist() for i in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def bucketed_loader(dataset: Dataset, tokenizer: Any, batch_size: int, seed: int) -> DataLoader:
+    """Length-bucketed, seeded batches padded to a multiple of 8 (tensor-core friendly shapes)."""
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    return DataLoader(dataset, batch_sampler=bucket_batches(lengths, batch_size, seed),
+                      collate_fn=_collate(dataset, tokenizer, 8), pin_memory=torch.cuda.is_available())
 
 
 def eval_loader(dataset: Dataset, tokenizer: Any, max_length: int, batch_size: int = 64) -> DataLoader:
@@ -121,24 +172,29 @@ def macro_f1(pred: np.ndarray, gold: np.ndarray, num_labels: int) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: DeltaModel, task: str, loader: DataLoader, active: Sequence[str] | None = None) -> dict[str, float]:
+def evaluate(
+    model: DeltaModel, task: str, loader: DataLoader, active: Sequence[str] | None = None, precision: str = "fp32"
+) -> dict[str, float]:
     """Accuracy, macro-F1 and mean loss of ``task``'s head on a loader.
 
-    ``active``: the tasks whose deltas act, ``task`` last; default ``task`` alone."""
+    ``active``: the tasks whose deltas act, ``task`` last; default ``task`` alone.
+    ``precision``: as in :class:`TrainConfig` (autocast for bf16 / fp16)."""
     device = model.device
     was_training = model.training
     model.eval()
-    preds, golds, loss_sum = [], [], 0.0
-    with model.using(*(active or (task,))):
+    preds, golds, losses = [], [], []
+    with model.using(*(active or (task,))), autocast(resolve_precision(precision, device), device):
         for batch in loader:
-            batch = {k: v.to(device) for k, v in batch.items()}
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             labels = batch.pop("labels")
             logits = model(**batch).float()
-            loss_sum += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
-            preds.append(logits.argmax(-1).cpu().numpy())
-            golds.append(labels.cpu().numpy())
+            losses.append(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
+            preds.append(logits.argmax(-1))
+            golds.append(labels)
     model.train(was_training)
-    pred, gold = np.concatenate(preds), np.concatenate(golds)
+    # one read-back at the end, not one per batch
+    pred, gold = torch.cat(preds).cpu().numpy(), torch.cat(golds).cpu().numpy()
+    loss_sum = float(torch.stack(losses).sum())
     n_labels = model.task(task).head.num_labels
     return {"accuracy": float((pred == gold).mean()), "macro_f1": macro_f1(pred, gold, n_labels), "loss": loss_sum / len(gold)}
 
@@ -149,11 +205,14 @@ def _schedule(step: int, total: int, warmup: int) -> float:
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
-def _batches(dataset: Dataset, tokenizer: Any, batch_size: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+def _batches(dataset: Dataset, tokenizer: Any, batch_size: int, seed: int, bucket: bool = False) -> Iterator[dict[str, torch.Tensor]]:
     """Endless seeded shuffled batches: epoch e is shuffled with seed + e."""
     epoch = 0
     while True:
-        yield from make_loader(dataset, tokenizer, batch_size, True, seed + epoch)
+        if bucket:
+            yield from bucketed_loader(dataset, tokenizer, batch_size, seed + epoch)
+        else:
+            yield from make_loader(dataset, tokenizer, batch_size, True, seed + epoch)
         epoch += 1
 
 
@@ -177,47 +236,65 @@ def _fit(
     """The step loop shared by single-task and joint training.
 
     ``next_batch`` gives (tasks to activate, batch); ``dev`` scores the model on held-out data.
-    Keeps a copy of the best-on-dev parameters of ``groups`` and restores it at the end."""
+    Keeps a copy of the best-on-dev parameters of ``groups`` and restores it at the end.
+
+    No host syncs between records: the loss is summed on the device and read back every
+    ``config.log_every`` steps (and at dev evaluations), gradient clipping returns a tensor."""
+    config.validate()
     device = model.device
-    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+    precision = resolve_precision(config.precision, device)
+    fused = device.type == "cuda"  # one multi-tensor kernel per step; CPU has no fused AdamW
+    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay, fused=fused or None)
     base_lrs = [g["lr"] for g in groups]
     warmup = math.ceil(config.warmup_ratio * config.max_steps)
     params = [p for g in groups for p in g["params"]]
     snapshot = lambda: [p.detach().clone() for p in params]  # noqa: E731
     best, best_state, best_step, bad_evals, history = {"accuracy": -1.0}, snapshot(), 0, 0, []
+    # torch.compile traces the model with its delta hooks; a new set of active tasks re-traces once.
+    forward = torch.compile(model, mode=config.compile) if config.compile else model
     start = time.perf_counter()
     model.train()
     bar = tqdm(total=config.max_steps, desc=desc, disable=not config.progress, leave=False)
-    for step in range(1, config.max_steps + 1):
-        t0 = time.perf_counter()
-        active, batch = next_batch()
-        model.activate(*active)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        labels = batch.pop("labels")
-        for g, lr in zip(optimizer.param_groups, base_lrs):
-            g["lr"] = lr * _schedule(step - 1, config.max_steps, warmup)
-        loss = torch.nn.functional.cross_entropy(model(**batch).float(), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-        optimizer.step()
-        record = {"step": step, "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"],
-                  "samples_per_s": len(labels) / (time.perf_counter() - t0)}
-        if step % config.eval_every == 0 or step == config.max_steps:
-            score = dev()
-            record.update({f"dev_{k}": v for k, v in score.items()})
-            if score["accuracy"] > best["accuracy"]:
-                best, best_step, bad_evals, best_state = score, step, 0, snapshot()
-            else:
-                bad_evals += 1
-            bar.set_postfix(loss=f"{record['loss']:.3f}", dev_acc=f"{score['accuracy']:.3f}")
-        history.append(record)
-        if callback is not None:
-            callback(record)
-        bar.update(1)
-        if config.patience is not None and bad_evals >= config.patience:
-            break
+    loss_sum, seen, t_log, since = torch.zeros((), device=device), 0, time.perf_counter(), 0
+    with frozen_linears_in(model.backbone, precision):
+        for step in range(1, config.max_steps + 1):
+            active, batch = next_batch()
+            model.activate(*active)
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            labels = batch.pop("labels")
+            for g, lr in zip(optimizer.param_groups, base_lrs):
+                g["lr"] = lr * _schedule(step - 1, config.max_steps, warmup)
+            with autocast(precision, device):
+                logits = forward(**batch)
+            loss = torch.nn.functional.cross_entropy(logits.float(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, config.grad_clip, foreach=True)
+            optimizer.step()
+            loss_sum += loss.detach()
+            seen, since = seen + len(labels), since + 1
+            evaluate_now = step % config.eval_every == 0 or step == config.max_steps
+            if step % config.log_every == 0 or evaluate_now:
+                now = time.perf_counter()
+                record = {"step": step, "loss": float(loss_sum) / since, "lr": optimizer.param_groups[0]["lr"],
+                          "samples_per_s": seen / (now - t_log)}
+                if evaluate_now:
+                    with autocast(precision, device):
+                        score = dev()
+                    record.update({f"dev_{k}": v for k, v in score.items()})
+                    if score["accuracy"] > best["accuracy"]:
+                        best, best_step, bad_evals, best_state = score, step, 0, snapshot()
+                    else:
+                        bad_evals += 1
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", dev_acc=f"{score['accuracy']:.3f}")
+                history.append(record)
+                if callback is not None:
+                    callback(record)
+                loss_sum, seen, since, t_log = torch.zeros((), device=device), 0, 0, time.perf_counter()
+            bar.update(1)
+            if config.patience is not None and bad_evals >= config.patience:
+                break
     bar.close()
     with torch.no_grad():
         for p, b in zip(params, best_state):
@@ -260,7 +337,7 @@ def train_task(
     dev_loader = eval_loader(data["dev"], tokenizer, config.max_length, config.batch_size * 2)
     model.activate(*active)
     groups = _groups(model, active, config, extra_groups)
-    batches = _batches(train_ds, tokenizer, config.batch_size, config.seed)
+    batches = _batches(train_ds, tokenizer, config.batch_size, config.seed, config.bucket)
     return _fit(model, groups, lambda: (active, next(batches)), lambda: evaluate(model, task, dev_loader, active),
                 config, callback, f"train {task}")
 
@@ -285,7 +362,7 @@ def train_joint(
     for i, (name, (active, data)) in enumerate(tasks.items()):
         _check_splits(name, data)
         ds = tokenize(data["train"], tokenizer, config.max_length)
-        streams[name] = _batches(ds, tokenizer, config.batch_size, config.seed + 7919 * i)
+        streams[name] = _batches(ds, tokenizer, config.batch_size, config.seed + 7919 * i, config.bucket)
         devs[name] = eval_loader(data["dev"], tokenizer, config.max_length, config.batch_size * 2)
         sizes.append(len(ds))
     rng = np.random.default_rng(config.seed)

@@ -57,6 +57,52 @@ class Bottleneck(nn.Module):
         return self.up(self.act(self.down(z.to(self.down.weight.dtype))))
 
 
+class GatheredMLP(nn.Module):
+    """Bottleneck MLPs of many tasks for a mixed-task batch: each example's own down/up weights,
+    gathered by its task slot, in batched matrix products; no loop over tasks or examples.
+
+    reads: "h" (sequential adapter: the sub-layer output) or "x" (parallel adapter: its input)."""
+
+    def __init__(self, down_w, down_b, up_w, up_b, activation: nn.Module, reads: str) -> None:
+        super().__init__()
+        self.register_buffer("down_t", down_w.transpose(1, 2).contiguous())  # (tasks, d_in, m)
+        self.register_buffer("down_b", down_b.unsqueeze(1))                   # (tasks, 1, m)
+        self.register_buffer("up_t", up_w.transpose(1, 2).contiguous())      # (tasks, m, d_out)
+        self.register_buffer("up_b", up_b.unsqueeze(1))                       # (tasks, 1, d_out)
+        self.act = activation
+        self.reads = reads
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor, batch) -> torch.Tensor:
+        idx = batch.idx
+        z = (h if self.reads == "h" else x).to(self.down_t.dtype)
+        z = self.act(torch.baddbmm(self.down_b[idx], z, self.down_t[idx]))
+        return torch.baddbmm(self.up_b[idx], z, self.up_t[idx])
+
+
+def stack_mlps(mlps: list["Bottleneck | None"], scalings: list[float], reads: str) -> GatheredMLP | None:
+    """Stack the bottleneck MLPs of many tasks (None: a task without one at this site, giving 0).
+
+    Bottleneck sizes are zero-padded to the largest: a padded unit has zero down weights and bias,
+    so its activation input is 0, and a zero up column, so it adds exactly 0. Each task's scaling
+    is folded into its up projection. Different activations cannot share one kernel: None."""
+    present = [m for m in mlps if m is not None]
+    if len({type(m.act) for m in present}) > 1:
+        return None
+    dim = max(m.down.out_features for m in present)
+    d_in, d_out = present[0].down.in_features, present[0].up.out_features
+    n = len(mlps)
+    down_w, down_b = torch.zeros(n, dim, d_in), torch.zeros(n, dim)
+    up_w, up_b = torch.zeros(n, d_out, dim), torch.zeros(n, d_out)
+    with torch.no_grad():
+        for i, (m, s) in enumerate(zip(mlps, scalings)):
+            if m is None:
+                continue
+            k = m.down.out_features
+            down_w[i, :k], down_b[i, :k] = m.down.weight.float(), m.down.bias.float()
+            up_w[i, :, :k], up_b[i] = m.up.weight.float() * s, m.up.bias.float() * s
+    return GatheredMLP(down_w, down_b, up_w, up_b, type(present[0].act)(), reads)
+
+
 class SequentialSite(nn.Module):
     """Reads the sub-layer output ``h`` (not its input)."""
 
@@ -74,3 +120,7 @@ class BottleneckAdapter(SiteDelta):
 
     def build_site(self, site: Site, d_in: int, d_out: int, backbone: nn.Module) -> nn.Module:
         return SequentialSite(Bottleneck(d_out, d_out, self.config.dim_for(d_out), self.config.activation))
+
+    @classmethod
+    def stack_sites(cls, sites: list[nn.Module | None]) -> nn.Module | None:
+        return stack_mlps([None if s is None else s.mlp for s in sites], [1.0] * len(sites), reads="h")

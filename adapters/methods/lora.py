@@ -58,3 +58,35 @@ class LoRA(SiteDelta):
         if not isinstance(backbone.get_submodule(site.output), nn.Linear):
             raise ConfigError(f"LoRA targets linear layers; {site.output} is not one")
         return LoRASite(d_in, d_out, c.rank, c.alpha / c.rank, c.dropout)
+
+    @classmethod
+    def stack_sites(cls, sites: list[nn.Module | None]) -> nn.Module:
+        """All tasks' A and B at one site, ranks zero-padded to the largest and each task's
+        scaling folded into its B; absent tasks get zeros. Zero rows and columns add exact zeros,
+        so stacking changes no result."""
+        present = [s for s in sites if s is not None]
+        rank = max(s.lora_A.shape[0] for s in present)
+        d_in, d_out = present[0].lora_A.shape[1], present[0].lora_B.shape[0]
+        A = torch.zeros(len(sites), rank, d_in)
+        B = torch.zeros(len(sites), d_out, rank)
+        with torch.no_grad():
+            for i, s in enumerate(sites):
+                if s is not None:
+                    r = s.lora_A.shape[0]
+                    A[i, :r] = s.lora_A.float()
+                    B[i, :, :r] = s.lora_B.float() * s.scaling
+        return GatheredLoRA(A, B)
+
+
+class GatheredLoRA(nn.Module):
+    """LoRA for a mixed-task batch: each example's own A and B, gathered by its task slot, in two
+    batched matrix products (the BGMV idea of Punica / S-LoRA); no loop over tasks or examples."""
+
+    def __init__(self, A: torch.Tensor, B: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("A_t", A.transpose(1, 2).contiguous())  # (tasks, d_in, r)
+        self.register_buffer("B_t", B.transpose(1, 2).contiguous())  # (tasks, r, d_out)
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor, batch) -> torch.Tensor:
+        idx = batch.idx
+        return torch.bmm(torch.bmm(x.to(self.A_t.dtype), self.A_t[idx]), self.B_t[idx])

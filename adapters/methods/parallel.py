@@ -15,7 +15,7 @@ from ..base import LayerwiseConfig, SiteDelta
 from ..errors import ConfigError
 from ..registry import register
 from ..targets import Site
-from .bottleneck import Bottleneck
+from .bottleneck import Bottleneck, stack_mlps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,3 +50,7 @@ class ParallelAdapter(SiteDelta):
     def build_site(self, site: Site, d_in: int, d_out: int, backbone: nn.Module) -> nn.Module:
         c = self.config
         return ParallelSite(Bottleneck(d_in, d_out, c.bottleneck_dim, c.activation), c.scaling)
+
+    @classmethod
+    def stack_sites(cls, sites: list[nn.Module | None]) -> nn.Module | None:
+        return stack_mlps([None if s is None else s.mlp for s in sites], [0.0 if s is None else s.scaling for s in sites], reads="x")

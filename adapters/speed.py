@@ -1,0 +1,70 @@
+"""Speed helpers shared by training, serving and the benchmarks.
+
+Why these are safe for a frozen backbone:
+- bf16 autocast casts every Linear weight to bf16 in every forward pass. The backbone's weights
+  never change, so :func:`frozen_linears_in` casts them once instead. Autocast would produce the
+  very same bf16 values, so results are unchanged (a test checks it bit for bit); LayerNorm and
+  embedding weights stay in fp32, where autocast keeps them too.
+- Deltas and heads keep fp32 master weights; autocast runs their matrix products in bf16.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"auto": bf16 on a GPU that supports it, else fp32 (CPU bf16 is slower than fp32 on most CPUs)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The autocast context for a resolved precision ("fp32": none)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=_DTYPES[precision])
+
+
+@contextlib.contextmanager
+def frozen_linears_in(backbone: nn.Module, precision: str) -> Iterator[None]:
+    """Within the block, the backbone's frozen Linear weights and biases are held in the autocast
+    dtype (cast once, not in every forward pass); on exit the original tensors are put back, so
+    the model is exactly as before. Parameters that require grad are left alone."""
+    if precision == "fp32":
+        yield
+        return
+    dtype = _DTYPES[precision]
+    saved: list[tuple[nn.Parameter, torch.Tensor]] = []
+    try:
+        with torch.no_grad():
+            for m in backbone.modules():
+                if isinstance(m, nn.Linear):
+                    for p in (m.weight, m.bias):
+                        if p is not None and not p.requires_grad and p.dtype != dtype:
+                            saved.append((p, p.data))
+                            p.data = p.data.to(dtype)
+        yield
+    finally:
+        for p, data in saved:
+            p.data = data
+
+
+def mfu(samples_per_s: float, tokens_per_sample: int, params: int, peak_flops: float, flops_per_param_token: int = 4) -> float:
+    """Model FLOP utilisation: ``flops_per_param_token * params * tokens / s / peak``.
+
+    4 for a frozen-backbone training step (2 forward + 2 for the input gradients; no weight
+    gradients), 6 for full fine-tuning, 2 for inference."""
+    return flops_per_param_token * params * tokens_per_sample * samples_per_s / peak_flops

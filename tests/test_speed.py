@@ -1,0 +1,167 @@
+"""The fast path gives the same numbers as the plain one, piece by piece.
+
+CPU tests run everywhere; the GPU ones (bf16, fused AdamW, torch.compile, mixed batches on CUDA)
+skip with a reason where there is no CUDA device."""
+
+import numpy as np
+import pytest
+import torch
+
+import adapters
+from adapters.speed import autocast, frozen_linears_in, mfu, resolve_precision
+from conftest import FAST, batch, method_config, tiny_backbone, toy_task
+from continual import TrainConfig, train_task
+from continual.train import bucket_batches, bucketed_loader, make_loader, tokenize
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (run on the GPU machine)")
+
+
+def lora_model(arch="bert", methods=("lora", "bottleneck")):
+    model = adapters.DeltaModel(tiny_backbone(arch))
+    task = model.add_task("t", [method_config(m) for m in methods], num_labels=3)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in task.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model.activate("t")
+    return model.eval()
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_precast_frozen_linears_give_autocast_results_bit_for_bit(arch):
+    model = lora_model(arch)
+    inputs = batch()
+    device = torch.device("cpu")
+    with torch.no_grad(), autocast("bf16", device):
+        want = model(**inputs)
+        originals = {n: p.data_ptr() for n, p in model.backbone.named_parameters()}
+        with frozen_linears_in(model.backbone, "bf16"):
+            assert model.backbone.get_submodule("layers.0.mlp.down_proj" if arch == "llama" else "encoder.layer.0.output.dense").weight.dtype == torch.bfloat16
+            got = model(**inputs)
+    assert torch.equal(got, want)
+    for n, p in model.backbone.named_parameters():  # the very same fp32 tensors are back
+        assert p.data_ptr() == originals[n] and p.dtype == torch.float32
+
+
+def test_precision_resolution():
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
+    with pytest.raises(ValueError, match="unknown precision"):
+        resolve_precision("int8", torch.device("cpu"))
+    with pytest.raises(ValueError, match="precision must be one of"):
+        TrainConfig(precision="fp8").validate()
+    with pytest.raises(ValueError, match="compile must be"):
+        TrainConfig(compile="fastest").validate()
+
+
+def test_bucket_batches_cover_every_example_once_and_cut_padding():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 120, size=1000).tolist()
+    batches = bucket_batches(lengths, 16, seed=3)
+    assert sorted(i for b in batches for i in b) == list(range(1000))
+    assert batches == bucket_batches(lengths, 16, seed=3) and batches != bucket_batches(lengths, 16, seed=4)
+    padded = lambda bs: sum(len(b) * max(lengths[i] for i in b) for b in bs)  # noqa: E731
+    random_batches = [list(range(i, min(i + 16, 1000))) for i in range(0, 1000, 16)]
+    assert padded(batches) < 0.7 * padded(random_batches)
+
+
+def test_padding_to_a_multiple_of_8_changes_no_logit(text_model):
+    model = text_model()
+    model.add_task("t", ["lora"], num_labels=2)
+    model.activate("t")
+    model.eval()
+    ds = tokenize(toy_task("t", "apple", 1).train.select(range(16)), model.tokenizer, 16)
+    plain = next(iter(make_loader(ds, model.tokenizer, 16, False)))
+    bucketed = next(iter(bucketed_loader(ds, model.tokenizer, 16, seed=0)))
+    assert bucketed["input_ids"].shape[1] % 8 == 0
+    order = [int(torch.nonzero((plain["input_ids"] == row[: plain["input_ids"].shape[1]]).all(1))[0]) for row in bucketed["input_ids"]]
+    with torch.no_grad():
+        a = model(**{k: v for k, v in plain.items() if k != "labels"})[order]
+        b = model(**{k: v for k, v in bucketed.items() if k != "labels"})
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_reading_the_loss_less_often_changes_no_parameter(text_model):
+    task = toy_task("t", "apple", 1)
+    results, params = [], []
+    for every in (1, 5):
+        model = text_model()
+        model.add_task("t", ["lora"], label_names=["no", "yes"])
+        results.append(train_task(model, "t", task.splits(), TrainConfig(**{**FAST, "max_steps": 20, "log_every": every})))
+        params.append([p.detach().clone() for p in model.task("t").parameters()])
+    for a, b in zip(*params):
+        assert torch.equal(a, b)
+    one, five = results
+    assert [r["step"] for r in five.history] == [5, 10, 15, 20]
+    assert five.history[0]["loss"] == pytest.approx(np.mean([r["loss"] for r in one.history[:5]]), rel=1e-5)
+
+
+def test_mfu_formula():
+    # 4 * 100M params * 128 tokens * 1000 samples/s = 51.2 TFLOP/s, on a 512 TFLOP/s peak: 10%
+    assert mfu(1000, 128, 100_000_000, 512e12) == pytest.approx(0.1)
+
+
+def compile_matches_eager(device, precision, atol):
+    model = lora_model("bert", ("lora", "parallel", "bottleneck")).to(device)
+    model.train()
+    for m in model.modules():  # dropout would draw different masks in compiled code
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    inputs = {k: v.to(device) for k, v in batch(b=4, t=16).items()}
+    compiled = torch.compile(model)
+    with frozen_linears_in(model.backbone, precision), autocast(precision, torch.device(device)):
+        for fn in (model, compiled):
+            grads = []
+            out = fn(**inputs)
+            out.float().pow(2).mean().backward()
+            grads.append([p.grad.clone() for p in model.task("t").parameters()])
+            model.zero_grad(set_to_none=True)
+            if fn is model:
+                want_out, want_grads = out.detach(), grads
+    torch.testing.assert_close(out.detach().float(), want_out.float(), atol=atol, rtol=atol)
+    for a, b in zip(grads[0], want_grads[0]):
+        torch.testing.assert_close(a, b, atol=atol, rtol=atol * 10)
+
+
+@pytest.mark.slow
+def test_compiled_forward_and_backward_match_eager_cpu():
+    compile_matches_eager("cpu", "fp32", 1e-4)
+
+
+@needs_cuda
+def test_compiled_bf16_matches_eager_bf16_on_gpu():
+    compile_matches_eager("cuda", "bf16", 2e-2)
+
+
+@needs_cuda
+def test_fast_path_trains_like_the_plain_path_on_gpu(text_model):
+    task = toy_task("t", "apple", 1)
+    scores = {}
+    for name, config in {"plain": TrainConfig(**FAST, device="cuda"), "fast": TrainConfig.fast(**FAST, device="cuda")}.items():
+        model = text_model()
+        model.add_task("t", ["lora"], label_names=["no", "yes"])
+        res = train_task(model, "t", task.splits(), config)
+        scores[name] = res.best_dev["accuracy"]
+        assert all(p.dtype == torch.float32 for p in model.parameters())  # the model is given back in fp32
+    assert scores["plain"] >= 0.9 and abs(scores["fast"] - scores["plain"]) <= 0.1, scores
+
+
+@needs_cuda
+def test_mixed_batch_parity_on_gpu_in_bf16():
+    model = adapters.DeltaModel(tiny_backbone("bert"))
+    for i in range(3):
+        t = model.add_task(f"t{i}", [method_config("lora"), method_config("bottleneck")], num_labels=2 + i)
+        torch.manual_seed(i)
+        with torch.no_grad():
+            for p in t.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+    model.cuda().eval()
+    inputs = {k: v.cuda() for k, v in batch(b=6).items()}
+    ids = ["t0", "t2", "t1", "t1", "t0", "t2"]
+    with torch.no_grad(), autocast("bf16", torch.device("cuda")):
+        got = model.mixed()(**inputs, task_ids=ids)
+        for i, t in enumerate(ids):
+            model.activate(t)
+            want = model(**{k: v[i : i + 1] for k, v in inputs.items()})[0]
+            torch.testing.assert_close(got[i, : want.shape[0]].float(), want.float(), atol=3e-2, rtol=3e-2)
