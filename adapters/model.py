@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import re
 from functools import partial
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -28,6 +28,9 @@ from .errors import ConfigError, TaskError
 from .heads import ClassificationHead
 from .registry import get_method, make_config
 from .targets import arch_spec
+
+if TYPE_CHECKING:
+    from .mixed import MixedTasks
 
 MethodSpec = str | dict[str, Any] | DeltaConfig
 

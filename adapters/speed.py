@@ -11,7 +11,7 @@ Why these are safe for a frozen backbone:
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -41,8 +41,11 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
 @contextlib.contextmanager
 def frozen_linears_in(backbone: nn.Module, precision: str) -> Iterator[None]:
     """Within the block, the backbone's frozen Linear weights and biases are held in the autocast
-    dtype (cast once, not in every forward pass); on exit the original tensors are put back, so
-    the model is exactly as before. Parameters that require grad are left alone."""
+    dtype (cast once, not in every forward pass); on exit the original values are put back, so
+    the model is exactly as before. Parameters that require grad are left alone.
+
+    On a GPU the fp32 originals wait in host memory meanwhile, so the GPU holds the bf16 copy
+    only: less memory than autocast, which keeps both."""
     if precision == "fp32":
         yield
         return
@@ -54,12 +57,51 @@ def frozen_linears_in(backbone: nn.Module, precision: str) -> Iterator[None]:
                 if isinstance(m, nn.Linear):
                     for p in (m.weight, m.bias):
                         if p is not None and not p.requires_grad and p.dtype != dtype:
-                            saved.append((p, p.data))
-                            p.data = p.data.to(dtype)
+                            original = p.data
+                            p.data = original.to(dtype)
+                            saved.append((p, original.cpu() if original.is_cuda else original))
         yield
     finally:
-        for p, data in saved:
-            p.data = data
+        for p, original in saved:
+            p.data = original.to(p.device)
+
+
+def make_optimizer(groups: Sequence[dict[str, Any]], device: torch.device, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """AdamW; fused (one multi-tensor kernel per step) on a GPU. The CPU has no fused AdamW."""
+    return torch.optim.AdamW(groups, weight_decay=weight_decay, fused=True if device.type == "cuda" else None)
+
+
+class TrainStep:
+    """One optimisation step of whatever is trainable in ``model``, with no host sync: returns the
+    loss as a device tensor. Use it inside :func:`frozen_linears_in` for bf16 / fp16.
+
+    compile: None, or a torch.compile mode. The model is traced with its delta hooks; activating
+    another set of tasks re-traces once."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        precision: str = "fp32",
+        compile: str | None = None,
+        grad_clip: float | None = 1.0,
+    ) -> None:
+        self.model, self.optimizer, self.grad_clip = model, optimizer, grad_clip
+        self.device = next(model.parameters()).device
+        self.precision = resolve_precision(precision, self.device)
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+        self.forward = torch.compile(model, mode=compile) if compile else model
+
+    def __call__(self, batch: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        with autocast(self.precision, self.device):
+            logits = self.forward(**batch)
+        loss = nn.functional.cross_entropy(logits.float(), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
+        self.optimizer.step()
+        return loss.detach()
 
 
 def mfu(samples_per_s: float, tokens_per_sample: int, params: int, peak_flops: float, flops_per_param_token: int = 4) -> float:

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from adapters import DeltaModel
-from adapters.speed import autocast, frozen_linears_in, resolve_precision
+from adapters.speed import TrainStep, autocast, frozen_linears_in, make_optimizer, resolve_precision
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,15 +243,13 @@ def _fit(
     config.validate()
     device = model.device
     precision = resolve_precision(config.precision, device)
-    fused = device.type == "cuda"  # one multi-tensor kernel per step; CPU has no fused AdamW
-    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay, fused=fused or None)
+    optimizer = make_optimizer(groups, device, config.weight_decay)
+    train_step = TrainStep(model, optimizer, precision, config.compile, config.grad_clip)
     base_lrs = [g["lr"] for g in groups]
     warmup = math.ceil(config.warmup_ratio * config.max_steps)
-    params = [p for g in groups for p in g["params"]]
+    params = train_step.params
     snapshot = lambda: [p.detach().clone() for p in params]  # noqa: E731
     best, best_state, best_step, bad_evals, history = {"accuracy": -1.0}, snapshot(), 0, 0, []
-    # torch.compile traces the model with its delta hooks; a new set of active tasks re-traces once.
-    forward = torch.compile(model, mode=config.compile) if config.compile else model
     start = time.perf_counter()
     model.train()
     bar = tqdm(total=config.max_steps, desc=desc, disable=not config.progress, leave=False)
@@ -264,15 +262,8 @@ def _fit(
             labels = batch.pop("labels")
             for g, lr in zip(optimizer.param_groups, base_lrs):
                 g["lr"] = lr * _schedule(step - 1, config.max_steps, warmup)
-            with autocast(precision, device):
-                logits = forward(**batch)
-            loss = torch.nn.functional.cross_entropy(logits.float(), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, config.grad_clip, foreach=True)
-            optimizer.step()
-            loss_sum += loss.detach()
+            loss = train_step(batch, labels)
+            loss_sum += loss
             seen, since = seen + len(labels), since + 1
             evaluate_now = step % config.eval_every == 0 or step == config.max_steps
             if step % config.log_every == 0 or evaluate_now:

@@ -1,0 +1,406 @@
+"""Training and mixed-task serving speed: ours against HuggingFace PEFT, in one run, on one device.
+
+    python benchmarks/speed.py                      # GPU: BERT-base size, random init, bf16
+    python benchmarks/speed.py --device cpu         # CPU: MiniLM (real weights), 2 threads, fp32
+    python benchmarks/speed.py --sections train --methods lora,prompt --batch-sizes 32
+
+Both sides get the same model config, batch (random token ids, no padding), precision and
+optimizer hyper-parameters. PEFT runs "as a user runs it": fp32 weights under bf16 autocast with
+torch.optim.AdamW (eager), and "compiled": the whole step under torch.compile with fused AdamW.
+Ours runs the training step every part of this library uses (adapters.speed.TrainStep inside
+frozen_linears_in): eager, and compiled as TrainConfig.fast() does on a GPU.
+
+Printed: samples/s and peak memory per method and mode, ratios ours/PEFT, model FLOP
+utilisation (4 * backbone params * tokens per frozen-backbone training step, against the GPU's
+dense bf16 peak), and mixed-task inference throughput with 1, 8 and 64 task deltas (LoRA; our
+bottleneck adapters too) relative to one delta. Absolute numbers move between machines: compare
+within one run. Needs ``pip install --no-deps peft`` for the PEFT columns (skipped without it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import torch
+from torch import nn
+
+import adapters
+from adapters.speed import TrainStep, autocast, frozen_linears_in, make_optimizer, mfu
+
+# dense bf16 peaks (no sparsity), FLOP/s
+PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
+
+# method -> (our config, PEFT config factory or None)
+OURS = {
+    "lora": {"method": "lora", "rank": 8, "targets": ["query", "value"]},
+    "bottleneck": {"method": "bottleneck", "bottleneck_dim": 64},
+    "parallel": {"method": "parallel", "bottleneck_dim": 64},
+    "compacter": {"method": "compacter"},
+    "prefix": {"method": "prefix", "num_tokens": 20},
+    "prompt": {"method": "prompt", "num_tokens": 20, "init": "random"},
+    "bitfit": {"method": "bitfit"},
+}
+
+
+def peft_config(method: str) -> Any:
+    import peft
+
+    if method == "lora":
+        return peft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], lora_dropout=0.0, task_type="SEQ_CLS")
+    if method == "prompt":
+        return peft.PromptTuningConfig(num_virtual_tokens=20, task_type="SEQ_CLS")
+    if method == "prefix":
+        return peft.PrefixTuningConfig(num_virtual_tokens=20, task_type="SEQ_CLS")
+    return None
+
+
+# -- models -----------------------------------------------------------------------------------------
+def bert_config(size: str):
+    from transformers import BertConfig
+
+    if size == "base":
+        return BertConfig(attn_implementation="sdpa")  # BERT-base: 12 layers, 768 wide, 110M params
+    if size == "minilm":
+        from adapters.backbones import _minilm
+
+        return BertConfig.from_pretrained(str(_minilm()), attn_implementation="sdpa")
+    raise ValueError(size)
+
+
+def backbone(size: str, device: torch.device) -> nn.Module:
+    from transformers import BertModel
+
+    torch.manual_seed(0)
+    if size == "minilm":  # real pre-trained weights on CPU
+        from adapters.backbones import _minilm
+
+        return BertModel.from_pretrained(str(_minilm()), attn_implementation="sdpa").to(device)
+    return BertModel(bert_config(size), add_pooling_layer=False).to(device)
+
+
+def ours_model(size: str, device: torch.device, method: str) -> adapters.DeltaModel:
+    model = adapters.DeltaModel(backbone(size, device))
+    model.add_task("t", [OURS[method]], num_labels=2)
+    model.activate("t")
+    return model.to(device).train()
+
+
+def peft_model(size: str, device: torch.device, method: str) -> nn.Module:
+    import peft
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = bert_config(size)
+    cfg.num_labels = 2
+    if size == "minilm":
+        from adapters.backbones import _minilm
+
+        base = BertForSequenceClassification.from_pretrained(str(_minilm()), config=cfg)
+    else:
+        base = BertForSequenceClassification(cfg)
+    return peft.get_peft_model(base, peft_config(method)).to(device).train()
+
+
+def full_ft_model(size: str, device: torch.device) -> nn.Module:
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = bert_config(size)
+    cfg.num_labels = 2
+    return BertForSequenceClassification(cfg).to(device).train()
+
+
+# -- timing -----------------------------------------------------------------------------------------
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(step: Callable[[], Any], device: torch.device, batch: int, warmup: int, iters: int) -> dict[str, float]:
+    """samples/s over ``iters`` steps after ``warmup`` (compilation happens there); peak memory of
+    the timed steps (weights included)."""
+    for _ in range(warmup):
+        step()
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        step()
+    sync(device)
+    dt = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    return {"samples_per_s": batch * iters / dt, "peak_gb": peak}
+
+
+def inputs(size: str, batch: int, seq: int, device: torch.device, seed: int = 0) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    vocab = bert_config(size).vocab_size
+    ids = torch.randint(1000, vocab, (batch, seq), generator=g).to(device)
+    labels = torch.randint(0, 2, (batch,), generator=g).to(device)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, labels
+
+
+def free(device: torch.device) -> None:
+    import gc
+
+    gc.collect()
+    torch._dynamo.reset()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# -- training ---------------------------------------------------------------------------------------
+def train_ours(args, device, method: str, batch: int, compile_mode: str | None) -> dict[str, float]:
+    model = ours_model(args.size, device, method)
+    optimizer = make_optimizer(model.task("t").param_groups(lr=1e-4, head_lr=1e-4), device)
+    step = TrainStep(model, optimizer, args.precision, compile_mode, grad_clip=1.0)
+    x, y = inputs(args.size, batch, args.seq, device)
+    with frozen_linears_in(model.backbone, step.precision):
+        out = measure(lambda: step(x, y), device, batch, args.warmup, args.iters)
+    out["trainable"] = sum(p.numel() for p in step.params)
+    return out
+
+
+def train_reference(args, device, method: str | None, batch: int, compiled: bool) -> dict[str, float]:
+    """PEFT (method given) or full fine-tuning (None), the way their users write the loop."""
+    model = full_ft_model(args.size, device) if method is None else peft_model(args.size, device, method)
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = compiled and device.type == "cuda"
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True if fused else None)
+    x, y = inputs(args.size, batch, args.seq, device)
+
+    def step() -> torch.Tensor:
+        with autocast(args.precision, device):
+            logits = model(**x).logits
+        loss = nn.functional.cross_entropy(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        return loss.detach()
+
+    fn = torch.compile(step) if compiled else step
+    out = measure(fn, device, batch, args.warmup, args.iters)
+    out["trainable"] = sum(p.numel() for p in params)
+    return out
+
+
+def run_train(args, device, have_peft: bool, rows: list[dict[str, Any]]) -> None:
+    compile_mode = args.compile_mode if device.type == "cuda" else None
+    n_params = sum(p.numel() for p in backbone(args.size, torch.device("cpu")).parameters())
+    for batch in args.batch_sizes:
+        tokens = args.seq
+        cases: list[tuple[str, str, Callable[[], dict]]] = []
+        if args.full_ft and batch == args.batch_sizes[0]:
+            cases.append(("full fine-tune", "reference", lambda b=batch: train_reference(args, device, None, b, False)))
+        for method in args.methods:
+            cases.append((method, "ours eager", lambda m=method, b=batch: train_ours(args, device, m, b, None)))
+            if compile_mode:
+                cases.append((method, "ours compiled", lambda m=method, b=batch: train_ours(args, device, m, b, compile_mode)))
+            if have_peft and peft_config(method) is not None:
+                cases.append((method, "PEFT eager", lambda m=method, b=batch: train_reference(args, device, m, b, False)))
+                if device.type == "cuda" and (method in args.peft_compile):
+                    cases.append((method, "PEFT compiled", lambda m=method, b=batch: train_reference(args, device, m, b, True)))
+        for method, mode, fn in cases:
+            try:
+                r = fn()
+            except Exception as e:  # one failing case must not hide the others
+                r = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
+            free(device)
+            r.update(section="train", method=method, mode=mode, batch=batch, seq=tokens)
+            if "samples_per_s" in r and args.peak:
+                r["mfu"] = mfu(r["samples_per_s"], tokens, n_params, args.peak, 6 if mode == "reference" else 4)
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+
+
+# -- mixed-task inference -----------------------------------------------------------------------------
+def mixed_ours(args, device, method: str, n_tasks: int, compiled: bool) -> dict[str, float]:
+    model = adapters.DeltaModel(backbone(args.size, device))
+    g = torch.Generator().manual_seed(1)
+    for i in range(max(n_tasks, 1)):
+        t = model.add_task(f"t{i}", [OURS[method]], num_labels=2)
+        with torch.no_grad():
+            for p in t.parameters():
+                p.add_(0.01 * torch.randn(p.shape, generator=g).to(p.device))
+    model.to(device).eval()
+    x, _ = inputs(args.size, args.infer_batch, args.seq, device)
+    precision = "bf16" if args.precision == "bf16" else "fp32"
+    with frozen_linears_in(model.backbone, precision), torch.inference_mode():
+        if n_tasks == 1:
+            model.activate("t0")
+            fn = torch.compile(model, mode=args.compile_mode) if compiled else model
+            call = lambda: fn(**x)  # noqa: E731
+        else:
+            mixed = model.mixed(dtype=torch.bfloat16 if precision == "bf16" else None)
+            ids = torch.arange(args.infer_batch, device=device) % n_tasks
+            fn = torch.compile(mixed, mode=args.compile_mode) if compiled else mixed
+            call = lambda: fn(**x, task_ids=ids)  # noqa: E731
+        with autocast(precision, device):
+            return measure(call, device, args.infer_batch, args.warmup, args.iters)
+
+
+def mixed_peft(args, device, n_tasks: int) -> dict[str, float]:
+    import peft
+    from transformers import BertModel
+
+    torch.manual_seed(0)
+    if args.size == "minilm":
+        from adapters.backbones import _minilm
+
+        base = BertModel.from_pretrained(str(_minilm()), attn_implementation="sdpa")
+    else:
+        base = BertModel(bert_config(args.size), add_pooling_layer=False)
+    cfg = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], lora_dropout=0.0, init_lora_weights=False)
+    model = peft.get_peft_model(base, cfg, adapter_name="t0")
+    for i in range(1, n_tasks):
+        model.add_adapter(f"t{i}", copy.deepcopy(cfg))
+    model.to(device).eval()
+    x, _ = inputs(args.size, args.infer_batch, args.seq, device)
+    names = [f"t{i % n_tasks}" for i in range(args.infer_batch)]
+    with torch.inference_mode(), autocast(args.precision, device):
+        if n_tasks == 1:
+            call = lambda: model(**x)  # noqa: E731
+        else:
+            call = lambda: model(**x, adapter_names=names)  # noqa: E731
+        return measure(call, device, args.infer_batch, args.warmup, args.iters)
+
+
+def run_mixed(args, device, have_peft: bool, rows: list[dict[str, Any]]) -> None:
+    cases = []
+    for n in args.tasks:
+        for method in args.mixed_methods:
+            cases.append((method, "ours eager", n, lambda m=method, k=n: mixed_ours(args, device, m, k, False)))
+            if device.type == "cuda":
+                cases.append((method, "ours compiled", n, lambda m=method, k=n: mixed_ours(args, device, m, k, True)))
+        if have_peft:
+            cases.append(("lora", "PEFT eager", n, lambda k=n: mixed_peft(args, device, k)))
+    for method, mode, n, fn in cases:
+        try:
+            r = fn()
+        except Exception as e:
+            r = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
+        free(device)
+        r.update(section="mixed", method=method, mode=mode, tasks=n, batch=args.infer_batch, seq=args.seq)
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+
+
+# -- report -----------------------------------------------------------------------------------------
+def table(rows: list[dict[str, Any]]) -> str:
+    out = []
+    train = [r for r in rows if r["section"] == "train"]
+    if train:
+        out += ["## Training (samples/s, peak GB; ratio = ours / PEFT in the same mode)", "",
+                "| method | batch | mode | samples/s | peak GB | MFU | ours/PEFT eager | ours/PEFT compiled |",
+                "|---|---|---|---|---|---|---|---|"]
+        ref = {(r["method"], r["batch"], r["mode"]): r.get("samples_per_s") for r in train}
+        for r in train:
+            if "error" in r:
+                out.append(f"| {r['method']} | {r['batch']} | {r['mode']} | failed: {r['error']} | | | | |")
+                continue
+            ratio = lambda mode: (  # noqa: E731
+                f"{r['samples_per_s'] / ref[(r['method'], r['batch'], mode)]:.2f}x"
+                if r["mode"].startswith("ours") and ref.get((r["method"], r["batch"], mode)) else "")
+            mf = f"{100 * r['mfu']:.1f}%" if "mfu" in r else ""
+            out.append(f"| {r['method']} | {r['batch']} | {r['mode']} | {r['samples_per_s']:.0f} | {r['peak_gb']:.2f} | {mf} "
+                       f"| {ratio('PEFT eager')} | {ratio('PEFT compiled')} |")
+    mixed = [r for r in rows if r["section"] == "mixed"]
+    if mixed:
+        out += ["", "## Mixed-task inference (samples/s; relative = vs. one delta, same method and mode)", "",
+                "| method | mode | task deltas | samples/s | relative to 1 delta |", "|---|---|---|---|---|"]
+        one = {(r["method"], r["mode"]): r.get("samples_per_s") for r in mixed if r["tasks"] == 1}
+        for r in mixed:
+            if "error" in r:
+                out.append(f"| {r['method']} | {r['mode']} | {r['tasks']} | failed: {r['error']} | |")
+                continue
+            base = one.get((r["method"], r["mode"]))
+            rel = f"{r['samples_per_s'] / base:.2f}x" if base else ""
+            out.append(f"| {r['method']} | {r['mode']} | {r['tasks']} | {r['samples_per_s']:.0f} | {rel} |")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if cuda else "cpu")
+    p.add_argument("--size", default=None, help="base (BERT-base config, random init) or minilm (real weights); default: base on GPU, minilm on CPU")
+    p.add_argument("--sections", default="train,mixed", help="train, mixed or both")
+    p.add_argument("--methods", default=None, help=f"training methods (of {', '.join(OURS)}); default: all on GPU, lora,prompt on CPU")
+    p.add_argument("--peft-compile", default="lora", help="methods whose PEFT step is also measured compiled (GPU)")
+    p.add_argument("--batch-sizes", default=None, help="training batch sizes (default: 32,256 on GPU, 8 on CPU)")
+    p.add_argument("--seq", type=int, default=None, help="tokens per example (default: 128 on GPU, 64 on CPU)")
+    p.add_argument("--infer-batch", type=int, default=None, help="mixed-task inference batch (default: 64 on GPU, 16 on CPU)")
+    p.add_argument("--tasks", default="1,8,64", help="numbers of task deltas for mixed-task inference")
+    p.add_argument("--mixed-methods", default="lora,bottleneck")
+    p.add_argument("--precision", default=None, help="bf16 (GPU default) or fp32 (CPU default)")
+    p.add_argument("--compile-mode", default="default", help="torch.compile mode for the compiled rows")
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--iters", type=int, default=None)
+    p.add_argument("--threads", type=int, default=2, help="CPU threads")
+    p.add_argument("--no-full-ft", dest="full_ft", action="store_false", help="skip the full fine-tuning reference row")
+    p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak for MFU (default: from the GPU name)")
+    p.add_argument("--json", default=None, help="also write all rows to this JSON file")
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    if not gpu:
+        torch.set_num_threads(args.threads)
+    args.size = args.size or ("base" if gpu else "minilm")
+    args.methods = (args.methods or (",".join(OURS) if gpu else "lora,prompt")).split(",")
+    args.peft_compile = args.peft_compile.split(",")
+    args.batch_sizes = [int(b) for b in (args.batch_sizes or ("32,256" if gpu else "8")).split(",")]
+    args.seq = args.seq or (128 if gpu else 64)
+    args.infer_batch = args.infer_batch or (64 if gpu else 16)
+    args.tasks = [int(n) for n in args.tasks.split(",")]
+    args.mixed_methods = args.mixed_methods.split(",")
+    args.precision = args.precision or ("bf16" if gpu else "fp32")
+    args.warmup = args.warmup or (8 if gpu else 2)
+    args.iters = args.iters or (30 if gpu else 5)
+    unknown = [m for m in args.methods if m not in OURS]
+    if unknown:
+        p.error(f"unknown methods {unknown}; known: {list(OURS)}")
+    name = torch.cuda.get_device_name(device) if gpu else f"CPU ({args.threads} threads)"
+    args.peak = args.peak_tflops * 1e12 if args.peak_tflops else next((v for k, v in PEAKS.items() if k in name), None) if gpu else None
+    have_peft = importlib.util.find_spec("peft") is not None
+    import transformers
+
+    versions = f"torch {torch.__version__}, transformers {transformers.__version__}"
+    if have_peft:
+        import peft
+
+        versions += f", peft {peft.__version__}"
+    print(f"device: {name}; {versions}; model: {args.size}; precision {args.precision}; seq {args.seq}", flush=True)
+    if not have_peft:
+        print("peft is not installed: PEFT rows skipped (pip install --no-deps peft)", flush=True)
+    rows: list[dict[str, Any]] = []
+    sections = args.sections.split(",")
+    if "train" in sections:
+        run_train(args, device, have_peft, rows)
+    if "mixed" in sections:
+        run_mixed(args, device, have_peft, rows)
+    print()
+    print(f"device: {name}; {versions}; model: {args.size}; precision {args.precision}; seq {args.seq}")
+    if args.peak:
+        print(f"MFU: 4 x {sum(p.numel() for p in backbone(args.size, torch.device('cpu')).parameters()) / 1e6:.1f}M backbone params x tokens "
+              f"per frozen-backbone step (6x for full fine-tuning), against {args.peak / 1e12:.0f} TFLOP/s dense bf16")
+    print(table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        main()
