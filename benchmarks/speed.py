@@ -197,7 +197,7 @@ def train_reference(args, device, method: str | None, batch: int, compiled: bool
 
 
 def run_train(args, device, have_peft: bool, rows: list[dict[str, Any]]) -> None:
-    compile_mode = args.compile_mode if device.type == "cuda" else None
+    modes = args.compile_modes if device.type == "cuda" else []
     n_params = sum(p.numel() for p in backbone(args.size, torch.device("cpu")).parameters())
     for batch in args.batch_sizes:
         tokens = args.seq
@@ -206,8 +206,8 @@ def run_train(args, device, have_peft: bool, rows: list[dict[str, Any]]) -> None
             cases.append(("full fine-tune", "reference", lambda b=batch: train_reference(args, device, None, b, False)))
         for method in args.methods:
             cases.append((method, "ours eager", lambda m=method, b=batch: train_ours(args, device, m, b, None)))
-            if compile_mode:
-                cases.append((method, "ours compiled", lambda m=method, b=batch: train_ours(args, device, m, b, compile_mode)))
+            for mode in modes:
+                cases.append((method, f"ours compiled {mode}", lambda m=method, b=batch, c=mode: train_ours(args, device, m, b, c)))
             if have_peft and peft_config(method) is not None:
                 cases.append((method, "PEFT eager", lambda m=method, b=batch: train_reference(args, device, m, b, False)))
                 if device.type == "cuda" and (method in args.peft_compile):
@@ -240,12 +240,12 @@ def mixed_ours(args, device, method: str, n_tasks: int, compiled: bool) -> dict[
     with frozen_linears_in(model.backbone, precision), torch.inference_mode():
         if n_tasks == 1:
             model.activate("t0")
-            fn = torch.compile(model, mode=args.compile_mode) if compiled else model
+            fn = torch.compile(model, mode=args.compile_modes[0]) if compiled else model
             call = lambda: fn(**x)  # noqa: E731
         else:
             mixed = model.mixed(dtype=torch.bfloat16 if precision == "bf16" else None)
             ids = torch.arange(args.infer_batch, device=device) % n_tasks
-            fn = torch.compile(mixed, mode=args.compile_mode) if compiled else mixed
+            fn = torch.compile(mixed, mode=args.compile_modes[0]) if compiled else mixed
             call = lambda: fn(**x, task_ids=ids)  # noqa: E731
         with autocast(precision, device):
             return measure(call, device, args.infer_batch, args.warmup, args.iters)
@@ -282,7 +282,7 @@ def run_mixed(args, device, have_peft: bool, rows: list[dict[str, Any]]) -> None
     for n in args.tasks:
         for method in args.mixed_methods:
             cases.append((method, "ours eager", n, lambda m=method, k=n: mixed_ours(args, device, m, k, False)))
-            if device.type == "cuda":
+            if device.type == "cuda" and args.mixed_compile:
                 cases.append((method, "ours compiled", n, lambda m=method, k=n: mixed_ours(args, device, m, k, True)))
         if have_peft:
             cases.append(("lora", "PEFT eager", n, lambda k=n: mixed_peft(args, device, k)))
@@ -345,7 +345,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tasks", default="1,8,64", help="numbers of task deltas for mixed-task inference")
     p.add_argument("--mixed-methods", default="lora,bottleneck")
     p.add_argument("--precision", default=None, help="bf16 (GPU default) or fp32 (CPU default)")
-    p.add_argument("--compile-mode", default="default", help="torch.compile mode for the compiled rows")
+    p.add_argument("--compile-modes", default="default,reduce-overhead", help="torch.compile modes of our compiled training rows (GPU)")
+    p.add_argument("--mixed-compile", action="store_true", help="also time mixed-task inference compiled (first of --compile-modes)")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--threads", type=int, default=2, help="CPU threads")
@@ -361,6 +362,7 @@ def main(argv: list[str] | None = None) -> None:
     args.size = args.size or ("base" if gpu else "minilm")
     args.methods = (args.methods or (",".join(OURS) if gpu else "lora,prompt")).split(",")
     args.peft_compile = args.peft_compile.split(",")
+    args.compile_modes = args.compile_modes.split(",")
     args.batch_sizes = [int(b) for b in (args.batch_sizes or ("32,256" if gpu else "8")).split(",")]
     args.seq = args.seq or (128 if gpu else 64)
     args.infer_batch = args.infer_batch or (64 if gpu else 16)

@@ -138,13 +138,16 @@ def test_compiled_bf16_matches_eager_bf16_on_gpu():
 def test_fast_path_trains_like_the_plain_path_on_gpu(text_model):
     task = toy_task("t", "apple", 1)
     scores = {}
-    for name, config in {"plain": TrainConfig(**FAST, device="cuda"), "fast": TrainConfig.fast(**FAST, device="cuda")}.items():
+    configs = {"plain": TrainConfig(**FAST, device="cuda"), "fast": TrainConfig.fast(**FAST, device="cuda"),
+               "cuda graphs": TrainConfig.fast(**FAST, device="cuda", compile="reduce-overhead")}
+    for name, config in configs.items():
         model = text_model()
         model.add_task("t", ["lora"], label_names=["no", "yes"])
         res = train_task(model, "t", task.splits(), config)
         scores[name] = res.best_dev["accuracy"]
         assert all(p.dtype == torch.float32 for p in model.parameters())  # the model is given back in fp32
-    assert scores["plain"] >= 0.9 and abs(scores["fast"] - scores["plain"]) <= 0.1, scores
+    assert scores["plain"] >= 0.9, scores
+    assert all(abs(v - scores["plain"]) <= 0.1 for v in scores.values()), scores
 
 
 @needs_cuda

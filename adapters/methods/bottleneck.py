@@ -75,8 +75,9 @@ class GatheredMLP(nn.Module):
     def forward(self, x: torch.Tensor, h: torch.Tensor, batch) -> torch.Tensor:
         idx = batch.idx
         z = (h if self.reads == "h" else x).to(self.down_t.dtype)
-        z = self.act(torch.baddbmm(self.down_b[idx], z, self.down_t[idx]))
-        return torch.baddbmm(self.up_b[idx], z, self.up_t[idx])
+        # bmm then a broadcast bias add: baddbmm with a broadcast (B, 1, m) bias is a slow path
+        z = self.act(torch.bmm(z, self.down_t[idx]) + self.down_b[idx])
+        return torch.bmm(z, self.up_t[idx]) + self.up_b[idx]
 
 
 def stack_mlps(mlps: list["Bottleneck | None"], scalings: list[float], reads: str) -> GatheredMLP | None:

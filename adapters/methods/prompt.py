@@ -41,9 +41,9 @@ class Prompt(Delta):
         table = backbone.get_input_embeddings().weight
         if config.init == "vocab":
             ids = torch.randint(0, table.shape[0], (config.num_tokens,))
-            init = table.detach()[ids].clone().float()
+            init = table.detach()[ids.to(table.device)].clone().float().cpu()
         else:
-            init = torch.randn(config.num_tokens, table.shape[1]) * table.detach().float().std()
+            init = torch.randn(config.num_tokens, table.shape[1]) * float(table.detach().float().std())  # works on any device
         self.prompt = nn.Parameter(init)
 
     def transform_inputs(self, embeds, mask, extra):
