@@ -128,12 +128,13 @@ def sync(device: torch.device) -> None:
 
 def measure(step: Callable[[], Any], device: torch.device, batch: int, warmup: int, iters: int) -> dict[str, float]:
     """samples/s over ``iters`` steps after ``warmup`` (compilation happens there); peak memory of
-    the timed steps (weights included)."""
+    warm-up and timed steps together (weights included)."""
+    sync(device)
+    if device.type == "cuda":  # before the warm-up: CUDA graphs take their memory pool while recording
+        torch.cuda.reset_peak_memory_stats()
     for _ in range(warmup):
         step()
     sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for _ in range(iters):
         step()
