@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile the training forward pass with this mode (pays off on a GPU)")
     r.add_argument("--bucket", action="store_true", help="length-bucketed training batches (less padding)")
     r.add_argument("--fast", action="store_true",
-                   help="the fast path: --precision auto --bucket, and --compile reduce-overhead (CUDA graphs) on a GPU")
+                   help="the fast path: --precision auto --bucket, and --compile default on a GPU")
     r.add_argument("--out", default=None, help="output directory (default: runs/<stream>-<strategy>-<methods>-s<seed>)")
     r.add_argument("--resume", action="store_true", help="continue the run saved in --out after its last finished task")
     r.add_argument("--overwrite", action="store_true", help="replace a run saved in --out")
