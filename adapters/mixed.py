@@ -101,7 +101,8 @@ class MixedTasks(nn.Module):
         self._batch: MixedBatch | None = None
         self._handles = []
         for gid, ((dkey, _), (cls, site, sites)) in enumerate(groups.items()):
-            module = cls.stack_sites([s and s[0] for s in sites]) or LoopSites([s and s[1] for s in sites])
+            module = (cls.stack_sites([None if s is None else s[0] for s in sites])
+                      or LoopSites([None if s is None else s[1] for s in sites]))
             name = f"g{gid}_{dkey}_{site.key}"
             self.stacked[name] = module
             self._handles += hook_site(backbone, site, self._on, self._term(module, site.output), self._captured)
@@ -122,9 +123,9 @@ class MixedTasks(nn.Module):
                     key = (dkey, site.key)
                     if key not in groups:
                         groups[key] = (type(d), site, [None] * len(entries))
-                    # (site module to stack, the delta's own term function for the fallback)
                     elif groups[key][0] is not type(d):
                         raise ConfigError(f"tasks use {dkey!r} for different methods; give them distinct names")
+                    # the site module to stack, and the delta's own term for the per-task fallback
                     groups[key][2][i] = (d.site_modules[site.key], partial(d.contribution, site.key))
         order = {k: n for n, k in enumerate(groups)}
         for t in entries:  # deltas at one module compose in order: every task must agree on it
@@ -153,7 +154,6 @@ class MixedTasks(nn.Module):
         self.register_buffer("head_b", b)
         self.poolings = sorted({h.pooling for h in heads})
         self.register_buffer("pool_slot", torch.tensor([self.poolings.index(h.pooling) for h in heads]))
-        self.register_buffer("num_labels", torch.tensor([h.num_labels for h in heads]))
 
     def _on(self) -> bool:
         return self._batch is not None

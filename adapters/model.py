@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import re
 from functools import partial
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -26,11 +26,9 @@ from .base import Delta
 from .config import DeltaConfig
 from .errors import ConfigError, TaskError
 from .heads import ClassificationHead
+from .mixed import MixedTasks
 from .registry import get_method, make_config
 from .targets import arch_spec
-
-if TYPE_CHECKING:
-    from .mixed import MixedTasks
 
 MethodSpec = str | dict[str, Any] | DeltaConfig
 
@@ -267,11 +265,9 @@ class DeltaModel(nn.Module):
         hidden, mask = self.encode(input_ids, attention_mask, **extra)
         return head(hidden, mask)
 
-    def mixed(self, tasks: Sequence[str] | None = None, dtype: torch.dtype | None = None) -> "MixedTasks":
+    def mixed(self, tasks: Sequence[str] | None = None, dtype: torch.dtype | None = None) -> MixedTasks:
         """A :class:`~adapters.mixed.MixedTasks` serving ``tasks`` (default: all) in mixed batches,
         each example through its own task's delta and head."""
-        from .mixed import MixedTasks
-
         return MixedTasks(self, list(self.tasks) if tasks is None else tasks, dtype)
 
     # -- accounting --------------------------------------------------------------------------------

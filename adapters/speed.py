@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -95,8 +95,9 @@ def ours_model(size: str, device: torch.device, method: str) -> adapters.DeltaMo
     return model.to(device).train()
 
 
-def peft_model(size: str, device: torch.device, method: str) -> nn.Module:
-    import peft
+def classifier(size: str, device: torch.device) -> nn.Module:
+    """BertForSequenceClassification, as PEFT and full fine-tuning users start from: real weights
+    for minilm, random init for base."""
     from transformers import BertForSequenceClassification
 
     torch.manual_seed(0)
@@ -105,19 +106,14 @@ def peft_model(size: str, device: torch.device, method: str) -> nn.Module:
     if size == "minilm":
         from adapters.backbones import _minilm
 
-        base = BertForSequenceClassification.from_pretrained(str(_minilm()), config=cfg)
-    else:
-        base = BertForSequenceClassification(cfg)
-    return peft.get_peft_model(base, peft_config(method)).to(device).train()
-
-
-def full_ft_model(size: str, device: torch.device) -> nn.Module:
-    from transformers import BertForSequenceClassification
-
-    torch.manual_seed(0)
-    cfg = bert_config(size)
-    cfg.num_labels = 2
+        return BertForSequenceClassification.from_pretrained(str(_minilm()), config=cfg).to(device).train()
     return BertForSequenceClassification(cfg).to(device).train()
+
+
+def peft_model(size: str, device: torch.device, method: str) -> nn.Module:
+    import peft
+
+    return peft.get_peft_model(classifier(size, device), peft_config(method)).to(device).train()
 
 
 # -- timing -----------------------------------------------------------------------------------------
@@ -175,7 +171,7 @@ def train_ours(args, device, method: str, batch: int, compile_mode: str | None) 
 
 def train_reference(args, device, method: str | None, batch: int, compiled: bool) -> dict[str, float]:
     """PEFT (method given) or full fine-tuning (None), the way their users write the loop."""
-    model = full_ft_model(args.size, device) if method is None else peft_model(args.size, device, method)
+    model = classifier(args.size, device) if method is None else peft_model(args.size, device, method)
     params = [p for p in model.parameters() if p.requires_grad]
     fused = compiled and device.type == "cuda"
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True if fused else None)
@@ -199,7 +195,7 @@ def train_reference(args, device, method: str | None, batch: int, compiled: bool
 
 def run_train(args, device, have_peft: bool, rows: list[dict[str, Any]]) -> None:
     modes = args.compile_modes if device.type == "cuda" else []
-    n_params = sum(p.numel() for p in backbone(args.size, torch.device("cpu")).parameters())
+    n_params = args.backbone_params
     for batch in args.batch_sizes:
         tokens = args.seq
         cases: list[tuple[str, str, Callable[[], dict]]] = []
@@ -254,15 +250,8 @@ def mixed_ours(args, device, method: str, n_tasks: int, compiled: bool) -> dict[
 
 def mixed_peft(args, device, n_tasks: int) -> dict[str, float]:
     import peft
-    from transformers import BertModel
 
-    torch.manual_seed(0)
-    if args.size == "minilm":
-        from adapters.backbones import _minilm
-
-        base = BertModel.from_pretrained(str(_minilm()), attn_implementation="sdpa")
-    else:
-        base = BertModel(bert_config(args.size), add_pooling_layer=False)
+    base = backbone(args.size, torch.device("cpu"))
     cfg = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], lora_dropout=0.0, init_lora_weights=False)
     model = peft.get_peft_model(base, cfg, adapter_name="t0")
     for i in range(1, n_tasks):
@@ -377,6 +366,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"unknown methods {unknown}; known: {list(OURS)}")
     name = torch.cuda.get_device_name(device) if gpu else f"CPU ({args.threads} threads)"
     args.peak = args.peak_tflops * 1e12 if args.peak_tflops else next((v for k, v in PEAKS.items() if k in name), None) if gpu else None
+    args.backbone_params = sum(p.numel() for p in backbone(args.size, torch.device("cpu")).parameters())
     have_peft = importlib.util.find_spec("peft") is not None
     import transformers
 
@@ -397,7 +387,7 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(f"device: {name}; {versions}; model: {args.size}; precision {args.precision}; seq {args.seq}")
     if args.peak:
-        print(f"MFU: 4 x {sum(p.numel() for p in backbone(args.size, torch.device('cpu')).parameters()) / 1e6:.1f}M backbone params x tokens "
+        print(f"MFU: 4 x {args.backbone_params / 1e6:.1f}M backbone params x tokens "
               f"per frozen-backbone step (6x for full fine-tuning), against {args.peak / 1e12:.0f} TFLOP/s dense bf16")
     print(table(rows))
     if args.json:

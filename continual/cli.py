@@ -43,6 +43,7 @@ def _method_label(methods: list[Any]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from adapters import BACKBONES, available_methods
+    from adapters.speed import COMPILE_MODES, PRECISIONS
     from streams import STREAMS
 
     from .strategies import STRATEGIES
@@ -74,9 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--patience", type=int, default=DEFAULTS["patience"], help="dev evaluations without gain before stopping (0: never)")
     r.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="seeds splits, initialisation and training")
     r.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    r.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16", "auto"],
+    r.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="training/eval precision (auto: bf16 on a GPU that has it, else fp32)")
-    r.add_argument("--compile", default=None, choices=["default", "reduce-overhead", "max-autotune"],
+    r.add_argument("--compile", default=None, choices=COMPILE_MODES,
                    help="torch.compile the training forward pass with this mode (pays off on a GPU)")
     r.add_argument("--bucket", action="store_true", help="length-bucketed training batches (less padding)")
     r.add_argument("--fast", action="store_true",

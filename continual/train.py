@@ -20,7 +20,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from adapters import DeltaModel
-from adapters.speed import TrainStep, autocast, frozen_linears_in, make_optimizer, resolve_precision
+from adapters.speed import (
+    COMPILE_MODES, PRECISIONS, TrainStep, autocast, frozen_linears_in, make_optimizer, resolve_precision,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,16 +44,14 @@ class TrainConfig:
     progress: bool = True
     # -- speed (see adapters.speed); the defaults reproduce the plain fp32 loop -------------------
     precision: str = "fp32"      # fp32 | bf16 | fp16 | auto (bf16 on a GPU that has it, else fp32)
-    compile: str | None = None   # None, or a torch.compile mode: default | reduce-overhead | max-autotune
+    compile: str | None = None   # None, or a torch.compile mode (adapters.speed.COMPILE_MODES)
     bucket: bool = False         # length-bucketed batches (less padding); pads to a multiple of 8
     log_every: int = 10          # steps between records; the loss is read back (a host sync) only then
 
     def validate(self) -> None:
-        from adapters.speed import PRECISIONS
-
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.compile not in (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
+        if self.compile is not None and self.compile not in COMPILE_MODES:
             raise ValueError(f"compile must be None or a torch.compile mode, got {self.compile!r}")
         if self.log_every < 1 or self.max_steps < 1 or self.batch_size < 1:
             raise ValueError("log_every, max_steps and batch_size must be >= 1")
@@ -246,9 +246,9 @@ def _fit(
     ``config.log_every`` steps (and at dev evaluations), gradient clipping returns a tensor."""
     config.validate()
     device = model.device
-    precision = resolve_precision(config.precision, device)
     optimizer = make_optimizer(groups, device, config.weight_decay)
-    train_step = TrainStep(model, optimizer, precision, config.compile, config.grad_clip)
+    train_step = TrainStep(model, optimizer, config.precision, config.compile, config.grad_clip)
+    precision = train_step.precision
     base_lrs = [g["lr"] for g in groups]
     warmup = math.ceil(config.warmup_ratio * config.max_steps)
     params = train_step.params
