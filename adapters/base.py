@@ -42,6 +42,20 @@ class Delta(nn.Module):
     layerwise: ClassVar[bool] = False
     identity_at_init: ClassVar[bool] = True
 
+    @classmethod
+    def create(cls, config: DeltaConfig, model: Any) -> "Delta":
+        """Build the delta for a :class:`~adapters.model.DeltaModel`. Most methods need only the
+        backbone; a method built over other tasks (fusion) overrides this to look them up."""
+        return cls(config, model.backbone)
+
+    def sources(self) -> tuple[str, ...]:
+        """Names of other tasks this delta uses (they cannot be removed while it exists)."""
+        return ()
+
+    def on_train_step(self, step: int, total: int) -> None:
+        """Called by the training loop before each step while this delta is active (e.g. a
+        temperature schedule); never called in evaluation. The default does nothing."""
+
     def __init__(self, config: DeltaConfig, backbone: nn.Module) -> None:
         super().__init__()
         if not isinstance(config, self.config_class):
@@ -76,6 +90,17 @@ class Delta(nn.Module):
         """Change the input embeddings (prompt tuning). Returns (embeds, mask, extra, n_prepended)
         or None when the delta does not touch the inputs (the default)."""
         return None
+
+    @classmethod
+    def stack_inputs(cls, deltas: list["Delta | None"]) -> nn.Module | None:
+        """For mixed-task batches, a module applying each example's own input transform (prompt
+        tuning): ``forward(embeds, mask, extra, batch) -> (embeds, mask, extra, n_prepended)``.
+        ``deltas``: this method's delta of each task (None where a task has none). None (the
+        default) when the method changes nothing in the inputs, or cannot be mixed."""
+        return None
+
+    #: Why a method that is neither a site delta nor stacks its inputs cannot share a mixed batch.
+    unmixable_reason: ClassVar[str] = "it changes the attention rather than adding a term at sites"
 
     def fold(self) -> None:
         """Called when the task is frozen: replace training-time reparameterisations by their
@@ -181,27 +206,48 @@ def hook_site(
 ) -> list[RemovableHandle]:
     """Hooks that make ``h <- h + contribution(x, h)`` at one site while ``is_active()``.
 
-    Shared by every layer-wise delta and by mixed-task batches (:mod:`adapters.mixed`), so both
-    read ``x`` and ``h`` at exactly the same places. ``captured`` carries a block site's input from
-    its pre-hook to the output hook of the same forward pass."""
-    key, same = site.key, site.input == site.output
+    Shared by every layer-wise delta, mixed-task batches (:mod:`adapters.mixed`) and fusion, so
+    all read ``x`` and ``h`` at exactly the same places. ``captured`` carries a block site's input
+    from its pre-hook to the output hook of the same forward pass."""
+    return hook_output(backbone, site.output, [site.input], is_active,
+                       lambda xs, h: contribution(xs[site.input], h), captured, prefix=site.key)
+
+
+def hook_output(
+    backbone: nn.Module,
+    output: str,
+    inputs: list[str],
+    is_active: IsActive,
+    term: Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor],
+    captured: dict[str, torch.Tensor],
+    prefix: str = "",
+) -> list[RemovableHandle]:
+    """Hooks that make ``h <- h + term(xs, h)`` at module ``output`` while ``is_active()``.
+
+    ``xs`` maps each module path in ``inputs`` to that module's input in the same forward pass
+    (``output`` itself may be one of them: then its own input). Fusion uses this to see, at one
+    module, the inputs of every fused delta's site there."""
     handles = []
-    if not same:
-        def capture(_mod: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+    keys = {m: f"{prefix}|{m}" for m in inputs}
+    for m in dict.fromkeys(inputs):
+        if m == output:
+            continue
+
+        def capture(_mod: nn.Module, args: tuple, kwargs: dict[str, Any], key: str = keys[m]) -> None:
             if is_active():
                 captured[key] = _first_tensor(args, kwargs)
 
-        handles.append(backbone.get_submodule(site.input).register_forward_pre_hook(capture, with_kwargs=True))
+        handles.append(backbone.get_submodule(m).register_forward_pre_hook(capture, with_kwargs=True))
 
-    def apply(_mod: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
+    def apply(_mod: nn.Module, args: tuple, kwargs: dict[str, Any], out: Any) -> Any:
         if not is_active():
             return None
-        x = _first_tensor(args, kwargs) if same else captured.pop(key)
-        h = output[0] if isinstance(output, tuple) else output
-        new = h + contribution(x, h).to(h.dtype)
-        return (new, *output[1:]) if isinstance(output, tuple) else new
+        xs = {m: _first_tensor(args, kwargs) if m == output else captured.pop(keys[m]) for m in dict.fromkeys(inputs)}
+        h = out[0] if isinstance(out, tuple) else out
+        new = h + term(xs, h).to(h.dtype)
+        return (new, *out[1:]) if isinstance(out, tuple) else new
 
-    handles.append(backbone.get_submodule(site.output).register_forward_hook(apply, with_kwargs=True))
+    handles.append(backbone.get_submodule(output).register_forward_hook(apply, with_kwargs=True))
     return handles
 
 

@@ -42,7 +42,7 @@ class TaskDelta(nn.Module):
         self,
         name: str,
         configs: Sequence[DeltaConfig],
-        backbone: nn.Module,
+        model: "DeltaModel",
         head: ClassificationHead | None,
         label_names: Sequence[str] | None = None,
     ) -> None:
@@ -54,10 +54,11 @@ class TaskDelta(nn.Module):
         self.deltas = nn.ModuleDict()
         for i, config in enumerate(self.configs):
             key = config.method if config.method not in self.deltas else f"{config.method}_{i}"
-            self.deltas[key] = get_method(config.method)(config, backbone)
+            self.deltas[key] = get_method(config.method).create(config, model)
         self.head = head
         self.label_names = list(label_names) if label_names is not None else None
         self.frozen = False
+        self.delta_frozen = False  # True: only the head trains (a merged delta, a probe)
 
     def delta_parameters(self) -> int:
         return sum(d.num_parameters() for d in self.deltas.values())
@@ -130,7 +131,7 @@ class DeltaModel(nn.Module):
         head = None
         if num_labels is not None:
             head = ClassificationHead(self.backbone.config.hidden_size, num_labels, pooling or self.spec.pooling, head_dropout)
-        task = TaskDelta(name, configs, self.backbone, head, label_names).to(self.device)
+        task = TaskDelta(name, configs, self, head, label_names).to(self.device)
         task.train(self.training)  # no dropout in a head added to a model used for inference
         for delta in task.deltas.values():
             delta.attach(self.backbone, partial(self._is_active, name))
@@ -139,8 +140,11 @@ class DeltaModel(nn.Module):
         return task
 
     def remove_task(self, name: str) -> None:
-        """Detach and delete a task's delta and head."""
+        """Detach and delete a task's delta and head (not while another task uses it)."""
         task = self._task(name)
+        users = [t for t, other in self.tasks.items() if any(name in d.sources() for d in other.deltas.values())]
+        if users:
+            raise TaskError(f"task {name!r} is used by {users}; remove those first")
         for delta in task.deltas.values():
             delta.detach()
         del self.tasks[name]
@@ -211,7 +215,14 @@ class DeltaModel(nn.Module):
         self._update_trainable()
 
     def unfreeze(self, name: str) -> None:
-        self._task(name).frozen = False
+        """Make a frozen task (delta and head) trainable again."""
+        task = self._task(name)
+        task.frozen = task.delta_frozen = False
+        self._update_trainable()
+
+    def freeze_delta(self, name: str) -> None:
+        """Freeze a task's delta but not its head: training then fits the head alone."""
+        self._task(name).delta_frozen = True
         self._update_trainable()
 
     def _update_trainable(self) -> None:
@@ -219,13 +230,17 @@ class DeltaModel(nn.Module):
             flag = name in self._active and not task.frozen
             for p in task.parameters():
                 p.requires_grad_(flag)
+            if task.delta_frozen:
+                for p in task.deltas.parameters():
+                    p.requires_grad_(False)
 
     # -- forward -----------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
         return next(self.backbone.parameters()).device
 
-    def _active_deltas(self) -> list[Delta]:
+    def active_deltas(self) -> list[Delta]:
+        """The deltas that act in a forward pass now, in order."""
         return [d for t in self._active for d in self.tasks[t].deltas.values()]
 
     def encode(
@@ -240,7 +255,7 @@ class DeltaModel(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         extra = {k: v for k, v in extra.items() if v is not None}
-        deltas = self._active_deltas()
+        deltas = self.active_deltas()
         transforms = [d for d in deltas if type(d).transform_inputs is not Delta.transform_inputs]
         if not transforms:
             out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **extra)

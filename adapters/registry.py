@@ -2,6 +2,8 @@
 
 Methods register themselves with ``@register``. Every module in ``adapters/methods/`` is imported
 once, on first lookup, so adding a method is adding one file there: nothing else names it.
+Methods built over other tasks live in sibling packages (``fusion``); :data:`PLUGINS` names
+their modules so a checkpoint of such a task loads without importing them by hand.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ if TYPE_CHECKING:
 
 _REGISTRY: dict[str, type["Delta"]] = {}
 _loaded = False
+PLUGINS: tuple[str, ...] = ("fusion.layer",)
 
 
 def register(cls: type["Delta"]) -> type["Delta"]:
@@ -39,7 +42,13 @@ def _load_methods() -> None:
 
     for info in pkgutil.iter_modules(methods.__path__):
         importlib.import_module(f"{methods.__name__}.{info.name}")
-    _loaded = True
+    _loaded = True  # before the plugins: they import adapters, which may look a method up
+    for module in PLUGINS:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module.split(".")[0]:  # the plugin exists but is broken: say so
+                raise
 
 
 def available_methods() -> list[str]:

@@ -160,7 +160,7 @@ def run_stream(
             strategy.prepare(model, task)
             s = score(task)
             matrix.update(None, j, s["accuracy"], s["macro_f1"])
-        for name in list(model.tasks):
+        for name in reversed(list(model.tasks)):  # a task using another (a fusion) goes first
             model.remove_task(name)
         state = {"version": STATE_VERSION, "identity": identity, "done": [], "steps": [], "matrix": matrix.to_dict(),
                  "tracking": {}, "tensors": None, "seconds": 0.0}
@@ -278,7 +278,7 @@ def _export_checkpoints(model: DeltaModel, strategy: Strategy, tasks: list[Task]
     """Shareable checkpoints of what each task runs with (its delta + head, or a shared delta)."""
     out = {}
     for t in tasks:
-        for name in strategy.active(t.name):
+        for name in strategy.exported(t.name):
             path = save_task(model, name, root / t.name / name)
             out[f"checkpoint/{name}"] = path
     return out

@@ -51,6 +51,10 @@ class Strategy:
         """Tasks to activate to run ``task`` (its own last: its head gives the logits)."""
         return (task,)
 
+    def exported(self, task: str) -> tuple[str, ...]:
+        """Tasks saved as shareable checkpoints after ``task``'s step (default: what it runs with)."""
+        return self.active(task)
+
     def train(self, model: DeltaModel, tasks: list[Task], config: TrainConfig, data: Callable[[Task], Any],
               callback: Callable[[dict[str, Any]], None] | None) -> TrainResult:
         """Train one step. ``data(task)`` gives the task's (tokenised) splits."""
@@ -127,6 +131,64 @@ class Joint(_SharedDelta):
         return train_joint(model, spec, config, callback=callback)
 
 
+class ContinualFusion(PerTaskDelta):
+    """Per-task deltas, plus for each new task an AdapterFusion over every delta so far (its own
+    included), trained with a head after the task's own delta is frozen (Pfeiffer et al.'s two
+    stages, repeated along the stream). The task is then scored through its fusion. Everything
+    trained is frozen, so BWT stays exactly 0; FWT shows what fusing earlier tasks brings."""
+
+    name = "per-task-fusion"
+    description = "per-task deltas, then for each task an AdapterFusion over all deltas so far (its own included)"
+    SUFFIX = "_fusion"
+
+    def __init__(self, methods: Sequence[MethodSpec] = ("bottleneck",), **fusion: Any) -> None:
+        super().__init__(methods)
+        self.fusion = fusion  # FusionConfig fields
+
+    def fused(self, task: str) -> str:
+        return task + self.SUFFIX
+
+    def prepare(self, model: DeltaModel, task: Task) -> None:
+        from fusion import FusionConfig
+
+        if task.name.endswith(self.SUFFIX):
+            raise ValueError(f"task names ending in {self.SUFFIX!r} are reserved by the {self.name} strategy; rename {task.name!r}")
+        super().prepare(model, task)
+        sources = tuple(n for n in model.tasks if not n.endswith(self.SUFFIX))
+        model.add_task(self.fused(task.name), [FusionConfig(sources=sources, **self.fusion)], label_names=task.label_names)
+
+    def active(self, task: str) -> tuple[str, ...]:
+        return (self.fused(task),)
+
+    def exported(self, task: str) -> tuple[str, ...]:
+        return (task, self.fused(task))  # the fusion is of no use without its own source
+
+    def train(self, model, tasks, config, data, callback):
+        (task,) = tasks
+        own = train_task(model, task.name, data(task), config, callback=callback, active=(task.name,))
+        model.freeze(task.name)
+        fused = model.task(self.fused(task.name))
+        fused.head.load_state_dict(model.task(task.name).head.state_dict())  # start from the task's own head
+
+        def shifted(record: dict[str, Any]) -> None:  # stage 2 steps continue stage 1's in the logs
+            callback({**record, "step": record["step"] + own.steps, "stage": 2})
+
+        result = train_task(model, self.fused(task.name), data(task), config, callback=shifted if callback else None)
+        result.seconds += own.seconds
+        return result
+
+    def finish(self, model: DeltaModel, task: Task) -> None:
+        model.freeze(task.name)
+        model.freeze(self.fused(task.name))
+
+    def trainable_parameters(self, model: DeltaModel, task: Task) -> int:
+        own, fused = model.task(task.name), model.task(self.fused(task.name))
+        return own.delta_parameters() + own.head_parameters() + fused.delta_parameters() + fused.head_parameters()
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "fusion": dict(self.fusion)}
+
+
 class SequentialFineTune(Strategy):
     name = "seq-ft"
     description = "sequential full fine-tuning of the backbone, new head per task (baseline: forgets)"
@@ -169,7 +231,7 @@ class SequentialFineTune(Strategy):
 
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    s.name: s for s in (PerTaskDelta, SequentialDelta, SequentialFineTune, Joint)
+    s.name: s for s in (PerTaskDelta, ContinualFusion, SequentialDelta, SequentialFineTune, Joint)
 }
 
 

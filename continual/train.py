@@ -262,6 +262,8 @@ def _fit(
         for step in range(1, config.max_steps + 1):
             active, batch = next_batch()
             model.activate(*active)
+            for d in model.active_deltas():
+                d.on_train_step(step - 1, config.max_steps)  # e.g. a fusion's temperature schedule
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             labels = batch.pop("labels")
             for g, lr in zip(optimizer.param_groups, base_lrs):

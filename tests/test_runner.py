@@ -174,3 +174,31 @@ def test_resume_rebuilds_folded_and_prompt_deltas(text_model, tmp_path, methods)
     resumed = go("k", resume=True)
     np.testing.assert_array_equal(resumed.matrix.R, full.matrix.R)
     assert resumed.metrics["BWT"] == 0.0
+
+
+def test_continual_fusion_stream_resumes_and_never_forgets(text_model, tmp_path):
+    """per-task-fusion: each task is scored through a fusion over every delta so far; all frozen,
+    so BWT is exactly 0; a kill during task c's fusion stage resumes to the same matrix."""
+    strategy = lambda: make_strategy("per-task-fusion", LORA)  # noqa: E731
+    full = run(text_model, tmp_path, strategy(), "full")
+    assert full.metrics["BWT"] == 0.0
+    assert np.all(np.diag(full.matrix.R) >= 0.8), full.matrix.R  # learned (the toy tasks' chance is 0.5)
+    ckpt = tmp_path / "full" / "checkpoints" / "c"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["c", "c_fusion"]
+    import json
+
+    meta = json.loads((ckpt / "c_fusion" / "delta.json").read_text())
+    assert meta["methods"][0]["sources"] == ["a", "b", "c"]
+
+    class KillInStage2(Recorder):
+        def log_step(self, record):
+            self.records.append(record)
+            if self.row == 2 and record.get("stage") == 2:
+                raise KeyboardInterrupt("killed")
+
+    killer = KillInStage2()
+    with pytest.raises(KeyboardInterrupt):
+        run(text_model, tmp_path, strategy(), "killed", loggers=[killer])
+    assert killer.records[-1]["step"] > CONFIG.max_steps // 2  # stage-2 steps continue stage 1's count
+    resumed = run(text_model, tmp_path, strategy(), "killed", resume=True)
+    np.testing.assert_array_equal(resumed.matrix.R, full.matrix.R)
