@@ -12,9 +12,12 @@ bottleneck / parallel adapters gather each example's weights and run batched mat
 no loop over tasks or examples). A method that cannot stack falls back to running each task's
 examples through its own site module, one task at a time; the result is the same.
 
+Prompt tuning stacks too (``Delta.stack_inputs``): each example gets its own task's prompt, laid
+out so that its prompt and tokens keep the positions they have when the task runs alone.
+
 The stacked weights are copies taken when the object is built: rebuild it after training more.
-Only deltas that add a term at sites (every :class:`~adapters.base.SiteDelta`) can share a batch;
-deltas that change the inputs or the attention (prompt, prefix) are refused with the reason.
+Deltas that neither add a term at sites nor stack their inputs (prefix tuning, which changes the
+attention; a fusion) are refused with the reason.
 """
 
 from __future__ import annotations
@@ -87,12 +90,6 @@ class MixedTasks(nn.Module):
         for t in entries:
             if t.head is None:
                 raise TaskError(f"task {t.name!r} has no head, so it has no logits to serve")
-            for d in t.deltas.values():
-                if not isinstance(d, SiteDelta):
-                    raise ConfigError(
-                        f"task {t.name!r} uses {d.config.method}, which changes the inputs or the attention "
-                        "rather than adding a term at sites, so its examples cannot share a batch with other tasks'"
-                    )
         groups = self._collect(entries)
         backbone = model.backbone
         dtype = dtype or next(backbone.parameters()).dtype
@@ -106,9 +103,17 @@ class MixedTasks(nn.Module):
             name = f"g{gid}_{dkey}_{site.key}"
             self.stacked[name] = module
             self._handles += hook_site(backbone, site, self._on, self._term(module, site.output), self._captured)
+        self.inputs = nn.ModuleDict()  # input transforms (prompt tuning), stacked across tasks
+        for dkey, (cls, deltas) in self._collect_inputs(entries).items():
+            module = cls.stack_inputs(deltas)
+            if module is None:
+                user = next(t.name for t, d in zip(entries, deltas) if d is not None)
+                raise ConfigError(f"task {user!r} uses {cls.config_class.method}, which cannot share a batch with "
+                                  f"other tasks' examples: {cls.unmixable_reason}")
+            self.inputs[dkey] = module
         self._stack_heads(entries)
         self.to(device=model.device)
-        for buf_owner in self.stacked.values():
+        for buf_owner in [*self.stacked.values(), *self.inputs.values()]:
             buf_owner.to(dtype=dtype)
 
     # -- building --------------------------------------------------------------------------------
@@ -119,7 +124,7 @@ class MixedTasks(nn.Module):
         groups: dict[tuple[str, str], tuple[type, Any, list]] = {}
         for i, t in enumerate(entries):
             for dkey, d in t.deltas.items():
-                for site in d.sites:
+                for site in getattr(d, "sites", ()):
                     key = (dkey, site.key)
                     if key not in groups:
                         groups[key] = (type(d), site, [None] * len(entries))
@@ -131,7 +136,7 @@ class MixedTasks(nn.Module):
         for t in entries:  # deltas at one module compose in order: every task must agree on it
             by_module: dict[str, list[int]] = {}
             for dkey, d in t.deltas.items():
-                for site in d.sites:
+                for site in getattr(d, "sites", ()):
                     by_module.setdefault(site.output, []).append(order[(dkey, site.key)])
             for module, seq in by_module.items():
                 if seq != sorted(seq):
@@ -139,6 +144,21 @@ class MixedTasks(nn.Module):
                         f"task {t.name!r} applies its deltas at {module} in another order than an earlier task; "
                         "tasks in one mixed batch must compose shared modules in the same order"
                     )
+        return groups
+
+    @staticmethod
+    def _collect_inputs(entries: list) -> dict[str, tuple[type, list]]:
+        """delta key -> (method class, each task's delta or None) for deltas that are not site deltas."""
+        groups: dict[str, tuple[type, list]] = {}
+        for i, t in enumerate(entries):
+            for dkey, d in t.deltas.items():
+                if isinstance(d, SiteDelta):
+                    continue
+                if dkey not in groups:
+                    groups[dkey] = (type(d), [None] * len(entries))
+                elif groups[dkey][0] is not type(d):
+                    raise ConfigError(f"tasks use {dkey!r} for different methods; give them distinct names")
+                groups[dkey][1][i] = d
         return groups
 
     def _stack_heads(self, entries: list) -> None:
@@ -203,7 +223,7 @@ class MixedTasks(nn.Module):
         self._batch = MixedBatch(idx)
         try:
             with model.disabled():  # the tasks' own hooks stay off; ours act
-                hidden = model.backbone(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
+                hidden = self._encode(input_ids, attention_mask, extra)
         finally:
             self._batch = None
             self._captured.clear()
@@ -212,6 +232,21 @@ class MixedTasks(nn.Module):
             pooled = torch.where((self.pool_slot[idx] == k)[:, None], pool(hidden, attention_mask, how), pooled)
         pooled = pooled.to(self.head_w.dtype)
         return torch.bmm(pooled.unsqueeze(1), self.head_w[idx]).squeeze(1) + self.head_b[idx]
+
+    def _encode(self, input_ids: torch.Tensor, mask: torch.Tensor, extra: dict[str, Any]) -> torch.Tensor:
+        backbone = self._model.backbone
+        if not len(self.inputs):
+            return backbone(input_ids=input_ids, attention_mask=mask, **extra).last_hidden_state
+        embeds, full_mask = backbone.get_input_embeddings()(input_ids), mask
+        extra = {k: v for k, v in extra.items() if v is not None}
+        offset = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+        for module in self.inputs.values():
+            embeds, full_mask, extra, added = module(embeds, full_mask, extra, self._batch)
+            offset = offset + added
+        hidden = backbone(inputs_embeds=embeds, attention_mask=full_mask, **extra).last_hidden_state
+        # each example's own tokens start after its own prompt
+        at = offset.unsqueeze(1) + torch.arange(input_ids.shape[1], device=offset.device)
+        return torch.gather(hidden, 1, at.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
 
     def detach(self) -> None:
         """Remove the hooks from the backbone (the tasks themselves are untouched)."""

@@ -251,6 +251,40 @@ def run_stream(
         raise
 
 
+def load_run_tasks(model: DeltaModel, run_dir: str | Path, tasks: Sequence[str] | None = None) -> list[str]:
+    """Load the task checkpoints a finished (or partly finished) stream saved into ``model``.
+
+    ``tasks``: the stream tasks to load (default: every task that has checkpoints), in stream
+    order; each task's checkpoints (its delta, and e.g. its fusion) load in the order saved.
+    Returns the names of the model tasks added."""
+    from adapters import load_task, read_meta
+
+    run = Path(run_dir)
+    root = run / "checkpoints"
+    if not root.is_dir():
+        raise RunStateError(f"{run} has no checkpoints/ folder: is it a stream's output directory?")
+    order = []
+    results, state = run / "results.json", run / "state.json"
+    for f in (results, state):
+        if f.exists():
+            info = json.loads(f.read_text())
+            order = info["matrix"]["tasks"]
+            break
+    saved = [t for t in order if (root / t).is_dir()] or sorted(p.name for p in root.iterdir() if p.is_dir())
+    wanted = list(tasks) if tasks is not None else saved
+    missing = [t for t in wanted if t not in saved]
+    if missing:
+        raise RunStateError(f"{run} has no checkpoints for {missing}; it has: {saved}")
+    added = []
+    for t in wanted:
+        dirs = [p for p in sorted((root / t).iterdir()) if (p / "delta.json").exists()]
+        # a task's own delta before anything built over other tasks (a fusion names its sources)
+        dirs.sort(key=lambda p: any(m.get("sources") for m in read_meta(p)["methods"]))
+        for d in dirs:
+            added.append(load_task(model, d))
+    return added
+
+
 def _fan_out(loggers: Sequence[StreamLogger]) -> Callable[[dict[str, Any]], None] | None:
     if not loggers:
         return None

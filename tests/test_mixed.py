@@ -119,12 +119,32 @@ def test_index_tensor_and_errors():
         mixed(**inputs, task_ids=["t0", "t1"])
 
 
-def test_methods_that_change_inputs_are_refused_with_the_reason():
+def test_methods_that_change_the_attention_are_refused_with_the_reason():
     model = adapters.DeltaModel(tiny_backbone("bert"))
     model.add_task("a", [method_config("lora")], num_labels=2)
-    model.add_task("p", [method_config("prompt")], num_labels=2)
-    with pytest.raises(ConfigError, match="prompt.*cannot share a batch"):
+    model.add_task("p", [method_config("prefix")], num_labels=2)
+    with pytest.raises(ConfigError, match="task 'p' uses prefix, which cannot share a batch.*attention"):
         model.mixed()
     model.add_task("nohead", [method_config("lora")])
     with pytest.raises(TaskError, match="no head"):
         model.mixed(["a", "nohead"])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prompt_tuning_in_mixed_batches(arch):
+    """Prompts of different lengths, a task without one, and prompt + LoRA, in one batch: every
+    example sees its own prompt at the positions it has when its task runs alone."""
+    tasks = [[{"method": "prompt", "num_tokens": 4}], [{"method": "prompt", "num_tokens": 6}, method_config("lora")],
+             [method_config("lora")]]
+    model = three_tasks(arch, tasks)
+    inputs = batch(b=6, t=9)
+    inputs["attention_mask"][4, 3:] = 0
+    mixed = assert_parity(model, inputs, ["t2", "t0", "t1", "t0", "t2", "t1"])
+    assert len(mixed.inputs) == 1
+
+
+def test_prompt_mixed_batch_keeps_token_types():
+    model = three_tasks("bert", [[{"method": "prompt", "num_tokens": 3}], [{"method": "prompt", "num_tokens": 5}]])
+    inputs = batch(b=4, t=8)
+    inputs["token_type_ids"] = (torch.arange(8) >= 4).long().expand(4, -1).clone()
+    assert_parity(model, inputs, ["t1", "t0", "t0", "t1"])

@@ -46,6 +46,19 @@ class Prompt(Delta):
             init = torch.randn(config.num_tokens, table.shape[1]) * float(table.detach().float().std())  # works on any device
         self.prompt = nn.Parameter(init)
 
+    @classmethod
+    def stack_inputs(cls, deltas: list["Prompt | None"]) -> "GatheredPrompt":
+        """Every task's prompt in one zero-padded table, for mixed-task batches."""
+        present = [d for d in deltas if d is not None]
+        longest, dim = max(d.prompt.shape[0] for d in present), present[0].prompt.shape[1]
+        table, lengths = torch.zeros(len(deltas), longest, dim), torch.zeros(len(deltas), dtype=torch.long)
+        with torch.no_grad():
+            for i, d in enumerate(deltas):
+                if d is not None:
+                    table[i, : d.prompt.shape[0]] = d.prompt.float()
+                    lengths[i] = d.prompt.shape[0]
+        return GatheredPrompt(table, lengths)
+
     def transform_inputs(self, embeds, mask, extra):
         b, p = embeds.shape[0], self.prompt.shape[0]
         embeds = torch.cat([self.prompt.to(embeds.dtype).unsqueeze(0).expand(b, -1, -1), embeds], dim=1)
@@ -55,3 +68,35 @@ class Prompt(Delta):
             tt = extra["token_type_ids"]
             extra["token_type_ids"] = torch.cat([tt.new_zeros(b, p), tt], dim=1)
         return embeds, mask, extra, p
+
+
+class GatheredPrompt(nn.Module):
+    """Prompts of many tasks for a mixed-task batch: example i gets its own task's prompt.
+
+    Prompts differ in length, so each example's sequence is laid out as ``[its prompt][its
+    tokens][padding]``: its prompt and tokens sit at exactly the positions they have when the task
+    runs alone (absolute and relative position encodings agree), and the trailing padding is
+    masked. Returns per-example offsets of the first real token. No loop, no host sync."""
+
+    def __init__(self, table: torch.Tensor, lengths: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("table", table)      # (tasks, longest, d), zero-padded
+        self.register_buffer("lengths", lengths)  # (tasks,)
+
+    def forward(self, embeds, mask, extra, batch):
+        b, t = mask.shape
+        longest = self.table.shape[1]
+        p = self.lengths[batch.idx].unsqueeze(1)                         # (B, 1)
+        j = torch.arange(longest + t, device=mask.device).unsqueeze(0)   # (1, P + T)
+        is_prompt = j < p
+        src = (j - p).clamp(0, t - 1)                                    # token read at slot j
+        is_token = (j >= p) & (j < p + t)
+        prompt = self.table[batch.idx][:, j[0].clamp(max=longest - 1)].to(embeds.dtype)
+        tokens = torch.gather(embeds, 1, src.unsqueeze(-1).expand(-1, -1, embeds.shape[-1]))
+        out = torch.where(is_prompt.unsqueeze(-1), prompt, tokens * is_token.unsqueeze(-1).to(embeds.dtype))
+        new_mask = torch.where(is_prompt, torch.ones_like(src), torch.gather(mask, 1, src) * is_token)
+        extra = dict(extra)
+        if extra.get("token_type_ids") is not None:
+            tt = extra["token_type_ids"]
+            extra["token_type_ids"] = torch.where(is_token, torch.gather(tt, 1, src), torch.zeros_like(src))
+        return out, new_mask.to(mask.dtype), extra, p.squeeze(1)
