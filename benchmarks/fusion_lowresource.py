@@ -24,7 +24,7 @@ import torch
 from datasets import DatasetDict
 
 import adapters
-from continual import TrainConfig, eval_loader, evaluate, load_run_tasks, train_task
+from continual import TrainConfig, eval_loader, evaluate, load_run_model, train_task
 from fusion import add_fusion, fusion_weights, merge_tasks
 from streams import SOURCES, builtin_task
 
@@ -101,8 +101,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    model = adapters.DeltaModel.from_pretrained(args.backbone)
-    all_tasks = load_run_tasks(model, args.run)
+    model, all_tasks = load_run_model(args.run, args.backbone)
     sources = args.sources or [t for t in all_tasks if t != args.target and model.task(t).deltas]
     for t in reversed(all_tasks):  # the target's own stream delta (trained on all its data) is not used
         if t not in sources:

@@ -11,7 +11,7 @@ from .metrics import (
     AccuracyMatrix, average_accuracy, backward_transfer, forgetting, forward_transfer, summarize,
 )
 from .plots import format_matrix, heatmap
-from .runner import RunStateError, StreamResult, load_run_tasks, run_stream, task_seed
+from .runner import RunStateError, StreamResult, load_run_model, load_run_tasks, run_stream, task_seed
 from .strategies import STRATEGIES, Strategy, make_strategy
 from .tracking import DEFAULT_TRACKING_URI, MLflowLogger, StreamLogger
 from .train import (
@@ -22,6 +22,6 @@ from .train import (
 __all__ = [
     "AccuracyMatrix", "DEFAULT_TRACKING_URI", "MLflowLogger", "RunStateError", "STRATEGIES", "Strategy", "StreamLogger",
     "StreamResult", "TrainConfig", "TrainResult", "average_accuracy", "backward_transfer", "eval_loader", "evaluate",
-    "forgetting", "format_matrix", "forward_transfer", "heatmap", "load_run_tasks", "majority_rate", "make_loader", "make_strategy",
+    "forgetting", "format_matrix", "forward_transfer", "heatmap", "load_run_model", "load_run_tasks", "majority_rate", "make_loader", "make_strategy",
     "resolve_device", "run_stream", "summarize", "task_seed", "tokenize", "train_joint", "train_task",
 ]

@@ -5,6 +5,7 @@
     python -m continual run --stream my_stream.yaml --method lora --method bitfit
     python -m continual run ... --resume                     # continue a killed run
     python -m continual report runs/default-per-task-bottleneck-s0
+    python -m continual route runs/default-per-task-bottleneck-s0   # task-free inference
     python -m continual list
 """
 
@@ -100,6 +101,19 @@ def build_parser() -> argparse.ArgumentParser:
                      "or ./<run>-heatmap.png for an MLflow run)")
     rep.add_argument("--f1", action="store_true", help="show macro-F1 instead of accuracy")
     rep.add_argument("--json", action="store_true", help="print the metrics as JSON")
+
+    ro = sub.add_parser("route", help="task-free inference: route a finished run's test examples to tasks",
+                        description="Fit routers on a finished per-task run's training data (frozen backbone "
+                        "embeddings), route every test example to a task, serve them through one mixed-task model, "
+                        "and report routing accuracy and ACC with routed vs true tasks. Writes routing.json, "
+                        "routing-<router>.md/.png into the run directory and logs them to the run's MLflow store.",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ro.add_argument("run", help="a finished run's output directory (strategy per-task)")
+    ro.add_argument("--router", action="append", choices=["prototype", "linear"],
+                    help="router(s) to evaluate (default: both)%(default).0s")
+    ro.add_argument("--backbone", default=DEFAULTS["backbone"], help="the backbone the run was trained on")
+    ro.add_argument("--fit-max", type=int, default=None, help="cap on training examples per task used to fit routers")
+    ro.add_argument("--tracking-uri", default=None, help="MLflow store (default: the one the run was logged to)")
 
     ls = sub.add_parser("list", help="list methods, streams, backbones and strategies")
     ls.add_argument("what", nargs="?", choices=["methods", "streams", "backbones", "strategies", "data"], default=None)
@@ -206,6 +220,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_route(args: argparse.Namespace) -> int:
+    from .route import format_results, route_run
+
+    results = route_run(args.run, args.backbone, args.router or ["prototype", "linear"], args.fit_max, args.tracking_uri)
+    print(format_results(results))
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from adapters import BACKBONES, DeltaError, available_methods, make_config
     from streams import SOURCES, STREAMS
@@ -244,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     from .runner import RunStateError
 
     try:
-        return {"run": cmd_run, "report": cmd_report, "list": cmd_list}[args.command](args)
+        return {"run": cmd_run, "report": cmd_report, "route": cmd_route, "list": cmd_list}[args.command](args)
     except (DataError, DeltaError, RunStateError, FileNotFoundError, ValueError) as e:
         print(f"continual {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -218,6 +218,8 @@ def run_stream(
                 metrics[f"test_accuracy/{tasks[j].name}"] = float(matrix.R[row, j])
                 metrics[f"trainable_params/{tasks[j].name}"] = trainable[tasks[j].name]
             artifacts = _export_checkpoints(model, strategy, step_tasks, out / "checkpoints")
+            for t in step_tasks:
+                artifacts.update(strategy.reports(model, t, data.loader(t), out / "reports" / t.name))
             so_far = _so_far(matrix, row)
             record = {"row": row, "tasks": [t.name for t in step_tasks], "train_seconds": result.seconds,
                       "steps": result.steps, "best_step": result.best_step, "best_dev": result.best_dev,
@@ -283,6 +285,21 @@ def load_run_tasks(model: DeltaModel, run_dir: str | Path, tasks: Sequence[str] 
         for d in dirs:
             added.append(load_task(model, d))
     return added
+
+
+def load_run_model(run_dir: str | Path, backbone: str = "minilm", tasks: Sequence[str] | None = None) -> tuple[DeltaModel, list[str]]:
+    """The backbone a run was trained on, with the run's task checkpoints loaded (see
+    :func:`load_run_tasks`). Seeds torch with the run's seed first, as ``continual run`` does, so
+    weights the backbone's files lack (an unused pooler) match the run's."""
+    run = Path(run_dir)
+    seed = 0
+    for f in (run / "results.json", run / "state.json"):
+        if f.exists():
+            seed = json.loads(f.read_text())["identity"]["seed"]
+            break
+    torch.manual_seed(seed)
+    model = DeltaModel.from_pretrained(backbone)
+    return model, load_run_tasks(model, run, tasks)
 
 
 def _fan_out(loggers: Sequence[StreamLogger]) -> Callable[[dict[str, Any]], None] | None:

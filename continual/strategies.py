@@ -15,6 +15,7 @@ new subclass here, with no branch elsewhere.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence
 
 import torch
@@ -54,6 +55,10 @@ class Strategy:
     def exported(self, task: str) -> tuple[str, ...]:
         """Tasks saved as shareable checkpoints after ``task``'s step (default: what it runs with)."""
         return self.active(task)
+
+    def reports(self, model: DeltaModel, task: Task, loader: Any, directory: Path) -> dict[str, Path]:
+        """Files about ``task`` after its step (logged with the step's run); default none."""
+        return {}
 
     def train(self, model: DeltaModel, tasks: list[Task], config: TrainConfig, data: Callable[[Task], Any],
               callback: Callable[[dict[str, Any]], None] | None) -> TrainResult:
@@ -180,6 +185,13 @@ class ContinualFusion(PerTaskDelta):
     def finish(self, model: DeltaModel, task: Task) -> None:
         model.freeze(task.name)
         model.freeze(self.fused(task.name))
+
+    def reports(self, model: DeltaModel, task: Task, loader: Any, directory: Path) -> dict[str, Path]:
+        """The fusion's attention per layer x delta on the task's test set: CSV, Markdown, heatmap."""
+        from fusion import fusion_weights
+
+        fusion_weights(model, self.fused(task.name), loader).save(directory)
+        return {"fusion": directory}
 
     def trainable_parameters(self, model: DeltaModel, task: Task) -> int:
         own, fused = model.task(task.name), model.task(self.fused(task.name))

@@ -107,3 +107,29 @@ def test_sigkilled_run_resumes_to_the_same_matrix(toy_yaml, tiny_backbone_dir, t
     assert [s["tasks"] for s in a["steps"]] == [["a"], ["b"], ["c"]]
     np.testing.assert_array_equal(np.array(a["matrix"]["R"], dtype=float), np.array(b["matrix"]["R"], dtype=float))
     assert a["metrics"] == b["metrics"]
+
+
+def test_route_command_on_a_finished_run(toy_yaml, tiny_backbone_dir, tmp_path, capsys):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    out = tmp_path / "out"
+    assert main(args(toy_yaml, tiny_backbone_dir, out, "--tracking-uri", uri)) == 0
+    capsys.readouterr()
+    assert main(["route", str(out), "--backbone", str(tiny_backbone_dir), "--router", "prototype"]) == 0
+    printed = capsys.readouterr().out
+    routing = json.loads((out / "routing.json").read_text())["prototype"]
+    results = json.loads((out / "results.json").read_text())
+    assert routing["oracle_ACC"] == pytest.approx(results["metrics"]["ACC"])  # true task: the stream's own ACC
+    sizes = [t["sizes"]["test"] for t in yaml.safe_load((out / "stream.yaml").read_text())["tasks_resolved"]]
+    assert np.asarray(routing["confusion"]).sum(1).tolist() == sizes
+    assert f"| prototype | {routing['routing_accuracy']:.3f} |" in printed
+    assert (out / "routing-prototype.png").stat().st_size > 1000
+    client = MlflowClient(uri)
+    parent = results["tracking"]["parent_run_id"]
+    child = client.search_runs([client.get_run(parent).info.experiment_id], "tags.kind = 'routing'")[0]
+    assert child.data.tags["mlflow.parentRunId"] == parent
+    assert child.data.metrics["routing_accuracy/prototype"] == pytest.approx(routing["routing_accuracy"])
+    # a directory that holds no finished run is refused with the reason
+    assert main(["route", str(tmp_path / "nope"), "--backbone", str(tiny_backbone_dir)]) == 2
+    assert "not a finished stream run" in capsys.readouterr().err

@@ -20,3 +20,28 @@ def test_stream_from_csv_example(tmp_path, tiny_backbone_dir):
     assert metrics["BWT"] == 0.0
     assert sorted(p.name for p in (tmp_path / "data").glob("*.csv")) == ["amazon.csv", "sms.csv", "trec.csv"]
     assert (tmp_path / "run" / "results.json").exists()
+
+
+def test_fuse_stream_example(tmp_path, tiny_backbone_dir):
+    """A finished (toy) stream's deltas fused for a real low-resource target; the weights are plotted."""
+    from conftest import toy_stream
+    from continual import TrainConfig, make_strategy, run_stream
+    import torch
+
+    from adapters import DeltaModel
+
+    run = tmp_path / "run"
+    # the stream trains on the saved tiny backbone the example loads, seeded as `continual run` seeds it
+    torch.manual_seed(0)
+    model = DeltaModel.from_pretrained(str(tiny_backbone_dir))
+    run_stream(toy_stream(), model, make_strategy("per-task", [{"method": "lora", "rank": 4}]),
+               TrainConfig(max_steps=6, batch_size=8, eval_every=3, max_length=16, progress=False), run, progress=False)
+    example = load("fuse_stream")
+    out = example.main(["--run", str(run), "--backbone", str(tiny_backbone_dir), "--target", "sms", "--train", "40",
+                        "--steps", "8", "--max-length", "16", "--out", str(tmp_path / "fuse")])
+    assert out["sources"] == ["a", "b", "c"] and out["train_examples"] == 40
+    assert set(out["mean_fusion_weight"]) == {"a", "b", "c", "sms_own"}
+    assert abs(sum(out["mean_fusion_weight"].values()) - 1.0) < 0.01
+    assert 0.0 <= out["fusion_test_accuracy"] <= 1.0
+    png = Path(out["files"][2])
+    assert png.suffix == ".png" and png.stat().st_size > 1000

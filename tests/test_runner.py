@@ -180,7 +180,8 @@ def test_continual_fusion_stream_resumes_and_never_forgets(text_model, tmp_path)
     """per-task-fusion: each task is scored through a fusion over every delta so far; all frozen,
     so BWT is exactly 0; a kill during task c's fusion stage resumes to the same matrix."""
     strategy = lambda: make_strategy("per-task-fusion", LORA)  # noqa: E731
-    full = run(text_model, tmp_path, strategy(), "full")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    full = run(text_model, tmp_path, strategy(), "full", loggers=[MLflowLogger(uri, "t", "fusion-run")])
     assert full.metrics["BWT"] == 0.0
     assert np.all(np.diag(full.matrix.R) >= 0.8), full.matrix.R  # learned (the toy tasks' chance is 0.5)
     ckpt = tmp_path / "full" / "checkpoints" / "c"
@@ -189,6 +190,16 @@ def test_continual_fusion_stream_resumes_and_never_forgets(text_model, tmp_path)
 
     meta = json.loads((ckpt / "c_fusion" / "delta.json").read_text())
     assert meta["methods"][0]["sources"] == ["a", "b", "c"]
+    table = (tmp_path / "full" / "reports" / "c" / "fusion-c_fusion.md").read_text()
+    assert table.startswith("| module | a | b | c |")
+    assert (tmp_path / "full" / "reports" / "c" / "fusion-c_fusion.png").stat().st_size > 1000
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    step = client.search_runs([client.get_run(full.tracking["parent_run_id"]).info.experiment_id], "tags.row = '2'")[0]
+    logged = {a.path for a in client.list_artifacts(step.info.run_id, "fusion")}
+    assert logged == {f"fusion/fusion-c_fusion.{x}" for x in ("csv", "md", "png")}
+    assert {a.path for a in client.list_artifacts(step.info.run_id, "checkpoint")} == {"checkpoint/c", "checkpoint/c_fusion"}
 
     class KillInStage2(Recorder):
         def log_step(self, record):

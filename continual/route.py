@@ -1,0 +1,122 @@
+"""Task-free inference on a finished stream: route each test example to a task, score it.
+
+    python -m continual route runs/default-per-task-bottleneck-s0          # prototype + linear routers
+
+Rebuilds the run's stream (checked against the data fingerprints it recorded), loads its task
+checkpoints, fits each router task by task on the training splits (only the frozen backbone's
+embeddings), routes every test example, serves them through one mixed-task model, and reports
+routing accuracy and the stream's ACC with routed tasks against ACC with the true task (oracle).
+Writes ``routing.json``, ``routing-<router>.md`` and a confusion heatmap per router into the run
+directory and logs them, as a nested ``routing`` run of the stream's MLflow run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import yaml
+
+from .runner import RunStateError, load_run_model
+from .train import eval_loader, tokenize
+
+
+def stream_of_run(run_dir: str | Path):
+    """The :class:`~streams.TaskStream` a run was made from, checked against its fingerprints."""
+    from streams import builtin_stream, stream_from_yaml
+
+    run = Path(run_dir)
+    spec_path, results = run / "stream.yaml", run / "results.json"
+    if not spec_path.exists() or not results.exists():
+        raise RunStateError(f"{run} is not a finished stream run (stream.yaml and results.json are needed)")
+    spec = yaml.safe_load(spec_path.read_text())
+    identity = json.loads(results.read_text())["identity"]
+    if spec.get("file"):
+        stream = stream_from_yaml(spec["file"], spec.get("seed", 0), spec.get("max_train"), spec.get("max_eval"))
+    else:
+        stream = builtin_stream(spec["stream"], spec.get("seed", 0), spec.get("max_train"), spec.get("max_eval"))
+    if stream.fingerprints() != identity["data"]:
+        raise RunStateError(f"the data of {run}'s stream changed since it was run: its fingerprints differ")
+    return stream, identity
+
+
+def route_run(run_dir: str | Path, backbone: str = "minilm", routers: Sequence[str] = ("prototype", "linear"),
+              fit_max: int | None = None, tracking_uri: str | None = None, batch_size: int = 64) -> list[Any]:
+    """Route a finished run's test sets with each router; returns the :class:`RoutingResult` list."""
+    from fusion.routing import ROUTERS, RoutingData, route_and_score
+
+    unknown = [r for r in routers if r not in ROUTERS]
+    if unknown:
+        raise ValueError(f"unknown router(s) {unknown}; one of {list(ROUTERS)}")
+    run = Path(run_dir)
+    stream, identity = stream_of_run(run)
+    model, loaded = load_run_model(run, backbone)
+    if loaded != stream.names:
+        raise RunStateError(f"routing picks one task per stream task; {run} holds tasks {loaded} for stream tasks "
+                            f"{stream.names} (run it with --strategy per-task)")
+    default_len = identity["train"]["max_length"]
+    train, test, gold, labels = {}, {}, {}, {}
+    for t in stream:
+        length = t.max_length or default_len
+        ds = t.train if fit_max is None or len(t.train) <= fit_max else t.train.select(range(fit_max))
+        train[t.name] = list(eval_loader(ds, model.tokenizer, length, batch_size))
+        labels[t.name] = list(ds["label"])
+        test[t.name] = list(eval_loader(t.test, model.tokenizer, length, batch_size))
+        gold[t.name] = [t.label_names[y] for y in t.test["label"]]
+    start = time.perf_counter()
+    data = RoutingData.build(model, stream.names, train, labels, test, gold)
+    print(f"embedded {sum(len(v) for v in labels.values())} training and {sum(len(v) for v in gold.values())} test "
+          f"examples in {time.perf_counter() - start:.0f} s")
+    results, files = [], []
+    for name in routers:
+        start = time.perf_counter()
+        res = route_and_score(model, data, ROUTERS[name]())
+        res.seconds = time.perf_counter() - start
+        results.append(res)
+        (run / f"routing-{name}.md").write_text(res.table() + "\n")
+        files += [run / f"routing-{name}.md", res.heatmap(run / f"routing-{name}.png")]
+    summary = {r.router: {**r.summary(), "routed": r.routed_accuracy, "oracle": r.oracle_accuracy,
+                          "confusion": r.confusion.tolist(), "tasks": r.tasks, "seconds": r.seconds} for r in results}
+    (run / "routing.json").write_text(json.dumps(summary, indent=1))
+    files.append(run / "routing.json")
+    _log(run, results, files, tracking_uri)
+    return results
+
+
+def _log(run: Path, results: list[Any], files: list[Path], tracking_uri: str | None) -> None:
+    """A nested ``routing`` run under the stream's MLflow run (skipped when the run was not logged)."""
+    tracking = json.loads((run / "results.json").read_text()).get("tracking") or {}
+    uri, parent = tracking_uri or tracking.get("tracking_uri"), tracking.get("parent_run_id")
+    if not uri or not parent:
+        return
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    client = MlflowClient(uri)
+    exp_id = client.get_run(parent).info.experiment_id
+    child = client.create_run(exp_id, run_name="routing", tags={"mlflow.parentRunId": parent, "kind": "routing"}).info.run_id
+    now = int(time.time() * 1000)
+    metrics = []
+    for r in results:
+        metrics += [Metric(f"{k}/{r.router}", v, now, 0) for k, v in r.summary().items()]
+        metrics += [Metric(f"routed_acc/{r.router}/{t}", v, now, 0) for t, v in r.routed_accuracy.items()]
+    client.log_batch(child, metrics=metrics)
+    for f in files:
+        client.log_artifact(child, str(f), "routing")
+    client.set_terminated(child)
+    print(f"logged to MLflow run {child} (nested under {parent}) in {uri}")
+
+
+def format_results(results: list[Any]) -> str:
+    lines = []
+    for r in results:
+        lines += [r.table(), f"({r.seconds:.1f} s)", ""]
+    lines.append("| router | routing accuracy | ACC routed | ACC oracle |")
+    lines.append("|---|---|---|---|")
+    for r in results:
+        s = r.summary()
+        lines.append(f"| {r.router} | {s['routing_accuracy']:.3f} | {s['routed_ACC']:.3f} | {s['oracle_ACC']:.3f} |")
+    return "\n".join(lines)

@@ -1,0 +1,238 @@
+"""Task-free inference: an example arrives without its task; pick the delta and head for it.
+
+Routers work on the frozen backbone's own sentence embedding (mean-pooled, L2-normalised, no delta
+active). MiniLM was trained for exactly this (sentence similarity), and the embedding costs one
+backbone pass that no task delta changes, so it can be computed once per request.
+
+- :class:`PrototypeRouter` (default): the mean embedding of each (task, label) pair; an example
+  goes to the task of its most similar prototype (cosine). Fits the lifelong setting: a new task
+  only *adds* its prototypes, no data of old tasks is kept or revisited, old routes never retrain.
+  Per-label prototypes, rather than one per task, keep tasks whose classes lie far apart (news
+  topics) from being averaged into one blurred point.
+- :class:`LinearRouter`: softmax regression over the stored embeddings of every task seen so far
+  (needs those features kept: feature replay). Usually more accurate; shown for comparison.
+
+:func:`route_and_score` routes every test example of a stream, serves them all through one
+mixed-task model (each example through its routed task's delta and head, in one batch), and
+scores the predicted *label name* against the gold one, next to the oracle (true task) score.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from adapters import DeltaModel
+from adapters.heads import pool
+
+
+@torch.no_grad()
+def embed(model: DeltaModel, batches: Any) -> torch.Tensor:
+    """L2-normalised mean-pooled backbone embeddings (no delta acts) of tokenised ``batches``."""
+    out = []
+    was_training = model.training
+    model.eval()
+    with model.disabled():
+        for b in batches:
+            ids, mask = b["input_ids"].to(model.device), b["attention_mask"].to(model.device)
+            hidden = model.backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+            out.append(torch.nn.functional.normalize(pool(hidden, mask, "mean").float(), dim=-1).cpu())
+    model.train(was_training)
+    return torch.cat(out)
+
+
+class PrototypeRouter:
+    """Nearest (task, label) prototype by cosine similarity; incremental, keeps no data."""
+
+    name = "prototype"
+
+    def __init__(self) -> None:
+        self.tasks: list[str] = []
+        self._protos: list[torch.Tensor] = []
+        self._owner: list[int] = []
+
+    def add_task(self, task: str, embeddings: torch.Tensor, labels: Sequence[int]) -> None:
+        if len(embeddings) == 0:
+            raise ValueError(f"task {task!r}: no examples to build prototypes from")
+        labels = torch.as_tensor(list(labels))
+        slot = len(self.tasks)
+        self.tasks.append(task)
+        for c in labels.unique().tolist():
+            self._protos.append(torch.nn.functional.normalize(embeddings[labels == c].mean(0), dim=0))
+            self._owner.append(slot)
+
+    def predict(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Task slots (positions in ``self.tasks``)."""
+        sims = embeddings @ torch.stack(self._protos).t()
+        return torch.as_tensor(self._owner)[sims.argmax(1)]
+
+
+class LinearRouter:
+    """Softmax regression on stored embeddings of all tasks (refit after each new task)."""
+
+    name = "linear"
+
+    def __init__(self, epochs: int = 300, lr: float = 0.1, weight_decay: float = 1e-4, seed: int = 0) -> None:
+        self.tasks: list[str] = []
+        self._x: list[torch.Tensor] = []
+        self._y: list[torch.Tensor] = []
+        self.epochs, self.lr, self.weight_decay, self.seed = epochs, lr, weight_decay, seed
+        self.linear: torch.nn.Linear | None = None
+
+    def add_task(self, task: str, embeddings: torch.Tensor, labels: Sequence[int]) -> None:
+        if len(embeddings) == 0:
+            raise ValueError(f"task {task!r}: no examples to train the router on")
+        self._x.append(embeddings)
+        self._y.append(torch.full((len(embeddings),), len(self.tasks)))
+        self.tasks.append(task)
+        self._fit()
+
+    def _fit(self) -> None:
+        x, y = torch.cat(self._x), torch.cat(self._y)
+        g = torch.Generator().manual_seed(self.seed)
+        linear = torch.nn.Linear(x.shape[1], len(self.tasks))
+        with torch.no_grad():
+            linear.weight.copy_(torch.randn(linear.weight.shape, generator=g) * 0.01)
+            linear.bias.zero_()
+        # classes balanced: a big task must not swallow a small one
+        weight = (len(y) / (len(self.tasks) * torch.bincount(y).float()))
+        opt = torch.optim.Adam(linear.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        for _ in range(self.epochs):  # full batch: a few thousand 384-d rows
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(linear(x * 10), y, weight=weight).backward()
+            opt.step()
+        self.linear = linear
+
+    @torch.no_grad()
+    def predict(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return self.linear(embeddings * 10).argmax(1)
+
+
+ROUTERS = {"prototype": PrototypeRouter, "linear": LinearRouter}
+
+
+@dataclasses.dataclass
+class RoutingResult:
+    """``confusion[i, j]``: test examples of task i routed to task j."""
+
+    router: str
+    tasks: list[str]
+    confusion: np.ndarray
+    routed_accuracy: dict[str, float]
+    oracle_accuracy: dict[str, float]
+    seconds: float = 0.0
+
+    @property
+    def routing_accuracy(self) -> float:
+        return float(np.trace(self.confusion) / self.confusion.sum())
+
+    @property
+    def routed_acc(self) -> float:
+        return float(np.mean(list(self.routed_accuracy.values())))
+
+    @property
+    def oracle_acc(self) -> float:
+        return float(np.mean(list(self.oracle_accuracy.values())))
+
+    def summary(self) -> dict[str, float]:
+        return {"routing_accuracy": self.routing_accuracy, "routed_ACC": self.routed_acc, "oracle_ACC": self.oracle_acc}
+
+    def table(self) -> str:
+        lines = [f"router: {self.router}", "| task | routed to own task | ACC routed | ACC oracle |", "|---|---|---|---|"]
+        for i, t in enumerate(self.tasks):
+            lines.append(f"| {t} | {self.confusion[i, i] / self.confusion[i].sum():.3f} | {self.routed_accuracy[t]:.3f} "
+                         f"| {self.oracle_accuracy[t]:.3f} |")
+        s = self.summary()
+        lines.append(f"| **all** | **{s['routing_accuracy']:.3f}** | **{s['routed_ACC']:.3f}** | **{s['oracle_ACC']:.3f}** |")
+        return "\n".join(lines)
+
+    def heatmap(self, path: Any) -> Any:
+        """Row-normalised confusion matrix (true task x routed task) as a PNG."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from pathlib import Path
+
+        import matplotlib.pyplot as plt
+
+        frac = self.confusion / self.confusion.sum(1, keepdims=True)
+        n = len(self.tasks)
+        fig, ax = plt.subplots(figsize=(1.0 * n + 2.5, 0.8 * n + 2))
+        im = ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
+        for (i, j), v in np.ndenumerate(frac):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white" if v > 0.6 else "black", fontsize=9)
+        ax.set_xticks(range(n), self.tasks, rotation=30, ha="right")
+        ax.set_yticks(range(n), self.tasks)
+        ax.set_xlabel("routed to")
+        ax.set_ylabel("true task")
+        ax.set_title(f"{self.router} router: routing accuracy {self.routing_accuracy:.3f}")
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+        fig.tight_layout()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+
+
+@torch.no_grad()
+def _predict_names(mixed: Any, batches: list[dict[str, torch.Tensor]], slots: torch.Tensor,
+                   labels: list[list[str]]) -> list[str]:
+    names, start = [], 0
+    for b in batches:
+        n = b["input_ids"].shape[0]
+        s = slots[start:start + n]
+        logits = mixed(b["input_ids"].to(mixed.head_w.device), b["attention_mask"].to(mixed.head_w.device), task_ids=s)
+        names += [labels[int(t)][int(p)] for t, p in zip(s, logits.argmax(-1).cpu())]
+        start += n
+    return names
+
+
+@dataclasses.dataclass
+class RoutingData:
+    """What routers are fitted and scored on, computed once and shared by every router.
+
+    ``train_emb`` / ``fit_labels``: task -> training embeddings and labels; ``test``: task -> its
+    tokenised test batches, ``test_emb`` their embeddings, ``gold`` the gold label names."""
+
+    tasks: list[str]
+    train_emb: dict[str, torch.Tensor]
+    fit_labels: dict[str, list[int]]
+    test: dict[str, list[dict[str, torch.Tensor]]]
+    test_emb: dict[str, torch.Tensor]
+    gold: dict[str, list[str]]
+    oracle: dict[str, float] | None = None
+
+    @classmethod
+    def build(cls, model: DeltaModel, tasks: Sequence[str], train: dict[str, Any], fit_labels: dict[str, list[int]],
+              test: dict[str, Any], gold: dict[str, list[str]]) -> "RoutingData":
+        """``train`` / ``test``: task -> tokenised batches (lists, iterated more than once)."""
+        return cls(list(tasks), {t: embed(model, train[t]) for t in tasks}, fit_labels, test,
+                   {t: embed(model, test[t]) for t in tasks}, gold)
+
+
+def route_and_score(model: DeltaModel, data: RoutingData, router: Any) -> RoutingResult:
+    """Fit ``router`` task by task (stream order), route every test example, serve all of them
+    through one mixed-task model, and score predicted label names against the gold ones, with
+    routed tasks and (once per ``data``) with the true tasks."""
+    tasks = data.tasks
+    for t in tasks:
+        router.add_task(t, data.train_emb[t], data.fit_labels[t])
+    mixed = model.mixed(tasks)
+    label_names = [model.task(t).label_names or [str(i) for i in range(model.task(t).head.num_labels)] for t in tasks]
+    confusion = np.zeros((len(tasks), len(tasks)), dtype=np.int64)
+    routed = {}
+    score = lambda t, slots: float(np.mean([a == g for a, g in zip(_predict_names(mixed, data.test[t], slots, label_names), data.gold[t])]))  # noqa: E731
+    try:
+        for i, t in enumerate(tasks):
+            slots = router.predict(data.test_emb[t])
+            np.add.at(confusion[i], slots.numpy(), 1)
+            routed[t] = score(t, slots)
+        if data.oracle is None:
+            data.oracle = {t: score(t, torch.full((len(data.gold[t]),), i)) for i, t in enumerate(tasks)}
+    finally:
+        mixed.detach()
+    return RoutingResult(router.name, tasks, confusion, routed, dict(data.oracle))

@@ -1,0 +1,90 @@
+"""Task-free routing: routers on known embeddings, scoring by label names through a mixed model."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import FAST, toy_stream
+from continual import TrainConfig, eval_loader, evaluate, make_strategy, run_stream
+from fusion.routing import LinearRouter, PrototypeRouter, RoutingData, embed, route_and_score
+
+
+def clusters(seed: int, n: int = 40) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Three tasks, each two labels, at well separated points of a 16-d sphere."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.nn.functional.normalize(torch.randn(6, 16, generator=g), dim=1)
+    xs, ys = [], []
+    for t in range(3):
+        y = torch.arange(n) % 2
+        x = centres[2 * t + y] + 0.05 * torch.randn(n, 16, generator=g)
+        xs.append(torch.nn.functional.normalize(x, dim=1))
+        ys.append(y)
+    return xs, ys
+
+
+@pytest.mark.parametrize("router_cls", [PrototypeRouter, LinearRouter])
+def test_routers_find_separated_tasks(router_cls):
+    xs, ys = clusters(0)
+    router = router_cls()
+    for t, (x, y) in enumerate(zip(xs, ys)):
+        router.add_task(f"t{t}", x, y.tolist())
+    test_x, _ = clusters(0)
+    for t, x in enumerate(test_x):
+        assert torch.equal(router.predict(x), torch.full((len(x),), t))
+
+
+def test_prototype_router_is_incremental():
+    xs, ys = clusters(1)
+    router = PrototypeRouter()
+    router.add_task("t0", xs[0], ys[0].tolist())
+    protos = [p.clone() for p in router._protos]
+    router.add_task("t1", xs[1], ys[1].tolist())
+    assert all(torch.equal(a, b) for a, b in zip(protos, router._protos))  # old routes untouched
+    assert len(router._protos) == 4
+    with pytest.raises(ValueError, match="no examples"):
+        router.add_task("t2", xs[2][:0], [])
+
+
+def test_routed_scores_follow_the_route(text_model, tmp_path):
+    """With one-hot 'embeddings' routing is perfect (routed = oracle = the stream's own scores);
+    with a and b swapped, a's examples are answered by b's delta and head (label names compared)."""
+    stream = toy_stream()
+    model = text_model()
+    run_stream(stream, model, make_strategy("per-task", [{"method": "lora", "rank": 4}]), TrainConfig(**FAST),
+               tmp_path / "r", progress=False)
+    tok, names = model.tokenizer, stream.names
+    test = {t.name: list(eval_loader(t.test, tok, 16, 8)) for t in stream}
+    gold = {t.name: [t.label_names[y] for y in t.test["label"]] for t in stream}
+    eye = torch.eye(3)
+    train_emb = {n: eye[i].expand(4, -1) for i, n in enumerate(names)}
+    data = RoutingData(names, train_emb, {n: [0, 1, 0, 1] for n in names}, test,
+                       {n: eye[i].expand(len(gold[n]), -1) for i, n in enumerate(names)}, gold)
+    res = route_and_score(model, data, PrototypeRouter())
+    assert res.routing_accuracy == 1.0 and res.routed_accuracy == res.oracle_accuracy
+    for t in stream:
+        assert res.oracle_accuracy[t.name] == pytest.approx(evaluate(model, t.name, eval_loader(t.test, tok, 16))["accuracy"])
+    swapped = dict(data.test_emb, a=data.test_emb["b"], b=data.test_emb["a"])
+    res = route_and_score(model, RoutingData(names, train_emb, data.fit_labels, test, swapped, gold), PrototypeRouter())
+    assert res.confusion.tolist() == [[0, 20, 0], [20, 0, 0], [0, 0, 20]]
+    b_on_a = evaluate(model, "b", eval_loader(stream["a"].test, tok, 16))["accuracy"]  # same label names
+    assert res.routed_accuracy["a"] == pytest.approx(b_on_a)
+    assert res.routed_accuracy["c"] == res.oracle_accuracy["c"]
+    assert "| **all** | **0.333** |" in res.table()
+    assert (res.heatmap(tmp_path / "c.png")).stat().st_size > 1000
+
+
+def test_embeddings_ignore_deltas_and_padding(text_model):
+    model = text_model()
+    model.add_task("x", [{"method": "bitfit"}], num_labels=2)
+    with torch.no_grad():
+        for p in model.task("x").parameters():
+            p.add_(1.0)
+    model.activate("x")
+    batch = model.tokenizer(["apple river", "green music table window"], padding=True, return_tensors="pt")
+    one = model.tokenizer(["apple river"], return_tensors="pt")
+    e = embed(model, [dict(batch)])
+    np.testing.assert_allclose(e[0].numpy(), embed(model, [dict(one)])[0].numpy(), atol=1e-5)
+    np.testing.assert_allclose(e.norm(dim=1).numpy(), 1.0, rtol=1e-5)
+    assert model.active_tasks == ("x",)
+    model.remove_task("x")  # the backbone alone gives the same embeddings: the active delta was ignored
+    torch.testing.assert_close(embed(model, [dict(batch)]), e)
