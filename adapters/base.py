@@ -36,10 +36,12 @@ class Delta(nn.Module):
                         layer (what fusion and mixed-task batches combine)
       identity_at_init  True when a fresh delta leaves the backbone's outputs unchanged
                         (prefix and prompt tuning add attended positions, so cannot)
+      composite         True when built over other tasks' deltas (fusion)
     """
 
     config_class: ClassVar[type[DeltaConfig]]
     layerwise: ClassVar[bool] = False
+    composite: ClassVar[bool] = False  # built over other tasks' deltas (fusion): not a --method of its own
     identity_at_init: ClassVar[bool] = True
 
     @classmethod

@@ -51,10 +51,11 @@ def _load_methods() -> None:
                 raise
 
 
-def available_methods() -> list[str]:
-    """Sorted names of every registered method."""
+def available_methods(include_composite: bool = False) -> list[str]:
+    """Sorted names of the registered methods a task can use on its own. ``include_composite``
+    adds methods built over other tasks (fusion), which need those tasks to exist."""
     _load_methods()
-    return sorted(_REGISTRY)
+    return sorted(n for n, cls in _REGISTRY.items() if include_composite or not cls.composite)
 
 
 def get_method(name: str) -> type["Delta"]:

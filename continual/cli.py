@@ -246,7 +246,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     if what in (None, "strategies"):
         print("strategies:")
         for k, v in STRATEGIES.items():
-            print(f"  {k:<12} {v.description}")
+            print(f"  {k:<16} {v.description}")
     if what in (None, "streams"):
         print("streams (or a YAML file, see streams/stream.py):")
         for k, v in STREAMS.items():

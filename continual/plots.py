@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
@@ -27,26 +28,32 @@ def format_matrix(matrix: AccuracyMatrix, metrics: dict[str, float] | None = Non
     return "\n".join(lines)
 
 
-def heatmap(matrix: AccuracyMatrix, path: str | Path, title: str = "", f1: bool = False) -> Path:
-    """Write R (with the untrained row b on top) as an annotated heatmap PNG."""
+def annotated_heatmap(
+    data: np.ndarray, path: str | Path, xticks: list[str], yticks: list[str], title: str, *, xlabel: str = "",
+    ylabel: str = "", cmap: str = "viridis", white_text: Callable[[float], bool] = lambda v: v < 0.6,
+    figsize: tuple[float, float] | None = None, fontsize: int = 9, aspect: str = "equal",
+    decorate: Callable[[Any], None] | None = None,
+) -> Path:
+    """A [0, 1] heatmap PNG with each cell's value written in it (NaN cells left blank)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed; never opens a window
     import matplotlib.pyplot as plt
 
-    R, b = (matrix.F1, matrix.b_f1) if f1 else (matrix.R, matrix.b)
-    data = np.vstack([b[None, :], R])
-    T = len(matrix.tasks)
-    fig, ax = plt.subplots(figsize=(1.1 * T + 2.5, 0.8 * T + 2))
-    im = ax.imshow(np.ma.masked_invalid(data), cmap="viridis", vmin=0.0, vmax=1.0)
+    rows, cols = data.shape
+    fig, ax = plt.subplots(figsize=figsize or (1.1 * cols + 2.5, 0.8 * rows + 1.2))
+    im = ax.imshow(np.ma.masked_invalid(data), cmap=cmap, vmin=0.0, vmax=1.0, aspect=aspect)
     for (i, j), v in np.ndenumerate(data):
         if not np.isnan(v):
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white" if v < 0.6 else "black", fontsize=9)
-    ax.set_xticks(range(T), matrix.tasks, rotation=30, ha="right")
-    ax.set_yticks(range(T + 1), ["untrained (b)"] + [f"after {n}" for n in matrix.tasks])
-    ax.axhline(0.5, color="white", linewidth=2)
-    ax.set_xlabel("evaluated on")
-    ax.set_title(title or ("macro-F1" if f1 else "accuracy") + " matrix R[i, j]")
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white" if white_text(v) else "black",
+                    fontsize=fontsize)
+    ax.set_xticks(range(cols), xticks, rotation=30, ha="right")
+    ax.set_yticks(range(rows), yticks)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if decorate is not None:
+        decorate(ax)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
     path = Path(path)
@@ -54,3 +61,14 @@ def heatmap(matrix: AccuracyMatrix, path: str | Path, title: str = "", f1: bool 
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def heatmap(matrix: AccuracyMatrix, path: str | Path, title: str = "", f1: bool = False) -> Path:
+    """Write R (with the untrained row b on top) as an annotated heatmap PNG."""
+    R, b = (matrix.F1, matrix.b_f1) if f1 else (matrix.R, matrix.b)
+    data = np.vstack([b[None, :], R])
+    T = len(matrix.tasks)
+    return annotated_heatmap(
+        data, path, matrix.tasks, ["untrained (b)"] + [f"after {n}" for n in matrix.tasks],
+        title or ("macro-F1" if f1 else "accuracy") + " matrix R[i, j]", xlabel="evaluated on",
+        figsize=(1.1 * T + 2.5, 0.8 * T + 2), decorate=lambda ax: ax.axhline(0.5, color="white", linewidth=2))

@@ -2,6 +2,8 @@
 
 - ``per-task``  one new delta + head per task, trained then frozen. Old tasks' deltas are never
                 touched again, so their predictions cannot change: BWT is exactly 0.
+- ``per-task-fusion``  per-task deltas, plus for each task an AdapterFusion over all deltas so far
+                (its own included), through which the task is scored (continual fusion).
 - ``seq-delta`` one delta shared by all tasks, trained on each task in turn (new head per task).
 - ``seq-ft``    sequential full fine-tuning of the backbone (new head per task): the classic
                 catastrophic-forgetting baseline.

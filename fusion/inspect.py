@@ -64,27 +64,13 @@ class FusionWeights:
 
     def heatmap(self, path: str | Path, title: str | None = None) -> Path:
         """Modules x sources heatmap PNG."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from continual.plots import annotated_heatmap
 
         M, N = self.weights.shape
-        fig, ax = plt.subplots(figsize=(1.0 * N + 3, 0.38 * M + 1.8))
-        im = ax.imshow(self.weights, cmap="magma", vmin=0.0, vmax=1.0, aspect="auto")
-        for (i, j), v in np.ndenumerate(self.weights):
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white" if v < 0.55 else "black", fontsize=8)
-        ax.set_xticks(range(N), self.sources, rotation=30, ha="right")
-        ax.set_yticks(range(M), self.rows)
-        ax.set_xlabel("fused delta (source task)")
-        ax.set_title(title or f"fusion attention for {self.task} (mean over {self.tokens} tokens)")
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return path
+        return annotated_heatmap(self.weights, path, self.sources, self.rows,
+                                 title or f"fusion attention for {self.task} (mean over {self.tokens} tokens)",
+                                 xlabel="fused delta (source task)", cmap="magma", white_text=lambda v: v < 0.55,
+                                 figsize=(1.0 * N + 3, 0.38 * M + 1.8), fontsize=8, aspect="auto")
 
     def save(self, directory: str | Path) -> list[Path]:
         """CSV, Markdown and PNG into ``directory``."""

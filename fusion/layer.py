@@ -121,6 +121,7 @@ class AdapterFusion(Delta):
     model, to find the sources); see the module docstring."""
 
     config_class = FusionConfig
+    composite = True
     identity_at_init = False  # a fresh fusion adds the mean of its sources' terms
     unmixable_reason = "a fusion's attention over its sources is computed per task, not stacked across tasks"
 

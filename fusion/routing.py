@@ -151,31 +151,14 @@ class RoutingResult:
 
     def heatmap(self, path: Any) -> Any:
         """Row-normalised confusion matrix (true task x routed task) as a PNG."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        from pathlib import Path
-
-        import matplotlib.pyplot as plt
+        from continual.plots import annotated_heatmap
 
         frac = self.confusion / self.confusion.sum(1, keepdims=True)
         n = len(self.tasks)
-        fig, ax = plt.subplots(figsize=(1.0 * n + 2.5, 0.8 * n + 2))
-        im = ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
-        for (i, j), v in np.ndenumerate(frac):
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white" if v > 0.6 else "black", fontsize=9)
-        ax.set_xticks(range(n), self.tasks, rotation=30, ha="right")
-        ax.set_yticks(range(n), self.tasks)
-        ax.set_xlabel("routed to")
-        ax.set_ylabel("true task")
-        ax.set_title(f"{self.router} router: routing accuracy {self.routing_accuracy:.3f}")
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return path
+        return annotated_heatmap(frac, path, self.tasks, self.tasks,
+                                 f"{self.router} router: routing accuracy {self.routing_accuracy:.3f}",
+                                 xlabel="routed to", ylabel="true task", cmap="Blues", white_text=lambda v: v > 0.6,
+                                 figsize=(1.0 * n + 2.5, 0.8 * n + 2))
 
 
 @torch.no_grad()

@@ -210,3 +210,13 @@ def test_merge_refuses_different_configs():
         merge_tasks(model, "m", ["a", "b"], head_from="a")
     with pytest.raises(ConfigError, match="exactly one of head_from"):
         merge_tasks(model, "m", ["a"])
+
+
+def test_fusion_is_registered_but_not_a_method_of_its_own():
+    import adapters
+
+    assert "fusion" not in adapters.available_methods()
+    assert "fusion" in adapters.available_methods(include_composite=True)
+    model = DeltaModel(tiny_backbone("bert"))
+    with pytest.raises(ConfigError, match="sources must name at least one task"):
+        model.add_task("x", ["fusion"], num_labels=2)
