@@ -6,6 +6,7 @@
     python -m continual run ... --resume                     # continue a killed run
     python -m continual report runs/default-per-task-bottleneck-s0
     python -m continual route runs/default-per-task-bottleneck-s0   # task-free inference
+    python -m continual transfer runs/default-per-task-bottleneck-s0   # zero-shot transfer matrix
     python -m continual list
 """
 
@@ -114,6 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
     ro.add_argument("--backbone", default=DEFAULTS["backbone"], help="the backbone the run was trained on")
     ro.add_argument("--fit-max", type=int, default=None, help="cap on training examples per task used to fit routers")
     ro.add_argument("--tracking-uri", default=None, help="MLflow store (default: the one the run was logged to)")
+
+    tr = sub.add_parser("transfer", help="zero-shot transfer matrix of a finished run's task deltas",
+                        description="Apply each task's delta and head, untouched, to every task with the same label "
+                        "names; print relative performance (accuracy / the target's own accuracy) as a table and a "
+                        "heatmap; write transfer.csv/.md/.png into the run directory and log them to its MLflow run.",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    tr.add_argument("run", help="a finished run's output directory (strategy per-task)")
+    tr.add_argument("--backbone", default=DEFAULTS["backbone"], help="the backbone the run was trained on")
 
     ls = sub.add_parser("list", help="list methods, streams, backbones and strategies")
     ls.add_argument("what", nargs="?", choices=["methods", "streams", "backbones", "strategies", "data"], default=None)
@@ -228,6 +237,17 @@ def cmd_route(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_transfer(args: argparse.Namespace) -> int:
+    from .transfer import log_transfer, transfer_matrix
+
+    matrix = transfer_matrix(args.run, args.backbone)
+    files = matrix.save(Path(args.run))
+    print(matrix.table())
+    child = log_transfer(args.run, files, matrix)
+    print(f"files: {', '.join(str(f) for f in files)}" + (f"; MLflow run {child}" if child else ""))
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from adapters import BACKBONES, DeltaError, available_methods, make_config
     from streams import SOURCES, STREAMS
@@ -266,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     from .runner import RunStateError
 
     try:
-        return {"run": cmd_run, "report": cmd_report, "route": cmd_route, "list": cmd_list}[args.command](args)
+        return {"run": cmd_run, "report": cmd_report, "route": cmd_route, "transfer": cmd_transfer, "list": cmd_list}[args.command](args)
     except (DataError, DeltaError, RunStateError, FileNotFoundError, ValueError) as e:
         print(f"continual {args.command}: error: {e}", file=sys.stderr)
         return 2

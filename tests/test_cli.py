@@ -133,3 +133,28 @@ def test_route_command_on_a_finished_run(toy_yaml, tiny_backbone_dir, tmp_path, 
     # a directory that holds no finished run is refused with the reason
     assert main(["route", str(tmp_path / "nope"), "--backbone", str(tiny_backbone_dir)]) == 2
     assert "not a finished stream run" in capsys.readouterr().err
+
+
+def test_transfer_matrix_command(toy_yaml, tiny_backbone_dir, tmp_path, capsys):
+    """The toy tasks share labels (no/yes): every pair is comparable; the diagonal is 1 and equals
+    the stream's own final scores; a task's head on another's data is scored as it is."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    out = tmp_path / "out"
+    assert main(args(toy_yaml, tiny_backbone_dir, out, "--tracking-uri", uri)) == 0
+    capsys.readouterr()
+    assert main(["transfer", str(out), "--backbone", str(tiny_backbone_dir)]) == 0
+    printed = capsys.readouterr().out
+    rows = [line.split(",") for line in (out / "transfer.csv").read_text().splitlines()[1:]]
+    assert len(rows) == 9
+    final = json.loads((out / "results.json").read_text())["matrix"]["R"][-1]
+    acc = {(s, t): float(a) for s, t, a, _ in rows}
+    for j, t in enumerate("abc"):
+        assert acc[(t, t)] == pytest.approx(final[j])
+    rel = {(s, t): float(r) for s, t, _, r in rows}
+    assert rel[("a", "b")] == pytest.approx(acc[("a", "b")] / acc[("b", "b")])
+    assert "| a | 1.000" in printed and (out / "transfer.png").stat().st_size > 1000
+    client = MlflowClient(uri)
+    child = client.search_runs([client.get_experiment_by_name("continual").experiment_id], "tags.kind = 'transfer'")[0]
+    assert child.data.metrics["relative/a/b"] == pytest.approx(rel[("a", "b")])

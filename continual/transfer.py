@@ -1,0 +1,100 @@
+"""Zero-shot transfer matrix (Delta Tuning survey, section 5.4): each task's delta and head applied,
+untouched, to every other task with the same label space.
+
+    python -m continual transfer runs/sentiment-domains-per-task-bottleneck-s0
+
+Entry [i, j]: accuracy of task i's delta + head on task j's test set, divided by task j's own
+accuracy (relative performance; 1.0 = as good as the target's own delta). Pairs whose label names
+differ are not comparable and stay empty. Writes ``transfer.csv``, ``transfer.md`` and
+``transfer.png`` into the run directory and logs them as a nested ``transfer`` MLflow run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .plots import annotated_heatmap
+from .route import stream_of_run
+from .runner import RunStateError, load_run_model
+from .train import eval_loader, evaluate
+
+
+@dataclasses.dataclass
+class TransferMatrix:
+    """``accuracy[i, j]``: task i's delta + head on task j's test set (NaN: label spaces differ)."""
+
+    tasks: list[str]
+    accuracy: np.ndarray
+
+    @property
+    def relative(self) -> np.ndarray:
+        """accuracy[i, j] / accuracy[j, j]."""
+        return self.accuracy / np.diag(self.accuracy)[None, :]
+
+    def table(self) -> str:
+        rel = self.relative
+        lines = ["| source \\ target | " + " | ".join(self.tasks) + " |", "|---|" + "---|" * len(self.tasks)]
+        for i, t in enumerate(self.tasks):
+            cells = ["" if np.isnan(v) else f"{v:.3f} ({a:.3f})" for v, a in zip(rel[i], self.accuracy[i])]
+            lines.append(f"| {t} | " + " | ".join(cells) + " |")
+        return "\n".join(lines) + "\n\nrelative performance (accuracy in brackets); empty: label spaces differ"
+
+    def save(self, directory: str | Path) -> list[Path]:
+        d = Path(directory)
+        rel = self.relative
+        with open(d / "transfer.csv", "w") as f:
+            f.write("source,target,accuracy,relative\n")
+            for i, s in enumerate(self.tasks):
+                for j, t in enumerate(self.tasks):
+                    if not np.isnan(self.accuracy[i, j]):
+                        f.write(f"{s},{t},{self.accuracy[i, j]:.6f},{rel[i, j]:.6f}\n")
+        (d / "transfer.md").write_text(self.table() + "\n")
+        png = annotated_heatmap(rel, d / "transfer.png", self.tasks, self.tasks,
+                                "zero-shot transfer: relative performance", xlabel="target (test set)",
+                                ylabel="source delta + head", cmap="viridis")
+        return [d / "transfer.csv", d / "transfer.md", png]
+
+
+def transfer_matrix(run_dir: str | Path, backbone: str = "minilm", batch_size: int = 64) -> TransferMatrix:
+    """Score every task's delta + head on every task with the same label names."""
+    run = Path(run_dir)
+    stream, identity = stream_of_run(run)
+    model, loaded = load_run_model(run, backbone)
+    if loaded != stream.names:
+        raise RunStateError(f"the transfer matrix applies one delta per stream task; {run} holds {loaded} "
+                            f"for stream tasks {stream.names} (run it with --strategy per-task)")
+    T = len(stream)
+    acc = np.full((T, T), np.nan)
+    for j, target in enumerate(stream):
+        loader = eval_loader(target.test, model.tokenizer, target.max_length or identity["train"]["max_length"], batch_size)
+        for i, source in enumerate(stream):
+            if source.label_names == target.label_names:
+                acc[i, j] = evaluate(model, source.name, loader)["accuracy"]
+    return TransferMatrix(stream.names, acc)
+
+
+def log_transfer(run_dir: str | Path, files: list[Path], matrix: TransferMatrix) -> str | None:
+    """A nested ``transfer`` run under the stream's MLflow run; None when the run was not logged."""
+    tracking = json.loads((Path(run_dir) / "results.json").read_text()).get("tracking") or {}
+    if not tracking.get("parent_run_id"):
+        return None
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    client = MlflowClient(tracking["tracking_uri"])
+    parent = tracking["parent_run_id"]
+    child = client.create_run(client.get_run(parent).info.experiment_id, run_name="transfer",
+                              tags={"mlflow.parentRunId": parent, "kind": "transfer"}).info.run_id
+    now, rel = int(time.time() * 1000), matrix.relative
+    client.log_batch(child, metrics=[Metric(f"relative/{s}/{t}", float(rel[i, j]), now, 0)
+                                     for i, s in enumerate(matrix.tasks) for j, t in enumerate(matrix.tasks)
+                                     if i != j and not np.isnan(rel[i, j])])
+    for f in files:
+        client.log_artifact(child, str(f), "transfer")
+    client.set_terminated(child)
+    return child
