@@ -94,6 +94,14 @@ class FusionWeights:
         return paths
 
 
+def _layer_order(modules: list[str]):
+    """Sort key: block index first (where a path has one), then the fusion's own order."""
+    def key(m: str) -> tuple[int, int]:
+        hit = re.search(r"(?:^|\.)(\d+)\.", m)
+        return (int(hit.group(1)) if hit else -1, modules.index(m))
+    return key
+
+
 def fusion_delta(model: DeltaModel, task: str) -> AdapterFusion:
     """The fusion delta of ``task`` (error if the task has none)."""
     found = [d for d in model.task(task).deltas.values() if isinstance(d, AdapterFusion)]
@@ -122,6 +130,6 @@ def fusion_weights(model: DeltaModel, task: str, batches: Iterable[dict[str, tor
     means = rec.means()
     if not means:
         raise ValueError("no batches were given, so there are no fusion weights to average")
-    modules = fusion.modules_fused
+    modules = sorted(fusion.modules_fused, key=_layer_order(fusion.modules_fused))  # rows layer by layer
     tokens = int(sum(float(v) for v in rec.tokens.values()) / len(rec.tokens))
     return FusionWeights(task, list(fusion.sources()), modules, np.stack([means[m].numpy() for m in modules]), tokens)
