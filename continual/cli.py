@@ -7,12 +7,14 @@
     python -m continual report runs/default-per-task-bottleneck-s0
     python -m continual route runs/default-per-task-bottleneck-s0   # task-free inference
     python -m continual transfer runs/default-per-task-bottleneck-s0   # zero-shot transfer matrix
+    python -m continual combine --task movie --combo lora+bitfit      # method combinations study
     python -m continual list
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -123,6 +125,30 @@ def build_parser() -> argparse.ArgumentParser:
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     tr.add_argument("run", help="a finished run's output directory (strategy per-task)")
     tr.add_argument("--backbone", default=DEFAULTS["backbone"], help="the backbone the run was trained on")
+
+    co = sub.add_parser("combine", help="combine delta methods on one task, simultaneously or sequentially, over a grid",
+                        description="For each --combo and --mode, train the methods on one real task from the same "
+                        "seed and split: simultaneous (all at once) or sequential (train one, freeze it, train the next "
+                        "on top). Prints and writes a Markdown table (test/dev accuracy, trainable parameters, time, "
+                        "accuracy after each stage) and logs one MLflow run per cell.",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    co.add_argument("--task", default="movie", help="a built-in data set (continual list data)")
+    co.add_argument("--combo", action="append", metavar="M1+M2[+...]",
+                    help="methods joined by '+', options as in --method (lora:rank=4+bitfit); repeat for a grid "
+                    "(default: lora+bitfit, bottleneck+bitfit, lora+prompt)%(default).0s")
+    co.add_argument("--mode", action="append", choices=["simultaneous", "sequential"], help="default: both%(default).0s")
+    co.add_argument("--backbone", default=DEFAULTS["backbone"])
+    co.add_argument("--max-train", type=int, default=DEFAULTS["max_train"])
+    co.add_argument("--max-eval", type=int, default=DEFAULTS["max_eval"])
+    co.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="training steps per stage")
+    co.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
+    co.add_argument("--max-length", type=int, default=DEFAULTS["max_length"])
+    co.add_argument("--eval-every", type=int, default=DEFAULTS["eval_every"])
+    co.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+    co.add_argument("--device", default=None)
+    co.add_argument("--out", default=None, help="where the table goes (default: runs/combine-<task>-s<seed>)")
+    co.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI)
+    co.add_argument("--no-mlflow", action="store_true")
 
     ls = sub.add_parser("list", help="list methods, streams, backbones and strategies")
     ls.add_argument("what", nargs="?", choices=["methods", "streams", "backbones", "strategies", "data"], default=None)
@@ -248,6 +274,59 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_combine(args: argparse.Namespace) -> int:
+    import torch
+
+    from adapters import DeltaModel
+    from streams import builtin_task
+
+    from .combine import study_table, train_combination
+    from .train import TrainConfig
+
+    combos = [[parse_method(m) for m in c.split("+")] for c in (args.combo or ["lora+bitfit", "bottleneck+bitfit", "lora+prompt"])]
+    modes = args.mode or ["simultaneous", "sequential"]
+    task = builtin_task(args.task, args.seed, args.max_train or None, args.max_eval or None)
+    torch.manual_seed(args.seed)
+    model = DeltaModel.from_pretrained(args.backbone)
+    config = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, max_length=args.max_length,
+                         eval_every=args.eval_every, seed=args.seed, device=args.device)
+    out = Path(args.out or f"runs/combine-{args.task}-s{args.seed}")
+    out.mkdir(parents=True, exist_ok=True)
+    client = None
+    if not args.no_mlflow:
+        from mlflow import MlflowClient
+
+        from .tracking import sqlite_artifact_root
+
+        client = MlflowClient(args.tracking_uri)
+        exp = client.get_experiment_by_name("combinations")
+        exp_id = exp.experiment_id if exp else client.create_experiment(
+            "combinations", artifact_location=sqlite_artifact_root(args.tracking_uri))
+    results = []
+    for methods in combos:
+        for mode in modes:
+            r = train_combination(model, "combo", task.splits(), methods, mode, task.label_names, config)
+            results.append(r)
+            print(f"{'+'.join(r.methods)} {mode}: test accuracy {r.test_accuracy:.3f}", flush=True)
+            for name in reversed(list(model.tasks)):
+                model.remove_task(name)
+            if client is not None:
+                run = client.create_run(exp_id, run_name=f"{args.task}-{'+'.join(r.methods)}-{mode}",
+                                        tags={"task": args.task, "mode": mode})
+                for k, v in {"methods": "+".join(r.methods), "mode": mode, "task": args.task, "steps": args.steps,
+                             "seed": args.seed}.items():
+                    client.log_param(run.info.run_id, k, v)
+                for k in ("test_accuracy", "dev_accuracy", "trainable_params", "seconds"):
+                    client.log_metric(run.info.run_id, k, float(getattr(r, k)))
+                client.set_terminated(run.info.run_id)
+    table = study_table(results)
+    print(table)
+    (out / "combinations.md").write_text(table + "\n")
+    (out / "combinations.json").write_text(json.dumps([dataclasses.asdict(r) for r in results], indent=1))
+    print(f"table: {out / 'combinations.md'}")
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from adapters import BACKBONES, DeltaError, available_methods, make_config
     from streams import SOURCES, STREAMS
@@ -286,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     from .runner import RunStateError
 
     try:
-        return {"run": cmd_run, "report": cmd_report, "route": cmd_route, "transfer": cmd_transfer, "list": cmd_list}[args.command](args)
+        return {"run": cmd_run, "report": cmd_report, "route": cmd_route, "transfer": cmd_transfer, "combine": cmd_combine, "list": cmd_list}[args.command](args)
     except (DataError, DeltaError, RunStateError, FileNotFoundError, ValueError) as e:
         print(f"continual {args.command}: error: {e}", file=sys.stderr)
         return 2
