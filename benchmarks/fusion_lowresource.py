@@ -25,6 +25,7 @@ from datasets import DatasetDict
 
 import adapters
 from continual import TrainConfig, eval_loader, evaluate, load_run_model, train_task
+from continual.tracking import experiment
 from fusion import add_fusion, fusion_weights, merge_tasks
 from streams import SOURCES, builtin_task
 
@@ -106,23 +107,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for t in reversed(all_tasks):  # the target's own stream delta (trained on all its data) is not used
         if t not in sources:
             model.remove_task(t)
-    logger = None
-    if not args.no_mlflow:
-        from mlflow import MlflowClient
-
-        from continual.tracking import sqlite_artifact_root
-
-        logger = MlflowClient(args.tracking_uri)
-        exp = logger.get_experiment_by_name("fusion-lowresource")
-        exp_id = exp.experiment_id if exp else logger.create_experiment(
-            "fusion-lowresource", artifact_location=sqlite_artifact_root(args.tracking_uri))
+    logger, exp_id = (None, None) if args.no_mlflow else experiment(args.tracking_uri, "fusion-lowresource")
     rows = []
     sizes, seeds = [int(x) for x in args.sizes.split(",")], [int(x) for x in args.seeds.split(",")]
     for n in sizes:
         for seed in seeds:
             r = run_one(model, sources, args.target, n, seed, args)
             w = r.pop("fusion_weights")
-            files = w.save(out_dir / f"n{n}-s{seed}")
+            w.save(out_dir / f"n{n}-s{seed}")
             rows.append({"n": n, **r})
             print(f"n={n} seed={seed}: single {r['single']:.3f}  fusion {r['fusion']:.3f}  merge {r['merge']:.3f}  "
                   f"(fusion weights: {', '.join(f'{k} {v:.2f}' for k, v in w.mean().items())})", flush=True)

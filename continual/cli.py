@@ -281,6 +281,7 @@ def cmd_combine(args: argparse.Namespace) -> int:
     from streams import builtin_task
 
     from .combine import study_table, train_combination
+    from .tracking import experiment
     from .train import TrainConfig
 
     combos = [[parse_method(m) for m in c.split("+")] for c in (args.combo or ["lora+bitfit", "bottleneck+bitfit", "lora+prompt"])]
@@ -292,16 +293,7 @@ def cmd_combine(args: argparse.Namespace) -> int:
                          eval_every=args.eval_every, seed=args.seed, device=args.device)
     out = Path(args.out or f"runs/combine-{args.task}-s{args.seed}")
     out.mkdir(parents=True, exist_ok=True)
-    client = None
-    if not args.no_mlflow:
-        from mlflow import MlflowClient
-
-        from .tracking import sqlite_artifact_root
-
-        client = MlflowClient(args.tracking_uri)
-        exp = client.get_experiment_by_name("combinations")
-        exp_id = exp.experiment_id if exp else client.create_experiment(
-            "combinations", artifact_location=sqlite_artifact_root(args.tracking_uri))
+    client, exp_id = (None, None) if args.no_mlflow else experiment(args.tracking_uri, "combinations")
     results = []
     for methods in combos:
         for mode in modes:

@@ -17,11 +17,11 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import yaml
 
 from .runner import RunStateError, load_run_model
-from .train import eval_loader, tokenize
+from .tracking import log_nested_run
+from .train import eval_loader
 
 
 def stream_of_run(run_dir: str | Path):
@@ -43,6 +43,16 @@ def stream_of_run(run_dir: str | Path):
     return stream, identity
 
 
+def per_task_run(run_dir: str | Path, backbone: str, why: str):
+    """(stream, identity, model with the run's tasks loaded) for a run with one task per stream task."""
+    stream, identity = stream_of_run(run_dir)
+    model, loaded = load_run_model(run_dir, backbone)
+    if loaded != stream.names:
+        raise RunStateError(f"{why}; {run_dir} holds tasks {loaded} for stream tasks {stream.names} "
+                            "(run it with --strategy per-task)")
+    return stream, identity, model
+
+
 def route_run(run_dir: str | Path, backbone: str = "minilm", routers: Sequence[str] = ("prototype", "linear"),
               fit_max: int | None = None, tracking_uri: str | None = None, batch_size: int = 64) -> list[Any]:
     """Route a finished run's test sets with each router; returns the :class:`RoutingResult` list."""
@@ -52,11 +62,7 @@ def route_run(run_dir: str | Path, backbone: str = "minilm", routers: Sequence[s
     if unknown:
         raise ValueError(f"unknown router(s) {unknown}; one of {list(ROUTERS)}")
     run = Path(run_dir)
-    stream, identity = stream_of_run(run)
-    model, loaded = load_run_model(run, backbone)
-    if loaded != stream.names:
-        raise RunStateError(f"routing picks one task per stream task; {run} holds tasks {loaded} for stream tasks "
-                            f"{stream.names} (run it with --strategy per-task)")
+    stream, identity, model = per_task_run(run, backbone, "routing picks one task per stream task")
     default_len = identity["train"]["max_length"]
     train, test, gold, labels = {}, {}, {}, {}
     for t in stream:
@@ -87,27 +93,13 @@ def route_run(run_dir: str | Path, backbone: str = "minilm", routers: Sequence[s
 
 
 def _log(run: Path, results: list[Any], files: list[Path], tracking_uri: str | None) -> None:
-    """A nested ``routing`` run under the stream's MLflow run (skipped when the run was not logged)."""
-    tracking = json.loads((run / "results.json").read_text()).get("tracking") or {}
-    uri, parent = tracking_uri or tracking.get("tracking_uri"), tracking.get("parent_run_id")
-    if not uri or not parent:
-        return
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric
-
-    client = MlflowClient(uri)
-    exp_id = client.get_run(parent).info.experiment_id
-    child = client.create_run(exp_id, run_name="routing", tags={"mlflow.parentRunId": parent, "kind": "routing"}).info.run_id
-    now = int(time.time() * 1000)
-    metrics = []
+    metrics: dict[str, float] = {}
     for r in results:
-        metrics += [Metric(f"{k}/{r.router}", v, now, 0) for k, v in r.summary().items()]
-        metrics += [Metric(f"routed_acc/{r.router}/{t}", v, now, 0) for t, v in r.routed_accuracy.items()]
-    client.log_batch(child, metrics=metrics)
-    for f in files:
-        client.log_artifact(child, str(f), "routing")
-    client.set_terminated(child)
-    print(f"logged to MLflow run {child} (nested under {parent}) in {uri}")
+        metrics.update({f"{k}/{r.router}": v for k, v in r.summary().items()})
+        metrics.update({f"routed_acc/{r.router}/{t}": v for t, v in r.routed_accuracy.items()})
+    child = log_nested_run(run, "routing", metrics, files, tracking_uri)
+    if child:
+        print(f"logged to MLflow run {child} (nested under the stream's run)")
 
 
 def format_results(results: list[Any]) -> str:

@@ -62,6 +62,42 @@ def sqlite_artifact_root(uri: str) -> str | None:
     return (db.parent / "mlartifacts").as_uri()
 
 
+def experiment(uri: str, name: str) -> tuple[Any, str]:
+    """An ``MlflowClient`` for ``uri`` and the id of experiment ``name`` (created when missing, with
+    artifacts beside a SQLite store)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(name)
+    return client, exp.experiment_id if exp else client.create_experiment(name, artifact_location=sqlite_artifact_root(uri))
+
+
+def log_nested_run(run_dir: str | Path, name: str, metrics: dict[str, float], files: list[Path],
+                   tracking_uri: str | None = None) -> str | None:
+    """Log an analysis of a finished stream (routing, transfer) as a run nested under the stream's
+    MLflow run, with ``files`` under ``<name>/``. None when the stream was not logged."""
+    import json
+
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    tracking = json.loads((Path(run_dir) / "results.json").read_text()).get("tracking") or {}
+    uri, parent = tracking_uri or tracking.get("tracking_uri"), tracking.get("parent_run_id")
+    if not uri or not parent:
+        return None
+    client = MlflowClient(uri)
+    child = client.create_run(client.get_run(parent).info.experiment_id, run_name=name,
+                              tags={"mlflow.parentRunId": parent, "kind": name}).info.run_id
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, 0) for k, v in _finite(metrics).items()]
+    for i in range(0, len(items), 900):
+        client.log_batch(child, metrics=items[i:i + 900])
+    for f in files:
+        client.log_artifact(child, str(f), name)
+    client.set_terminated(child)
+    return child
+
+
 class MLflowLogger(StreamLogger):
     """Parent run per stream, nested run per step, through ``MlflowClient`` (no global state)."""
 

@@ -12,15 +12,13 @@ differ are not comparable and stay empty. Writes ``transfer.csv``, ``transfer.md
 from __future__ import annotations
 
 import dataclasses
-import json
-import time
 from pathlib import Path
 
 import numpy as np
 
 from .plots import annotated_heatmap
-from .route import stream_of_run
-from .runner import RunStateError, load_run_model
+from .route import per_task_run
+from .tracking import log_nested_run
 from .train import eval_loader, evaluate
 
 
@@ -62,12 +60,7 @@ class TransferMatrix:
 
 def transfer_matrix(run_dir: str | Path, backbone: str = "minilm", batch_size: int = 64) -> TransferMatrix:
     """Score every task's delta + head on every task with the same label names."""
-    run = Path(run_dir)
-    stream, identity = stream_of_run(run)
-    model, loaded = load_run_model(run, backbone)
-    if loaded != stream.names:
-        raise RunStateError(f"the transfer matrix applies one delta per stream task; {run} holds {loaded} "
-                            f"for stream tasks {stream.names} (run it with --strategy per-task)")
+    stream, identity, model = per_task_run(Path(run_dir), backbone, "the transfer matrix applies one delta per stream task")
     T = len(stream)
     acc = np.full((T, T), np.nan)
     for j, target in enumerate(stream):
@@ -80,21 +73,7 @@ def transfer_matrix(run_dir: str | Path, backbone: str = "minilm", batch_size: i
 
 def log_transfer(run_dir: str | Path, files: list[Path], matrix: TransferMatrix) -> str | None:
     """A nested ``transfer`` run under the stream's MLflow run; None when the run was not logged."""
-    tracking = json.loads((Path(run_dir) / "results.json").read_text()).get("tracking") or {}
-    if not tracking.get("parent_run_id"):
-        return None
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric
-
-    client = MlflowClient(tracking["tracking_uri"])
-    parent = tracking["parent_run_id"]
-    child = client.create_run(client.get_run(parent).info.experiment_id, run_name="transfer",
-                              tags={"mlflow.parentRunId": parent, "kind": "transfer"}).info.run_id
-    now, rel = int(time.time() * 1000), matrix.relative
-    client.log_batch(child, metrics=[Metric(f"relative/{s}/{t}", float(rel[i, j]), now, 0)
-                                     for i, s in enumerate(matrix.tasks) for j, t in enumerate(matrix.tasks)
-                                     if i != j and not np.isnan(rel[i, j])])
-    for f in files:
-        client.log_artifact(child, str(f), "transfer")
-    client.set_terminated(child)
-    return child
+    rel = matrix.relative
+    metrics = {f"relative/{s}/{t}": float(rel[i, j]) for i, s in enumerate(matrix.tasks)
+               for j, t in enumerate(matrix.tasks) if i != j and not np.isnan(rel[i, j])}
+    return log_nested_run(run_dir, "transfer", metrics, files)
