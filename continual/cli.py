@@ -8,6 +8,7 @@
     python -m continual route runs/default-per-task-bottleneck-s0   # task-free inference
     python -m continual transfer runs/default-per-task-bottleneck-s0   # zero-shot transfer matrix
     python -m continual combine --task movie --combo lora+bitfit      # method combinations study
+    python -m continual compare --entry per-task:lora --entry seq-ft   # comparison report
     python -m continual list
 """
 
@@ -149,6 +150,29 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--out", default=None, help="where the table goes (default: runs/combine-<task>-s<seed>)")
     co.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI)
     co.add_argument("--no-mlflow", action="store_true")
+
+    cp = sub.add_parser("compare", help="run several methods and baselines on a stream and write a comparison report",
+                        description="Run each --entry (strategy or strategy:method+method) on the stream into "
+                        "<out>/<entry> (finished entries are reused, killed ones resume) and write report.md, "
+                        "report.json and report.png (ACC, BWT, FWT, forgetting, trainable parameters, delta size on "
+                        "disk, wall time per entry), logged to MLflow as a 'compare' run.",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    cp.add_argument("--stream", default=DEFAULTS["stream"])
+    cp.add_argument("--entry", action="append", metavar="STRATEGY[:M1+M2]",
+                    help="repeat; default: per-task:bottleneck, per-task:lora, seq-delta:lora, seq-ft%(default).0s")
+    cp.add_argument("--backbone", default=DEFAULTS["backbone"])
+    cp.add_argument("--max-train", type=int, default=DEFAULTS["max_train"])
+    cp.add_argument("--max-eval", type=int, default=DEFAULTS["max_eval"])
+    cp.add_argument("--steps", type=int, default=DEFAULTS["steps"])
+    cp.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
+    cp.add_argument("--max-length", type=int, default=DEFAULTS["max_length"])
+    cp.add_argument("--eval-every", type=int, default=DEFAULTS["eval_every"])
+    cp.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+    cp.add_argument("--device", default=None)
+    cp.add_argument("--out", default=None, help="default: runs/compare-<stream>-s<seed>")
+    cp.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI)
+    cp.add_argument("--no-mlflow", action="store_true")
+    cp.add_argument("--no-progress", action="store_true")
 
     ls = sub.add_parser("list", help="list methods, streams, backbones and strategies")
     ls.add_argument("what", nargs="?", choices=["methods", "streams", "backbones", "strategies", "data"], default=None)
@@ -319,6 +343,24 @@ def cmd_combine(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from streams import load_stream
+
+    from .compare import compare, parse_entry, report_markdown, write_report
+    from .train import TrainConfig
+
+    entries = [parse_entry(e) for e in (args.entry or ["per-task:bottleneck", "per-task:lora", "seq-delta:lora", "seq-ft"])]
+    stream = load_stream(args.stream, args.seed, args.max_train or None, args.max_eval or None)
+    config = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, max_length=args.max_length,
+                         eval_every=args.eval_every, seed=args.seed, device=args.device, progress=not args.no_progress)
+    out = Path(args.out or f"runs/compare-{Path(args.stream).stem}-s{args.seed}")
+    rows = compare(stream, entries, config, out, args.backbone, args.seed, not args.no_progress)
+    files = write_report(stream.name, rows, out, None if args.no_mlflow else args.tracking_uri)
+    print(report_markdown(stream.name, rows))
+    print(f"report: {', '.join(str(f) for f in files)}")
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from adapters import BACKBONES, DeltaError, available_methods, make_config
     from streams import SOURCES, STREAMS
@@ -357,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     from .runner import RunStateError
 
     try:
-        return {"run": cmd_run, "report": cmd_report, "route": cmd_route, "transfer": cmd_transfer, "combine": cmd_combine, "list": cmd_list}[args.command](args)
+        return {"run": cmd_run, "report": cmd_report, "route": cmd_route, "transfer": cmd_transfer, "combine": cmd_combine, "compare": cmd_compare, "list": cmd_list}[args.command](args)
     except (DataError, DeltaError, RunStateError, FileNotFoundError, ValueError) as e:
         print(f"continual {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -158,3 +158,30 @@ def test_transfer_matrix_command(toy_yaml, tiny_backbone_dir, tmp_path, capsys):
     client = MlflowClient(uri)
     child = client.search_runs([client.get_experiment_by_name("continual").experiment_id], "tags.kind = 'transfer'")[0]
     assert child.data.metrics["relative/a/b"] == pytest.approx(rel[("a", "b")])
+
+
+def test_compare_command_writes_a_report(toy_yaml, tiny_backbone_dir, tmp_path, capsys):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    out = tmp_path / "cmp"
+    common = ["compare", "--stream", str(toy_yaml), "--backbone", str(tiny_backbone_dir), "--entry", "per-task:lora:rank=4",
+              "--entry", "seq-ft", "--steps", "20", "--eval-every", "10", "--max-length", "16", "--no-progress",
+              "--out", str(out), "--tracking-uri", uri]
+    assert main(common) == 0
+    printed = capsys.readouterr().out
+    rows = json.loads((out / "report.json").read_text())["rows"]
+    assert list(rows) == ["per-task-lora", "seq-ft"]
+    own = json.loads((out / "per-task-lora" / "results.json").read_text())
+    assert rows["per-task-lora"]["ACC"] == own["metrics"]["ACC"] and rows["per-task-lora"]["BWT"] == 0.0
+    assert rows["seq-ft"]["trainable_params_per_task"] > 100 * rows["per-task-lora"]["trainable_params_per_task"]
+    assert rows["per-task-lora"]["delta_bytes_on_disk"] > 0
+    assert "| per-task-lora | " in printed and (out / "report.png").stat().st_size > 1000
+    client = MlflowClient(uri)
+    run = client.search_runs([client.get_experiment_by_name("continual").experiment_id], "tags.kind = 'compare'")[0]
+    assert run.data.metrics["ACC/seq-ft"] == pytest.approx(rows["seq-ft"]["ACC"])
+    mtime = (out / "seq-ft" / "results.json").stat().st_mtime
+    assert main(common) == 0  # finished entries are reused, not rerun
+    assert (out / "seq-ft" / "results.json").stat().st_mtime == mtime
+    assert main(common[:5] + ["--entry", "nope"]) == 2
+    assert "unknown strategy 'nope'" in capsys.readouterr().err
