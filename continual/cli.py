@@ -46,6 +46,27 @@ def _method_label(methods: list[Any]) -> str:
     return "+".join(m if isinstance(m, str) else m["method"] for m in methods)
 
 
+def _training_options(p: argparse.ArgumentParser, steps_help: str | None = None) -> None:
+    """Backbone, data caps and training settings shared by the commands that train (combine, compare)."""
+    p.add_argument("--backbone", default=DEFAULTS["backbone"])
+    p.add_argument("--max-train", type=int, default=DEFAULTS["max_train"])
+    p.add_argument("--max-eval", type=int, default=DEFAULTS["max_eval"])
+    p.add_argument("--steps", type=int, default=DEFAULTS["steps"], help=steps_help)
+    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
+    p.add_argument("--max-length", type=int, default=DEFAULTS["max_length"])
+    p.add_argument("--eval-every", type=int, default=DEFAULTS["eval_every"])
+    p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+    p.add_argument("--device", default=None)
+
+
+def _train_config(args: argparse.Namespace, progress: bool = True) -> Any:
+    """The TrainConfig of :func:`_training_options`' settings."""
+    from .train import TrainConfig
+
+    return TrainConfig(max_steps=args.steps, batch_size=args.batch_size, max_length=args.max_length,
+                       eval_every=args.eval_every, seed=args.seed, device=args.device, progress=progress)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from adapters import BACKBONES, available_methods
     from adapters.speed import COMPILE_MODES, PRECISIONS
@@ -138,15 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="methods joined by '+', options as in --method (lora:rank=4+bitfit); repeat for a grid "
                     "(default: lora+bitfit, bottleneck+bitfit, lora+prompt)%(default).0s")
     co.add_argument("--mode", action="append", choices=["simultaneous", "sequential"], help="default: both%(default).0s")
-    co.add_argument("--backbone", default=DEFAULTS["backbone"])
-    co.add_argument("--max-train", type=int, default=DEFAULTS["max_train"])
-    co.add_argument("--max-eval", type=int, default=DEFAULTS["max_eval"])
-    co.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="training steps per stage")
-    co.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
-    co.add_argument("--max-length", type=int, default=DEFAULTS["max_length"])
-    co.add_argument("--eval-every", type=int, default=DEFAULTS["eval_every"])
-    co.add_argument("--seed", type=int, default=DEFAULTS["seed"])
-    co.add_argument("--device", default=None)
+    _training_options(co, "training steps per stage")
     co.add_argument("--out", default=None, help="where the table goes (default: runs/combine-<task>-s<seed>)")
     co.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI)
     co.add_argument("--no-mlflow", action="store_true")
@@ -160,15 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--stream", default=DEFAULTS["stream"])
     cp.add_argument("--entry", action="append", metavar="STRATEGY[:M1+M2]",
                     help="repeat; default: per-task:bottleneck, per-task:lora, seq-delta:lora, seq-ft%(default).0s")
-    cp.add_argument("--backbone", default=DEFAULTS["backbone"])
-    cp.add_argument("--max-train", type=int, default=DEFAULTS["max_train"])
-    cp.add_argument("--max-eval", type=int, default=DEFAULTS["max_eval"])
-    cp.add_argument("--steps", type=int, default=DEFAULTS["steps"])
-    cp.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
-    cp.add_argument("--max-length", type=int, default=DEFAULTS["max_length"])
-    cp.add_argument("--eval-every", type=int, default=DEFAULTS["eval_every"])
-    cp.add_argument("--seed", type=int, default=DEFAULTS["seed"])
-    cp.add_argument("--device", default=None)
+    _training_options(cp)
     cp.add_argument("--out", default=None, help="default: runs/compare-<stream>-s<seed>")
     cp.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI)
     cp.add_argument("--no-mlflow", action="store_true")
@@ -306,15 +311,13 @@ def cmd_combine(args: argparse.Namespace) -> int:
 
     from .combine import study_table, train_combination
     from .tracking import experiment
-    from .train import TrainConfig
 
     combos = [[parse_method(m) for m in c.split("+")] for c in (args.combo or ["lora+bitfit", "bottleneck+bitfit", "lora+prompt"])]
     modes = args.mode or ["simultaneous", "sequential"]
     task = builtin_task(args.task, args.seed, args.max_train or None, args.max_eval or None)
     torch.manual_seed(args.seed)
     model = DeltaModel.from_pretrained(args.backbone)
-    config = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, max_length=args.max_length,
-                         eval_every=args.eval_every, seed=args.seed, device=args.device)
+    config = _train_config(args)
     out = Path(args.out or f"runs/combine-{args.task}-s{args.seed}")
     out.mkdir(parents=True, exist_ok=True)
     client, exp_id = (None, None) if args.no_mlflow else experiment(args.tracking_uri, "combinations")
@@ -347,12 +350,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from streams import load_stream
 
     from .compare import compare, parse_entry, report_markdown, write_report
-    from .train import TrainConfig
 
     entries = [parse_entry(e) for e in (args.entry or ["per-task:bottleneck", "per-task:lora", "seq-delta:lora", "seq-ft"])]
     stream = load_stream(args.stream, args.seed, args.max_train or None, args.max_eval or None)
-    config = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, max_length=args.max_length,
-                         eval_every=args.eval_every, seed=args.seed, device=args.device, progress=not args.no_progress)
+    config = _train_config(args, not args.no_progress)
     out = Path(args.out or f"runs/compare-{Path(args.stream).stem}-s{args.seed}")
     rows = compare(stream, entries, config, out, args.backbone, args.seed, not args.no_progress)
     files = write_report(stream.name, rows, out, None if args.no_mlflow else args.tracking_uri)
