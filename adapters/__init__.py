@@ -8,6 +8,11 @@ Public API:
   MixedTasks (model.mixed())  many tasks in one batch, each example through its own delta
 """
 
+# first: torchvision must be importable before transformers is (see torchvision_compat)
+from .torchvision_compat import ensure_importable as _ensure_torchvision
+
+_ensure_torchvision()
+
 from .backbones import BACKBONES, DEFAULT_BACKBONE, load_backbone
 from .base import Delta, LayerwiseConfig, SiteDelta
 from .checkpoint import backbone_fingerprint, load_task, read_meta, save_task

@@ -28,18 +28,23 @@ DEFAULTS = dict(stream="default", strategy="per-task", backbone="minilm", max_tr
 
 def parse_method(text: str) -> str | dict[str, Any]:
     """``lora`` or ``lora:rank=16,alpha=32`` (values read as YAML scalars)."""
-    import yaml
-
     if ":" not in text:
         return text
     name, _, opts = text.partition(":")
-    config: dict[str, Any] = {"method": name}
-    for item in filter(None, opts.split(",")):
+    return {"method": name, **parse_options(opts, text)}
+
+
+def parse_options(text: str, context: str | None = None) -> dict[str, Any]:
+    """``k=v,k=v`` (values read as YAML scalars: numbers, booleans, strings)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in filter(None, text.split(",")):
         key, eq, value = item.partition("=")
         if not eq:
-            raise argparse.ArgumentTypeError(f"method option {item!r} must be key=value (in {text!r})")
-        config[key.strip()] = yaml.safe_load(value)
-    return config
+            raise argparse.ArgumentTypeError(f"option {item!r} must be key=value (in {context or text!r})")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
 
 
 def _method_label(methods: list[Any]) -> str:
@@ -89,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: bottleneck)%(default).0s")
     r.add_argument("--strategy", default=DEFAULTS["strategy"], choices=list(STRATEGIES),
                    help="; ".join(f"{k}: {v.description}" for k, v in STRATEGIES.items()))
+    r.add_argument("--strategy-option", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                   help="strategy options, e.g. ewc_lambda=100 (avalanche-ewc), mem_size=500 (avalanche-replay), "
+                   "backbone_lr=3e-5 (seq-ft, avalanche-*); `continual list strategies` shows each one's")
     r.add_argument("--backbone", default=DEFAULTS["backbone"], help=f"{', '.join(BACKBONES)}, a local path or a hub id")
     r.add_argument("--max-train", type=int, default=DEFAULTS["max_train"], help="cap on training examples per task (0: none)")
     r.add_argument("--max-eval", type=int, default=DEFAULTS["max_eval"], help="cap on dev and test examples per task (0: none)")
@@ -171,8 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "disk, wall time per entry), logged to MLflow as a 'compare' run.",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     cp.add_argument("--stream", default=DEFAULTS["stream"])
-    cp.add_argument("--entry", action="append", metavar="STRATEGY[:M1+M2]",
-                    help="repeat; default: per-task:bottleneck, per-task:lora, seq-delta:lora, seq-ft%(default).0s")
+    cp.add_argument("--entry", action="append", metavar="STRATEGY[@K=V,...][:M1+M2]",
+                    help="repeat; e.g. per-task:lora, seq-ft, avalanche-ewc@ewc_lambda=100, avalanche-replay "
+                    "(Avalanche baselines need the [avalanche] extra); default: per-task:bottleneck, per-task:lora, "
+                    "seq-delta:lora, seq-ft%(default).0s")
     _training_options(cp)
     cp.add_argument("--out", default=None, help="default: runs/compare-<stream>-s<seed>")
     cp.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI)
@@ -194,7 +204,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from streams import load_stream
 
     methods = args.method or ["bottleneck"]
-    strategy = make_strategy(args.strategy, methods)
+    options = {k: v for text in args.strategy_option for k, v in parse_options(text).items()}
+    strategy = make_strategy(args.strategy, methods, **options)
     label = "ft" if strategy.trains_backbone else _method_label(methods)
     out = Path(args.out or f"runs/{Path(args.stream).stem}-{args.strategy}-{label}-s{args.seed}")
     cap = lambda v: v or None  # noqa: E731  0 means no cap
@@ -355,7 +366,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     stream = load_stream(args.stream, args.seed, args.max_train or None, args.max_eval or None)
     config = _train_config(args, not args.no_progress)
     out = Path(args.out or f"runs/compare-{Path(args.stream).stem}-s{args.seed}")
-    rows = compare(stream, entries, config, out, args.backbone, args.seed, not args.no_progress)
+    rows = compare(stream, entries, config, out, args.backbone, args.seed, not args.no_progress,
+                   None if args.no_mlflow else args.tracking_uri)
     files = write_report(stream.name, rows, out, None if args.no_mlflow else args.tracking_uri)
     print(report_markdown(stream.name, rows))
     print(f"report: {', '.join(str(f) for f in files)}")
@@ -380,7 +392,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     if what in (None, "strategies"):
         print("strategies:")
         for k, v in STRATEGIES.items():
-            print(f"  {k:<16} {v.description}")
+            opts = getattr(v, "defaults", {})
+            print(f"  {k:<16} {v.description}" + (f" [options: {', '.join(f'{o}={d}' for o, d in opts.items())}]" if opts else ""))
     if what in (None, "streams"):
         print("streams (or a YAML file, see streams/stream.py):")
         for k, v in STREAMS.items():

@@ -1,13 +1,14 @@
 """Comparison report: several methods and baselines on one stream, side by side.
 
     python -m continual compare --stream default --entry per-task:lora --entry per-task:bottleneck \\
-        --entry seq-delta:lora --entry seq-ft --max-train 300 --steps 100
+        --entry seq-delta:lora --entry seq-ft --entry avalanche-ewc@ewc_lambda=100 --max-train 300 --steps 100
 
-Each entry (``strategy`` or ``strategy:method+method``) runs the stream into its own directory
-under ``--out`` (a finished entry is reused, a killed one resumes), then one report gives, per
-entry: ACC, BWT, FWT, forgetting, trainable parameters per task, delta size on disk (the saved
-task checkpoints) and wall time, as ``report.md``, ``report.json`` and ``report.png``, logged to
-MLflow as a ``compare`` run.
+Each entry (``strategy``, ``strategy:method+method``, ``strategy@key=value,...``) runs the stream
+into its own directory under ``--out`` (a finished entry is reused, a killed one resumes; each
+stream is logged to MLflow like ``continual run``), then one report gives, per entry: ACC, BWT,
+FWT, forgetting, trainable parameters per task, delta size on disk (the saved task checkpoints,
+and the backbone where the entry fine-tunes it) and wall time, as ``report.md``, ``report.json``
+and ``report.png``, logged to MLflow as a ``compare`` run.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -27,22 +29,27 @@ METRICS = ("ACC", "BWT", "FWT", "forgetting")
 class Entry:
     strategy: str
     methods: list[Any]
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def label(self) -> str:
         names = "+".join(m if isinstance(m, str) else m["method"] for m in self.methods)
-        return f"{self.strategy}-{names}" if names else self.strategy
+        opts = ",".join(f"{k}={v}" for k, v in self.options.items())
+        strategy = f"{self.strategy}@{opts}" if opts else self.strategy
+        return f"{strategy}-{names}" if names else strategy
 
 
 def parse_entry(text: str) -> Entry:
-    """``per-task:lora+bitfit``, ``seq-ft``, ``per-task:lora:rank=4`` (options as in --method)."""
-    from .cli import parse_method
+    """``per-task:lora+bitfit``, ``seq-ft``, ``per-task:lora:rank=4`` (options as in --method),
+    ``avalanche-ewc@ewc_lambda=100`` (strategy options as in --strategy-option)."""
+    from .cli import parse_method, parse_options
     from .strategies import STRATEGIES
 
-    strategy, _, methods = text.partition(":")
+    head, _, methods = text.partition(":")
+    strategy, _, opts = head.partition("@")
     if strategy not in STRATEGIES:
         raise ValueError(f"entry {text!r}: unknown strategy {strategy!r}; one of {', '.join(STRATEGIES)}")
-    return Entry(strategy, [parse_method(m) for m in methods.split("+")] if methods else [])
+    return Entry(strategy, [parse_method(m) for m in methods.split("+")] if methods else [], parse_options(opts, text))
 
 
 def _dir_bytes(path: Path) -> int:
@@ -64,14 +71,17 @@ def summarize_run(directory: Path) -> dict[str, Any]:
 
 
 def compare(stream: Any, entries: Sequence[Entry], config: Any, out: str | Path, backbone: str = "minilm",
-            seed: int = 0, progress: bool = True) -> dict[str, dict[str, Any]]:
-    """Run (or reuse) every entry on ``stream``; returns label -> report row."""
+            seed: int = 0, progress: bool = True, tracking_uri: str | None = None) -> dict[str, dict[str, Any]]:
+    """Run (or reuse) every entry on ``stream``; returns label -> report row. With
+    ``tracking_uri`` each entry's stream is logged to MLflow as ``continual run`` logs it (run
+    name ``compare-<stream>-<entry>``)."""
     import torch
 
     from adapters import DeltaModel
 
     from .runner import run_stream
     from .strategies import make_strategy
+    from .tracking import DEFAULT_EXPERIMENT, MLflowLogger
 
     out = Path(out)
     rows = {}
@@ -80,8 +90,9 @@ def compare(stream: Any, entries: Sequence[Entry], config: Any, out: str | Path,
         if not (directory / "results.json").exists():
             torch.manual_seed(seed)
             model = DeltaModel.from_pretrained(backbone)
-            strategy = make_strategy(e.strategy, e.methods or ["bottleneck"])
-            run_stream(stream, model, strategy, config, directory, seed=seed, progress=progress,
+            strategy = make_strategy(e.strategy, e.methods or ["bottleneck"], **e.options)
+            loggers = [MLflowLogger(tracking_uri, DEFAULT_EXPERIMENT, f"compare-{stream.name}-{e.label}")] if tracking_uri else []
+            run_stream(stream, model, strategy, config, directory, seed=seed, progress=progress, loggers=loggers,
                        resume=(directory / "state.json").exists())
         rows[e.label] = summarize_run(directory)
     return rows
@@ -96,7 +107,8 @@ def report_markdown(stream: str, rows: dict[str, dict[str, Any]]) -> str:
         lines.append(f"| {label} | " + " | ".join(fmt(r[k]) for k in METRICS)
                      + f" | {r['trainable_params_per_task']:,} | {r['delta_bytes_on_disk'] / 1e6:.2f} MB | {r['wall_seconds']:.0f} s |")
     lines += ["", "ACC: mean final accuracy; BWT < 0 and forgetting > 0 mean forgetting; FWT: gain from earlier "
-              "tasks before training. Delta on disk: all task checkpoints the run saved."]
+              "tasks before training. Delta on disk: all task checkpoints the run saved, with the fine-tuned "
+              "backbone for the strategies that train it (seq-ft, avalanche-*)."]
     return "\n".join(lines)
 
 
@@ -139,9 +151,10 @@ def write_report(stream: str, rows: dict[str, dict[str, Any]], out: str | Path, 
         client, exp_id = experiment(tracking_uri, "continual")
         run = client.create_run(exp_id, run_name=f"compare-{stream}", tags={"kind": "compare", "stream": stream})
         for label, r in clean.items():
+            key = re.sub(r"[^\w\-. :/]", "_", label)  # MLflow metric names: no '@', '=', ','
             for k, v in r.items():
                 if v is not None:
-                    client.log_metric(run.info.run_id, f"{k}/{label}", float(v))
+                    client.log_metric(run.info.run_id, f"{k}/{key}", float(v))
         for f in files:
             client.log_artifact(run.info.run_id, str(f), "compare")
         client.set_terminated(run.info.run_id)

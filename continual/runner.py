@@ -217,7 +217,8 @@ def run_stream(
             for j in step:
                 metrics[f"test_accuracy/{tasks[j].name}"] = float(matrix.R[row, j])
                 metrics[f"trainable_params/{tasks[j].name}"] = trainable[tasks[j].name]
-            artifacts = _export_checkpoints(model, strategy, step_tasks, out / "checkpoints")
+            exported = tasks[:row + 1] if strategy.updates_old_tasks else step_tasks
+            artifacts = _export_checkpoints(model, strategy, exported, out / "checkpoints")
             for t in step_tasks:
                 artifacts.update(strategy.reports(model, t, data.loader(t), out / "reports" / t.name))
             so_far = _so_far(matrix, row)
@@ -288,8 +289,8 @@ def load_run_tasks(model: DeltaModel, run_dir: str | Path, tasks: Sequence[str] 
 
 
 def load_run_model(run_dir: str | Path, backbone: str = "minilm", tasks: Sequence[str] | None = None) -> tuple[DeltaModel, list[str]]:
-    """The backbone a run was trained on, with the run's task checkpoints loaded (see
-    :func:`load_run_tasks`). Seeds torch with the run's seed first, as ``continual run`` does, so
+    """The backbone a run was trained on (as the run left it, if it fine-tuned it), with the
+    run's task checkpoints loaded (see :func:`load_run_tasks`). Seeds torch with the run's seed first, as ``continual run`` does, so
     weights the backbone's files lack (an unused pooler) match the run's."""
     run = Path(run_dir)
     seed = 0
@@ -299,6 +300,9 @@ def load_run_model(run_dir: str | Path, backbone: str = "minilm", tasks: Sequenc
             break
     torch.manual_seed(seed)
     model = DeltaModel.from_pretrained(backbone)
+    trained = run / "checkpoints" / BACKBONE_FILE
+    if trained.exists():  # a strategy that fine-tuned the backbone (seq-ft, avalanche-*)
+        model.backbone.load_state_dict(load_file(str(trained)), strict=True)
     return model, load_run_tasks(model, run, tasks)
 
 
@@ -325,13 +329,25 @@ def _so_far(matrix: AccuracyMatrix, row: int) -> dict[str, float]:
     return summarize(matrix.R[:row + 1, :row + 1], matrix.b[:row + 1])
 
 
+BACKBONE_FILE = "backbone.safetensors"
+
+
 def _export_checkpoints(model: DeltaModel, strategy: Strategy, tasks: list[Task], root: Path) -> dict[str, Path]:
-    """Shareable checkpoints of what each task runs with (its delta + head, or a shared delta)."""
+    """Shareable checkpoints of what each task runs with (its delta + head, or a shared delta).
+
+    A strategy that trains the backbone also writes the backbone as it is now to
+    ``checkpoints/backbone.safetensors`` (the tasks' heads need it; not logged to MLflow: it is
+    the size of the model)."""
     out = {}
     for t in tasks:
         for name in strategy.exported(t.name):
             path = save_task(model, name, root / t.name / name)
             out[f"checkpoint/{name}"] = path
+    if strategy.trains_backbone:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = root / (BACKBONE_FILE + ".tmp")
+        save_file({k: v.detach().contiguous().cpu() for k, v in model.backbone.state_dict().items()}, str(tmp))
+        os.replace(tmp, root / BACKBONE_FILE)
     return out
 
 

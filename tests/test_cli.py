@@ -176,10 +176,15 @@ def test_compare_command_writes_a_report(toy_yaml, tiny_backbone_dir, tmp_path, 
     assert rows["per-task-lora"]["ACC"] == own["metrics"]["ACC"] and rows["per-task-lora"]["BWT"] == 0.0
     assert rows["seq-ft"]["trainable_params_per_task"] > 100 * rows["per-task-lora"]["trainable_params_per_task"]
     assert rows["per-task-lora"]["delta_bytes_on_disk"] > 0
+    # seq-ft's "delta" is the whole fine-tuned backbone (saved with the run), not just its heads
+    backbone_bytes = (out / "seq-ft" / "checkpoints" / "backbone.safetensors").stat().st_size
+    assert rows["seq-ft"]["delta_bytes_on_disk"] > backbone_bytes > 10 * rows["per-task-lora"]["delta_bytes_on_disk"]
     assert "| per-task-lora | " in printed and (out / "report.png").stat().st_size > 1000
     client = MlflowClient(uri)
     run = client.search_runs([client.get_experiment_by_name("continual").experiment_id], "tags.kind = 'compare'")[0]
     assert run.data.metrics["ACC/seq-ft"] == pytest.approx(rows["seq-ft"]["ACC"])
+    streams = client.search_runs([run.info.experiment_id], "attributes.run_name = 'compare-toy-seq-ft'")
+    assert streams and streams[0].data.metrics["ACC"] == pytest.approx(rows["seq-ft"]["ACC"])  # each entry logged too
     mtime = (out / "seq-ft" / "results.json").stat().st_mtime
     assert main(common) == 0  # finished entries are reused, not rerun
     assert (out / "seq-ft" / "results.json").stat().st_mtime == mtime
