@@ -414,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return {"run": cmd_run, "report": cmd_report, "route": cmd_route, "transfer": cmd_transfer, "combine": cmd_combine, "compare": cmd_compare, "list": cmd_list}[args.command](args)
-    except (DataError, DeltaError, RunStateError, FileNotFoundError, ValueError) as e:
+    except (DataError, DeltaError, RunStateError, FileNotFoundError, ValueError, ImportError, argparse.ArgumentTypeError) as e:
         print(f"continual {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -150,3 +150,10 @@ def test_cli_runs_and_compares_avalanche_baselines(toy_yaml, tiny_backbone_dir, 
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("continual").experiment_id
     assert client.search_runs([exp], "attributes.run_name = 'compare-toy-avalanche-ewc@ewc_lambda=10'")
+
+
+def test_without_the_extra_the_error_says_how_to_install(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "avalanche" else real(name, *a))
+    with pytest.raises(ImportError, match=r"install.sh --avalanche"):
+        make_strategy("avalanche-lwf")
