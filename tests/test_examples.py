@@ -3,6 +3,8 @@
 import importlib.util
 from pathlib import Path
 
+from test_cli import toy_yaml  # noqa: F401  (a fixture)
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
@@ -45,3 +47,16 @@ def test_fuse_stream_example(tmp_path, tiny_backbone_dir):
     assert 0.0 <= out["fusion_test_accuracy"] <= 1.0
     png = Path(out["files"][2])
     assert png.suffix == ".png" and png.stat().st_size > 1000
+
+
+def test_avalanche_loop_example(toy_yaml, tiny_backbone_dir):
+    """A stream exported as an Avalanche benchmark, trained and evaluated by Avalanche's own loop."""
+    import pytest
+
+    pytest.importorskip("avalanche", reason="the [avalanche] extra is not installed")
+    out = load("avalanche_loop").main(["--stream", str(toy_yaml), "--backbone", str(tiny_backbone_dir), "--strategy", "LwF",
+                                       "--max-length", "16", "--lr", "1e-3", "--quiet"])
+    assert out["experiences"] == 3 and out["tasks"] == ["a", "b", "c"]
+    accs = {k: v for k, v in out["metrics"].items() if k.startswith("Top1_Acc_Exp/eval_phase/test_stream")}
+    assert len(accs) == 3 and all(0.0 <= v <= 1.0 for v in accs.values())
+    assert 0.0 <= out["metrics"]["Top1_Acc_Stream/eval_phase/test_stream/Task002"] <= 1.0
