@@ -290,8 +290,9 @@ def load_run_tasks(model: DeltaModel, run_dir: str | Path, tasks: Sequence[str] 
 
 def load_run_model(run_dir: str | Path, backbone: str = "minilm", tasks: Sequence[str] | None = None) -> tuple[DeltaModel, list[str]]:
     """The backbone a run was trained on (as the run left it, if it fine-tuned it), with the
-    run's task checkpoints loaded (see :func:`load_run_tasks`). Seeds torch with the run's seed first, as ``continual run`` does, so
-    weights the backbone's files lack (an unused pooler) match the run's."""
+    run's task checkpoints loaded (see :func:`load_run_tasks`). Seeds torch with the run's seed
+    first, as ``continual run`` does, so weights the backbone's files lack (an unused pooler)
+    match the run's."""
     run = Path(run_dir)
     seed = 0
     for f in (run / "results.json", run / "state.json"):

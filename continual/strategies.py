@@ -9,6 +9,8 @@
                 catastrophic-forgetting baseline.
 - ``joint``     one shared delta trained on all tasks at once (multi-task): the upper bound; it
                 fills only the last row of the accuracy matrix.
+- ``avalanche-naive|ewc|lwf|replay|agem``  Avalanche's strategies on the same backbone and stream
+                (``continual.avalanche_strategies``; the ``[avalanche]`` extra).
 
 The runner (``continual.runner``) only calls the methods of :class:`Strategy`; a new strategy is a
 new subclass here, with no branch elsewhere.
