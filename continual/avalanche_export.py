@@ -6,8 +6,8 @@
         strategy.train(exp)
 
 Text becomes tensors Avalanche can batch with its default collate: each example's ``x`` is a
-``[3, L]`` int64 tensor (token ids, attention mask, token type ids) padded to the longest example
-of its split, ``y`` its label id in the task's own label space, ``t`` the task's index in the
+``[3, 512]`` int64 tensor (token ids, attention mask, token type ids, zero-padded; the same width
+for every task, so memories can mix tasks), ``y`` its label id in the task's own label space, ``t`` the task's index in the
 stream (task-incremental: every task keeps its own head). Streams: ``train``, ``valid`` (our dev
 split) and ``test``.
 """
@@ -36,13 +36,19 @@ def require_avalanche() -> None:
                           "(it installs avalanche-lib with a torchvision that pairs with your torch)")
 
 
-def pack(tokenised: Any) -> torch.Tensor:
-    """``[N, 3, L]`` int64: ids, mask, token types of a tokenised ``datasets.Dataset``, right-padded
-    with 0 (mask 0) to its longest row."""
+# Every task's examples are padded to one width, so that a replay memory or an A-GEM sample can
+# batch examples of different tasks (Avalanche stacks them with its default collate). The model
+# trims each batch to its longest row (AvalancheNet), so the padding costs memory, not compute.
+PACK_WIDTH = 512
+
+
+def pack(tokenised: Any, width: int = PACK_WIDTH) -> torch.Tensor:
+    """``[N, 3, W]`` int64: ids, mask, token types of a tokenised ``datasets.Dataset``, right-padded
+    with 0 (mask 0) to ``width`` (or to its longest row, if longer)."""
     rows = tokenised["input_ids"]
     if not rows:
         raise ValueError("cannot pack an empty split")
-    length = max(len(r) for r in rows)
+    length = max(width, max(len(r) for r in rows))
     out = torch.zeros(len(rows), 3, length, dtype=torch.long)
     masks = tokenised["attention_mask"] if "attention_mask" in tokenised.column_names else None
     types = tokenised["token_type_ids"] if "token_type_ids" in tokenised.column_names else None

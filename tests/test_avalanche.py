@@ -64,7 +64,7 @@ def test_stream_exports_as_a_task_incremental_benchmark(minilm_tokenizer):
         assert exp.task_label == j and exp.current_experience == j
         assert len(exp.dataset) == len(task.test)
         x, y, t = exp.dataset[0]
-        assert x.dtype == torch.long and x.shape[0] == 3 and t == j and y == task.test["label"][0]
+        assert x.dtype == torch.long and x.shape == (3, 512) and t == j and y == task.test["label"][0]
         ids = minilm_tokenizer(task.test["text"][0], truncation=True, max_length=16)["input_ids"]
         assert x[0, :len(ids)].tolist() == ids and x[1].sum() == len(ids)  # ids, then the mask
         assert set(exp.classes_in_this_experience) == set(task.test["label"])
@@ -81,6 +81,21 @@ def test_each_avalanche_strategy_runs_the_stream_with_our_metrics(text_model, tm
     assert res.steps[2]["trainable_params"]["c"] > text_model().backbone_parameters()
     ck = tmp_path / "run" / "checkpoints"
     assert (ck / "backbone.safetensors").exists() and {p.name for p in ck.iterdir() if p.is_dir()} == {"a", "b", "c"}
+
+
+@needs_avalanche
+@pytest.mark.parametrize("name", ["avalanche-replay", "avalanche-agem"])
+def test_memories_mix_tasks_of_different_lengths(text_model, tmp_path, name):
+    from datasets import Dataset
+    from streams import Task, TaskStream
+
+    short, long_ = toy_stream()[0], toy_stream()[1]
+    longer = lambda ds: Dataset.from_dict({"text": [t + " " + t for t in ds["text"]], "label": ds["label"]})  # noqa: E731
+    long_ = Task("b", longer(long_.train), longer(long_.dev), longer(long_.test), long_.label_names)
+    stream = TaskStream("lengths", [short, long_])
+    # memory batches hold task a's short rows next to task b's long ones
+    res = run_stream(stream, text_model(), make_strategy(name, backbone_lr=1e-2), CONFIG, tmp_path / "r", progress=False)
+    assert np.isfinite(res.metrics["ACC"])
 
 
 @needs_avalanche
