@@ -61,14 +61,29 @@ def pack(tokenised: Any, width: int = PACK_WIDTH) -> torch.Tensor:
     return out
 
 
-def task_dataset(task: Task, index: int, split: str, tokenizer: Any, max_length: int) -> Any:
-    """One split of one task as an Avalanche task-aware classification dataset."""
+def tensor_dataset(x: torch.Tensor, y: torch.Tensor, task_labels: int | Sequence[int]) -> Any:
+    """Packed inputs, label ids and task label(s) as an Avalanche task-aware classification dataset."""
     from avalanche.benchmarks.utils import _make_taskaware_tensor_classification_dataset
 
+    return _make_taskaware_tensor_classification_dataset(x, y, task_labels=task_labels, targets=y)
+
+
+def task_dataset(task: Task, index: int, split: str, tokenizer: Any, max_length: int) -> Any:
+    """One split of one task as an Avalanche task-aware classification dataset."""
     data = tokenize(getattr(task, split), tokenizer, task.max_length or max_length)
-    x = pack(data)
-    y = torch.tensor(data["label"], dtype=torch.long)
-    return _make_taskaware_tensor_classification_dataset(x, y, task_labels=index, targets=y)
+    return tensor_dataset(pack(data), torch.tensor(data["label"], dtype=torch.long), index)
+
+
+def task_experience(tokenised: Any, index: int) -> Any:
+    """One tokenised split as a single Avalanche experience with task label ``index`` (what a
+    strategy trains on when our scheduler hands it one task at a time)."""
+    from avalanche.benchmarks.scenarios.dataset_scenario import DatasetExperience
+    from avalanche.benchmarks.scenarios.task_aware import with_task_labels
+
+    data = tensor_dataset(pack(tokenised), torch.tensor(tokenised["label"], dtype=torch.long), index)
+    exp = with_task_labels(DatasetExperience(dataset=data, current_experience=index))
+    exp.classes_in_this_experience = data.targets.uniques  # what multi-task modules adapt to
+    return exp
 
 
 def avalanche_benchmark(stream: TaskStream, tokenizer: Any, max_length: int = 128,

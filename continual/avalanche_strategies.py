@@ -26,7 +26,7 @@ import copy
 import random
 import time
 import warnings
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -37,6 +37,7 @@ from adapters.model import MethodSpec
 from adapters.speed import make_optimizer
 from streams import Task
 
+from .avalanche_export import require_avalanche, task_experience, tensor_dataset
 from .strategies import SequentialFineTune
 from .train import TrainConfig, TrainResult, eval_loader, evaluate, resolve_device
 
@@ -52,8 +53,6 @@ class AvalancheStrategy(SequentialFineTune):
 
     def __init__(self, methods: Sequence[MethodSpec] = (), backbone_lr: float = 5e-5, **options: Any) -> None:
         super().__init__(methods, backbone_lr)
-        from .avalanche_export import require_avalanche
-
         require_avalanche()
         with warnings.catch_warnings():  # qpsolvers: "no QP solver found" (only GEM would need one)
             warnings.filterwarnings("ignore", message="no QP solver")
@@ -75,7 +74,6 @@ class AvalancheStrategy(SequentialFineTune):
 
     def train(self, model: DeltaModel, tasks: list[Task], config: TrainConfig, data: Callable[[Task], Any],
               callback: Callable[[dict[str, Any]], None] | None) -> TrainResult:
-        from .avalanche_export import pack
         (task,) = tasks
         index = list(model.tasks).index(task.name)
         device = resolve_device(config.device)
@@ -96,8 +94,8 @@ class AvalancheStrategy(SequentialFineTune):
             for plugin in self._avl.plugins:
                 handler = PLUGIN_STATE.get(type(plugin).__name__)
                 if handler is not None:
-                    handler[2](plugin)
-            experience = _experience(pack(splits["train"]), splits["train"]["label"], index)
+                    handler.rewind(plugin)
+            experience = task_experience(splits["train"], index)
             self._avl.train_epochs = config.max_steps  # an upper bound: the protocol stops at max_steps
             start = time.perf_counter()
             self._avl.train(experience, eval_streams=[], reset_optimizer_state=True)
@@ -118,7 +116,7 @@ class AvalancheStrategy(SequentialFineTune):
             for plugin in self._avl.plugins:
                 handler = PLUGIN_STATE.get(type(plugin).__name__)
                 if handler is not None:
-                    out.update({f"avalanche.{type(plugin).__name__}.{k}": v for k, v in handler[0](plugin).items()})
+                    out.update({f"avalanche.{type(plugin).__name__}.{k}": v for k, v in handler.save(plugin).items()})
         else:
             out.update(self._pending)
         return out
@@ -164,20 +162,9 @@ class AvalancheStrategy(SequentialFineTune):
             name = type(plugin).__name__
             own = {k[len(f"avalanche.{name}."):]: v for k, v in self._pending.items() if k.startswith(f"avalanche.{name}.")}
             if name in PLUGIN_STATE and self._done:
-                PLUGIN_STATE[name][1](plugin, own, net, device)
+                PLUGIN_STATE[name].load(plugin, own, net, device)
         self._pending = {}
         return net
-
-
-def _experience(x: torch.Tensor, labels: Sequence[int], index: int) -> Any:
-    """One task's training split as an Avalanche experience with task label ``index``."""
-    from avalanche.benchmarks.scenarios.dataset_scenario import DatasetExperience
-    from avalanche.benchmarks.scenarios.task_aware import with_task_labels
-
-    exp = with_task_labels(DatasetExperience(dataset=_tensor_dataset(x, torch.tensor(list(labels)), torch.full((len(x),), index)),
-                                             current_experience=index))
-    exp.classes_in_this_experience = exp.dataset.targets.uniques  # what multi-task modules adapt to
-    return exp
 
 
 # -- what each plugin remembers between tasks, as tensors (save, load, rewind) ---------------------
@@ -185,12 +172,6 @@ def _dataset_tensors(data: Any) -> dict[str, torch.Tensor]:
     rows = [data[i] for i in range(len(data))]
     return {"x": torch.stack([r[0] for r in rows]), "y": torch.tensor([int(r[1]) for r in rows]),
             "t": torch.tensor([int(r[-1]) for r in rows])}
-
-
-def _tensor_dataset(x: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> Any:
-    from avalanche.benchmarks.utils import _make_taskaware_tensor_classification_dataset
-
-    return _make_taskaware_tensor_classification_dataset(x, y, task_labels=t.tolist(), targets=y)
 
 
 def _grouped(state: dict[str, torch.Tensor]) -> dict[int, dict[str, torch.Tensor]]:
@@ -255,7 +236,7 @@ def _replay_load(p: Any, state: dict[str, torch.Tensor], net: Any, device: torch
     for g, s in _grouped(state).items():
         buf = ReservoirSamplingBuffer(int(s["max_size"]))
         buf._buffer_weights = s["weights"]
-        buf.buffer = _tensor_dataset(s["x"], s["y"], s["t"])
+        buf.buffer = tensor_dataset(s["x"], s["y"], s["t"].tolist())
         policy.buffer_groups[g] = buf
 
 
@@ -267,7 +248,7 @@ def _agem_save(p: Any) -> dict[str, torch.Tensor]:
 
 
 def _agem_load(p: Any, state: dict[str, torch.Tensor], net: Any, device: torch.device) -> None:
-    p.buffers = [_tensor_dataset(s["x"], s["y"], s["t"]) for s in _grouped(state).values()]
+    p.buffers = [tensor_dataset(s["x"], s["y"], s["t"].tolist()) for s in _grouped(state).values()]
     if p.buffers:
         from avalanche.benchmarks.utils.data_loader import GroupBalancedInfiniteDataLoader
 
@@ -285,11 +266,19 @@ def _nothing(p: Any) -> None:
     pass
 
 
-PLUGIN_STATE: dict[str, tuple[Callable, Callable, Callable]] = {
-    "EWCPlugin": (_ewc_save, _ewc_load, _nothing),
-    "LwFPlugin": (_lwf_save, _lwf_load, _nothing),
-    "ReplayPlugin": (_replay_save, _replay_load, _nothing),
-    "AGEMPlugin": (_agem_save, _agem_load, _agem_rewind),
+class PluginState(NamedTuple):
+    """How a plugin's memory between tasks becomes tensors and back, and what to reset before a task."""
+
+    save: Callable[[Any], dict[str, torch.Tensor]]
+    load: Callable[[Any, dict[str, torch.Tensor], Any, torch.device], None]
+    rewind: Callable[[Any], None] = _nothing
+
+
+PLUGIN_STATE: dict[str, PluginState] = {
+    "EWCPlugin": PluginState(_ewc_save, _ewc_load),
+    "LwFPlugin": PluginState(_lwf_save, _lwf_load),
+    "ReplayPlugin": PluginState(_replay_save, _replay_load),
+    "AGEMPlugin": PluginState(_agem_save, _agem_load, _agem_rewind),
 }
 
 

@@ -64,6 +64,12 @@ def _training_options(p: argparse.ArgumentParser, steps_help: str | None = None)
     p.add_argument("--device", default=None)
 
 
+def _finished_run(p: argparse.ArgumentParser) -> None:
+    """The run directory and backbone of the commands that work on a finished stream (route, transfer)."""
+    p.add_argument("run", help="a finished run's output directory (strategy per-task)")
+    p.add_argument("--backbone", default=DEFAULTS["backbone"], help="the backbone the run was trained on")
+
+
 def _train_config(args: argparse.Namespace, progress: bool = True) -> Any:
     """The TrainConfig of :func:`_training_options`' settings."""
     from .train import TrainConfig
@@ -141,10 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "and report routing accuracy and ACC with routed vs true tasks. Writes routing.json, "
                         "routing-<router>.md/.png into the run directory and logs them to the run's MLflow store.",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ro.add_argument("run", help="a finished run's output directory (strategy per-task)")
+    _finished_run(ro)
     ro.add_argument("--router", action="append", choices=["prototype", "linear"],
                     help="router(s) to evaluate (default: both)%(default).0s")
-    ro.add_argument("--backbone", default=DEFAULTS["backbone"], help="the backbone the run was trained on")
     ro.add_argument("--fit-max", type=int, default=None, help="cap on training examples per task used to fit routers")
     ro.add_argument("--tracking-uri", default=None, help="MLflow store (default: the one the run was logged to)")
 
@@ -153,8 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "names; print relative performance (accuracy / the target's own accuracy) as a table and a "
                         "heatmap; write transfer.csv/.md/.png into the run directory and log them to its MLflow run.",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    tr.add_argument("run", help="a finished run's output directory (strategy per-task)")
-    tr.add_argument("--backbone", default=DEFAULTS["backbone"], help="the backbone the run was trained on")
+    _finished_run(tr)
 
     co = sub.add_parser("combine", help="combine delta methods on one task, simultaneously or sequentially, over a grid",
                         description="For each --combo and --mode, train the methods on one real task from the same "

@@ -33,7 +33,9 @@ class Entry:
 
     @property
     def label(self) -> str:
-        names = "+".join(m if isinstance(m, str) else m["method"] for m in self.methods)
+        from .cli import _method_label
+
+        names = _method_label(self.methods)
         opts = ",".join(f"{k}={v}" for k, v in self.options.items())
         strategy = f"{self.strategy}@{opts}" if opts else self.strategy
         return f"{strategy}-{names}" if names else strategy
@@ -146,9 +148,9 @@ def write_report(stream: str, rows: dict[str, dict[str, Any]], out: str | Path, 
     (out / "report.json").write_text(json.dumps({"stream": stream, "rows": clean}, indent=1))
     files = [out / "report.md", out / "report.json", report_plot(rows, out / "report.png")]
     if tracking_uri:
-        from .tracking import experiment
+        from .tracking import DEFAULT_EXPERIMENT, experiment
 
-        client, exp_id = experiment(tracking_uri, "continual")
+        client, exp_id = experiment(tracking_uri, DEFAULT_EXPERIMENT)
         run = client.create_run(exp_id, run_name=f"compare-{stream}", tags={"kind": "compare", "stream": stream})
         for label, r in clean.items():
             key = re.sub(r"[^\w\-. :/]", "_", label)  # MLflow metric names: no '@', '=', ','

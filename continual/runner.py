@@ -346,10 +346,15 @@ def _export_checkpoints(model: DeltaModel, strategy: Strategy, tasks: list[Task]
             out[f"checkpoint/{name}"] = path
     if strategy.trains_backbone:
         root.mkdir(parents=True, exist_ok=True)
-        tmp = root / (BACKBONE_FILE + ".tmp")
-        save_file({k: v.detach().contiguous().cpu() for k, v in model.backbone.state_dict().items()}, str(tmp))
-        os.replace(tmp, root / BACKBONE_FILE)
+        _save_tensors(model.backbone.state_dict(), root / BACKBONE_FILE)
     return out
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """A safetensors file written whole or not at all (a temporary file, then a rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({n: v.detach().contiguous().cpu() for n, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
 
 
 def _write_state(out: Path, state: dict[str, Any], tensors: dict[str, torch.Tensor] | None, k: int | None = None) -> None:
@@ -358,8 +363,7 @@ def _write_state(out: Path, state: dict[str, Any], tensors: dict[str, torch.Tens
     old = state.get("tensors")
     if tensors is not None:
         name = f"state-step{k}.safetensors"
-        save_file({n: v.detach().contiguous().cpu() for n, v in tensors.items()}, str(out / (name + ".tmp")))
-        os.replace(out / (name + ".tmp"), out / name)
+        _save_tensors(tensors, out / name)
         state["tensors"] = name
     _atomic_write(out / "state.json", json.dumps(state, indent=1))
     if old and old != state["tensors"]:
