@@ -27,22 +27,63 @@ from .targets import resolve_sites as _resolve_sites
 IsActive = Callable[[], bool]
 
 
+@dataclasses.dataclass(frozen=True)
+class Capabilities:
+    """What a delta method supports, declared once on its class (``capabilities = ...``).
+
+    Shared code asks these flags instead of testing types or overrides, and
+    ``tests/test_capabilities.py`` checks every registered method's declaration against what it
+    really does, so a wrong flag fails a test rather than a user.
+
+      identity_at_init  a fresh delta leaves the backbone's outputs unchanged (prefix and prompt
+                        tuning add attended positions, so cannot; a fresh fusion adds the mean)
+      site_terms        adds ``h <- h + term(x, h)`` at module outputs (a :class:`SiteDelta`)
+      input_transform   changes the input embeddings (prompt tuning: :meth:`Delta.transform_inputs`)
+      mixed_batches     can share a batch with other tasks' examples (:mod:`adapters.mixed`)
+      fusable           an AdapterFusion can weigh its per-module terms (needs ``site_terms``)
+      folds             :meth:`Delta.fold` replaces a training-time reparameterisation when frozen
+      composite         built over other tasks' deltas (fusion): not a ``--method`` of its own
+      why_not_mixed     shown when a user mixes a method that cannot be mixed
+    """
+
+    identity_at_init: bool = True
+    site_terms: bool = False
+    input_transform: bool = False
+    mixed_batches: bool = False
+    fusable: bool = False
+    folds: bool = False
+    composite: bool = False
+    why_not_mixed: str = "it changes the attention rather than adding a term at sites"
+
+
+class FrozenRef:
+    """A reference to a module of the frozen backbone (or another task) that is *not* registered
+    as a submodule: it is not in the holder's ``state_dict``, ``parameters()`` or parameter count,
+    and the holder never saves, casts or trains it. ``ref()`` gives the module.
+
+    This is the sanctioned way for a delta to read frozen weights at run time (DoRA needs the base
+    weight's column norms, a fusion calls its sources' terms): hold ``FrozenRef(module)``, not the
+    module or a tensor, so that moving the backbone to another device is seen at once."""
+
+    __slots__ = ("_module",)
+
+    def __init__(self, module: nn.Module) -> None:
+        self._module = module
+
+    def __call__(self) -> nn.Module:
+        return self._module
+
+
 class Delta(nn.Module):
     """Base class of every delta method.
 
     Class attributes a method sets:
-      config_class      its :class:`DeltaConfig` subclass (its ``method`` is the registry name)
-      layerwise         True when the delta adds a term to module outputs at sites in every
-                        layer (what fusion and mixed-task batches combine)
-      identity_at_init  True when a fresh delta leaves the backbone's outputs unchanged
-                        (prefix and prompt tuning add attended positions, so cannot)
-      composite         True when built over other tasks' deltas (fusion)
+      config_class   its :class:`DeltaConfig` subclass (its ``method`` is the registry name)
+      capabilities   a :class:`Capabilities`: what shared code may do with it
     """
 
     config_class: ClassVar[type[DeltaConfig]]
-    layerwise: ClassVar[bool] = False
-    composite: ClassVar[bool] = False  # built over other tasks' deltas (fusion): not a --method of its own
-    identity_at_init: ClassVar[bool] = True
+    capabilities: ClassVar[Capabilities] = Capabilities()
 
     @classmethod
     def create(cls, config: DeltaConfig, model: Any) -> "Delta":
@@ -78,10 +119,6 @@ class Delta(nn.Module):
             h.remove()
         self._handles = []
 
-    @property
-    def attached(self) -> bool:
-        return bool(self._handles)
-
     def _hooks(self, backbone: nn.Module, is_active: IsActive) -> list[RemovableHandle]:
         return []
 
@@ -101,12 +138,9 @@ class Delta(nn.Module):
         default) when the method changes nothing in the inputs, or cannot be mixed."""
         return None
 
-    #: Why a method that is neither a site delta nor stacks its inputs cannot share a mixed batch.
-    unmixable_reason: ClassVar[str] = "it changes the attention rather than adding a term at sites"
-
     def fold(self) -> None:
-        """Called when the task is frozen: replace training-time reparameterisations by their
-        result (prefix tuning's MLP). The default does nothing."""
+        """Called when the task is frozen, for methods that declare ``capabilities.folds``:
+        replace training-time reparameterisations by their result (prefix tuning's MLP)."""
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -153,7 +187,7 @@ class SiteDelta(Delta):
     seeing the previous one's result, which is how a sequential combination composes.
     """
 
-    layerwise = True
+    capabilities = Capabilities(site_terms=True, mixed_batches=True, fusable=True)
 
     def __init__(self, config: LayerwiseConfig, backbone: nn.Module) -> None:
         super().__init__(config, backbone)

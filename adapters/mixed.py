@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from .base import SiteDelta, hook_site
+from .base import FrozenRef, hook_site
 from .errors import ConfigError, TaskError
 from .heads import pool
 
@@ -72,6 +72,11 @@ class LoopSites(nn.Module):
         return h.new_zeros(h.shape) if out is None else out
 
 
+def _sites(delta: Any) -> list:
+    """The sites of a delta that adds terms at sites; none for the others."""
+    return list(delta.sites) if delta.capabilities.site_terms else []
+
+
 class MixedTasks(nn.Module):
     """Serve a fixed set of tasks in mixed batches (see the module docstring).
 
@@ -84,7 +89,7 @@ class MixedTasks(nn.Module):
         if not tasks:
             raise TaskError("a mixed batch needs at least one task")
         # The model is not registered as a submodule: this object only adds stacked copies.
-        object.__setattr__(self, "_model", model)
+        self._model = FrozenRef(model)
         self.tasks = tuple(tasks)
         entries = [model.task(t) for t in tasks]
         for t in entries:
@@ -105,12 +110,11 @@ class MixedTasks(nn.Module):
             self._handles += hook_site(backbone, site, self._on, self._term(module, site.output), self._captured)
         self.inputs = nn.ModuleDict()  # input transforms (prompt tuning), stacked across tasks
         for dkey, (cls, deltas) in self._collect_inputs(entries).items():
-            module = cls.stack_inputs(deltas)
-            if module is None:
+            if not cls.capabilities.mixed_batches:
                 user = next(t.name for t, d in zip(entries, deltas) if d is not None)
                 raise ConfigError(f"task {user!r} uses {cls.config_class.method}, which cannot share a batch with "
-                                  f"other tasks' examples: {cls.unmixable_reason}")
-            self.inputs[dkey] = module
+                                  f"other tasks' examples: {cls.capabilities.why_not_mixed}")
+            self.inputs[dkey] = cls.stack_inputs(deltas)
         self._stack_heads(entries)
         self.to(device=model.device)
         for buf_owner in [*self.stacked.values(), *self.inputs.values()]:
@@ -124,7 +128,7 @@ class MixedTasks(nn.Module):
         groups: dict[tuple[str, str], tuple[type, Any, list]] = {}
         for i, t in enumerate(entries):
             for dkey, d in t.deltas.items():
-                for site in getattr(d, "sites", ()):
+                for site in _sites(d):
                     key = (dkey, site.key)
                     if key not in groups:
                         groups[key] = (type(d), site, [None] * len(entries))
@@ -136,7 +140,7 @@ class MixedTasks(nn.Module):
         for t in entries:  # deltas at one module compose in order: every task must agree on it
             by_module: dict[str, list[int]] = {}
             for dkey, d in t.deltas.items():
-                for site in getattr(d, "sites", ()):
+                for site in _sites(d):
                     by_module.setdefault(site.output, []).append(order[(dkey, site.key)])
             for module, seq in by_module.items():
                 if seq != sorted(seq):
@@ -152,7 +156,7 @@ class MixedTasks(nn.Module):
         groups: dict[str, tuple[type, list]] = {}
         for i, t in enumerate(entries):
             for dkey, d in t.deltas.items():
-                if isinstance(d, SiteDelta):
+                if d.capabilities.site_terms:
                     continue
                 if dkey not in groups:
                     groups[dkey] = (type(d), [None] * len(entries))
@@ -219,7 +223,7 @@ class MixedTasks(nn.Module):
         idx = self.index(task_ids)
         if idx.shape[0] != input_ids.shape[0]:
             raise ValueError(f"{input_ids.shape[0]} examples but {idx.shape[0]} task ids")
-        model = self._model
+        model = self._model()
         self._batch = MixedBatch(idx)
         try:
             with model.disabled():  # the tasks' own hooks stay off; ours act
@@ -234,7 +238,7 @@ class MixedTasks(nn.Module):
         return torch.bmm(pooled.unsqueeze(1), self.head_w[idx]).squeeze(1) + self.head_b[idx]
 
     def _encode(self, input_ids: torch.Tensor, mask: torch.Tensor, extra: dict[str, Any]) -> torch.Tensor:
-        backbone = self._model.backbone
+        backbone = self._model().backbone
         if not len(self.inputs):
             return backbone(input_ids=input_ids, attention_mask=mask, **extra).last_hidden_state
         embeds, full_mask = backbone.get_input_embeddings()(input_ids), mask

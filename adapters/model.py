@@ -210,7 +210,8 @@ class DeltaModel(nn.Module):
         reparameterisations are folded away."""
         task = self._task(name)
         for delta in task.deltas.values():
-            delta.fold()
+            if delta.capabilities.folds:
+                delta.fold()
         task.frozen = True
         self._update_trainable()
 
@@ -256,7 +257,7 @@ class DeltaModel(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         extra = {k: v for k, v in extra.items() if v is not None}
         deltas = self.active_deltas()
-        transforms = [d for d in deltas if type(d).transform_inputs is not Delta.transform_inputs]
+        transforms = [d for d in deltas if d.capabilities.input_transform]
         if not transforms:
             out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **extra)
             return out.last_hidden_state, attention_mask

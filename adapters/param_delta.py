@@ -103,8 +103,6 @@ class ParamSite(nn.Module):
 class ParamDelta(SiteDelta):
     """Base of the specification methods: subclasses say which modules and which parameters."""
 
-    layerwise = False  # not an additive layer-wise module in the fusion sense
-
     def module_patterns(self, backbone: nn.Module) -> list[str]:
         """Regexes over module paths; by default the config's ``patterns``."""
         return list(self.config.patterns)

@@ -2,8 +2,11 @@
 
 Methods register themselves with ``@register``. Every module in ``adapters/methods/`` is imported
 once, on first lookup, so adding a method is adding one file there: nothing else names it.
-Methods built over other tasks live in sibling packages (``fusion``); :data:`PLUGINS` names
-their modules so a checkpoint of such a task loads without importing them by hand.
+
+Methods that live in other packages (``fusion``'s AdapterFusion, a user's own) are declared as
+entry points of the group :data:`ENTRY_POINT_GROUP` in their package's metadata
+(``pyproject.toml``), and loaded on first lookup too, so a checkpoint of such a task loads without
+importing them by hand, and this package names none of them.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ if TYPE_CHECKING:
 
 _REGISTRY: dict[str, type["Delta"]] = {}
 _loaded = False
-PLUGINS: tuple[str, ...] = ("fusion.layer",)
+ENTRY_POINT_GROUP = "delta_continual.methods"
 
 
 def register(cls: type["Delta"]) -> type["Delta"]:
@@ -43,11 +46,13 @@ def _load_methods() -> None:
     for info in pkgutil.iter_modules(methods.__path__):
         importlib.import_module(f"{methods.__name__}.{info.name}")
     _loaded = True  # before the plugins: they import adapters, which may look a method up
-    for module in PLUGINS:
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
         try:
-            importlib.import_module(module)
+            ep.load()
         except ModuleNotFoundError as e:
-            if e.name != module.split(".")[0]:  # the plugin exists but is broken: say so
+            if e.name != ep.value.split(".")[0].split(":")[0]:  # the plugin exists but is broken: say so
                 raise
 
 
@@ -55,7 +60,7 @@ def available_methods(include_composite: bool = False) -> list[str]:
     """Sorted names of the registered methods a task can use on its own. ``include_composite``
     adds methods built over other tasks (fusion), which need those tasks to exist."""
     _load_methods()
-    return sorted(n for n, cls in _REGISTRY.items() if include_composite or not cls.composite)
+    return sorted(n for n, cls in _REGISTRY.items() if include_composite or not cls.capabilities.composite)
 
 
 def get_method(name: str) -> type["Delta"]:

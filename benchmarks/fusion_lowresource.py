@@ -25,7 +25,8 @@ from datasets import DatasetDict
 
 import adapters
 from continual import TrainConfig, eval_loader, evaluate, load_run_model, train_task
-from continual.tracking import experiment
+from continual.plots import write_fusion_report
+from continual.tracking import experiment, log_fusion_weights
 from fusion import add_fusion, fusion_weights, merge_tasks
 from streams import SOURCES, builtin_task
 
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for seed in seeds:
             r = run_one(model, sources, args.target, n, seed, args)
             w = r.pop("fusion_weights")
-            w.save(out_dir / f"n{n}-s{seed}")
+            files = write_fusion_report(w, out_dir / f"n{n}-s{seed}")
             rows.append({"n": n, **r})
             print(f"n={n} seed={seed}: single {r['single']:.3f}  fusion {r['fusion']:.3f}  merge {r['merge']:.3f}  "
                   f"(fusion weights: {', '.join(f'{k} {v:.2f}' for k, v in w.mean().items())})", flush=True)
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     logger.log_param(run.info.run_id, k, v)
                 for k in ("single", "fusion", "merge"):
                     logger.log_metric(run.info.run_id, f"test_accuracy/{k}", r[k])
-                w.log_mlflow(logger, run.info.run_id, out_dir / f"n{n}-s{seed}")
+                log_fusion_weights(logger, run.info.run_id, w, files)
                 logger.set_terminated(run.info.run_id)
     lines = [f"target {args.target}, sources {', '.join(sources)}; test accuracy (%), mean +- std over seeds {args.seeds}",
              "", "| train examples | single delta | fusion | merge | fusion - single (per seed) |", "|---|---|---|---|---|"]

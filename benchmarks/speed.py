@@ -7,7 +7,7 @@
 Both sides get the same model config, batch (random token ids, no padding), precision and
 optimizer hyper-parameters. PEFT runs "as a user runs it": fp32 weights under bf16 autocast with
 torch.optim.AdamW (eager), and "compiled": the whole step under torch.compile with fused AdamW.
-Ours runs the training step every part of this library uses (adapters.speed.TrainStep inside
+Ours runs the training step every part of this library uses (continual.training.TrainStep inside
 frozen_linears_in): eager, and compiled as TrainConfig.fast() does on a GPU.
 
 Printed: samples/s and peak memory per method and mode, ratios ours/PEFT, model FLOP
@@ -35,7 +35,8 @@ import torch
 from torch import nn
 
 import adapters
-from adapters.speed import TrainStep, autocast, frozen_linears_in, make_optimizer, mfu
+from adapters.precision import autocast, frozen_linears_in
+from continual.training import TrainStep, make_optimizer, mfu
 
 # dense bf16 peaks (no sparsity), FLOP/s
 PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}

@@ -1,9 +1,13 @@
-"""The accuracy matrix as a heatmap (people read forgetting off a picture faster than a table)."""
+"""Every picture the project draws (people read forgetting off a picture faster than a table).
+
+The libraries (``fusion``, ``continual.metrics``) compute tables; this module turns them into
+text tables and PNGs: the accuracy matrix, fusion attention, routing confusion, metric bars.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -28,6 +32,25 @@ def format_matrix(matrix: AccuracyMatrix, metrics: dict[str, float] | None = Non
     return "\n".join(lines)
 
 
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed; never opens a window
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    """Write a figure as a PNG (creating its folder) and free it."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
 def annotated_heatmap(
     data: np.ndarray, path: str | Path, xticks: list[str], yticks: list[str], title: str, *, xlabel: str = "",
     ylabel: str = "", cmap: str = "viridis", white_text: Callable[[float], bool] = lambda v: v < 0.6,
@@ -35,10 +58,7 @@ def annotated_heatmap(
     decorate: Callable[[Any], None] | None = None,
 ) -> Path:
     """A [0, 1] heatmap PNG with each cell's value written in it (NaN cells left blank)."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display needed; never opens a window
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     rows, cols = data.shape
     fig, ax = plt.subplots(figsize=figsize or (1.1 * cols + 2.5, 0.8 * rows + 1.2))
@@ -55,12 +75,7 @@ def annotated_heatmap(
     if decorate is not None:
         decorate(ax)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def heatmap(matrix: AccuracyMatrix, path: str | Path, title: str = "", f1: bool = False) -> Path:
@@ -72,3 +87,50 @@ def heatmap(matrix: AccuracyMatrix, path: str | Path, title: str = "", f1: bool 
         data, path, matrix.tasks, ["untrained (b)"] + [f"after {n}" for n in matrix.tasks],
         title or ("macro-F1" if f1 else "accuracy") + " matrix R[i, j]", xlabel="evaluated on",
         figsize=(1.1 * T + 2.5, 0.8 * T + 2), decorate=lambda ax: ax.axhline(0.5, color="white", linewidth=2))
+
+
+def fusion_heatmap(weights: Any, path: str | Path, title: str | None = None) -> Path:
+    """A :class:`fusion.FusionWeights` as a modules x sources heatmap PNG."""
+    M, N = weights.weights.shape
+    return annotated_heatmap(weights.weights, path, weights.sources, weights.rows,
+                             title or f"fusion attention for {weights.task} (mean over {weights.tokens} tokens)",
+                             xlabel="fused delta (source task)", cmap="magma", white_text=lambda v: v < 0.55,
+                             figsize=(1.0 * N + 3, 0.38 * M + 1.8), fontsize=8, aspect="auto")
+
+
+def write_fusion_report(weights: Any, directory: str | Path) -> list[Path]:
+    """A fusion's attention weights as CSV, Markdown and PNG in ``directory``."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    md = d / f"fusion-{weights.task}.md"
+    md.write_text(weights.table() + "\n")
+    return [weights.to_csv(d / f"fusion-{weights.task}.csv"), md, fusion_heatmap(weights, d / f"fusion-{weights.task}.png")]
+
+
+def routing_heatmap(result: Any, path: str | Path) -> Path:
+    """A :class:`fusion.routing.RoutingResult`'s row-normalised confusion (true x routed task) as a PNG."""
+    frac = result.confusion / result.confusion.sum(1, keepdims=True)
+    n = len(result.tasks)
+    return annotated_heatmap(frac, path, result.tasks, result.tasks,
+                             f"{result.router} router: routing accuracy {result.routing_accuracy:.3f}",
+                             xlabel="routed to", ylabel="true task", cmap="Blues", white_text=lambda v: v > 0.6,
+                             figsize=(1.0 * n + 2.5, 0.8 * n + 2))
+
+
+def metric_bars(rows: dict[str, dict[str, Any]], metrics: Sequence[str], path: str | Path) -> Path:
+    """Grouped bars: each metric (x) for each row's label (one bar colour per row)."""
+    plt = _pyplot()
+
+    labels = list(rows)
+    x = np.arange(len(metrics))
+    width = 0.8 / max(1, len(labels))
+    fig, ax = plt.subplots(figsize=(2.2 * len(metrics) + 2, 4))
+    for i, label in enumerate(labels):
+        vals = [np.nan if rows[label][k] is None else rows[label][k] for k in metrics]
+        ax.bar(x + i * width - 0.4 + width / 2, vals, width, label=label)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(x, metrics)
+    ax.set_title("continual-learning metrics per method")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+

@@ -8,17 +8,72 @@ task; step metrics ``train/loss``, ``train/lr``, ``train/samples_per_s``, ``dev/
 delta checkpoint under ``checkpoint/``).
 
 Default store: ``sqlite:///mlflow.db`` in the working directory, no server needed.
+
+This is the only module that imports mlflow, and every metric name the project logs is made by
+the functions of the "names" section below.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import re
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "continual"
+COMBINATIONS_EXPERIMENT = "combinations"
+
+# MLflow's documented limits per log_batch call: 1000 metrics and 100 params (900 leaves room for
+# the params and tags a call may carry); a param value holds at most 6000 characters.
+METRICS_PER_BATCH = 900
+PARAMS_PER_BATCH = 100
+PARAM_VALUE_CHARS = 6000
+
+
+# -- names: every metric key the project logs --------------------------------------------------------
+def record_metric(field: str) -> str:
+    """A training record's field: ``dev_accuracy`` -> ``dev/accuracy``, ``loss`` -> ``train/loss``."""
+    return f"dev/{field[4:]}" if field.startswith("dev_") else f"train/{field}"
+
+
+def matrix_metrics(row: int, tasks: list[str], R_row: list[float], F1_row: list[float],
+                   summary: dict[str, float]) -> list[tuple[str, float, int]]:
+    """(name, value, step) of one row of the matrix: ``acc/<task>`` and ``f1/<task>`` (step = row),
+    ``R.<row>.<j>``, and ``so_far/<metric>`` (the stream's metrics as if it ended at this row)."""
+    out = []
+    for j, name in enumerate(tasks):
+        for prefix, values in (("acc", R_row), ("f1", F1_row)):
+            if not math.isnan(values[j]):
+                out.append((f"{prefix}/{name}", float(values[j]), row))
+        if not math.isnan(R_row[j]):
+            out.append((f"R.{row}.{j}", float(R_row[j]), 0))
+    out += [(f"so_far/{k}", v, row) for k, v in _finite(summary).items()]
+    return out
+
+
+def step_metrics(result: Any, untrained: dict[str, float], test: dict[str, float],
+                 trainable: dict[str, int]) -> dict[str, float]:
+    """The metrics of one training step's nested run (per task: test accuracy, trainable parameters,
+    and the accuracy before training where it was measured)."""
+    out = {"best_dev_accuracy": result.best_dev["accuracy"], "train_seconds": result.seconds, "steps": result.steps,
+           "best_step": result.best_step}
+    out.update({f"untrained_test_accuracy/{t}": v for t, v in untrained.items()})
+    out.update({f"test_accuracy/{t}": v for t, v in test.items()})
+    out.update({f"trainable_params/{t}": v for t, v in trainable.items()})
+    return out
+
+
+def compare_metric(field: str, label: str) -> str:
+    """``ACC/per-task_lora``: a comparison row's field (MLflow names allow no '@', '=', ',')."""
+    return f"{field}/" + re.sub(r"[^\w\-. :/]", "_", label)
+
+
+def fusion_metric(task: str, source: str) -> str:
+    return f"fusion_weight/{task}/{source}"
 
 
 class StreamLogger:
@@ -50,7 +105,7 @@ def _flat(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
         if isinstance(v, dict):
             out.update(_flat(v, f"{prefix}{k}."))
         else:
-            out[f"{prefix}{k}"] = str(v)[:6000]  # MLflow's limit on a param value
+            out[f"{prefix}{k}"] = str(v)[:PARAM_VALUE_CHARS]
     return out
 
 
@@ -76,10 +131,7 @@ def log_nested_run(run_dir: str | Path, name: str, metrics: dict[str, float], fi
                    tracking_uri: str | None = None) -> str | None:
     """Log an analysis of a finished stream (routing, transfer) as a run nested under the stream's
     MLflow run, with ``files`` under ``<name>/``. None when the stream was not logged."""
-    import json
-
     from mlflow import MlflowClient
-    from mlflow.entities import Metric
 
     tracking = json.loads((Path(run_dir) / "results.json").read_text()).get("tracking") or {}
     uri, parent = tracking_uri or tracking.get("tracking_uri"), tracking.get("parent_run_id")
@@ -88,10 +140,7 @@ def log_nested_run(run_dir: str | Path, name: str, metrics: dict[str, float], fi
     client = MlflowClient(uri)
     child = client.create_run(client.get_run(parent).info.experiment_id, run_name=name,
                               tags={"mlflow.parentRunId": parent, "kind": name}).info.run_id
-    now = int(time.time() * 1000)
-    items = [Metric(k, float(v), now, 0) for k, v in _finite(metrics).items()]
-    for i in range(0, len(items), 900):
-        client.log_batch(child, metrics=items[i:i + 900])
+    _log_metrics(client, child, [(k, v, 0) for k, v in _finite(metrics).items()])
     for f in files:
         client.log_artifact(child, str(f), name)
     client.set_terminated(child)
@@ -143,8 +192,8 @@ class MLflowLogger(StreamLogger):
         from mlflow.entities import Param
 
         items = [Param(k, v) for k, v in _flat(params).items()]
-        for i in range(0, len(items), 100):
-            self.client.log_batch(run_id, params=items[i:i + 100])
+        for i in range(0, len(items), PARAMS_PER_BATCH):
+            self.client.log_batch(run_id, params=items[i:i + PARAMS_PER_BATCH])
 
     def start_step(self, row, tasks, params):
         run = self.client.create_run(
@@ -161,15 +210,14 @@ class MLflowLogger(StreamLogger):
         for k, v in record.items():
             if k == "step" or v is None or (isinstance(v, float) and math.isnan(v)):
                 continue
-            key = f"dev/{k[4:]}" if k.startswith("dev_") else f"train/{k}"
-            self._buffer.append(Metric(key, float(v), now, step))
+            self._buffer.append(Metric(record_metric(k), float(v), now, step))
         if len(self._buffer) >= self.flush_every * 3:
             self._flush()
 
     def _flush(self) -> None:
         if self._buffer and self.child:
-            for i in range(0, len(self._buffer), 900):
-                self.client.log_batch(self.child, metrics=self._buffer[i:i + 900])
+            for i in range(0, len(self._buffer), METRICS_PER_BATCH):
+                self.client.log_batch(self.child, metrics=self._buffer[i:i + METRICS_PER_BATCH])
         self._buffer = []
 
     def end_step(self, row, metrics, artifacts):
@@ -187,18 +235,7 @@ class MLflowLogger(StreamLogger):
         self.child = None
 
     def log_matrix(self, row, tasks, R_row, F1_row, summary):
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        ms = []
-        for j, name in enumerate(tasks):
-            for prefix, values in (("acc", R_row), ("f1", F1_row)):
-                if not math.isnan(values[j]):
-                    ms.append(Metric(f"{prefix}/{name}", float(values[j]), now, row))
-            if not math.isnan(R_row[j]):
-                ms.append(Metric(f"R.{row}.{j}", float(R_row[j]), now, 0))
-        ms += [Metric(f"so_far/{k}", v, now, row) for k, v in _finite(summary).items()]
-        self.client.log_batch(self.parent, metrics=ms)
+        _log_metrics(self.client, self.parent, matrix_metrics(row, tasks, R_row, F1_row, summary))
 
     def end_stream(self, summary, artifacts, status="FINISHED"):
         from mlflow.entities import Metric
@@ -216,3 +253,76 @@ class MLflowLogger(StreamLogger):
         for path in artifacts:
             self.client.log_artifact(self.parent, str(path))
         self.client.set_terminated(self.parent, status)
+
+
+def _log_metrics(client: Any, run_id: str, items: list[tuple[str, float, int]]) -> None:
+    """(name, value, step) triples, in as few calls as MLflow's batch limit allows."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, float(v), now, step) for k, v, step in items]
+    for i in range(0, len(metrics), METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=metrics[i:i + METRICS_PER_BATCH])
+
+
+def _standalone_run(uri: str, experiment_name: str, run_name: str, tags: dict[str, str], params: dict[str, Any],
+                    metrics: dict[str, float], files: list[Path], artifact_dir: str | None = None) -> str:
+    """One finished run with params, metrics (step 0) and files; returns its id."""
+    client, exp_id = experiment(uri, experiment_name)
+    run_id = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+    for k, v in params.items():
+        client.log_param(run_id, k, v)
+    _log_metrics(client, run_id, [(k, v, 0) for k, v in _finite(metrics).items()])
+    for f in files:
+        client.log_artifact(run_id, str(f), artifact_dir)
+    client.set_terminated(run_id)
+    return run_id
+
+
+def log_compare(uri: str, stream: str, rows: dict[str, dict[str, Any]], files: list[Path]) -> str:
+    """The comparison report as a ``compare`` run: each row's numbers, the report files."""
+    metrics = {compare_metric(k, label): v for label, r in rows.items() for k, v in r.items() if v is not None}
+    return _standalone_run(uri, DEFAULT_EXPERIMENT, f"compare-{stream}", {"kind": "compare", "stream": stream}, {},
+                           metrics, files, "compare")
+
+
+def log_combination(uri: str, task: str, result: Any, steps: int, seed: int) -> str:
+    """One cell of the combination study (experiment ``combinations``)."""
+    methods = "+".join(result.methods)
+    params = {"methods": methods, "mode": result.mode, "task": task, "steps": steps, "seed": seed}
+    metrics = {k: float(getattr(result, k)) for k in ("test_accuracy", "dev_accuracy", "trainable_params", "seconds")}
+    return _standalone_run(uri, COMBINATIONS_EXPERIMENT, f"{task}-{methods}-{result.mode}",
+                           {"task": task, "mode": result.mode}, params, metrics, [])
+
+
+def log_fusion_weights(client: Any, run_id: str, weights: Any, files: list[Path]) -> None:
+    """A fusion's attention files (under ``fusion/``) and each source's mean weight."""
+    for p in files:
+        client.log_artifact(run_id, str(p), "fusion")
+    _log_metrics(client, run_id, [(fusion_metric(weights.task, s), v, 0) for s, v in weights.mean().items()])
+
+
+def fetch_results(run: str, tracking_uri: str, experiment_name: str) -> dict[str, Any]:
+    """The ``results.json`` of an MLflow run given by id or by name (the newest of that name)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri)
+    try:
+        run_obj = client.get_run(run)
+    except MlflowException:
+        exp = client.get_experiment_by_name(experiment_name)
+        runs = [] if exp is None else client.search_runs([exp.experiment_id], f"attributes.run_name = '{run}'",
+                                                          order_by=["attributes.start_time DESC"], max_results=1)
+        if not runs:
+            raise FileNotFoundError(f"{run!r} is neither a run directory nor an MLflow run id / name in "
+                                    f"{tracking_uri} (experiment {experiment_name!r})") from None
+        run_obj = runs[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = client.download_artifacts(run_obj.info.run_id, "results.json", tmp)
+        except Exception:
+            raise FileNotFoundError(f"MLflow run {run_obj.info.run_id} has no results.json (unfinished?); report "
+                                    "on its output directory instead") from None
+        return json.loads(Path(local).read_text())
+

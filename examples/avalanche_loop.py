@@ -5,8 +5,8 @@ evaluation and metrics (needs the [avalanche] extra: bash scripts/install.sh --a
 
 `continual run --strategy avalanche-lwf` is the scored, resumable, MLflow-logged way to run the same
 strategies; this example shows the pieces for people who want to stay in Avalanche:
-``continual.avalanche_export.avalanche_benchmark`` (train/valid/test streams, one experience per
-task, task label = task index) and ``continual.avalanche_model.AvalancheNet`` (the backbone with one
+``continual.strategies.avalanche.avalanche_benchmark`` (train/valid/test streams, one experience per
+task, task label = task index) and ``continual.strategies.avalanche.model.AvalancheNet`` (the backbone with one
 head per task, as an Avalanche multi-task module).
 """
 
@@ -17,7 +17,7 @@ import argparse
 import adapters  # noqa: F401  first: makes a CPU-only torchvision importable (adapters/torchvision_compat.py)
 import torch
 
-from continual.avalanche_export import avalanche_benchmark, require_avalanche
+from continual.strategies.avalanche import avalanche_benchmark, require_avalanche
 from streams import load_stream
 
 STRATEGIES = ("Naive", "EWC", "LwF", "Replay", "AGEM")
@@ -44,8 +44,8 @@ def main(argv: list[str] | None = None) -> dict:
     from avalanche.training.plugins import EvaluationPlugin
 
     from adapters import DeltaModel
-    from continual.avalanche_model import AvalancheNet
-    from continual.avalanche_strategies import AVALANCHE_STRATEGIES
+    from continual.strategies.avalanche import AVALANCHE_STRATEGIES
+    from continual.strategies.avalanche.model import AvalancheNet
 
     stream = load_stream(args.stream, args.seed, args.max_train or None, args.max_eval or None)
     torch.manual_seed(args.seed)

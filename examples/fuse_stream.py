@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from continual import TrainConfig, eval_loader, evaluate, load_run_model, train_task
+from continual.plots import write_fusion_report
 from fusion import add_fusion, fusion_weights
 from streams import SOURCES, builtin_task
 
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
     fusion = evaluate(model, fused, test)["accuracy"]
 
     weights = fusion_weights(model, fused, test)
-    files = weights.save(Path(args.out))
+    files = write_fusion_report(weights, Path(args.out))
     print(weights.table())
     summary = {"target": args.target, "train_examples": len(data["train"]), "sources": sources,
                "single_delta_test_accuracy": round(single, 4), "fusion_test_accuracy": round(fusion, 4),

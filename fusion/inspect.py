@@ -2,7 +2,10 @@
 
     w = fusion_weights(model, "target", loader)   # FusionWeights: modules x sources
     print(w.table())                               # Markdown table
-    w.heatmap("fusion.png"); w.log_mlflow(client, run_id)
+    w.to_csv("fusion.csv")
+
+This module computes; drawing (``continual.plots.fusion_heatmap``) and logging
+(``continual.tracking``) belong to the caller.
 """
 
 from __future__ import annotations
@@ -10,14 +13,14 @@ from __future__ import annotations
 import dataclasses
 import re
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 
 import numpy as np
 import torch
 
 from adapters import DeltaModel
 from adapters.errors import TaskError
-from adapters.speed import autocast, resolve_precision
+from adapters.precision import autocast, resolve_precision
 
 from .layer import AdapterFusion
 
@@ -61,37 +64,6 @@ class FusionWeights:
         lines += [f"{m}," + ",".join(f"{v:.6f}" for v in row) for m, row in zip(self.modules, self.weights)]
         path.write_text("\n".join(lines) + "\n")
         return path
-
-    def heatmap(self, path: str | Path, title: str | None = None) -> Path:
-        """Modules x sources heatmap PNG."""
-        from continual.plots import annotated_heatmap
-
-        M, N = self.weights.shape
-        return annotated_heatmap(self.weights, path, self.sources, self.rows,
-                                 title or f"fusion attention for {self.task} (mean over {self.tokens} tokens)",
-                                 xlabel="fused delta (source task)", cmap="magma", white_text=lambda v: v < 0.55,
-                                 figsize=(1.0 * N + 3, 0.38 * M + 1.8), fontsize=8, aspect="auto")
-
-    def save(self, directory: str | Path) -> list[Path]:
-        """CSV, Markdown and PNG into ``directory``."""
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        md = d / f"fusion-{self.task}.md"
-        md.write_text(self.table() + "\n")
-        return [self.to_csv(d / f"fusion-{self.task}.csv"), md, self.heatmap(d / f"fusion-{self.task}.png")]
-
-    def log_mlflow(self, client: Any, run_id: str, directory: str | Path) -> list[Path]:
-        """Save the files to ``directory`` and log them (under ``fusion/``) and each source's mean
-        weight (``fusion_weight/<task>/<source>``) to an MLflow run."""
-        from mlflow.entities import Metric
-        import time
-
-        paths = self.save(directory)
-        for p in paths:
-            client.log_artifact(run_id, str(p), "fusion")
-        now = int(time.time() * 1000)
-        client.log_batch(run_id, metrics=[Metric(f"fusion_weight/{self.task}/{s}", v, now, 0) for s, v in self.mean().items()])
-        return paths
 
 
 def _layer_order(modules: list[str]):

@@ -31,7 +31,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from adapters.base import Delta, IsActive, SiteDelta, hook_output, site_dims
+from adapters.base import Capabilities, Delta, IsActive, SiteDelta, hook_output, site_dims
 from adapters.config import DeltaConfig
 from adapters.errors import ConfigError
 from adapters.registry import register
@@ -121,9 +121,10 @@ class AdapterFusion(Delta):
     model, to find the sources); see the module docstring."""
 
     config_class = FusionConfig
-    composite = True
-    identity_at_init = False  # a fresh fusion adds the mean of its sources' terms
-    unmixable_reason = "a fusion's attention over its sources is computed per task, not stacked across tasks"
+    # built over other tasks; a fresh fusion adds the mean of its sources' terms
+    capabilities = Capabilities(
+        identity_at_init=False, composite=True,
+        why_not_mixed="a fusion's attention over its sources is computed per task, not stacked across tasks")
 
     @classmethod
     def create(cls, config: FusionConfig, model: Any) -> "AdapterFusion":
@@ -137,7 +138,7 @@ class AdapterFusion(Delta):
                               "[FusionConfig(sources=...)]) or fusion.add_fusion")
         for task in sources:
             for d in task.deltas.values():
-                if not isinstance(d, SiteDelta):
+                if not d.capabilities.fusable:
                     raise ConfigError(
                         f"cannot fuse task {task.name!r}: its {d.config.method} delta is not layer-wise "
                         "(prompt and prefix tuning change the input sequence or the attention, so there is no "
@@ -145,15 +146,16 @@ class AdapterFusion(Delta):
                         "parallel, lora, bitfit, compacter, ...)")
             if not task.deltas:
                 raise ConfigError(f"cannot fuse task {task.name!r}: it has no delta (a head-only task)")
-        # The sources' modules are not registered here: their weights belong to their own tasks
-        # (saved there, frozen there); the fusion only calls their contribution functions.
-        object.__setattr__(self, "_sources", list(sources))
+        # The sources' modules are not registered here (``_plan`` is a plain dict): their weights
+        # belong to their own tasks (saved there, frozen there); the fusion only calls their
+        # contribution functions.
         # module path -> for each source, its (delta, site) pairs at that module, in attach order
         plan: dict[str, list[list[tuple[SiteDelta, Site]]]] = {}
         dims: dict[str, int] = {}
         for n, task in enumerate(sources):
             for d in task.deltas.values():
                 for site in d.sites:
+                    _check_per_token(backbone, task.name, d, site)
                     plan.setdefault(site.output, [[] for _ in sources])[n].append((d, site))
                     dims[site.output] = site_dims(backbone, site)[1]
         self._plan = plan
@@ -220,6 +222,15 @@ def _source_term(entries: list[tuple[SiteDelta, Site]], xs: dict[str, torch.Tens
         total = t if total is None else total + t
         cur = cur + t
     return total
+
+
+def _check_per_token(backbone: nn.Module, task: str, delta: Delta, site: Site) -> None:
+    """A fusion attends per token over hidden states: a site whose output is a table (MPNet's
+    relative position bias, which a selective delta's default patterns reach) cannot be fused."""
+    out = backbone.get_submodule(site.output)
+    if isinstance(out, nn.Embedding) and out.embedding_dim != backbone.config.hidden_size:
+        raise ConfigError(f"cannot fuse task {task!r}: its {delta.config.method} delta acts on {site.output}, a table "
+                          "rather than per-token hidden states; exclude that module from the delta's patterns")
 
 
 def _key(module: str) -> str:

@@ -149,17 +149,6 @@ class RoutingResult:
         lines.append(f"| **all** | **{s['routing_accuracy']:.3f}** | **{s['routed_ACC']:.3f}** | **{s['oracle_ACC']:.3f}** |")
         return "\n".join(lines)
 
-    def heatmap(self, path: Any) -> Any:
-        """Row-normalised confusion matrix (true task x routed task) as a PNG."""
-        from continual.plots import annotated_heatmap
-
-        frac = self.confusion / self.confusion.sum(1, keepdims=True)
-        n = len(self.tasks)
-        return annotated_heatmap(frac, path, self.tasks, self.tasks,
-                                 f"{self.router} router: routing accuracy {self.routing_accuracy:.3f}",
-                                 xlabel="routed to", ylabel="true task", cmap="Blues", white_text=lambda v: v > 0.6,
-                                 figsize=(1.0 * n + 2.5, 0.8 * n + 2))
-
 
 @torch.no_grad()
 def _predict_names(mixed: Any, batches: list[dict[str, torch.Tensor]], slots: torch.Tensor,

@@ -25,8 +25,7 @@ STATEFUL = ["avalanche-ewc", "avalanche-lwf", "avalanche-replay", "avalanche-age
 
 
 def run(text_model, tmp_path, name, out="run", **kw):
-    return run_stream(toy_stream(), text_model(), make_strategy(name, backbone_lr=1e-2), CONFIG, tmp_path / out,
-                      progress=False, **kw)
+    return run_stream(toy_stream(), text_model(), make_strategy(name, backbone_lr=1e-2), CONFIG, tmp_path / out, **kw)
 
 
 def test_core_install_has_no_torchvision_and_the_extra_pins_avalanche():
@@ -55,7 +54,7 @@ def test_torchvision_and_transformers_import_after_adapters():
 
 @needs_avalanche
 def test_stream_exports_as_a_task_incremental_benchmark(minilm_tokenizer):
-    from continual.avalanche_export import avalanche_benchmark
+    from continual.strategies.avalanche import avalanche_benchmark
 
     stream = toy_stream()
     bm = avalanche_benchmark(stream, minilm_tokenizer, max_length=16)
@@ -98,7 +97,7 @@ def test_memories_mix_tasks_of_different_lengths(text_model, tmp_path, name):
     long_ = Task("b", longer(long_.train), longer(long_.dev), longer(long_.test), long_.label_names)
     stream = TaskStream("lengths", [short, long_])
     # memory batches hold task a's short rows next to task b's long ones
-    res = run_stream(stream, text_model(), make_strategy(name, backbone_lr=1e-2), CONFIG, tmp_path / "r", progress=False)
+    res = run_stream(stream, text_model(), make_strategy(name, backbone_lr=1e-2), CONFIG, tmp_path / "r")
     assert np.isfinite(res.metrics["ACC"])
 
 

@@ -8,7 +8,7 @@ import torch
 from conftest import FAST, toy_task
 from continual import TrainConfig
 from continual.cli import main
-from continual.combine import train_combination
+from continual.studies.combine import train_combination
 
 
 def test_sequential_freezes_the_earlier_delta(text_model):

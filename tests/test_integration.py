@@ -122,7 +122,7 @@ def test_real_smollm2_takes_every_method():
         with torch.no_grad():
             out = model.encode(**tok)[0]
             assert model(**tok).shape == (2, 2)
-        if adapters.get_method(method).identity_at_init:
+        if adapters.get_method(method).capabilities.identity_at_init:
             torch.testing.assert_close(out, base, rtol=0, atol=1e-5)
         else:
             assert not torch.allclose(out, base)

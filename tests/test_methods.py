@@ -40,7 +40,7 @@ def test_zero_init_gives_backbone_output(method, arch):
         base = states(model, inputs)
     model.activate("t")
     out = states(model, inputs)
-    if adapters.get_method(method).identity_at_init:
+    if adapters.get_method(method).capabilities.identity_at_init:
         torch.testing.assert_close(out, base, rtol=0, atol=1e-6)
     else:  # prefix / prompt: attended positions act from the start
         assert not torch.allclose(out, base)

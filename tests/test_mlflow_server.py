@@ -60,7 +60,7 @@ def test_stream_logged_to_a_real_server(mlflow_server, text_model, tmp_path):
     config = TrainConfig(**{**FAST, "max_steps": 30})
     logger = MLflowLogger(mlflow_server, "server-test", "toy-on-server")
     res = run_stream(toy_stream(), text_model(), make_strategy("per-task", [{"method": "lora", "rank": 4}]), config,
-                     tmp_path / "run", loggers=[logger], progress=False)
+                     tmp_path / "run", loggers=[logger])
     client = MlflowClient(mlflow_server)
     parent = client.get_run(res.tracking["parent_run_id"])
     assert parent.info.status == "FINISHED"

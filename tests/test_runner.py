@@ -16,7 +16,7 @@ LORA = [{"method": "lora", "rank": 4}]
 
 
 def run(text_model, tmp_path, strategy, name="run", **kw):
-    return run_stream(toy_stream(), text_model(), strategy, CONFIG, tmp_path / name, progress=False, **kw)
+    return run_stream(toy_stream(), text_model(), strategy, CONFIG, tmp_path / name, **kw)
 
 
 class Recorder(StreamLogger):
@@ -49,7 +49,7 @@ def test_per_task_deltas_never_forget(text_model, tmp_path):
             with torch.no_grad(), model.using(t.name):
                 first[t.name] = model(**batch)
 
-    res = run_stream(stream, model, make_strategy("per-task", LORA), CONFIG, tmp_path / "r", progress=False,
+    res = run_stream(stream, model, make_strategy("per-task", LORA), CONFIG, tmp_path / "r",
                      loggers=[Snapshot()])
     R = res.matrix.R
     assert np.all(np.diag(R) >= 0.9), R  # the toy tasks are learned
@@ -167,7 +167,7 @@ def test_evaluate_with_active_tasks_matches_using(text_model):
 def test_resume_rebuilds_folded_and_prompt_deltas(text_model, tmp_path, methods):
     config = TrainConfig(**{**FAST, "max_steps": 20, "eval_every": 10})
     go = lambda name, **kw: run_stream(toy_stream(), text_model(), make_strategy("per-task", methods), config,  # noqa: E731
-                                       tmp_path / name, progress=False, **kw)
+                                       tmp_path / name, **kw)
     full = go("full")
     with pytest.raises(KeyboardInterrupt):
         go("k", loggers=[Recorder(kill_at_row=1)])

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import adapters
-from adapters.speed import autocast, frozen_linears_in, mfu, resolve_precision
+from adapters.precision import autocast, frozen_linears_in, resolve_precision
 from conftest import FAST, batch, method_config, tiny_backbone, toy_task
 from continual import TrainConfig, train_task
-from continual.train import bucket_batches, bucketed_loader, make_loader, tokenize
+from continual.training import bucket_batches, bucketed_loader, make_loader, mfu, tokenize
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (run on the GPU machine)")

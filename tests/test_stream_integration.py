@@ -22,7 +22,7 @@ def test_per_task_lora_on_real_minilm(stream, tmp_path):
     torch.set_num_threads(2)
     model = adapters.DeltaModel.from_pretrained()
     config = TrainConfig(max_steps=60, batch_size=16, max_length=48, eval_every=30, progress=False)
-    res = run_stream(stream, model, make_strategy("per-task", ["lora"]), config, tmp_path / "run", progress=False)
+    res = run_stream(stream, model, make_strategy("per-task", ["lora"]), config, tmp_path / "run")
     R = res.matrix.R
     for j, task in enumerate(stream):
         assert R[j, j] >= majority_rate(task.test) + 0.05 or R[j, j] >= 0.9, (task.name, R[j, j])
@@ -37,7 +37,7 @@ def test_sequential_fine_tuning_forgets_on_real_minilm(stream, tmp_path):
     torch.set_num_threads(2)
     model = adapters.DeltaModel.from_pretrained()
     config = TrainConfig(max_steps=150, batch_size=16, max_length=48, eval_every=50, progress=False)
-    res = run_stream(stream, model, make_strategy("seq-ft"), config, tmp_path / "run", progress=False)
+    res = run_stream(stream, model, make_strategy("seq-ft"), config, tmp_path / "run")
     assert res.metrics["BWT"] < 0 and res.metrics["forgetting"] > 0, res.table()
 
 
@@ -47,7 +47,7 @@ def test_avalanche_replay_on_real_minilm_learns_each_task(stream, tmp_path):
     torch.set_num_threads(2)
     model = adapters.DeltaModel.from_pretrained()
     config = TrainConfig(max_steps=60, batch_size=16, max_length=48, eval_every=30, progress=False)
-    res = run_stream(stream, model, make_strategy("avalanche-replay", mem_size=100), config, tmp_path / "run", progress=False)
+    res = run_stream(stream, model, make_strategy("avalanche-replay", mem_size=100), config, tmp_path / "run")
     R = res.matrix.R
     for j, task in enumerate(stream):
         assert R[j, j] >= majority_rate(task.test) + 0.05 or R[j, j] >= 0.9, (task.name, R[j, j])

@@ -68,10 +68,10 @@ def test_yaml_stream_from_csv_jsonl_parquet(tmp_path):
 
 
 def test_tokenisation_runs_once_per_split(tmp_path, minilm_tokenizer):
-    from continual.runner import _Tokenised
+    from continual.scheduler import TokenisedTasks
 
     task = load_stream(write_yaml(tmp_path, [{"name": "a", "train": write_csv(tmp_path / "a.csv", rows())}]))["a"]
-    cache = _Tokenised(minilm_tokenizer, 16, 8)
+    cache = TokenisedTasks(minilm_tokenizer, 16, 8)
     first = cache(task)
     assert cache(task) is first and "input_ids" in first["test"].column_names
     assert cache.loader(task) is cache.loader(task)

@@ -5,7 +5,7 @@ import pytest
 from datasets import Dataset
 
 from continual import majority_rate
-from continual.train import _schedule, macro_f1
+from continual.training import lr_factor, macro_f1
 
 
 def test_majority_rate():
@@ -22,10 +22,10 @@ def test_macro_f1_by_hand():
 
 
 def test_warmup_then_linear_decay():
-    assert _schedule(0, 100, 10) == pytest.approx(0.1)
-    assert _schedule(9, 100, 10) == pytest.approx(1.0)
-    assert _schedule(55, 100, 10) == pytest.approx(0.5)
-    assert _schedule(100, 100, 10) == 0.0
+    assert lr_factor(0, 100, 10) == pytest.approx(0.1)
+    assert lr_factor(9, 100, 10) == pytest.approx(1.0)
+    assert lr_factor(55, 100, 10) == pytest.approx(0.5)
+    assert lr_factor(100, 100, 10) == 0.0
 
 
 def test_resolve_device_errors_clearly():

@@ -25,7 +25,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-from ..base import Delta, IsActive
+from ..base import Capabilities, Delta, IsActive
 from ..config import DeltaConfig
 from ..errors import ConfigError
 from ..registry import register
@@ -90,7 +90,8 @@ class PrefixConfig(DeltaConfig):
 @register
 class Prefix(Delta):
     config_class = PrefixConfig
-    identity_at_init = False  # the prefix positions are attended to from the first step
+    # the prefix positions are attended to from the first step; freezing folds the MLP away
+    capabilities = Capabilities(identity_at_init=False, folds=True)
 
     def __init__(self, config: PrefixConfig, backbone: nn.Module) -> None:
         super().__init__(config, backbone)

@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..base import Delta
+from ..base import Capabilities, Delta
 from ..config import DeltaConfig
 from ..errors import ConfigError
 from ..registry import register
@@ -34,7 +34,8 @@ class PromptConfig(DeltaConfig):
 @register
 class Prompt(Delta):
     config_class = PromptConfig
-    identity_at_init = False
+    # soft tokens are attended from the start; each example of a mixed batch gets its own prompt
+    capabilities = Capabilities(identity_at_init=False, input_transform=True, mixed_batches=True)
 
     def __init__(self, config: PromptConfig, backbone: nn.Module) -> None:
         super().__init__(config, backbone)

@@ -19,9 +19,10 @@ from typing import Any, Sequence
 
 import yaml
 
-from .runner import RunStateError, load_run_model
-from .tracking import log_nested_run
-from .train import eval_loader
+from ..plots import routing_heatmap
+from ..rundir import RunStateError, load_run_model
+from ..tracking import log_nested_run
+from ..training import eval_loader
 
 
 def stream_of_run(run_dir: str | Path):
@@ -83,7 +84,7 @@ def route_run(run_dir: str | Path, backbone: str = "minilm", routers: Sequence[s
         res.seconds = time.perf_counter() - start
         results.append(res)
         (run / f"routing-{name}.md").write_text(res.table() + "\n")
-        files += [run / f"routing-{name}.md", res.heatmap(run / f"routing-{name}.png")]
+        files += [run / f"routing-{name}.md", routing_heatmap(res, run / f"routing-{name}.png")]
     summary = {r.router: {**r.summary(), "routed": r.routed_accuracy, "oracle": r.oracle_accuracy,
                           "confusion": r.confusion.tolist(), "tasks": r.tasks, "seconds": r.seconds} for r in results}
     (run / "routing.json").write_text(json.dumps(summary, indent=1))

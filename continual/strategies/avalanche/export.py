@@ -1,6 +1,6 @@
 """A :class:`~streams.TaskStream` as an Avalanche benchmark (needs the ``[avalanche]`` extra).
 
-    from continual.avalanche_export import avalanche_benchmark
+    from continual.strategies.avalanche import avalanche_benchmark
     bm = avalanche_benchmark(stream, model.tokenizer, max_length=64)
     for exp in bm.train_stream:            # one experience per task, task label = its index
         strategy.train(exp)
@@ -20,7 +20,7 @@ import torch
 
 from streams import Task, TaskStream
 
-from .train import tokenize
+from ...training import tokenize
 
 STREAM_NAMES = {"train": "train", "dev": "valid", "test": "test"}
 FIELDS = ("input_ids", "attention_mask", "token_type_ids")

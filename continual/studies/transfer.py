@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .plots import annotated_heatmap
+from ..plots import annotated_heatmap
+from ..tracking import log_nested_run
+from ..training import eval_loader, evaluate
 from .route import per_task_run
-from .tracking import log_nested_run
-from .train import eval_loader, evaluate
 
 
 @dataclasses.dataclass

@@ -16,26 +16,35 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import torch
+
+from adapters import DeltaConfig, DeltaModel
+from adapters.spec import methods_label, parse_combo, parse_options
+
+from ..plots import metric_bars
+from ..scheduler import run_stream
+from ..strategies import STRATEGIES, make_strategy
+from ..tracking import DEFAULT_EXPERIMENT, MLflowLogger, log_compare
+from ..training import TrainConfig
 
 METRICS = ("ACC", "BWT", "FWT", "forgetting")
 
 
 @dataclasses.dataclass
 class Entry:
+    """One row of the comparison: a strategy, its delta methods (typed configs) and options."""
+
     strategy: str
-    methods: list[Any]
+    methods: list[DeltaConfig]
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def label(self) -> str:
-        from .cli import _method_label
-
-        names = _method_label(self.methods)
+        names = methods_label(self.methods)
         opts = ",".join(f"{k}={v}" for k, v in self.options.items())
         strategy = f"{self.strategy}@{opts}" if opts else self.strategy
         return f"{strategy}-{names}" if names else strategy
@@ -44,14 +53,11 @@ class Entry:
 def parse_entry(text: str) -> Entry:
     """``per-task:lora+bitfit``, ``seq-ft``, ``per-task:lora:rank=4`` (options as in --method),
     ``avalanche-ewc@ewc_lambda=100`` (strategy options as in --strategy-option)."""
-    from .cli import parse_method, parse_options
-    from .strategies import STRATEGIES
-
     head, _, methods = text.partition(":")
     strategy, _, opts = head.partition("@")
     if strategy not in STRATEGIES:
         raise ValueError(f"entry {text!r}: unknown strategy {strategy!r}; one of {', '.join(STRATEGIES)}")
-    return Entry(strategy, [parse_method(m) for m in methods.split("+")] if methods else [], parse_options(opts, text))
+    return Entry(strategy, parse_combo(methods) if methods else [], parse_options(opts, text))
 
 
 def _dir_bytes(path: Path) -> int:
@@ -72,29 +78,21 @@ def summarize_run(directory: Path) -> dict[str, Any]:
     return row
 
 
-def compare(stream: Any, entries: Sequence[Entry], config: Any, out: str | Path, backbone: str = "minilm",
-            seed: int = 0, progress: bool = True, tracking_uri: str | None = None) -> dict[str, dict[str, Any]]:
-    """Run (or reuse) every entry on ``stream``; returns label -> report row. With
-    ``tracking_uri`` each entry's stream is logged to MLflow as ``continual run`` logs it (run
-    name ``compare-<stream>-<entry>``)."""
-    import torch
-
-    from adapters import DeltaModel
-
-    from .runner import run_stream
-    from .strategies import make_strategy
-    from .tracking import DEFAULT_EXPERIMENT, MLflowLogger
-
+def compare(stream: Any, entries: Sequence[Entry], config: TrainConfig, out: str | Path, backbone: str = "minilm",
+            tracking_uri: str | None = None) -> dict[str, dict[str, Any]]:
+    """Run (or reuse) every entry on ``stream`` (seed, device and progress from ``config``);
+    returns label -> report row. With ``tracking_uri`` each entry's stream is logged to MLflow as
+    ``continual run`` logs it (run name ``compare-<stream>-<entry>``)."""
     out = Path(out)
+    strategies = {e.label: make_strategy(e.strategy, e.methods or ["bottleneck"], **e.options) for e in entries}
     rows = {}
     for e in entries:
         directory = out / e.label
         if not (directory / "results.json").exists():
-            torch.manual_seed(seed)
+            torch.manual_seed(config.seed)
             model = DeltaModel.from_pretrained(backbone)
-            strategy = make_strategy(e.strategy, e.methods or ["bottleneck"], **e.options)
             loggers = [MLflowLogger(tracking_uri, DEFAULT_EXPERIMENT, f"compare-{stream.name}-{e.label}")] if tracking_uri else []
-            run_stream(stream, model, strategy, config, directory, seed=seed, progress=progress, loggers=loggers,
+            run_stream(stream, model, strategies[e.label], config, directory, loggers=loggers,
                        resume=(directory / "state.json").exists())
         rows[e.label] = summarize_run(directory)
     return rows
@@ -114,31 +112,6 @@ def report_markdown(stream: str, rows: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def report_plot(rows: dict[str, dict[str, Any]], path: Path) -> Path:
-    """Grouped bars: the four metrics per entry."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = list(rows)
-    x = np.arange(len(METRICS))
-    width = 0.8 / max(1, len(labels))
-    fig, ax = plt.subplots(figsize=(2.2 * len(METRICS) + 2, 4))
-    for i, label in enumerate(labels):
-        vals = [np.nan if rows[label][k] is None else rows[label][k] for k in METRICS]
-        ax.bar(x + i * width - 0.4 + width / 2, vals, width, label=label)
-    ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks(x, METRICS)
-    ax.set_title("continual-learning metrics per method")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def write_report(stream: str, rows: dict[str, dict[str, Any]], out: str | Path, tracking_uri: str | None = None) -> list[Path]:
     """report.md, report.json, report.png in ``out``; a ``compare`` MLflow run when a store is given."""
     out = Path(out)
@@ -146,18 +119,7 @@ def write_report(stream: str, rows: dict[str, dict[str, Any]], out: str | Path, 
     (out / "report.md").write_text(report_markdown(stream, rows) + "\n")
     clean = {k: {m: (None if isinstance(v, float) and math.isnan(v) else v) for m, v in r.items()} for k, r in rows.items()}
     (out / "report.json").write_text(json.dumps({"stream": stream, "rows": clean}, indent=1))
-    files = [out / "report.md", out / "report.json", report_plot(rows, out / "report.png")]
+    files = [out / "report.md", out / "report.json", metric_bars(rows, METRICS, out / "report.png")]
     if tracking_uri:
-        from .tracking import DEFAULT_EXPERIMENT, experiment
-
-        client, exp_id = experiment(tracking_uri, DEFAULT_EXPERIMENT)
-        run = client.create_run(exp_id, run_name=f"compare-{stream}", tags={"kind": "compare", "stream": stream})
-        for label, r in clean.items():
-            key = re.sub(r"[^\w\-. :/]", "_", label)  # MLflow metric names: no '@', '=', ','
-            for k, v in r.items():
-                if v is not None:
-                    client.log_metric(run.info.run_id, f"{k}/{key}", float(v))
-        for f in files:
-            client.log_artifact(run.info.run_id, str(f), "compare")
-        client.set_terminated(run.info.run_id)
+        log_compare(tracking_uri, stream, clean, files)
     return files

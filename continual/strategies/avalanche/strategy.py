@@ -7,39 +7,38 @@ as ``seq-ft`` does) with the Avalanche strategy of that name: ``Naive`` (plain f
 ``EWC`` (online EWC), ``LwF``, ``Replay`` (experience-balanced reservoir memory) and ``AGEM``.
 The continual-learning mechanism is Avalanche's own code; around it:
 
-- the stream's tasks reach Avalanche as experiences of :mod:`continual.avalanche_export`;
-- training follows our protocol (:class:`continual.avalanche_model.Protocol`: same steps,
-  schedule, early stopping on dev and best-on-dev weights as every other method);
-- scoring is ours: the runner fills the accuracy matrix with :func:`continual.train.evaluate`
+- the stream's tasks reach Avalanche as experiences of :mod:`.export`;
+- training follows our protocol (:class:`continual.training.Protocol`, driven by the plugin of
+  :mod:`.model`: same steps, schedule, early stopping on dev and best-on-dev weights as every
+  other method);
+- scoring is ours: the scheduler fills the accuracy matrix with :func:`continual.training.evaluate`
   and logs to MLflow exactly as for our methods, so ACC/BWT/FWT/forgetting are comparable;
 - resume works: the state saved after each task holds the backbone, the heads and each plugin's
   memory (EWC importances, replay and A-GEM buffers, LwF's seen classes), so a killed stream
   continues where it stopped and retraces the uninterrupted run.
 
 Adding another Avalanche strategy is one subclass here (its class name, its default options and,
-if its plugin remembers something between tasks, one entry in ``PLUGIN_STATE``).
+if its plugin remembers something between tasks, one entry in :data:`.memory.PLUGIN_STATE`).
 """
 
 from __future__ import annotations
 
-import copy
 import random
-import time
 import warnings
-from typing import Any, Callable, ClassVar, NamedTuple, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from adapters import DeltaModel
 from adapters.model import MethodSpec
-from adapters.speed import make_optimizer
 from streams import Task
 
-from .avalanche_export import require_avalanche, task_experience, tensor_dataset
-from .strategies import SequentialFineTune
-from .train import TrainConfig, TrainResult, eval_loader, evaluate, resolve_device
+from ...training import Protocol, TrainConfig, TrainResult, eval_loader, evaluate, make_optimizer
+from ..base import TaskData
+from ..finetune import SequentialFineTune
+from .export import require_avalanche, task_experience
+from .memory import PLUGIN_STATE
 
 PREFIX = "avalanche-"
 
@@ -72,11 +71,10 @@ class AvalancheStrategy(SequentialFineTune):
     def finish(self, model: DeltaModel, task: Task) -> None:
         """Nothing is frozen: Avalanche's strategies keep updating old heads (and the backbone)."""
 
-    def train(self, model: DeltaModel, tasks: list[Task], config: TrainConfig, data: Callable[[Task], Any],
+    def train(self, model: DeltaModel, tasks: list[Task], config: TrainConfig, data: TaskData,
               callback: Callable[[dict[str, Any]], None] | None) -> TrainResult:
         (task,) = tasks
         index = list(model.tasks).index(task.name)
-        device = resolve_device(config.device)
         torch.manual_seed(config.seed)
         random.seed(config.seed)  # A-GEM samples its memory with Python's RNG
         np.random.seed(config.seed % 2**32)
@@ -86,28 +84,28 @@ class AvalancheStrategy(SequentialFineTune):
         model.activate(*model.tasks)
         for p in model.backbone.parameters():
             p.requires_grad_(True)
-        bar = tqdm(total=config.max_steps, desc=f"train {task.name} ({self.name})", disable=not config.progress, leave=False)
         try:
-            net = self._strategy(model, config, device)
-            protocol = self._avl.plugins[0]
-            protocol.start(config, [self.backbone_lr, config.head_lr], lambda: evaluate(model, task.name, dev_loader, (task.name,)), callback, bar)
+            net = self._strategy(model, config, model.device)
+            # the optimizer lives across tasks (its rates end decayed): give the peak rates again
+            protocol = Protocol(config, [p for p in net.parameters() if p.requires_grad], self._avl.optimizer,
+                                lambda: evaluate(model, task.name, dev_loader, (task.name,)), callback,
+                                f"train {task.name} ({self.name})", base_lrs=[self.backbone_lr, config.head_lr])
+            driver = self._avl.plugins[0]
+            driver.start(protocol)
             for plugin in self._avl.plugins:
                 handler = PLUGIN_STATE.get(type(plugin).__name__)
                 if handler is not None:
                     handler.rewind(plugin)
             experience = task_experience(splits["train"], index)
             self._avl.train_epochs = config.max_steps  # an upper bound: the protocol stops at max_steps
-            start = time.perf_counter()
             self._avl.train(experience, eval_streams=[], reset_optimizer_state=True)
-            seconds = time.perf_counter() - start
             self._done += 1
             net.eval()
         finally:
-            bar.close()
             for p in model.backbone.parameters():
                 p.requires_grad_(False)
             model.deactivate()
-        return TrainResult(protocol.best, protocol.best_step, protocol.step, seconds, protocol.history)
+        return driver.result
 
     def state(self, model: DeltaModel) -> dict[str, torch.Tensor]:
         out = super().state(model)
@@ -137,7 +135,7 @@ class AvalancheStrategy(SequentialFineTune):
     def _strategy(self, model: DeltaModel, config: TrainConfig, device: torch.device) -> Any:
         from avalanche.training.plugins import EvaluationPlugin
 
-        from .avalanche_model import AvalancheNet, Protocol
+        from .model import AvalancheNet, ProtocolPlugin
 
         if self._avl is None:
             self._net = AvalancheNet(model.backbone)
@@ -153,7 +151,7 @@ class AvalancheStrategy(SequentialFineTune):
             evaluator = EvaluationPlugin(loggers=[])
         self._avl = self._cls(model=net, optimizer=optimizer, criterion=torch.nn.CrossEntropyLoss(),
                               train_mb_size=config.batch_size, eval_mb_size=config.batch_size * 2, train_epochs=1,
-                              device=device, plugins=[Protocol()], evaluator=evaluator, eval_every=-1,
+                              device=device, plugins=[ProtocolPlugin()], evaluator=evaluator, eval_every=-1,
                               **self.options)
         # resumed: Avalanche's counters and the plugins' memories as they were after task _done
         self._avl.clock.train_exp_counter = self._done
@@ -165,121 +163,6 @@ class AvalancheStrategy(SequentialFineTune):
                 PLUGIN_STATE[name].load(plugin, own, net, device)
         self._pending = {}
         return net
-
-
-# -- what each plugin remembers between tasks, as tensors (save, load, rewind) ---------------------
-def _dataset_tensors(data: Any) -> dict[str, torch.Tensor]:
-    rows = [data[i] for i in range(len(data))]
-    return {"x": torch.stack([r[0] for r in rows]), "y": torch.tensor([int(r[1]) for r in rows]),
-            "t": torch.tensor([int(r[-1]) for r in rows])}
-
-
-def _grouped(state: dict[str, torch.Tensor]) -> dict[int, dict[str, torch.Tensor]]:
-    out: dict[int, dict[str, torch.Tensor]] = {}
-    for key, v in state.items():
-        group, _, field = key.partition(".")
-        if group.isdigit():
-            out.setdefault(int(group), {})[field] = v
-    return dict(sorted(out.items()))
-
-
-def _ewc_save(p: Any) -> dict[str, torch.Tensor]:
-    out = {}
-    for kind, table in (("saved", p.saved_params), ("imp", p.importances)):
-        for exp, params in table.items():
-            out.update({f"{kind}.{exp}.{name}": d.data for name, d in params.items()})
-    return out
-
-
-def _ewc_load(p: Any, state: dict[str, torch.Tensor], net: Any, device: torch.device) -> None:
-    from avalanche.training.utils import ParamData
-
-    # EWC pairs importances with parameters by position: keep the model's parameter order (the
-    # saved file's keys come back sorted)
-    order = {name: i for i, (name, _) in enumerate(net.named_parameters())}
-    for key, v in sorted(state.items(), key=lambda kv: order[kv[0].split(".", 2)[2]]):
-        kind, exp, name = key.split(".", 2)
-        table = p.saved_params if kind == "saved" else p.importances
-        table[int(exp)][name] = ParamData(name, init_tensor=v.to(device), device=device)
-
-
-def _lwf_save(p: Any) -> dict[str, torch.Tensor]:
-    out = {"expcount": torch.tensor(p.lwf.expcount)}
-    out.update({f"classes.{t}": torch.tensor(sorted(c)) for t, c in p.lwf.prev_classes_by_task.items()})
-    return out
-
-
-def _lwf_load(p: Any, state: dict[str, torch.Tensor], net: Any, device: torch.device) -> None:
-    p.lwf.expcount = int(state["expcount"])
-    for key, v in state.items():
-        if key.startswith("classes."):
-            p.lwf.prev_classes_by_task[int(key.split(".")[1])] = set(v.tolist())
-    p.lwf.prev_model = copy.deepcopy(net)  # the teacher: the model after the last task, as just loaded
-    p.lwf.prev_model.train()  # as Avalanche leaves it (copied inside the training loop): dropout on
-
-
-def _replay_save(p: Any) -> dict[str, torch.Tensor]:
-    policy = p.storage_policy
-    out = {"num_exps": torch.tensor(policy._num_exps)}
-    for g, buf in policy.buffer_groups.items():
-        out[f"{g}.max_size"] = torch.tensor(buf.max_size)
-        out[f"{g}.weights"] = buf._buffer_weights
-        out.update({f"{g}.{k}": v for k, v in _dataset_tensors(buf.buffer).items()})
-    return out
-
-
-def _replay_load(p: Any, state: dict[str, torch.Tensor], net: Any, device: torch.device) -> None:
-    from avalanche.training.storage_policy import ReservoirSamplingBuffer
-
-    policy = p.storage_policy
-    policy._num_exps = int(state["num_exps"])
-    for g, s in _grouped(state).items():
-        buf = ReservoirSamplingBuffer(int(s["max_size"]))
-        buf._buffer_weights = s["weights"]
-        buf.buffer = tensor_dataset(s["x"], s["y"], s["t"].tolist())
-        policy.buffer_groups[g] = buf
-
-
-def _agem_save(p: Any) -> dict[str, torch.Tensor]:
-    out = {}
-    for i, data in enumerate(p.buffers):
-        out.update({f"{i}.{k}": v for k, v in _dataset_tensors(data).items()})
-    return out
-
-
-def _agem_load(p: Any, state: dict[str, torch.Tensor], net: Any, device: torch.device) -> None:
-    p.buffers = [tensor_dataset(s["x"], s["y"], s["t"].tolist()) for s in _grouped(state).values()]
-    if p.buffers:
-        from avalanche.benchmarks.utils.data_loader import GroupBalancedInfiniteDataLoader
-
-        p.buffer_dataloader = GroupBalancedInfiniteDataLoader(p.buffers, batch_size=p.sample_size // len(p.buffers))
-
-
-def _agem_rewind(p: Any) -> None:
-    # A fresh memory iterator at the start of each task, after the task's seed is set: an
-    # uninterrupted and a resumed run then draw the same memory batches.
-    if p.buffers:
-        p.buffer_dliter = iter(p.buffer_dataloader)
-
-
-def _nothing(p: Any) -> None:
-    pass
-
-
-class PluginState(NamedTuple):
-    """How a plugin's memory between tasks becomes tensors and back, and what to reset before a task."""
-
-    save: Callable[[Any], dict[str, torch.Tensor]]
-    load: Callable[[Any, dict[str, torch.Tensor], Any, torch.device], None]
-    rewind: Callable[[Any], None] = _nothing
-
-
-PLUGIN_STATE: dict[str, PluginState] = {
-    "EWCPlugin": PluginState(_ewc_save, _ewc_load),
-    "LwFPlugin": PluginState(_lwf_save, _lwf_load),
-    "ReplayPlugin": PluginState(_replay_save, _replay_load),
-    "AGEMPlugin": PluginState(_agem_save, _agem_load, _agem_rewind),
-}
 
 
 class AvalancheNaive(AvalancheStrategy):

@@ -22,10 +22,10 @@ from typing import Any, Sequence
 import torch
 from datasets import DatasetDict
 
-from adapters import DeltaModel
+from adapters import DeltaModel, make_config
 from adapters.model import MethodSpec
 
-from .train import TrainConfig, eval_loader, evaluate, train_task
+from ..training import TrainConfig, eval_loader, evaluate, train_task
 
 MODES = ("simultaneous", "sequential")
 
@@ -39,10 +39,6 @@ class CombinationResult:
     trainable_params: int
     seconds: float
     stages: list[dict[str, Any]]
-
-
-def _label(m: MethodSpec) -> str:
-    return m if isinstance(m, str) else m["method"] if isinstance(m, dict) else m.method
 
 
 def train_combination(model: DeltaModel, name: str, data: DatasetDict, methods: Sequence[MethodSpec], mode: str,
@@ -69,10 +65,10 @@ def train_combination(model: DeltaModel, name: str, data: DatasetDict, methods: 
         model.freeze(task)
         params = model.task(task).delta_parameters() + model.task(task).head_parameters()
         trainable += params
-        stages.append({"task": task, "methods": [_label(m) for m in group], "trainable_params": params,
+        stages.append({"task": task, "methods": [make_config(m).method for m in group], "trainable_params": params,
                        "dev_accuracy": result.best_dev["accuracy"], "steps": result.steps,
                        "test_accuracy": evaluate(model, task, test, tuple(active))["accuracy"]})
-    return CombinationResult([_label(m) for m in methods], mode, stages[-1]["test_accuracy"], stages[-1]["dev_accuracy"],
+    return CombinationResult([make_config(m).method for m in methods], mode, stages[-1]["test_accuracy"], stages[-1]["dev_accuracy"],
                              trainable, time.perf_counter() - start, stages)
 
 
@@ -84,3 +80,22 @@ def study_table(results: list[CombinationResult]) -> str:
         lines.append(f"| {'+'.join(r.methods)} | {r.mode} | {r.test_accuracy:.3f} | {r.dev_accuracy:.3f} | "
                      f"{r.trainable_params:,} | {r.seconds:.0f} | {per} |")
     return "\n".join(lines)
+
+
+def run_study(model: DeltaModel, task: Any, combos: Sequence[Sequence[MethodSpec]], modes: Sequence[str],
+              config: TrainConfig, on_result: Any = None) -> list[CombinationResult]:
+    """Every (combination, mode) on ``task`` from the same seed and split, each on a model cleared
+    of the previous cell's tasks; ``on_result(result)`` is called after each cell (to print, log)."""
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise ValueError(f"unknown mode(s) {bad}; one of {MODES}")
+    results = []
+    for methods in combos:
+        for mode in modes:
+            r = train_combination(model, "combo", task.splits(), methods, mode, task.label_names, config)
+            results.append(r)
+            for name in reversed(list(model.tasks)):
+                model.remove_task(name)
+            if on_result is not None:
+                on_result(r)
+    return results

@@ -1,0 +1,189 @@
+"""What each ``continual`` sub-command does: turn the parsed options into typed objects (method
+specs into delta configs, settings into a TrainConfig), call the libraries, print, draw, log."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adapters import BACKBONES, DeltaError, DeltaModel, available_methods, make_config
+from adapters.spec import methods_label, parse_combo, parse_method, parse_options
+from streams import SOURCES, STREAMS, builtin_task, load_stream
+
+from ..metrics import AccuracyMatrix
+from ..plots import format_matrix, heatmap
+from ..rundir import run_info
+from ..scheduler import run_stream
+from ..strategies import STRATEGIES, make_strategy
+from ..tracking import MLflowLogger, fetch_results, log_combination
+from ..training import TrainConfig
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """The one TrainConfig builder of every command that trains (run, combine, compare): the
+    options a command does not have keep TrainConfig's defaults."""
+    opt = lambda name, default=None: getattr(args, name, default)  # noqa: E731
+    patience = opt("patience", 3)
+    base = dict(max_steps=args.steps, batch_size=args.batch_size, max_length=args.max_length, eval_every=args.eval_every,
+                seed=args.seed, device=args.device, progress=not opt("no_progress", False), lr=opt("lr"),
+                head_lr=opt("head_lr", 1e-3), patience=patience or None)  # --patience 0: never stop early
+    speed = dict(precision=opt("precision", "fp32"), compile=opt("compile"), bucket=opt("bucket", False))
+    if opt("fast", False):
+        return TrainConfig.fast(**base, **{k: v for k, v in speed.items() if v not in (None, False, "fp32")})
+    config = TrainConfig(**base, **speed)
+    config.validate()
+    return config
+
+
+def _cap(v: int) -> int | None:
+    return v or None  # 0 means no cap
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    methods = [parse_method(m) for m in args.method or ["bottleneck"]]
+    options = {k: v for text in args.strategy_option for k, v in parse_options(text).items()}
+    strategy = make_strategy(args.strategy, methods, **options)
+    config = train_config(args)
+    label = "ft" if strategy.trains_backbone else methods_label(methods)
+    out = Path(args.out or f"runs/{Path(args.stream).stem}-{args.strategy}-{label}-s{args.seed}")
+    stream = load_stream(args.stream, args.seed, _cap(args.max_train), _cap(args.max_eval))
+    print(f"stream {stream.name}: " + ", ".join(f"{t.name} ({len(t.train)}/{len(t.dev)}/{len(t.test)})" for t in stream))
+    torch.manual_seed(args.seed)  # weights a checkpoint lacks (an unused pooler) start the same every run
+    model = DeltaModel.from_pretrained(args.backbone)
+    loggers = [] if args.no_mlflow else [MLflowLogger(args.tracking_uri, args.experiment, args.run_name or out.name)]
+    result = run_stream(stream, model, strategy, config, out, loggers=loggers, resume=args.resume,
+                        overwrite=args.overwrite, extra_params={"command": " ".join(sys.argv)})
+    print(f"\n{stream.name} / {args.strategy} / {label}: accuracy matrix R[i, j] (row: after training task i)")
+    print(result.table())
+    print(f"\nmacro-F1:\n{result.table(f1=True)}")
+    print(f"\nwall time {result.seconds:.0f} s; results, matrix.csv and heatmap.png in {out}/")
+    if loggers:
+        print(f"MLflow run {result.tracking.get('parent_run_id')} in {args.tracking_uri}; browse with:\n"
+              f"  mlflow ui --backend-store-uri {args.tracking_uri}    (then open http://127.0.0.1:5000)")
+    return 0
+
+
+def load_report(run: str, tracking_uri: str, experiment: str) -> tuple[dict[str, Any], Path | None]:
+    """A run's results (from its directory, or from MLflow by run id or name) and its directory."""
+    path = Path(run)
+    if not path.is_dir():
+        return fetch_results(run, tracking_uri, experiment), None
+    data = run_info(path)
+    if not data:
+        raise FileNotFoundError(f"{path} holds no results.json or state.json: not a stream run directory")
+    if "metrics" not in data:  # state.json of an unfinished run: what is done so far
+        data["metrics"] = AccuracyMatrix.from_dict(data["matrix"]).result()
+        data["unfinished"] = True
+    return data, path
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    data, directory = load_report(args.run, args.tracking_uri, args.experiment)
+    matrix = AccuracyMatrix.from_dict(data["matrix"])
+    metrics = {k: (math.nan if v is None else v) for k, v in data["metrics"].items()}
+    if args.json:
+        print(json.dumps(data["metrics"], indent=2))
+    else:
+        tag = " (unfinished)" if data.get("unfinished") else ""
+        print(f"{data['identity']['stream']} / {data['identity']['strategy']['strategy']}{tag}")
+        print(format_matrix(matrix, metrics, args.f1))
+    plot = Path(args.plot) if args.plot else (directory / "heatmap.png" if directory else Path(f"{args.run}-heatmap.png"))
+    heatmap(matrix, plot, f1=args.f1)
+    print(f"heatmap: {plot}")
+    return 0
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    from ..studies.route import format_results, route_run
+
+    results = route_run(args.run, args.backbone, args.router or ["prototype", "linear"], args.fit_max, args.tracking_uri)
+    print(format_results(results))
+    return 0
+
+
+def cmd_transfer(args: argparse.Namespace) -> int:
+    from ..studies.transfer import log_transfer, transfer_matrix
+
+    matrix = transfer_matrix(args.run, args.backbone)
+    files = matrix.save(Path(args.run))
+    print(matrix.table())
+    child = log_transfer(args.run, files, matrix)
+    print(f"files: {', '.join(str(f) for f in files)}" + (f"; MLflow run {child}" if child else ""))
+    return 0
+
+
+def cmd_combine(args: argparse.Namespace) -> int:
+    from ..studies.combine import run_study, study_table
+
+    combos = [parse_combo(c) for c in (args.combo or ["lora+bitfit", "bottleneck+bitfit", "lora+prompt"])]
+    config = train_config(args)
+    task = builtin_task(args.task, args.seed, _cap(args.max_train), _cap(args.max_eval))
+    torch.manual_seed(args.seed)
+    model = DeltaModel.from_pretrained(args.backbone)
+    out = Path(args.out or f"runs/combine-{args.task}-s{args.seed}")
+    out.mkdir(parents=True, exist_ok=True)
+
+    def report(r: Any) -> None:
+        print(f"{'+'.join(r.methods)} {r.mode}: test accuracy {r.test_accuracy:.3f}", flush=True)
+        if not args.no_mlflow:
+            log_combination(args.tracking_uri, args.task, r, args.steps, args.seed)
+
+    results = run_study(model, task, combos, args.mode or ["simultaneous", "sequential"], config, report)
+    table = study_table(results)
+    print(table)
+    (out / "combinations.md").write_text(table + "\n")
+    (out / "combinations.json").write_text(json.dumps([dataclasses.asdict(r) for r in results], indent=1))
+    print(f"table: {out / 'combinations.md'}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from ..studies.compare import compare, parse_entry, report_markdown, write_report
+
+    entries = [parse_entry(e) for e in (args.entry or ["per-task:bottleneck", "per-task:lora", "seq-delta:lora", "seq-ft"])]
+    config = train_config(args)
+    stream = load_stream(args.stream, args.seed, _cap(args.max_train), _cap(args.max_eval))
+    out = Path(args.out or f"runs/compare-{Path(args.stream).stem}-s{args.seed}")
+    uri = None if args.no_mlflow else args.tracking_uri
+    rows = compare(stream, entries, config, out, args.backbone, uri)
+    files = write_report(stream.name, rows, out, uri)
+    print(report_markdown(stream.name, rows))
+    print(f"report: {', '.join(str(f) for f in files)}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    what = args.what
+    if what in (None, "methods"):
+        print("methods (combine with repeated --method; options as --method lora:rank=16):")
+        for m in available_methods():
+            try:
+                cfg = make_config(m).to_dict()
+                print(f"  {m:<12} " + ", ".join(f"{k}={v}" for k, v in cfg.items() if k != "method"))
+            except DeltaError as e:  # a method with a required option
+                print(f"  {m:<12} ({e})")
+    if what in (None, "strategies"):
+        print("strategies:")
+        for k, v in STRATEGIES.items():
+            opts = getattr(v, "defaults", {})
+            print(f"  {k:<16} {v.description}" + (f" [options: {', '.join(f'{o}={d}' for o, d in opts.items())}]" if opts else ""))
+    if what in (None, "streams"):
+        print("streams (or a YAML file, see streams/stream.py):")
+        for k, v in STREAMS.items():
+            print(f"  {k:<18} {' -> '.join(v)}")
+    if what in (None, "data"):
+        print(f"built-in data sets (for YAML 'source:'): {', '.join(SOURCES)}")
+    if what in (None, "backbones"):
+        print(f"backbones: {', '.join(BACKBONES)} (default minilm), a local path, or a hub id (needs network)")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "report": cmd_report, "route": cmd_route, "transfer": cmd_transfer, "combine": cmd_combine,
+            "compare": cmd_compare, "list": cmd_list}

@@ -1,0 +1,174 @@
+"""The ``continual`` argument parser: one function per sub-command, shared option groups.
+
+Only argparse lives here; :mod:`.commands` builds the objects and calls the libraries.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from adapters import BACKBONES, available_methods
+from adapters.precision import PRECISIONS
+from streams import STREAMS
+
+from ..strategies import STRATEGIES
+from ..tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI
+from ..training import COMPILE_MODES
+
+DESCRIPTION = """run lifelong-learning streams, report on them, list what is available.
+
+    python -m continual run                                  # default stream, bottleneck adapters
+    python -m continual run --strategy seq-ft                # the forgetting baseline
+    python -m continual run --stream my_stream.yaml --method lora --method bitfit
+    python -m continual run ... --resume                     # continue a killed run
+    python -m continual report runs/default-per-task-bottleneck-s0
+    python -m continual route runs/default-per-task-bottleneck-s0   # task-free inference
+    python -m continual transfer runs/default-per-task-bottleneck-s0   # zero-shot transfer matrix
+    python -m continual combine --task movie --combo lora+bitfit      # method combinations study
+    python -m continual compare --entry per-task:lora --entry seq-ft   # comparison report
+    python -m continual list
+"""
+Formatter = argparse.ArgumentDefaultsHelpFormatter
+
+DEFAULTS = dict(stream="default", strategy="per-task", backbone="minilm", max_train=1000, max_eval=300, steps=200,
+                batch_size=16, max_length=64, eval_every=50, patience=3, seed=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="continual", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in (_run, _report, _route, _transfer, _combine, _compare, _list):
+        add(sub)
+    return p
+
+
+def _training_options(p: argparse.ArgumentParser, steps_help: str | None = None) -> None:
+    """Backbone, data caps and training settings of every command that trains (run, combine, compare)."""
+    p.add_argument("--backbone", default=DEFAULTS["backbone"], help=f"{', '.join(BACKBONES)}, a local path or a hub id")
+    p.add_argument("--max-train", type=int, default=DEFAULTS["max_train"], help="cap on training examples per task (0: none)")
+    p.add_argument("--max-eval", type=int, default=DEFAULTS["max_eval"], help="cap on dev and test examples per task (0: none)")
+    p.add_argument("--steps", type=int, default=DEFAULTS["steps"], help=steps_help or "training steps per task")
+    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
+    p.add_argument("--max-length", type=int, default=DEFAULTS["max_length"], help="tokens per example (BBC uses 128)")
+    p.add_argument("--eval-every", type=int, default=DEFAULTS["eval_every"], help="steps between dev evaluations")
+    p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="seeds splits, initialisation and training")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+
+
+def _tracking_options(p: argparse.ArgumentParser, progress: bool = True) -> None:
+    p.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI, help="MLflow store or server (http://127.0.0.1:5000)")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow (results still go to --out)")
+    if progress:
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _finished_run(p: argparse.ArgumentParser) -> None:
+    """The run directory and backbone of the commands that work on a finished stream (route, transfer)."""
+    p.add_argument("run", help="a finished run's output directory (strategy per-task)")
+    p.add_argument("--backbone", default=DEFAULTS["backbone"], help="the backbone the run was trained on")
+
+
+def _run(sub: argparse._SubParsersAction) -> None:
+    r = sub.add_parser("run", help="run a task stream and log it to MLflow", formatter_class=Formatter,
+                       description="Run a lifelong-learning stream: one new delta per task on the frozen backbone "
+                       "(or a baseline), fill the accuracy matrix, print ACC/BWT/FWT/forgetting, log to MLflow. "
+                       "State is saved after every task: --resume continues a killed run.")
+    r.add_argument("--stream", default=DEFAULTS["stream"], help=f"built-in stream ({', '.join(STREAMS)}) or a YAML file")
+    r.add_argument("--method", action="append", metavar="METHOD[:k=v,...]",
+                   help=f"delta method, repeat to combine; one of {', '.join(available_methods())} "
+                   "(default: bottleneck)%(default).0s")
+    r.add_argument("--strategy", default=DEFAULTS["strategy"], choices=list(STRATEGIES),
+                   help="; ".join(f"{k}: {v.description}" for k, v in STRATEGIES.items()))
+    r.add_argument("--strategy-option", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                   help="strategy options, e.g. ewc_lambda=100 (avalanche-ewc), mem_size=500 (avalanche-replay), "
+                   "backbone_lr=3e-5 (seq-ft, avalanche-*); `continual list strategies` shows each one's")
+    _training_options(r)
+    r.add_argument("--lr", type=float, default=None, help="delta learning rate (default: each method's own)")
+    r.add_argument("--head-lr", type=float, default=1e-3, help="learning rate of the task heads")
+    r.add_argument("--patience", type=int, default=DEFAULTS["patience"], help="dev evaluations without gain before stopping (0: never)")
+    r.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="training/eval precision (auto: bf16 on a GPU that has it, else fp32)")
+    r.add_argument("--compile", default=None, choices=COMPILE_MODES,
+                   help="torch.compile the training forward pass with this mode (pays off on a GPU)")
+    r.add_argument("--bucket", action="store_true", help="length-bucketed training batches (less padding)")
+    r.add_argument("--fast", action="store_true",
+                   help="the fast path: --precision auto --bucket, and --compile default on a GPU")
+    r.add_argument("--out", default=None, help="output directory (default: runs/<stream>-<strategy>-<methods>-s<seed>)")
+    r.add_argument("--resume", action="store_true", help="continue the run saved in --out after its last finished task")
+    r.add_argument("--overwrite", action="store_true", help="replace a run saved in --out")
+    _tracking_options(r)
+    r.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment name")
+    r.add_argument("--run-name", default=None, help="MLflow run name (default: the output directory's name)")
+
+
+def _report(sub: argparse._SubParsersAction) -> None:
+    rep = sub.add_parser("report", help="print the matrix and metrics of a run and write its heatmap", formatter_class=Formatter)
+    rep.add_argument("run", help="a run's output directory, or an MLflow run id / run name")
+    rep.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI, help="MLflow store, for a run id / name")
+    rep.add_argument("--experiment", default=DEFAULT_EXPERIMENT)
+    rep.add_argument("--plot", default=None, help="heatmap PNG path (default: heatmap.png in the run directory, "
+                     "or ./<run>-heatmap.png for an MLflow run)")
+    rep.add_argument("--f1", action="store_true", help="show macro-F1 instead of accuracy")
+    rep.add_argument("--json", action="store_true", help="print the metrics as JSON")
+
+
+def _route(sub: argparse._SubParsersAction) -> None:
+    ro = sub.add_parser("route", help="task-free inference: route a finished run's test examples to tasks",
+                        description="Fit routers on a finished per-task run's training data (frozen backbone "
+                        "embeddings), route every test example to a task, serve them through one mixed-task model, "
+                        "and report routing accuracy and ACC with routed vs true tasks. Writes routing.json, "
+                        "routing-<router>.md/.png into the run directory and logs them to the run's MLflow store.",
+                        formatter_class=Formatter)
+    _finished_run(ro)
+    ro.add_argument("--router", action="append", choices=["prototype", "linear"],
+                    help="router(s) to evaluate (default: both)%(default).0s")
+    ro.add_argument("--fit-max", type=int, default=None, help="cap on training examples per task used to fit routers")
+    ro.add_argument("--tracking-uri", default=None, help="MLflow store (default: the one the run was logged to)")
+
+
+def _transfer(sub: argparse._SubParsersAction) -> None:
+    tr = sub.add_parser("transfer", help="zero-shot transfer matrix of a finished run's task deltas",
+                        description="Apply each task's delta and head, untouched, to every task with the same label "
+                        "names; print relative performance (accuracy / the target's own accuracy) as a table and a "
+                        "heatmap; write transfer.csv/.md/.png into the run directory and log them to its MLflow run.",
+                        formatter_class=Formatter)
+    _finished_run(tr)
+
+
+def _combine(sub: argparse._SubParsersAction) -> None:
+    co = sub.add_parser("combine", help="combine delta methods on one task, simultaneously or sequentially, over a grid",
+                        description="For each --combo and --mode, train the methods on one real task from the same "
+                        "seed and split: simultaneous (all at once) or sequential (train one, freeze it, train the next "
+                        "on top). Prints and writes a Markdown table (test/dev accuracy, trainable parameters, time, "
+                        "accuracy after each stage) and logs one MLflow run per cell.",
+                        formatter_class=Formatter)
+    co.add_argument("--task", default="movie", help="a built-in data set (continual list data)")
+    co.add_argument("--combo", action="append", metavar="M1+M2[+...]",
+                    help="methods joined by '+', options as in --method (lora:rank=4+bitfit); repeat for a grid "
+                    "(default: lora+bitfit, bottleneck+bitfit, lora+prompt)%(default).0s")
+    co.add_argument("--mode", action="append", choices=["simultaneous", "sequential"], help="default: both%(default).0s")
+    _training_options(co, "training steps per stage")
+    co.add_argument("--out", default=None, help="where the table goes (default: runs/combine-<task>-s<seed>)")
+    _tracking_options(co, progress=False)
+
+
+def _compare(sub: argparse._SubParsersAction) -> None:
+    cp = sub.add_parser("compare", help="run several methods and baselines on a stream and write a comparison report",
+                        description="Run each --entry (strategy or strategy:method+method) on the stream into "
+                        "<out>/<entry> (finished entries are reused, killed ones resume) and write report.md, "
+                        "report.json and report.png (ACC, BWT, FWT, forgetting, trainable parameters, delta size on "
+                        "disk, wall time per entry), logged to MLflow as a 'compare' run.",
+                        formatter_class=Formatter)
+    cp.add_argument("--stream", default=DEFAULTS["stream"])
+    cp.add_argument("--entry", action="append", metavar="STRATEGY[@K=V,...][:M1+M2]",
+                    help="repeat; e.g. per-task:lora, seq-ft, avalanche-ewc@ewc_lambda=100, avalanche-replay "
+                    "(Avalanche baselines need the [avalanche] extra); default: per-task:bottleneck, per-task:lora, "
+                    "seq-delta:lora, seq-ft%(default).0s")
+    _training_options(cp)
+    cp.add_argument("--out", default=None, help="default: runs/compare-<stream>-s<seed>")
+    _tracking_options(cp)
+
+
+def _list(sub: argparse._SubParsersAction) -> None:
+    ls = sub.add_parser("list", help="list methods, streams, backbones and strategies")
+    ls.add_argument("what", nargs="?", choices=["methods", "streams", "backbones", "strategies", "data"], default=None)

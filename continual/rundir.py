@@ -1,0 +1,231 @@
+"""A run's output directory: the source of truth of a stream run.
+
+    <out>/state.json                  RunState: what must match to resume, steps done, the matrix so far
+    <out>/state-step<k>.safetensors   everything training changed, after step k (see Strategy.state)
+    <out>/results.json, matrix.csv, matrix_f1.csv, heatmap.png, stream.yaml   when finished
+    <out>/checkpoints/<task>/<name>/  each task's shareable delta checkpoint (+ backbone.safetensors
+                                      for strategies that fine-tune the backbone)
+
+Every file is written whole or not at all (a temporary file, then a rename), tensors before the
+JSON that points at them, so a kill at any moment leaves the last complete state.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from adapters import DeltaModel, save_task
+from streams import Task, TaskStream
+
+from .metrics import AccuracyMatrix
+from .plots import heatmap
+
+STATE_VERSION = 1
+BACKBONE_FILE = "backbone.safetensors"
+
+
+class RunStateError(RuntimeError):
+    """The output directory holds a run that does not match, or its state is damaged."""
+
+
+@dataclasses.dataclass
+class RunState:
+    """What ``state.json`` holds (the JSON keys are the field names).
+
+    identity  what must be equal for the run to be resumed (stream, data, strategy, settings, backbone)
+    done      indices of the finished steps of the strategy's plan
+    steps     one record per finished step (times, best dev scores, trainable parameters)
+    matrix    the accuracy / macro-F1 matrices so far
+    tracking  what the loggers need to continue their runs (MLflow parent run id, store)
+    tensors   the tensor file of the last finished step (None before the first)
+    seconds   wall time spent so far, over every process that worked on the run"""
+
+    identity: dict[str, Any]
+    matrix: AccuracyMatrix
+    done: list[int] = dataclasses.field(default_factory=list)
+    steps: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    tracking: dict[str, Any] = dataclasses.field(default_factory=dict)
+    tensors: str | None = None
+    seconds: float = 0.0
+    version: int = STATE_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": self.version, "identity": self.identity, "done": self.done, "steps": self.steps,
+                "matrix": self.matrix.to_dict(), "tracking": self.tracking, "tensors": self.tensors,
+                "seconds": self.seconds}
+
+    @classmethod
+    def from_json(cls, data: Any, source: Path) -> "RunState":
+        """Validate the JSON read from ``source``; a clear :class:`RunStateError` when it is not a state."""
+        damaged = f"{source} is not a valid run state"
+        if not isinstance(data, dict):
+            raise RunStateError(f"{damaged} (it holds a {type(data).__name__}, not an object); start again with --overwrite")
+        if data.get("version") != STATE_VERSION:
+            raise RunStateError(f"{source} has state version {data.get('version')}; this version reads {STATE_VERSION}")
+        kinds = {"identity": dict, "done": list, "steps": list, "matrix": dict, "tracking": dict, "seconds": (int, float)}
+        bad = [k for k, t in kinds.items() if not isinstance(data.get(k), t)]
+        if bad or not (data.get("tensors") is None or isinstance(data["tensors"], str)):
+            raise RunStateError(f"{damaged} (missing or malformed: {', '.join(bad) or 'tensors'}); start again with --overwrite")
+        try:
+            matrix = AccuracyMatrix.from_dict(data["matrix"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise RunStateError(f"{damaged} (its matrix: {e}); start again with --overwrite") from None
+        return cls(data["identity"], matrix, list(data["done"]), list(data["steps"]), dict(data["tracking"]),
+                   data["tensors"], float(data["seconds"]))
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` whole or not at all."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """A safetensors file written whole or not at all (a temporary file, then a rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({n: v.detach().contiguous().cpu() for n, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def write_state(out: Path, state: RunState, tensors: dict[str, torch.Tensor] | None = None, step: int | None = None) -> None:
+    """Tensors first (a new file per step), then the JSON that points at them; the previous
+    step's tensor file is removed only once nothing points at it."""
+    old = state.tensors
+    if tensors is not None:
+        name = f"state-step{step}.safetensors"
+        save_tensors(tensors, out / name)
+        state.tensors = name
+    atomic_write(out / "state.json", json.dumps(state.to_json(), indent=1))
+    if old and old != state.tensors:
+        (out / old).unlink(missing_ok=True)
+
+
+def read_state(path: Path) -> RunState:
+    """The state in ``path`` (``<out>/state.json``), checked; :class:`RunStateError` when damaged."""
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunStateError(f"{path} is damaged ({e}); start again with --overwrite") from None
+    state = RunState.from_json(data, path)
+    if state.tensors and not (path.parent / state.tensors).exists():
+        raise RunStateError(f"{path} refers to {state.tensors}, which is missing; start again with --overwrite")
+    return state
+
+
+def read_tensors(out: Path, state: RunState, device: torch.device) -> dict[str, torch.Tensor]:
+    """The tensors of the last finished step, on ``device``."""
+    return load_file(str(out / state.tensors), device=str(device))
+
+
+def clear_run(out: Path) -> None:
+    """Remove a saved run's state and results (``--overwrite``); checkpoints are replaced as tasks finish."""
+    for old in [out / "state.json", *out.glob("state-step*.safetensors"), out / "results.json"]:
+        old.unlink(missing_ok=True)
+
+
+def export_checkpoints(model: DeltaModel, strategy: Any, tasks: Sequence[Task], root: Path) -> dict[str, Path]:
+    """Shareable checkpoints of what each task runs with (its delta + head, or a shared delta).
+
+    A strategy that trains the backbone also writes the backbone as it is now to
+    ``checkpoints/backbone.safetensors`` (the tasks' heads need it; not logged to MLflow: it is
+    the size of the model)."""
+    out = {}
+    for t in tasks:
+        for name in strategy.exported(t.name):
+            out[f"checkpoint/{name}"] = save_task(model, name, root / t.name / name)
+    if strategy.trains_backbone:
+        root.mkdir(parents=True, exist_ok=True)
+        save_tensors(model.backbone.state_dict(), root / BACKBONE_FILE)
+    return out
+
+
+def write_stream_spec(out: Path, stream: TaskStream, fingerprints: dict[str, str]) -> None:
+    import yaml
+
+    spec = {"name": stream.name, **stream.spec,
+            "tasks_resolved": [{"name": t.name, "labels": t.label_names, "sizes": t.sizes(), "source": t.source,
+                                "fingerprint": fingerprints[t.name]} for t in stream]}
+    atomic_write(out / "stream.yaml", yaml.safe_dump(json.loads(json.dumps(spec, default=str)), sort_keys=False))
+
+
+def _csv_cell(v: float) -> str:
+    return "" if math.isnan(v) else f"{v:.6f}"
+
+
+def write_results(out: Path, stream: TaskStream, state: RunState, metrics: dict[str, float]) -> list[Path]:
+    """results.json, the matrices as CSV and the heatmap; returns the files (to log)."""
+    matrix = state.matrix
+    clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
+    results = {"stream": stream.name, "metrics": clean, "matrix": matrix.to_dict(), "steps": state.steps,
+               "seconds": state.seconds, "identity": state.identity, "tracking": state.tracking}
+    atomic_write(out / "results.json", json.dumps(results, indent=1))
+    for name, M, b in (("matrix.csv", matrix.R, matrix.b), ("matrix_f1.csv", matrix.F1, matrix.b_f1)):
+        with open(out / name, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["after"] + matrix.tasks)
+            w.writerow(["untrained"] + [_csv_cell(v) for v in b])
+            for n, r in zip(matrix.tasks, M):
+                w.writerow([n] + [_csv_cell(v) for v in r])
+    png = heatmap(matrix, out / "heatmap.png", f"{stream.name}: accuracy R[i, j]")
+    return [out / "results.json", out / "matrix.csv", out / "matrix_f1.csv", png, out / "stream.yaml"]
+
+
+def run_info(run_dir: str | Path) -> dict[str, Any]:
+    """What a run directory says about itself: results.json when finished, else state.json."""
+    run = Path(run_dir)
+    for name in ("results.json", "state.json"):
+        if (run / name).exists():
+            return json.loads((run / name).read_text())
+    return {}
+
+
+def load_run_tasks(model: DeltaModel, run_dir: str | Path, tasks: Sequence[str] | None = None) -> list[str]:
+    """Load the task checkpoints a finished (or partly finished) stream saved into ``model``.
+
+    ``tasks``: the stream tasks to load (default: every task that has checkpoints), in stream
+    order; each task's checkpoints (its delta, and e.g. its fusion) load in the order saved.
+    Returns the names of the model tasks added."""
+    from adapters import load_task, read_meta
+
+    run = Path(run_dir)
+    root = run / "checkpoints"
+    if not root.is_dir():
+        raise RunStateError(f"{run} has no checkpoints/ folder: is it a stream's output directory?")
+    order = run_info(run).get("matrix", {}).get("tasks", [])
+    saved = [t for t in order if (root / t).is_dir()] or sorted(p.name for p in root.iterdir() if p.is_dir())
+    wanted = list(tasks) if tasks is not None else saved
+    missing = [t for t in wanted if t not in saved]
+    if missing:
+        raise RunStateError(f"{run} has no checkpoints for {missing}; it has: {saved}")
+    added = []
+    for t in wanted:
+        dirs = [p for p in sorted((root / t).iterdir()) if (p / "delta.json").exists()]
+        # a task's own delta before anything built over other tasks (a fusion names its sources)
+        dirs.sort(key=lambda p: any(m.get("sources") for m in read_meta(p)["methods"]))
+        for d in dirs:
+            added.append(load_task(model, d))
+    return added
+
+
+def load_run_model(run_dir: str | Path, backbone: str = "minilm", tasks: Sequence[str] | None = None) -> tuple[DeltaModel, list[str]]:
+    """The backbone a run was trained on (as the run left it, if it fine-tuned it), with the
+    run's task checkpoints loaded (see :func:`load_run_tasks`). Seeds torch with the run's seed
+    first, as ``continual run`` does, so weights the backbone's files lack (an unused pooler)
+    match the run's."""
+    run = Path(run_dir)
+    torch.manual_seed(run_info(run).get("identity", {}).get("seed", 0))
+    model = DeltaModel.from_pretrained(backbone)
+    trained = run / "checkpoints" / BACKBONE_FILE
+    if trained.exists():  # a strategy that fine-tuned the backbone (seq-ft, avalanche-*)
+        model.backbone.load_state_dict(load_file(str(trained)), strict=True)
+    return model, load_run_tasks(model, run, tasks)

@@ -1,0 +1,285 @@
+"""The scheduler: run a task stream, fill the accuracy matrix, save after every step, resume.
+
+For each training step of the strategy's plan (one task per step for sequential strategies):
+
+1. add the step's task(s) with untrained parameters (seeded) and score task j on the model as it
+   stands: that is R[j-1, j], the entry forward transfer needs;
+2. train (early stopping on dev), then freeze what the strategy freezes;
+3. score every task seen so far on its test split: row ``row`` of R (and of the macro-F1 matrix);
+4. write the resumable state (``state.json`` + one tensor file, :mod:`continual.rundir`), then log.
+
+Before the first step each task is scored once on the untrained model (b, for FWT).
+
+Seeds: task j's parameters are initialised after ``torch.manual_seed(task_seed(seed, j))`` and its
+training runs with that seed too, so a resumed stream retraces an uninterrupted one exactly.
+``config`` (a :class:`~continual.training.TrainConfig`) is the one source of the seed, the device
+and whether progress bars show.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from datasets import DatasetDict
+from tqdm.auto import tqdm
+
+from adapters import DeltaModel, backbone_fingerprint
+from streams import Task, TaskStream
+
+from . import rundir
+from .metrics import AccuracyMatrix, summarize
+from .plots import format_matrix
+from .rundir import RunState, RunStateError
+from .strategies import Strategy
+from .tracking import StreamLogger, step_metrics
+from .training import TrainConfig, eval_loader, evaluate, tokenize
+
+
+def task_seed(seed: int, index: int) -> int:
+    """The seed of task ``index`` in a run seeded ``seed``. 100_003 is a prime larger than any
+    ``1_000 * (index + 1)`` of a stream under 100 tasks, so no two (seed, task) pairs share a seed;
+    the +1 keeps task 0 of seed 0 off seed 0, which the model's own initialisation used."""
+    return seed * 100_003 + 1_000 * (index + 1)
+
+
+@dataclasses.dataclass
+class StreamResult:
+    """What a finished stream gives back. ``steps``: one record per training step."""
+
+    matrix: AccuracyMatrix
+    metrics: dict[str, float]
+    steps: list[dict[str, Any]]
+    out_dir: Path
+    tracking: dict[str, Any]
+    seconds: float
+
+    def table(self, f1: bool = False) -> str:
+        return format_matrix(self.matrix, self.metrics, f1)
+
+
+def run_identity(stream: TaskStream, model: DeltaModel, strategy: Strategy, config: TrainConfig) -> dict[str, Any]:
+    """What must be equal for a saved run to be resumed."""
+    train = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("progress", "device", "seed")}
+    return {"stream": stream.name, "tasks": stream.names, "data": stream.fingerprints(), "strategy": strategy.describe(),
+            "train": train, "seed": config.seed, "backbone": backbone_fingerprint(model.backbone)["weights_sha256"]}
+
+
+class TokenisedTasks:
+    """Each task's splits tokenised once per run (the test sets are scored many times); called
+    as ``data(task)`` it is the :data:`~continual.strategies.TaskData` strategies train on."""
+
+    def __init__(self, tokenizer: Any, default_length: int, eval_batch: int) -> None:
+        self.tokenizer, self.default_length, self.eval_batch = tokenizer, default_length, eval_batch
+        self._data: dict[str, DatasetDict] = {}
+        self._loaders: dict[tuple[str, str], Any] = {}
+
+    def length(self, task: Task) -> int:
+        return task.max_length or self.default_length
+
+    def __call__(self, task: Task) -> DatasetDict:
+        if task.name not in self._data:
+            self._data[task.name] = DatasetDict({s: tokenize(ds, self.tokenizer, self.length(task))
+                                                 for s, ds in task.splits().items()})
+        return self._data[task.name]
+
+    def loader(self, task: Task, split: str = "test") -> Any:
+        key = (task.name, split)
+        if key not in self._loaders:
+            self._loaders[key] = eval_loader(self(task)[split], self.tokenizer, self.length(task), self.eval_batch)
+        return self._loaders[key]
+
+
+def _open(out: Path, identity: dict[str, Any], steps: int, resume: bool, overwrite: bool) -> RunState | None:
+    """The saved state to continue, or None to start afresh; refuses a run that does not match."""
+    state_path = out / "state.json"
+    if not state_path.exists():
+        return None
+    if overwrite and not resume:
+        rundir.clear_run(out)
+        return None
+    state = rundir.read_state(state_path)
+    if not resume:
+        raise RunStateError(f"{out} already holds a run ({len(state.done)}/{steps} steps done): resume it (--resume) "
+                            "or start again (--overwrite)")
+    if state.identity != identity:
+        diff = sorted(k for k in identity if identity[k] != state.identity.get(k))
+        raise RunStateError(f"{out} holds a different run (differs in: {', '.join(diff)}); use another output "
+                            "directory, or --overwrite to replace it")
+    return state
+
+
+class _Run:
+    """One stream run in progress: the model, the strategy, the tokenised tasks and the state."""
+
+    def __init__(self, stream: TaskStream, model: DeltaModel, strategy: Strategy, config: TrainConfig, out: Path,
+                 loggers: Sequence[StreamLogger]) -> None:
+        self.stream, self.model, self.strategy, self.config, self.out = stream, model, strategy, config, out
+        self.loggers = list(loggers)
+        self.tasks, self.plan = stream.tasks, strategy.plan(len(stream))
+        self.data = TokenisedTasks(model.tokenizer, config.max_length, config.batch_size * 2)
+        self.clock = time.perf_counter()  # wall time not yet added to the state's seconds
+
+    def tick(self, state: RunState) -> None:
+        now = time.perf_counter()
+        state.seconds += now - self.clock
+        self.clock = now
+
+    def score(self, task: Task) -> dict[str, float]:
+        return evaluate(self.model, task.name, self.data.loader(task), self.strategy.active(task.name), self.config.precision)
+
+    def prepare(self, j: int) -> None:
+        torch.manual_seed(task_seed(self.config.seed, j))
+        self.strategy.prepare(self.model, self.tasks[j])
+
+    def baseline(self, identity: dict[str, Any]) -> RunState:
+        """Score every task on the untrained model (b), then remove what that added."""
+        matrix = AccuracyMatrix(self.stream.names)
+        for j, task in enumerate(tqdm(self.tasks, desc="untrained baseline (b)", disable=not self.config.progress, leave=False)):
+            self.prepare(j)
+            s = self.score(task)
+            matrix.update(None, j, s["accuracy"], s["macro_f1"])
+        for name in reversed(list(self.model.tasks)):  # a task using another (a fusion) goes first
+            self.model.remove_task(name)
+        return RunState(identity, matrix)
+
+    def rebuild(self, state: RunState) -> None:
+        """Resume: rebuild the finished steps' structure, then load the trained values."""
+        for k in state.done:
+            for j in self.plan[k]:
+                self.prepare(j)
+                self.strategy.finish(self.model, self.tasks[j])
+        if state.tensors:
+            self.strategy.load_state(self.model, rundir.read_tensors(self.out, state, self.model.device))
+        self.model.to(self.model.device)
+
+    def step(self, k: int, state: RunState) -> dict[str, float]:
+        """Train step ``k`` of the plan, fill its row, save, then log; returns the metrics so far."""
+        step, model, strategy, tasks = self.plan[k], self.model, self.strategy, self.tasks
+        row, matrix = step[-1], state.matrix
+        step_tasks = [tasks[j] for j in step]
+        prev_row = self.plan[k - 1][-1] if k else None
+        for lg in self.loggers:
+            lg.start_step(row, [t.name for t in step_tasks], self._step_params(step_tasks, row, state))
+        untrained: dict[str, float] = {}
+        for j in step:
+            self.prepare(j)
+            if prev_row is not None and prev_row == j - 1:  # R[j-1, j]: before task j is trained
+                s = self.score(tasks[j])
+                matrix.update(j - 1, j, s["accuracy"], s["macro_f1"])
+                untrained[tasks[j].name] = s["accuracy"]
+        step_config = dataclasses.replace(self.config, seed=task_seed(self.config.seed, row),
+                                          max_length=self.data.length(step_tasks[-1]))
+        result = strategy.train(model, step_tasks, step_config, self.data, _fan_out(self.loggers))
+        for t in step_tasks:
+            strategy.finish(model, t)
+        for j in range(row + 1):
+            s = self.score(tasks[j])
+            matrix.update(row, j, s["accuracy"], s["macro_f1"])
+        trainable = {tasks[j].name: strategy.trainable_parameters(model, tasks[j]) for j in step}
+        exported = tasks[:row + 1] if strategy.updates_old_tasks else step_tasks
+        artifacts = rundir.export_checkpoints(model, strategy, exported, self.out / "checkpoints")
+        for t in step_tasks:
+            artifacts.update(strategy.reports(model, t, self.data.loader(t), self.out / "reports" / t.name))
+        record = {"row": row, "tasks": [t.name for t in step_tasks], "train_seconds": result.seconds,
+                  "steps": result.steps, "best_step": result.best_step, "best_dev": result.best_dev,
+                  "trainable_params": trainable}
+        state.done.append(k)
+        state.steps.append(record)
+        self.tick(state)
+        rundir.write_state(self.out, state, strategy.state(model), k)  # state first: logging may fail
+        test = {t.name: float(matrix.R[row, j]) for j, t in zip(step, step_tasks)}
+        metrics = step_metrics(result, untrained, test, trainable)
+        so_far = summarize(matrix.R[:row + 1, :row + 1], matrix.b[:row + 1])
+        for lg in self.loggers:
+            lg.end_step(row, metrics, artifacts)
+            lg.log_matrix(row, self.stream.names, list(matrix.R[row]), list(matrix.F1[row]), so_far)
+        tqdm.write(f"after {'+'.join(record['tasks'])}: " + "  ".join(
+            f"{n}={matrix.R[row, j]:.3f}" for j, n in enumerate(self.stream.names[:row + 1])))
+        return so_far
+
+    def _step_params(self, tasks: list[Task], row: int, state: RunState) -> dict[str, Any]:
+        fingerprints = state.identity["data"]
+        out: dict[str, Any] = {"row": row, "seed": task_seed(self.config.seed, row)}
+        for t in tasks:
+            out[t.name] = {"labels": ",".join(t.label_names), **t.sizes(), "fingerprint": fingerprints[t.name][:16],
+                           "source": t.source}
+        return out
+
+
+def run_stream(
+    stream: TaskStream,
+    model: DeltaModel,
+    strategy: Strategy,
+    config: TrainConfig = TrainConfig(),
+    out_dir: str | Path = "runs/stream",
+    *,
+    loggers: Sequence[StreamLogger] = (),
+    resume: bool = False,
+    overwrite: bool = False,
+    extra_params: dict[str, Any] | None = None,
+) -> StreamResult:
+    """Run ``stream`` with ``strategy`` on ``model``; everything lands in ``out_dir``.
+
+    ``config.seed`` seeds the run, ``config.device`` places the model, ``config.progress`` shows
+    bars. ``resume=True`` continues a run whose state is in ``out_dir`` after its last finished
+    step (nothing finished is retrained). Without it an existing run there is an error unless
+    ``overwrite=True``."""
+    if model.tokenizer is None:
+        raise ValueError("run_stream needs a model with a tokenizer")
+    config.validate()
+    device = config.torch_device()
+    out = Path(out_dir)
+    run = _Run(stream, model, strategy, config, out, loggers)
+    identity = run_identity(stream, model, strategy, config)
+    state = _open(out, identity, len(run.plan), resume, overwrite)
+    if model.tasks:
+        raise ValueError(f"run_stream needs a model without tasks; it has {list(model.tasks)}")
+    out.mkdir(parents=True, exist_ok=True)
+    model.to(device)
+    if state is None:
+        state = run.baseline(identity)
+        rundir.write_state(out, state)
+    else:
+        run.rebuild(state)
+    params = {**identity, "data": {n: f[:16] for n, f in identity["data"].items()}, "device": str(device),
+              "backbone_name": model.backbone_name, **(extra_params or {})}
+    for lg in run.loggers:
+        state.tracking = lg.start_stream(stream.name, params, state.tracking or None) or state.tracking
+    rundir.write_state(out, state)
+    rundir.write_stream_spec(out, stream, identity["data"])
+    try:
+        bar = tqdm(total=len(run.plan), initial=len(state.done), desc=f"stream {stream.name}", disable=not config.progress)
+        for k in range(len(run.plan)):
+            if k in state.done:
+                continue
+            so_far = run.step(k, state)
+            bar.update(1)
+            bar.set_postfix(ACC=f"{so_far['ACC']:.3f}")
+        bar.close()
+        metrics = state.matrix.result()
+        artifacts = rundir.write_results(out, stream, state, metrics)
+        for lg in run.loggers:
+            lg.end_stream(metrics, artifacts, "FINISHED")
+        return StreamResult(state.matrix, metrics, state.steps, out, state.tracking, state.seconds)
+    except BaseException as e:
+        status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+        for lg in run.loggers:
+            try:
+                lg.end_stream({}, [], status)
+            except Exception:  # the original error matters more than a logging failure
+                pass
+        raise
+
+
+def _fan_out(loggers: Sequence[StreamLogger]) -> Callable[[dict[str, Any]], None] | None:
+    if not loggers:
+        return None
+
+    def callback(record: dict[str, Any]) -> None:
+        for lg in loggers:
+            lg.log_step(record)
+    return callback

@@ -1,0 +1,45 @@
+"""How a stream's tasks get parameters and are trained: our method and the baselines.
+
+    per_task.py      ``per-task`` (ours: one delta + head per task, frozen: BWT is exactly 0) and
+                     ``per-task-fusion`` (plus an AdapterFusion per task over all deltas so far)
+    shared_delta.py  ``seq-delta`` (one shared delta trained on each task in turn) and ``joint``
+                     (one shared delta on all tasks at once: the upper bound, last row only)
+    finetune.py      ``seq-ft`` (sequential full fine-tuning: the catastrophic-forgetting baseline)
+    avalanche/       ``avalanche-naive|ewc|lwf|replay|agem``: Avalanche's strategies on the same
+                     backbone and stream (the ``[avalanche]`` extra)
+    base.py          the :class:`Strategy` interface the scheduler calls
+
+A new strategy is one subclass and one line in :data:`STRATEGIES`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from adapters.model import MethodSpec
+
+from .avalanche import AVALANCHE_STRATEGIES
+from .base import Strategy, TaskData
+from .finetune import SequentialFineTune
+from .per_task import ContinualFusion, PerTaskDelta
+from .shared_delta import SHARED, Joint, SequentialDelta
+
+STRATEGIES: dict[str, type[Strategy]] = {
+    s.name: s for s in (PerTaskDelta, ContinualFusion, SequentialDelta, SequentialFineTune, Joint, *AVALANCHE_STRATEGIES)
+}
+
+
+def make_strategy(name: str, methods: Sequence[MethodSpec] = ("bottleneck",), **options: Any) -> Strategy:
+    """A strategy by name (see ``STRATEGIES``); ``options`` go to its constructor (e.g.
+    ``ewc_lambda`` for ``avalanche-ewc``, ``temperature`` for ``per-task-fusion``)."""
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}; one of: {', '.join(STRATEGIES)}")
+    cls = STRATEGIES[name]
+    try:
+        return cls(**options) if cls.trains_backbone else cls(methods, **options)
+    except TypeError as e:
+        raise ValueError(f"strategy {name!r}: bad option(s) {sorted(options)}: {e}") from None
+
+
+__all__ = ["SHARED", "STRATEGIES", "ContinualFusion", "Joint", "PerTaskDelta", "SequentialDelta", "SequentialFineTune",
+           "Strategy", "TaskData", "make_strategy"]

@@ -1,0 +1,84 @@
+"""The interface between the scheduler and a way of giving a stream's tasks parameters.
+
+The scheduler (:mod:`continual.scheduler`) only calls the methods of :class:`Strategy`; a new
+strategy is a new subclass in this package, registered in ``strategies/__init__.py``, with no
+branch elsewhere.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Sequence
+
+import torch
+
+from adapters import DeltaConfig, DeltaModel, make_config
+from adapters.model import MethodSpec
+from streams import Task
+
+from ..training import TrainConfig, TrainResult, train_task
+
+#: ``data(task)`` gives a task's tokenised splits (the scheduler tokenises each task once).
+TaskData = Callable[[Task], Any]
+
+
+class Strategy:
+    """Base class. Subclasses say which parameters each task gets and how a step is trained."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    trains_backbone: ClassVar[bool] = False
+    # True when training a task also changes earlier tasks' parameters (their heads): every task so
+    # far is then exported again after each step, so saved checkpoints match the final model.
+    updates_old_tasks: ClassVar[bool] = False
+
+    def __init__(self, methods: Sequence[MethodSpec] = ("bottleneck",)) -> None:
+        # typed at the edge: a method name or dict becomes its validated config here
+        self.methods: list[DeltaConfig] = [make_config(m) for m in methods]
+
+    def plan(self, num_tasks: int) -> list[list[int]]:
+        """Training steps: the task indices trained together at each step. One row of the
+        accuracy matrix is filled after each step (the row of its last task)."""
+        return [[i] for i in range(num_tasks)]
+
+    def prepare(self, model: DeltaModel, task: Task) -> None:
+        """Add the task's untrained parameters (the caller seeds the RNG first)."""
+        raise NotImplementedError
+
+    def active(self, task: str) -> tuple[str, ...]:
+        """Tasks to activate to run ``task`` (its own last: its head gives the logits)."""
+        return (task,)
+
+    def exported(self, task: str) -> tuple[str, ...]:
+        """Tasks saved as shareable checkpoints after ``task``'s step (default: what it runs with)."""
+        return self.active(task)
+
+    def reports(self, model: DeltaModel, task: Task, loader: Any, directory: Path) -> dict[str, Path]:
+        """Files about ``task`` after its step (logged with the step's run); default none."""
+        return {}
+
+    def train(self, model: DeltaModel, tasks: list[Task], config: TrainConfig, data: TaskData,
+              callback: Callable[[dict[str, Any]], None] | None) -> TrainResult:
+        """Train one step."""
+        (task,) = tasks
+        return train_task(model, task.name, data(task), config, callback=callback, active=self.active(task.name))
+
+    def finish(self, model: DeltaModel, task: Task) -> None:
+        """After training: freeze what must not change any more."""
+        model.freeze(task.name)
+
+    def state(self, model: DeltaModel) -> dict[str, torch.Tensor]:
+        """Everything training changed, to resume a stream after this step."""
+        return {f"tasks.{k}": v for k, v in model.tasks.state_dict().items()}
+
+    def load_state(self, model: DeltaModel, state: dict[str, torch.Tensor]) -> None:
+        tasks = {k[len("tasks."):]: v for k, v in state.items() if k.startswith("tasks.")}
+        model.tasks.load_state_dict(tasks, strict=True)
+
+    def trainable_parameters(self, model: DeltaModel, task: Task) -> int:
+        """Parameters trained for this task (delta + head, or more)."""
+        t = model.task(task.name)
+        return t.delta_parameters() + t.head_parameters()
+
+    def describe(self) -> dict[str, Any]:
+        return {"strategy": self.name, "methods": [m.to_dict() for m in self.methods]}

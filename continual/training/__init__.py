@@ -1,0 +1,22 @@
+"""Training a task's delta: settings, data, the step, the protocol, the loop, evaluation.
+
+    config.py    TrainConfig, TrainResult, resolve_device (the one place a device name is read)
+    data.py      tokenising, padded / length-bucketed loaders, endless training batches
+    step.py      TrainStep (one optimisation step, no host sync), make_optimizer
+    protocol.py  Protocol: schedule, dev evaluation, early stopping, best-on-dev weights, records
+    loop.py      train_task, train_joint (the one loop, over a Protocol)
+    evaluate.py  evaluate (accuracy, macro-F1, loss), macro_f1
+"""
+
+from .config import COMPILE_MODES, TrainConfig, TrainResult, resolve_device
+from .data import bucket_batches, bucketed_loader, endless_batches, eval_loader, majority_rate, make_loader, tokenize
+from .evaluate import evaluate, macro_f1
+from .loop import fit, param_groups, train_joint, train_task
+from .protocol import Protocol, lr_factor
+from .step import TrainStep, make_optimizer, mfu
+
+__all__ = [
+    "COMPILE_MODES", "Protocol", "TrainConfig", "TrainResult", "TrainStep", "bucket_batches", "bucketed_loader",
+    "endless_batches", "eval_loader", "evaluate", "fit", "lr_factor", "macro_f1", "majority_rate", "make_loader",
+    "make_optimizer", "mfu", "param_groups", "resolve_device", "tokenize", "train_joint", "train_task",
+]

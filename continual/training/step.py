@@ -1,0 +1,61 @@
+"""One optimisation step with no host sync, and the optimizer it runs (the fast path's core).
+
+Shared by the training loop and ``benchmarks/speed.py``, so the benchmark times exactly what
+training runs. Precision helpers (autocast, frozen bf16 Linear weights) live in
+:mod:`adapters.precision`; losses and optimizers live here, outside the delta library.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from adapters.precision import autocast, resolve_precision
+
+
+def make_optimizer(groups: Sequence[dict[str, Any]], device: torch.device, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """AdamW; fused (one multi-tensor kernel per step) on a GPU. The CPU has no fused AdamW."""
+    return torch.optim.AdamW(groups, weight_decay=weight_decay, fused=True if device.type == "cuda" else None)
+
+
+class TrainStep:
+    """One optimisation step of whatever is trainable in ``model``, with no host sync: returns the
+    loss as a device tensor. Use it inside :func:`adapters.precision.frozen_linears_in` for bf16 / fp16.
+
+    compile: None, or a torch.compile mode. The model is traced with its delta hooks; activating
+    another set of tasks re-traces once."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        precision: str = "fp32",
+        compile: str | None = None,
+        grad_clip: float | None = 1.0,
+    ) -> None:
+        self.model, self.optimizer, self.grad_clip = model, optimizer, grad_clip
+        self.device = next(model.parameters()).device
+        self.precision = resolve_precision(precision, self.device)
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+        self.forward = torch.compile(model, mode=compile) if compile else model
+
+    def __call__(self, batch: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        with autocast(self.precision, self.device):
+            logits = self.forward(**batch)
+        loss = nn.functional.cross_entropy(logits.float(), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
+        self.optimizer.step()
+        return loss.detach()
+
+
+def mfu(samples_per_s: float, tokens_per_sample: int, params: int, peak_flops: float, flops_per_param_token: int = 4) -> float:
+    """Model FLOP utilisation: ``flops_per_param_token * params * tokens / s / peak``.
+
+    4 for a frozen-backbone training step (2 forward + 2 for the input gradients; no weight
+    gradients), 6 for full fine-tuning, 2 for inference."""
+    return flops_per_param_token * params * tokens_per_sample * samples_per_s / peak_flops
