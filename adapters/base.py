@@ -91,6 +91,12 @@ class Delta(nn.Module):
         backbone; a method built over other tasks (fusion) overrides this to look them up."""
         return cls(config, model.backbone)
 
+    @classmethod
+    def positions_added(cls, config: DeltaConfig) -> int:
+        """Token positions this method prepends to every input (prompt tuning's soft tokens), so
+        callers can check an input length against the backbone's position table. Default 0."""
+        return 0
+
     def sources(self) -> tuple[str, ...]:
         """Names of other tasks this delta uses (they cannot be removed while it exists)."""
         return ()

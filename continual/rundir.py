@@ -8,12 +8,19 @@
 
 Every file is written whole or not at all (a temporary file, then a rename), tensors before the
 JSON that points at them, so a kill at any moment leaves the last complete state.
+
+Every file is verified when it is read back. ``state.json`` and ``results.json`` carry the SHA-256
+of their own content (``checksum``) and a manifest, ``files``: the SHA-256 of every file the run
+wrote and reads again (the state tensors, each checkpoint's files, a fine-tuned backbone). The
+manifest is written atomically, after the files it lists. A mismatch is a :class:`RunStateError`
+naming the file: a damaged run is refused, never loaded into a silently different matrix.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -21,6 +28,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from adapters import DeltaModel, save_task
@@ -29,7 +37,7 @@ from streams import Task, TaskStream
 from .metrics import AccuracyMatrix
 from .plots import heatmap
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: checksum and files manifest
 BACKBONE_FILE = "backbone.safetensors"
 
 
@@ -47,7 +55,8 @@ class RunState:
     matrix    the accuracy / macro-F1 matrices so far
     tracking  what the loggers need to continue their runs (MLflow parent run id, store)
     tensors   the tensor file of the last finished step (None before the first)
-    seconds   wall time spent so far, over every process that worked on the run"""
+    seconds   wall time spent so far, over every process that worked on the run
+    files     the manifest: path relative to the run directory -> SHA-256"""
 
     identity: dict[str, Any]
     matrix: AccuracyMatrix
@@ -56,12 +65,13 @@ class RunState:
     tracking: dict[str, Any] = dataclasses.field(default_factory=dict)
     tensors: str | None = None
     seconds: float = 0.0
+    files: dict[str, str] = dataclasses.field(default_factory=dict)
     version: int = STATE_VERSION
 
     def to_json(self) -> dict[str, Any]:
-        return {"version": self.version, "identity": self.identity, "done": self.done, "steps": self.steps,
-                "matrix": self.matrix.to_dict(), "tracking": self.tracking, "tensors": self.tensors,
-                "seconds": self.seconds}
+        return sealed({"version": self.version, "identity": self.identity, "done": self.done, "steps": self.steps,
+                       "matrix": self.matrix.to_dict(), "tracking": self.tracking, "tensors": self.tensors,
+                       "seconds": self.seconds, "files": self.files})
 
     @classmethod
     def from_json(cls, data: Any, source: Path) -> "RunState":
@@ -70,8 +80,11 @@ class RunState:
         if not isinstance(data, dict):
             raise RunStateError(f"{damaged} (it holds a {type(data).__name__}, not an object); start again with --overwrite")
         if data.get("version") != STATE_VERSION:
-            raise RunStateError(f"{source} has state version {data.get('version')}; this version reads {STATE_VERSION}")
-        kinds = {"identity": dict, "done": list, "steps": list, "matrix": dict, "tracking": dict, "seconds": (int, float)}
+            raise RunStateError(f"{source} has state version {data.get('version')}; this version reads {STATE_VERSION} "
+                                "(start again with --overwrite)")
+        check_sealed(data, source)
+        kinds = {"identity": dict, "done": list, "steps": list, "matrix": dict, "tracking": dict, "seconds": (int, float),
+                 "files": dict}
         bad = [k for k, t in kinds.items() if not isinstance(data.get(k), t)]
         if bad or not (data.get("tensors") is None or isinstance(data["tensors"], str)):
             raise RunStateError(f"{damaged} (missing or malformed: {', '.join(bad) or 'tensors'}); start again with --overwrite")
@@ -80,7 +93,52 @@ class RunState:
         except (KeyError, TypeError, ValueError) as e:
             raise RunStateError(f"{damaged} (its matrix: {e}); start again with --overwrite") from None
         return cls(data["identity"], matrix, list(data["done"]), list(data["steps"]), dict(data["tracking"]),
-                   data["tensors"], float(data["seconds"]))
+                   data["tensors"], float(data["seconds"]), dict(data["files"]))
+
+
+def _digest(data: dict[str, Any]) -> str:
+    body = {k: v for k, v in data.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def sealed(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with the SHA-256 of its own content under ``checksum``."""
+    return {**data, "checksum": _digest(data)}
+
+
+def check_sealed(data: dict[str, Any], source: Path) -> None:
+    if data.get("checksum") != _digest(data):
+        raise RunStateError(f"{source} does not match its checksum: the file was damaged or edited; "
+                            "start again with --overwrite (or restore it from a copy)")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def record(out: Path, files: dict[str, str], paths: Any) -> None:
+    """Add the SHA-256 of each of ``paths`` (inside ``out``) to the manifest ``files``."""
+    for p in paths:
+        p = Path(p)
+        files[str(p.relative_to(out))] = sha256_file(p)
+
+
+def verify(out: Path, files: dict[str, str], path: Path) -> Path:
+    """``path`` (inside ``out``) if it matches the manifest; a :class:`RunStateError` naming it if
+    it is missing or differs. Files the manifest does not list (older runs) pass."""
+    key = str(Path(path).relative_to(out))
+    if key not in files:
+        return path
+    if not Path(path).is_file():
+        raise RunStateError(f"{path} is missing (the run's manifest lists it)")
+    if sha256_file(path) != files[key]:
+        raise RunStateError(f"{path} does not match the checksum in {out}'s manifest: the file was damaged "
+                            "or replaced; start again with --overwrite (or restore it from a copy)")
+    return path
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -105,6 +163,9 @@ def write_state(out: Path, state: RunState, tensors: dict[str, torch.Tensor] | N
         name = f"state-step{step}.safetensors"
         save_tensors(tensors, out / name)
         state.tensors = name
+        record(out, state.files, [out / name])
+    if old and old != state.tensors:
+        state.files.pop(old, None)
     atomic_write(out / "state.json", json.dumps(state.to_json(), indent=1))
     if old and old != state.tensors:
         (out / old).unlink(missing_ok=True)
@@ -123,8 +184,12 @@ def read_state(path: Path) -> RunState:
 
 
 def read_tensors(out: Path, state: RunState, device: torch.device) -> dict[str, torch.Tensor]:
-    """The tensors of the last finished step, on ``device``."""
-    return load_file(str(out / state.tensors), device=str(device))
+    """The tensors of the last finished step, on ``device``, verified against the manifest."""
+    path = verify(out, state.files, out / state.tensors)
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise RunStateError(f"{path} cannot be read ({e}); start again with --overwrite") from None
 
 
 def clear_run(out: Path) -> None:
@@ -133,20 +198,25 @@ def clear_run(out: Path) -> None:
         old.unlink(missing_ok=True)
 
 
-def export_checkpoints(model: DeltaModel, strategy: Any, tasks: Sequence[Task], root: Path) -> dict[str, Path]:
+def export_checkpoints(model: DeltaModel, strategy: Any, tasks: Sequence[Task], out: Path,
+                       files: dict[str, str]) -> dict[str, Path]:
     """Shareable checkpoints of what each task runs with (its delta + head, or a shared delta).
 
     A strategy that trains the backbone also writes the backbone as it is now to
     ``checkpoints/backbone.safetensors`` (the tasks' heads need it; not logged to MLflow: it is
-    the size of the model)."""
-    out = {}
+    the size of the model). Each file written goes into the manifest ``files``."""
+    root, artifacts, written = out / "checkpoints", {}, []
     for t in tasks:
         for name in strategy.exported(t.name):
-            out[f"checkpoint/{name}"] = save_task(model, name, root / t.name / name)
+            directory = save_task(model, name, root / t.name / name)
+            artifacts[f"checkpoint/{name}"] = directory
+            written += sorted(p for p in directory.iterdir() if p.is_file())
     if strategy.trains_backbone:
         root.mkdir(parents=True, exist_ok=True)
         save_tensors(model.backbone.state_dict(), root / BACKBONE_FILE)
-    return out
+        written.append(root / BACKBONE_FILE)
+    record(out, files, written)
+    return artifacts
 
 
 def write_stream_spec(out: Path, stream: TaskStream, fingerprints: dict[str, str]) -> None:
@@ -167,8 +237,8 @@ def write_results(out: Path, stream: TaskStream, state: RunState, metrics: dict[
     matrix = state.matrix
     clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
     results = {"stream": stream.name, "metrics": clean, "matrix": matrix.to_dict(), "steps": state.steps,
-               "seconds": state.seconds, "identity": state.identity, "tracking": state.tracking}
-    atomic_write(out / "results.json", json.dumps(results, indent=1))
+               "seconds": state.seconds, "identity": state.identity, "tracking": state.tracking, "files": state.files}
+    atomic_write(out / "results.json", json.dumps(sealed(results), indent=1))
     for name, M, b in (("matrix.csv", matrix.R, matrix.b), ("matrix_f1.csv", matrix.F1, matrix.b_f1)):
         with open(out / name, "w", newline="") as f:
             w = csv.writer(f)
@@ -181,11 +251,21 @@ def write_results(out: Path, stream: TaskStream, state: RunState, metrics: dict[
 
 
 def run_info(run_dir: str | Path) -> dict[str, Any]:
-    """What a run directory says about itself: results.json when finished, else state.json."""
+    """What a run directory says about itself: results.json when finished, else state.json;
+    verified (a damaged file is a :class:`RunStateError`), ``{}`` when it holds neither."""
     run = Path(run_dir)
     for name in ("results.json", "state.json"):
-        if (run / name).exists():
-            return json.loads((run / name).read_text())
+        path = run / name
+        if path.exists():
+            try:
+                data = json.loads(path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise RunStateError(f"{path} is damaged ({e})") from None
+            if not isinstance(data, dict):
+                raise RunStateError(f"{path} is damaged (it holds a {type(data).__name__}, not an object)")
+            if "checksum" in data or name == "state.json":  # results.json of runs before checksums: none
+                check_sealed(data, path)
+            return data
     return {}
 
 
@@ -207,9 +287,13 @@ def load_run_tasks(model: DeltaModel, run_dir: str | Path, tasks: Sequence[str] 
     missing = [t for t in wanted if t not in saved]
     if missing:
         raise RunStateError(f"{run} has no checkpoints for {missing}; it has: {saved}")
+    files = run_info(run).get("files", {})
     added = []
     for t in wanted:
         dirs = [p for p in sorted((root / t).iterdir()) if (p / "delta.json").exists()]
+        for d in dirs:
+            for f in sorted(d.iterdir()):
+                verify(run, files, f)
         # a task's own delta before anything built over other tasks (a fusion names its sources)
         dirs.sort(key=lambda p: any(m.get("sources") for m in read_meta(p)["methods"]))
         for d in dirs:
@@ -227,5 +311,6 @@ def load_run_model(run_dir: str | Path, backbone: str = "minilm", tasks: Sequenc
     model = DeltaModel.from_pretrained(backbone)
     trained = run / "checkpoints" / BACKBONE_FILE
     if trained.exists():  # a strategy that fine-tuned the backbone (seq-ft, avalanche-*)
+        verify(run, run_info(run).get("files", {}), trained)
         model.backbone.load_state_dict(load_file(str(trained)), strict=True)
     return model, load_run_tasks(model, run, tasks)

@@ -35,8 +35,8 @@ from .metrics import AccuracyMatrix, summarize
 from .plots import format_matrix
 from .rundir import RunState, RunStateError
 from .strategies import Strategy
-from .tracking import StreamLogger, step_metrics
-from .training import TrainConfig, eval_loader, evaluate, tokenize
+from .tracking import GuardedLogger, StreamLogger, step_metrics
+from .training import TrainConfig, check_lengths, eval_loader, evaluate, tokenize
 
 
 def task_seed(seed: int, index: int) -> int:
@@ -118,7 +118,8 @@ class _Run:
     def __init__(self, stream: TaskStream, model: DeltaModel, strategy: Strategy, config: TrainConfig, out: Path,
                  loggers: Sequence[StreamLogger]) -> None:
         self.stream, self.model, self.strategy, self.config, self.out = stream, model, strategy, config, out
-        self.loggers = list(loggers)
+        # a logger that fails never stops the run (see tracking.GuardedLogger)
+        self.loggers = [GuardedLogger(lg, out) for lg in loggers]
         self.tasks, self.plan = stream.tasks, strategy.plan(len(stream))
         self.data = TokenisedTasks(model.tokenizer, config.max_length, config.batch_size * 2)
         self.clock = time.perf_counter()  # wall time not yet added to the state's seconds
@@ -181,12 +182,12 @@ class _Run:
             matrix.update(row, j, s["accuracy"], s["macro_f1"])
         trainable = {tasks[j].name: strategy.trainable_parameters(model, tasks[j]) for j in step}
         exported = tasks[:row + 1] if strategy.updates_old_tasks else step_tasks
-        artifacts = rundir.export_checkpoints(model, strategy, exported, self.out / "checkpoints")
+        artifacts = rundir.export_checkpoints(model, strategy, exported, self.out, state.files)
         for t in step_tasks:
             artifacts.update(strategy.reports(model, t, self.data.loader(t), self.out / "reports" / t.name))
         record = {"row": row, "tasks": [t.name for t in step_tasks], "train_seconds": result.seconds,
                   "steps": result.steps, "best_step": result.best_step, "best_dev": result.best_dev,
-                  "trainable_params": trainable}
+                  "trainable_params": trainable, "history": result.history}  # all `continual sync` needs
         state.done.append(k)
         state.steps.append(record)
         self.tick(state)
@@ -197,9 +198,17 @@ class _Run:
         for lg in self.loggers:
             lg.end_step(row, metrics, artifacts)
             lg.log_matrix(row, self.stream.names, list(matrix.R[row]), list(matrix.F1[row]), so_far)
+        self.note_tracking(state)
         tqdm.write(f"after {'+'.join(record['tasks'])}: " + "  ".join(
             f"{n}={matrix.R[row, j]:.3f}" for j, n in enumerate(self.stream.names[:row + 1])))
         return so_far
+
+    def note_tracking(self, state: RunState) -> None:
+        """Record in the state that logging failed (``continual sync`` then uploads the run)."""
+        failed = [lg.failed for lg in self.loggers if lg.failed]
+        if failed and state.tracking.get("sync_needed") != failed[0]:
+            state.tracking["sync_needed"] = failed[0]
+            rundir.write_state(self.out, state)
 
     def _step_params(self, tasks: list[Task], row: int, state: RunState) -> dict[str, Any]:
         fingerprints = state.identity["data"]
@@ -228,16 +237,18 @@ def run_stream(
     bars. ``resume=True`` continues a run whose state is in ``out_dir`` after its last finished
     step (nothing finished is retrained). Without it an existing run there is an error unless
     ``overwrite=True``."""
+    # every setting is checked before anything is deleted (--overwrite), loaded or trained
     if model.tokenizer is None:
         raise ValueError("run_stream needs a model with a tokenizer")
+    if model.tasks:
+        raise ValueError(f"run_stream needs a model without tasks; it has {list(model.tasks)}")
     config.validate()
     device = config.torch_device()
+    check_lengths(model, max(t.max_length or config.max_length for t in stream), strategy.methods)
     out = Path(out_dir)
     run = _Run(stream, model, strategy, config, out, loggers)
     identity = run_identity(stream, model, strategy, config)
     state = _open(out, identity, len(run.plan), resume, overwrite)
-    if model.tasks:
-        raise ValueError(f"run_stream needs a model without tasks; it has {list(model.tasks)}")
     out.mkdir(parents=True, exist_ok=True)
     model.to(device)
     if state is None:
@@ -249,6 +260,7 @@ def run_stream(
               "backbone_name": model.backbone_name, **(extra_params or {})}
     for lg in run.loggers:
         state.tracking = lg.start_stream(stream.name, params, state.tracking or None) or state.tracking
+    run.note_tracking(state)
     rundir.write_state(out, state)
     rundir.write_stream_spec(out, stream, identity["data"])
     try:

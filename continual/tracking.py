@@ -11,6 +11,13 @@ Default store: ``sqlite:///mlflow.db`` in the working directory, no server neede
 
 This is the only module that imports mlflow, and every metric name the project logs is made by
 the functions of the "names" section below.
+
+The run directory is the source of truth, MLflow a copy: the scheduler writes a step's state
+before it logs it, and wraps every logger in a :class:`GuardedLogger`, so a tracking server that
+is down or fails costs at most a few seconds (short HTTP timeouts, then logging stops for that
+run) and never a finished task. ``continual sync RUN --tracking-uri URI`` uploads a run to a
+store afterwards (:func:`sync_run`). A new SQLite store is created under a file lock, so two runs
+started together on it do not race in its schema migration.
 """
 
 from __future__ import annotations
@@ -22,6 +29,13 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from .guard import GuardedLogger, best_effort, check_uri, store_lock
+from .logger import StreamLogger
+
+__all__ = ["DEFAULT_EXPERIMENT", "DEFAULT_TRACKING_URI", "GuardedLogger", "MLflowLogger", "StreamLogger", "check_uri",
+           "experiment", "fetch_results", "log_combination", "log_compare", "log_fusion_weights", "log_nested_run",
+           "matrix_metrics", "record_metric", "step_metrics"]
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "continual"
@@ -76,25 +90,6 @@ def fusion_metric(task: str, source: str) -> str:
     return f"fusion_weight/{task}/{source}"
 
 
-class StreamLogger:
-    """The interface the runner talks to. Every method is optional (no-op here)."""
-
-    def start_stream(self, name: str, params: dict[str, Any], resume: dict[str, Any] | None) -> dict[str, Any]:
-        """Begin (or, with ``resume`` = what this returned last time, continue) a stream.
-        Returns what must be kept to resume it."""
-        return {}
-
-    def start_step(self, row: int, tasks: list[str], params: dict[str, Any]) -> None: ...
-
-    def log_step(self, record: dict[str, Any]) -> None: ...
-
-    def end_step(self, row: int, metrics: dict[str, float], artifacts: dict[str, Path]) -> None: ...
-
-    def log_matrix(self, row: int, tasks: list[str], R_row: list[float], F1_row: list[float], summary: dict[str, float]) -> None: ...
-
-    def end_stream(self, summary: dict[str, float], artifacts: list[Path], status: str = "FINISHED") -> None: ...
-
-
 def _finite(d: dict[str, float]) -> dict[str, float]:
     return {k: float(v) for k, v in d.items() if v is not None and not math.isnan(v)}
 
@@ -109,6 +104,18 @@ def _flat(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
+def client_for(uri: str) -> Any:
+    """An ``MlflowClient`` for ``uri`` whose store exists and is ready: a new SQLite store is
+    created (its schema migrated) under :func:`store_lock`, so processes starting together on
+    it do not race."""
+    from mlflow import MlflowClient
+
+    with store_lock(check_uri(uri)):
+        client = MlflowClient(uri)
+        client.search_experiments(max_results=1)  # creates and migrates a new store, inside the lock
+    return client
+
+
 def sqlite_artifact_root(uri: str) -> str | None:
     """For a SQLite store, artifacts go to ``mlartifacts/`` beside the database file."""
     if not uri.startswith("sqlite:///"):
@@ -120,24 +127,24 @@ def sqlite_artifact_root(uri: str) -> str | None:
 def experiment(uri: str, name: str) -> tuple[Any, str]:
     """An ``MlflowClient`` for ``uri`` and the id of experiment ``name`` (created when missing, with
     artifacts beside a SQLite store)."""
-    from mlflow import MlflowClient
+    client = client_for(uri)
+    with store_lock(uri):
+        exp = client.get_experiment_by_name(name)
+        if exp is not None:
+            return client, exp.experiment_id
+        return client, client.create_experiment(name, artifact_location=sqlite_artifact_root(uri))
 
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(name)
-    return client, exp.experiment_id if exp else client.create_experiment(name, artifact_location=sqlite_artifact_root(uri))
 
-
+@best_effort
 def log_nested_run(run_dir: str | Path, name: str, metrics: dict[str, float], files: list[Path],
                    tracking_uri: str | None = None) -> str | None:
     """Log an analysis of a finished stream (routing, transfer) as a run nested under the stream's
     MLflow run, with ``files`` under ``<name>/``. None when the stream was not logged."""
-    from mlflow import MlflowClient
-
-    tracking = json.loads((Path(run_dir) / "results.json").read_text()).get("tracking") or {}
+    tracking = json.loads((Path(run_dir) / "results.json").read_text()).get("tracking") or {}  # read by the study first
     uri, parent = tracking_uri or tracking.get("tracking_uri"), tracking.get("parent_run_id")
     if not uri or not parent:
         return None
-    client = MlflowClient(uri)
+    client = client_for(uri)
     child = client.create_run(client.get_run(parent).info.experiment_id, run_name=name,
                               tags={"mlflow.parentRunId": parent, "kind": name}).info.run_id
     _log_metrics(client, child, [(k, v, 0) for k, v in _finite(metrics).items()])
@@ -152,26 +159,33 @@ class MLflowLogger(StreamLogger):
 
     def __init__(self, tracking_uri: str = DEFAULT_TRACKING_URI, experiment: str = DEFAULT_EXPERIMENT,
                  run_name: str | None = None, flush_every: int = 50) -> None:
-        from mlflow import MlflowClient
-
-        self.uri, self.experiment, self.run_name = tracking_uri, experiment, run_name
-        self.client = MlflowClient(tracking_uri)
+        self.uri, self.experiment, self.run_name = check_uri(tracking_uri), experiment, run_name
+        self._client: Any = None  # made at first use, inside the scheduler's guard (a server may be down)
         self.flush_every = flush_every
         self.parent: str | None = None
         self.child: str | None = None
         self._buffer: list[Any] = []
 
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            self._client = client_for(self.uri)
+        return self._client
+
     def _experiment_id(self) -> str:
-        exp = self.client.get_experiment_by_name(self.experiment)
-        if exp is not None:
-            return exp.experiment_id
-        return self.client.create_experiment(self.experiment, artifact_location=sqlite_artifact_root(self.uri))
+        with store_lock(self.uri):
+            exp = self.client.get_experiment_by_name(self.experiment)
+            if exp is not None:
+                return exp.experiment_id
+            return self.client.create_experiment(self.experiment, artifact_location=sqlite_artifact_root(self.uri))
 
     def start_stream(self, name, params, resume):
         from mlflow.entities import RunStatus
 
         if resume and resume.get("parent_run_id"):
             self.parent = resume["parent_run_id"]
+            with store_lock(self.uri):
+                self.client.get_run(self.parent)  # the store answers (and exists) before anything else
             # A step killed half-way left its nested run RUNNING: mark it, the step is redone.
             for run in self.client.search_runs(
                 [self.client.get_run(self.parent).info.experiment_id],
@@ -279,6 +293,7 @@ def _standalone_run(uri: str, experiment_name: str, run_name: str, tags: dict[st
     return run_id
 
 
+@best_effort
 def log_compare(uri: str, stream: str, rows: dict[str, dict[str, Any]], files: list[Path]) -> str:
     """The comparison report as a ``compare`` run: each row's numbers, the report files."""
     metrics = {compare_metric(k, label): v for label, r in rows.items() for k, v in r.items() if v is not None}
@@ -286,6 +301,7 @@ def log_compare(uri: str, stream: str, rows: dict[str, dict[str, Any]], files: l
                            metrics, files, "compare")
 
 
+@best_effort
 def log_combination(uri: str, task: str, result: Any, steps: int, seed: int) -> str:
     """One cell of the combination study (experiment ``combinations``)."""
     methods = "+".join(result.methods)
@@ -304,10 +320,9 @@ def log_fusion_weights(client: Any, run_id: str, weights: Any, files: list[Path]
 
 def fetch_results(run: str, tracking_uri: str, experiment_name: str) -> dict[str, Any]:
     """The ``results.json`` of an MLflow run given by id or by name (the newest of that name)."""
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    client = MlflowClient(tracking_uri)
+    client = client_for(tracking_uri)
     try:
         run_obj = client.get_run(run)
     except MlflowException:

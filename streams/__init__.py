@@ -7,9 +7,9 @@
 
 from .catalog import SOURCES, DataError, Source, load_task_data, stratified_split
 from .stream import STREAMS, builtin_stream, builtin_task, load_stream, stream_from_yaml
-from .task import Task, TaskStream
+from .task import Task, TaskStream, check_task_name
 
 __all__ = [
     "SOURCES", "STREAMS", "DataError", "Source", "Task", "TaskStream", "builtin_stream", "builtin_task",
-    "load_stream", "load_task_data", "stratified_split", "stream_from_yaml",
+    "check_task_name", "load_stream", "load_task_data", "stratified_split", "stream_from_yaml",
 ]

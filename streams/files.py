@@ -21,8 +21,12 @@ FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".
 def read_table(path: Path, encoding: str = "utf-8") -> pd.DataFrame:
     """A data file as a DataFrame of strings/numbers; clear errors for missing, empty, malformed
     or wrongly encoded files."""
-    if not path.exists():
-        raise DataError(f"{path}: file not found")
+    try:
+        path.stat()
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except OSError as e:  # a symlink loop (ELOOP), a permission error, a name too long
+        raise DataError(f"{path}: cannot be read ({e.strerror})") from None
     if path.is_dir():
         raise DataError(f"{path}: is a directory, expected a data file")
     kind = FORMATS.get(path.suffix.lower())
@@ -33,7 +37,10 @@ def read_table(path: Path, encoding: str = "utf-8") -> pd.DataFrame:
             return pd.read_parquet(path)
         except Exception as e:  # pyarrow raises several types for a damaged file
             raise DataError(f"{path}: not a readable parquet file ({e})") from None
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror})") from None
     try:
         text = raw.decode(encoding)
     except UnicodeDecodeError as e:
@@ -77,8 +84,18 @@ def _read_jsonl(path: Path, text: str) -> pd.DataFrame:
     return pd.DataFrame(rows, dtype=object)
 
 
+# Spellings of "no value" that spreadsheets, pandas and JSON exporters write. The CSV reader keeps
+# them as text (so a text column may say "NA"), but as a *label* they mean a missing value, never a
+# class: a row labelled "NaN" is an error naming its row and column, not a new class.
+MISSING_MARKERS = {"nan", "na", "n/a", "#n/a", "null", "none", "nil", "<na>", "-nan"}
+
+
 def _is_missing(v: Any) -> bool:
     return v is None or (isinstance(v, float) and np.isnan(v)) or (isinstance(v, str) and not v.strip())
+
+
+def _is_missing_label(v: Any) -> bool:
+    return _is_missing(v) or (isinstance(v, str) and v.strip().lower() in MISSING_MARKERS)
 
 
 def extract(
@@ -103,8 +120,9 @@ def extract(
         out[key] = [str(v) for v in values]
     labels = frame[label_column].tolist()
     for n, v in enumerate(labels, 1):
-        if _is_missing(v):
-            raise DataError(f"{where}: row {n}, column {label_column!r}: missing label")
+        if _is_missing_label(v):
+            shown = "" if _is_missing(v) else f" ({v!r} marks a missing value)"
+            raise DataError(f"{where}: row {n}, column {label_column!r}: missing label{shown}")
     return out, labels
 
 

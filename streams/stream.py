@@ -30,12 +30,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 from datasets import Dataset
 
 from .catalog import SOURCES, DataError, cap_indices, load_task_data, stratified_split
 from .files import encode_labels, extract, label_vocabulary, load_hub, read_table
-from .task import SPLITS, Task, TaskStream
+from .safe_yaml import load_yaml
+from .task import SPLITS, Task, TaskStream, check_task_name
 
 STREAMS: dict[str, tuple[str, ...]] = {
     "default": ("movie", "bbc", "trec", "sms", "disaster", "amazon"),
@@ -82,19 +82,14 @@ def load_stream(spec: str | Path, seed: int = 0, max_train: int | None = None, m
     if str(spec) in STREAMS:
         return builtin_stream(str(spec), seed, max_train, max_eval)
     path = Path(spec)
-    if path.suffix.lower() in (".yaml", ".yml") or path.exists():
+    if path.suffix.lower() in (".yaml", ".yml") or path.is_symlink() or path.exists():
         return stream_from_yaml(path, seed, max_train, max_eval)
     raise DataError(f"unknown stream {str(spec)!r}: not a built-in stream ({', '.join(STREAMS)}) and no such file")
 
 
 def stream_from_yaml(path: str | Path, seed: int = 0, max_train: int | None = None, max_eval: int | None = None) -> TaskStream:
     path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: stream file not found")
-    try:
-        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not a readable YAML file ({e})") from None
+    spec = load_yaml(path)
     if not isinstance(spec, dict) or not isinstance(spec.get("tasks"), list) or not spec["tasks"]:
         raise DataError(f"{path}: expected a mapping with a non-empty 'tasks:' list")
     _check_keys(spec, _STREAM_KEYS, f"{path}")
@@ -104,6 +99,7 @@ def stream_from_yaml(path: str | Path, seed: int = 0, max_train: int | None = No
     for i, entry in enumerate(spec["tasks"], 1):
         if not isinstance(entry, dict) or "name" not in entry:
             raise DataError(f"{path}: task {i} must be a mapping with a 'name'")
+        check_task_name(entry["name"], f"{path}: task {i}")
         if entry["name"] in names:
             raise DataError(f"{path}: task name {entry['name']!r} appears twice (tasks {names[entry['name']]} and {i})")
         names[entry["name"]] = i

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from typing import Any, Iterator
 
 from datasets import Dataset, DatasetDict
@@ -12,6 +13,20 @@ from datasets import Dataset, DatasetDict
 from .catalog import DataError
 
 SPLITS = ("train", "dev", "test")
+# A task name becomes a directory, an MLflow run name and a metric key: letters, digits, '_' and
+# '-', starting with a letter or digit (the same rule adapters.DeltaModel applies to its tasks).
+TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
+
+
+def check_task_name(name: Any, where: str = "task") -> str:
+    """``name`` if it is a valid task name, else a :class:`DataError` saying why (at stream load
+    time, before any model is loaded)."""
+    if not isinstance(name, str):
+        raise DataError(f"{where}: the task name must be a string, got {type(name).__name__} {name!r}")
+    if not TASK_NAME.match(name):
+        raise DataError(f"{where}: invalid task name {name!r}: use letters, digits, '_' and '-', "
+                        "starting with a letter or digit")
+    return name
 
 
 @dataclasses.dataclass
@@ -32,6 +47,7 @@ class Task:
     max_length: int | None = None
 
     def __post_init__(self) -> None:
+        check_task_name(self.name)
         for split in SPLITS:
             ds = getattr(self, split)
             if len(ds) == 0:

@@ -37,6 +37,10 @@ class Prompt(Delta):
     # soft tokens are attended from the start; each example of a mixed batch gets its own prompt
     capabilities = Capabilities(identity_at_init=False, input_transform=True, mixed_batches=True)
 
+    @classmethod
+    def positions_added(cls, config: PromptConfig) -> int:
+        return config.num_tokens
+
     def __init__(self, config: PromptConfig, backbone: nn.Module) -> None:
         super().__init__(config, backbone)
         table = backbone.get_input_embeddings().weight

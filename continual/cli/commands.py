@@ -22,7 +22,7 @@ from ..plots import format_matrix, heatmap
 from ..rundir import run_info
 from ..scheduler import run_stream
 from ..strategies import STRATEGIES, make_strategy
-from ..tracking import MLflowLogger, fetch_results, log_combination
+from ..tracking import MLflowLogger, check_uri, fetch_results, log_combination
 from ..training import TrainConfig
 
 
@@ -51,6 +51,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     options = {k: v for text in args.strategy_option for k, v in parse_options(text).items()}
     strategy = make_strategy(args.strategy, methods, **options)
     config = train_config(args)
+    config.torch_device()  # an unusable --device is an error before anything is loaded or deleted
+    if not args.no_mlflow:
+        check_uri(args.tracking_uri)
     label = "ft" if strategy.trains_backbone else methods_label(methods)
     out = Path(args.out or f"runs/{Path(args.stream).stem}-{args.strategy}-{label}-s{args.seed}")
     stream = load_stream(args.stream, args.seed, _cap(args.max_train), _cap(args.max_eval))
@@ -64,9 +67,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(result.table())
     print(f"\nmacro-F1:\n{result.table(f1=True)}")
     print(f"\nwall time {result.seconds:.0f} s; results, matrix.csv and heatmap.png in {out}/")
-    if loggers:
+    if loggers and result.tracking.get("sync_needed"):
+        print(f"MLflow logging stopped during the run ({result.tracking['sync_needed']}); everything is in {out}/. "
+              f"Upload it with:\n  continual sync {out} --tracking-uri {args.tracking_uri}")
+    elif loggers:
         print(f"MLflow run {result.tracking.get('parent_run_id')} in {args.tracking_uri}; browse with:\n"
               f"  mlflow ui --backend-store-uri {args.tracking_uri}    (then open http://127.0.0.1:5000)")
+    return 0
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    from ..sync import sync_run
+
+    run_id = sync_run(args.run, args.tracking_uri, args.experiment, args.run_name)
+    print(f"{args.run} logged to {args.tracking_uri} as MLflow run {run_id} (experiment {args.experiment!r})")
     return 0
 
 
@@ -186,4 +200,4 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "report": cmd_report, "route": cmd_route, "transfer": cmd_transfer, "combine": cmd_combine,
-            "compare": cmd_compare, "list": cmd_list}
+            "compare": cmd_compare, "sync": cmd_sync, "list": cmd_list}

@@ -26,6 +26,7 @@ DESCRIPTION = """run lifelong-learning streams, report on them, list what is ava
     python -m continual transfer runs/default-per-task-bottleneck-s0   # zero-shot transfer matrix
     python -m continual combine --task movie --combo lora+bitfit      # method combinations study
     python -m continual compare --entry per-task:lora --entry seq-ft   # comparison report
+    python -m continual sync runs/default-per-task-bottleneck-s0 --tracking-uri http://127.0.0.1:5000
     python -m continual list
 """
 Formatter = argparse.ArgumentDefaultsHelpFormatter
@@ -37,7 +38,7 @@ DEFAULTS = dict(stream="default", strategy="per-task", backbone="minilm", max_tr
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="continual", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    for add in (_run, _report, _route, _transfer, _combine, _compare, _list):
+    for add in (_run, _report, _route, _transfer, _combine, _compare, _sync, _list):
         add(sub)
     return p
 
@@ -167,6 +168,19 @@ def _compare(sub: argparse._SubParsersAction) -> None:
     _training_options(cp)
     cp.add_argument("--out", default=None, help="default: runs/compare-<stream>-s<seed>")
     _tracking_options(cp)
+
+
+def _sync(sub: argparse._SubParsersAction) -> None:
+    sy = sub.add_parser("sync", help="upload a run directory to an MLflow store (e.g. after the server was down)",
+                        description="Log everything a run directory holds (parameters, each step's training curve, "
+                        "scores and checkpoints, the accuracy matrix, the final metrics and files) to an MLflow store "
+                        "as a new run, and record that run in the directory. For runs whose tracking server was "
+                        "unreachable (they go on and keep everything locally) or that ran with --no-mlflow.",
+                        formatter_class=Formatter)
+    sy.add_argument("run", help="a run's output directory (finished or not)")
+    sy.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI, help="MLflow store or server")
+    sy.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment name")
+    sy.add_argument("--run-name", default=None, help="MLflow run name (default: the directory's name)")
 
 
 def _list(sub: argparse._SubParsersAction) -> None:

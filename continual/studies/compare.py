@@ -26,6 +26,7 @@ from adapters import DeltaConfig, DeltaModel
 from adapters.spec import methods_label, parse_combo, parse_options
 
 from ..plots import metric_bars
+from ..rundir import run_info
 from ..scheduler import run_stream
 from ..strategies import STRATEGIES, make_strategy
 from ..tracking import DEFAULT_EXPERIMENT, MLflowLogger, log_compare
@@ -66,7 +67,7 @@ def _dir_bytes(path: Path) -> int:
 
 def summarize_run(directory: Path) -> dict[str, Any]:
     """The report's row for one finished run directory."""
-    results = json.loads((directory / "results.json").read_text())
+    results = run_info(directory)  # verified against its checksum
     steps = results["steps"]
     per_task = [v for s in steps for v in s["trainable_params"].values()]
     row = {k: results["metrics"].get(k) for k in METRICS}

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import yaml
 
 from ..plots import routing_heatmap
-from ..rundir import RunStateError, load_run_model
+from ..rundir import RunStateError, load_run_model, run_info
 from ..tracking import log_nested_run
 from ..training import eval_loader
 
@@ -34,7 +34,7 @@ def stream_of_run(run_dir: str | Path):
     if not spec_path.exists() or not results.exists():
         raise RunStateError(f"{run} is not a finished stream run (stream.yaml and results.json are needed)")
     spec = yaml.safe_load(spec_path.read_text())
-    identity = json.loads(results.read_text())["identity"]
+    identity = run_info(run)["identity"]  # verified against its checksum
     if spec.get("file"):
         stream = stream_from_yaml(spec["file"], spec.get("seed", 0), spec.get("max_train"), spec.get("max_eval"))
     else:

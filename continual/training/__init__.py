@@ -8,7 +8,7 @@
     evaluate.py  evaluate (accuracy, macro-F1, loss), macro_f1
 """
 
-from .config import COMPILE_MODES, TrainConfig, TrainResult, resolve_device
+from .config import COMPILE_MODES, TrainConfig, TrainResult, check_lengths, position_limit, resolve_device
 from .data import bucket_batches, bucketed_loader, endless_batches, eval_loader, majority_rate, make_loader, tokenize
 from .evaluate import evaluate, macro_f1
 from .loop import fit, param_groups, train_joint, train_task
@@ -16,7 +16,7 @@ from .protocol import Protocol, lr_factor
 from .step import TrainStep, make_optimizer, mfu
 
 __all__ = [
-    "COMPILE_MODES", "Protocol", "TrainConfig", "TrainResult", "TrainStep", "bucket_batches", "bucketed_loader",
+    "COMPILE_MODES", "Protocol", "check_lengths", "position_limit", "TrainConfig", "TrainResult", "TrainStep", "bucket_batches", "bucketed_loader",
     "endless_batches", "eval_loader", "evaluate", "fit", "lr_factor", "macro_f1", "majority_rate", "make_loader",
     "make_optimizer", "mfu", "param_groups", "resolve_device", "tokenize", "train_joint", "train_task",
 ]

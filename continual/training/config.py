@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
+from adapters import DeltaConfig, get_method
 from adapters.precision import PRECISIONS
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -42,13 +43,30 @@ class TrainConfig:
     log_every: int = 10          # steps between records; the loss is read back (a host sync) only then
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the setting, before anything is loaded or trained."""
+        """Raise ``ValueError`` naming the setting, before anything is loaded or trained.
+
+        A NaN or negative learning rate would train all-NaN deltas and still print an accuracy:
+        such settings are refused here, not discovered in the numbers."""
+        rates = {"lr": self.lr, "head_lr": self.head_lr}
+        for name, v in rates.items():
+            if v is not None and not _finite(v, lambda x: x > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+        for name, v in {"weight_decay": self.weight_decay, "grad_clip": self.grad_clip}.items():
+            if not _finite(v, lambda x: x >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        if not _finite(self.warmup_ratio, lambda x: 0 <= x <= 1):
+            raise ValueError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio!r}")
+        ints = {"max_steps": self.max_steps, "batch_size": self.batch_size, "eval_every": self.eval_every,
+                "max_length": self.max_length, "log_every": self.log_every}
+        for name, v in ints.items():
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if self.patience is not None and (not isinstance(self.patience, int) or self.patience < 1):
+            raise ValueError(f"patience must be None (never stop early) or an integer >= 1, got {self.patience!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.compile is not None and self.compile not in COMPILE_MODES:
             raise ValueError(f"compile must be None or a torch.compile mode, got {self.compile!r}")
-        if self.log_every < 1 or self.max_steps < 1 or self.batch_size < 1:
-            raise ValueError("log_every, max_steps and batch_size must be >= 1")
 
     def torch_device(self) -> torch.device:
         """The device this config names (``None``: CUDA when there is a GPU, else the CPU)."""
@@ -79,6 +97,34 @@ class TrainResult:
     steps: int
     seconds: float
     history: list[dict[str, Any]]
+
+
+def _finite(v: Any, ok: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and ok(v)
+
+
+def check_lengths(model: Any, max_length: int, methods: Sequence[DeltaConfig] = ()) -> None:
+    """Refuse a ``max_length`` (plus the positions prompt-like methods prepend) longer than the
+    backbone's position table, before anything is trained: past it the model fails in a CUDA
+    kernel or silently wraps positions."""
+    limit = position_limit(model)
+    added = max((get_method(m.method).positions_added(m) for m in methods), default=0)
+    if limit is not None and max_length + added > limit:
+        extra = f" + {added} prepended positions ({', '.join(m.method for m in methods)})" if added else ""
+        raise ValueError(f"max_length {max_length}{extra} exceeds the {limit} positions of the backbone "
+                         f"{getattr(model, 'backbone_name', '')!r}; use a max_length of at most {limit - added}")
+
+
+def position_limit(model: Any) -> int | None:
+    """How many token positions the backbone can encode (None: no fixed limit known)."""
+    cfg = model.backbone.config
+    limits = [getattr(cfg, "max_position_embeddings", None)]
+    if getattr(cfg, "model_type", "") in ("roberta", "xlm-roberta", "mpnet"):
+        limits = [limits[0] - (cfg.pad_token_id or 0) - 1 if limits[0] else None]  # positions start after padding_idx
+    tokenizer_max = getattr(getattr(model, "tokenizer", None), "model_max_length", None)
+    limits.append(tokenizer_max if isinstance(tokenizer_max, int) and tokenizer_max < 1_000_000 else None)
+    known = [x for x in limits if isinstance(x, int) and x > 0]
+    return min(known) if known else None
 
 
 def resolve_device(device: str | None) -> torch.device:

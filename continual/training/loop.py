@@ -18,7 +18,7 @@ from datasets import DatasetDict
 from adapters import DeltaModel
 from adapters.precision import autocast, frozen_linears_in
 
-from .config import TrainConfig, TrainResult
+from .config import TrainConfig, TrainResult, check_lengths
 from .data import endless_batches, eval_loader, tokenize
 from .evaluate import evaluate
 from .protocol import Protocol, Record
@@ -115,8 +115,9 @@ def train_task(
     further optimizer groups (e.g. backbone weights for full fine-tuning).
     At the end the trained parameters hold their best-on-dev values. Nothing else changes."""
     _check_splits(task, data)
-    tokenizer = _prepare(model, config, tokenizer)
     active = tuple(active or (task,))
+    check_lengths(model, config.max_length, [c for name in active for c in model.task(name).configs])
+    tokenizer = _prepare(model, config, tokenizer)
     train_ds = tokenize(data["train"], tokenizer, config.max_length)
     dev_loader = eval_loader(data["dev"], tokenizer, config.max_length, config.batch_size * 2)
     model.activate(*active)

@@ -1,0 +1,114 @@
+"""How tracking failures are contained: a run never stops, hangs or loses work because of them.
+
+- :class:`GuardedLogger` wraps every logger of a stream run: the first failure is reported once,
+  with the command that uploads the run later (``continual sync``), and the logger goes quiet.
+- :func:`check_uri` refuses stores that would lose everything (``sqlite:///`` is in memory) and
+  bounds MLflow's HTTP retries, so a server that is down costs seconds, not minutes.
+- :func:`store_lock` serialises the first creation of a SQLite store between processes.
+- :func:`best_effort` makes a study's one-off logging a warning when it fails.
+
+Nothing here imports mlflow (``continual.tracking`` does, alone).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from .logger import StreamLogger
+
+# MLflow retries an HTTP call 7 times over minutes by default: a server that is down would hang a
+# run. One retry with a 5 s timeout bounds a dead server to about 11 s per call, and the guard then
+# stops logging for the run. Set the variables yourself to change this.
+QUICK_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
+              "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.1"}
+
+
+def check_uri(uri: str) -> str:
+    """Refuse tracking URIs that would silently lose what is logged."""
+    if uri.rstrip("/") in ("sqlite:", "sqlite:/", "sqlite://") or uri == "sqlite:///" or uri.startswith("sqlite:///:memory:"):
+        raise ValueError(f"tracking URI {uri!r} names no database file, so MLflow would log to memory and lose "
+                         "everything; use e.g. sqlite:///mlflow.db")
+    if uri.startswith(("http://", "https://")):
+        for k, v in QUICK_HTTP.items():
+            os.environ.setdefault(k, v)
+    return uri
+
+
+@contextlib.contextmanager
+def store_lock(uri: str):
+    """Hold an exclusive lock beside a SQLite store while it may be created (MLflow runs its schema
+    migration on first use; two processes doing it at once fail with 'duplicate column name')."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(uri[len("sqlite:///"):]).resolve()
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+
+def best_effort(log: Any) -> Any:
+    """For one-off logging after the work is done and saved (a study's report): a tracking failure
+    is a warning, not a failed command; the files stay where they were written."""
+    @functools.wraps(log)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return log(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001
+            first = (f"{type(e).__name__}: {e}".splitlines() or [""])[0][:300]
+            print(f"warning: could not log to MLflow ({first}); the files written are complete", file=sys.stderr)
+            return None
+    return wrapper
+
+
+class GuardedLogger(StreamLogger):
+    """A logger whose failures never stop a run: the first exception (a server that is down, a
+    full disk, a rejected value) is reported once on stderr with how to upload the run later, and
+    the logger stays silent for the rest of the run; :attr:`failed` says why. The scheduler wraps
+    every logger in one. An interrupt (Ctrl-C) still goes through."""
+
+    def __init__(self, inner: StreamLogger, out_dir: str | Path) -> None:
+        self.inner, self.out_dir = inner, Path(out_dir)
+        self.failed: str | None = None
+
+    def _call(self, method: str, *args: Any) -> Any:
+        if self.failed is not None:
+            return None
+        try:
+            return getattr(self.inner, method)(*args)
+        except Exception as e:  # noqa: BLE001  any tracking failure: the run matters more
+            self.failed = (f"{type(e).__name__}: {e}".splitlines() or [type(e).__name__])[0][:300]
+            uri = getattr(self.inner, "uri", "<uri>")
+            print(f"\nwarning: tracking stopped for this run ({self.failed}). Nothing is lost: the run goes on and "
+                  f"keeps everything in {self.out_dir}/; upload it later with\n"
+                  f"  continual sync {self.out_dir} --tracking-uri {uri}", file=sys.stderr, flush=True)
+            return None
+
+    def start_stream(self, name, params, resume):
+        return self._call("start_stream", name, params, resume)
+
+    def start_step(self, row, tasks, params):
+        self._call("start_step", row, tasks, params)
+
+    def log_step(self, record):
+        self._call("log_step", record)
+
+    def end_step(self, row, metrics, artifacts):
+        self._call("end_step", row, metrics, artifacts)
+
+    def log_matrix(self, row, tasks, R_row, F1_row, summary):
+        self._call("log_matrix", row, tasks, R_row, F1_row, summary)
+
+    def end_stream(self, summary, artifacts, status="FINISHED"):
+        self._call("end_stream", summary, artifacts, status)
