@@ -50,7 +50,8 @@ def backbone_fingerprint(backbone: nn.Module) -> dict[str, Any]:
     }
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """SHA-256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -78,7 +79,7 @@ def save_task(model: DeltaModel, name: str, directory: str | Path) -> Path:
         "frozen": task.frozen,
         "backbone": backbone_fingerprint(model.backbone),
         "backbone_name": model.backbone_name,
-        "tensors_sha256": _sha256(out / TENSORS),
+        "tensors_sha256": sha256_file(out / TENSORS),
     }
     tmp = out / (META + ".tmp")
     tmp.write_text(json.dumps(meta, indent=2))
@@ -112,7 +113,7 @@ def load_task(model: DeltaModel, directory: str | Path, name: str | None = None,
     tensors_path = directory / TENSORS
     if not tensors_path.is_file():
         raise CheckpointError(f"{tensors_path} is missing")
-    if _sha256(tensors_path) != meta.get("tensors_sha256"):
+    if sha256_file(tensors_path) != meta.get("tensors_sha256"):
         raise CheckpointError(f"{tensors_path} does not match its recorded checksum: the file is corrupt or truncated")
     if strict_backbone:
         mine, theirs = backbone_fingerprint(model.backbone), meta.get("backbone", {})

@@ -17,18 +17,18 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from conftest import free_port, stop_mlflow_server  # noqa: E402  (the tests' helpers)
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 WORDS = "apple river green music table window cloud stone paper light dream voice fire ocean".split()
 
 
@@ -64,7 +64,6 @@ def toy_stream(directory: Path) -> Path:
 
 
 def tiny_backbone(directory: Path) -> Path:
-    import adapters  # noqa: F401
     from conftest import tiny_text_backbone
     from transformers import AutoTokenizer
 
@@ -107,26 +106,10 @@ def kill_when_done(out: Path, done: list[int], sig=signal.SIGKILL):
     return act
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def mlflow_server() -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    cmd = [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
-           "--workers", "1", "--backend-store-uri", f"sqlite:///{WORK}/server.db", "--artifacts-destination",
-           str(WORK / "server-art")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(180):
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2):
-                return proc, url
-        except OSError:
-            time.sleep(0.5)
-    raise RuntimeError("mlflow server did not start")
+    from conftest import start_mlflow_server
+
+    return start_mlflow_server(WORK, "server")
 
 
 def scenarios() -> list[tuple[str, dict, str]]:
@@ -173,8 +156,7 @@ def scenarios() -> list[tuple[str, dict, str]]:
         add("mlflow server stopped (by pid) after task 1", r, lost_vs_reference(out))
         add("... then `continual sync` to a new store", cli("sync", str(out), "--tracking-uri", f"sqlite:///{WORK}/later.db"), "none")
     finally:
-        if server.poll() is None:
-            server.send_signal(signal.SIGTERM)
+        stop_mlflow_server(server)
     procs = [subprocess.Popen([sys.executable, "-m", "continual", *run_args(WORK / f"race{i}", "--tracking-uri",
                                f"sqlite:///{WORK}/race.db")], cwd=WORK, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               text=True) for i in range(2)]

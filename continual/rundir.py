@@ -32,6 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from adapters import DeltaModel, save_task
+from adapters.checkpoint import sha256_file
 from streams import Task, TaskStream
 
 from .metrics import AccuracyMatrix
@@ -110,14 +111,6 @@ def check_sealed(data: dict[str, Any], source: Path) -> None:
     if data.get("checksum") != _digest(data):
         raise RunStateError(f"{source} does not match its checksum: the file was damaged or edited; "
                             "start again with --overwrite (or restore it from a copy)")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def record(out: Path, files: dict[str, str], paths: Any) -> None:

@@ -129,3 +129,64 @@ def tiny_backbone_dir(tmp_path_factory, minilm_tokenizer):
 
 
 FAST = dict(max_steps=60, batch_size=16, eval_every=20, max_length=16, lr=1e-2, head_lr=1e-2, progress=False)
+
+
+# -- a real `mlflow server` on 127.0.0.1 (one worker), stopped by its pid ------------------------------
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_mlflow_server(directory, name: str = "server"):
+    """(process, url) of a server with a SQLite store ``<name>.db`` in ``directory``, once healthy."""
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    if not mlflow_bin.exists():
+        import shutil
+
+        mlflow_bin = Path(shutil.which("mlflow"))
+    port = free_port()
+    cmd = [str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1", "--backend-store-uri",
+           f"sqlite:///{directory}/{name}.db", "--artifacts-destination", str(Path(directory) / f"{name}-artifacts")]
+    log_path = Path(directory) / f"{name}.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=dict(os.environ))
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc, url
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            stop_mlflow_server(proc)
+            raise RuntimeError(f"mlflow server did not start:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.5)
+
+
+def stop_mlflow_server(proc) -> None:
+    """SIGTERM to the parent (it stops its worker); SIGKILL to the group if it does not stop."""
+    import os
+    import signal
+    import subprocess
+
+    if proc.poll() is not None:
+        return
+    os.kill(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+

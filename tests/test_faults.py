@@ -4,8 +4,6 @@ no finished task."""
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import FAST, toy_rows, toy_stream
+from conftest import FAST, free_port, start_mlflow_server, stop_mlflow_server, toy_rows, toy_stream
 from continual import MLflowLogger, RunStateError, StreamLogger, TrainConfig, make_strategy, run_stream
 from continual.cli import main
 from streams import DataError, load_stream
@@ -216,12 +214,6 @@ def test_bad_stream_files_are_clear_errors(tmp_path):
         load_stream(tmp_path / "loop1.yaml")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_a_closed_tracking_port_fails_over_within_seconds(text_model, tmp_path, reference):
     start = time.perf_counter()
     res = go(text_model, tmp_path / "run", loggers=[MLflowLogger(f"http://127.0.0.1:{free_port()}")])
@@ -230,53 +222,21 @@ def test_a_closed_tracking_port_fails_over_within_seconds(text_model, tmp_path, 
     assert "Connection" in res.tracking["sync_needed"]  # refused by the closed port, nothing else
 
 
-def start_server(tmp_path, name):
-    mlflow_bin = Path(sys.executable).with_name("mlflow")
-    port = free_port()
-    cmd = [str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-           "--backend-store-uri", f"sqlite:///{tmp_path}/{name}.db", "--artifacts-destination", str(tmp_path / f"{name}-art")]
-    log = open(tmp_path / f"{name}.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    import urllib.request
-
-    deadline = time.time() + 90
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc, f"http://127.0.0.1:{port}"
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            raise RuntimeError(f"mlflow server did not start:\n{(tmp_path / f'{name}.log').read_text()[-3000:]}")
-        time.sleep(0.5)
-
-
-def stop(proc):
-    os.kill(proc.pid, signal.SIGTERM)  # the parent stops its worker
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
 def test_server_stopped_mid_run_loses_nothing_and_sync_uploads_it(text_model, tmp_path, reference):
     from mlflow import MlflowClient
 
-    proc, url = start_server(tmp_path, "server")
+    proc, url = start_mlflow_server(tmp_path, "server")
     try:
         class StopServer(StreamLogger):  # after the first task is logged, the server goes away
             def log_matrix(self, row, *args):
                 if row == 0:
-                    stop(proc)
+                    stop_mlflow_server(proc)
 
         start = time.perf_counter()
         res = go(text_model, tmp_path / "run", loggers=[MLflowLogger(url), StopServer()])
         assert time.perf_counter() - start < 30 + reference.seconds
     finally:
-        if proc.poll() is None:
-            stop(proc)
+        stop_mlflow_server(proc)
     np.testing.assert_array_equal(res.matrix.R, reference.matrix.R)
     assert res.tracking["sync_needed"] and len(res.steps) == 3
     # logging worked until the server went away: task 1 reached it (read from its store directly)
