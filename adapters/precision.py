@@ -21,13 +21,23 @@ PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def cpu_has_fast_bf16() -> bool:
+    """True on CPUs with bf16 matrix instructions (AVX512-BF16 or AMX), where oneDNN runs bf16
+    matrix products faster than fp32. Elsewhere CPU bf16 is emulated and slower than fp32."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, p, lambda: False)()) for p in probes)
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """"auto": bf16 on a GPU that supports it, else fp32 (CPU bf16 is slower than fp32 on most CPUs)."""
+    """"auto": bf16 on a GPU that supports it and on a CPU with bf16 matrix instructions
+    (:func:`cpu_has_fast_bf16`), else fp32."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
     if precision != "auto":
         return precision
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    if device.type == "cpu" and cpu_has_fast_bf16():
         return "bf16"
     return "fp32"
 

@@ -6,6 +6,8 @@ For each training step of the strategy's plan (one task per step for sequential 
    stands: that is R[j-1, j], the entry forward transfer needs;
 2. train (early stopping on dev), then freeze what the strategy freezes;
 3. score every task seen so far on its test split: row ``row`` of R (and of the macro-F1 matrix);
+   an old task whose delta, head and backbone weights did not change keeps its score, carried
+   over (:mod:`continual.scoring`), so scoring grows linearly with the stream, not quadratically;
 4. write the resumable state (``state.json`` + one tensor file, :mod:`continual.rundir`), then log.
 
 Before the first step each task is scored once on the untrained model (b, for FWT).
@@ -34,6 +36,7 @@ from . import rundir
 from .metrics import AccuracyMatrix, summarize
 from .plots import format_matrix
 from .rundir import RunState, RunStateError
+from .scoring import RowScorer
 from .strategies import Strategy
 from .tracking import GuardedLogger, StreamLogger, step_metrics
 from .training import TrainConfig, check_lengths, eval_loader, evaluate, tokenize
@@ -116,13 +119,14 @@ class _Run:
     """One stream run in progress: the model, the strategy, the tokenised tasks and the state."""
 
     def __init__(self, stream: TaskStream, model: DeltaModel, strategy: Strategy, config: TrainConfig, out: Path,
-                 loggers: Sequence[StreamLogger]) -> None:
+                 loggers: Sequence[StreamLogger], rescore_all: bool = False) -> None:
         self.stream, self.model, self.strategy, self.config, self.out = stream, model, strategy, config, out
         # a logger that fails never stops the run (see tracking.GuardedLogger)
         self.loggers = [GuardedLogger(lg, out) for lg in loggers]
         self.tasks, self.plan = stream.tasks, strategy.plan(len(stream))
         self.data = TokenisedTasks(model.tokenizer, config.max_length, config.batch_size * 2)
         self.clock = time.perf_counter()  # wall time not yet added to the state's seconds
+        self.scorer = RowScorer(model, self.score, strategy.active, rescore_all)
 
     def tick(self, state: RunState) -> None:
         now = time.perf_counter()
@@ -177,9 +181,12 @@ class _Run:
         result = strategy.train(model, step_tasks, step_config, self.data, _fan_out(self.loggers))
         for t in step_tasks:
             strategy.finish(model, t)
+        start = time.perf_counter()
+        scores, carried = self.scorer.row(tasks[:row + 1])
         for j in range(row + 1):
-            s = self.score(tasks[j])
+            s = scores[tasks[j].name]
             matrix.update(row, j, s["accuracy"], s["macro_f1"])
+        scoring_seconds = time.perf_counter() - start
         trainable = {tasks[j].name: strategy.trainable_parameters(model, tasks[j]) for j in step}
         exported = tasks[:row + 1] if strategy.updates_old_tasks else step_tasks
         artifacts = rundir.export_checkpoints(model, strategy, exported, self.out, state.files)
@@ -187,7 +194,8 @@ class _Run:
             artifacts.update(strategy.reports(model, t, self.data.loader(t), self.out / "reports" / t.name))
         record = {"row": row, "tasks": [t.name for t in step_tasks], "train_seconds": result.seconds,
                   "steps": result.steps, "best_step": result.best_step, "best_dev": result.best_dev,
-                  "trainable_params": trainable, "history": result.history}  # all `continual sync` needs
+                  "trainable_params": trainable, "scoring_seconds": scoring_seconds, "carried": carried,
+                  "history": result.history}  # (the history: all `continual sync` needs)
         state.done.append(k)
         state.steps.append(record)
         self.tick(state)
@@ -230,13 +238,15 @@ def run_stream(
     resume: bool = False,
     overwrite: bool = False,
     extra_params: dict[str, Any] | None = None,
+    rescore_all: bool = False,
 ) -> StreamResult:
     """Run ``stream`` with ``strategy`` on ``model``; everything lands in ``out_dir``.
 
     ``config.seed`` seeds the run, ``config.device`` places the model, ``config.progress`` shows
     bars. ``resume=True`` continues a run whose state is in ``out_dir`` after its last finished
     step (nothing finished is retrained). Without it an existing run there is an error unless
-    ``overwrite=True``."""
+    ``overwrite=True``. ``rescore_all=True`` scores every old task again after each step instead of
+    carrying over the scores of those whose inputs did not change (same numbers, more time)."""
     # every setting is checked before anything is deleted (--overwrite), loaded or trained
     if model.tokenizer is None:
         raise ValueError("run_stream needs a model with a tokenizer")
@@ -246,7 +256,7 @@ def run_stream(
     device = config.torch_device()
     check_lengths(model, max(t.max_length or config.max_length for t in stream), strategy.methods)
     out = Path(out_dir)
-    run = _Run(stream, model, strategy, config, out, loggers)
+    run = _Run(stream, model, strategy, config, out, loggers, rescore_all)
     identity = run_identity(stream, model, strategy, config)
     state = _open(out, identity, len(run.plan), resume, overwrite)
     out.mkdir(parents=True, exist_ok=True)

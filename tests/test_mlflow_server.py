@@ -42,4 +42,4 @@ def test_stream_logged_to_a_real_server(mlflow_server, text_model, tmp_path):
         files = {a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(c.info.run_id, ckpt.path)}
         assert files == {"delta.json", "delta.safetensors"}
     # the artifacts went through the server to its own store
-    assert any((tmp_path / "artifacts").rglob("heatmap.png"))
+    assert any((tmp_path / "server-artifacts").rglob("heatmap.png"))

@@ -45,7 +45,9 @@ def test_precast_frozen_linears_give_autocast_results_bit_for_bit(arch):
 
 
 def test_precision_resolution():
-    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    from adapters.precision import cpu_has_fast_bf16
+
+    assert resolve_precision("auto", torch.device("cpu")) == ("bf16" if cpu_has_fast_bf16() else "fp32")
     assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
     with pytest.raises(ValueError, match="unknown precision"):
         resolve_precision("int8", torch.device("cpu"))

@@ -62,7 +62,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     model = DeltaModel.from_pretrained(args.backbone)
     loggers = [] if args.no_mlflow else [MLflowLogger(args.tracking_uri, args.experiment, args.run_name or out.name)]
     result = run_stream(stream, model, strategy, config, out, loggers=loggers, resume=args.resume,
-                        overwrite=args.overwrite, extra_params={"command": " ".join(sys.argv)})
+                        overwrite=args.overwrite, extra_params={"command": " ".join(sys.argv)},
+                        rescore_all=args.rescore_all)
     print(f"\n{stream.name} / {args.strategy} / {label}: accuracy matrix R[i, j] (row: after training task i)")
     print(result.table())
     print(f"\nmacro-F1:\n{result.table(f1=True)}")

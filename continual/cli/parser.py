@@ -96,6 +96,9 @@ def _run(sub: argparse._SubParsersAction) -> None:
                    help="the fast path: --precision auto --bucket, and --compile default on a GPU")
     r.add_argument("--out", default=None, help="output directory (default: runs/<stream>-<strategy>-<methods>-s<seed>)")
     r.add_argument("--resume", action="store_true", help="continue the run saved in --out after its last finished task")
+    r.add_argument("--rescore-all", action="store_true",
+                   help="score every old task again after each task (default: only those whose delta, head or "
+                   "backbone weights changed; the others' scores are carried over: same numbers, less time)")
     r.add_argument("--overwrite", action="store_true", help="replace a run saved in --out")
     _tracking_options(r)
     r.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment name")
