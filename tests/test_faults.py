@@ -4,6 +4,7 @@ no finished task."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -58,14 +59,27 @@ def go(text_model, out, **kw):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, minilm_tokenizer):
-    """An uninterrupted run, the matrix every resumed or guarded run must reproduce."""
+def models(minilm_tokenizer):
     from conftest import tiny_text_backbone
 
     import adapters
 
-    text_model = lambda: adapters.DeltaModel(tiny_text_backbone(minilm_tokenizer.vocab_size), minilm_tokenizer, "tiny-bert")  # noqa: E731
-    return go(text_model, tmp_path_factory.mktemp("ref") / "run")
+    return lambda: adapters.DeltaModel(tiny_text_backbone(minilm_tokenizer.vocab_size), minilm_tokenizer, "tiny-bert")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, models):
+    """An uninterrupted run, the matrix every resumed or guarded run must reproduce."""
+    return go(models, tmp_path_factory.mktemp("ref") / "run")
+
+
+@pytest.fixture(scope="module")
+def killed_once(tmp_path_factory, models):
+    """A run killed while training its third task (two steps saved), made once per module."""
+    out = tmp_path_factory.mktemp("killed") / "run"
+    with pytest.raises(KeyboardInterrupt):
+        go(models, out, loggers=[Kill(2, "train")])
+    return out
 
 
 @pytest.mark.parametrize("where", ["train", "log"])
@@ -91,11 +105,15 @@ def test_a_failing_tracker_never_stops_a_run(text_model, tmp_path, reference, ca
 
 
 @pytest.fixture
-def killed_run(text_model, tmp_path):
-    out = tmp_path / "run"
-    with pytest.raises(KeyboardInterrupt):
-        go(text_model, out, loggers=[Kill(2, "train")])
-    return out
+def killed_run(killed_once, tmp_path):
+    """A fresh copy of the killed run, for a test to damage."""
+    return Path(shutil.copytree(killed_once, tmp_path / "run"))
+
+
+@pytest.fixture
+def finished_run(reference, tmp_path):
+    """A fresh copy of the finished reference run."""
+    return Path(shutil.copytree(reference.out_dir, tmp_path / "run"))
 
 
 def flip(path, where=0.5, n=8):
@@ -137,11 +155,10 @@ def test_an_edited_number_in_state_json_is_refused(text_model, killed_run):
         go(text_model, killed_run, resume=True)
 
 
-def test_damaged_results_and_checkpoints_are_refused(text_model, tmp_path, capsys):
+def test_damaged_results_and_checkpoints_are_refused(text_model, finished_run, capsys):
     from continual import load_run_tasks
 
-    out = tmp_path / "run"
-    go(text_model, out)
+    out = finished_run
     ckpt = out / "checkpoints" / "b" / "b" / "delta.safetensors"
     flip(ckpt, 0.6)
     with pytest.raises(RunStateError, match="checkpoints/b/b/delta.safetensors"):
@@ -160,9 +177,8 @@ def toy_yaml(directory):
     return directory / "toy.yaml"
 
 
-def test_overwrite_deletes_nothing_when_the_command_is_invalid(text_model, tmp_path, capsys, tiny_backbone_dir):
-    out = tmp_path / "run"
-    go(text_model, out)
+def test_overwrite_deletes_nothing_when_the_command_is_invalid(finished_run, tmp_path, capsys, tiny_backbone_dir):
+    out = finished_run
     before = sorted(p.name for p in out.iterdir())
     base = ["run", "--stream", str(toy_yaml(tmp_path)), "--backbone", str(tiny_backbone_dir), "--out", str(out), "--overwrite",
             "--no-mlflow", "--no-progress"]

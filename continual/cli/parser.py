@@ -87,8 +87,9 @@ def _run(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--lr", type=float, default=None, help="delta learning rate (default: each method's own)")
     r.add_argument("--head-lr", type=float, default=1e-3, help="learning rate of the task heads")
     r.add_argument("--patience", type=int, default=DEFAULTS["patience"], help="dev evaluations without gain before stopping (0: never)")
-    r.add_argument("--precision", default="fp32", choices=PRECISIONS,
-                   help="training/eval precision (auto: bf16 on a GPU that has it, else fp32)")
+    r.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="training/eval precision (auto: bf16 on a GPU that has it and on a CPU with bf16 matrix "
+                   "instructions, e.g. AVX512-BF16 or AMX; else fp32)")
     r.add_argument("--compile", default=None, choices=COMPILE_MODES,
                    help="torch.compile the training forward pass with this mode (pays off on a GPU)")
     r.add_argument("--bucket", action="store_true", help="length-bucketed training batches (less padding)")
