@@ -274,13 +274,14 @@ def load_run_tasks(model: DeltaModel, run_dir: str | Path, tasks: Sequence[str] 
     root = run / "checkpoints"
     if not root.is_dir():
         raise RunStateError(f"{run} has no checkpoints/ folder: is it a stream's output directory?")
-    order = run_info(run).get("matrix", {}).get("tasks", [])
+    info = run_info(run)
+    order = info.get("matrix", {}).get("tasks", [])
     saved = [t for t in order if (root / t).is_dir()] or sorted(p.name for p in root.iterdir() if p.is_dir())
     wanted = list(tasks) if tasks is not None else saved
     missing = [t for t in wanted if t not in saved]
     if missing:
         raise RunStateError(f"{run} has no checkpoints for {missing}; it has: {saved}")
-    files = run_info(run).get("files", {})
+    files = info.get("files", {})
     added = []
     for t in wanted:
         dirs = [p for p in sorted((root / t).iterdir()) if (p / "delta.json").exists()]
@@ -300,10 +301,11 @@ def load_run_model(run_dir: str | Path, backbone: str = "minilm", tasks: Sequenc
     first, as ``continual run`` does, so weights the backbone's files lack (an unused pooler)
     match the run's."""
     run = Path(run_dir)
-    torch.manual_seed(run_info(run).get("identity", {}).get("seed", 0))
+    info = run_info(run)
+    torch.manual_seed(info.get("identity", {}).get("seed", 0))
     model = DeltaModel.from_pretrained(backbone)
     trained = run / "checkpoints" / BACKBONE_FILE
     if trained.exists():  # a strategy that fine-tuned the backbone (seq-ft, avalanche-*)
-        verify(run, run_info(run).get("files", {}), trained)
+        verify(run, info.get("files", {}), trained)
         model.backbone.load_state_dict(load_file(str(trained)), strict=True)
     return model, load_run_tasks(model, run, tasks)

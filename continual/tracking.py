@@ -140,7 +140,9 @@ def log_nested_run(run_dir: str | Path, name: str, metrics: dict[str, float], fi
                    tracking_uri: str | None = None) -> str | None:
     """Log an analysis of a finished stream (routing, transfer) as a run nested under the stream's
     MLflow run, with ``files`` under ``<name>/``. None when the stream was not logged."""
-    tracking = json.loads((Path(run_dir) / "results.json").read_text()).get("tracking") or {}  # read by the study first
+    from .rundir import run_info  # the verified reader (checksum checked)
+
+    tracking = run_info(run_dir).get("tracking") or {}
     uri, parent = tracking_uri or tracking.get("tracking_uri"), tracking.get("parent_run_id")
     if not uri or not parent:
         return None
