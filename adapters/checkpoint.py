@@ -74,8 +74,9 @@ def save_task(model: DeltaModel, name: str, directory: str | Path) -> Path:
         "task": name,
         "methods": [c.to_dict() for c in task.configs],
         "label_names": task.label_names,
-        "num_labels": None if task.head is None else task.head.num_labels,
-        "pooling": None if task.head is None else task.head.pooling,
+        "num_labels": getattr(task.head, "num_labels", None),
+        "pooling": getattr(task.head, "pooling", None),
+        "generative": bool(getattr(task.head, "generative", False)),
         "frozen": task.frozen,
         "backbone": backbone_fingerprint(model.backbone),
         "backbone_name": model.backbone_name,
@@ -135,6 +136,7 @@ def load_task(model: DeltaModel, directory: str | Path, name: str | None = None,
         task = model.add_task(
             task_name, meta["methods"], num_labels=meta.get("num_labels"),
             label_names=meta.get("label_names"), pooling=meta.get("pooling"),
+            generative=bool(meta.get("generative", False)),
         )
     except (DeltaError, KeyError, TypeError) as e:
         raise CheckpointError(f"checkpoint {directory} has an invalid config: {e}") from None

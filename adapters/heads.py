@@ -1,10 +1,11 @@
-"""Per-task classification heads over the backbone's token states."""
+"""Per-task heads over the backbone's token states: a classifier, or the model's own LM head."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from .base import FrozenRef
 from .errors import ConfigError
 
 POOLINGS = ("mean", "cls", "last")
@@ -28,6 +29,8 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
 class ClassificationHead(nn.Module):
     """Pooling, dropout and one linear layer (what a sentence classifier on MiniLM uses)."""
 
+    generative = False
+
     def __init__(self, hidden_size: int, num_labels: int, pooling: str = "mean", dropout: float = 0.1) -> None:
         super().__init__()
         if num_labels < 2:
@@ -47,3 +50,21 @@ class ClassificationHead(nn.Module):
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         pooled = pool(hidden, mask, self.pooling).to(self.classifier.weight.dtype)
         return self.classifier(self.dropout(pooled))
+
+
+class LMHead(nn.Module):
+    """A generative task's head: the backbone's own (frozen) language-model head, shared by every
+    generative task and held through :class:`~adapters.base.FrozenRef`, so a task saves, counts and
+    trains none of its weights. Gives logits over the vocabulary at every position (B, T, V)."""
+
+    generative = True
+    num_labels = None
+    pooling = None
+
+    def __init__(self, lm_head: nn.Module) -> None:
+        super().__init__()
+        self.lm_head = FrozenRef(lm_head)
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        head = self.lm_head()
+        return head(hidden.to(head.weight.dtype))

@@ -22,9 +22,10 @@ attention; a fusion) are refused with the reason.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from functools import partial
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -95,6 +96,10 @@ class MixedTasks(nn.Module):
         for t in entries:
             if t.head is None:
                 raise TaskError(f"task {t.name!r} has no head, so it has no logits to serve")
+        kinds = {bool(getattr(t.head, "generative", False)) for t in entries}
+        if len(kinds) > 1:
+            raise TaskError("a mixed set holds either classification tasks or generative tasks, not both")
+        self.generative = kinds == {True}
         groups = self._collect(entries)
         backbone = model.backbone
         dtype = dtype or next(backbone.parameters()).dtype
@@ -115,7 +120,8 @@ class MixedTasks(nn.Module):
                 raise ConfigError(f"task {user!r} uses {cls.config_class.method}, which cannot share a batch with "
                                   f"other tasks' examples: {cls.capabilities.why_not_mixed}")
             self.inputs[dkey] = cls.stack_inputs(deltas)
-        self._stack_heads(entries)
+        if not self.generative:  # generative tasks share the backbone's own LM head
+            self._stack_heads(entries)
         self.to(device=model.device)
         for buf_owner in [*self.stacked.values(), *self.inputs.values()]:
             buf_owner.to(dtype=dtype)
@@ -197,7 +203,7 @@ class MixedTasks(nn.Module):
     # -- using -------------------------------------------------------------------------------------
     def index(self, task_ids: Sequence[str] | torch.Tensor) -> torch.Tensor:
         """Task slots (positions in ``self.tasks``) for names or an index tensor, checked."""
-        device = self.head_w.device
+        device = self._model().device
         if isinstance(task_ids, torch.Tensor):
             idx = task_ids.to(device=device, dtype=torch.long)
             # the range check reads the ids back (a host sync); compiled serving skips it
@@ -210,6 +216,22 @@ class MixedTasks(nn.Module):
             raise TaskError(f"tasks {unknown} are not in this mixed set {list(self.tasks)}")
         return torch.tensor([slot[t] for t in task_ids], device=device)
 
+    @contextlib.contextmanager
+    def serving(self, task_ids: Sequence[str] | torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+        """Within the block, every forward pass of the backbone runs example i through its own
+        task's delta (the tasks' own hooks are off); yields the task slots. Generation runs its
+        prefill and every decoding step inside one such block."""
+        idx = self.index(task_ids)
+        if idx.shape[0] != batch_size:
+            raise ValueError(f"{batch_size} examples but {idx.shape[0]} task ids")
+        self._batch = MixedBatch(idx)
+        try:
+            with self._model().disabled():
+                yield idx
+        finally:
+            self._batch = None
+            self._captured.clear()
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -218,35 +240,39 @@ class MixedTasks(nn.Module):
         **extra: Any,
     ) -> torch.Tensor:
         """Logits (batch, most labels of any task); columns past a task's labels are -inf."""
+        if self.generative:
+            raise TaskError("these tasks are generative: use adapters.generation.generate(..., mixed=this) instead")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        idx = self.index(task_ids)
-        if idx.shape[0] != input_ids.shape[0]:
-            raise ValueError(f"{input_ids.shape[0]} examples but {idx.shape[0]} task ids")
-        model = self._model()
-        self._batch = MixedBatch(idx)
-        try:
-            with model.disabled():  # the tasks' own hooks stay off; ours act
-                hidden = self._encode(input_ids, attention_mask, extra)
-        finally:
-            self._batch = None
-            self._captured.clear()
+        with self.serving(task_ids, input_ids.shape[0]) as idx:
+            hidden = self._encode(input_ids, attention_mask, extra)
         pooled = pool(hidden, attention_mask, self.poolings[0])
         for k, how in enumerate(self.poolings[1:], start=1):
             pooled = torch.where((self.pool_slot[idx] == k)[:, None], pool(hidden, attention_mask, how), pooled)
         pooled = pooled.to(self.head_w.dtype)
         return torch.bmm(pooled.unsqueeze(1), self.head_w[idx]).squeeze(1) + self.head_b[idx]
 
+    def transform_inputs(
+        self, input_ids: torch.Tensor, mask: torch.Tensor, extra: dict[str, Any]
+    ) -> tuple[torch.Tensor | None, torch.Tensor, dict[str, Any], torch.Tensor]:
+        """Inside :meth:`serving`: each example's own input transform (its task's prompt). Gives
+        (embeddings, or None when no task transforms its input; mask; extra; per-example offset
+        of the first input token)."""
+        offset = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+        if not len(self.inputs):
+            return None, mask, extra, offset
+        embeds = self._model().backbone.get_input_embeddings()(input_ids)
+        for module in self.inputs.values():
+            embeds, mask, extra, added = module(embeds, mask, extra, self._batch)
+            offset = offset + added
+        return embeds, mask, extra, offset
+
     def _encode(self, input_ids: torch.Tensor, mask: torch.Tensor, extra: dict[str, Any]) -> torch.Tensor:
         backbone = self._model().backbone
-        if not len(self.inputs):
-            return backbone(input_ids=input_ids, attention_mask=mask, **extra).last_hidden_state
-        embeds, full_mask = backbone.get_input_embeddings()(input_ids), mask
         extra = {k: v for k, v in extra.items() if v is not None}
-        offset = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
-        for module in self.inputs.values():
-            embeds, full_mask, extra, added = module(embeds, full_mask, extra, self._batch)
-            offset = offset + added
+        embeds, full_mask, extra, offset = self.transform_inputs(input_ids, mask, extra)
+        if embeds is None:
+            return backbone(input_ids=input_ids, attention_mask=mask, **extra).last_hidden_state
         hidden = backbone(inputs_embeds=embeds, attention_mask=full_mask, **extra).last_hidden_state
         # each example's own tokens start after its own prompt
         at = offset.unsqueeze(1) + torch.arange(input_ids.shape[1], device=offset.device)

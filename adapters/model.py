@@ -25,7 +25,7 @@ from torch import nn
 from .base import Delta
 from .config import DeltaConfig
 from .errors import ConfigError, TaskError
-from .heads import ClassificationHead
+from .heads import ClassificationHead, LMHead
 from .mixed import MixedTasks
 from .registry import get_method, make_config
 from .targets import arch_spec
@@ -43,7 +43,7 @@ class TaskDelta(nn.Module):
         name: str,
         configs: Sequence[DeltaConfig],
         model: "DeltaModel",
-        head: ClassificationHead | None,
+        head: ClassificationHead | LMHead | None,
         label_names: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
@@ -85,7 +85,10 @@ class DeltaModel(nn.Module):
         base = getattr(backbone, "base_model", backbone)
         self.spec = arch_spec(base)  # fails early, with the supported list, for unknown models
         self.backbone = base
-        for p in self.backbone.parameters():
+        # A causal LM's own output layer (often tied to the input embeddings): generative tasks
+        # read it through their LMHead; None for an encoder or a decoder loaded without it.
+        self.lm_head = backbone.get_output_embeddings() if backbone is not base else None
+        for p in self.parameters():
             p.requires_grad_(False)
         self.tasks = nn.ModuleDict()
         self.tokenizer = tokenizer
@@ -111,12 +114,16 @@ class DeltaModel(nn.Module):
         label_names: Sequence[str] | None = None,
         pooling: str | None = None,
         head_dropout: float = 0.1,
+        generative: bool = False,
     ) -> TaskDelta:
-        """Attach a new delta (one method or a combination) and a classification head.
+        """Attach a new delta (one method or a combination) and a head.
 
         ``methods``: a method name, a dict with a ``method`` key, a config, or a list of those; an
         empty list gives a head-only task (a probe on whatever else is active, e.g. a shared delta).
-        Give ``label_names`` or ``num_labels`` for a head; with neither the task has no head.
+        Give ``label_names`` or ``num_labels`` for a classification head; with neither the task has
+        no head. ``generative=True``: the task's head is the backbone's own language-model head
+        (text in, text out; see :mod:`adapters.generation`); ``label_names`` are then only kept
+        as the task's answer words.
         """
         if not isinstance(name, str) or not _TASK_NAME.match(name):
             raise TaskError(f"invalid task name {name!r}: use letters, digits, '_' and '-', starting with a letter or digit")
@@ -128,9 +135,15 @@ class DeltaModel(nn.Module):
             if num_labels is not None and num_labels != len(label_names):
                 raise ConfigError(f"num_labels={num_labels} but {len(label_names)} label names given")
             num_labels = len(label_names)
-        head = None
-        if num_labels is not None:
+        head: ClassificationHead | LMHead | None = None
+        if generative:
+            if self.lm_head is None:
+                raise ConfigError(f"task {name!r} is generative, but the backbone {self.backbone_name!r} has no language-model "
+                                  "head (an encoder, or a decoder loaded with AutoModel instead of AutoModelForCausalLM)")
+        elif num_labels is not None:
             head = ClassificationHead(self.backbone.config.hidden_size, num_labels, pooling or self.spec.pooling, head_dropout)
+        if generative:
+            head = LMHead(self.lm_head)
         task = TaskDelta(name, configs, self, head, label_names).to(self.device)
         task.train(self.training)  # no dropout in a head added to a model used for inference
         for delta in task.deltas.values():
@@ -244,6 +257,22 @@ class DeltaModel(nn.Module):
         """The deltas that act in a forward pass now, in order."""
         return [d for t in self._active for d in self.tasks[t].deltas.values()]
 
+    def transform_inputs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, extra: dict[str, Any]
+    ) -> tuple[torch.Tensor | None, torch.Tensor, dict[str, Any], int]:
+        """The active input transforms (prompt tuning) applied to ``input_ids``: (input embeddings,
+        or None when no transform is active; the widened mask; the extra inputs; positions added
+        in front)."""
+        transforms = [d for d in self.active_deltas() if d.capabilities.input_transform]
+        if not transforms:
+            return None, attention_mask, extra, 0
+        embeds = self.backbone.get_input_embeddings()(input_ids)
+        mask, added = attention_mask, 0
+        for d in transforms:
+            embeds, mask, extra, n = d.transform_inputs(embeds, mask, extra)
+            added += n
+        return embeds, mask, extra, added
+
     def encode(
         self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, **extra: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -256,16 +285,10 @@ class DeltaModel(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         extra = {k: v for k, v in extra.items() if v is not None}
-        deltas = self.active_deltas()
-        transforms = [d for d in deltas if d.capabilities.input_transform]
-        if not transforms:
+        embeds, mask, extra, added = self.transform_inputs(input_ids, attention_mask, extra)
+        if embeds is None:
             out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **extra)
             return out.last_hidden_state, attention_mask
-        embeds = self.backbone.get_input_embeddings()(input_ids)
-        mask, added = attention_mask, 0
-        for d in transforms:
-            embeds, mask, extra, n = d.transform_inputs(embeds, mask, extra)
-            added += n
         out = self.backbone(inputs_embeds=embeds, attention_mask=mask, **extra)
         return out.last_hidden_state[:, added:], attention_mask
 

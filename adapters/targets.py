@@ -28,6 +28,8 @@ class ArchSpec:
     attention:  path of the module whose forward calls transformers' attention interface (prefix
                 tuning hooks in there), or None where the architecture has none.
     pooling:    how a classification head pools tokens: "mean" (encoders) or "last" (decoders).
+    kind:       "encoder" or "decoder": a decoder is loaded with its language-model head, so its
+                tasks can also be generative (text in, text out).
     """
 
     layers: str
@@ -35,6 +37,7 @@ class ArchSpec:
     blocks: dict[str, tuple[str, str]]
     attention: str | None
     pooling: str = "mean"
+    kind: str = "encoder"
 
 
 _BERT = ArchSpec(
@@ -85,6 +88,7 @@ _LLAMA = ArchSpec(
     blocks={"attn": ("self_attn", "self_attn.o_proj"), "ffn": ("mlp", "mlp")},
     attention="self_attn",
     pooling="last",
+    kind="decoder",
 )
 
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -94,6 +98,9 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
+    "qwen3": _LLAMA,
+    "gemma": _LLAMA,
+    "gemma2": _LLAMA,
 }
 
 
@@ -103,14 +110,64 @@ def register_architecture(model_type: str, spec: ArchSpec) -> None:
 
 
 def arch_spec(model: nn.Module) -> ArchSpec:
-    """The spec of a HF model, by ``model.config.model_type``."""
+    """The spec of a HF model, by ``model.config.model_type``; for an architecture not listed
+    here, one inferred from the module tree (:func:`infer_spec`), which has no roles: methods then
+    need the user to name target modules (``lora:targets=c_attn``)."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in ARCHITECTURES:
+    if model_type in ARCHITECTURES:
+        return ARCHITECTURES[model_type]
+    return infer_spec(model)
+
+
+def infer_spec(model: nn.Module) -> ArchSpec:
+    """A role-less spec for an unknown architecture: its blocks are the longest ``ModuleList``
+    whose items are all of one class; decoders (``is_decoder`` or a ``*CausalLM`` architecture)
+    pool the last token."""
+    best = ""
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and len({type(m) for m in mod}) == 1:
+            if not best or len(mod) > len(model.get_submodule(best)):
+                best = name
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if not best:
         raise TargetError(
-            f"unknown architecture {model_type!r}; supported: {', '.join(sorted(ARCHITECTURES))}. "
-            "Add one with adapters.targets.register_architecture(model_type, ArchSpec(...))."
+            f"unknown architecture {model_type!r} with no list of transformer blocks; supported: "
+            f"{', '.join(sorted(ARCHITECTURES))}. Add one with adapters.targets.register_architecture(model_type, ArchSpec(...))."
         )
-    return ARCHITECTURES[model_type]
+    decoder = is_decoder_config(getattr(model, "config", None))
+    return ArchSpec(layers=best, roles={}, blocks={}, attention=None, pooling="last" if decoder else "mean",
+                    kind="decoder" if decoder else "encoder")
+
+
+def is_decoder_config(config: object) -> bool:
+    """Whether a HF config describes a decoder-only language model: listed here as one, marked
+    ``is_decoder`` or ``*CausalLM``, or a type transformers has a causal-LM class for and no
+    masked-LM class (GPT-2 yes; BERT, which has both, no)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    model_type = getattr(config, "model_type", None)
+    if model_type in ARCHITECTURES:
+        return ARCHITECTURES[model_type].kind == "decoder"
+    if getattr(config, "is_decoder", False) or any("CausalLM" in a for a in (getattr(config, "architectures", None) or [])):
+        return True
+    return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+def linear_dims(module: nn.Module) -> tuple[int, int] | None:
+    """(in, out) features of a linear map: ``nn.Linear``, or GPT-2's ``Conv1D`` (weight stored
+    transposed, ``nf`` outputs); None for anything else."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    weight, nf = getattr(module, "weight", None), getattr(module, "nf", None)
+    if isinstance(nf, int) and getattr(weight, "ndim", 0) == 2 and weight.shape[1] == nf:
+        return int(weight.shape[0]), nf
+    return None
+
+
+def linear_names(block: nn.Module) -> list[str]:
+    """Paths inside a block of the modules holding a 2-D weight (Linear, GPT-2's Conv1D): the
+    names a user can give as targets."""
+    return sorted(n for n, m in block.named_modules() if n and linear_dims(m) is not None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,10 +235,10 @@ def resolve_sites(
         elif target in inner:
             pair = (target, target)
         else:
+            roles = f"roles {sorted(spec.roles)}, blocks {sorted(spec.blocks)}, or " if spec.roles else ""
             raise TargetError(
                 f"target {target!r} matches no module of {model.config.model_type}: "
-                f"roles {sorted(spec.roles)}, blocks {sorted(spec.blocks)}, "
-                f"or a module path inside a block: {sorted(inner)}"
+                f"{roles}a linear layer inside a block: {linear_names(block0)}"
             )
         for i in chosen:
             safe = re.sub(r"\W", "_", target)

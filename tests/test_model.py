@@ -138,11 +138,25 @@ def test_task_name_errors(tiny_model):
         tiny_model.add_task("c", "lora", num_labels=3, label_names=["x", "y"])
 
 
-def test_unknown_architecture_lists_supported():
-    from transformers import GPT2Config, GPT2Model
+def test_unknown_architecture_works_with_named_targets():
+    """GPT-2 is not in adapters/targets.py: its blocks are found from the module tree, a role name
+    fails listing the block's linear layers, and naming one of them works (GPT-2's Conv1D too)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
 
-    with pytest.raises(TargetError, match="supported: .*bert"):
-        adapters.DeltaModel(GPT2Model(GPT2Config(n_embd=32, n_layer=1, n_head=2)))
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=120, n_positions=64)).eval()
+    model = adapters.DeltaModel(gpt2)
+    assert model.spec.layers == "h" and model.spec.kind == "decoder" and model.lm_head is not None
+    with pytest.raises(TargetError, match=r"linear layer inside a block: \['attn.c_attn', 'attn.c_proj', 'mlp.c_fc', 'mlp.c_proj'\]"):
+        model.add_task("t", "lora", num_labels=2)
+    ids = torch.randint(0, 120, (2, 7))
+    reference = gpt2(input_ids=ids).logits
+    model.add_task("g", {"method": "lora", "targets": ["attn.c_attn"], "rank": 4}, generative=True)
+    model.activate("g")
+    base = model(input_ids=ids)
+    assert torch.allclose(base, reference, atol=1e-5)  # zero-init: GPT-2's own logits
+    torch.nn.init.normal_(next(p for n, p in model.task("g").named_parameters() if "lora_B" in n))
+    assert not torch.allclose(model(input_ids=ids), base, atol=1e-3)  # a trained B changes them
 
 
 def test_parameter_report():

@@ -15,7 +15,7 @@ from torch import nn
 from ..base import LayerwiseConfig, SiteDelta
 from ..errors import ConfigError
 from ..registry import register
-from ..targets import Site
+from ..targets import Site, linear_dims
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +55,7 @@ class LoRA(SiteDelta):
 
     def build_site(self, site: Site, d_in: int, d_out: int, backbone: nn.Module) -> nn.Module:
         c = self.config
-        if not isinstance(backbone.get_submodule(site.output), nn.Linear):
+        if linear_dims(backbone.get_submodule(site.output)) is None:
             raise ConfigError(f"LoRA targets linear layers; {site.output} is not one")
         return LoRASite(d_in, d_out, c.rank, c.alpha / c.rank, c.dropout)
 

@@ -1,0 +1,180 @@
+"""Text generation through task deltas: greedy decoding with a KV cache, one task or a mixed batch.
+
+    model = DeltaModel.from_pretrained("smollm2")                 # a decoder, with its LM head
+    model.add_task("sentiment", "lora", generative=True)
+    model.activate("sentiment")
+    new_tokens = generate(model, input_ids, attention_mask, max_new_tokens=8)
+
+    mixed = model.mixed(["sentiment", "topic"])                    # many tasks in one batch
+    new_tokens = generate(model, input_ids, attention_mask, mixed=mixed, task_ids=["topic", "sentiment"])
+
+Why not ``transformers``' ``generate``: prompt tuning prepends soft tokens to the *input
+embeddings* at the first step only, and a mixed batch needs each example's own task through the
+prefill and every decoding step. This loop owns both:
+
+- prefill: the active input transforms (prompt tuning; per example in a mixed batch) run once,
+  then the whole prompt goes through the backbone, filling the KV cache; later steps feed one new
+  token per example, and the transform is never applied again (the soft tokens are in the cache);
+- positions come from the attention mask (``cumsum - 1``), so left padding, right padding and
+  prepended soft tokens all give each real token the position it has when the example runs
+  alone; the next-token logits are read at each example's last real position;
+- prefix tuning needs nothing here: its keys and values are prepended inside the attention at
+  every call, cached positions or not (see :mod:`adapters.methods.prefix`).
+
+``use_cache=False`` recomputes the whole sequence at every step (slow); the tests use it as the
+reference the cached path must equal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from typing import Any, Sequence
+
+import torch
+
+from .errors import TaskError
+
+
+def _check_generative(model: Any, tasks: Sequence[str]) -> None:
+    if model.lm_head is None:
+        raise TaskError(f"backbone {model.backbone_name!r} has no language-model head: generation needs a decoder "
+                        "loaded with its LM head (DeltaModel.from_pretrained loads decoders that way)")
+    bad = [t for t in tasks if not getattr(model.task(t).head, "generative", False)]
+    if bad:
+        raise TaskError(f"tasks {bad} are not generative (add them with generative=True)")
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def _last_real(mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last attended position (any padding side)."""
+    at = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    return (at * mask.long()).argmax(dim=1)
+
+
+class _Inputs:
+    """The input transforms of one generation: the model's active ones, or a mixed set's."""
+
+    def __init__(self, model: Any, mixed: Any) -> None:
+        self.model, self.mixed = model, mixed
+
+    def __call__(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        source = self.mixed if self.mixed is not None else self.model
+        embeds, mask, _, _ = source.transform_inputs(ids, mask, {})
+        if embeds is None:
+            embeds = self.model.backbone.get_input_embeddings()(ids)
+        return embeds, mask
+
+
+def _step(model: Any, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any) -> torch.Tensor:
+    # transformers renamed ``past_key_values`` to ``cache`` (5.2x); take whichever this one has
+    name = "cache" if "cache" in inspect.signature(model.backbone.forward).parameters else "past_key_values"
+    out = model.backbone(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                         use_cache=cache is not None, **{name: cache})
+    return out.last_hidden_state
+
+
+@torch.no_grad()
+def generate(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    max_new_tokens: int = 16,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    mixed: Any = None,
+    task_ids: Sequence[str] | torch.Tensor | None = None,
+    use_cache: bool = True,
+) -> list[list[int]]:
+    """Greedy continuation of each prompt: the new token ids of each example, up to (not
+    including) its end-of-sequence token.
+
+    Without ``mixed`` the model's active tasks act (the last one generative). With ``mixed`` (a
+    :class:`~adapters.mixed.MixedTasks` of generative tasks) example i goes through the delta of
+    ``task_ids[i]``. ``eos_token_id`` defaults to the tokenizer's."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    tok = model.tokenizer
+    if eos_token_id is None and tok is not None:
+        eos_token_id = tok.eos_token_id
+    eos = torch.tensor([] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)),
+                       device=input_ids.device, dtype=torch.long)
+    pad = pad_token_id if pad_token_id is not None else (getattr(tok, "pad_token_id", None) or 0)
+    if mixed is not None:
+        if task_ids is None:
+            raise ValueError("a mixed generation needs task_ids (one task per example)")
+        if not mixed.generative:
+            raise TaskError("this mixed set serves classification tasks; generation needs generative tasks")
+        context = mixed.serving(task_ids, input_ids.shape[0])
+    else:
+        if not model.active_tasks:
+            raise TaskError("no task selected: call model.activate(task) first (or pass mixed=...)")
+        _check_generative(model, model.active_tasks[-1:])
+        context = contextlib.nullcontext()
+    was_training = model.training
+    model.eval()
+    try:
+        with context:
+            new = _decode(model, _Inputs(model, mixed), input_ids, attention_mask, max_new_tokens, eos, pad, use_cache)
+    finally:
+        model.train(was_training)
+    return new
+
+
+def _decode(model: Any, inputs: _Inputs, ids: torch.Tensor, mask: torch.Tensor, max_new: int,
+            eos: torch.Tensor, pad: int, use_cache: bool) -> list[list[int]]:
+    from transformers import DynamicCache
+
+    b = ids.shape[0]
+    head = model.lm_head
+    done = torch.zeros(b, dtype=torch.bool, device=ids.device)
+    out = torch.full((b, max_new), pad, dtype=torch.long, device=ids.device)
+    lengths = torch.full((b,), max_new, dtype=torch.long, device=ids.device)
+    ones = mask.new_ones(b, 1)
+    cache = DynamicCache(config=model.backbone.config) if use_cache else None
+    embeds, full = inputs(ids, mask)
+    hidden = _step(model, embeds, full, _positions(full), cache)
+    last = hidden[torch.arange(b, device=ids.device), _last_real(full)]
+    seq_ids, seq_mask = ids, mask
+    for i in range(max_new):
+        token = head(last.to(head.weight.dtype)).float().argmax(-1)
+        token = torch.where(done, torch.full_like(token, pad), token)
+        out[:, i] = token
+        ended = torch.isin(token, eos) & ~done
+        lengths = torch.where(ended, torch.full_like(lengths, i), lengths)
+        done = done | ended
+        if i + 1 == max_new or bool(done.all()):
+            break
+        if cache is not None:
+            full = torch.cat([full, ones], dim=1)
+            step_pos = full.long().sum(1, keepdim=True) - 1  # the new token's position: real tokens before it
+            emb = model.backbone.get_input_embeddings()(token.unsqueeze(1))
+            last = _step(model, emb, full, step_pos, cache)[:, -1]
+        else:  # the reference path: everything again, transforms included
+            seq_ids = torch.cat([seq_ids, token.unsqueeze(1)], dim=1)
+            seq_mask = torch.cat([seq_mask, ones], dim=1)
+            embeds, full = inputs(seq_ids, seq_mask)
+            hidden = _step(model, embeds, full, _positions(full), None)
+            last = hidden[torch.arange(b, device=ids.device), _last_real(full)]  # a mixed prompt layout pads at the end
+    return [out[r, : int(lengths[r])].tolist() for r in range(b)]
+
+
+def generate_text(model: Any, prompts: Sequence[str], max_new_tokens: int = 16, **kwargs: Any) -> list[str]:
+    """Decoded greedy answers to ``prompts`` (left-padded in one batch), special tokens removed."""
+    tok = model.tokenizer
+    if tok is None:
+        raise ValueError("generate_text needs a model with a tokenizer")
+    side, tok.padding_side = tok.padding_side, "left"
+    try:
+        enc = tok(list(prompts), return_tensors="pt", padding=True)
+    finally:
+        tok.padding_side = side
+    enc = {k: v.to(model.device) for k, v in enc.items()}
+    new = generate(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new_tokens, **kwargs)
+    return [tok.decode(t, skip_special_tokens=True).strip() for t in new]
