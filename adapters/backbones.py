@@ -101,8 +101,9 @@ DEFAULT_BACKBONE = "minilm"
 
 def load_backbone(name: str = DEFAULT_BACKBONE, dtype: torch.dtype | None = None, **kwargs: Any) -> tuple[nn.Module, Any]:
     """(model, tokenizer) for a short name, a local directory, or a hub id. A decoder-only model
-    comes with its language-model head (``AutoModelForCausalLM``), an encoder without one."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    comes with its language-model head (``AutoModelForCausalLM``), an encoder-decoder as
+    ``AutoModelForSeq2SeqLM``, an encoder without a head."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     if name in BACKBONES:
         path, local = str(BACKBONES[name]()), True
@@ -115,7 +116,10 @@ def load_backbone(name: str = DEFAULT_BACKBONE, dtype: torch.dtype | None = None
         opts["dtype"] = dtype
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=local)
-        loader = AutoModelForCausalLM if is_decoder_config(config) else AutoModel
+        if getattr(config, "is_encoder_decoder", False):  # T5 / Flan-T5: with its LM head, for generative tasks
+            loader = AutoModelForSeq2SeqLM
+        else:
+            loader = AutoModelForCausalLM if is_decoder_config(config) else AutoModel
         model = loader.from_pretrained(path, local_files_only=local, **opts)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
     except OSError as e:

@@ -69,12 +69,78 @@ class _Inputs:
         return embeds, mask
 
 
-def _step(model: Any, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any) -> torch.Tensor:
+def _cache_kw(module: Any) -> str:
     # transformers renamed ``past_key_values`` to ``cache`` (5.2x); take whichever this one has
-    name = "cache" if "cache" in inspect.signature(model.backbone.forward).parameters else "past_key_values"
-    out = model.backbone(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                         use_cache=cache is not None, **{name: cache})
-    return out.last_hidden_state
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+class _Causal:
+    """Next-token logits of a decoder-only model: prefill once, then one token per step."""
+
+    def __init__(self, model: Any, inputs: _Inputs, ids: torch.Tensor, mask: torch.Tensor, use_cache: bool) -> None:
+        from transformers import DynamicCache
+
+        self.model, self.inputs = model, inputs
+        self.rows = torch.arange(ids.shape[0], device=ids.device)
+        self.ids, self.mask = ids, mask
+        self.cache = DynamicCache(config=model.backbone.config) if use_cache else None
+        self.kw = _cache_kw(model.backbone)
+
+    def _run(self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any) -> torch.Tensor:
+        out = self.model.backbone(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                                  use_cache=cache is not None, **{self.kw: cache})
+        return out.last_hidden_state
+
+    def _logits(self, last: torch.Tensor) -> torch.Tensor:
+        head = self.model.lm_head
+        return head(last.to(head.weight.dtype)).float()
+
+    def first(self) -> torch.Tensor:
+        embeds, self.full = self.inputs(self.ids, self.mask)
+        hidden = self._run(embeds, self.full, _positions(self.full), self.cache)
+        return self._logits(hidden[self.rows, _last_real(self.full)])
+
+    def next(self, token: torch.Tensor) -> torch.Tensor:
+        ones = self.mask.new_ones(token.shape[0], 1)
+        if self.cache is not None:
+            self.full = torch.cat([self.full, ones], dim=1)
+            step_pos = self.full.long().sum(1, keepdim=True) - 1  # the new token's position: real tokens before it
+            emb = self.model.backbone.get_input_embeddings()(token.unsqueeze(1))
+            return self._logits(self._run(emb, self.full, step_pos, self.cache)[:, -1])
+        # the reference path: everything again, transforms included
+        self.ids = torch.cat([self.ids, token.unsqueeze(1)], dim=1)
+        self.mask = torch.cat([self.mask, ones], dim=1)
+        embeds, full = self.inputs(self.ids, self.mask)
+        hidden = self._run(embeds, full, _positions(full), None)
+        return self._logits(hidden[self.rows, _last_real(full)])  # a mixed prompt layout pads at the end
+
+
+class _Seq2Seq:
+    """Next-token logits of an encoder-decoder: the encoder runs once (input transforms act on its
+    input), the decoder starts from its start token and reads its own cache."""
+
+    def __init__(self, model: Any, inputs: _Inputs, ids: torch.Tensor, mask: torch.Tensor, use_cache: bool) -> None:
+        self.model, self.inputs, self.ids, self.mask, self.use_cache = model, inputs, ids, mask, use_cache
+        self.kw = _cache_kw(model.backbone)
+        self.cache = None
+
+    def _run(self, decoder_ids: torch.Tensor) -> torch.Tensor:
+        out = self.model.backbone(encoder_outputs=self.encoded, attention_mask=self.full, decoder_input_ids=decoder_ids,
+                                  use_cache=self.use_cache, **({self.kw: self.cache} if self.cache is not None else {}))
+        if self.use_cache:
+            self.cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        return out.logits[:, -1].float()
+
+    def first(self) -> torch.Tensor:
+        embeds, self.full = self.inputs(self.ids, self.mask)
+        self.encoded = self.model.backbone.get_encoder()(inputs_embeds=embeds, attention_mask=self.full)
+        start = self.model.decoder_start_id
+        self.decoded = torch.full((self.ids.shape[0], 1), start, dtype=torch.long, device=self.ids.device)
+        return self._run(self.decoded)
+
+    def next(self, token: torch.Tensor) -> torch.Tensor:
+        self.decoded = torch.cat([self.decoded, token.unsqueeze(1)], dim=1)
+        return self._run(self.decoded[:, -1:] if self.use_cache else self.decoded)
 
 
 @torch.no_grad()
@@ -121,47 +187,29 @@ def generate(
     model.eval()
     try:
         with context:
-            new = _decode(model, _Inputs(model, mixed), input_ids, attention_mask, max_new_tokens, eos, pad, use_cache)
+            stepper = (_Seq2Seq if model.seq2seq else _Causal)(model, _Inputs(model, mixed), input_ids, attention_mask, use_cache)
+            new = _greedy(stepper, input_ids.shape[0], max_new_tokens, eos, pad)
     finally:
         model.train(was_training)
     return new
 
 
-def _decode(model: Any, inputs: _Inputs, ids: torch.Tensor, mask: torch.Tensor, max_new: int,
-            eos: torch.Tensor, pad: int, use_cache: bool) -> list[list[int]]:
-    from transformers import DynamicCache
-
-    b = ids.shape[0]
-    head = model.lm_head
-    done = torch.zeros(b, dtype=torch.bool, device=ids.device)
-    out = torch.full((b, max_new), pad, dtype=torch.long, device=ids.device)
-    lengths = torch.full((b,), max_new, dtype=torch.long, device=ids.device)
-    ones = mask.new_ones(b, 1)
-    cache = DynamicCache(config=model.backbone.config) if use_cache else None
-    embeds, full = inputs(ids, mask)
-    hidden = _step(model, embeds, full, _positions(full), cache)
-    last = hidden[torch.arange(b, device=ids.device), _last_real(full)]
-    seq_ids, seq_mask = ids, mask
+def _greedy(stepper: Any, b: int, max_new: int, eos: torch.Tensor, pad: int) -> list[list[int]]:
+    """Greedy decoding: each row's new tokens up to its end-of-sequence token (not included)."""
+    device = eos.device
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    out = torch.full((b, max_new), pad, dtype=torch.long, device=device)
+    lengths = torch.full((b,), max_new, dtype=torch.long, device=device)
+    logits = stepper.first()
     for i in range(max_new):
-        token = head(last.to(head.weight.dtype)).float().argmax(-1)
-        token = torch.where(done, torch.full_like(token, pad), token)
+        token = torch.where(done, torch.full((b,), pad, dtype=torch.long, device=device), logits.argmax(-1))
         out[:, i] = token
         ended = torch.isin(token, eos) & ~done
         lengths = torch.where(ended, torch.full_like(lengths, i), lengths)
         done = done | ended
         if i + 1 == max_new or bool(done.all()):
             break
-        if cache is not None:
-            full = torch.cat([full, ones], dim=1)
-            step_pos = full.long().sum(1, keepdim=True) - 1  # the new token's position: real tokens before it
-            emb = model.backbone.get_input_embeddings()(token.unsqueeze(1))
-            last = _step(model, emb, full, step_pos, cache)[:, -1]
-        else:  # the reference path: everything again, transforms included
-            seq_ids = torch.cat([seq_ids, token.unsqueeze(1)], dim=1)
-            seq_mask = torch.cat([seq_mask, ones], dim=1)
-            embeds, full = inputs(seq_ids, seq_mask)
-            hidden = _step(model, embeds, full, _positions(full), None)
-            last = hidden[torch.arange(b, device=ids.device), _last_real(full)]  # a mixed prompt layout pads at the end
+        logits = stepper.next(token)
     return [out[r, : int(lengths[r])].tolist() for r in range(b)]
 
 

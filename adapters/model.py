@@ -85,9 +85,12 @@ class DeltaModel(nn.Module):
         base = getattr(backbone, "base_model", backbone)
         self.spec = arch_spec(base)  # fails early, with the supported list, for unknown models
         self.backbone = base
-        # A causal LM's own output layer (often tied to the input embeddings): generative tasks
-        # read it through their LMHead; None for an encoder or a decoder loaded without it.
-        self.lm_head = backbone.get_output_embeddings() if backbone is not base else None
+        # A causal LM's (or T5's) own output layer, often tied to the input embeddings: generative
+        # tasks read it through their LMHead; None for an encoder or a decoder loaded without it.
+        # (T5ForConditionalGeneration is its own base model: the whole of it is the backbone.)
+        self.seq2seq = self.spec.kind == "encoder-decoder"
+        with_head = backbone is not base or self.seq2seq
+        self.lm_head = backbone.get_output_embeddings() if with_head else None
         for p in self.parameters():
             p.requires_grad_(False)
         self.tasks = nn.ModuleDict()
@@ -286,11 +289,30 @@ class DeltaModel(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         extra = {k: v for k, v in extra.items() if v is not None}
         embeds, mask, extra, added = self.transform_inputs(input_ids, attention_mask, extra)
+        body = self.backbone.get_encoder() if self.seq2seq else self.backbone  # T5: its encoder's states
         if embeds is None:
-            out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **extra)
+            out = body(input_ids=input_ids, attention_mask=attention_mask, **extra)
             return out.last_hidden_state, attention_mask
-        out = self.backbone(inputs_embeds=embeds, attention_mask=mask, **extra)
+        out = body(inputs_embeds=embeds, attention_mask=mask, **extra)
         return out.last_hidden_state[:, added:], attention_mask
+
+    @property
+    def decoder_start_id(self) -> int | None:
+        """The token an encoder-decoder's decoder starts from (None for other backbones)."""
+        if not self.seq2seq:
+            return None
+        cfg = self.backbone.config
+        return cfg.decoder_start_token_id if cfg.decoder_start_token_id is not None else cfg.pad_token_id
+
+    def seq2seq_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                       decoder_input_ids: torch.Tensor, **extra: Any) -> torch.Tensor:
+        """An encoder-decoder's LM logits (B, T_decoder, V): the active input transforms act on
+        the encoder's input; the model's own output layer (T5 scales before it) gives the logits."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        embeds, mask, extra, _ = self.transform_inputs(input_ids, attention_mask, {k: v for k, v in extra.items() if v is not None})
+        inputs = {"input_ids": input_ids} if embeds is None else {"inputs_embeds": embeds}
+        return self.backbone(**inputs, attention_mask=mask, decoder_input_ids=decoder_input_ids, **extra).logits
 
     def forward(
         self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, **extra: Any
@@ -301,6 +323,10 @@ class DeltaModel(nn.Module):
         head = self.tasks[self._head].head
         if head is None:
             raise TaskError(f"task {self._head!r} has no head (it was added without labels)")
+        if self.seq2seq and head.generative:
+            if extra.get("decoder_input_ids") is None:
+                raise ValueError("a generative task on an encoder-decoder needs decoder_input_ids")
+            return self.seq2seq_logits(input_ids, attention_mask, **extra)
         hidden, mask = self.encode(input_ids, attention_mask, **extra)
         return head(hidden, mask)
 

@@ -21,20 +21,24 @@ from .errors import TargetError
 class ArchSpec:
     """Where things are inside one transformer family.
 
-    layers:     path of the ``ModuleList`` of transformer blocks.
+    layers:     path of the ``ModuleList`` of transformer blocks; an encoder-decoder gives both
+                lists, (encoder, decoder), numbered on: layer i of a 6+6 T5 is encoder block i
+                for i < 6 and decoder block i - 6 after.
     roles:      role -> module path *inside one block*; the module's input and output are used.
+                A tuple lists alternatives, the first that exists in a block is used (T5's
+                feed-forward is sub-layer 1 in an encoder block, 2 in a decoder block).
     blocks:     role -> (input module, output module) inside one block, for methods that read a
                 sub-layer's input and add to its output projection (parallel adapters).
     attention:  path of the module whose forward calls transformers' attention interface (prefix
                 tuning hooks in there), or None where the architecture has none.
     pooling:    how a classification head pools tokens: "mean" (encoders) or "last" (decoders).
-    kind:       "encoder" or "decoder": a decoder is loaded with its language-model head, so its
-                tasks can also be generative (text in, text out).
+    kind:       "encoder", "decoder" or "encoder-decoder": the last two are loaded with their
+                language-model head, so their tasks can also be generative (text in, text out).
     """
 
-    layers: str
-    roles: dict[str, str]
-    blocks: dict[str, tuple[str, str]]
+    layers: str | tuple[str, ...]
+    roles: dict[str, str | tuple[str, ...]]
+    blocks: dict[str, tuple[str | tuple[str, ...], str | tuple[str, ...]]]
     attention: str | None
     pooling: str = "mean"
     kind: str = "encoder"
@@ -91,6 +95,25 @@ _LLAMA = ArchSpec(
     kind="decoder",
 )
 
+_FF = ("layer.2.DenseReluDense", "layer.1.DenseReluDense")  # decoder block first: its layer.1 is cross-attention
+_T5 = ArchSpec(
+    layers=("encoder.block", "decoder.block"),
+    roles={
+        "query": "layer.0.SelfAttention.q",
+        "key": "layer.0.SelfAttention.k",
+        "value": "layer.0.SelfAttention.v",
+        "attn_out": "layer.0.SelfAttention.o",
+        "ffn_up": tuple(f"{f}.wi" for f in _FF) + tuple(f"{f}.wi_0" for f in _FF),  # T5 v1.0 / gated (Flan-T5)
+        "ffn_out": tuple(f"{f}.wo" for f in _FF),
+        "attn_norm": "layer.0.layer_norm",
+        "ffn_norm": ("layer.2.layer_norm", "layer.1.layer_norm"),
+    },
+    blocks={"attn": ("layer.0.SelfAttention", "layer.0.SelfAttention.o"), "ffn": (_FF, _FF)},
+    attention=None,  # T5 adds its relative position bias inside its own attention code
+    pooling="mean",
+    kind="encoder-decoder",
+)
+
 ARCHITECTURES: dict[str, ArchSpec] = {
     "bert": _BERT,
     "roberta": _BERT,
@@ -101,6 +124,8 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "qwen3": _LLAMA,
     "gemma": _LLAMA,
     "gemma2": _LLAMA,
+    "t5": _T5,
+    "mt5": _T5,
 }
 
 
@@ -183,12 +208,11 @@ class Site:
     output: str
 
 
-def layers_path(model: nn.Module, spec: ArchSpec) -> str:
-    """Path of the block list, also when the model wraps a base model (``model.bert.encoder...``)."""
-    candidates = [spec.layers]
+def _list_path(model: nn.Module, layers: str) -> str:
+    candidates = [layers]
     prefix = getattr(model, "base_model_prefix", "")
     if prefix:
-        candidates.append(f"{prefix}.{spec.layers}")
+        candidates.append(f"{prefix}.{layers}")
     for path in candidates:
         try:
             mod = model.get_submodule(path)
@@ -199,8 +223,36 @@ def layers_path(model: nn.Module, spec: ArchSpec) -> str:
     raise TargetError(f"no block list at {candidates} in {type(model).__name__}")
 
 
+def layers_path(model: nn.Module, spec: ArchSpec) -> str:
+    """Path of the block list, also when the model wraps a base model (``model.bert.encoder...``);
+    the first list of an encoder-decoder."""
+    return _list_path(model, spec.layers if isinstance(spec.layers, str) else spec.layers[0])
+
+
+def block_paths(model: nn.Module) -> list[str]:
+    """Path of every transformer block, in layer order (an encoder-decoder's encoder blocks first)."""
+    spec = arch_spec(model)
+    lists = [spec.layers] if isinstance(spec.layers, str) else list(spec.layers)
+    paths = []
+    for layers in lists:
+        root = _list_path(model, layers)
+        paths += [f"{root}.{i}" for i in range(len(model.get_submodule(root)))]
+    return paths
+
+
 def num_layers(model: nn.Module) -> int:
-    return len(model.get_submodule(layers_path(model, arch_spec(model))))
+    return len(block_paths(model))
+
+
+def _inside(block: nn.Module, path: str | tuple[str, ...]) -> str | None:
+    """The first of ``path``'s alternatives that exists inside ``block``."""
+    for p in (path,) if isinstance(path, str) else path:
+        try:
+            block.get_submodule(p)
+            return p
+        except AttributeError:
+            continue
+    return None
 
 
 def select_layers(model: nn.Module, layers: Iterable[int] | None, skip_first: int = 0) -> list[int]:
@@ -222,9 +274,9 @@ def resolve_sites(
     inside a block (``"attention.self.query"``); anything else is an error listing the candidates.
     """
     spec = arch_spec(model)
-    root = layers_path(model, spec)
+    blocks = block_paths(model)
     chosen = select_layers(model, layers, skip_first)
-    block0 = model.get_submodule(f"{root}.0")
+    block0 = model.get_submodule(blocks[0])
     inner = {name for name, _ in block0.named_modules() if name}
     sites: list[Site] = []
     for target in targets:
@@ -240,9 +292,13 @@ def resolve_sites(
                 f"target {target!r} matches no module of {model.config.model_type}: "
                 f"{roles}a linear layer inside a block: {linear_names(block0)}"
             )
+        safe = re.sub(r"\W", "_", target)
         for i in chosen:
-            safe = re.sub(r"\W", "_", target)
-            sites.append(Site(f"L{i}_{safe}", i, f"{root}.{i}.{pair[0]}", f"{root}.{i}.{pair[1]}"))
+            block = model.get_submodule(blocks[i])
+            found = [_inside(block, p) for p in pair]
+            if None in found:
+                raise TargetError(f"target {target!r}: block {blocks[i]} has no {pair[found.index(None)]}")
+            sites.append(Site(f"L{i}_{safe}", i, f"{blocks[i]}.{found[0]}", f"{blocks[i]}.{found[1]}"))
     if not sites:
         raise TargetError(f"targets {list(targets)} in layers {chosen} give no site (is skip_first too large?)")
     return sites
@@ -257,5 +313,4 @@ def attention_modules(model: nn.Module) -> dict[int, str]:
             f"{model.config.model_type} computes attention without transformers' attention "
             f"interface, so prefix tuning cannot reach its keys and values; supported: {supported}"
         )
-    root = layers_path(model, spec)
-    return {i: f"{root}.{i}.{spec.attention}" for i in range(num_layers(model))}
+    return {i: f"{path}.{spec.attention}" for i, path in enumerate(block_paths(model))}

@@ -75,8 +75,9 @@ class TokenisedTasks:
     """Each task's splits tokenised once per run (the test sets are scored many times); called
     as ``data(task)`` it is the :data:`~continual.strategies.TaskData` strategies train on."""
 
-    def __init__(self, tokenizer: Any, default_length: int, eval_batch: int) -> None:
+    def __init__(self, tokenizer: Any, default_length: int, eval_batch: int, decoder_start: int | None = None) -> None:
         self.tokenizer, self.default_length, self.eval_batch = tokenizer, default_length, eval_batch
+        self.decoder_start = decoder_start  # an encoder-decoder's: generative targets go to its decoder
         self._data: dict[str, DatasetDict] = {}
         self._loaders: dict[tuple[str, str], Any] = {}
 
@@ -85,7 +86,7 @@ class TokenisedTasks:
 
     def __call__(self, task: Task) -> DatasetDict:
         if task.name not in self._data:
-            self._data[task.name] = DatasetDict({s: tokenize(ds, self.tokenizer, self.length(task))
+            self._data[task.name] = DatasetDict({s: tokenize(ds, self.tokenizer, self.length(task), task.metric, self.decoder_start)
                                                  for s, ds in task.splits().items()})
         return self._data[task.name]
 
@@ -124,7 +125,7 @@ class _Run:
         # a logger that fails never stops the run (see tracking.GuardedLogger)
         self.loggers = [GuardedLogger(lg, out) for lg in loggers]
         self.tasks, self.plan = stream.tasks, strategy.plan(len(stream))
-        self.data = TokenisedTasks(model.tokenizer, config.max_length, config.batch_size * 2)
+        self.data = TokenisedTasks(model.tokenizer, config.max_length, config.batch_size * 2, model.decoder_start_id)
         self.clock = time.perf_counter()  # wall time not yet added to the state's seconds
         self.scorer = RowScorer(model, self.score, strategy.active, rescore_all)
 
@@ -227,6 +228,19 @@ class _Run:
         return out
 
 
+def check_generative(stream: TaskStream, model: DeltaModel, strategy: Strategy) -> None:
+    """Refuse, before anything runs, generative tasks on a backbone without a language-model head
+    or with a strategy that only trains classifiers."""
+    generative = [t.name for t in stream if t.generative]
+    if not generative:
+        return
+    if model.lm_head is None:
+        raise ValueError(f"tasks {generative} are generative (text answers), but the backbone {model.backbone_name!r} has "
+                         "no language-model head; use a decoder, e.g. --backbone smollm2")
+    if not strategy.generative_tasks:
+        raise ValueError(f"strategy {strategy.name!r} trains classification tasks only; tasks {generative} are generative")
+
+
 def run_stream(
     stream: TaskStream,
     model: DeltaModel,
@@ -254,6 +268,7 @@ def run_stream(
         raise ValueError(f"run_stream needs a model without tasks; it has {list(model.tasks)}")
     config.validate()
     device = config.torch_device()
+    check_generative(stream, model, strategy)
     check_lengths(model, max(t.max_length or config.max_length for t in stream), strategy.methods)
     out = Path(out_dir)
     run = _Run(stream, model, strategy, config, out, loggers, rescore_all)

@@ -94,7 +94,11 @@ def fusion_weights(model: DeltaModel, task: str, batches: Iterable[dict[str, tor
     try:
         with model.using(task), fusion.recording() as rec, autocast(resolve_precision(precision, device), device):
             for batch in batches:
-                batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+                # (a generative task's evaluation batches also hold the reference texts)
+                batch = {k: v.to(device) for k, v in batch.items() if k != "labels" and isinstance(v, torch.Tensor)}
+                if model.seq2seq and "decoder_input_ids" not in batch:  # T5: the weights over its prompt
+                    start = torch.full((batch["input_ids"].shape[0], 1), model.decoder_start_id, device=device)
+                    batch["decoder_input_ids"] = start
                 rec.mask = batch.get("attention_mask")
                 model(**batch)
     finally:

@@ -20,7 +20,7 @@ scores the predicted *label name* against the gold one, next to the oracle (true
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ def embed(model: DeltaModel, batches: Any) -> torch.Tensor:
     with model.disabled():
         for b in batches:
             ids, mask = b["input_ids"].to(model.device), b["attention_mask"].to(model.device)
-            hidden = model.backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+            hidden, _ = model.encode(ids, mask)  # (an encoder-decoder: its encoder's states)
             out.append(torch.nn.functional.normalize(pool(hidden, mask, "mean").float(), dim=-1).cpu())
     model.train(was_training)
     return torch.cat(out)
@@ -186,18 +186,43 @@ class RoutingData:
                    {t: embed(model, test[t]) for t in tasks}, gold)
 
 
-def route_and_score(model: DeltaModel, data: RoutingData, router: Any) -> RoutingResult:
+@torch.no_grad()
+def generated_answers(mixed: Any, batches: list[dict[str, Any]], slots: torch.Tensor, max_new_tokens: int) -> list[str]:
+    """Greedy answers of generative tasks, example i through the delta of task slot ``slots[i]``."""
+    from adapters.generation import generate
+
+    model = mixed._model()
+    out, start = [], 0
+    for b in batches:
+        n = b["input_ids"].shape[0]
+        new = generate(model, b["input_ids"].to(model.device), b["attention_mask"].to(model.device),
+                       max_new_tokens=max_new_tokens, mixed=mixed, task_ids=slots[start:start + n])
+        out += [model.tokenizer.decode(t, skip_special_tokens=True).strip() for t in new]
+        start += n
+    return out
+
+
+def route_and_score(model: DeltaModel, data: RoutingData, router: Any,
+                    answer: Callable[[Any, list, torch.Tensor], list[str]] | None = None,
+                    match: Callable[[str, list[str], list[str]], float] | None = None) -> RoutingResult:
     """Fit ``router`` task by task (stream order), route every test example, serve all of them
     through one mixed-task model, and score predicted label names against the gold ones, with
-    routed tasks and (once per ``data``) with the true tasks."""
+    routed tasks and (once per ``data``) with the true tasks.
+
+    Generative tasks pass ``answer(mixed, batches, slots)`` (e.g. :func:`generated_answers`) and
+    ``match(task, answers, gold)`` (the task's own text metric) instead of label names."""
     tasks = data.tasks
     for t in tasks:
         router.add_task(t, data.train_emb[t], data.fit_labels[t])
     mixed = model.mixed(tasks)
-    label_names = [model.task(t).label_names or [str(i) for i in range(model.task(t).head.num_labels)] for t in tasks]
     confusion = np.zeros((len(tasks), len(tasks)), dtype=np.int64)
     routed = {}
-    score = lambda t, slots: float(np.mean([a == g for a, g in zip(_predict_names(mixed, data.test[t], slots, label_names), data.gold[t])]))  # noqa: E731
+    if answer is None:
+        label_names = [model.task(t).label_names or [str(i) for i in range(model.task(t).head.num_labels)] for t in tasks]
+        answer = lambda m, batches, slots: _predict_names(m, batches, slots, label_names)  # noqa: E731
+    if match is None:
+        match = lambda t, preds, gold: float(np.mean([a == g for a, g in zip(preds, gold)]))  # noqa: E731
+    score = lambda t, slots: match(t, answer(mixed, data.test[t], slots), data.gold[t])  # noqa: E731
     try:
         for i, t in enumerate(tasks):
             slots = router.predict(data.test_emb[t])

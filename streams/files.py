@@ -126,6 +126,25 @@ def extract(
     return out, labels
 
 
+def extract_targets(frame: pd.DataFrame, where: str, text_column: str, target_column: str) -> tuple[list[str], list[str]]:
+    """Prompt texts and target texts of a generative task's table; ``where`` names the file."""
+    missing = [c for c in (text_column, target_column) if c not in frame.columns]
+    if missing:
+        have = ", ".join(map(str, frame.columns)) or "none"
+        raise DataError(f"{where}: no column {', '.join(map(repr, missing))} (columns: {have}); set "
+                        "text_column / target_column for this task")
+    if len(frame) == 0:
+        raise DataError(f"{where}: no rows (empty task)")
+    out = []
+    for col in (text_column, target_column):
+        values = frame[col].tolist()
+        for n, v in enumerate(values, 1):
+            if _is_missing(v) or not str(v).strip():
+                raise DataError(f"{where}: row {n}, column {col!r}: empty text")
+        out.append([str(v) for v in values])
+    return out[0], out[1]
+
+
 def _norm(v: Any) -> str:
     """Label values as strings, with 1.0 and '1' alike read as '1'."""
     if isinstance(v, (bool, np.bool_)):

@@ -20,6 +20,15 @@ A stream YAML file::
       - name: imdb
         hub: imdb                        # a HF hub data set (needs network access)
         hub_splits: {train: train, test: test}
+      - name: topics-as-text             # generative (text-to-text) forms, for decoder backbones:
+        source: bbc                      #   a built-in data set verbalised (its label -> a word)
+        generative: true
+        answers: {tech: technology}      #   optional: answer words (default: the built-in ones)
+      - name: summaries
+        train: data/pairs.jsonl          #   or a file with a target text column
+        target_column: summary
+        template: "{text}\nSummary:"     #   optional: the prompt around the text
+        metric: rouge_l                  #   exact (default) | token_f1 | rouge_l
 
 Splits that a data set lacks are cut from its training data: seeded and stratified.
 """
@@ -33,7 +42,8 @@ import numpy as np
 from datasets import Dataset
 
 from .catalog import SOURCES, DataError, cap_indices, load_task_data, stratified_split
-from .files import encode_labels, extract, label_vocabulary, load_hub, read_table
+from .files import encode_labels, extract, extract_targets, label_vocabulary, load_hub, read_table
+from .generative import GENERATIVE_STREAMS, VERBALIZERS, Verbalizer, generative_task, verbalize
 from .safe_yaml import load_yaml
 from .task import SPLITS, Task, TaskStream, check_task_name
 
@@ -48,13 +58,19 @@ TASK_MAX_LENGTH = {"bbc": 128}
 
 _STREAM_KEYS = {"name", "seed", "max_train", "max_eval", "dev_fraction", "test_fraction", "tasks"}
 _TASK_KEYS = {"name", "source", "train", "dev", "test", "hub", "hub_config", "hub_splits", "text_column",
-              "label_column", "text_pair_column", "label_names", "encoding", "max_train", "max_eval", "max_length"}
+              "label_column", "text_pair_column", "label_names", "encoding", "max_train", "max_eval", "max_length",
+              "generative", "answers", "target_column", "template", "metric"}
+
+
+def _labels(ds: Dataset) -> np.ndarray:
+    """Labels to stratify on (one class for a free-text task)."""
+    return np.asarray(list(ds["label"])) if "label" in ds.column_names else np.zeros(len(ds), dtype=int)
 
 
 def _cap(ds: Dataset, cap: int | None, seed: int) -> Dataset:
     if cap is None or len(ds) <= cap:
         return ds
-    keep = cap_indices(np.arange(len(ds)), np.asarray(list(ds["label"])), cap, seed)
+    keep = cap_indices(np.arange(len(ds)), _labels(ds), cap, seed)
     return ds.select(sorted(keep.tolist()))
 
 
@@ -68,8 +84,12 @@ def builtin_task(name: str, seed: int = 0, max_train: int | None = None, max_eva
 
 
 def builtin_stream(name: str, seed: int = 0, max_train: int | None = None, max_eval: int | None = None) -> TaskStream:
+    if name in GENERATIVE_STREAMS:
+        tasks = [generative_task(t, seed, max_train, max_eval) for t in GENERATIVE_STREAMS[name]]
+        return TaskStream(name, tasks, {"stream": name, "seed": seed, "max_train": max_train, "max_eval": max_eval})
     if name not in STREAMS:
-        raise DataError(f"unknown stream {name!r}; built-in streams: {', '.join(STREAMS)} (or give a YAML file)")
+        known = ", ".join([*STREAMS, *GENERATIVE_STREAMS])
+        raise DataError(f"unknown stream {name!r}; built-in streams: {known} (or give a YAML file)")
     tasks = [builtin_task(t, seed, max_train, max_eval) for t in STREAMS[name]]
     return TaskStream(name, tasks, {"stream": name, "seed": seed, "max_train": max_train, "max_eval": max_eval})
 
@@ -79,12 +99,13 @@ def load_stream(spec: str | Path, seed: int = 0, max_train: int | None = None, m
 
     ``seed``, ``max_train``, ``max_eval`` apply to built-in streams; for a YAML stream they are the
     defaults that the file's own settings override per stream and per task."""
-    if str(spec) in STREAMS:
+    if str(spec) in STREAMS or str(spec) in GENERATIVE_STREAMS:
         return builtin_stream(str(spec), seed, max_train, max_eval)
     path = Path(spec)
     if path.suffix.lower() in (".yaml", ".yml") or path.is_symlink() or path.exists():
         return stream_from_yaml(path, seed, max_train, max_eval)
-    raise DataError(f"unknown stream {str(spec)!r}: not a built-in stream ({', '.join(STREAMS)}) and no such file")
+    known = ", ".join([*STREAMS, *GENERATIVE_STREAMS])
+    raise DataError(f"unknown stream {str(spec)!r}: not a built-in stream ({known}) and no such file")
 
 
 def stream_from_yaml(path: str | Path, seed: int = 0, max_train: int | None = None, max_eval: int | None = None) -> TaskStream:
@@ -127,7 +148,11 @@ def _yaml_task(entry: dict[str, Any], root: Path, settings: dict[str, Any], wher
         task = builtin_task(entry["source"], seed, max_train, max_eval, settings["dev_fraction"],
                             settings["test_fraction"], task_name=name)
         task.max_length = entry.get("max_length", task.max_length)
+        if entry.get("generative") or "template" in entry or "answers" in entry:
+            return verbalize(task, _verbalizer(entry, VERBALIZERS.get(entry["source"]), where))
         return task
+    if "target_column" in entry:
+        return _yaml_generative(entry, root, settings, where, max_train, max_eval)
 
     text_col, label_col = entry.get("text_column", "text"), entry.get("label_column", "label")
     pair_col = entry.get("text_pair_column")
@@ -167,19 +192,57 @@ def _yaml_task(entry: dict[str, Any], root: Path, settings: dict[str, Any], wher
                                     f"never occurs in the training data")
     full = {split: Dataset.from_dict({**columns[split], "label": ids[split]}) for split in tables}
 
-    # Missing dev/test: cut from train, seeded and stratified.
+    splits, missing = _complete_splits(full, settings, seed, where, max_train, max_eval)
+    source = {**origin, "split_seed": seed, "cut_from_train": ",".join(missing)}
+    return Task(name, splits["train"], splits["dev"], splits["test"], names, source, entry.get("max_length"))
+
+
+def _complete_splits(full: dict[str, Dataset], settings: dict[str, Any], seed: int, where: str,
+                     max_train: int | None, max_eval: int | None) -> tuple[dict[str, Dataset], list[str]]:
+    """Missing dev/test cut from train (seeded, stratified by label where there is one), then
+    every split capped; also says which splits were cut."""
     missing = [s for s in ("dev", "test") if s not in full]
     if missing:
         fractions = {"dev": settings["dev_fraction"], "test": settings["test_fraction"]}
         fr = [fractions[s] for s in missing]
-        parts = stratified_split(np.asarray(list(full["train"]["label"])), (1 - sum(fr), *fr), seed)
         train = full["train"]
+        parts = stratified_split(_labels(train), (1 - sum(fr), *fr), seed)
         full["train"] = train.select(sorted(parts[0].tolist()))
         for split, idx in zip(missing, parts[1:]):
             full[split] = train.select(sorted(idx.tolist()))
             if len(full[split]) == 0:
                 raise DataError(f"{where}: too few rows ({len(train)}) to split off a {split} set; give a '{split}:' file")
     caps = {"train": max_train, "dev": max_eval, "test": max_eval}
-    splits = {s: _cap(full[s], caps[s], seed) for s in SPLITS}
-    source = {**origin, "split_seed": seed, "cut_from_train": ",".join(missing)}
-    return Task(name, splits["train"], splits["dev"], splits["test"], names, source, entry.get("max_length"))
+    return {s: _cap(full[s], caps[s], seed) for s in SPLITS}, missing
+
+
+def _verbalizer(entry: dict[str, Any], default: Verbalizer | None, where: str) -> Verbalizer:
+    template = entry.get("template", default.template if default else None)
+    if not isinstance(template, str) or "{text}" not in template:
+        raise DataError(f"{where}: 'template' must be a string holding {{text}}, got {template!r}")
+    answers = entry.get("answers", {})
+    if not isinstance(answers, dict):
+        raise DataError(f"{where}: 'answers' must map label names to answer words, got {answers!r}")
+    words = {**(default.words if default else {}), **{str(k): str(v) for k, v in answers.items()}}
+    return Verbalizer(template, words, default.max_words if default else None)
+
+
+def _yaml_generative(entry: dict[str, Any], root: Path, settings: dict[str, Any], where: str,
+                     max_train: int | None, max_eval: int | None) -> Task:
+    """A text-to-text task from files: a text column (formatted by ``template``) and a target column."""
+    for key in ("label_column", "label_names", "text_pair_column", "hub", "generative", "answers"):
+        if key in entry:
+            raise DataError(f"{where}: {key!r} does not apply to a task with a 'target_column'")
+    verbalizer = _verbalizer({"template": "{text}", **entry}, None, where)
+    text_col, target_col, seed = entry.get("text_column", "text"), entry["target_column"], int(settings["seed"])
+    full = {}
+    for split in SPLITS:
+        if split in entry:
+            file = (root / str(entry[split])).resolve()
+            texts, targets = extract_targets(read_table(file, entry.get("encoding", "utf-8")), str(file), text_col, target_col)
+            full[split] = Dataset.from_dict({"text": [verbalizer.prompt(t) for t in texts], "target": targets})
+    splits, missing = _complete_splits(full, settings, seed, where, max_train, max_eval)
+    source = {**{s: str((root / str(entry[s])).resolve()) for s in SPLITS if s in entry}, "split_seed": seed,
+              "cut_from_train": ",".join(missing), "template": verbalizer.template}
+    return Task(entry["name"], splits["train"], splits["dev"], splits["test"], [], source, entry.get("max_length"),
+                metric=entry.get("metric", "exact"))

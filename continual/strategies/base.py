@@ -22,6 +22,14 @@ from ..training import TrainConfig, TrainResult, train_task
 TaskData = Callable[[Task], Any]
 
 
+def head_of(task: Task) -> dict[str, Any]:
+    """``add_task`` arguments for ``task``'s head: the model's own LM head for a generative task
+    (its answer words kept as labels), a classifier over its labels otherwise."""
+    if task.generative:
+        return {"generative": True, "label_names": task.label_names or None}
+    return {"label_names": task.label_names}
+
+
 class Strategy:
     """Base class. Subclasses say which parameters each task gets and how a step is trained."""
 
@@ -31,6 +39,8 @@ class Strategy:
     # True when training a task also changes earlier tasks' parameters (their heads): every task so
     # far is then exported again after each step, so saved checkpoints match the final model.
     updates_old_tasks: ClassVar[bool] = False
+    # False where a strategy can only train classification tasks (Avalanche's, through its model)
+    generative_tasks: ClassVar[bool] = True
 
     def __init__(self, methods: Sequence[MethodSpec] = ("bottleneck",)) -> None:
         # typed at the edge: a method name or dict becomes its validated config here

@@ -11,7 +11,7 @@ from adapters.model import MethodSpec
 from streams import Task
 
 from ..training import train_task
-from .base import Strategy
+from .base import Strategy, head_of
 
 
 class SequentialFineTune(Strategy):
@@ -24,7 +24,7 @@ class SequentialFineTune(Strategy):
         self.backbone_lr = backbone_lr
 
     def prepare(self, model: DeltaModel, task: Task) -> None:
-        model.add_task(task.name, [], label_names=task.label_names)
+        model.add_task(task.name, [], **head_of(task))
 
     def train(self, model, tasks, config, data, callback):
         (task,) = tasks

@@ -12,7 +12,7 @@ from streams import Task
 
 from ..plots import write_fusion_report
 from ..training import train_task
-from .base import Strategy
+from .base import Strategy, head_of
 
 
 class PerTaskDelta(Strategy):
@@ -22,7 +22,7 @@ class PerTaskDelta(Strategy):
     description = "a new delta + head per task, frozen after training (no forgetting by construction)"
 
     def prepare(self, model: DeltaModel, task: Task) -> None:
-        model.add_task(task.name, self.methods, label_names=task.label_names)
+        model.add_task(task.name, self.methods, **head_of(task))
 
 
 class ContinualFusion(PerTaskDelta):
@@ -47,7 +47,7 @@ class ContinualFusion(PerTaskDelta):
             raise ValueError(f"task names ending in {self.SUFFIX!r} are reserved by the {self.name} strategy; rename {task.name!r}")
         super().prepare(model, task)
         sources = tuple(n for n in model.tasks if not n.endswith(self.SUFFIX))
-        model.add_task(self.fused(task.name), [FusionConfig(sources=sources, **self.fusion)], label_names=task.label_names)
+        model.add_task(self.fused(task.name), [FusionConfig(sources=sources, **self.fusion)], **head_of(task))
 
     def active(self, task: str) -> tuple[str, ...]:
         return (self.fused(task),)

@@ -8,7 +8,7 @@ from adapters import DeltaModel
 from streams import Task
 
 from ..training import train_joint
-from .base import Strategy
+from .base import Strategy, head_of
 
 SHARED = "shared_delta"  # the task holding a shared delta (no head)
 
@@ -21,7 +21,7 @@ class _SharedDelta(Strategy):
             raise ValueError(f"task name {SHARED!r} is reserved by the {self.name} strategy; rename the task")
         if SHARED not in model.tasks:
             model.add_task(SHARED, self.methods)
-        model.add_task(task.name, [], label_names=task.label_names)
+        model.add_task(task.name, [], **head_of(task))
 
     def active(self, task: str) -> tuple[str, ...]:
         return (SHARED, task)

@@ -22,7 +22,7 @@ import yaml
 from ..plots import routing_heatmap
 from ..rundir import RunStateError, load_run_model, run_info
 from ..tracking import log_nested_run
-from ..training import eval_loader
+from ..training import eval_loader, score_texts, task_loader
 
 
 def stream_of_run(run_dir: str | Path):
@@ -37,6 +37,8 @@ def stream_of_run(run_dir: str | Path):
     identity = run_info(run)["identity"]  # verified against its checksum
     if spec.get("file"):
         stream = stream_from_yaml(spec["file"], spec.get("seed", 0), spec.get("max_train"), spec.get("max_eval"))
+    elif "stream" not in spec:
+        raise RunStateError(f"{run}'s stream was built in Python, so it cannot be rebuilt here; run a built-in or a YAML stream")
     else:
         stream = builtin_stream(spec["stream"], spec.get("seed", 0), spec.get("max_train"), spec.get("max_eval"))
     if stream.fingerprints() != identity["data"]:
@@ -57,7 +59,7 @@ def per_task_run(run_dir: str | Path, backbone: str, why: str):
 def route_run(run_dir: str | Path, backbone: str = "minilm", routers: Sequence[str] = ("prototype", "linear"),
               fit_max: int | None = None, tracking_uri: str | None = None, batch_size: int = 64) -> list[Any]:
     """Route a finished run's test sets with each router; returns the :class:`RoutingResult` list."""
-    from fusion.routing import ROUTERS, RoutingData, route_and_score
+    from fusion.routing import ROUTERS, RoutingData, generated_answers, route_and_score
 
     unknown = [r for r in routers if r not in ROUTERS]
     if unknown:
@@ -65,14 +67,25 @@ def route_run(run_dir: str | Path, backbone: str = "minilm", routers: Sequence[s
     run = Path(run_dir)
     stream, identity, model = per_task_run(run, backbone, "routing picks one task per stream task")
     default_len = identity["train"]["max_length"]
-    train, test, gold, labels = {}, {}, {}, {}
+    train, test, gold, labels, new_tokens = {}, {}, {}, {}, []
     for t in stream:
         length = t.max_length or default_len
         ds = t.train if fit_max is None or len(t.train) <= fit_max else t.train.select(range(fit_max))
-        train[t.name] = list(eval_loader(ds, model.tokenizer, length, batch_size))
-        labels[t.name] = list(ds["label"])
-        test[t.name] = list(eval_loader(t.test, model.tokenizer, length, batch_size))
-        gold[t.name] = [t.label_names[y] for y in t.test["label"]]
+        train[t.name] = list(eval_loader(ds, model.tokenizer, length, batch_size, metric=t.metric,
+                                         decoder_start=model.decoder_start_id))
+        # prototypes per label; a free-text task has one
+        labels[t.name] = list(ds["label"]) if "label" in ds.column_names else [0] * len(ds)
+        loader = task_loader(t, "test", model, length, batch_size)
+        new_tokens.append(getattr(loader, "max_new_tokens", 0))
+        test[t.name] = list(loader)
+        gold[t.name] = list(t.test["target"]) if t.generative else [t.label_names[y] for y in t.test["label"]]
+    answer = match = None
+    if all(t.generative for t in stream):  # answers generated through the routed task's delta
+        metrics = {t.name: t.metric for t in stream}
+        answer = lambda mixed, batches, slots: generated_answers(mixed, batches, slots, max(new_tokens))  # noqa: E731
+        match = lambda task, preds, refs: score_texts(preds, refs, metrics[task])["accuracy"]  # noqa: E731
+    elif any(t.generative for t in stream):
+        raise ValueError("routing serves a stream of classification tasks or of generative tasks, not a mix of both")
     start = time.perf_counter()
     data = RoutingData.build(model, stream.names, train, labels, test, gold)
     print(f"embedded {sum(len(v) for v in labels.values())} training and {sum(len(v) for v in gold.values())} test "
@@ -80,7 +93,7 @@ def route_run(run_dir: str | Path, backbone: str = "minilm", routers: Sequence[s
     results, files = [], []
     for name in routers:
         start = time.perf_counter()
-        res = route_and_score(model, data, ROUTERS[name]())
+        res = route_and_score(model, data, ROUTERS[name](), answer, match)
         res.seconds = time.perf_counter() - start
         results.append(res)
         (run / f"routing-{name}.md").write_text(res.table() + "\n")

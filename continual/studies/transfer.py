@@ -1,5 +1,7 @@
 """Zero-shot transfer matrix (Delta Tuning survey, section 5.4): each task's delta and head applied,
-untouched, to every other task with the same label space.
+untouched, to every other task with the same label space; generative tasks share one output space
+(text), so every pair of them is scored: task i's delta answers task j's prompts, scored by task
+j's metric.
 
     python -m continual transfer runs/sentiment-domains-per-task-bottleneck-s0
 
@@ -18,7 +20,7 @@ import numpy as np
 
 from ..plots import annotated_heatmap
 from ..tracking import log_nested_run
-from ..training import eval_loader, evaluate
+from ..training import evaluate, task_loader
 from .route import per_task_run
 
 
@@ -59,14 +61,15 @@ class TransferMatrix:
 
 
 def transfer_matrix(run_dir: str | Path, backbone: str = "minilm", batch_size: int = 64) -> TransferMatrix:
-    """Score every task's delta + head on every task with the same label names."""
+    """Score every task's delta + head on every task with the same label names (every pair of
+    generative tasks)."""
     stream, identity, model = per_task_run(Path(run_dir), backbone, "the transfer matrix applies one delta per stream task")
     T = len(stream)
     acc = np.full((T, T), np.nan)
     for j, target in enumerate(stream):
-        loader = eval_loader(target.test, model.tokenizer, target.max_length or identity["train"]["max_length"], batch_size)
+        loader = task_loader(target, "test", model, target.max_length or identity["train"]["max_length"], batch_size)
         for i, source in enumerate(stream):
-            if source.label_names == target.label_names:
+            if source.label_names == target.label_names or (source.generative and target.generative):
                 acc[i, j] = evaluate(model, source.name, loader)["accuracy"]
     return TransferMatrix(stream.names, acc)
 

@@ -1,7 +1,19 @@
-"""Text to batches: tokenising, padded and length-bucketed loaders, endless training batches."""
+"""Text to batches: tokenising, padded and length-bucketed loaders, endless training batches.
+
+Two kinds of data, told apart by their columns: classification (``text`` [+ ``text_pair``],
+``label``) and generative (``text`` = the prompt, ``target`` = the answer). For a decoder a
+generative example is tokenised once as prompt + target + end-of-sequence, and training batches
+carry per-token ``labels`` already shifted (the id of the *next* token, -100 on the prompt and
+padding); for an encoder-decoder (``decoder_start`` given) the prompt is the encoder's input and
+the batches carry ``decoder_input_ids`` (the target shifted right after the start token) and the
+target as ``labels``. Either way the training step computes one cross-entropy for both kinds of
+task. Evaluation batches carry the left-padded prompt alone and the reference text, and are
+scored by generation (:mod:`continual.training.evaluate`).
+"""
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable, Iterator, Sequence
 
 import datasets
@@ -11,29 +23,94 @@ from datasets import Dataset
 from torch.utils.data import DataLoader
 
 
-def tokenize(dataset: Dataset, tokenizer: Any, max_length: int) -> Dataset:
-    """Token ids for a dataset with ``text`` (and optional ``text_pair``) and ``label`` columns."""
+# Longest answer generated when scoring (tokens, end-of-sequence included): the longest reference
+# of the data set decides, up to this cap.
+MAX_NEW_TOKENS = 32
+
+
+def _quiet_map(dataset: Dataset, fn: Callable, remove: list[str]) -> Dataset:
+    # datasets' own per-map progress bar is noise next to the training bar
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        return dataset.map(fn, batched=True, remove_columns=remove)
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+
+
+def tokenize(dataset: Dataset, tokenizer: Any, max_length: int, metric: str | None = None,
+             decoder_start: int | None = None) -> Dataset:
+    """Token ids for a classification dataset (``text``, optional ``text_pair``, ``label``) or a
+    generative one (``text``, ``target``; ``metric`` names how its answers are scored;
+    ``decoder_start``: the decoder start token of an encoder-decoder, None for a decoder)."""
     if "input_ids" in dataset.column_names:  # already tokenised (a stream tokenises each split once)
         return dataset
+    if "target" in dataset.column_names:
+        if decoder_start is not None:
+            return _tokenize_seq2seq(dataset, tokenizer, max_length, metric or "exact", decoder_start)
+        return _tokenize_generative(dataset, tokenizer, max_length, metric or "exact")
     pair = "text_pair" in dataset.column_names
 
     def enc(batch: dict[str, list]) -> dict[str, list]:
         args = (batch["text"], batch["text_pair"]) if pair else (batch["text"],)
         return tokenizer(*args, truncation=True, max_length=max_length)
 
-    keep = {"label"}
-    # datasets' own per-map progress bar is noise next to the training bar
-    was_enabled = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    try:
-        return dataset.map(enc, batched=True, remove_columns=[c for c in dataset.column_names if c not in keep])
-    finally:
-        if was_enabled:
-            datasets.enable_progress_bars()
+    return _quiet_map(dataset, enc, [c for c in dataset.column_names if c != "label"])
+
+
+def _tokenize_generative(dataset: Dataset, tokenizer: Any, max_length: int, metric: str) -> Dataset:
+    """prompt + target + eos, truncated to ``max_length``: the target keeps up to half of it, the
+    prompt loses tokens from its start (templates put the question last)."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError("generative tasks need a tokenizer with an end-of-sequence token")
+
+    def enc(batch: dict[str, list]) -> dict[str, list]:
+        prompts = tokenizer(batch["text"])["input_ids"]
+        targets = tokenizer([" " + t.strip() for t in batch["target"]], add_special_tokens=False)["input_ids"]
+        out: dict[str, list] = {"input_ids": [], "attention_mask": [], "lm_labels": [], "prompt_len": [], "metric": []}
+        for p, t in zip(prompts, targets):
+            t = t[: max(1, max_length // 2) - 1] + [tokenizer.eos_token_id]
+            p = p[-(max_length - len(t)):]
+            ids = p + t
+            out["input_ids"].append(ids)
+            out["attention_mask"].append([1] * len(ids))
+            # shifted: position i predicts token i + 1; only the target's tokens are learned
+            out["lm_labels"].append([-100] * (len(p) - 1) + t + [-100])
+            out["prompt_len"].append(len(p))
+            out["metric"].append(metric)
+        return out
+
+    return _quiet_map(dataset, enc, [c for c in dataset.column_names if c not in ("target", "label")])
+
+
+def _tokenize_seq2seq(dataset: Dataset, tokenizer: Any, max_length: int, metric: str, start: int) -> Dataset:
+    """The prompt (the encoder's input, its start cut when too long) and target + eos (the
+    decoder's), each up to ``max_length``."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError("generative tasks need a tokenizer with an end-of-sequence token")
+
+    def enc(batch: dict[str, list]) -> dict[str, list]:
+        prompts = tokenizer(batch["text"])["input_ids"]
+        targets = tokenizer([t.strip() for t in batch["target"]], add_special_tokens=False)["input_ids"]
+        ids = [p[-max_length:] for p in prompts]
+        return {"input_ids": ids, "attention_mask": [[1] * len(p) for p in ids], "prompt_len": [len(p) for p in ids],
+                "target_ids": [t[: max_length - 1] + [tokenizer.eos_token_id] for t in targets],
+                "decoder_start": [start] * len(ids), "metric": [metric] * len(ids)}
+
+    return _quiet_map(dataset, enc, [c for c in dataset.column_names if c not in ("target", "label")])
+
+
+def is_generative(dataset: Dataset) -> bool:
+    return "target" in dataset.column_names
 
 
 def _collate(dataset: Dataset, tokenizer: Any, pad_multiple: int | None) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
     columns = [c for c in ("input_ids", "attention_mask", "token_type_ids") if c in dataset.column_names]
+    if "target_ids" in dataset.column_names:
+        return partial(_collate_seq2seq, tokenizer=tokenizer, pad_multiple=pad_multiple)
+    if is_generative(dataset):
+        return partial(_collate_lm, tokenizer=tokenizer, pad_multiple=pad_multiple)
 
     def collate(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         padded = tokenizer.pad([{c: r[c] for c in columns} for r in rows], return_tensors="pt", pad_to_multiple_of=pad_multiple)
@@ -41,6 +118,65 @@ def _collate(dataset: Dataset, tokenizer: Any, pad_multiple: int | None) -> Call
         return dict(padded)
 
     return collate
+
+
+def _collate_lm(rows: list[dict[str, Any]], tokenizer: Any, pad_multiple: int | None) -> dict[str, torch.Tensor]:
+    """Right-padded prompt + target, with the shifted per-token labels padded with -100."""
+    padded = tokenizer.pad([{"input_ids": r["input_ids"], "attention_mask": r["attention_mask"]} for r in rows],
+                           return_tensors="pt", pad_to_multiple_of=pad_multiple, padding_side="right")
+    width = padded["input_ids"].shape[1]
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    for i, r in enumerate(rows):
+        labels[i, : len(r["lm_labels"])] = torch.tensor(r["lm_labels"])
+    return {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"], "labels": labels}
+
+
+def _collate_seq2seq(rows: list[dict[str, Any]], tokenizer: Any, pad_multiple: int | None) -> dict[str, torch.Tensor]:
+    """Right-padded prompts; the decoder's input is the target shifted right after the start token,
+    its labels the target (-100 past each row's end)."""
+    padded = tokenizer.pad([{"input_ids": r["input_ids"], "attention_mask": r["attention_mask"]} for r in rows],
+                           return_tensors="pt", pad_to_multiple_of=pad_multiple, padding_side="right")
+    width = max(len(r["target_ids"]) for r in rows)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    decoder = torch.full((len(rows), width), tokenizer.pad_token_id or 0, dtype=torch.long)
+    for i, r in enumerate(rows):
+        t = torch.tensor(r["target_ids"])
+        labels[i, : len(t)] = t
+        decoder[i, 0] = r["decoder_start"]
+        decoder[i, 1: len(t)] = t[:-1]
+    return {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"], "decoder_input_ids": decoder,
+            "labels": labels}
+
+
+class GenerationLoader:
+    """Evaluation batches of a generative data set: left-padded prompts (``input_ids``,
+    ``attention_mask``) and the reference answers (``references``). ``metric`` and
+    ``max_new_tokens`` (the longest reference, end-of-sequence included) say how to score it."""
+
+    generative = True
+
+    def __init__(self, dataset: Dataset, tokenizer: Any, batch_size: int) -> None:
+        self.dataset, self.tokenizer, self.batch_size = dataset, tokenizer, batch_size
+        metrics = set(dataset["metric"])
+        if len(metrics) != 1:
+            raise ValueError(f"a generative data set is scored by one metric, found {sorted(metrics)}")
+        self.metric = metrics.pop()
+        if "target_ids" in dataset.column_names:  # encoder-decoder: the target is the decoder's alone
+            lengths = [len(t) for t in dataset["target_ids"]]
+        else:
+            lengths = [len(ids) - p for ids, p in zip(dataset["input_ids"], dataset["prompt_len"])]
+        self.max_new_tokens = min(MAX_NEW_TOKENS, max(lengths))
+
+    def __len__(self) -> int:
+        return -(-len(self.dataset) // self.batch_size)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for start in range(0, len(self.dataset), self.batch_size):
+            rows = self.dataset[start : start + self.batch_size]
+            prompts = [{"input_ids": ids[:p]} for ids, p in zip(rows["input_ids"], rows["prompt_len"])]
+            padded = self.tokenizer.pad(prompts, return_tensors="pt", padding_side="left")
+            yield {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"],
+                   "references": list(rows["target"])}
 
 
 def make_loader(dataset: Dataset, tokenizer: Any, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
@@ -72,9 +208,14 @@ def bucketed_loader(dataset: Dataset, tokenizer: Any, batch_size: int, seed: int
                       collate_fn=_collate(dataset, tokenizer, 8), pin_memory=torch.cuda.is_available())
 
 
-def eval_loader(dataset: Dataset, tokenizer: Any, max_length: int, batch_size: int = 64) -> DataLoader:
-    """Tokenised, unshuffled batches for evaluation."""
-    return make_loader(tokenize(dataset, tokenizer, max_length), tokenizer, batch_size, False)
+def eval_loader(dataset: Dataset, tokenizer: Any, max_length: int, batch_size: int = 64, *,
+                metric: str | None = None, decoder_start: int | None = None) -> DataLoader | GenerationLoader:
+    """Tokenised, unshuffled batches for evaluation (prompts to answer, for a generative set;
+    ``metric`` and ``decoder_start`` as in :func:`tokenize`)."""
+    dataset = tokenize(dataset, tokenizer, max_length, metric, decoder_start)
+    if is_generative(dataset):
+        return GenerationLoader(dataset, tokenizer, batch_size)
+    return make_loader(dataset, tokenizer, batch_size, False)
 
 
 def endless_batches(dataset: Dataset, tokenizer: Any, batch_size: int, seed: int, bucket: bool = False) -> Iterator[dict[str, torch.Tensor]]:
@@ -86,6 +227,13 @@ def endless_batches(dataset: Dataset, tokenizer: Any, batch_size: int, seed: int
         else:
             yield from make_loader(dataset, tokenizer, batch_size, True, seed + epoch)
         epoch += 1
+
+
+def task_loader(task: Any, split: str, model: Any, max_length: int, batch_size: int = 64) -> DataLoader | GenerationLoader:
+    """Evaluation batches of one split of a :class:`~streams.Task` for ``model`` (its tokenizer;
+    its decoder start token, for an encoder-decoder; the task's metric, for a generative task)."""
+    return eval_loader(getattr(task, split), model.tokenizer, max_length, batch_size,
+                       metric=getattr(task, "metric", None), decoder_start=getattr(model, "decoder_start_id", None))
 
 
 def majority_rate(dataset: Dataset) -> float:

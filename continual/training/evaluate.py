@@ -1,4 +1,5 @@
-"""Scoring a task's head on a data set: accuracy, macro-F1, mean loss."""
+"""Scoring a task on a data set: a classifier's accuracy, macro-F1 and mean loss, or a generative
+task's answers, generated greedily and scored against the references (:mod:`.textscore`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from adapters import DeltaModel
+from adapters.generation import generate
 from adapters.precision import autocast, resolve_precision
+
+from .textscore import score_texts
 
 
 def macro_f1(pred: np.ndarray, gold: np.ndarray, num_labels: int) -> float:
@@ -28,10 +32,14 @@ def macro_f1(pred: np.ndarray, gold: np.ndarray, num_labels: int) -> float:
 def evaluate(
     model: DeltaModel, task: str, loader: DataLoader, active: Sequence[str] | None = None, precision: str = "fp32"
 ) -> dict[str, float]:
-    """Accuracy, macro-F1 and mean loss of ``task``'s head on a loader.
+    """Accuracy, macro-F1 and mean loss of ``task``'s head on a loader; for a generative task (a
+    :class:`~continual.training.data.GenerationLoader`) the text scores of its generated answers,
+    ``accuracy`` being the task's own metric.
 
     ``active``: the tasks whose deltas act, ``task`` last; default ``task`` alone.
     ``precision``: as in :class:`~continual.training.TrainConfig` (autocast for bf16 / fp16)."""
+    if getattr(loader, "generative", False):
+        return evaluate_generation(model, task, loader, active, precision)
     device = model.device
     was_training = model.training
     model.eval()
@@ -50,3 +58,25 @@ def evaluate(
     loss_sum = float(torch.stack(losses).sum())
     n_labels = model.task(task).head.num_labels
     return {"accuracy": float((pred == gold).mean()), "macro_f1": macro_f1(pred, gold, n_labels), "loss": loss_sum / len(gold)}
+
+
+@torch.no_grad()
+def answers(model: DeltaModel, loader, active: Sequence[str], precision: str = "fp32") -> tuple[list[str], list[str]]:
+    """(generated answers, references) of a generative loader, the ``active`` tasks acting."""
+    device = model.device
+    tok = model.tokenizer
+    preds, refs = [], []
+    with model.using(*active), autocast(resolve_precision(precision, device), device):
+        for batch in loader:
+            new = generate(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                           max_new_tokens=loader.max_new_tokens)
+            preds += [tok.decode(t, skip_special_tokens=True).strip() for t in new]
+            refs += batch["references"]
+    return preds, refs
+
+
+def evaluate_generation(model: DeltaModel, task: str, loader, active: Sequence[str] | None = None,
+                        precision: str = "fp32") -> dict[str, float]:
+    """Greedy answers of ``task`` (its deltas, the model's LM head) scored by the loader's metric."""
+    preds, refs = answers(model, loader, active or (task,), precision)
+    return score_texts(preds, refs, loader.metric)

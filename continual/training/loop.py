@@ -118,8 +118,9 @@ def train_task(
     active = tuple(active or (task,))
     check_lengths(model, config.max_length, [c for name in active for c in model.task(name).configs])
     tokenizer = _prepare(model, config, tokenizer)
-    train_ds = tokenize(data["train"], tokenizer, config.max_length)
-    dev_loader = eval_loader(data["dev"], tokenizer, config.max_length, config.batch_size * 2)
+    start = model.decoder_start_id
+    train_ds = tokenize(data["train"], tokenizer, config.max_length, decoder_start=start)
+    dev_loader = eval_loader(data["dev"], tokenizer, config.max_length, config.batch_size * 2, decoder_start=start)
     model.activate(*active)
     groups = param_groups(model, active, config, extra_groups)
     batches = endless_batches(train_ds, tokenizer, config.batch_size, config.seed, config.bucket)
@@ -145,9 +146,10 @@ def train_joint(
     names = list(tasks)
     streams, devs, sizes = {}, {}, []
     for i, (name, (_, data)) in enumerate(tasks.items()):
-        ds = tokenize(data["train"], tokenizer, config.max_length)
+        ds = tokenize(data["train"], tokenizer, config.max_length, decoder_start=model.decoder_start_id)
         streams[name] = endless_batches(ds, tokenizer, config.batch_size, config.seed + JOINT_SEED_STRIDE * i, config.bucket)
-        devs[name] = eval_loader(data["dev"], tokenizer, config.max_length, config.batch_size * 2)
+        devs[name] = eval_loader(data["dev"], tokenizer, config.max_length, config.batch_size * 2,
+                                 decoder_start=model.decoder_start_id)
         sizes.append(len(ds))
     rng = np.random.default_rng(config.seed)
     probs = np.asarray(sizes, dtype=float) / sum(sizes)
@@ -164,6 +166,7 @@ def train_joint(
 
     def dev() -> dict[str, float]:
         scores = [evaluate(model, n, devs[n], tasks[n][0]) for n in names]
-        return {k: float(np.mean([s[k] for s in scores])) for k in scores[0]}
+        common = [k for k in scores[0] if all(k in s for s in scores)]  # classification and generative tasks differ
+        return {k: float(np.mean([s[k] for s in scores])) for k in common}
 
     return fit(model, groups, next_batch, dev, config, callback, "train joint")

@@ -44,13 +44,20 @@ class TrainStep:
     def __call__(self, batch: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         with autocast(self.precision, self.device):
             logits = self.forward(**batch)
-        loss = nn.functional.cross_entropy(logits.float(), labels)
+        loss = token_loss(logits, labels)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
         self.optimizer.step()
         return loss.detach()
+
+
+def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy for both kinds of task: a classifier's (B, C) logits and (B,) labels, or a
+    language model's (B, T, V) logits and (B, T) next-token labels (-100 where nothing is learned:
+    prompt and padding), averaged over the labelled positions."""
+    return nn.functional.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=-100)
 
 
 def mfu(samples_per_s: float, tokens_per_sample: int, params: int, peak_flops: float, flops_per_param_token: int = 4) -> float:

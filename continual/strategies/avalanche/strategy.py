@@ -50,6 +50,8 @@ class AvalancheStrategy(SequentialFineTune):
     defaults: ClassVar[dict[str, Any]] = {}
     updates_old_tasks = True  # old heads keep training (LwF distils them, EWC/replay/A-GEM touch them)
 
+    generative_tasks = False  # its model wrapper returns one head's class logits
+
     def __init__(self, methods: Sequence[MethodSpec] = (), backbone_lr: float = 5e-5, **options: Any) -> None:
         super().__init__(methods, backbone_lr)
         require_avalanche()
