@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 
@@ -213,6 +213,24 @@ def _greedy(stepper: Any, b: int, max_new: int, eos: torch.Tensor, pad: int) -> 
     return [out[r, : int(lengths[r])].tolist() for r in range(b)]
 
 
+def answer_batches(model: Any, batches: Iterable[dict[str, Any]], max_new_tokens: int, mixed: Any = None,
+                   task_ids: torch.Tensor | Sequence[str] | None = None) -> list[str]:
+    """Decoded greedy answers (special tokens removed, stripped) to tokenised prompt batches
+    (``input_ids`` / ``attention_mask``, left-padded), in order. With ``mixed``, ``task_ids`` holds
+    one task per example across all batches."""
+    tok = model.tokenizer
+    if tok is None:
+        raise ValueError("answers need a model with a tokenizer, to decode them")
+    out: list[str] = []
+    for b in batches:
+        n = b["input_ids"].shape[0]
+        ids = None if mixed is None else task_ids[len(out):len(out) + n]
+        new = generate(model, b["input_ids"].to(model.device), b["attention_mask"].to(model.device),
+                       max_new_tokens=max_new_tokens, mixed=mixed, task_ids=ids)
+        out += [tok.decode(t, skip_special_tokens=True).strip() for t in new]
+    return out
+
+
 def generate_text(model: Any, prompts: Sequence[str], max_new_tokens: int = 16, **kwargs: Any) -> list[str]:
     """Decoded greedy answers to ``prompts`` (left-padded in one batch), special tokens removed."""
     tok = model.tokenizer
@@ -223,6 +241,4 @@ def generate_text(model: Any, prompts: Sequence[str], max_new_tokens: int = 16, 
         enc = tok(list(prompts), return_tensors="pt", padding=True)
     finally:
         tok.padding_side = side
-    enc = {k: v.to(model.device) for k, v in enc.items()}
-    new = generate(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new_tokens, **kwargs)
-    return [tok.decode(t, skip_special_tokens=True).strip() for t in new]
+    return answer_batches(model, [enc], max_new_tokens, **kwargs)

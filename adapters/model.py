@@ -143,10 +143,9 @@ class DeltaModel(nn.Module):
             if self.lm_head is None:
                 raise ConfigError(f"task {name!r} is generative, but the backbone {self.backbone_name!r} has no language-model "
                                   "head (an encoder, or a decoder loaded with AutoModel instead of AutoModelForCausalLM)")
+            head = LMHead(self.lm_head)
         elif num_labels is not None:
             head = ClassificationHead(self.backbone.config.hidden_size, num_labels, pooling or self.spec.pooling, head_dropout)
-        if generative:
-            head = LMHead(self.lm_head)
         task = TaskDelta(name, configs, self, head, label_names).to(self.device)
         task.train(self.training)  # no dropout in a head added to a model used for inference
         for delta in task.deltas.values():

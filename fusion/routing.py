@@ -186,20 +186,11 @@ class RoutingData:
                    {t: embed(model, test[t]) for t in tasks}, gold)
 
 
-@torch.no_grad()
 def generated_answers(mixed: Any, batches: list[dict[str, Any]], slots: torch.Tensor, max_new_tokens: int) -> list[str]:
     """Greedy answers of generative tasks, example i through the delta of task slot ``slots[i]``."""
-    from adapters.generation import generate
+    from adapters.generation import answer_batches
 
-    model = mixed._model()
-    out, start = [], 0
-    for b in batches:
-        n = b["input_ids"].shape[0]
-        new = generate(model, b["input_ids"].to(model.device), b["attention_mask"].to(model.device),
-                       max_new_tokens=max_new_tokens, mixed=mixed, task_ids=slots[start:start + n])
-        out += [model.tokenizer.decode(t, skip_special_tokens=True).strip() for t in new]
-        start += n
-    return out
+    return answer_batches(mixed._model(), batches, max_new_tokens, mixed=mixed, task_ids=slots)
 
 
 def route_and_score(model: DeltaModel, data: RoutingData, router: Any,

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from adapters import DeltaModel
-from adapters.generation import generate
+from adapters.generation import answer_batches
 from adapters.precision import autocast, resolve_precision
 
 from .textscore import score_texts
@@ -64,15 +64,9 @@ def evaluate(
 def answers(model: DeltaModel, loader, active: Sequence[str], precision: str = "fp32") -> tuple[list[str], list[str]]:
     """(generated answers, references) of a generative loader, the ``active`` tasks acting."""
     device = model.device
-    tok = model.tokenizer
-    preds, refs = [], []
     with model.using(*active), autocast(resolve_precision(precision, device), device):
-        for batch in loader:
-            new = generate(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                           max_new_tokens=loader.max_new_tokens)
-            preds += [tok.decode(t, skip_special_tokens=True).strip() for t in new]
-            refs += batch["references"]
-    return preds, refs
+        preds = answer_batches(model, loader, loader.max_new_tokens)
+    return preds, [r for batch in loader for r in batch["references"]]
 
 
 def evaluate_generation(model: DeltaModel, task: str, loader, active: Sequence[str] | None = None,
