@@ -32,7 +32,11 @@ TENSORS, META = "delta.safetensors", "delta.json"
 def backbone_fingerprint(backbone: nn.Module) -> dict[str, Any]:
     """Architecture facts plus a hash of a strided sample of every weight.
 
-    Cheap (a few thousand values per tensor) yet different for any two real checkpoints."""
+    Cheap (a few thousand values per tensor) yet different for any two real checkpoints. A
+    backbone sharded across processes answers with the fingerprint taken before sharding."""
+    cached = getattr(backbone, "_fingerprint_before_sharding", None)
+    if cached is not None:
+        return dict(cached)
     h = hashlib.sha256()
     for name, p in sorted(backbone.named_parameters()):
         flat = p.detach().reshape(-1)

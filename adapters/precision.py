@@ -67,7 +67,8 @@ def frozen_linears_in(backbone: nn.Module, precision: str) -> Iterator[None]:
             for m in backbone.modules():
                 if isinstance(m, nn.Linear):
                     for p in (m.weight, m.bias):
-                        if p is not None and not p.requires_grad and p.dtype != dtype:
+                        # (a weight sharded across processes, a DTensor, is cast by autocast instead)
+                        if p is not None and not p.requires_grad and p.dtype != dtype and not hasattr(p, "to_local"):
                             original = p.data
                             p.data = original.to(dtype)
                             saved.append((p, original.cpu() if original.is_cuda else original))

@@ -39,7 +39,7 @@ from .rundir import RunState, RunStateError
 from .scoring import RowScorer
 from .strategies import Strategy
 from .tracking import GuardedLogger, StreamLogger, step_metrics
-from .training import TrainConfig, check_lengths, eval_loader, evaluate, tokenize
+from .training import TrainConfig, check_lengths, distributed, eval_loader, evaluate, tokenize
 
 
 def task_seed(seed: int, index: int) -> int:
@@ -66,7 +66,8 @@ class StreamResult:
 
 def run_identity(stream: TaskStream, model: DeltaModel, strategy: Strategy, config: TrainConfig) -> dict[str, Any]:
     """What must be equal for a saved run to be resumed."""
-    train = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("progress", "device", "seed")}
+    placement = ("progress", "device", "seed", "shard_backbone")  # where it runs, not what it computes
+    train = {k: v for k, v in dataclasses.asdict(config).items() if k not in placement}
     return {"stream": stream.name, "tasks": stream.names, "data": stream.fingerprints(), "strategy": strategy.describe(),
             "train": train, "seed": config.seed, "backbone": backbone_fingerprint(model.backbone)["weights_sha256"]}
 
@@ -122,8 +123,10 @@ class _Run:
     def __init__(self, stream: TaskStream, model: DeltaModel, strategy: Strategy, config: TrainConfig, out: Path,
                  loggers: Sequence[StreamLogger], rescore_all: bool = False) -> None:
         self.stream, self.model, self.strategy, self.config, self.out = stream, model, strategy, config, out
+        # several processes (torchrun): every rank trains and scores its share, rank 0 alone writes and logs
+        self.main = distributed.is_main()
         # a logger that fails never stops the run (see tracking.GuardedLogger)
-        self.loggers = [GuardedLogger(lg, out) for lg in loggers]
+        self.loggers = [GuardedLogger(lg, out) for lg in loggers] if self.main else []
         self.tasks, self.plan = stream.tasks, strategy.plan(len(stream))
         self.data = TokenisedTasks(model.tokenizer, config.max_length, config.batch_size * 2, model.decoder_start_id)
         self.clock = time.perf_counter()  # wall time not yet added to the state's seconds
@@ -158,8 +161,10 @@ class _Run:
             for j in self.plan[k]:
                 self.prepare(j)
                 self.strategy.finish(self.model, self.tasks[j])
-        if state.tensors:
-            self.strategy.load_state(self.model, rundir.read_tensors(self.out, state, self.model.device))
+        if state.tensors:  # read (and verified) by rank 0, sent to the others
+            tensors = rundir.read_tensors(self.out, state, torch.device("cpu")) if self.main else None
+            tensors = {k: v.to(self.model.device) for k, v in distributed.broadcast(tensors).items()}
+            self.strategy.load_state(self.model, tensors)
         self.model.to(self.model.device)
 
     def step(self, k: int, state: RunState) -> dict[str, float]:
@@ -190,8 +195,8 @@ class _Run:
         scoring_seconds = time.perf_counter() - start
         trainable = {tasks[j].name: strategy.trainable_parameters(model, tasks[j]) for j in step}
         exported = tasks[:row + 1] if strategy.updates_old_tasks else step_tasks
-        artifacts = rundir.export_checkpoints(model, strategy, exported, self.out, state.files)
-        for t in step_tasks:
+        artifacts = rundir.export_checkpoints(model, strategy, exported, self.out, state.files) if self.main else {}
+        for t in step_tasks if self.main else ():
             artifacts.update(strategy.reports(model, t, self.data.loader(t), self.out / "reports" / t.name))
         record = {"row": row, "tasks": [t.name for t in step_tasks], "train_seconds": result.seconds,
                   "steps": result.steps, "best_step": result.best_step, "best_dev": result.best_dev,
@@ -200,6 +205,8 @@ class _Run:
         state.done.append(k)
         state.steps.append(record)
         self.tick(state)
+        if not self.main:
+            return summarize(matrix.R[:row + 1, :row + 1], matrix.b[:row + 1])
         rundir.write_state(self.out, state, strategy.state(model), k)  # state first: logging may fail
         test = {t.name: float(matrix.R[row, j]) for j, t in zip(step, step_tasks)}
         metrics = step_metrics(result, untrained, test, trainable)
@@ -226,6 +233,46 @@ class _Run:
             out[t.name] = {"labels": ",".join(t.label_names), **t.sizes(), "fingerprint": fingerprints[t.name][:16],
                            "source": t.source}
         return out
+
+
+def check_distributed(strategy: Strategy, config: TrainConfig) -> None:
+    """Refuse, before anything runs, what several processes cannot train the same way as one."""
+    if not config.dropout and not strategy.data_parallel:
+        raise ValueError(f"strategy {strategy.name!r} trains with its own loop, which keeps dropout on; "
+                         "drop --no-dropout or use another strategy")
+    if config.shard_backbone and not distributed.active():
+        raise ValueError("--shard-backbone shards the backbone across processes: start the run with torchrun "
+                         "(or accelerate launch) on several processes")
+    if config.shard_backbone and strategy.trains_backbone:
+        raise ValueError(f"--shard-backbone is for a frozen backbone; strategy {strategy.name!r} trains it")
+    if config.shard_backbone and strategy.reports_run_model:
+        raise ValueError(f"--shard-backbone: strategy {strategy.name!r} writes reports that run the model on rank 0 "
+                         "alone, which a sharded backbone cannot do; run it without --shard-backbone")
+    if not distributed.active():
+        return
+    if not strategy.data_parallel:
+        raise ValueError(f"strategy {strategy.name!r} cannot run on {distributed.world_size()} processes (it trains "
+                         "with its own loop); run it as one process")
+    distributed.check_batch(config.batch_size)
+
+
+def _open_on_main(out: Path, identity: dict[str, Any], steps: int, resume: bool, overwrite: bool) -> RunState | None:
+    """:func:`_open` on rank 0 (the one process that reads, clears and writes the run directory);
+    the other ranks get its answer, or its refusal as their own error, instead of waiting forever."""
+    answer: Any = None
+    if distributed.is_main():
+        try:
+            answer = _open(out, identity, steps, resume, overwrite)
+            out.mkdir(parents=True, exist_ok=True)
+        except Exception as e:
+            if not distributed.active():
+                raise
+            distributed.broadcast(e)
+            raise
+    answer = distributed.broadcast(answer)
+    if isinstance(answer, Exception):  # rank 0's refusal, raised on this rank too
+        raise answer
+    return answer
 
 
 def check_generative(stream: TaskStream, model: DeltaModel, strategy: Strategy) -> None:
@@ -270,24 +317,33 @@ def run_stream(
     device = config.torch_device()
     check_generative(stream, model, strategy)
     check_lengths(model, max(t.max_length or config.max_length for t in stream), strategy.methods)
+    check_distributed(strategy, config)
+    if not distributed.is_main():
+        config = dataclasses.replace(config, progress=False)  # one set of progress bars: rank 0's
     out = Path(out_dir)
     run = _Run(stream, model, strategy, config, out, loggers, rescore_all)
     identity = run_identity(stream, model, strategy, config)
-    state = _open(out, identity, len(run.plan), resume, overwrite)
-    out.mkdir(parents=True, exist_ok=True)
+    state = _open_on_main(out, identity, len(run.plan), resume, overwrite)
     model.to(device)
+    if config.shard_backbone:
+        blocks = distributed.shard_backbone(model)
+        mine, total = distributed.local_parameters(blocks)
+        if run.main:
+            tqdm.write(f"backbone: {len(blocks)} blocks sharded across {distributed.world_size()} processes (FSDP2); "
+                       f"each holds {mine:,} of their {total:,} parameters")
     if state is None:
         state = run.baseline(identity)
-        rundir.write_state(out, state)
     else:
         run.rebuild(state)
-    params = {**identity, "data": {n: f[:16] for n, f in identity["data"].items()}, "device": str(device),
-              "backbone_name": model.backbone_name, **(extra_params or {})}
-    for lg in run.loggers:
-        state.tracking = lg.start_stream(stream.name, params, state.tracking or None) or state.tracking
-    run.note_tracking(state)
-    rundir.write_state(out, state)
-    rundir.write_stream_spec(out, stream, identity["data"])
+    if run.main:
+        rundir.write_state(out, state)
+        params = {**identity, "data": {n: f[:16] for n, f in identity["data"].items()}, "device": str(device),
+                  "backbone_name": model.backbone_name, "processes": distributed.world_size(), **(extra_params or {})}
+        for lg in run.loggers:
+            state.tracking = lg.start_stream(stream.name, params, state.tracking or None) or state.tracking
+        run.note_tracking(state)
+        rundir.write_state(out, state)
+        rundir.write_stream_spec(out, stream, identity["data"])
     try:
         bar = tqdm(total=len(run.plan), initial=len(state.done), desc=f"stream {stream.name}", disable=not config.progress)
         for k in range(len(run.plan)):
@@ -298,7 +354,8 @@ def run_stream(
             bar.set_postfix(ACC=f"{so_far['ACC']:.3f}")
         bar.close()
         metrics = state.matrix.result()
-        artifacts = rundir.write_results(out, stream, state, metrics)
+        artifacts = rundir.write_results(out, stream, state, metrics) if run.main else []
+        distributed.barrier()  # when any rank returns, the run directory is complete
         for lg in run.loggers:
             lg.end_stream(metrics, artifacts, "FINISHED")
         return StreamResult(state.matrix, metrics, state.steps, out, state.tracking, state.seconds)

@@ -27,6 +27,8 @@ def _digest(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
     h = hashlib.blake2b(digest_size=20)
     for name, t in tensors:
         t = t.detach()
+        if hasattr(t, "to_local"):  # sharded across processes: this rank's shard, which changes iff the whole does
+            t = t.to_local()
         h.update(name.encode())
         h.update(str((tuple(t.shape), t.dtype)).encode())
         h.update(t.contiguous().reshape(-1).view(torch.uint8).cpu().numpy().tobytes() if t.numel() else b"")

@@ -9,6 +9,7 @@ from adapters import DeltaError
 from streams import DataError
 
 from ..rundir import RunStateError
+from ..studies.pool import PoolError
 from .commands import COMMANDS
 from .parser import DEFAULTS, build_parser
 
@@ -19,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (DataError, DeltaError, RunStateError, FileNotFoundError, ValueError, ImportError) as e:
+    except (DataError, DeltaError, RunStateError, PoolError, FileNotFoundError, ValueError, ImportError) as e:
         print(f"continual {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

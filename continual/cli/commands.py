@@ -23,7 +23,7 @@ from ..rundir import run_info
 from ..scheduler import run_stream
 from ..strategies import STRATEGIES, make_strategy
 from ..tracking import MLflowLogger, check_uri, fetch_results, log_combination
-from ..training import TrainConfig
+from ..training import TrainConfig, distributed
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
@@ -34,6 +34,8 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     base = dict(max_steps=args.steps, batch_size=args.batch_size, max_length=args.max_length, eval_every=args.eval_every,
                 seed=args.seed, device=args.device, progress=not opt("no_progress", False), lr=opt("lr"),
                 head_lr=opt("head_lr", 1e-3), patience=patience or None)  # --patience 0: never stop early
+    base["dropout"] = not opt("no_dropout", False)
+    base["shard_backbone"] = opt("shard_backbone", False)
     speed = dict(precision=opt("precision", "fp32"), compile=opt("compile"), bucket=opt("bucket", False))
     if opt("fast", False):
         return TrainConfig.fast(**base, **{k: v for k, v in speed.items() if v not in (None, False, "fp32")})
@@ -51,19 +53,35 @@ def cmd_run(args: argparse.Namespace) -> int:
     options = {k: v for text in args.strategy_option for k, v in parse_options(text).items()}
     strategy = make_strategy(args.strategy, methods, **options)
     config = train_config(args)
-    config.torch_device()  # an unusable --device is an error before anything is loaded or deleted
+    device = config.torch_device()  # an unusable --device is an error before anything is loaded or deleted
     if not args.no_mlflow:
         check_uri(args.tracking_uri)
+    started = distributed.init_from_env(device)  # under torchrun / accelerate launch: join the group
+    try:
+        return _run(args, strategy, methods, config)
+    finally:
+        if started:
+            distributed.shutdown()
+
+
+def _run(args: argparse.Namespace, strategy: Any, methods: list[Any], config: TrainConfig) -> int:
+    main = distributed.is_main()  # with several processes, rank 0 alone prints and logs
+    say = print if main else (lambda *a, **k: None)
     label = "ft" if strategy.trains_backbone else methods_label(methods)
     out = Path(args.out or f"runs/{Path(args.stream).stem}-{args.strategy}-{label}-s{args.seed}")
     stream = load_stream(args.stream, args.seed, _cap(args.max_train), _cap(args.max_eval))
-    print(f"stream {stream.name}: " + ", ".join(f"{t.name} ({len(t.train)}/{len(t.dev)}/{len(t.test)})" for t in stream))
+    say(f"stream {stream.name}: " + ", ".join(f"{t.name} ({len(t.train)}/{len(t.dev)}/{len(t.test)})" for t in stream))
+    if distributed.active():
+        say(f"{distributed.world_size()} processes ({'nccl' if config.torch_device().type == 'cuda' else 'gloo'}), "
+            f"global batch {config.batch_size}: each trains on its slice and scores its shard; rank 0 writes {out}/")
     torch.manual_seed(args.seed)  # weights a checkpoint lacks (an unused pooler) start the same every run
     model = DeltaModel.from_pretrained(args.backbone)
-    loggers = [] if args.no_mlflow else [MLflowLogger(args.tracking_uri, args.experiment, args.run_name or out.name)]
+    loggers = [MLflowLogger(args.tracking_uri, args.experiment, args.run_name or out.name)] if main and not args.no_mlflow else []
     result = run_stream(stream, model, strategy, config, out, loggers=loggers, resume=args.resume,
                         overwrite=args.overwrite, extra_params={"command": " ".join(sys.argv)},
                         rescore_all=args.rescore_all)
+    if not main:
+        return 0
     print(f"\n{stream.name} / {args.strategy} / {label}: accuracy matrix R[i, j] (row: after training task i)")
     print(result.table())
     print(f"\nmacro-F1:\n{result.table(f1=True)}")
@@ -164,14 +182,35 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     entries = [parse_entry(e) for e in (args.entry or ["per-task:bottleneck", "per-task:lora", "seq-delta:lora", "seq-ft"])]
     config = train_config(args)
-    stream = load_stream(args.stream, args.seed, _cap(args.max_train), _cap(args.max_eval))
-    out = Path(args.out or f"runs/compare-{Path(args.stream).stem}-s{args.seed}")
+    seeds = _seeds(args.seeds) if args.seeds else [args.seed]
+    if args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
     uri = None if args.no_mlflow else args.tracking_uri
-    rows = compare(stream, entries, config, out, args.backbone, uri)
-    files = write_report(stream.name, rows, out, uri)
-    print(report_markdown(stream.name, rows))
+    if uri:
+        check_uri(uri)
+    streams = {s: load_stream(args.stream, s, _cap(args.max_train), _cap(args.max_eval)) for s in seeds}
+    name = next(iter(streams.values())).name
+    tag = f"s{seeds[0]}" if len(seeds) == 1 else "s" + "-".join(map(str, seeds))
+    out = Path(args.out or f"runs/compare-{Path(args.stream).stem}-{tag}")
+    pool = f"{args.workers} local processes" if args.workers > 1 else "this process"
+    print(f"compare: {len(entries)} entries x {len(seeds)} seed(s) on {f'Ray at {args.ray_address}' if args.ray_address else pool}")
+    rows = compare(streams if len(seeds) > 1 else streams[seeds[0]], entries,
+                   dataclasses.replace(config, seed=seeds[0]), out, args.backbone, uri, workers=args.workers,
+                   ray_address=args.ray_address, done=lambda label, row: print(f"  done: {label} (ACC {row['ACC']:.4f})", flush=True))
+    files = write_report(name, rows, out, uri)
+    print(report_markdown(name, rows))
     print(f"report: {', '.join(str(f) for f in files)}")
     return 0
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds takes integers separated by commas, e.g. 0,1,2; got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds needs distinct integers, got {text!r}")
+    return seeds
 
 
 def cmd_list(args: argparse.Namespace) -> int:

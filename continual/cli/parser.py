@@ -95,6 +95,12 @@ def _run(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--bucket", action="store_true", help="length-bucketed training batches (less padding)")
     r.add_argument("--fast", action="store_true",
                    help="the fast path: --precision auto --bucket, and --compile default on a GPU")
+    r.add_argument("--no-dropout", action="store_true",
+                   help="train with dropout off (a deterministic forward pass: a run on N processes under torchrun "
+                   "then gives the 1-process numbers, up to float rounding)")
+    r.add_argument("--shard-backbone", action="store_true",
+                   help="under torchrun: shard the frozen backbone's blocks across the processes (FSDP2) instead "
+                   "of a full copy in each; the deltas stay replicated (docs/distributed.md)")
     r.add_argument("--out", default=None, help="output directory (default: runs/<stream>-<strategy>-<methods>-s<seed>)")
     r.add_argument("--resume", action="store_true", help="continue the run saved in --out after its last finished task")
     r.add_argument("--rescore-all", action="store_true",
@@ -170,6 +176,15 @@ def _compare(sub: argparse._SubParsersAction) -> None:
                     "(Avalanche baselines need the [avalanche] extra); default: per-task:bottleneck, per-task:lora, "
                     "seq-delta:lora, seq-ft%(default).0s")
     _training_options(cp)
+    cp.add_argument("--seeds", default=None, metavar="S1,S2,...",
+                    help="run every entry once per seed (the stream drawn with that seed) into <out>/<entry>/s<seed>; "
+                    "the report gives mean ± std (default: --seed alone)")
+    cp.add_argument("--workers", type=int, default=1,
+                    help="run the entries x seeds on this many local processes at once (each gets cpu_count / "
+                    "workers torch threads); the numbers do not change, the wall time does")
+    cp.add_argument("--ray-address", default=None,
+                    help="run the entries x seeds as tasks on this Ray cluster (e.g. auto, or ray://host:10001); "
+                    "needs `pip install ray`")
     cp.add_argument("--out", default=None, help="default: runs/compare-<stream>-s<seed>")
     _tracking_options(cp)
 

@@ -41,6 +41,12 @@ class Strategy:
     updates_old_tasks: ClassVar[bool] = False
     # False where a strategy can only train classification tasks (Avalanche's, through its model)
     generative_tasks: ClassVar[bool] = True
+    # False where training does not go through continual.training.fit (Avalanche's own trainer),
+    # which is what runs data-parallel over several processes
+    data_parallel: ClassVar[bool] = True
+    # True where reports() runs the model (rank 0 alone calls it: with a sharded backbone every
+    # forward pass needs all processes, so such a strategy cannot shard it)
+    reports_run_model: ClassVar[bool] = False
 
     def __init__(self, methods: Sequence[MethodSpec] = ("bottleneck",)) -> None:
         # typed at the edge: a method name or dict becomes its validated config here

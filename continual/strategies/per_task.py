@@ -33,6 +33,7 @@ class ContinualFusion(PerTaskDelta):
 
     name = "per-task-fusion"
     description = "per-task deltas, then for each task an AdapterFusion over all deltas so far (its own included)"
+    reports_run_model = True  # the fusion's attention weights on the test set
     SUFFIX = "_fusion"
 
     def __init__(self, methods: Sequence[MethodSpec] = ("bottleneck",), **fusion: Any) -> None:

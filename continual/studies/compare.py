@@ -9,6 +9,10 @@ stream is logged to MLflow like ``continual run``), then one report gives, per e
 FWT, forgetting, trainable parameters per task, delta size on disk (the saved task checkpoints,
 and the backbone where the entry fine-tunes it) and wall time, as ``report.md``, ``report.json``
 and ``report.png``, logged to MLflow as a ``compare`` run.
+
+With ``--seeds 0,1,2`` each entry runs once per seed (the stream drawn with that seed) and the
+report gives mean ± std. ``--workers N`` hands the entries x seeds to N local processes, and
+``--ray-address`` to a Ray cluster (:mod:`continual.studies.pool`): same report, less wall time.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from ..scheduler import run_stream
 from ..strategies import STRATEGIES, make_strategy
 from ..tracking import DEFAULT_EXPERIMENT, MLflowLogger, log_compare
 from ..training import TrainConfig
+from .pool import run_all
 
 METRICS = ("ACC", "BWT", "FWT", "forgetting")
 
@@ -79,33 +84,94 @@ def summarize_run(directory: Path) -> dict[str, Any]:
     return row
 
 
-def compare(stream: Any, entries: Sequence[Entry], config: TrainConfig, out: str | Path, backbone: str = "minilm",
-            tracking_uri: str | None = None) -> dict[str, dict[str, Any]]:
-    """Run (or reuse) every entry on ``stream`` (seed, device and progress from ``config``);
-    returns label -> report row. With ``tracking_uri`` each entry's stream is logged to MLflow as
-    ``continual run`` logs it (run name ``compare-<stream>-<entry>``)."""
+@dataclasses.dataclass
+class Job:
+    """One run of a study: an entry on the stream drawn with one seed, into its own directory."""
+
+    stream: Any
+    entry: Entry
+    config: TrainConfig
+    directory: Path
+    backbone: str
+    tracking_uri: str | None
+    run_name: str
+
+
+def run_job(job: Job) -> dict[str, Any]:
+    """Run (or reuse, or resume) one job and return its report row; a pool worker's whole task."""
+    directory = job.directory
+    if not (directory / "results.json").exists():
+        e = job.entry
+        strategy = make_strategy(e.strategy, e.methods or ["bottleneck"], **e.options)
+        torch.manual_seed(job.config.seed)
+        model = DeltaModel.from_pretrained(job.backbone)
+        loggers = [MLflowLogger(job.tracking_uri, DEFAULT_EXPERIMENT, job.run_name)] if job.tracking_uri else []
+        run_stream(job.stream, model, strategy, job.config, directory, loggers=loggers,
+                   resume=(directory / "state.json").exists())
+    return summarize_run(directory)
+
+
+def compare(streams: Any, entries: Sequence[Entry], config: TrainConfig, out: str | Path, backbone: str = "minilm",
+            tracking_uri: str | None = None, *, workers: int = 1, ray_address: str | None = None,
+            done: Any = None) -> dict[str, dict[str, Any]]:
+    """Run (or reuse) every entry on the stream (device and progress from ``config``); returns
+    label -> report row. With ``tracking_uri`` each run is logged to MLflow as ``continual run``
+    logs it (run name ``compare-<stream>-<entry>``).
+
+    ``streams``: one stream (seeded ``config.seed``), or seed -> the stream drawn with that seed:
+    each entry then runs once per seed (into ``<out>/<entry>/s<seed>``) and its row holds the mean
+    over seeds, with ``<metric>_std``. ``workers`` / ``ray_address``: the pool that runs the
+    entries x seeds (:mod:`continual.studies.pool`); the rows do not depend on it."""
     out = Path(out)
-    strategies = {e.label: make_strategy(e.strategy, e.methods or ["bottleneck"], **e.options) for e in entries}
-    rows = {}
+    for e in entries:  # every entry is checked before any runs
+        make_strategy(e.strategy, e.methods or ["bottleneck"], **e.options)
+    by_seed = streams if isinstance(streams, dict) else {config.seed: streams}
+    several = len(by_seed) > 1
+    parallel = workers > 1 or bool(ray_address)
+    jobs, labels = [], []
     for e in entries:
-        directory = out / e.label
-        if not (directory / "results.json").exists():
-            torch.manual_seed(config.seed)
-            model = DeltaModel.from_pretrained(backbone)
-            loggers = [MLflowLogger(tracking_uri, DEFAULT_EXPERIMENT, f"compare-{stream.name}-{e.label}")] if tracking_uri else []
-            run_stream(stream, model, strategies[e.label], config, directory, loggers=loggers,
-                       resume=(directory / "state.json").exists())
-        rows[e.label] = summarize_run(directory)
+        for seed, stream in by_seed.items():
+            directory = out / e.label / f"s{seed}" if several else out / e.label
+            run_config = dataclasses.replace(config, seed=seed, progress=config.progress and not parallel)
+            name = f"compare-{stream.name}-{e.label}" + (f"-s{seed}" if several else "")
+            jobs.append(Job(stream, e, run_config, directory, backbone, tracking_uri, name))
+            labels.append(f"{e.label} seed {seed}" if several else e.label)
+    results = run_all(run_job, jobs, labels, workers, ray_address, done)
+    rows: dict[str, dict[str, Any]] = {}
+    for e in entries:
+        mine = [r for j, r in zip(jobs, results) if j.entry.label == e.label]
+        rows[e.label] = mine[0] if not several else mean_row(mine)
     return rows
 
 
+def mean_row(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One entry's runs over several seeds: the mean of every number, ``<metric>_std`` for the
+    metrics (sample standard deviation), ``seeds`` how many."""
+    out: dict[str, Any] = {k: float(np.mean([r[k] for r in rows])) if None not in [r[k] for r in rows] else None
+                           for k in rows[0]}
+    for k in METRICS:
+        values = [r[k] for r in rows]
+        out[f"{k}_std"] = float(np.std(values, ddof=1)) if None not in values else None
+    out["trainable_params_per_task"] = int(out["trainable_params_per_task"])
+    out["seeds"] = len(rows)
+    return out
+
+
+def _cell(r: dict[str, Any], k: str) -> str:
+    v, std = r[k], r.get(f"{k}_std")
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    return f"{v:+.4f}" + (f" ± {std:.4f}" if std is not None else "")
+
+
 def report_markdown(stream: str, rows: dict[str, dict[str, Any]]) -> str:
-    fmt = lambda v: "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:+.4f}"  # noqa: E731
-    lines = [f"# Comparison on stream `{stream}`", "",
+    seeds = {r.get("seeds", 1) for r in rows.values()}
+    title = f"# Comparison on stream `{stream}`" + (f" (mean ± std over {max(seeds)} seeds)" if max(seeds) > 1 else "")
+    lines = [title, "",
              "| method | ACC | BWT | FWT | forgetting | trainable params / task | delta on disk | wall time |",
              "|---|---|---|---|---|---|---|---|"]
     for label, r in rows.items():
-        lines.append(f"| {label} | " + " | ".join(fmt(r[k]) for k in METRICS)
+        lines.append(f"| {label} | " + " | ".join(_cell(r, k) for k in METRICS)
                      + f" | {r['trainable_params_per_task']:,} | {r['delta_bytes_on_disk'] / 1e6:.2f} MB | {r['wall_seconds']:.0f} s |")
     lines += ["", "ACC: mean final accuracy; BWT < 0 and forgetting > 0 mean forgetting; FWT: gain from earlier "
               "tasks before training. Delta on disk: all task checkpoints the run saved, with the fine-tuned "

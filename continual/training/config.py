@@ -11,6 +11,8 @@ import torch
 from adapters import DeltaConfig, get_method
 from adapters.precision import PRECISIONS
 
+from . import distributed
+
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -41,6 +43,13 @@ class TrainConfig:
     compile: str | None = None   # None, or a torch.compile mode (COMPILE_MODES)
     bucket: bool = False         # length-bucketed batches (less padding); pads to a multiple of 8
     log_every: int = 10          # steps between records; the loss is read back (a host sync) only then
+    # False: train with every dropout off (the model stays in eval mode; gradients flow the same).
+    # A deterministic forward: an N-process run then matches one process to float rounding, where
+    # with dropout each process draws its own masks (see continual.training.distributed)
+    dropout: bool = True
+    # several processes (torchrun): shard the frozen backbone's blocks across them (FSDP2) instead
+    # of a full copy in each; the deltas stay replicated (see continual.training.distributed)
+    shard_backbone: bool = False
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the setting, before anything is loaded or trained.
@@ -130,11 +139,18 @@ def position_limit(model: Any) -> int | None:
 def resolve_device(device: str | None) -> torch.device:
     """``None`` picks CUDA when there is a GPU, else the CPU. The only place a device name is read."""
     if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return _per_process(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         dev = torch.device(device)
     except RuntimeError as e:
         raise ValueError(f"unknown device {device!r}: {e}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for, but this torch build sees no CUDA GPU; use --device cpu")
+    return _per_process(dev)
+
+
+def _per_process(dev: torch.device) -> torch.device:
+    # under torchrun each process of a node takes its own GPU: cuda -> cuda:LOCAL_RANK
+    if dev.type == "cuda" and dev.index is None and distributed.env_world_size() > 1:
+        return torch.device("cuda", distributed.local_rank())
     return dev

@@ -167,6 +167,14 @@ class GenerationLoader:
             lengths = [len(ids) - p for ids, p in zip(dataset["input_ids"], dataset["prompt_len"])]
         self.max_new_tokens = min(MAX_NEW_TOKENS, max(lengths))
 
+    def subset(self, dataset: Dataset) -> "GenerationLoader":
+        """A loader over part of this one's data set, scored and answered as the whole set is
+        (its metric and answer length), for sharded evaluation; the part may be empty."""
+        part = object.__new__(GenerationLoader)
+        part.dataset, part.tokenizer, part.batch_size = dataset, self.tokenizer, self.batch_size
+        part.metric, part.max_new_tokens = self.metric, self.max_new_tokens
+        return part
+
     def __len__(self) -> int:
         return -(-len(self.dataset) // self.batch_size)
 

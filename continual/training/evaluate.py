@@ -13,6 +13,7 @@ from adapters import DeltaModel
 from adapters.generation import answer_batches
 from adapters.precision import autocast, resolve_precision
 
+from . import distributed
 from .textscore import score_texts
 
 
@@ -38,6 +39,7 @@ def evaluate(
 
     ``active``: the tasks whose deltas act, ``task`` last; default ``task`` alone.
     ``precision``: as in :class:`~continual.training.TrainConfig` (autocast for bf16 / fp16)."""
+    loader = distributed.shard_loader(loader, model)  # with several processes, each scores its shard
     if getattr(loader, "generative", False):
         return evaluate_generation(model, task, loader, active, precision)
     device = model.device
@@ -53,9 +55,10 @@ def evaluate(
             preds.append(logits.argmax(-1))
             golds.append(labels)
     model.train(was_training)
-    # one read-back at the end, not one per batch
-    pred, gold = torch.cat(preds).cpu().numpy(), torch.cat(golds).cpu().numpy()
-    loss_sum = float(torch.stack(losses).sum())
+    # one read-back at the end, not one per batch; the metrics are computed on the whole split
+    pairs = list(zip(torch.cat(preds).tolist(), torch.cat(golds).tolist())) if preds else []
+    pred, gold = (np.asarray(c) for c in zip(*distributed.gather_lists(pairs, loader)))
+    loss_sum = sum(distributed.gather_lists([float(torch.stack(losses).sum()) if losses else 0.0], loader))
     n_labels = model.task(task).head.num_labels
     return {"accuracy": float((pred == gold).mean()), "macro_f1": macro_f1(pred, gold, n_labels), "loss": loss_sum / len(gold)}
 
@@ -72,5 +75,8 @@ def answers(model: DeltaModel, loader, active: Sequence[str], precision: str = "
 def evaluate_generation(model: DeltaModel, task: str, loader, active: Sequence[str] | None = None,
                         precision: str = "fp32") -> dict[str, float]:
     """Greedy answers of ``task`` (its deltas, the model's LM head) scored by the loader's metric."""
+    loader = distributed.shard_loader(loader, model)
     preds, refs = answers(model, loader, active or (task,), precision)
-    return score_texts(preds, refs, loader.metric)
+    # several processes: each answered its shard (shard_loader); the metric is the whole split's
+    pairs = distributed.gather_lists(list(zip(preds, refs)), loader)
+    return score_texts([p for p, _ in pairs], [r for _, r in pairs], loader.metric)

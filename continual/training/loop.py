@@ -9,6 +9,7 @@ record, to an optional ``callback(record)`` (a logger plugs in there).
 
 from __future__ import annotations
 
+import gc
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -18,6 +19,7 @@ from datasets import DatasetDict
 from adapters import DeltaModel
 from adapters.precision import autocast, frozen_linears_in
 
+from . import distributed
 from .config import TrainConfig, TrainResult, check_lengths
 from .data import endless_batches, eval_loader, tokenize
 from .evaluate import evaluate
@@ -49,15 +51,19 @@ def fit(
     config: TrainConfig,
     callback: Callable[[Record], None] | None,
     desc: str,
+    tasks_vary: bool = False,
 ) -> TrainResult:
     """The step loop shared by single-task and joint training.
 
-    ``next_batch`` gives (tasks to activate, batch); ``dev`` scores the model on held-out data.
-    The parameters of ``groups`` end with their best-on-dev values."""
+    ``next_batch`` gives (tasks to activate, batch); ``dev`` scores the model on held-out data;
+    ``tasks_vary``: steps activate different tasks, so some trained parameters get no gradient in
+    a step (matters to DDP). The parameters of ``groups`` end with their best-on-dev values."""
     config.validate()
+    distributed.check_batch(config.batch_size)
     device = model.device
     optimizer = make_optimizer(groups, device, config.weight_decay)
-    train_step = TrainStep(model, optimizer, config.precision, config.compile, config.grad_clip)
+    net = distributed.wrap(model, find_unused=tasks_vary)  # DDP over what trains now, when there are several processes
+    train_step = TrainStep(net, optimizer, config.precision, config.compile, config.grad_clip)
     precision = train_step.precision
 
     def scored() -> dict[str, float]:
@@ -65,7 +71,7 @@ def fit(
             return dev()
 
     protocol = Protocol(config, train_step.params, optimizer, scored, callback, desc)
-    model.train()
+    model.train(config.dropout)
     with frozen_linears_in(model.backbone, precision):
         while not protocol.should_stop:
             active, batch = next_batch()
@@ -75,9 +81,16 @@ def fit(
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             labels = batch.pop("labels")
             protocol.before_step()
-            protocol.after_step(train_step(batch, labels), len(labels))
+            if net is model:
+                loss = train_step(batch, labels)
+            else:  # this rank's slice of the global batch; the loss logged is the global batch's
+                loss = distributed.mean(train_step(*distributed.local_slice(batch, labels)))
+            protocol.after_step(loss, len(labels))
     result = protocol.finish()
     model.eval()
+    if net is not model:  # DDP's gradient hooks go with it, before the next task wraps the model
+        del train_step, net
+        gc.collect()
     return result
 
 
@@ -169,4 +182,4 @@ def train_joint(
         common = [k for k in scores[0] if all(k in s for s in scores)]  # classification and generative tasks differ
         return {k: float(np.mean([s[k] for s in scores])) for k in common}
 
-    return fit(model, groups, next_batch, dev, config, callback, "train joint")
+    return fit(model, groups, next_batch, dev, config, callback, "train joint", tasks_vary=len(names) > 1)

@@ -41,10 +41,16 @@ class TrainStep:
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.forward = torch.compile(model, mode=compile) if compile else model
 
-    def __call__(self, batch: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    def __call__(self, batch: dict[str, torch.Tensor], labels: torch.Tensor,
+                 denominator: torch.Tensor | None = None) -> torch.Tensor:
+        """``denominator``: divide the summed loss by it instead of averaging over ``labels``
+        (a data-parallel rank's slice: see :mod:`continual.training.distributed`)."""
         with autocast(self.precision, self.device):
             logits = self.forward(**batch)
-        loss = token_loss(logits, labels)
+        if denominator is None:
+            loss = token_loss(logits, labels)
+        else:
+            loss = token_loss(logits, labels, reduction="sum") / denominator
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.grad_clip:
@@ -53,11 +59,12 @@ class TrainStep:
         return loss.detach()
 
 
-def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def token_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy for both kinds of task: a classifier's (B, C) logits and (B,) labels, or a
     language model's (B, T, V) logits and (B, T) next-token labels (-100 where nothing is learned:
-    prompt and padding), averaged over the labelled positions."""
-    return nn.functional.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=-100)
+    prompt and padding), averaged over (or, ``reduction="sum"``, summed over) the labelled positions."""
+    return nn.functional.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=-100,
+                                       reduction=reduction)
 
 
 def mfu(samples_per_s: float, tokens_per_sample: int, params: int, peak_flops: float, flops_per_param_token: int = 4) -> float:

@@ -51,6 +51,7 @@ class AvalancheStrategy(SequentialFineTune):
     updates_old_tasks = True  # old heads keep training (LwF distils them, EWC/replay/A-GEM touch them)
 
     generative_tasks = False  # its model wrapper returns one head's class logits
+    data_parallel = False  # Avalanche's own training loop, not continual.training.fit
 
     def __init__(self, methods: Sequence[MethodSpec] = (), backbone_lr: float = 5e-5, **options: Any) -> None:
         super().__init__(methods, backbone_lr)

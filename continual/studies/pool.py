@@ -1,0 +1,106 @@
+"""Independent runs handed to a pool of workers: in this process, in local processes, or on Ray.
+
+A study (``continual compare``: entries x seeds) is a list of runs that share nothing but their
+inputs, each writing its own run directory. :func:`run_all` runs them
+
+- one after another in this process (``workers=1``, the default);
+- on ``workers`` local processes (spawned: a fresh interpreter each, no forked torch state), each
+  given ``cpu_count // workers`` torch threads so that the workers do not fight over the cores;
+- on a Ray cluster (``ray_address``, with ``ray`` installed): one task per run, ``num_cpus`` each.
+
+Every run is seeded by its own settings, never by the worker it lands on, so the numbers do not
+depend on the pool. A run that fails does not stop the others: :func:`run_all` waits for all of
+them and then raises :class:`PoolError` naming the failed ones (the finished ones stay on disk and
+are reused when the study is run again).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing
+import os
+from typing import Any, Callable, Sequence
+
+import torch
+
+
+class PoolError(RuntimeError):
+    """Some runs of a study failed; ``failures`` maps each one's label to its error text."""
+
+    def __init__(self, failures: dict[str, str]) -> None:
+        self.failures = failures
+        lines = "\n".join(f"  {k}: {v}" for k, v in failures.items())
+        super().__init__(f"{len(failures)} run(s) failed (the others finished and are kept):\n{lines}")
+
+
+def _set_threads(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def threads_per_worker(workers: int) -> int:
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+def run_all(fn: Callable[[Any], Any], jobs: Sequence[Any], labels: Sequence[str], workers: int = 1,
+            ray_address: str | None = None, done: Callable[[str, Any], None] | None = None) -> list[Any]:
+    """``[fn(job) for job in jobs]``, on the pool the arguments name; ``done(label, result)`` is
+    called as each run finishes. ``fn`` must be a module-level function and ``jobs`` picklable."""
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
+    if ray_address:
+        return _collect(_on_ray(fn, jobs, labels, workers, ray_address), labels, done)
+    if workers == 1 or len(jobs) <= 1:
+        return _collect(((i, _call(fn, j)) for i, j in enumerate(jobs)), labels, done)
+    ctx = multiprocessing.get_context("spawn")
+    with cf.ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx, initializer=_set_threads,
+                                initargs=(threads_per_worker(min(workers, len(jobs))),)) as pool:
+        futures = {pool.submit(fn, j): i for i, j in enumerate(jobs)}
+        return _collect(((futures[f], _outcome(f)) for f in cf.as_completed(futures)), labels, done)
+
+
+def _call(fn: Callable[[Any], Any], job: Any) -> Any:
+    try:
+        return fn(job)
+    except Exception as e:  # reported with the others at the end
+        return e
+
+
+def _outcome(future: cf.Future) -> Any:
+    try:
+        return future.result()
+    except Exception as e:
+        return e
+
+
+def _collect(outcomes: Any, labels: Sequence[str], done: Callable[[str, Any], None] | None) -> list[Any]:
+    results: list[Any] = [None] * len(labels)
+    failures = {}
+    for i, out in outcomes:
+        results[i] = out
+        if isinstance(out, Exception):
+            failures[labels[i]] = f"{type(out).__name__}: {out}"
+        elif done is not None:
+            done(labels[i], out)
+    if failures:
+        raise PoolError(failures)
+    return results
+
+
+def _on_ray(fn: Callable[[Any], Any], jobs: Sequence[Any], labels: Sequence[str], workers: int, address: str) -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise RuntimeError("--ray-address needs ray: pip install 'ray>=2.9' (without it, --workers uses local processes)") from None
+    if not ray.is_initialized():
+        ray.init(address=address)
+    # workers > 1 on Ray: how many CPUs each run reserves is the cluster's CPUs / workers
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) // workers)
+    remote = ray.remote(num_cpus=cpus)(fn)
+    refs = {remote.remote(j): i for i, j in enumerate(jobs)}
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        try:
+            yield refs[ready[0]], ray.get(ready[0])
+        except Exception as e:
+            yield refs[ready[0]], e

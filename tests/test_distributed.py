@@ -1,0 +1,173 @@
+"""Data parallelism on torch.distributed: real ``torchrun`` launches of 2 gloo processes on this CPU.
+
+The spec: with dropout off (``--no-dropout``, a deterministic forward) and fp32, an N-process run
+gives the accuracy matrix of a 1-process run with the same global batch, its trained deltas equal
+up to float rounding (different GEMM shapes, an all-reduce adding two partial gradients); only rank
+0 writes; a 2-process run killed mid-task resumes to the uninterrupted matrix.
+"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import free_port
+from continual.cli import main
+from test_cli import toy_yaml  # noqa: F401  (a fixture)
+from test_generative import toy_generative_yaml
+
+# Rounding bound on the trained weights: measured ~5e-7 on these runs (fp32); 1e-5 leaves room for
+# other CPUs' kernels while still failing on any real difference (a wrong loss scale is ~1e-2).
+WEIGHT_ATOL = 1e-5
+
+
+def opts(stream, backbone, out, *extra, steps: int = 60):
+    return ["run", "--stream", str(stream), "--backbone", str(backbone), "--method", "lora:rank=4", "--steps", str(steps),
+            "--eval-every", "20", "--max-length", "16", "--lr", "1e-2", "--head-lr", "1e-2", "--batch-size", "16",
+            "--precision", "fp32", "--no-dropout", "--no-progress", "--no-mlflow", "--out", str(out), *extra]
+
+
+def torchrun(args, n: int = 2, background: bool = False):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+           "-m", "continual", *args]
+    return launch(cmd, wait=not background)
+
+
+def launch(cmd, wait: bool = True, timeout: int = 300):
+    """Start the launcher in its own session, so that a hang (or the kill test) can stop every
+    process it started; ``wait``: run to the end (killing all of them after ``timeout`` s)."""
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    if not wait:
+        return proc
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(cmd[:6])} ... hung for {timeout} s:\n{out[-3000:]}\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def results(out: Path) -> dict:
+    return json.loads((out / "results.json").read_text())
+
+
+def assert_same_run(one: Path, two: Path) -> None:
+    a, b = results(one), results(two)
+    for key in ("R", "F1", "b", "b_f1"):
+        np.testing.assert_array_equal(np.array(a["matrix"][key], dtype=float), np.array(b["matrix"][key], dtype=float), key)
+    for fa in sorted(one.glob("checkpoints/*/*/*.safetensors")):
+        ta, tb = load_file(fa), load_file(two / fa.relative_to(one))
+        for k in ta:
+            torch.testing.assert_close(ta[k], tb[k], atol=WEIGHT_ATOL, rtol=0, msg=f"{fa.name}:{k}")
+
+
+@pytest.mark.parametrize("strategy,sharded", [("per-task", False), ("joint", False), ("per-task", True)],
+                         ids=["per-task", "joint", "per-task-sharded-backbone"])
+def test_two_processes_give_the_one_process_matrix(toy_yaml, tiny_backbone_dir, tmp_path, strategy, sharded):  # noqa: F811
+    """``sharded``: the backbone's blocks sharded across the 2 processes (FSDP2), deltas under DDP."""
+    extra = ["--strategy", strategy]
+    assert main(opts(toy_yaml, tiny_backbone_dir, tmp_path / "one", *extra)) == 0
+    proc = torchrun(opts(toy_yaml, tiny_backbone_dir, tmp_path / "two", *extra, *(["--shard-backbone"] if sharded else [])))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "2 processes (gloo)" in proc.stdout and proc.stdout.count("accuracy matrix R[i, j]") == 1  # rank 0 prints
+    if sharded:  # each process holds half of the blocks' weights
+        mine, total = (int(x.replace(",", "")) for x in re.search(r"each holds ([\d,]+) of their ([\d,]+)", proc.stdout).groups())
+        assert total > 0 and abs(mine - total / 2) <= 0.01 * total
+    assert_same_run(tmp_path / "one", tmp_path / "two")
+    # rank 0 alone wrote: the same files as one process, and the state records both steps' records
+    files = lambda d: sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file())  # noqa: E731
+    assert files(tmp_path / "one") == files(tmp_path / "two")
+
+
+def test_accelerate_launch_runs_the_same_data_parallel_training(toy_yaml, tiny_backbone_dir, tmp_path):  # noqa: F811
+    """``accelerate launch`` (its torchrun launcher: --multi_gpu, which on a CPU means processes
+    with gloo) sets the same environment; the run is the 1-process run."""
+    pytest.importorskip("accelerate")
+    assert main(opts(toy_yaml, tiny_backbone_dir, tmp_path / "one")) == 0
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+           "-m", "continual", *opts(toy_yaml, tiny_backbone_dir, tmp_path / "two")]
+    proc = launch(cmd)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "2 processes (gloo)" in proc.stdout
+    assert_same_run(tmp_path / "one", tmp_path / "two")
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["replicated", "sharded-backbone"])
+def test_two_processes_on_a_generative_stream(tiny_lm_dir, tmp_path, sharded):
+    """Token losses: the ranks' slices hold unequal numbers of answer tokens; generation split
+    across the processes, or (sharded backbone) run in step on all of them."""
+    stream = toy_generative_yaml(tmp_path)
+    args = lambda out: [*opts(stream, tiny_lm_dir, out, steps=30)[:-2], "--max-length", "32", "--out", str(out)]  # noqa: E731
+    assert main(args(tmp_path / "one")) == 0
+    proc = torchrun(args(tmp_path / "two") + (["--shard-backbone"] if sharded else []))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert_same_run(tmp_path / "one", tmp_path / "two")
+
+
+def test_a_killed_two_process_run_resumes_to_the_uninterrupted_matrix(toy_yaml, tiny_backbone_dir, tmp_path):  # noqa: F811
+    args = lambda out, *e: opts(toy_yaml, tiny_backbone_dir, out, "--patience", "0", *e, steps=400)  # noqa: E731
+    assert main(args(tmp_path / "one")) == 0
+    out = tmp_path / "two"
+    proc = torchrun(args(out), background=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:  # kill every process once task a is saved
+        state = out / "state.json"  # written atomically: always whole
+        if state.exists() and json.loads(state.read_text()).get("done") == [0]:
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait(60)
+    assert proc.returncode == -signal.SIGKILL, proc.communicate()
+    assert not (out / "results.json").exists()
+    again = torchrun(args(out, "--resume"))
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert_same_run(tmp_path / "one", out)
+
+
+def test_what_cannot_run_on_several_processes_is_refused(toy_yaml, tiny_backbone_dir, tmp_path, capsys):  # noqa: F811
+    # sharding needs processes to shard across, and a frozen backbone: refused before anything is written
+    assert main(opts(toy_yaml, tiny_backbone_dir, tmp_path / "s", "--shard-backbone")) == 2
+    assert "start the run with torchrun" in capsys.readouterr().err and not (tmp_path / "s").exists()
+    args = [a for a in opts(toy_yaml, tiny_backbone_dir, tmp_path / "a", "--strategy", "avalanche-ewc") if a != "--no-dropout"]
+    proc = torchrun(args)
+    assert proc.returncode != 0 and "cannot run on 2 processes" in proc.stdout + proc.stderr
+    assert not (tmp_path / "a").exists()
+
+
+def test_compare_on_two_worker_processes_gives_the_same_report(toy_yaml, tiny_backbone_dir, tmp_path, capsys):  # noqa: F811
+    """Entries x seeds on a pool of 2 spawned processes: the report of the in-process run, number
+    for number (each run is seeded by its own settings, not by its worker)."""
+    common = ["compare", "--stream", str(toy_yaml), "--backbone", str(tiny_backbone_dir), "--entry", "per-task:lora:rank=4",
+              "--entry", "seq-delta:lora:rank=4", "--seeds", "0,1", "--steps", "20", "--eval-every", "10", "--max-length", "16",
+              "--no-progress", "--no-mlflow"]
+    assert main([*common, "--out", str(tmp_path / "w1")]) == 0
+    assert main([*common, "--workers", "2", "--out", str(tmp_path / "w2")]) == 0
+    assert "on 2 local processes" in capsys.readouterr().out
+    one, two = (json.loads((tmp_path / d / "report.json").read_text())["rows"] for d in ("w1", "w2"))
+    assert list(one) == list(two) == ["per-task-lora", "seq-delta-lora"]
+    for label in one:
+        assert one[label]["seeds"] == 2 and one[label]["ACC_std"] is not None
+        for k in ("ACC", "BWT", "FWT", "forgetting", "ACC_std", "trainable_params_per_task"):
+            assert one[label][k] == two[label][k], (label, k)
+    for seed in (0, 1):  # the runs themselves: same matrices
+        for label in one:
+            a, b = (json.loads((tmp_path / d / label / f"s{seed}" / "results.json").read_text()) for d in ("w1", "w2"))
+            assert a["matrix"] == b["matrix"]
+    # a failing run does not stop the others; the error names it, and what finished is kept
+    bad = [*common[:5], "--entry", "per-task:lora:rank=4", "--entry", "per-task:prompt:num_tokens=60", *common[9:],
+           "--workers", "2", "--out", str(tmp_path / "bad")]
+    assert main(bad) == 2
+    err = capsys.readouterr().err
+    assert "per-task-prompt" in err and "positions" in err and (tmp_path / "bad" / "per-task-lora" / "s1" / "results.json").exists()
