@@ -72,7 +72,8 @@ def assert_same_run(one: Path, two: Path) -> None:
             torch.testing.assert_close(ta[k], tb[k], atol=WEIGHT_ATOL, rtol=0, msg=f"{fa.name}:{k}")
 
 
-@pytest.mark.parametrize("strategy,sharded", [("per-task", False), ("joint", False), ("per-task", True)],
+@pytest.mark.parametrize("strategy,sharded", [("per-task", False), pytest.param("joint", False, marks=pytest.mark.slow),
+                                              ("per-task", True)],
                          ids=["per-task", "joint", "per-task-sharded-backbone"])
 def test_two_processes_give_the_one_process_matrix(toy_yaml, tiny_backbone_dir, tmp_path, strategy, sharded):  # noqa: F811
     """``sharded``: the backbone's blocks sharded across the 2 processes (FSDP2), deltas under DDP."""
@@ -90,6 +91,7 @@ def test_two_processes_give_the_one_process_matrix(toy_yaml, tiny_backbone_dir, 
     assert files(tmp_path / "one") == files(tmp_path / "two")
 
 
+@pytest.mark.slow  # the same launch as torchrun's through accelerate's launcher
 def test_accelerate_launch_runs_the_same_data_parallel_training(toy_yaml, tiny_backbone_dir, tmp_path):  # noqa: F811
     """``accelerate launch`` (its torchrun launcher: --multi_gpu, which on a CPU means processes
     with gloo) sets the same environment; the run is the 1-process run."""
@@ -104,7 +106,7 @@ def test_accelerate_launch_runs_the_same_data_parallel_training(toy_yaml, tiny_b
     assert_same_run(tmp_path / "one", tmp_path / "two")
 
 
-@pytest.mark.parametrize("sharded", [False, True], ids=["replicated", "sharded-backbone"])
+@pytest.mark.parametrize("sharded", [pytest.param(False, marks=pytest.mark.slow), True], ids=["replicated", "sharded-backbone"])
 def test_two_processes_on_a_generative_stream(tiny_lm_dir, tmp_path, sharded):
     """Token losses: the ranks' slices hold unequal numbers of answer tokens; generation split
     across the processes, or (sharded backbone) run in step on all of them."""

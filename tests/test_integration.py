@@ -17,6 +17,10 @@ pytestmark = pytest.mark.integration
 SMALL = {"prompt": {"num_tokens": 20}, "selective": {"patterns": ["attention"]}}
 STEPS = 120
 MARGIN = 0.10  # accuracy points above the majority class
+# The default suite trains one method of each kind of the taxonomy (specification: BitFit; addition:
+# bottleneck adapter and prompt; reparameterisation: LoRA); the others run with ``-m slow``.
+DEFAULT = {"bitfit", "bottleneck", "lora", "prompt"}
+METHODS = [m if m in DEFAULT else pytest.param(m, marks=pytest.mark.slow) for m in adapters.available_methods()]
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +49,7 @@ def test_backbone_is_the_real_pretrained_minilm(minilm):
 
 
 @pytest.mark.parametrize("steps", [STEPS, pytest.param(300, marks=pytest.mark.slow, id="300")])
-@pytest.mark.parametrize("method", adapters.available_methods())
+@pytest.mark.parametrize("method", METHODS)
 def test_each_method_learns_a_real_task(minilm, movie, method, steps):
     data, src, majority = movie
     torch.manual_seed(0)
