@@ -8,7 +8,8 @@ Both sides get the same model config, batch (random token ids, no padding), prec
 optimizer hyper-parameters. PEFT runs "as a user runs it": fp32 weights under bf16 autocast with
 torch.optim.AdamW (eager), and "compiled": the whole step under torch.compile with fused AdamW.
 Ours runs the training step every part of this library uses (continual.training.TrainStep inside
-frozen_linears_in): eager, and compiled as TrainConfig.fast() does on a GPU.
+frozen_linears_in, and on a CPU fast_dropout, as `continual run` trains by default): eager, and
+compiled as TrainConfig.fast() does on a GPU. Both train in train() mode: the backbone's dropout on.
 
 Printed: samples/s and peak memory per method and mode, ratios ours/PEFT, model FLOP
 utilisation (4 * backbone params * tokens per frozen-backbone training step, against the GPU's
@@ -35,6 +36,7 @@ import torch
 from torch import nn
 
 import adapters
+from adapters.dropout import fast_dropout
 from adapters.precision import autocast, frozen_linears_in
 from continual.training import TrainStep, make_optimizer, mfu
 
@@ -164,7 +166,8 @@ def train_ours(args, device, method: str, batch: int, compile_mode: str | None) 
     optimizer = make_optimizer(model.task("t").param_groups(lr=1e-4, head_lr=1e-4), device)
     step = TrainStep(model, optimizer, args.precision, compile_mode, grad_clip=1.0)
     x, y = inputs(args.size, batch, args.seq, device)
-    with frozen_linears_in(model.backbone, step.precision):
+    masks = fast_dropout(model.backbone) if args.dropout_masks == "fast" else contextlib.nullcontext()
+    with frozen_linears_in(model.backbone, step.precision), masks:
         out = measure(lambda: step(x, y), device, batch, args.warmup, args.iters)
     out["trainable"] = sum(p.numel() for p in step.params)
     return out
@@ -336,6 +339,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tasks", default="1,8,64", help="numbers of task deltas for mixed-task inference")
     p.add_argument("--mixed-methods", default="lora,bottleneck")
     p.add_argument("--precision", default=None, help="bf16 (GPU default) or fp32 (CPU default)")
+    p.add_argument("--dropout-masks", default="fast", choices=["fast", "torch"],
+                   help="our rows: the backbone's dropout masks as `continual run` draws them by default (fast, "
+                   "adapters.dropout) or torch's bernoulli_ (torch); PEFT always uses torch's")
     p.add_argument("--compile-modes", default="default,reduce-overhead", help="torch.compile modes of our compiled training rows (GPU)")
     p.add_argument("--mixed-compile", action="store_true", help="also time mixed-task inference compiled (first of --compile-modes)")
     p.add_argument("--warmup", type=int, default=None)

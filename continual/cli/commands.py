@@ -36,6 +36,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
                 head_lr=opt("head_lr", 1e-3), patience=patience or None)  # --patience 0: never stop early
     base["dropout"] = not opt("no_dropout", False)
     base["shard_backbone"] = opt("shard_backbone", False)
+    base["dropout_masks"] = opt("dropout_masks", "torch")
     speed = dict(precision=opt("precision", "fp32"), compile=opt("compile"), bucket=opt("bucket", False))
     if opt("fast", False):
         return TrainConfig.fast(**base, **{k: v for k, v in speed.items() if v not in (None, False, "fp32")})

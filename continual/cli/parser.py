@@ -13,7 +13,7 @@ from streams import GENERATIVE_STREAMS, STREAMS
 
 from ..strategies import STRATEGIES
 from ..tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI
-from ..training import COMPILE_MODES
+from ..training import COMPILE_MODES, DROPOUT_MASKS
 
 DESCRIPTION = """run lifelong-learning streams, report on them, list what is available.
 
@@ -54,6 +54,10 @@ def _training_options(p: argparse.ArgumentParser, steps_help: str | None = None)
     p.add_argument("--eval-every", type=int, default=DEFAULTS["eval_every"], help="steps between dev evaluations")
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="seeds splits, initialisation and training")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--dropout-masks", default="fast", choices=DROPOUT_MASKS,
+                   help="on a CPU, draw the frozen backbone's dropout masks from 16 random bits per element (fast: "
+                   "p rounded to 1/65536, about a quarter of a training step less) or with torch's bernoulli_ "
+                   "(torch); no effect on a GPU")
 
 
 def _tracking_options(p: argparse.ArgumentParser, progress: bool = True) -> None:
@@ -92,9 +96,10 @@ def _run(sub: argparse._SubParsersAction) -> None:
                    "instructions, e.g. AVX512-BF16 or AMX; else fp32)")
     r.add_argument("--compile", default=None, choices=COMPILE_MODES,
                    help="torch.compile the training forward pass with this mode (pays off on a GPU)")
-    r.add_argument("--bucket", action="store_true", help="length-bucketed training batches (less padding)")
+    r.add_argument("--bucket", action=argparse.BooleanOptionalAction, default=True,
+                   help="length-bucketed training batches (less padding; seeded, every example once per pass)")
     r.add_argument("--fast", action="store_true",
-                   help="the fast path: --precision auto --bucket, and --compile default on a GPU")
+                   help="the fast path: --precision auto --bucket --dropout-masks fast (the defaults), and --compile default on a GPU")
     r.add_argument("--no-dropout", action="store_true",
                    help="train with dropout off (a deterministic forward pass: a run on N processes under torchrun "
                    "then gives the 1-process numbers, up to float rounding)")

@@ -9,6 +9,7 @@ record, to an optional ``callback(record)`` (a logger plugs in there).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 from typing import Any, Callable, Sequence
 
@@ -17,6 +18,7 @@ import torch
 from datasets import DatasetDict
 
 from adapters import DeltaModel
+from adapters.dropout import fast_dropout
 from adapters.precision import autocast, frozen_linears_in
 
 from . import distributed
@@ -72,7 +74,8 @@ def fit(
 
     protocol = Protocol(config, train_step.params, optimizer, scored, callback, desc)
     model.train(config.dropout)
-    with frozen_linears_in(model.backbone, precision):
+    masks = fast_dropout(model.backbone) if config.dropout_masks == "fast" else contextlib.nullcontext()
+    with frozen_linears_in(model.backbone, precision), masks:
         while not protocol.should_stop:
             active, batch = next_batch()
             model.activate(*active)

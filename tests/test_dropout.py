@@ -1,0 +1,159 @@
+"""Fast dropout masks on a CPU (adapters.dropout): the same dropout, drawn more cheaply.
+
+The spec: masks drop at the stated (rounded) rate and keep the mean; they follow torch's seed;
+with nothing dropped the model computes exactly what it computes without the swap (so the only
+change is the random draw); every dropout site of a BERT goes through it, and leaving the block
+puts the model back as it was; decoders (causal attention) are untouched."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from transformers import BertConfig, BertModel
+
+from adapters.dropout import ATTENTION, FastDropout, _attention, fast_dropout, keep_mask
+from continual import TrainConfig, train_task
+from conftest import TINY, batch, tiny_backbone, toy_task
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_masks_drop_at_the_rounded_rate_and_keep_the_mean(p):
+    torch.manual_seed(0)
+    n = 1_000_000
+    m = keep_mask(torch.Size([1000, 1000]), p, CPU)
+    q = round(p * 65536) / 65536  # the rate actually drawn
+    assert abs(q - p) <= 0.5 / 65536
+    dropped = (m == 0).double().mean().item()
+    sigma = math.sqrt(q * (1 - q) / n)
+    assert abs(dropped - q) < 5 * sigma, (dropped, q)
+    kept = m[m != 0]
+    assert torch.all(kept == kept[0]) and kept[0].item() == pytest.approx(1 / (1 - q), rel=1e-6)
+    assert abs(m.double().mean().item() - 1) < 5 * sigma / (1 - q)
+
+
+def test_masks_follow_torch_manual_seed_and_odd_shapes():
+    torch.manual_seed(3)
+    a = keep_mask(torch.Size([7, 3, 5]), 0.3, CPU, torch.bfloat16)
+    torch.manual_seed(3)
+    b = keep_mask(torch.Size([7, 3, 5]), 0.3, CPU, torch.bfloat16)
+    c = keep_mask(torch.Size([7, 3, 5]), 0.3, CPU, torch.bfloat16)
+    assert a.dtype == torch.bfloat16 and a.shape == (7, 3, 5)  # 105 elements: not a multiple of 4
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def bert(hidden: float, attention: float) -> BertModel:
+    torch.manual_seed(0)
+    cfg = BertConfig(**TINY, max_position_embeddings=64, hidden_dropout_prob=hidden, attention_probs_dropout_prob=attention)
+    return BertModel(cfg, add_pooling_layer=False)
+
+
+def test_with_nothing_dropped_the_model_computes_what_it_did():
+    """p = 1e-7 rounds to 0 of 65536: every mask keeps everything, so any difference would come
+    from the swapped modules or the plain attention, not from randomness."""
+    model = bert(1e-7, 1e-7).train()
+    x = batch()
+    model.eval()
+    ref = model(**x).last_hidden_state
+    model.train()
+    calls = []
+    with fast_dropout(model):
+        assert model.config._attn_implementation == ATTENTION
+        sites = [m for m in model.modules() if isinstance(m, nn.Dropout)]
+        assert sites and all(type(m) is FastDropout for m in sites)
+        import adapters.dropout as fd
+        original = fd._dropout
+        fd._dropout = lambda t, p: calls.append(t.shape) or original(t, p)
+        try:
+            out = model(**x).last_hidden_state
+        finally:
+            fd._dropout = original
+    assert len(calls) == TINY["num_hidden_layers"]  # the attention probabilities of every layer
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_leaving_the_block_puts_the_model_back_bit_for_bit():
+    model = bert(0.1, 0.1).train()
+    before = {name: m for name, m in model.named_modules() if isinstance(m, nn.Dropout)}
+    x = batch()
+    torch.manual_seed(5)
+    ref = model(**x).last_hidden_state
+    with fast_dropout(model):
+        torch.manual_seed(5)
+        fast = model(**x).last_hidden_state
+        model.eval()  # a mode set inside the block survives it
+    model.train()
+    after = {name: m for name, m in model.named_modules() if isinstance(m, nn.Dropout)}
+    assert all(after[k] is before[k] and type(after[k]) is nn.Dropout for k in before) and after.keys() == before.keys()
+    assert model.config._attn_implementation == "sdpa"
+    torch.manual_seed(5)
+    assert torch.equal(model(**x).last_hidden_state, ref)
+    assert not torch.allclose(fast, ref)  # dropout was on inside the block: other masks
+
+
+def test_dropout_is_really_applied_and_trains_the_same_way():
+    """Train-mode outputs scatter around the eval-mode output by about as much with fast masks as
+    with torch's: same dropout rate, same scale."""
+    model = bert(0.1, 0.1)
+    x = batch(b=8, t=16)
+    model.eval()
+    ref = model(**x).last_hidden_state.detach()
+    model.train()
+    spread = {}
+    for kind in ("torch", "fast"):
+        torch.manual_seed(0)
+        with fast_dropout(model) if kind == "fast" else torch.no_grad():
+            with torch.no_grad():
+                outs = torch.stack([model(**x).last_hidden_state for _ in range(20)])
+        spread[kind] = (outs - ref).pow(2).mean().sqrt().item()
+        assert (outs.mean(0) - ref).abs().mean() < (outs - ref).abs().mean()  # centred on the eval output
+    assert spread["fast"] > 0.05 and abs(spread["fast"] / spread["torch"] - 1) < 0.15, spread
+
+
+@pytest.mark.parametrize("bool_mask", [True, False])
+def test_plain_attention_equals_sdpa_when_nothing_is_dropped(bool_mask):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 6, 8) for _ in range(3))
+    keep = torch.ones(2, 1, 6, 6, dtype=torch.bool)
+    keep[1, ..., 4:] = False  # a padded row
+    mask = keep if bool_mask else torch.zeros(2, 1, 6, 6).masked_fill(~keep, torch.finfo(torch.float32).min)
+    module = nn.Module().train()
+    module.is_causal = False
+    plain, _ = _attention(module, q, k, v, mask, dropout=1e-7, scaling=0.3)
+    ref, _ = sdpa_attention_forward(module, q, k, v, mask, dropout=0.0, scaling=0.3)
+    torch.testing.assert_close(plain, ref, atol=1e-6, rtol=1e-5)
+
+
+def test_a_decoder_is_untouched():
+    """Causal attention (and dropout 0, a decoder's default) goes to transformers' SDPA."""
+    model = tiny_backbone("llama").train()
+    x = batch()
+    torch.manual_seed(1)
+    ref = model(**x).last_hidden_state
+    with fast_dropout(model):
+        torch.manual_seed(1)
+        assert torch.equal(model(**x).last_hidden_state, ref)
+
+
+def test_training_with_fast_masks_learns_and_repeats(text_model):
+    task = toy_task("t", "apple", 1)
+    config = dict(max_steps=30, batch_size=8, eval_every=30, patience=None, progress=False, max_length=32)
+    params, results = {}, {}
+    for kind in ("fast", "fast", "torch"):
+        model = text_model()
+        model.add_task("t", ["lora"], label_names=["no", "yes"])
+        torch.manual_seed(0)
+        results[kind] = train_task(model, "t", task.splits(), TrainConfig(**config, dropout_masks=kind))
+        p = torch.cat([q.detach().flatten() for q in model.task("t").parameters()])
+        if kind in params:
+            assert torch.equal(p, params[kind])  # the same seed: the same masks, the same run
+        params[kind] = p
+        assert model.backbone.config._attn_implementation == "sdpa"
+    assert not torch.equal(params["fast"], params["torch"])
+    assert results["fast"].history[-1]["loss"] < results["fast"].history[0]["loss"]
+    with pytest.raises(ValueError, match="dropout_masks"):
+        TrainConfig(dropout_masks="bernoulli").validate()
