@@ -99,7 +99,7 @@ def main() -> None:
     r1, rn = (json.loads((tmp / d / "report.json").read_text())["rows"] for d in ("w1", "wn"))
     keys = ("ACC", "BWT", "FWT", "forgetting", "ACC_std", "BWT_std", "trainable_params_per_task")
     same = all(r1[e][k] == rn[e][k] for e in r1 for k in keys)
-    lines += [f"## `continual compare`: 2 entries x 2 seeds = 4 runs ({args.compare_steps} steps per task, precision auto)", "",
+    lines += [f"## `continual compare`: 2 entries x 2 seeds = 4 runs ({args.compare_steps} steps per task, fp32: compare has no --precision; dropout on, fast masks)", "",
               "| pool | wall time |", "|---|---|", f"| `--workers 1` | {w1:.1f} s |", f"| `--workers {n}` | {wn:.1f} s |", "",
               f"Every number of the two reports ({', '.join(keys)}) identical: **{same}**.", "",
               "| entry | ACC (workers 1) | ACC (workers " + str(n) + ") | BWT (1) | BWT (" + str(n) + ") |", "|---|---|---|---|---|"]
