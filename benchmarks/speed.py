@@ -213,17 +213,25 @@ def run_train(args, device, have_peft: bool, rows: list[dict[str, Any]]) -> None
                 cases.append((method, "PEFT eager", lambda m=method, b=batch: train_reference(args, device, m, b, False)))
                 if device.type == "cuda" and (method in args.peft_compile):
                     cases.append((method, "PEFT compiled", lambda m=method, b=batch: train_reference(args, device, m, b, True)))
-        for method, mode, fn in cases:
-            try:
-                r = fn()
-            except Exception as e:  # one failing case must not hide the others
-                r = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
-            free(device)
-            r.update(section="train", method=method, mode=mode, batch=batch, seq=tokens)
+        # --repeats: the cases round-robin, so a slow spell of the machine hits ours and PEFT alike;
+        # the row keeps the median rate and every run's
+        runs: list[list[dict[str, Any]]] = [[] for _ in cases]
+        for _ in range(args.repeats):
+            for i, (method, mode, fn) in enumerate(cases):
+                try:
+                    r = fn()
+                except Exception as e:  # one failing case must not hide the others
+                    r = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
+                free(device)
+                r.update(section="train", method=method, mode=mode, batch=batch, seq=tokens)
+                print(json.dumps(r), flush=True)
+                runs[i].append(r)
+        for (method, mode, _), done in zip(cases, runs):
+            ok = sorted((r for r in done if "samples_per_s" in r), key=lambda r: r["samples_per_s"])
+            r = dict(ok[len(ok) // 2], runs=[x["samples_per_s"] for x in done if "samples_per_s" in x]) if ok else done[0]
             if "samples_per_s" in r and args.peak:
                 r["mfu"] = mfu(r["samples_per_s"], tokens, n_params, args.peak, 6 if mode == "reference" else 4)
             rows.append(r)
-            print(json.dumps(r), flush=True)
 
 
 # -- mixed-task inference -----------------------------------------------------------------------------
@@ -308,7 +316,10 @@ def table(rows: list[dict[str, Any]]) -> str:
                 f"{r['samples_per_s'] / ref[(r['method'], r['batch'], mode)]:.2f}x"
                 if r["mode"].startswith("ours") and ref.get((r["method"], r["batch"], mode)) else "")
             mf = f"{100 * r['mfu']:.1f}%" if "mfu" in r else ""
-            out.append(f"| {r['method']} | {r['batch']} | {r['mode']} | {r['samples_per_s']:.0f} | {r['peak_gb']:.2f} | {mf} "
+            rate = f"{r['samples_per_s']:.0f}"
+            if len(r.get("runs", [])) > 1:  # median (slowest-fastest)
+                rate += f" ({min(r['runs']):.0f}-{max(r['runs']):.0f})"
+            out.append(f"| {r['method']} | {r['batch']} | {r['mode']} | {rate} | {r['peak_gb']:.2f} | {mf} "
                        f"| {ratio('PEFT eager')} | {ratio('PEFT compiled')} |")
     mixed = [r for r in rows if r["section"] == "mixed"]
     if mixed:
@@ -347,6 +358,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--threads", type=int, default=2, help="CPU threads")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="measure every training case this many times, round-robin; rows give the median (and range)")
     p.add_argument("--no-full-ft", dest="full_ft", action="store_false", help="skip the full fine-tuning reference row")
     p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak for MFU (default: from the GPU name)")
     p.add_argument("--json", default=None, help="also write all rows to this JSON file")

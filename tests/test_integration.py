@@ -56,9 +56,10 @@ def test_each_method_learns_a_real_task(minilm, movie, method, steps):
     minilm.add_task(method, [{"method": method, **SMALL.get(method, {})}], label_names=src.label_names)
     before = {k: v.clone() for k, v in minilm.backbone.state_dict().items()}
     try:
-        # "auto": bf16 on a CPU with bf16 instructions, as `continual run` trains by default
-        config = TrainConfig(max_steps=steps, batch_size=16, max_length=48, eval_every=steps // 3,
-                             patience=None, progress=False, precision="auto")
+        # as `continual run` trains by default: "auto" (bf16 on a CPU with bf16 instructions), length
+        # buckets, fast dropout masks
+        config = TrainConfig(max_steps=steps, batch_size=16, max_length=48, eval_every=steps // 3, patience=None,
+                             progress=False, precision="auto", bucket=True, dropout_masks="fast")
         result = train_task(minilm, method, data, config)
         assert result.best_dev["accuracy"] >= majority + MARGIN, (method, result.best_dev, majority)
         assert all(torch.equal(v, before[k]) for k, v in minilm.backbone.state_dict().items())

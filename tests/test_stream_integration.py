@@ -21,7 +21,9 @@ def stream():
 def test_per_task_lora_on_real_minilm(stream, tmp_path):
     torch.set_num_threads(2)
     model = adapters.DeltaModel.from_pretrained()
-    config = TrainConfig(max_steps=60, batch_size=16, max_length=48, eval_every=30, progress=False, precision="auto")
+    # the CLI's defaults: bf16 where the CPU has it, length buckets, fast dropout masks
+    config = TrainConfig(max_steps=60, batch_size=16, max_length=48, eval_every=30, progress=False, precision="auto",
+                         bucket=True, dropout_masks="fast")
     res = run_stream(stream, model, make_strategy("per-task", ["lora"]), config, tmp_path / "run")
     R = res.matrix.R
     for j, task in enumerate(stream):
