@@ -91,7 +91,6 @@ def test_two_processes_give_the_one_process_matrix(toy_yaml, tiny_backbone_dir, 
     assert files(tmp_path / "one") == files(tmp_path / "two")
 
 
-@pytest.mark.slow  # the same launch as torchrun's through accelerate's launcher
 def test_accelerate_launch_runs_the_same_data_parallel_training(toy_yaml, tiny_backbone_dir, tmp_path):  # noqa: F811
     """``accelerate launch`` (its torchrun launcher: --multi_gpu, which on a CPU means processes
     with gloo) sets the same environment; the run is the 1-process run."""
