@@ -9,7 +9,8 @@ is part of the method and stays on.
 :func:`fast_dropout` keeps the semantics (each element is zeroed independently with probability
 ``p``, survivors are scaled by the inverse keep rate) but draws one 64-bit random number for
 four elements: 16 random bits each. ``p`` is thus rounded to a multiple of 1/65536 (0.1 becomes
-0.1000061), and the scale uses that rounded keep rate, so the expectation is exactly preserved.
+0.1000061), and the scale uses that rounded keep rate, so the expectation is preserved (exactly in
+fp32; in bf16 the scale is rounded to bf16, as torch's own dropout rounds it).
 Masks come from torch's default generator: ``torch.manual_seed`` makes them repeatable.
 
 Attention-probability dropout is done in the same way by an attention function registered with
@@ -50,7 +51,7 @@ def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     """Training-mode dropout of ``x`` with 16-bit masks (see the module docstring)."""
     if p <= 0.0:
         return x
-    if p >= 1.0:
+    if round(p * _LEVELS) >= _LEVELS:  # p rounds to 1: everything is dropped
         return torch.zeros_like(x)
     return x * keep_mask(x.shape, p, x.device, x.dtype)
 

@@ -34,6 +34,15 @@ def test_masks_drop_at_the_rounded_rate_and_keep_the_mean(p):
     assert abs(m.double().mean().item() - 1) < 5 * sigma / (1 - q)
 
 
+def test_rates_that_round_to_0_or_1_keep_or_drop_everything():
+    from adapters.dropout import dropout
+
+    x = torch.randn(50, 40)
+    assert torch.equal(dropout(x, 0.0), x) and torch.equal(dropout(x, 0.4 / 65536), x)
+    assert torch.equal(dropout(x, 1 - 0.4 / 65536), torch.zeros_like(x))
+    assert torch.equal(dropout(x, 1.0), torch.zeros_like(x))
+
+
 def test_masks_follow_torch_manual_seed_and_odd_shapes():
     torch.manual_seed(3)
     a = keep_mask(torch.Size([7, 3, 5]), 0.3, CPU, torch.bfloat16)
