@@ -22,12 +22,14 @@ grouped-query attention), so nothing else changes.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any, Iterator
 
 import torch
 from torch import nn
 
 ATTENTION = "delta_fast_sdpa"
+DROPOUT_MASKS = ("fast", "torch")  # what fast_dropout(backbone, masks) accepts
 _LEVELS = 1 << 16
 
 
@@ -35,9 +37,7 @@ def keep_mask(shape: torch.Size, p: float, device: torch.device, dtype: torch.dt
     """A ``dtype`` tensor of ``shape``: 0 with probability ``round(p * 65536) / 65536``, else the
     inverse of the keep rate (so its mean is 1 in expectation)."""
     drop = round(p * _LEVELS)
-    n = 1
-    for s in shape:
-        n *= s
+    n = math.prod(shape)
     # random_ from the int64 minimum with no upper bound draws all 64 bits: four 16-bit draws
     words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(1 << 63), None)
     bits = words.view(torch.int16)[:n].view(shape)
@@ -104,11 +104,13 @@ def _register() -> bool:
 
 
 @contextlib.contextmanager
-def fast_dropout(backbone: nn.Module) -> Iterator[None]:
+def fast_dropout(backbone: nn.Module, masks: str = "fast") -> Iterator[None]:
     """Within the block, the backbone's ``nn.Dropout`` modules are :class:`FastDropout` and its
     SDPA attention is :data:`ATTENTION`; on exit the original modules and attention are put back.
-    Does nothing to a backbone on a GPU."""
-    if next(backbone.parameters()).device.type != "cpu":
+    Does nothing for ``masks="torch"`` (torch's own masks) or to a backbone on a GPU."""
+    if masks not in DROPOUT_MASKS:
+        raise ValueError(f"unknown dropout masks {masks!r}; choose one of {DROPOUT_MASKS}")
+    if masks == "torch" or next(backbone.parameters()).device.type != "cpu":
         yield
         return
     swapped: list[tuple[nn.Module, str, nn.Module]] = []
@@ -119,8 +121,11 @@ def fast_dropout(backbone: nn.Module) -> Iterator[None]:
                 fast.train(child.training)
                 setattr(parent, name, fast)
                 swapped.append((parent, name, child))
-    configs = [m.config for m in backbone.modules() if getattr(getattr(m, "config", None), "_attn_implementation", None) == "sdpa"]
-    configs = list({id(c): c for c in configs}.values()) if _register() else []
+    configs: list[Any] = []
+    if _register():  # each config once: a model's layers share their model's
+        sdpa = {id(m.config): m.config for m in backbone.modules()
+                if getattr(getattr(m, "config", None), "_attn_implementation", None) == "sdpa"}
+        configs = list(sdpa.values())
     for c in configs:
         c._attn_implementation = ATTENTION
     try:

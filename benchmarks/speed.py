@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 import adapters
-from adapters.dropout import fast_dropout
+from adapters.dropout import DROPOUT_MASKS, fast_dropout
 from adapters.precision import autocast, frozen_linears_in
 from continual.training import TrainStep, make_optimizer, mfu
 
@@ -166,8 +166,7 @@ def train_ours(args, device, method: str, batch: int, compile_mode: str | None) 
     optimizer = make_optimizer(model.task("t").param_groups(lr=1e-4, head_lr=1e-4), device)
     step = TrainStep(model, optimizer, args.precision, compile_mode, grad_clip=1.0)
     x, y = inputs(args.size, batch, args.seq, device)
-    masks = fast_dropout(model.backbone) if args.dropout_masks == "fast" else contextlib.nullcontext()
-    with frozen_linears_in(model.backbone, step.precision), masks:
+    with frozen_linears_in(model.backbone, step.precision), fast_dropout(model.backbone, args.dropout_masks):
         out = measure(lambda: step(x, y), device, batch, args.warmup, args.iters)
     out["trainable"] = sum(p.numel() for p in step.params)
     return out
@@ -350,7 +349,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tasks", default="1,8,64", help="numbers of task deltas for mixed-task inference")
     p.add_argument("--mixed-methods", default="lora,bottleneck")
     p.add_argument("--precision", default=None, help="bf16 (GPU default) or fp32 (CPU default)")
-    p.add_argument("--dropout-masks", default="fast", choices=["fast", "torch"],
+    p.add_argument("--dropout-masks", default="fast", choices=DROPOUT_MASKS,
                    help="our rows: the backbone's dropout masks as `continual run` draws them by default (fast, "
                    "adapters.dropout) or torch's bernoulli_ (torch); PEFT always uses torch's")
     p.add_argument("--compile-modes", default="default,reduce-overhead", help="torch.compile modes of our compiled training rows (GPU)")

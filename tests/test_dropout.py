@@ -113,9 +113,8 @@ def test_dropout_is_really_applied_and_trains_the_same_way():
     spread = {}
     for kind in ("torch", "fast"):
         torch.manual_seed(0)
-        with fast_dropout(model) if kind == "fast" else torch.no_grad():
-            with torch.no_grad():
-                outs = torch.stack([model(**x).last_hidden_state for _ in range(20)])
+        with fast_dropout(model, kind), torch.no_grad():
+            outs = torch.stack([model(**x).last_hidden_state for _ in range(20)])
         spread[kind] = (outs - ref).pow(2).mean().sqrt().item()
         assert (outs.mean(0) - ref).abs().mean() < (outs - ref).abs().mean()  # centred on the eval output
     assert spread["fast"] > 0.05 and abs(spread["fast"] / spread["torch"] - 1) < 0.15, spread

@@ -9,12 +9,12 @@ from typing import Any, Sequence
 import torch
 
 from adapters import DeltaConfig, get_method
+from adapters.dropout import DROPOUT_MASKS
 from adapters.precision import PRECISIONS
 
 from . import distributed
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-DROPOUT_MASKS = ("fast", "torch")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,7 +9,6 @@ record, to an optional ``callback(record)`` (a logger plugs in there).
 
 from __future__ import annotations
 
-import contextlib
 import gc
 from typing import Any, Callable, Sequence
 
@@ -74,8 +73,7 @@ def fit(
 
     protocol = Protocol(config, train_step.params, optimizer, scored, callback, desc)
     model.train(config.dropout)
-    masks = fast_dropout(model.backbone) if config.dropout_masks == "fast" else contextlib.nullcontext()
-    with frozen_linears_in(model.backbone, precision), masks:
+    with frozen_linears_in(model.backbone, precision), fast_dropout(model.backbone, config.dropout_masks):
         while not protocol.should_stop:
             active, batch = next_batch()
             model.activate(*active)
