@@ -53,6 +53,23 @@ def test_masks_follow_torch_manual_seed_and_odd_shapes():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_masks_built_in_integers_equal_the_plain_select(dtype):
+    """The mask is built as (bits >= threshold) times the scale's bit pattern: the very values
+    torch.where(keep, scale, 0) gives for the same draw (the same seed)."""
+    shape = torch.Size([33, 65, 7])
+    torch.manual_seed(11)
+    got = keep_mask(shape, 0.1, CPU, dtype)
+    torch.manual_seed(11)
+    n = shape.numel()
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(1 << 63), None).view(torch.int16)[:n].view(shape)
+    drop = round(0.1 * 65536)
+    scale = torch.tensor(65536 / (65536 - drop), dtype=dtype)
+    want = torch.where(bits >= drop - 32768, scale, torch.zeros((), dtype=dtype))
+    assert got.dtype == dtype and torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    assert 0 < (got == 0).sum() < n
+
 def bert(hidden: float, attention: float) -> BertModel:
     torch.manual_seed(0)
     cfg = BertConfig(**TINY, max_position_embeddings=64, hidden_dropout_prob=hidden, attention_probs_dropout_prob=attention)
