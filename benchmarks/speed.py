@@ -8,8 +8,15 @@ Both sides get the same model config, batch (random token ids, no padding), prec
 optimizer hyper-parameters. PEFT runs "as a user runs it": fp32 weights under bf16 autocast with
 torch.optim.AdamW (eager), and "compiled": the whole step under torch.compile with fused AdamW.
 Ours runs the training step every part of this library uses (continual.training.TrainStep inside
-frozen_linears_in, and on a CPU fast_dropout, as `continual run` trains by default): eager, and
-compiled as TrainConfig.fast() does on a GPU. Both train in train() mode: the backbone's dropout on.
+frozen_linears_in, and on a CPU fast_dropout and freed memory held for reuse, as `continual run`
+trains by default): eager, and compiled as TrainConfig.fast() does on a GPU. Both train in train()
+mode: the backbone's dropout on.
+
+On a CPU each training case runs in a fresh process (the C library's memory settings are
+process-wide and cannot be undone): ours with ``--malloc`` (default hold, as `continual run`), PEFT
+with the C library's defaults, as its users run it, and once more with ours ("PEFT eager, malloc
+hold"), so the table shows how much of the gap is that setting. There "peak GB" is the process's
+peak resident memory (Python, torch and the weights included), on a GPU the peak allocated.
 
 Printed: samples/s and peak memory per method and mode, ratios ours/PEFT, model FLOP
 utilisation (4 * backbone params * tokens per frozen-backbone training step, against the GPU's
@@ -25,6 +32,7 @@ import contextlib
 import copy
 import importlib.util
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,7 +46,7 @@ from torch import nn
 import adapters
 from adapters.dropout import DROPOUT_MASKS, fast_dropout
 from adapters.precision import autocast, frozen_linears_in
-from continual.training import TrainStep, make_optimizer, mfu
+from continual.training import MALLOC, TrainStep, hold_freed_memory, make_optimizer, mfu
 
 # dense bf16 peaks (no sparsity), FLOP/s
 PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
@@ -139,7 +147,12 @@ def measure(step: Callable[[], Any], device: torch.device, batch: int, warmup: i
         step()
     sync(device)
     dt = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**30
+    else:  # the case's own process (see in_child): its peak resident memory, Python and weights included
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return {"samples_per_s": batch * iters / dt, "peak_gb": peak}
 
 
@@ -162,6 +175,8 @@ def free(device: torch.device) -> None:
 
 # -- training ---------------------------------------------------------------------------------------
 def train_ours(args, device, method: str, batch: int, compile_mode: str | None) -> dict[str, float]:
+    if args.malloc == "hold" and device.type == "cpu":
+        hold_freed_memory()
     model = ours_model(args.size, device, method)
     optimizer = make_optimizer(model.task("t").param_groups(lr=1e-4, head_lr=1e-4), device)
     step = TrainStep(model, optimizer, args.precision, compile_mode, grad_clip=1.0)
@@ -172,8 +187,11 @@ def train_ours(args, device, method: str, batch: int, compile_mode: str | None) 
     return out
 
 
-def train_reference(args, device, method: str | None, batch: int, compiled: bool) -> dict[str, float]:
-    """PEFT (method given) or full fine-tuning (None), the way their users write the loop."""
+def train_reference(args, device, method: str | None, batch: int, compiled: bool, hold: bool = False) -> dict[str, float]:
+    """PEFT (method given) or full fine-tuning (None), the way their users write the loop
+    (``hold``: with our CPU memory setting, see continual.training.malloc)."""
+    if hold:
+        hold_freed_memory()
     model = classifier(args.size, device) if method is None else peft_model(args.size, device, method)
     params = [p for p in model.parameters() if p.requires_grad]
     fused = compiled and device.type == "cuda"
@@ -198,6 +216,7 @@ def train_reference(args, device, method: str | None, batch: int, compiled: bool
 
 def run_train(args, device, have_peft: bool, rows: list[dict[str, Any]]) -> None:
     modes = args.compile_modes if device.type == "cuda" else []
+    isolate = device.type == "cpu"  # each case in a fresh process: see the module docstring
     n_params = args.backbone_params
     for batch in args.batch_sizes:
         tokens = args.seq
@@ -210,15 +229,22 @@ def run_train(args, device, have_peft: bool, rows: list[dict[str, Any]]) -> None
                 cases.append((method, f"ours compiled {mode}", lambda m=method, b=batch, c=mode: train_ours(args, device, m, b, c)))
             if have_peft and peft_config(method) is not None:
                 cases.append((method, "PEFT eager", lambda m=method, b=batch: train_reference(args, device, m, b, False)))
+                if isolate and args.malloc == "hold":
+                    cases.append((method, "PEFT eager, malloc hold",
+                                  lambda m=method, b=batch: train_reference(args, device, m, b, False, hold=True)))
                 if device.type == "cuda" and (method in args.peft_compile):
                     cases.append((method, "PEFT compiled", lambda m=method, b=batch: train_reference(args, device, m, b, True)))
+        if args.child_case is not None:  # this process is one case of a parent run
+            if args.child_case[0] == batch:
+                print(CHILD + json.dumps(cases[args.child_case[1]][2]()), flush=True)
+            continue
         # --repeats: the cases round-robin, so a slow spell of the machine hits ours and PEFT alike;
         # the row keeps the median rate and every run's
         runs: list[list[dict[str, Any]]] = [[] for _ in cases]
         for _ in range(args.repeats):
             for i, (method, mode, fn) in enumerate(cases):
                 try:
-                    r = fn()
+                    r = in_child(args, batch, i) if isolate else fn()
                 except Exception as e:  # one failing case must not hide the others
                     r = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
                 free(device)
@@ -231,6 +257,20 @@ def run_train(args, device, have_peft: bool, rows: list[dict[str, Any]]) -> None
             if "samples_per_s" in r and args.peak:
                 r["mfu"] = mfu(r["samples_per_s"], tokens, n_params, args.peak, 6 if mode == "reference" else 4)
             rows.append(r)
+
+
+CHILD = "speed-case: "
+
+
+def in_child(args, batch: int, index: int) -> dict[str, Any]:
+    """Run training case ``index`` of ``batch`` in a fresh Python process (same options)."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), *args.argv, "--child-case", f"{batch},{index}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith(CHILD):
+            return json.loads(line[len(CHILD):])
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    raise RuntimeError(f"the case's process exited with {proc.returncode}: {tail[:160]}")
 
 
 # -- mixed-task inference -----------------------------------------------------------------------------
@@ -303,13 +343,14 @@ def table(rows: list[dict[str, Any]]) -> str:
     out = []
     train = [r for r in rows if r["section"] == "train"]
     if train:
-        out += ["## Training (samples/s, peak GB; ratio = ours / PEFT in the same mode)", "",
-                "| method | batch | mode | samples/s | peak GB | MFU | ours/PEFT eager | ours/PEFT compiled |",
-                "|---|---|---|---|---|---|---|---|"]
+        peft_modes = [m for m in ("PEFT eager", "PEFT eager, malloc hold", "PEFT compiled") if any(r["mode"] == m for r in train)]
+        out += ["## Training (samples/s, peak GB; ratio = ours / PEFT in that mode)", "",
+                "| method | batch | mode | samples/s | peak GB | MFU | " + " | ".join(f"ours/{m}" for m in peft_modes) + " |",
+                "|---|---|---|---|---|---|" + "---|" * len(peft_modes)]
         ref = {(r["method"], r["batch"], r["mode"]): r.get("samples_per_s") for r in train}
         for r in train:
             if "error" in r:
-                out.append(f"| {r['method']} | {r['batch']} | {r['mode']} | failed: {r['error']} | | | | |")
+                out.append(f"| {r['method']} | {r['batch']} | {r['mode']} | failed: {r['error']} | | |" + " |" * len(peft_modes))
                 continue
             ratio = lambda mode: (  # noqa: E731
                 f"{r['samples_per_s'] / ref[(r['method'], r['batch'], mode)]:.2f}x"
@@ -318,8 +359,8 @@ def table(rows: list[dict[str, Any]]) -> str:
             rate = f"{r['samples_per_s']:.0f}"
             if len(r.get("runs", [])) > 1:  # median (slowest-fastest)
                 rate += f" ({min(r['runs']):.0f}-{max(r['runs']):.0f})"
-            out.append(f"| {r['method']} | {r['batch']} | {r['mode']} | {rate} | {r['peak_gb']:.2f} | {mf} "
-                       f"| {ratio('PEFT eager')} | {ratio('PEFT compiled')} |")
+            out.append(f"| {r['method']} | {r['batch']} | {r['mode']} | {rate} | {r['peak_gb']:.2f} | {mf} | "
+                       + " | ".join(ratio(m) for m in peft_modes) + " |")
     mixed = [r for r in rows if r["section"] == "mixed"]
     if mixed:
         out += ["", "## Mixed-task inference (samples/s; relative = vs. one delta, same method and mode)", "",
@@ -352,6 +393,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dropout-masks", default="fast", choices=DROPOUT_MASKS,
                    help="our rows: the backbone's dropout masks as `continual run` draws them by default (fast, "
                    "adapters.dropout) or torch's bernoulli_ (torch); PEFT always uses torch's")
+    p.add_argument("--malloc", default="hold", choices=MALLOC,
+                   help="our rows on a CPU: freed memory held for reuse as `continual run` does by default (hold, "
+                   "continual.training.malloc) or the C library's defaults; PEFT rows get the defaults, and "
+                   "with hold one more PEFT row gets hold too")
+    p.add_argument("--child-case", default=None, help=argparse.SUPPRESS)  # BATCH,INDEX: run one case (internal)
     p.add_argument("--compile-modes", default="default,reduce-overhead", help="torch.compile modes of our compiled training rows (GPU)")
     p.add_argument("--mixed-compile", action="store_true", help="also time mixed-task inference compiled (first of --compile-modes)")
     p.add_argument("--warmup", type=int, default=None)
@@ -363,6 +409,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak for MFU (default: from the GPU name)")
     p.add_argument("--json", default=None, help="also write all rows to this JSON file")
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    args.child_case = tuple(int(x) for x in args.child_case.split(",")) if args.child_case else None
 
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -394,6 +442,9 @@ def main(argv: list[str] | None = None) -> None:
         import peft
 
         versions += f", peft {peft.__version__}"
+    if args.child_case is not None:
+        run_train(args, device, have_peft, [])
+        return
     print(f"device: {name}; {versions}; model: {args.size}; precision {args.precision}; seq {args.seq}", flush=True)
     if not have_peft:
         print("peft is not installed: PEFT rows skipped (pip install --no-deps peft)", flush=True)

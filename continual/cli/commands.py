@@ -37,6 +37,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     base["dropout"] = not opt("no_dropout", False)
     base["shard_backbone"] = opt("shard_backbone", False)
     base["dropout_masks"] = opt("dropout_masks", "torch")
+    base["malloc"] = opt("malloc", "default")
     speed = dict(precision=opt("precision", "fp32"), compile=opt("compile"), bucket=opt("bucket", False))
     if opt("fast", False):
         return TrainConfig.fast(**base, **{k: v for k, v in speed.items() if v not in (None, False, "fp32")})

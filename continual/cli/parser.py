@@ -13,7 +13,7 @@ from streams import GENERATIVE_STREAMS, STREAMS
 
 from ..strategies import STRATEGIES
 from ..tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI
-from ..training import COMPILE_MODES, DROPOUT_MASKS
+from ..training import COMPILE_MODES, DROPOUT_MASKS, MALLOC
 
 DESCRIPTION = """run lifelong-learning streams, report on them, list what is available.
 
@@ -58,6 +58,10 @@ def _training_options(p: argparse.ArgumentParser, steps_help: str | None = None)
                    help="on a CPU, draw the frozen backbone's dropout masks from 16 random bits per element (fast: "
                    "p rounded to 1/65536, about a quarter of a training step less) or with torch's bernoulli_ "
                    "(torch); no effect on a GPU")
+    p.add_argument("--malloc", default="hold", choices=MALLOC,
+                   help="on a CPU, hold: glibc keeps freed memory for reuse for the rest of the process, so a "
+                   "training step's temporaries do not page-fault (a fifth or so of a step); default: the C "
+                   "library's own behaviour. No effect on a GPU or without glibc")
 
 
 def _tracking_options(p: argparse.ArgumentParser, progress: bool = True) -> None:
@@ -99,7 +103,7 @@ def _run(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--bucket", action=argparse.BooleanOptionalAction, default=True,
                    help="length-bucketed training batches (less padding; seeded, every example once per pass)")
     r.add_argument("--fast", action="store_true",
-                   help="the fast path: --precision auto --bucket --dropout-masks fast (the defaults), and --compile default on a GPU")
+                   help="the fast path: --precision auto --bucket --dropout-masks fast --malloc hold (the defaults), and --compile default on a GPU")
     r.add_argument("--no-dropout", action="store_true",
                    help="train with dropout off (a deterministic forward pass: a run on N processes under torchrun "
                    "then gives the 1-process numbers, up to float rounding)")

@@ -13,6 +13,7 @@ from adapters.dropout import DROPOUT_MASKS
 from adapters.precision import PRECISIONS
 
 from . import distributed
+from .malloc import MALLOC
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -52,6 +53,10 @@ class TrainConfig:
     # number per element) or "fast" (16 random bits per element, p rounded to 1/65536: about a
     # quarter of a CPU training step less; see adapters.dropout). No effect on a GPU.
     dropout_masks: str = "torch"
+    # "hold": on a CPU, glibc keeps freed memory for reuse (process-wide, until the process ends),
+    # so a step's temporaries stop page-faulting: a fifth or so of a MiniLM step on 2 cores (see
+    # continual.training.malloc). "default": the C library's own behaviour.
+    malloc: str = "default"
     # several processes (torchrun): shard the frozen backbone's blocks across them (FSDP2) instead
     # of a full copy in each; the deltas stay replicated (see continual.training.distributed)
     shard_backbone: bool = False
@@ -83,6 +88,8 @@ class TrainConfig:
             raise ValueError(f"compile must be None or a torch.compile mode, got {self.compile!r}")
         if self.dropout_masks not in DROPOUT_MASKS:
             raise ValueError(f"dropout_masks must be one of {DROPOUT_MASKS}, got {self.dropout_masks!r}")
+        if self.malloc not in MALLOC:
+            raise ValueError(f"malloc must be one of {MALLOC}, got {self.malloc!r}")
 
     def torch_device(self) -> torch.device:
         """The device this config names (``None``: CUDA when there is a GPU, else the CPU)."""
@@ -91,14 +98,15 @@ class TrainConfig:
     @classmethod
     def fast(cls, **overrides: Any) -> "TrainConfig":
         """The fast path: bf16 and torch.compile on a GPU, length buckets everywhere, fast dropout
-        masks on a CPU.
+        masks and freed memory held for reuse (``malloc="hold"``) on a CPU.
 
         ``compile="reduce-overhead"`` (CUDA graphs) is much faster again at moderate batch sizes
         in benchmarks/speed.py, but is not yet the default: its use inside this loop (varying
         bucket shapes, dev evaluation between steps) has not been verified on a GPU."""
         device = overrides.get("device")
         gpu = (device is None and torch.cuda.is_available()) or str(device).startswith("cuda")
-        opts = {"precision": "auto", "compile": "default" if gpu else None, "bucket": True, "dropout_masks": "fast"}
+        opts = {"precision": "auto", "compile": "default" if gpu else None, "bucket": True, "dropout_masks": "fast",
+                "malloc": "hold"}
         return cls(**{**opts, **overrides})
 
     def warmup_steps(self) -> int:
