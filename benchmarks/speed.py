@@ -433,7 +433,9 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"unknown methods {unknown}; known: {list(OURS)}")
     name = torch.cuda.get_device_name(device) if gpu else f"CPU ({args.threads} threads)"
     args.peak = args.peak_tflops * 1e12 if args.peak_tflops else next((v for k, v in PEAKS.items() if k in name), None) if gpu else None
-    args.backbone_params = sum(p.numel() for p in backbone(args.size, torch.device("cpu")).parameters())
+    # (not in a case's own process: loading and dropping a model first would change the C library's
+    # memory state that the case is measured in)
+    args.backbone_params = 0 if args.child_case else sum(p.numel() for p in backbone(args.size, torch.device("cpu")).parameters())
     have_peft = importlib.util.find_spec("peft") is not None
     import transformers
 

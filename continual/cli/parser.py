@@ -60,7 +60,7 @@ def _training_options(p: argparse.ArgumentParser, steps_help: str | None = None)
                    "(torch); no effect on a GPU")
     p.add_argument("--malloc", default="hold", choices=MALLOC,
                    help="on a CPU, hold: glibc keeps freed memory for reuse for the rest of the process, so a "
-                   "training step's temporaries do not page-fault (a fifth or so of a step); default: the C "
+                   "training step's temporaries do not page-fault (a sixth to a quarter of a MiniLM step); default: the C "
                    "library's own behaviour. No effect on a GPU or without glibc")
 
 

@@ -54,7 +54,7 @@ class TrainConfig:
     # quarter of a CPU training step less; see adapters.dropout). No effect on a GPU.
     dropout_masks: str = "torch"
     # "hold": on a CPU, glibc keeps freed memory for reuse (process-wide, until the process ends),
-    # so a step's temporaries stop page-faulting: a fifth or so of a MiniLM step on 2 cores (see
+    # so a step's temporaries stop page-faulting: a sixth to a quarter of a MiniLM step on 2 cores (see
     # continual.training.malloc). "default": the C library's own behaviour.
     malloc: str = "default"
     # several processes (torchrun): shard the frozen backbone's blocks across them (FSDP2) instead
