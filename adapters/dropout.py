@@ -55,7 +55,6 @@ def keep_mask(shape: torch.Size, p: float, device: torch.device, dtype: torch.dt
     return keep.to(as_int).mul_(scale.view(as_int)).view(dtype)
 
 
-
 def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     """Training-mode dropout of ``x`` with 16-bit masks (see the module docstring)."""
     if p <= 0.0:

@@ -46,7 +46,7 @@ from torch import nn
 import adapters
 from adapters.dropout import DROPOUT_MASKS, fast_dropout
 from adapters.precision import autocast, frozen_linears_in
-from continual.training import MALLOC, TrainStep, hold_freed_memory, make_optimizer, mfu
+from continual.training import MALLOC, TrainStep, make_optimizer, malloc, mfu
 
 # dense bf16 peaks (no sparsity), FLOP/s
 PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
@@ -175,8 +175,7 @@ def free(device: torch.device) -> None:
 
 # -- training ---------------------------------------------------------------------------------------
 def train_ours(args, device, method: str, batch: int, compile_mode: str | None) -> dict[str, float]:
-    if args.malloc == "hold" and device.type == "cpu":
-        hold_freed_memory()
+    malloc.apply(args.malloc, device.type)  # as the training loop does
     model = ours_model(args.size, device, method)
     optimizer = make_optimizer(model.task("t").param_groups(lr=1e-4, head_lr=1e-4), device)
     step = TrainStep(model, optimizer, args.precision, compile_mode, grad_clip=1.0)
@@ -191,7 +190,7 @@ def train_reference(args, device, method: str | None, batch: int, compiled: bool
     """PEFT (method given) or full fine-tuning (None), the way their users write the loop
     (``hold``: with our CPU memory setting, see continual.training.malloc)."""
     if hold:
-        hold_freed_memory()
+        malloc.hold_freed_memory()
     model = classifier(args.size, device) if method is None else peft_model(args.size, device, method)
     params = [p for p in model.parameters() if p.requires_grad]
     fused = compiled and device.type == "cuda"
@@ -247,7 +246,8 @@ def run_train(args, device, have_peft: bool, rows: list[dict[str, Any]]) -> None
                     r = in_child(args, batch, i) if isolate else fn()
                 except Exception as e:  # one failing case must not hide the others
                     r = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
-                free(device)
+                if not isolate:  # (a case in its own process took its memory with it)
+                    free(device)
                 r.update(section="train", method=method, mode=mode, batch=batch, seq=tokens)
                 print(json.dumps(r), flush=True)
                 runs[i].append(r)

@@ -53,7 +53,6 @@ def test_masks_follow_torch_manual_seed_and_odd_shapes():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_masks_built_in_integers_equal_the_plain_select(dtype):
     """The mask is built as (bits >= threshold) times the scale's bit pattern: the very values
@@ -69,6 +68,7 @@ def test_masks_built_in_integers_equal_the_plain_select(dtype):
     want = torch.where(bits >= drop - 32768, scale, torch.zeros((), dtype=dtype))
     assert got.dtype == dtype and torch.equal(got.view(torch.uint8), want.view(torch.uint8))
     assert 0 < (got == 0).sum() < n
+
 
 def bert(hidden: float, attention: float) -> BertModel:
     torch.manual_seed(0)

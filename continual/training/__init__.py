@@ -6,12 +6,12 @@
     protocol.py  Protocol: schedule, dev evaluation, early stopping, best-on-dev weights, records
     loop.py      train_task, train_joint (the one loop, over a Protocol)
     evaluate.py  evaluate (accuracy, macro-F1, loss), macro_f1
-    malloc.py    hold_freed_memory: glibc keeps freed memory on a CPU (no page faults per step)
+    malloc.py    hold_freed_memory, apply: glibc keeps freed memory on a CPU (no page faults per step)
     distributed.py  data parallelism over torch.distributed (torchrun): DDP on the trainable deltas,
                  each rank's slice of the global batch, sharded evaluation, rank 0 writes
 """
 
-from . import distributed
+from . import distributed, malloc
 from .config import COMPILE_MODES, DROPOUT_MASKS, TrainConfig, TrainResult, check_lengths, position_limit, resolve_device
 from .data import bucket_batches, bucketed_loader, endless_batches, eval_loader, majority_rate, make_loader, task_loader, tokenize
 from .evaluate import answers, evaluate, evaluate_generation, macro_f1
@@ -22,7 +22,7 @@ from .step import TrainStep, make_optimizer, mfu, token_loss
 from .textscore import score_texts
 
 __all__ = [
-    "COMPILE_MODES", "DROPOUT_MASKS", "MALLOC", "hold_freed_memory", "Protocol", "distributed", "check_lengths", "position_limit", "TrainConfig", "TrainResult", "TrainStep", "bucket_batches", "bucketed_loader",
+    "COMPILE_MODES", "DROPOUT_MASKS", "MALLOC", "hold_freed_memory", "malloc", "Protocol", "distributed", "check_lengths", "position_limit", "TrainConfig", "TrainResult", "TrainStep", "bucket_batches", "bucketed_loader",
     "endless_batches", "eval_loader", "evaluate", "fit", "lr_factor", "macro_f1", "majority_rate", "make_loader",
     "make_optimizer", "mfu", "param_groups", "resolve_device", "tokenize", "train_joint", "train_task",
     "answers", "evaluate_generation", "score_texts", "task_loader", "token_loss",

@@ -24,7 +24,7 @@ from . import distributed
 from .config import TrainConfig, TrainResult, check_lengths
 from .data import endless_batches, eval_loader, tokenize
 from .evaluate import evaluate
-from .malloc import hold_freed_memory
+from . import malloc
 from .protocol import Protocol, Record
 from .step import TrainStep, make_optimizer
 
@@ -63,8 +63,7 @@ def fit(
     config.validate()
     distributed.check_batch(config.batch_size)
     device = model.device
-    if config.malloc == "hold" and device.type == "cpu":
-        hold_freed_memory()
+    malloc.apply(config.malloc, device.type)
     optimizer = make_optimizer(groups, device, config.weight_decay)
     net = distributed.wrap(model, find_unused=tasks_vary)  # DDP over what trains now, when there are several processes
     train_step = TrainStep(net, optimizer, config.precision, config.compile, config.grad_clip)

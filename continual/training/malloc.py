@@ -14,7 +14,8 @@ What it costs: the process keeps up to :data:`TRIM` bytes of freed heap for reus
 returning it at once, and blocks below :data:`MMAP` come from the heap. The settings are
 process-wide and stay until the process ends (glibc cannot go back to its adaptive defaults), so
 :class:`continual.TrainConfig` asks for them (``malloc="hold"``) rather than setting them on import.
-Only a CPU run applies them; with another C library (macOS, musl) it does nothing and says so.
+Only a CPU run applies them (:func:`apply`); with another C library (macOS, musl) nothing is
+set and :func:`hold_freed_memory` returns False.
 """
 
 from __future__ import annotations
@@ -40,3 +41,9 @@ def hold_freed_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM))
+
+
+def apply(malloc: str, device_type: str) -> bool:
+    """What training on ``device_type`` does with a ``TrainConfig.malloc`` setting: "hold" on a
+    CPU holds freed memory; anything else changes nothing. Returns whether memory is held."""
+    return malloc == "hold" and device_type == "cpu" and hold_freed_memory()
