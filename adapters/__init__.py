@@ -3,7 +3,8 @@
 Public API:
   DeltaModel                  frozen backbone + named task deltas and heads
   available_methods, get_method, make_config, register
-  save_task, load_task        shareable per-task checkpoints
+  save_task, load_task        shareable per-task checkpoints; load_delta: a saved delta with a new head
+  export_peft, import_peft    HuggingFace PEFT adapters, both ways (DeltaModel.export_peft / import_peft)
   load_backbone               offline-first backbone loading
   MixedTasks (model.mixed())  many tasks in one batch, each example through its own delta
 """
@@ -15,7 +16,9 @@ _ensure_torchvision()
 
 from .backbones import BACKBONES, DEFAULT_BACKBONE, load_backbone
 from .base import Delta, LayerwiseConfig, SiteDelta
-from .checkpoint import backbone_fingerprint, load_task, read_meta, save_task
+from .checkpoint import backbone_fingerprint, load_delta, load_task, read_meta, save_task
+from .peft_export import export_peft
+from .peft_import import import_peft
 from .config import DeltaConfig
 from .errors import (
     BackboneError,
@@ -35,6 +38,6 @@ __all__ = [
     "ARCHITECTURES", "ArchSpec", "BACKBONES", "BackboneError", "CheckpointError", "ConfigError",
     "DEFAULT_BACKBONE", "Delta", "DeltaConfig", "DeltaError", "DeltaModel", "LayerwiseConfig", "MixedTasks",
     "SiteDelta", "TargetError", "TaskDelta", "TaskError", "UnknownMethodError", "available_methods",
-    "backbone_fingerprint", "get_method", "load_backbone", "load_task", "make_config", "read_meta",
+    "backbone_fingerprint", "export_peft", "get_method", "import_peft", "load_delta", "load_backbone", "load_task", "make_config", "read_meta",
     "register", "register_architecture", "save_task",
 ]

@@ -96,7 +96,16 @@ def _smollm2() -> Path:
 
 
 BACKBONES: dict[str, Callable[[], Path]] = {"minilm": _minilm, "mpnet": _mpnet, "smollm2": _smollm2}
+# The hub models the short names ship: what an exported adapter records as its base model, so that
+# PEFT, vLLM or TGI load it onto the same weights.
+HUB_IDS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2", "mpnet": "sentence-transformers/all-mpnet-base-v2",
+           "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 DEFAULT_BACKBONE = "minilm"
+
+
+def hub_id(name: str) -> str:
+    """The hub id of a short backbone name; any other name as it is."""
+    return HUB_IDS.get(name, name)
 
 
 def load_backbone(name: str = DEFAULT_BACKBONE, dtype: torch.dtype | None = None, **kwargs: Any) -> tuple[nn.Module, Any]:

@@ -11,7 +11,6 @@ applied to the wrong weights.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -19,48 +18,14 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch import nn
 
 from .errors import CheckpointError, DeltaError
+from .fingerprint import backbone_fingerprint, sha256_file
 from .model import DeltaModel
 
 FORMAT = "delta-continual/task-checkpoint"
 VERSION = 1
 TENSORS, META = "delta.safetensors", "delta.json"
-
-
-def backbone_fingerprint(backbone: nn.Module) -> dict[str, Any]:
-    """Architecture facts plus a hash of a strided sample of every weight.
-
-    Cheap (a few thousand values per tensor) yet different for any two real checkpoints. A
-    backbone sharded across processes answers with the fingerprint taken before sharding."""
-    cached = getattr(backbone, "_fingerprint_before_sharding", None)
-    if cached is not None:
-        return dict(cached)
-    h = hashlib.sha256()
-    for name, p in sorted(backbone.named_parameters()):
-        flat = p.detach().reshape(-1)
-        step = max(1, flat.numel() // 2048)
-        h.update(name.encode())
-        h.update(str(tuple(p.shape)).encode())
-        h.update(flat[::step].to(torch.float32).cpu().numpy().tobytes())
-    cfg = backbone.config
-    return {
-        "model_type": cfg.model_type,
-        "hidden_size": cfg.hidden_size,
-        "num_layers": getattr(cfg, "num_hidden_layers", None),
-        "vocab_size": getattr(cfg, "vocab_size", None),
-        "weights_sha256": h.hexdigest(),
-    }
-
-
-def sha256_file(path: Path) -> str:
-    """SHA-256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def save_task(model: DeltaModel, name: str, directory: str | Path) -> Path:
@@ -108,19 +73,16 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
     return meta
 
 
-def load_task(model: DeltaModel, directory: str | Path, name: str | None = None, strict_backbone: bool = True) -> str:
-    """Add the task saved in ``directory`` to ``model`` (as ``name``, default the saved name).
-
-    Raises :class:`CheckpointError` for a missing, corrupt or truncated checkpoint, or one saved
-    for another backbone. Returns the task name."""
-    directory = Path(directory)
+def _verified_meta(directory: Path, strict_backbone: bool, model: DeltaModel | None = None) -> dict[str, Any]:
+    """A checkpoint's metadata, its tensor file's checksum verified and (``strict_backbone``) its
+    backbone fingerprint compared with ``model``'s."""
     meta = read_meta(directory)
     tensors_path = directory / TENSORS
     if not tensors_path.is_file():
         raise CheckpointError(f"{tensors_path} is missing")
     if sha256_file(tensors_path) != meta.get("tensors_sha256"):
         raise CheckpointError(f"{tensors_path} does not match its recorded checksum: the file is corrupt or truncated")
-    if strict_backbone:
+    if strict_backbone and model is not None:
         mine, theirs = backbone_fingerprint(model.backbone), meta.get("backbone", {})
         if mine != theirs:
             diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
@@ -129,10 +91,24 @@ def load_task(model: DeltaModel, directory: str | Path, name: str | None = None,
                 f"({meta.get('backbone_name')!r}, {theirs.get('model_type')}); differs in {diff}. "
                 "Load it onto the backbone it was trained with."
             )
+    return meta
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
-        tensors = load_file(str(tensors_path))
+        return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {tensors_path}: {e}") from None
+        raise CheckpointError(f"cannot read {path}: {e}") from None
+
+
+def load_task(model: DeltaModel, directory: str | Path, name: str | None = None, strict_backbone: bool = True) -> str:
+    """Add the task saved in ``directory`` to ``model`` (as ``name``, default the saved name).
+
+    Raises :class:`CheckpointError` for a missing, corrupt or truncated checkpoint, or one saved
+    for another backbone. Returns the task name."""
+    directory = Path(directory)
+    meta = _verified_meta(directory, strict_backbone, model)
+    tensors = _read_tensors(directory / TENSORS)
     task_name = name or meta["task"]
     if task_name in model.tasks:
         raise CheckpointError(f"the model already has a task {task_name!r}; load the checkpoint under another name")
@@ -155,3 +131,31 @@ def load_task(model: DeltaModel, directory: str | Path, name: str | None = None,
     if meta.get("frozen"):
         model.freeze(task_name)
     return task_name
+
+
+def load_delta(model: DeltaModel, directory: str | Path, name: str, *, strict_backbone: bool = True, **head: Any) -> str:
+    """Add a saved delta as task ``name`` with a new head (``head``: :meth:`DeltaModel.add_task`'s
+    head arguments, e.g. ``label_names``): a PEFT adapter (``adapter_config.json``, see
+    :mod:`adapters.peft_import`) or the delta of a task checkpoint (its own head is left out).
+    Checks as :func:`load_task` and :func:`adapters.peft_import.import_peft` do."""
+    directory = Path(directory)
+    if (directory / "adapter_config.json").is_file():
+        from .peft_import import import_peft
+
+        return import_peft(model, directory, name, strict_base=strict_backbone, **head)
+    meta = _verified_meta(directory, strict_backbone, model)
+    tensors = _read_tensors(directory / TENSORS)
+    deltas = {k: v for k, v in tensors.items() if k.startswith("deltas.")}
+    try:
+        task = model.add_task(name, meta["methods"], **head)
+    except (DeltaError, KeyError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {directory} has an invalid config: {e}") from None
+    if meta.get("frozen"):
+        for delta in task.deltas.values():
+            delta.fold()
+    try:
+        task.deltas.load_state_dict({k[len("deltas."):]: v for k, v in deltas.items()}, strict=True)
+    except RuntimeError as e:
+        model.remove_task(name)
+        raise CheckpointError(f"checkpoint {directory} does not fit its own config: {e}") from None
+    return name

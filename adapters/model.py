@@ -329,6 +329,19 @@ class DeltaModel(nn.Module):
         hidden, mask = self.encode(input_ids, attention_mask, **extra)
         return head(hidden, mask)
 
+    # -- HuggingFace PEFT's format -------------------------------------------------------------------
+    def export_peft(self, name: str, directory: Any, base_model: str | None = None) -> Any:
+        """Write task ``name`` as a PEFT adapter (:func:`adapters.peft_export.export_peft`)."""
+        from .peft_export import export_peft
+
+        return export_peft(self, name, directory, base_model)
+
+    def import_peft(self, source: Any, name: str | None = None, **options: Any) -> str:
+        """Add a PEFT adapter (a directory or a hub id) as a task (:func:`adapters.peft_import.import_peft`)."""
+        from .peft_import import import_peft
+
+        return import_peft(self, source, name, **options)
+
     def mixed(self, tasks: Sequence[str] | None = None, dtype: torch.dtype | None = None) -> MixedTasks:
         """A :class:`~adapters.mixed.MixedTasks` serving ``tasks`` (default: all) in mixed batches,
         each example through its own task's delta and head."""

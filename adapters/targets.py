@@ -277,7 +277,8 @@ def resolve_sites(
     blocks = block_paths(model)
     chosen = select_layers(model, layers, skip_first)
     block0 = model.get_submodule(blocks[0])
-    inner = {name for name, _ in block0.named_modules() if name}
+    # every block's inner names: a T5 decoder block has modules (cross-attention) its encoder blocks lack
+    inner = {name for b in dict.fromkeys(blocks[i] for i in chosen) for name, _ in model.get_submodule(b).named_modules() if name}
     sites: list[Site] = []
     for target in targets:
         if target in spec.blocks:

@@ -288,6 +288,16 @@ def check_generative(stream: TaskStream, model: DeltaModel, strategy: Strategy) 
         raise ValueError(f"strategy {strategy.name!r} trains classification tasks only; tasks {generative} are generative")
 
 
+def check_start_deltas(stream: TaskStream, strategy: Strategy) -> None:
+    """Refuse, before anything runs, tasks that start from a saved delta under a strategy that does
+    not give each task a delta of its own."""
+    named = [t.name for t in stream if t.delta is not None]
+    if named and not strategy.starts_from_deltas:
+        raise ValueError(f"tasks {named} start from a saved delta ('delta:' in the stream file), which strategy "
+                         f"{strategy.name!r} cannot use (it does not give each task a delta of its own); use per-task "
+                         "or per-task-fusion")
+
+
 def run_stream(
     stream: TaskStream,
     model: DeltaModel,
@@ -316,6 +326,7 @@ def run_stream(
     config.validate()
     device = config.torch_device()
     check_generative(stream, model, strategy)
+    check_start_deltas(stream, strategy)
     check_lengths(model, max(t.max_length or config.max_length for t in stream), strategy.methods)
     check_distributed(strategy, config)
     if not distributed.is_main():

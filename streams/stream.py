@@ -29,6 +29,10 @@ A stream YAML file::
         target_column: summary
         template: "{text}\nSummary:"     #   optional: the prompt around the text
         metric: rouge_l                  #   exact (default) | token_f1 | rouge_l
+      - name: reviews-again              # any task may start from a saved delta instead of a fresh one:
+        source: amazon                   #   a PEFT adapter directory (LoRA, (IA)^3, prompt tuning) or a
+        delta: adapters/reviews-lora     #   task checkpoint of this tool; trained further, or, with
+        # delta: {path: adapters/reviews-lora, train: false, check_base: true}   frozen (the head trains)
 
 Splits that a data set lacks are cut from its training data: seeded and stratified.
 """
@@ -59,7 +63,7 @@ TASK_MAX_LENGTH = {"bbc": 128}
 _STREAM_KEYS = {"name", "seed", "max_train", "max_eval", "dev_fraction", "test_fraction", "tasks"}
 _TASK_KEYS = {"name", "source", "train", "dev", "test", "hub", "hub_config", "hub_splits", "text_column",
               "label_column", "text_pair_column", "label_names", "encoding", "max_train", "max_eval", "max_length",
-              "generative", "answers", "target_column", "template", "metric"}
+              "generative", "answers", "target_column", "template", "metric", "delta"}
 
 
 def _labels(ds: Dataset) -> np.ndarray:
@@ -136,6 +140,38 @@ def _check_keys(d: dict[str, Any], allowed: set[str], where: str) -> None:
 
 def _yaml_task(entry: dict[str, Any], root: Path, settings: dict[str, Any], where: str) -> Task:
     _check_keys(entry, _TASK_KEYS, where)
+    task = _yaml_data_task(entry, root, settings, where)
+    if "delta" in entry:
+        task.delta = start_delta(entry["delta"], root, where)
+    return task
+
+
+# the files that make a saved delta: a PEFT adapter's, or a task checkpoint's (adapters.checkpoint)
+DELTA_FILES = ("adapter_config.json", "adapter_model.safetensors", "head.safetensors", "delta_continual.json",
+               "delta.json", "delta.safetensors")
+
+
+def start_delta(spec: Any, root: Path, where: str) -> dict[str, Any]:
+    """A task's ``delta:`` (a path, or ``{path, train, check_base}``) checked and fingerprinted: the
+    directory must hold a PEFT adapter or a task checkpoint; its files' SHA-256 are recorded."""
+    import hashlib
+
+    spec = {"path": spec} if isinstance(spec, str) else spec
+    if not isinstance(spec, dict) or not isinstance(spec.get("path"), str):
+        raise DataError(f"{where}: 'delta' must be a path, or a mapping with a 'path' (and optional 'train', 'check_base')")
+    _check_keys(spec, {"path", "train", "check_base"}, f"{where}: delta")
+    for key in ("train", "check_base"):
+        if not isinstance(spec.get(key, True), bool):
+            raise DataError(f"{where}: delta {key} must be true or false, got {spec[key]!r}")
+    path = (root / spec["path"]).expanduser().resolve()
+    if not (path / "adapter_config.json").is_file() and not (path / "delta.json").is_file():
+        raise DataError(f"{where}: delta {spec['path']!r}: {path} holds no PEFT adapter (adapter_config.json) "
+                        "and no task checkpoint (delta.json)")
+    digests = {f: hashlib.sha256((path / f).read_bytes()).hexdigest() for f in DELTA_FILES if (path / f).is_file()}
+    return {"path": str(path), "train": spec.get("train", True), "check_base": spec.get("check_base", True), "sha256": digests}
+
+
+def _yaml_data_task(entry: dict[str, Any], root: Path, settings: dict[str, Any], where: str) -> Task:
     name = str(entry["name"])
     seed = int(settings["seed"])
     max_train, max_eval = entry.get("max_train", settings["max_train"]), entry.get("max_eval", settings["max_eval"])

@@ -54,6 +54,11 @@ class Task:
     source: dict[str, Any] = dataclasses.field(default_factory=dict)
     max_length: int | None = None
     metric: str | None = None
+    # A saved delta to start from instead of a fresh one (``delta:`` in a stream file): ``path``
+    # (a PEFT adapter or a task checkpoint directory), ``train`` (False: used frozen, only the head
+    # trains), ``check_base``, and ``sha256`` of its files (part of the fingerprint, so a changed
+    # adapter is a different run)
+    delta: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         check_task_name(self.name)
@@ -109,6 +114,8 @@ class Task:
         h = hashlib.sha256(json.dumps(self.label_names).encode())
         if self.generative:  # (classification fingerprints stay what they were: saved runs resume)
             h.update(f"metric={self.metric}".encode())
+        if self.delta is not None:  # likewise: only tasks that start from a saved delta hash it
+            h.update(json.dumps({k: self.delta[k] for k in ("train", "sha256")}, sort_keys=True).encode())
         for split in SPLITS:
             ds = getattr(self, split)
             h.update(split.encode())

@@ -67,7 +67,8 @@ class IA3(SiteDelta):
         if not isinstance(module, nn.Linear):
             raise ConfigError(f"(IA)^3 rescales linear layers; {site.output} is not one")
         c = self.config
-        if site.key in {s.key for s in resolve_sites(backbone, c.feedforward, c.layers, c.skip_first)}:
+        # (no feedforward targets: every site rescales its output; resolve_sites refuses an empty list)
+        if c.feedforward and site.key in {s.key for s in resolve_sites(backbone, c.feedforward, c.layers, c.skip_first)}:
             return IA3Site(d_in, module)
         return IA3Site(d_out, None)
 

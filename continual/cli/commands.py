@@ -205,6 +205,24 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from ..export import export_run, serving_recipe
+
+    done, left_out = export_run(args.run, args.out, args.backbone, args.task, args.base_model, args.max_lora_rank)
+    for e in done:
+        c = e.config
+        what = f"{c['peft_type']} r={c['r']}" if c["peft_type"] == "LORA" else c["peft_type"]
+        print(f"{e.task}: {what}, {c['task_type']} -> {e.directory}")
+        if c["task_type"] != "FEATURE_EXTRACTION" and e.vllm:
+            print("  vLLM would refuse it: " + "; ".join(e.vllm))
+    for task, why in left_out.items():
+        print(f"{task}: not exported: {why}")
+    recipe = serving_recipe(done, args.max_lora_rank)
+    if recipe:
+        print("\nserve them (docs/peft.md):\n  " + "\n  ".join(recipe))
+    return 0
+
+
 def _seeds(text: str) -> list[int]:
     try:
         seeds = [int(x) for x in text.split(",") if x.strip()]
@@ -244,4 +262,4 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "report": cmd_report, "route": cmd_route, "transfer": cmd_transfer, "combine": cmd_combine,
-            "compare": cmd_compare, "sync": cmd_sync, "list": cmd_list}
+            "compare": cmd_compare, "export": cmd_export, "sync": cmd_sync, "list": cmd_list}

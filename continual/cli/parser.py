@@ -26,6 +26,7 @@ DESCRIPTION = """run lifelong-learning streams, report on them, list what is ava
     python -m continual transfer runs/default-per-task-bottleneck-s0   # zero-shot transfer matrix
     python -m continual combine --task movie --combo lora+bitfit      # method combinations study
     python -m continual compare --entry per-task:lora --entry seq-ft   # comparison report
+    python -m continual export runs/default-per-task-lora-s0 --out peft/   # PEFT adapters
     python -m continual sync runs/default-per-task-bottleneck-s0 --tracking-uri http://127.0.0.1:5000
     python -m continual list
 """
@@ -38,7 +39,7 @@ DEFAULTS = dict(stream="default", strategy="per-task", backbone="minilm", max_tr
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="continual", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    for add in (_run, _report, _route, _transfer, _combine, _compare, _sync, _list):
+    for add in (_run, _report, _route, _transfer, _combine, _compare, _export, _sync, _list):
         add(sub)
     return p
 
@@ -196,6 +197,23 @@ def _compare(sub: argparse._SubParsersAction) -> None:
                     "needs `pip install ray`")
     cp.add_argument("--out", default=None, help="default: runs/compare-<stream>-s<seed>")
     _tracking_options(cp)
+
+
+def _export(sub: argparse._SubParsersAction) -> None:
+    ex = sub.add_parser("export", help="write a run's task deltas as HuggingFace PEFT adapters (for PEFT, vLLM, TGI)",
+                        description="Write each task's delta of a finished run as a PEFT adapter (adapter_config.json + "
+                        "adapter_model.safetensors) in <out>/<task>: LoRA, (IA)^3, prompt tuning, and lora+bitfit as LoRA "
+                        "with bias='all'. Tasks whose delta PEFT cannot hold (bottleneck, parallel, compacter, prefix, "
+                        "fusion) are listed with the reason. A classification task's head is saved beside its adapter "
+                        "(head.safetensors). For generative LoRAs, prints what vLLM would refuse, or the commands that "
+                        "serve them (docs/peft.md).", formatter_class=Formatter)
+    ex.add_argument("run", help="a run's output directory")
+    ex.add_argument("--format", default="peft", choices=["peft"], help="checkpoint format to write")
+    ex.add_argument("--out", required=True, help="directory to write <task>/ adapters into")
+    ex.add_argument("--task", action="append", help="export only this task (repeat); default: every task PEFT can hold%(default).0s")
+    ex.add_argument("--backbone", default=None, help="the backbone the run was trained on (default: the one its checkpoints name)")
+    ex.add_argument("--base-model", default=None, help="base_model_name_or_path to record (default: the backbone's hub id)")
+    ex.add_argument("--max-lora-rank", type=int, default=16, help="the --max-lora-rank the vLLM server runs with")
 
 
 def _sync(sub: argparse._SubParsersAction) -> None:

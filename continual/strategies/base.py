@@ -7,16 +7,17 @@ branch elsewhere.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 
-from adapters import DeltaConfig, DeltaModel, make_config
+from adapters import DeltaConfig, DeltaModel, load_delta, make_config
 from adapters.model import MethodSpec
 from streams import Task
 
-from ..training import TrainConfig, TrainResult, train_task
+from ..training import TrainConfig, TrainResult, evaluate, eval_loader, train_task
 
 #: ``data(task)`` gives a task's tokenised splits (the scheduler tokenises each task once).
 TaskData = Callable[[Task], Any]
@@ -28,6 +29,24 @@ def head_of(task: Task) -> dict[str, Any]:
     if task.generative:
         return {"generative": True, "label_names": task.label_names or None}
     return {"label_names": task.label_names}
+
+
+def add_task(model: DeltaModel, task: Task, methods: Sequence[DeltaConfig]) -> None:
+    """Add ``task`` to ``model``: a fresh delta of ``methods``, or, for a task that names a saved
+    delta to start from (``task.delta``: a PEFT adapter or a task checkpoint), that delta, with a
+    fresh head either way; a delta given with ``train: false`` stays frozen (its head trains)."""
+    if task.delta is None:
+        model.add_task(task.name, methods, **head_of(task))
+        return
+    load_delta(model, task.delta["path"], task.name, strict_backbone=task.delta["check_base"], **head_of(task))
+    if not task.delta["train"]:
+        model.freeze_delta(task.name)
+
+
+def nothing_to_train(model: DeltaModel, task: Task) -> bool:
+    """A task whose delta is used frozen and whose head has no weights (a generative task's)."""
+    t = model.task(task.name)
+    return task.delta is not None and not task.delta["train"] and t.head_parameters() == 0
 
 
 class Strategy:
@@ -44,6 +63,9 @@ class Strategy:
     # False where training does not go through continual.training.fit (Avalanche's own trainer),
     # which is what runs data-parallel over several processes
     data_parallel: ClassVar[bool] = True
+    # True where a task may start from a saved delta (``delta:`` in a stream file): the strategy
+    # gives each task a delta of its own, added through :func:`add_task`
+    starts_from_deltas: ClassVar[bool] = False
     # True where reports() runs the model (rank 0 alone calls it: with a sharded backbone every
     # forward pass needs all processes, so such a strategy cannot shard it)
     reports_run_model: ClassVar[bool] = False
@@ -77,6 +99,12 @@ class Strategy:
               callback: Callable[[dict[str, Any]], None] | None) -> TrainResult:
         """Train one step."""
         (task,) = tasks
+        if nothing_to_train(model, task):  # a frozen imported delta on a generative task: scored on dev only
+            start = time.perf_counter()
+            loader = eval_loader(data(task)["dev"], model.tokenizer, config.max_length, config.batch_size * 2,
+                                 decoder_start=model.decoder_start_id)
+            dev = evaluate(model, task.name, loader, self.active(task.name), config.precision)
+            return TrainResult(dev, 0, 0, time.perf_counter() - start, [])
         return train_task(model, task.name, data(task), config, callback=callback, active=self.active(task.name))
 
     def finish(self, model: DeltaModel, task: Task) -> None:

@@ -12,7 +12,7 @@ from streams import Task
 
 from ..plots import write_fusion_report
 from ..training import train_task
-from .base import Strategy, head_of
+from .base import Strategy, add_task, head_of
 
 
 class PerTaskDelta(Strategy):
@@ -21,8 +21,10 @@ class PerTaskDelta(Strategy):
     name = "per-task"
     description = "a new delta + head per task, frozen after training (no forgetting by construction)"
 
+    starts_from_deltas = True
+
     def prepare(self, model: DeltaModel, task: Task) -> None:
-        model.add_task(task.name, self.methods, **head_of(task))
+        add_task(model, task, self.methods)
 
 
 class ContinualFusion(PerTaskDelta):

@@ -1,0 +1,45 @@
+"""What identifies a backbone and a file: a backbone's fingerprint, a file's SHA-256. Used by every
+saved form of a delta (task checkpoints, PEFT exports) to refuse the wrong backbone or a damaged file."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def backbone_fingerprint(backbone: nn.Module) -> dict[str, Any]:
+    """Architecture facts plus a hash of a strided sample of every weight.
+
+    Cheap (a few thousand values per tensor) yet different for any two real checkpoints. A
+    backbone sharded across processes answers with the fingerprint taken before sharding."""
+    cached = getattr(backbone, "_fingerprint_before_sharding", None)
+    if cached is not None:
+        return dict(cached)
+    h = hashlib.sha256()
+    for name, p in sorted(backbone.named_parameters()):
+        flat = p.detach().reshape(-1)
+        step = max(1, flat.numel() // 2048)
+        h.update(name.encode())
+        h.update(str(tuple(p.shape)).encode())
+        h.update(flat[::step].to(torch.float32).cpu().numpy().tobytes())
+    cfg = backbone.config
+    return {
+        "model_type": cfg.model_type,
+        "hidden_size": cfg.hidden_size,
+        "num_layers": getattr(cfg, "num_hidden_layers", None),
+        "vocab_size": getattr(cfg, "vocab_size", None),
+        "weights_sha256": h.hexdigest(),
+    }
+
+
+def sha256_file(path: Path) -> str:
+    """SHA-256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

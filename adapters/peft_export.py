@@ -1,0 +1,260 @@
+"""HuggingFace PEFT's checkpoint format, both ways: a task's delta exported as a PEFT adapter
+(``adapter_config.json`` + ``adapter_model.safetensors``), and a PEFT adapter imported as a task.
+
+Which methods travel, and why only those. A PEFT adapter is a function of the base model; an
+export is only right if PEFT computes the same function from it:
+
+  ours       PEFT            tensors (keys under ``base_model.model.<module path>``)
+  lora       LORA            ``.lora_A.weight`` (r, in), ``.lora_B.weight`` (out, r); scale alpha / r
+  ia3        IA3             ``.ia3_l``: (out, 1) rescales the output, (1, in) the input (feedforward)
+  prompt     PROMPT_TUNING   ``prompt_embeddings`` (P, d), prepended to the input embeddings
+  bitfit     (with lora)     LORA with ``bias="all"``: the biases themselves (backbone's + ours)
+
+Refused, with the reason: prefix tuning (PEFT hands the prefix to the model as past keys and
+values, which moves every real token P positions on; ours leaves them where they are, so the
+same numbers are another function), methods PEFT has no type for (bottleneck, parallel,
+Compacter, fusion), and combinations other than lora+bitfit (one PEFT adapter holds one method).
+
+A classification head has no exact PEFT form either: PEFT keeps it in ``modules_to_save`` of a
+``*ForSequenceClassification`` model, whose head is that architecture's own (BERT pools [CLS]
+through its pooler, Llama's ``score`` has no bias), not our pooled linear layer. So the adapter is
+exported for the bare backbone (``FEATURE_EXTRACTION``) and the head goes beside it, in
+``head.safetensors``; ``delta_continual.json`` records labels, pooling, the backbone's fingerprint
+and every file's SHA-256, so importing our own export back is exact and verified. A generative
+task is ``CAUSAL_LM`` (decoders) or ``SEQ_2_SEQ_LM`` (T5); the LM head is the model's own.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from .fingerprint import backbone_fingerprint, sha256_file
+from .config import DeltaConfig
+from .errors import ConfigError
+
+CONFIG, WEIGHTS, HEAD, SIDECAR = "adapter_config.json", "adapter_model.safetensors", "head.safetensors", "delta_continual.json"
+SIDECAR_FORMAT = "delta-continual/peft-export"
+PEFT_TYPES = {"lora": "LORA", "ia3": "IA3", "prompt": "PROMPT_TUNING"}
+ROOT = "base_model.model."
+PREFIX_REASON = ("PEFT passes a prefix to the model as past keys and values, which moves the real tokens P positions "
+                  "on; this library's prefix keeps them at 0..T-1, so PEFT would compute another function from the "
+                  "same numbers")
+
+
+def exportable(configs: Sequence[DeltaConfig]) -> str | None:
+    """None when a task with these delta configs can be written as one PEFT adapter, else why not."""
+    methods = sorted(c.method for c in configs)
+    if methods in (["lora"], ["ia3"], ["prompt"], ["bitfit", "lora"]):
+        return None
+    if "prefix" in methods:
+        return f"prefix tuning is not exported: {PREFIX_REASON}"
+    what = "+".join(c.method for c in configs) or "no delta"
+    return (f"PEFT cannot hold {what}: one PEFT adapter is one of lora, ia3, prompt (prompt tuning) or lora+bitfit "
+            "(LoRA with bias='all'); bottleneck, parallel and compacter adapters have no PEFT type")
+
+
+def task_type(model: Any, task: Any) -> str:
+    """PEFT's task_type for a task: a generative one is the model's LM; a classification task's
+    delta is exported for the bare backbone (its head goes beside it)."""
+    if getattr(task.head, "generative", False):
+        return "SEQ_2_SEQ_LM" if model.seq2seq else "CAUSAL_LM"
+    return "FEATURE_EXTRACTION"
+
+
+def module_prefix(model: Any, kind: str) -> str:
+    """Where our backbone sits inside the model PEFT wraps for ``kind``: LlamaForCausalLM keeps its
+    LlamaModel under ``model.``; AutoModel (feature extraction) and T5 are the backbone itself."""
+    if kind == "CAUSAL_LM" and not model.seq2seq:
+        return model.backbone.base_model_prefix + "."
+    return ""
+
+
+# -- export --------------------------------------------------------------------------------------
+def export_peft(model: Any, name: str, directory: str | Path, base_model: str | None = None) -> Path:
+    """Write task ``name`` as a PEFT adapter in ``directory`` (see the module docstring); returns it.
+
+    ``base_model``: the ``base_model_name_or_path`` to record (default: the hub id of a short
+    backbone name, else the name the model was loaded by). Raises :class:`ConfigError` naming what
+    can be exported when PEFT cannot hold the task's delta."""
+    task = model.task(name)
+    why = exportable(task.configs)
+    if why:
+        raise ConfigError(f"task {name!r}: {why}")
+    kind = task_type(model, task)
+    prefix = module_prefix(model, kind)
+    deltas = dict(zip([c.method for c in task.configs], task.deltas.values()))
+    main = next(m for m in ("lora", "ia3", "prompt") if m in deltas)
+    config, tensors = _EXPORTERS[main](model, deltas[main], prefix)
+    if "bitfit" in deltas:
+        config["bias"] = "all"
+        wrapped = {k[:-len(".lora_A.weight")] for k in tensors if k.endswith(".lora_A.weight")}
+        for key, value in _bias_tensors(model, deltas["bitfit"], prefix).items():
+            module = key[:-len(".bias")]  # PEFT keeps a LoRA-wrapped layer's own weights under base_layer
+            tensors[f"{module}.base_layer.bias" if module in wrapped else key] = value
+    from .backbones import hub_id
+
+    config.update(peft_type=PEFT_TYPES[main], task_type=kind, inference_mode=True, revision=None,
+                  base_model_name_or_path=base_model or hub_id(model.backbone_name))
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    _save(tensors, out / WEIGHTS)
+    files = [WEIGHTS]
+    if task.head is not None and not task.head.generative:
+        _save({k: v for k, v in task.head.state_dict().items()}, out / HEAD)
+        files.append(HEAD)
+    _write_json(out / CONFIG, config)
+    meta = {"format": SIDECAR_FORMAT, "version": 1, "task": name, "methods": [c.to_dict() for c in task.configs],
+            "label_names": task.label_names, "num_labels": getattr(task.head, "num_labels", None),
+            "pooling": getattr(task.head, "pooling", None), "generative": bool(getattr(task.head, "generative", False)),
+            "backbone": backbone_fingerprint(model.backbone), "backbone_name": model.backbone_name,
+            "sha256": {f: sha256_file(out / f) for f in (*files, CONFIG)}}
+    _write_json(out / SIDECAR, meta)
+    return out
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    tmp.replace(path)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+
+
+def _site_paths(delta: Any, prefix: str) -> list[str]:
+    bad = [s.output for s in delta.sites if s.input != s.output]
+    if bad:
+        raise ConfigError(f"{delta.config.method} on blocks ({bad[0]}, ...) reads one module's input and adds to "
+                          "another's output: PEFT's LoRA and (IA)^3 act on one linear layer each")
+    return [prefix + s.output for s in delta.sites]
+
+
+def target_modules(model: Any, paths: Sequence[str], prefix: str) -> list[str]:
+    """The shortest module-name suffixes that, matched as PEFT matches ``target_modules`` (a name
+    equal to a suffix or ending in '.' + suffix), select exactly ``paths`` among the wrapped model's
+    modules; the full paths where no shorter suffixes do."""
+    names = [prefix + n for n, _ in model.backbone.named_modules() if n]
+    wanted = set(paths)
+    for depth in range(1, max(p.count(".") for p in paths) + 2):
+        suffixes = sorted({".".join(p.split(".")[-depth:]) for p in paths})
+        if any(x[0].isdigit() for x in suffixes):  # "1.self_attn.q_proj" would work, but reads as noise
+            continue
+        hit = {n for n in names if any(n == s or n.endswith("." + s) for s in suffixes)}
+        if hit == wanted:
+            return suffixes
+    return sorted(wanted)
+
+
+def _lora_out(model: Any, delta: Any, prefix: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    c = delta.config
+    paths = _site_paths(delta, prefix)
+    tensors = {}
+    for site, path in zip(delta.sites, paths):
+        m = delta.site_modules[site.key]
+        tensors[f"{ROOT}{path}.lora_A.weight"] = m.lora_A
+        tensors[f"{ROOT}{path}.lora_B.weight"] = m.lora_B
+    conv1d = any(not isinstance(model.backbone.get_submodule(s.output), nn.Linear) for s in delta.sites)
+    config = {"r": c.rank, "lora_alpha": c.alpha, "lora_dropout": c.dropout, "target_modules": target_modules(model, paths, prefix),
+              "bias": "none", "fan_in_fan_out": conv1d, "use_rslora": False, "use_dora": False, "modules_to_save": None,
+              "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {},
+              "alpha_pattern": {}}
+    return config, tensors
+
+
+def _ia3_out(model: Any, delta: Any, prefix: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    paths = _site_paths(delta, prefix)
+    tensors, feedforward = {}, []
+    for site, path in zip(delta.sites, paths):
+        m = delta.site_modules[site.key]
+        ff = m.base is not None  # the input is rescaled
+        tensors[f"{ROOT}{path}.ia3_l"] = m.scale.view(1, -1) if ff else m.scale.view(-1, 1)
+        if ff:
+            feedforward.append(path)
+    targets = target_modules(model, paths, prefix)
+    ff_names = target_modules(model, feedforward, prefix) if feedforward else []
+    if not set(ff_names) <= set(targets):  # PEFT wants feedforward_modules among target_modules
+        targets, ff_names = sorted(paths), sorted(feedforward)
+    config = {"target_modules": targets, "feedforward_modules": ff_names, "fan_in_fan_out": False,
+              "modules_to_save": None, "init_ia3_weights": True}
+    return config, tensors
+
+
+def _prompt_out(model: Any, delta: Any, prefix: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    cfg = model.backbone.config
+    config = {"num_virtual_tokens": delta.prompt.shape[0], "token_dim": delta.prompt.shape[1],
+              "num_transformer_submodules": 1,  # ours prompts the encoder only (T5: not the decoder)
+              "num_attention_heads": getattr(cfg, "num_attention_heads", getattr(cfg, "num_heads", None)),
+              "num_layers": getattr(cfg, "num_hidden_layers", getattr(cfg, "num_layers", None)),
+              "prompt_tuning_init": "RANDOM", "prompt_tuning_init_text": None, "tokenizer_name_or_path": None}
+    return config, {"prompt_embeddings": delta.prompt}
+
+
+def _bias_tensors(model: Any, delta: Any, prefix: str) -> dict[str, torch.Tensor]:
+    """BitFit as PEFT's ``bias="all"``: PEFT stores (and loads over the model's) whole bias vectors,
+    so each is the backbone's bias plus ours; a module without a bias of its own cannot be held."""
+    if tuple(delta.config.params) != ("bias",):
+        raise ConfigError("bitfit exports to PEFT only as bias deltas (params=[bias]): PEFT's bias='all' holds biases")
+    out = {}
+    for site in delta.sites:
+        base = getattr(model.backbone.get_submodule(site.output), "bias", None)
+        if not isinstance(base, torch.Tensor):
+            raise ConfigError(f"bitfit adds a bias to {site.output}, which has none: PEFT's bias='all' can only "
+                              "hold the model's own biases")
+        out[f"{ROOT}{prefix}{site.output}.bias"] = base.detach().float() + delta.site_modules[site.key].deltas["bias"].float()
+    return out
+
+
+_EXPORTERS = {"lora": _lora_out, "ia3": _ia3_out, "prompt": _prompt_out}
+
+
+# -- serving -------------------------------------------------------------------------------------
+VLLM_MAX_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's --max-lora-rank takes
+# the layers vLLM applies LoRA to in Llama-family models (attention and MLP projections)
+VLLM_LLAMA_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def vllm_scaling(config: dict[str, Any]) -> float:
+    """The factor vLLM multiplies B A x by: lora_alpha / r, or lora_alpha / sqrt(r) for rsLoRA."""
+    r, alpha = config["r"], config["lora_alpha"]
+    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+
+def vllm_problems(config: dict[str, Any], max_lora_rank: int = 16) -> list[str]:
+    """What keeps vLLM (``vllm serve --enable-lora``) from loading this adapter, as its LoRA loader
+    checks a PEFT config: a LoRA of a causal LM with r, lora_alpha and target_modules, no
+    modules_to_save, no DoRA, no trained biases (unless --enable-lora-bias), rank within
+    ``--max-lora-rank`` (vLLM's default 16), on the projections vLLM adapts. Empty: servable."""
+    out = []
+    if config.get("peft_type") != "LORA":
+        out.append(f"vLLM serves LoRA adapters only; this is {config.get('peft_type')}")
+        return out
+    if config.get("task_type") != "CAUSAL_LM":
+        out.append(f"vLLM serves causal language models; this adapter is for {config.get('task_type')}")
+    out += [f"{k} is missing" for k in ("r", "lora_alpha", "target_modules") if config.get(k) in (None, "", [])]
+    if config.get("modules_to_save"):
+        out.append(f"modules_to_save {config['modules_to_save']}: vLLM supports none")
+    if config.get("use_dora"):
+        out.append("DoRA: vLLM does not support it")
+    if config.get("bias", "none") != "none":
+        out.append(f"bias={config['bias']!r}: needs vLLM's --enable-lora-bias")
+    r = config.get("r") or 0
+    if r > VLLM_MAX_RANKS[-1]:
+        out.append(f"rank {r} is above vLLM's largest --max-lora-rank ({VLLM_MAX_RANKS[-1]})")
+    elif r > max_lora_rank:
+        out.append(f"rank {r} is above --max-lora-rank {max_lora_rank}: start vLLM with --max-lora-rank "
+                   f"{next(m for m in VLLM_MAX_RANKS if m >= r)}")
+    leaves = {t.split(".")[-1] for t in (config.get("target_modules") or [])}
+    if leaves and not leaves <= VLLM_LLAMA_MODULES:
+        out.append(f"target modules {sorted(leaves - VLLM_LLAMA_MODULES)} are not among the projections vLLM adapts "
+                   f"in Llama-family models ({', '.join(sorted(VLLM_LLAMA_MODULES))})")
+    return out

@@ -1,0 +1,306 @@
+"""Importing a HuggingFace PEFT adapter as a task of a :class:`~adapters.DeltaModel`: a LoRA,
+(IA)^3 or prompt-tuning adapter from a directory or the hub becomes the same delta here
+(:mod:`adapters.peft_export` says which forms match which, and why prefix tuning does not).
+
+    model.import_peft("path/to/adapter", "reviews", label_names=["neg", "pos"])
+
+Checked before anything is added: the files (our own export's checksums), that the adapter was
+trained for this backbone (its recorded base model name and, for our own export, the backbone's
+fingerprint; every module it names must exist and every tensor fit its shape), and that every
+tensor finds its place. Anything else is a :class:`CheckpointError` naming the file or tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from .fingerprint import backbone_fingerprint, sha256_file
+from .config import DeltaConfig
+from .errors import CheckpointError, DeltaError
+from .peft_export import CONFIG, HEAD, ROOT, SIDECAR, SIDECAR_FORMAT, WEIGHTS, PREFIX_REASON
+from .registry import make_config
+from .targets import block_paths, linear_dims
+
+GENERATIVE_TYPES = ("CAUSAL_LM", "SEQ_2_SEQ_LM")
+
+
+def import_peft(model: Any, source: str | Path, name: str | None = None, *, strict_base: bool = True, **head: Any) -> str:
+    """Add the PEFT adapter at ``source`` (a directory, or a hub id when online) to ``model`` as
+    task ``name`` (default: the exported task's name, else the directory's); returns the name.
+
+    ``head``: :meth:`DeltaModel.add_task`'s head arguments (``label_names=[...]`` for a new
+    classifier, ``generative=True`` for the model's LM head). Without them our own export's head
+    comes back as saved, and a foreign adapter gets the LM head when PEFT's task_type is a
+    language model's, else none. ``strict_base=False`` skips the base-model name and fingerprint
+    checks (shapes are always checked)."""
+    directory, config, tensors = read_adapter(source)
+    meta = sidecar(directory) or {}
+    where = str(directory)
+    if strict_base:
+        check_base(model, config, meta, where)
+    configs, state = import_configs(model, config, tensors)
+    own_head = not head and bool(meta) and not meta.get("generative")
+    if not head and meta:
+        head = {"generative": True} if meta.get("generative") else {
+            "label_names": meta.get("label_names"), "num_labels": meta.get("num_labels"), "pooling": meta.get("pooling")}
+    elif not head and config.get("task_type") in GENERATIVE_TYPES:
+        head = {"generative": True}
+    name = name or meta.get("task") or re.sub(r"[^A-Za-z0-9_\-]", "-", directory.name)
+    try:
+        task = model.add_task(name, configs, **head)
+    except DeltaError as e:
+        raise CheckpointError(f"{where}: cannot add the adapter as task {name!r}: {e}") from None
+    try:
+        load_values(task, state, where)
+        if own_head and task.head is not None:
+            task.head.load_state_dict(_read(directory / HEAD), strict=True)
+    except (CheckpointError, RuntimeError) as e:
+        model.remove_task(name)
+        raise CheckpointError(str(e) if isinstance(e, CheckpointError) else f"{where}: the saved head does not fit: {e}") from None
+    return name
+
+
+def _read(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from None
+
+
+def check_base(model: Any, config: dict[str, Any], meta: dict[str, Any], where: str) -> None:
+    """Refuse an adapter recorded for another base model (by name; by fingerprint for our own)."""
+    theirs = config.get("base_model_name_or_path")
+    if not same_base(model.backbone_name, theirs):
+        raise CheckpointError(f"{where} was trained on {theirs!r}, not on this backbone ({model.backbone_name!r}); load it "
+                              "onto that model, or pass strict_base=False if it is the same model under another name")
+    if meta.get("backbone") and meta["backbone"] != backbone_fingerprint(model.backbone):
+        diff = sorted(k for k, v in meta["backbone"].items() if backbone_fingerprint(model.backbone).get(k) != v)
+        raise CheckpointError(f"{where} was exported from another backbone ({meta.get('backbone_name')!r}); differs in {diff}")
+
+
+# -- import --------------------------------------------------------------------------------------
+def read_adapter(source: str | Path) -> tuple[Path, dict[str, Any], dict[str, torch.Tensor]]:
+    """(directory, adapter_config, tensors) of a PEFT adapter in a directory or on the hub."""
+    directory = Path(source).expanduser()
+    if not directory.exists():
+        directory = _download(str(source))
+    path = directory / CONFIG
+    if not path.is_file():
+        raise CheckpointError(f"no PEFT adapter at {directory}: {CONFIG} is missing")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON (corrupt or truncated?): {e}") from None
+    if not isinstance(config, dict) or not isinstance(config.get("peft_type"), str):
+        raise CheckpointError(f"{path} is not a PEFT adapter config (no peft_type)")
+    weights = directory / WEIGHTS
+    if not weights.is_file():
+        other = "; it has adapter_model.bin (pickle): re-save it with safetensors" if (directory / "adapter_model.bin").exists() else ""
+        raise CheckpointError(f"{weights} is missing{other}")
+    _verify_sidecar(directory)
+    return directory, config, _read(weights)
+
+
+def _download(repo: str) -> Path:
+    if not re.fullmatch(r"[\w.\-]+/[\w.\-]+", repo):
+        raise CheckpointError(f"{repo!r} is neither a directory nor a hub id (owner/name)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo, allow_patterns=[CONFIG, WEIGHTS, HEAD, SIDECAR]))
+    except Exception as e:  # offline, unknown repo, gated: one message, the cause's first line
+        raise CheckpointError(f"cannot fetch the PEFT adapter {repo!r} from the HuggingFace hub (offline, or no such "
+                              f"repository?); give a local directory instead. Cause: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def sidecar(directory: Path) -> dict[str, Any] | None:
+    path = directory / SIDECAR
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON (corrupt or truncated?): {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT:
+        raise CheckpointError(f"{path} is not a delta-continual export record")
+    return meta
+
+
+def _verify_sidecar(directory: Path) -> None:
+    """Our own export lists each file's SHA-256: a damaged or edited file is refused."""
+    meta = sidecar(directory)
+    for name, digest in ((meta or {}).get("sha256") or {}).items():
+        path = directory / name
+        if not path.is_file() or sha256_file(path) != digest:
+            raise CheckpointError(f"{path} does not match the checksum {SIDECAR} recorded at export: damaged, or "
+                                  "changed since (delete delta_continual.json to import it as a foreign adapter)")
+
+
+def same_base(ours: str, theirs: str | None) -> bool:
+    """Whether a recorded base model name names our backbone: equal names, our short name's hub
+    id, or the same last path component (a local copy of a hub model)."""
+    from .backbones import hub_id
+
+    if not theirs:
+        return True  # nothing recorded to compare: the shapes are still checked
+    leaf = lambda s: s.rstrip("/").split("/")[-1].lower()  # noqa: E731
+    return leaf(theirs) in {leaf(ours), leaf(hub_id(ours))}
+
+
+def import_configs(model: Any, config: dict[str, Any], tensors: dict[str, torch.Tensor]
+                   ) -> tuple[list[DeltaConfig], dict[str, torch.Tensor]]:
+    """Our delta configs for a PEFT adapter, and its tensors keyed by backbone module path."""
+    peft_type = config["peft_type"]
+    if peft_type == "PREFIX_TUNING":
+        raise CheckpointError(f"PEFT prefix tuning is not imported: {PREFIX_REASON}")
+    if peft_type not in _IMPORTERS:
+        raise CheckpointError(f"PEFT adapter type {peft_type} cannot become a delta here; supported: LORA, IA3, PROMPT_TUNING")
+    if config.get("modules_to_save"):
+        raise CheckpointError(f"the adapter also saves whole modules {config['modules_to_save']} (modules_to_save, e.g. a "
+                              "sequence-classification head): they are not a delta; import the adapter without them")
+    return _IMPORTERS[peft_type](model, config, tensors)
+
+
+def _by_module(model: Any, tensors: dict[str, torch.Tensor], suffixes: Sequence[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """Tensors grouped by the backbone module they belong to: ``{path: {suffix: tensor}}``."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        suffix = next((s for s in suffixes if key.endswith("." + s)), None)
+        if suffix is None or not key.startswith(ROOT):
+            raise CheckpointError(f"unexpected tensor {key!r} in the adapter (expected {ROOT}<module>.{'|'.join(suffixes)})")
+        groups.setdefault(key[len(ROOT):-len(suffix) - 1], {})[suffix] = value
+    prefixes = ["", model.backbone.base_model_prefix + "."]
+    for prefix in prefixes:
+        if all(p.startswith(prefix) and _module(model, p[len(prefix):]) is not None for p in groups):
+            return {p[len(prefix):]: v for p, v in groups.items()}
+    missing = next(p for p in groups if all(_module(model, p[len(x):] if p.startswith(x) else p) is None for x in prefixes))
+    raise CheckpointError(f"the adapter acts on {missing!r}, which this backbone ({model.backbone_name}, "
+                          f"{model.backbone.config.model_type}) does not have: it was trained for another architecture")
+
+
+def _module(model: Any, path: str) -> nn.Module | None:
+    try:
+        return model.backbone.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _layer_groups(model: Any, paths: Sequence[str]) -> dict[tuple[int, ...], list[str]]:
+    """Module paths as (block indices -> inner paths), so each group is one layer-wise config."""
+    blocks = block_paths(model.backbone)
+    inner: dict[str, set[int]] = {}
+    for path in paths:
+        i = next((i for i, b in enumerate(blocks) if path.startswith(b + ".")), None)
+        if i is None:
+            raise CheckpointError(f"the adapter acts on {path}, outside the transformer blocks (embeddings, LM head): "
+                                  "a delta here acts inside blocks only")
+        inner.setdefault(path[len(blocks[i]) + 1:], set()).add(i)
+    groups: dict[tuple[int, ...], list[str]] = {}
+    for name, layers in inner.items():
+        groups.setdefault(tuple(sorted(layers)), []).append(name)
+    return groups
+
+
+def _layers(model: Any, layers: tuple[int, ...]) -> tuple[int, ...] | None:
+    return None if len(layers) == len(block_paths(model.backbone)) else layers
+
+
+def _lora_in(model: Any, config: dict[str, Any], tensors: dict[str, torch.Tensor]):
+    if config.get("use_dora"):
+        raise CheckpointError("DoRA adapters (use_dora) are not LoRA: not imported")
+    if config.get("alpha_pattern"):
+        raise CheckpointError("adapters with a per-module alpha_pattern are not imported")
+    if config.get("bias", "none") not in ("none", "all"):
+        raise CheckpointError(f"LoRA bias={config['bias']!r} is not imported (bias='none' or 'all' is)")
+    bias = {k.replace(".base_layer.bias", ".bias"): v for k, v in tensors.items() if k.endswith(".bias")}
+    tensors = {k: v for k, v in tensors.items() if not k.endswith(".bias")}
+    lora = _by_module(model, tensors, ("lora_A.weight", "lora_B.weight"))
+    configs, state = [], {}
+    for layers, inner in _layer_groups(model, list(lora)).items():
+        ranks = {lora[p]["lora_A.weight"].shape[0] for p in lora if any(p.endswith("." + n) for n in inner)}
+        for r in sorted(ranks):
+            names = tuple(n for n in inner if any(lora[p]["lora_A.weight"].shape[0] == r for p in lora if p.endswith("." + n)))
+            alpha = float(config.get("lora_alpha", 8)) * (math.sqrt(r) if config.get("use_rslora") else 1.0)
+            configs.append(make_config({"method": "lora", "rank": r, "alpha": alpha, "targets": list(names),
+                                        "layers": _layers(model, layers), "dropout": float(config.get("lora_dropout") or 0.0)}))
+    for path, t in lora.items():
+        state[f"{path}|lora_A"], state[f"{path}|lora_B"] = t["lora_A.weight"], t["lora_B.weight"]
+    if bias:
+        configs_b, state_b = _bias_in(model, bias)
+        configs += configs_b
+        state.update(state_b)
+    return configs, state
+
+
+def _bias_in(model: Any, tensors: dict[str, torch.Tensor]):
+    """PEFT's whole biases -> BitFit deltas (saved bias minus the backbone's)."""
+    groups = _by_module(model, tensors, ("bias",))
+    state = {}
+    for path, t in groups.items():
+        base = getattr(model.backbone.get_submodule(path), "bias", None)
+        if not isinstance(base, torch.Tensor) or base.shape != t["bias"].shape:
+            raise CheckpointError(f"the adapter saves a bias for {path}, which has none of that shape here")
+        state[f"{path}|bias"] = t["bias"].float() - base.detach().float().cpu()
+    pattern = "^(" + "|".join(re.escape(p) for p in sorted(groups)) + ")$"
+    return [make_config({"method": "bitfit", "patterns": [pattern], "exclude": []})], state
+
+
+def _ia3_in(model: Any, config: dict[str, Any], tensors: dict[str, torch.Tensor]):
+    scales = _by_module(model, tensors, ("ia3_l",))
+    configs, state = [], {}
+    for layers, inner in _layer_groups(model, list(scales)).items():
+        ff = [n for n in inner if any(scales[p]["ia3_l"].shape[0] == 1 and p.endswith("." + n) and
+                                      (linear_dims(model.backbone.get_submodule(p)) or (0, 0))[0] == scales[p]["ia3_l"].shape[1]
+                                      for p in scales)]
+        configs.append(make_config({"method": "ia3", "targets": list(inner), "feedforward": ff, "layers": _layers(model, layers)}))
+    for path, t in scales.items():
+        state[f"{path}|scale"] = t["ia3_l"].reshape(-1)
+    return configs, state
+
+
+def _prompt_in(model: Any, config: dict[str, Any], tensors: dict[str, torch.Tensor]):
+    if set(tensors) != {"prompt_embeddings"}:
+        raise CheckpointError(f"a prompt-tuning adapter holds prompt_embeddings alone, not {sorted(tensors)}")
+    if (config.get("num_transformer_submodules") or 1) != 1:
+        raise CheckpointError("this prompt-tuning adapter also prompts the decoder (num_transformer_submodules=2, PEFT's "
+                              "default for seq2seq); a prompt here goes to the encoder only")
+    prompt = tensors["prompt_embeddings"]
+    return [make_config({"method": "prompt", "num_tokens": prompt.shape[0]})], {"|prompt": prompt}
+
+
+_IMPORTERS = {"LORA": _lora_in, "IA3": _ia3_in, "PROMPT_TUNING": _prompt_in}
+
+
+def load_values(task: Any, state: dict[str, torch.Tensor], where: str) -> None:
+    """Copy imported tensors into a task's fresh deltas (keys ``<module path>|<parameter>``), every
+    shape checked: a tensor that does not fit names itself and both shapes."""
+    used = set()
+    with torch.no_grad():
+        for delta in task.deltas.values():
+            targets = {"": delta} if not hasattr(delta, "sites") else {s.output: delta.site_modules[s.key] for s in delta.sites}
+            for path, holder in targets.items():
+                params = dict(holder.named_parameters())
+                for key in [k for k in state if k.rsplit("|", 1)[0] == path]:
+                    leaf = key.rsplit("|", 1)[1]
+                    param = params.get(leaf) if leaf in params else params.get(f"deltas.{leaf}")
+                    if param is None or key in used:
+                        continue
+                    value = state[key]
+                    if tuple(value.shape) != tuple(param.shape):
+                        raise CheckpointError(f"{where}: the tensor for {path or delta.config.method} {leaf} has shape "
+                                              f"{tuple(value.shape)}, this backbone needs {tuple(param.shape)}: it was "
+                                              "trained for another model")
+                    param.copy_(value.to(param.dtype))
+                    used.add(key)
+    unused = sorted(set(state) - used)
+    if unused:
+        raise CheckpointError(f"{where}: tensors {unused[:3]} found no place in the imported delta")

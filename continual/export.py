@@ -1,0 +1,72 @@
+"""``continual export``: a finished (or partly finished) run's task deltas as HuggingFace PEFT
+adapters, one directory per task, for PEFT, vLLM, TGI or LoRAX to load.
+
+The run directory stays the source of truth (its checkpoints are verified against the manifest
+as they load); an export is a view of it, written by :func:`adapters.export_peft`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from adapters import ConfigError, export_peft, read_meta
+from adapters.peft_export import exportable, vllm_problems, vllm_scaling
+
+from .rundir import RunStateError, load_run_model
+
+
+@dataclasses.dataclass
+class Exported:
+    """One task's adapter: where it went, its PEFT config, and what keeps vLLM from serving it."""
+
+    task: str
+    directory: Path
+    config: dict[str, Any]
+    vllm: list[str]
+
+
+def run_backbone(run: str | Path) -> str:
+    """The backbone a run's checkpoints were saved from (the name it was loaded by)."""
+    root = Path(run) / "checkpoints"
+    metas = sorted(root.glob("*/*/delta.json")) if root.is_dir() else []
+    if not metas:
+        raise RunStateError(f"{run} has no task checkpoints (checkpoints/<task>/<name>/delta.json): nothing to export")
+    return read_meta(metas[0].parent)["backbone_name"]
+
+
+def export_run(run: str | Path, out: str | Path, backbone: str | None = None, tasks: Sequence[str] | None = None,
+               base_model: str | None = None, max_lora_rank: int = 16) -> tuple[list[Exported], dict[str, str]]:
+    """Export each task of ``run`` (default: every task whose delta PEFT can hold) into
+    ``out/<task>``; returns the exports and, for each task left out, why. A task named in
+    ``tasks`` that cannot be exported is an error naming why; so is a run with none that can."""
+    model, added = load_run_model(run, backbone or run_backbone(run), tasks)
+    reasons = {name: exportable(model.task(name).configs) for name in added}
+    if tasks is not None:
+        bad = {t: reasons[t] for t in added if reasons[t]}
+        if bad:
+            raise ConfigError("; ".join(f"task {t!r}: {why}" for t, why in bad.items()))
+    chosen = [t for t in added if not reasons[t]]
+    if not chosen:
+        raise ConfigError(f"no task of {run} can be exported to PEFT: " + "; ".join(f"{t}: {w}" for t, w in reasons.items()))
+    done = []
+    for name in chosen:
+        directory = export_peft(model, name, Path(out) / name, base_model)
+        config = json.loads((directory / "adapter_config.json").read_text())
+        done.append(Exported(name, directory, config, vllm_problems(config, max_lora_rank)))
+    return done, {t: why for t, why in reasons.items() if why}
+
+
+def serving_recipe(exported: Sequence[Exported], max_lora_rank: int = 16) -> list[str]:
+    """The commands that serve the servable adapters (vLLM and TGI), as text."""
+    ok = [e for e in exported if not e.vllm]
+    if not ok:
+        return []
+    base = ok[0].config.get("base_model_name_or_path")
+    rank = max(max_lora_rank, max(e.config["r"] for e in ok))
+    modules = " ".join(f"{e.task}={e.directory.resolve()}" for e in ok)
+    return [f"vllm serve {base} --enable-lora --max-lora-rank {rank} --lora-modules {modules}",
+            f"LORA_ADAPTERS={','.join(f'{e.task}={e.directory.resolve()}' for e in ok)} text-generation-launcher --model-id {base}",
+            "scaling as vLLM computes it: " + ", ".join(f"{e.task} {vllm_scaling(e.config):g}" for e in ok)]

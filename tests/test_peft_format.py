@@ -1,0 +1,216 @@
+"""PEFT's checkpoint format, both ways, checked against the real ``peft`` library.
+
+For each method PEFT can hold (LoRA, (IA)^3, prompt tuning; lora+bitfit as LoRA with
+bias='all') on a tiny BERT (feature extraction, its classification head beside the adapter), a
+tiny Llama (causal LM) and a tiny T5 (seq2seq LM): our outputs equal ``PeftModel.from_pretrained``'s
+on the same weights; the export imported back equals the original bit for bit; and the adapter
+as PEFT itself saves it (no sidecar: a foreign adapter) imports to the same outputs.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import adapters
+from adapters import CheckpointError, ConfigError
+from adapters.peft_export import vllm_problems, vllm_scaling
+from conftest import TINY, batch, tiny_backbone
+
+peft = pytest.importorskip("peft")
+
+TOL = 1e-5  # fp32: PEFT and we compute the same sums in another order
+SMALL = {"lora": {"rank": 4}, "prompt": {"num_tokens": 3}}
+
+
+@pytest.fixture(autouse=True)
+def no_hub(monkeypatch):
+    """PEFT looks the recorded base model up on the hub while loading; these tests stay offline."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def spec(methods: list[str]) -> list[dict]:
+    return [{"method": m, **SMALL.get(m, {})} for m in methods]
+
+
+def perturb(task: torch.nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in task.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+def hf_model(arch: str) -> torch.nn.Module:
+    """A fresh copy of the same random-init weights each call (what PEFT wraps)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
+
+    if arch == "bert":
+        return tiny_backbone("bert")
+    torch.manual_seed(0)
+    if arch == "llama":
+        return LlamaForCausalLM(LlamaConfig(**TINY, num_key_value_heads=2, max_position_embeddings=256, eos_token_id=3,
+                                            pad_token_id=0, tie_word_embeddings=True)).eval()
+    return T5ForConditionalGeneration(T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+                                               vocab_size=120, eos_token_id=3, pad_token_id=0, decoder_start_token_id=0)).eval()
+
+
+def delta_model(arch: str) -> adapters.DeltaModel:
+    return adapters.DeltaModel(hf_model(arch), None, f"tiny-{arch}")
+
+
+def ours(model: adapters.DeltaModel, task: str, arch: str, b: dict) -> torch.Tensor:
+    """What the task computes: BERT's token states (the adapter's output), an LM's logits."""
+    with torch.no_grad(), model.using(task):
+        if arch == "bert":
+            return model.encode(**b)[0]
+        if arch == "t5":
+            return model(**b)
+        return model(**b)
+
+
+def theirs(pm: torch.nn.Module, arch: str, b: dict, n: int) -> torch.Tensor:
+    with torch.no_grad():
+        out = pm(**b)
+    states = out.last_hidden_state if arch == "bert" else out.logits
+    return states if arch == "t5" else states[:, states.shape[1] - n:]  # prompt tuning's virtual tokens dropped
+
+
+def inputs(arch: str) -> dict:
+    b = batch()
+    if arch == "t5":
+        b["decoder_input_ids"] = torch.tensor([[0, 7, 9, 11]] * 3)
+    return b
+
+
+CASES = [(a, m) for a in ("bert", "llama", "t5") for m in (["lora"], ["ia3"], ["prompt"])] + [("bert", ["lora", "bitfit"])]
+
+
+@pytest.mark.parametrize("arch,methods", CASES, ids=[f"{a}-{'+'.join(m)}" for a, m in CASES])
+def test_round_trip_through_peft(arch, methods, tmp_path):
+    model = delta_model(arch)
+    head = {"label_names": ["a", "b", "c"]} if arch == "bert" else {"generative": True}
+    model.add_task("t", spec(methods), **head)
+    perturb(model.task("t"))
+    b = inputs(arch)
+    mask = b["attention_mask"].bool()
+    expect = ours(model, "t", arch, b)
+    n = b["input_ids"].shape[1]
+
+    model.export_peft("t", tmp_path / "ours")
+    config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert config["task_type"] == {"bert": "FEATURE_EXTRACTION", "llama": "CAUSAL_LM", "t5": "SEQ_2_SEQ_LM"}[arch]
+    pm = peft.PeftModel.from_pretrained(hf_model(arch), tmp_path / "ours").eval()
+    got = theirs(pm, arch, b, n)
+    diff = (got - expect)[mask] if arch == "bert" else (got - expect)[mask] if arch == "llama" else got - expect
+    assert diff.abs().max() < TOL
+
+    back = delta_model(arch)  # ours -> PEFT -> ours: the same function, head included
+    assert back.import_peft(tmp_path / "ours") == "t"
+    assert torch.equal(ours(back, "t", arch, b), expect)
+    if arch == "bert":
+        with torch.no_grad(), model.using("t"), back.using("t"):
+            assert torch.equal(back(**b), model(**b))
+
+    pm.save_pretrained(tmp_path / "peft")  # as PEFT writes it: no record of ours beside it
+    foreign = delta_model(arch)
+    name = foreign.import_peft(tmp_path / "peft", "f", **({"generative": True} if arch != "bert" else {}))
+    assert (ours(foreign, name, arch, b) - expect)[mask if arch != "t5" else ...].abs().max() < TOL
+
+
+def test_real_peft_prompt_adapter_for_t5_that_prompts_the_decoder_is_refused(tmp_path):
+    pm = peft.get_peft_model(hf_model("t5"), peft.PromptTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=2))
+    pm.save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="num_transformer_submodules=2"):
+        delta_model("t5").import_peft(tmp_path)
+
+
+@pytest.mark.parametrize("methods,reason", [(["bottleneck"], "no PEFT type"), (["prefix"], "past keys and values"),
+                                            (["lora", "prompt"], "one PEFT adapter is one of")])
+def test_export_refuses_what_peft_cannot_hold(methods, reason, tmp_path):
+    model = delta_model("llama")
+    model.add_task("t", spec(methods), generative=True)
+    with pytest.raises(ConfigError, match=reason):
+        model.export_peft("t", tmp_path)
+    assert not (tmp_path / "adapter_config.json").exists()
+
+
+def test_bitfit_on_a_model_without_biases_is_refused(tmp_path):
+    model = delta_model("llama")
+    model.add_task("t", spec(["lora", "bitfit"]), generative=True)
+    with pytest.raises(ConfigError, match="has none"):
+        model.export_peft("t", tmp_path)
+
+
+def test_import_checks_backbone_files_and_kinds(tmp_path):
+    model = delta_model("bert")
+    model.add_task("t", spec(["lora"]), label_names=["x", "y"])
+    model.export_peft("t", tmp_path / "a")
+    with pytest.raises(CheckpointError, match="trained on 'tiny-bert'"):  # recorded for another base model
+        delta_model("llama").import_peft(tmp_path / "a")
+    with pytest.raises(CheckpointError, match="does not have"):  # its modules are not in a Llama
+        delta_model("llama").import_peft(tmp_path / "a", strict_base=False)
+    from transformers import BertConfig, BertModel
+
+    wide = adapters.DeltaModel(BertModel(BertConfig(**{**TINY, "hidden_size": 48}), add_pooling_layer=False), None, "tiny-bert")
+    with pytest.raises(CheckpointError, match="fingerprint|another backbone"):
+        wide.import_peft(tmp_path / "a")
+    (tmp_path / "a" / "delta_continual.json").unlink()  # a foreign adapter: shapes are what is left to check
+    with pytest.raises(CheckpointError, match=r"shape \(4, 32\).*needs \(4, 48\)"):
+        wide.import_peft(tmp_path / "a")
+    assert "t" not in wide.tasks  # nothing half-added
+
+    model.export_peft("t", tmp_path / "b")
+    weights = tmp_path / "b" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8])
+    with pytest.raises(CheckpointError, match="checksum"):
+        delta_model("bert").import_peft(tmp_path / "b")
+    with pytest.raises(CheckpointError, match="neither a directory nor a hub id"):
+        delta_model("bert").import_peft(tmp_path / "missing" / "x" / "y")
+
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    for change, match in (({"peft_type": "PREFIX_TUNING"}, "past keys and values"), ({"use_dora": True}, "DoRA"),
+                          ({"modules_to_save": ["classifier"]}, "modules_to_save"), ({"peft_type": "LOHA"}, "LOHA")):
+        (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**cfg, **change}))
+        with pytest.raises(CheckpointError, match=match):
+            delta_model("bert").import_peft(tmp_path / "a")
+
+
+def test_hub_id_offline_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointError, match="cannot fetch the PEFT adapter 'someone/some-adapter'"):
+        delta_model("bert").import_peft("someone/some-adapter")
+
+
+def test_vllm_check_of_an_exported_lora(tmp_path):
+    model = delta_model("llama")
+    model.add_task("t", {"method": "lora", "rank": 8, "alpha": 32.0, "targets": ["query", "value", "ffn_out"]}, generative=True)
+    model.export_peft("t", tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["down_proj", "q_proj", "v_proj"]
+    assert vllm_problems(config) == []
+    site = next(iter(model.task("t").deltas["lora"].site_modules.values()))
+    assert vllm_scaling(config) == site.scaling == 4.0
+    assert "--max-lora-rank 32" in vllm_problems({**config, "r": 32})[0]
+    assert any("DoRA" in p for p in vllm_problems({**config, "use_dora": True}))
+    assert any("modules_to_save" in p for p in vllm_problems({**config, "modules_to_save": ["lm_head"]}))
+    assert vllm_problems({**config, "peft_type": "IA3"}) == ["vLLM serves LoRA adapters only; this is IA3"]
+
+
+def test_layer_subsets_keep_their_layers(tmp_path):
+    """A LoRA on some layers only exports full module paths (no suffix selects just those) and
+    imports back onto the same layers."""
+    model = delta_model("llama")
+    model.add_task("t", {"method": "lora", "rank": 2, "layers": [1]}, generative=True)
+    perturb(model.task("t"))
+    model.export_peft("t", tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["layers.1.self_attn.q_proj", "layers.1.self_attn.v_proj"]
+    back = delta_model("llama")
+    back.import_peft(tmp_path, "t")
+    assert back.task("t").configs[0].layers == (1,)
+    b = batch()
+    assert torch.equal(ours(back, "t", "llama", b), ours(model, "t", "llama", b))
