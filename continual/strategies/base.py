@@ -122,7 +122,7 @@ class Strategy:
     def trainable_parameters(self, model: DeltaModel, task: Task) -> int:
         """Parameters trained for this task (delta + head, or more)."""
         t = model.task(task.name)
-        return t.delta_parameters() + t.head_parameters()
+        return (0 if t.delta_frozen else t.delta_parameters()) + t.head_parameters()  # a delta used frozen trains nothing
 
     def describe(self) -> dict[str, Any]:
         return {"strategy": self.name, "methods": [m.to_dict() for m in self.methods]}

@@ -82,8 +82,8 @@ class ContinualFusion(PerTaskDelta):
         return {"fusion": directory}
 
     def trainable_parameters(self, model: DeltaModel, task: Task) -> int:
-        own, fused = model.task(task.name), model.task(self.fused(task.name))
-        return own.delta_parameters() + own.head_parameters() + fused.delta_parameters() + fused.head_parameters()
+        fused = model.task(self.fused(task.name))
+        return super().trainable_parameters(model, task) + fused.delta_parameters() + fused.head_parameters()
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "fusion": dict(self.fusion)}

@@ -1,0 +1,186 @@
+"""Adapters trained elsewhere, used here: a LoRA trained by PEFT's own code (a few real steps in
+the test) serves in a mixed-task generation batch beside our deltas, and starts a task of a
+stream (``delta:`` in the stream file) that a per-task-fusion run then fuses with our deltas."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+import adapters
+from adapters.generation import generate
+from conftest import FAST, TINY, toy_rows, tiny_text_backbone
+
+peft = pytest.importorskip("peft")
+EOS = 3
+
+
+@pytest.fixture(autouse=True)
+def no_hub(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def llama() -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**TINY, num_key_value_heads=2, max_position_embeddings=256, eos_token_id=EOS,
+                                        pad_token_id=0, bos_token_id=1, initializer_range=0.3)).eval()
+
+
+def peft_trained(base: torch.nn.Module, config, steps: int, loss_of) -> torch.nn.Module:
+    """``base`` with a PEFT adapter trained by PEFT's model for a few AdamW steps."""
+    pm = peft.get_peft_model(base, config)
+    pm.train()
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=5e-2)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(steps):
+        ids = torch.randint(5, 120, (4, 8), generator=g)
+        loss = loss_of(pm, ids)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return pm.eval()
+
+
+def test_peft_trained_lora_serves_in_a_mixed_batch(tmp_path):
+    pm = peft_trained(llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                               task_type="CAUSAL_LM"), 5, lambda m, ids: m(input_ids=ids, labels=ids).loss)
+    pm.save_pretrained(tmp_path)
+    model = adapters.DeltaModel(llama(), None, "tiny-llama")
+    model.add_task("ours", {"method": "lora", "rank": 2}, generative=True)
+    with torch.no_grad():
+        for p in model.task("ours").parameters():
+            p.add_(0.3)
+    assert model.import_peft(tmp_path, "theirs") == "theirs"
+    assert model.task("theirs").delta_parameters() == sum(p.numel() for n, p in pm.named_parameters() if "lora_" in n)
+
+    ids = torch.randint(5, 120, (4, 7), generator=torch.Generator().manual_seed(9))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding, as batched decoding lays prompts out
+    with torch.no_grad(), model.using("theirs"):
+        logits = model(input_ids=ids, attention_mask=mask)
+        assert (logits - pm(input_ids=ids, attention_mask=mask).logits)[mask.bool()].abs().max() < 1e-5
+
+    # served alone: our decoder answers what PEFT's model generates
+    with model.using("theirs"):
+        alone = generate(model, ids, mask, max_new_tokens=5, eos_token_id=EOS)
+    ref = pm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, eos_token_id=EOS, pad_token_id=0)
+    assert alone == [_answer(row, ids.shape[1]) for row in ref]
+
+    # served in one mixed batch with our own task: each example as its task alone
+    task_ids = ["theirs", "ours", "theirs", "ours"]
+    mixed = generate(model, ids, mask, max_new_tokens=5, eos_token_id=EOS, mixed=model.mixed(), task_ids=task_ids)
+    for r, t in enumerate(task_ids):
+        with model.using(t):
+            assert mixed[r] == generate(model, ids[r:r + 1], mask[r:r + 1], max_new_tokens=5, eos_token_id=EOS)[0]
+
+
+def _answer(row: torch.Tensor, prompt_len: int) -> list[int]:
+    """HF generate's new tokens before the first EOS (the form our decoder returns)."""
+    out = []
+    for t in row[prompt_len:].tolist():
+        if t == EOS:
+            break
+        out.append(t)
+    return out
+
+
+def stream_file(tmp_path, adapter=None, train: bool = True):
+    for name, word, seed in (("a", "apple", 1), ("b", "river", 2)):
+        rows = toy_rows(word, seed)
+        (tmp_path / f"{name}.csv").write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in rows))
+    tasks = [{"name": "a", "train": "a.csv"}, {"name": "b", "train": "b.csv"}]
+    if adapter is not None:
+        tasks[0]["delta"] = {"path": str(adapter), "train": train}
+    path = tmp_path / "stream.yaml"
+    path.write_text(yaml.safe_dump({"name": "toy", "tasks": tasks}))
+    return path
+
+
+def test_stream_task_starts_from_a_peft_lora_and_fusion_uses_it(tmp_path, minilm_tokenizer):
+    from continual.scheduler import run_stream
+    from continual.strategies import make_strategy
+    from continual.training import TrainConfig
+    from streams import load_stream
+
+    pm = peft_trained(tiny_text_backbone(minilm_tokenizer.vocab_size), peft.LoraConfig(r=4, target_modules=["query", "value"]),
+                      3, lambda m, ids: m(input_ids=ids).last_hidden_state.pow(2).mean())
+    pm.save_pretrained(tmp_path / "adapter")
+    trained = {k: v.clone() for k, v in pm.state_dict().items() if "lora_" in k}
+    path = stream_file(tmp_path, tmp_path / "adapter", train=False)
+    stream = load_stream(path)
+    assert stream["a"].delta["train"] is False and "adapter_model.safetensors" in stream["a"].delta["sha256"]
+
+    def model():
+        return adapters.DeltaModel(tiny_text_backbone(minilm_tokenizer.vocab_size), minilm_tokenizer, "tiny-bert")
+
+    with pytest.raises(ValueError, match="start from a saved delta.*seq-delta"):  # refused before anything is written
+        run_stream(stream, model(), make_strategy("seq-delta", ["lora"]), TrainConfig(**FAST), tmp_path / "no")
+    assert not (tmp_path / "no").exists()
+
+    config = TrainConfig(**{**FAST, "max_steps": 20})
+    m = model()
+    res = run_stream(stream, m, make_strategy("per-task-fusion", [{"method": "lora", "rank": 4}]), config, tmp_path / "run")
+    assert res.matrix.R.shape == (2, 2) and torch.isfinite(torch.tensor(res.matrix.R)).all()
+    lora = m.task("a").deltas["lora"]
+    for site in lora.sites:  # used frozen: the values PEFT trained, untouched by the run
+        key = f"base_model.model.{site.output}"
+        assert torch.equal(lora.site_modules[site.key].lora_A, trained[f"{key}.lora_A.default.weight"])
+    assert m.task("b_fusion").deltas["fusion"].sources() == ("a", "b")
+    assert res.steps[0]["trainable_params"]["a"] > 0  # its fusion and head trained
+
+    # the adapter's bytes are part of the task's identity: a changed adapter is another run
+    before = stream.fingerprints()["a"]
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes().replace(b"lora", b"LORA", 1))
+    assert load_stream(path).fingerprints()["a"] != before
+
+
+def test_frozen_delta_on_a_generative_task_is_scored_not_trained(tmp_path, lm_model):
+    """A generative task whose delta is used frozen has nothing to train (its head is the model's
+    own): the step only scores it, and the next task trains as usual."""
+    from conftest import toy_generative_stream
+    from continual.scheduler import run_stream
+    from continual.strategies import make_strategy
+    from continual.training import TrainConfig
+    from streams.stream import start_delta
+
+    source = lm_model()
+    source.add_task("x", {"method": "lora", "rank": 2}, generative=True)
+    source.export_peft("x", tmp_path / "x")
+    stream = toy_generative_stream()
+    stream.tasks[0].delta = start_delta({"path": "x", "train": False}, tmp_path, "test")
+    res = run_stream(stream, lm_model(), make_strategy("per-task", [{"method": "lora", "rank": 2}]),
+                     TrainConfig(**{**FAST, "max_steps": 10}), tmp_path / "run")
+    assert res.steps[0]["steps"] == 0 and res.steps[0]["trainable_params"]["a"] == 0
+    assert res.steps[1]["steps"] > 0
+
+
+def test_export_command(tmp_path, tiny_backbone_dir, capsys):
+    """`continual export` writes each exportable task of a run as a PEFT adapter that PEFT loads
+    onto the backbone and that gives the run's own outputs; what cannot be exported says why."""
+    from continual.cli import main
+    from continual.rundir import load_run_model
+
+    path = stream_file(tmp_path)
+    common = ["--stream", str(path), "--backbone", str(tiny_backbone_dir), "--steps", "10", "--max-length", "16",
+              "--no-progress", "--no-mlflow"]
+    assert main(["run", *common, "--method", "lora:rank=4", "--out", str(tmp_path / "run")]) == 0
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "peft")]) == 0
+    out = capsys.readouterr().out
+    assert "a: LORA r=4, FEATURE_EXTRACTION" in out and "b: LORA r=4" in out
+    model, _ = load_run_model(tmp_path / "run", str(tiny_backbone_dir))
+    from transformers import AutoModel
+
+    pm = peft.PeftModel.from_pretrained(AutoModel.from_pretrained(tiny_backbone_dir).eval(), tmp_path / "peft" / "b").eval()
+    enc = model.tokenizer(["apple river green", "music table"], return_tensors="pt", padding=True)
+    with torch.no_grad(), model.using("b"):
+        assert (model.encode(**enc)[0] - pm(**enc).last_hidden_state).abs().max() < 1e-5
+
+    assert main(["run", *common, "--method", "bottleneck", "--out", str(tmp_path / "bn")]) == 0
+    assert main(["export", str(tmp_path / "bn"), "--out", str(tmp_path / "peft-bn")]) == 2
+    assert "no task of" in capsys.readouterr().err and not (tmp_path / "peft-bn").exists()
