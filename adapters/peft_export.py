@@ -10,10 +10,18 @@ export is only right if PEFT computes the same function from it:
   prompt     PROMPT_TUNING   ``prompt_embeddings`` (P, d), prepended to the input embeddings
   bitfit     (with lora)     LORA with ``bias="all"``: the biases themselves (backbone's + ours)
 
-Refused, with the reason: prefix tuning (PEFT hands the prefix to the model as past keys and
-values, which moves every real token P positions on; ours leaves them where they are, so the
-same numbers are another function), methods PEFT has no type for (bottleneck, parallel,
-Compacter, fusion), and combinations other than lora+bitfit (one PEFT adapter holds one method).
+  prefix     PREFIX_TUNING   ``prompt_embeddings`` (P, layers*2*kv_heads*head_dim); rotary models only
+
+Prefix tuning needs a conversion. PEFT hands the prefix to the model as past keys and values, as
+Li & Liang's code did, so every real token sits P positions further on; ours prepends the prefix
+inside attention and leaves the tokens at 0..T-1. With rotary position embeddings (Llama, Mistral,
+Qwen, Gemma) only query-to-prefix scores see that shift: a query at t+P against key k scores as a
+query at t against k rotated back by P. So the export rotates our prefix keys forward by P
+positions (the import back by P) and PEFT computes our function exactly. With absolute positions
+(BERT) the shift changes the token embeddings themselves, which no prefix can undo: refused.
+
+Also refused, with the reason: methods PEFT has no type for (bottleneck, parallel, Compacter,
+fusion), and combinations other than lora+bitfit (one PEFT adapter holds one method).
 
 A classification head has no exact PEFT form either: PEFT keeps it in ``modules_to_save`` of a
 ``*ForSequenceClassification`` model, whose head is that architecture's own (BERT pools [CLS]
@@ -36,27 +44,31 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .fingerprint import backbone_fingerprint, sha256_file
+from .targets import block_paths
 from .config import DeltaConfig
 from .errors import ConfigError
 
 CONFIG, WEIGHTS, HEAD, SIDECAR = "adapter_config.json", "adapter_model.safetensors", "head.safetensors", "delta_continual.json"
 SIDECAR_FORMAT = "delta-continual/peft-export"
-PEFT_TYPES = {"lora": "LORA", "ia3": "IA3", "prompt": "PROMPT_TUNING"}
+PEFT_TYPES = {"lora": "LORA", "ia3": "IA3", "prompt": "PROMPT_TUNING", "prefix": "PREFIX_TUNING"}
 ROOT = "base_model.model."
 PREFIX_REASON = ("PEFT passes a prefix to the model as past keys and values, which moves the real tokens P positions "
-                  "on; this library's prefix keeps them at 0..T-1, so PEFT would compute another function from the "
-                  "same numbers")
+                 "on; this library's prefix keeps them at 0..T-1. On a model with rotary positions that is converted "
+                 "exactly; this backbone has absolute positions, where no conversion can make the two agree")
 
 
-def exportable(configs: Sequence[DeltaConfig]) -> str | None:
-    """None when a task with these delta configs can be written as one PEFT adapter, else why not."""
+def exportable(configs: Sequence[DeltaConfig], model: Any = None) -> str | None:
+    """None when a task with these delta configs can be written as one PEFT adapter (on
+    ``model``'s backbone, where given), else why not."""
     methods = sorted(c.method for c in configs)
+    if methods == ["prefix"]:
+        if model is not None and rope_of(model.backbone) is None:
+            return f"prefix tuning is not exported: {PREFIX_REASON}"
+        return None
     if methods in (["lora"], ["ia3"], ["prompt"], ["bitfit", "lora"]):
         return None
-    if "prefix" in methods:
-        return f"prefix tuning is not exported: {PREFIX_REASON}"
     what = "+".join(c.method for c in configs) or "no delta"
-    return (f"PEFT cannot hold {what}: one PEFT adapter is one of lora, ia3, prompt (prompt tuning) or lora+bitfit "
+    return (f"PEFT cannot hold {what}: one PEFT adapter is one of lora, ia3, prompt, prefix or lora+bitfit "
             "(LoRA with bias='all'); bottleneck, parallel and compacter adapters have no PEFT type")
 
 
@@ -84,13 +96,13 @@ def export_peft(model: Any, name: str, directory: str | Path, base_model: str | 
     backbone name, else the name the model was loaded by). Raises :class:`ConfigError` naming what
     can be exported when PEFT cannot hold the task's delta."""
     task = model.task(name)
-    why = exportable(task.configs)
+    why = exportable(task.configs, model)
     if why:
         raise ConfigError(f"task {name!r}: {why}")
     kind = task_type(model, task)
     prefix = module_prefix(model, kind)
     deltas = dict(zip([c.method for c in task.configs], task.deltas.values()))
-    main = next(m for m in ("lora", "ia3", "prompt") if m in deltas)
+    main = next(m for m in ("lora", "ia3", "prompt", "prefix") if m in deltas)
     config, tensors = _EXPORTERS[main](model, deltas[main], prefix)
     if "bitfit" in deltas:
         config["bias"] = "all"
@@ -214,7 +226,44 @@ def _bias_tensors(model: Any, delta: Any, prefix: str) -> dict[str, torch.Tensor
     return out
 
 
-_EXPORTERS = {"lora": _lora_out, "ia3": _ia3_out, "prompt": _prompt_out}
+def rope_of(backbone: nn.Module) -> nn.Module | None:
+    """The backbone's rotary position embedding (Llama-family ``rotary_emb``), or None."""
+    rope = getattr(backbone, "rotary_emb", None)
+    return rope if isinstance(rope, nn.Module) else None
+
+
+def rotate_keys(backbone: nn.Module, kv: torch.Tensor, positions: int) -> torch.Tensor:
+    """Prefix keys and values (layers, 2, heads, P, head_dim) with the keys rotated as rotary
+    embeddings rotate a key ``positions`` on (negative: back); the values unchanged. The rotation
+    is the model's own (its frequencies and scaling), without its attention scaling factor."""
+    rope = rope_of(backbone)
+    if rope is None:
+        raise ConfigError(f"prefix tuning is not converted: {PREFIX_REASON}")
+    keys = kv[:, 0].float()
+    cos, sin = rope(keys, torch.full((1, 1), positions, device=keys.device))
+    scale = float(getattr(rope, "attention_scaling", 1.0))
+    cos, sin = cos.reshape(-1).float() / scale, sin.reshape(-1).float() / scale
+    if cos.shape[-1] != keys.shape[-1]:
+        raise ConfigError("prefix tuning is not converted for partial rotary embeddings (rotary size "
+                          f"{cos.shape[-1]} of head size {keys.shape[-1]})")
+    half = keys.shape[-1] // 2
+    rotated_half = torch.cat([-keys[..., half:], keys[..., :half]], dim=-1)
+    return torch.stack([keys * cos + rotated_half * sin, kv[:, 1].float()], dim=1)
+
+
+def _prefix_out(model: Any, delta: Any, prefix: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    layers = len(block_paths(model.backbone))
+    if list(delta.layer_ids) != list(range(layers)):
+        raise ConfigError(f"prefix tuning on layers {delta.layer_ids} only: PEFT's prefix covers every layer")
+    L, _, H, P, D = delta.shape
+    kv = rotate_keys(model.backbone, delta.kv().detach(), P)
+    config = {"num_virtual_tokens": P, "token_dim": H * D, "num_attention_heads": H, "num_layers": L,
+              "encoder_hidden_size": H * D, "prefix_projection": False, "num_transformer_submodules": 1}
+    return config, {"prompt_embeddings": kv.permute(3, 0, 1, 2, 4).reshape(P, L * 2 * H * D)}
+
+
+_EXPORTERS = {"lora": _lora_out, "ia3": _ia3_out, "prompt": _prompt_out, "prefix": _prefix_out}
+
 
 
 # -- serving -------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from torch import nn
 from .fingerprint import backbone_fingerprint, sha256_file
 from .config import DeltaConfig
 from .errors import CheckpointError, DeltaError
-from .peft_export import CONFIG, HEAD, ROOT, SIDECAR, SIDECAR_FORMAT, WEIGHTS, PREFIX_REASON
+from .peft_export import CONFIG, HEAD, PREFIX_REASON, ROOT, SIDECAR, SIDECAR_FORMAT, WEIGHTS, rope_of, rotate_keys
 from .registry import make_config
 from .targets import block_paths, linear_dims
 
@@ -160,10 +160,10 @@ def import_configs(model: Any, config: dict[str, Any], tensors: dict[str, torch.
                    ) -> tuple[list[DeltaConfig], dict[str, torch.Tensor]]:
     """Our delta configs for a PEFT adapter, and its tensors keyed by backbone module path."""
     peft_type = config["peft_type"]
-    if peft_type == "PREFIX_TUNING":
-        raise CheckpointError(f"PEFT prefix tuning is not imported: {PREFIX_REASON}")
     if peft_type not in _IMPORTERS:
-        raise CheckpointError(f"PEFT adapter type {peft_type} cannot become a delta here; supported: LORA, IA3, PROMPT_TUNING")
+        raise CheckpointError(f"PEFT adapter type {peft_type} cannot become a delta here; supported: {', '.join(_IMPORTERS)}")
+    if peft_type == "PREFIX_TUNING" and rope_of(model.backbone) is None:
+        raise CheckpointError(f"PEFT prefix tuning is not imported: {PREFIX_REASON}")
     if config.get("modules_to_save"):
         raise CheckpointError(f"the adapter also saves whole modules {config['modules_to_save']} (modules_to_save, e.g. a "
                               "sequence-classification head): they are not a delta; import the adapter without them")
@@ -277,7 +277,28 @@ def _prompt_in(model: Any, config: dict[str, Any], tensors: dict[str, torch.Tens
     return [make_config({"method": "prompt", "num_tokens": prompt.shape[0]})], {"|prompt": prompt}
 
 
-_IMPORTERS = {"LORA": _lora_in, "IA3": _ia3_in, "PROMPT_TUNING": _prompt_in}
+def _prefix_in(model: Any, config: dict[str, Any], tensors: dict[str, torch.Tensor]):
+    """PEFT's (P, layers*2*heads*head_dim) prefix as ours, keys rotated back by P (see
+    :mod:`adapters.peft_export`)."""
+    if set(tensors) != {"prompt_embeddings"}:
+        raise CheckpointError(f"a prefix-tuning adapter holds prompt_embeddings alone, not {sorted(tensors)}")
+    if (config.get("num_transformer_submodules") or 1) != 1:
+        raise CheckpointError("this prefix-tuning adapter is for an encoder-decoder (num_transformer_submodules=2)")
+    cfg = model.backbone.config
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    layers = len(block_paths(model.backbone))
+    emb = tensors["prompt_embeddings"].float()
+    if emb.ndim != 2 or emb.shape[1] != layers * 2 * heads * dim:
+        raise CheckpointError(f"the prefix has shape {tuple(emb.shape)}; this backbone needs (P, {layers * 2 * heads * dim}) "
+                              f"({layers} layers x 2 x {heads} heads x {dim}): it was trained for another model")
+    P = emb.shape[0]
+    kv = rotate_keys(model.backbone, emb.view(P, layers, 2, heads, dim).permute(1, 2, 3, 0, 4), -P)
+    return [make_config({"method": "prefix", "num_tokens": P, "reparameterize": False})], {"|prefix": kv}
+
+
+_IMPORTERS = {"LORA": _lora_in, "IA3": _ia3_in, "PROMPT_TUNING": _prompt_in, "PREFIX_TUNING": _prefix_in}
+
 
 
 def load_values(task: Any, state: dict[str, torch.Tensor], where: str) -> None:

@@ -43,7 +43,7 @@ def export_run(run: str | Path, out: str | Path, backbone: str | None = None, ta
     ``out/<task>``; returns the exports and, for each task left out, why. A task named in
     ``tasks`` that cannot be exported is an error naming why; so is a run with none that can."""
     model, added = load_run_model(run, backbone or run_backbone(run), tasks)
-    reasons = {name: exportable(model.task(name).configs) for name in added}
+    reasons = {name: exportable(model.task(name).configs, model) for name in added}
     if tasks is not None:
         bad = {t: reasons[t] for t in added if reasons[t]}
         if bad:

