@@ -235,3 +235,22 @@ def test_prefix_from_peft_with_projection_imports(tmp_path):
     mask = b["attention_mask"].bool()
     loaded = peft.PeftModel.from_pretrained(hf_model("llama"), tmp_path).eval()
     assert (ours(model, "t", "llama", b) - theirs(loaded, "llama", b, b["input_ids"].shape[1]))[mask].abs().max() < TOL
+
+
+def test_rslora_and_rank_pattern_from_peft_import(tmp_path):
+    """rsLoRA scales by alpha / sqrt(r) and rank_pattern gives some modules their own rank: both
+    import to PEFT's outputs (a LoRA per distinct rank and layer set)."""
+    config = peft.LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj"],
+                             rank_pattern={"v_proj": 2}, task_type="CAUSAL_LM")
+    pm = peft.get_peft_model(hf_model("llama"), config)
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.2)
+    pm.save_pretrained(tmp_path)
+    model = delta_model("llama")
+    model.import_peft(tmp_path, "t")
+    assert sorted(c.rank for c in model.task("t").configs) == [2, 4]
+    b = batch()
+    mask = b["attention_mask"].bool()
+    assert (ours(model, "t", "llama", b) - theirs(pm.eval(), "llama", b, 9))[mask].abs().max() < TOL
