@@ -184,3 +184,28 @@ def test_export_command(tmp_path, tiny_backbone_dir, capsys):
     assert main(["run", *common, "--method", "bottleneck", "--out", str(tmp_path / "bn")]) == 0
     assert main(["export", str(tmp_path / "bn"), "--out", str(tmp_path / "peft-bn")]) == 2
     assert "no task of" in capsys.readouterr().err and not (tmp_path / "peft-bn").exists()
+
+
+def test_imported_task_in_route_and_transfer(tmp_path, tiny_backbone_dir, capsys):
+    """A run whose first task started from a PEFT LoRA saves it like any task: the routing and
+    transfer commands load and use it with the others."""
+    from transformers import AutoModel
+
+    from continual.cli import main
+
+    base = AutoModel.from_pretrained(tiny_backbone_dir)
+    pm = peft_trained(base, peft.LoraConfig(r=4, target_modules=["query", "value"]), 3,
+                      lambda m, ids: m(input_ids=ids).last_hidden_state.pow(2).mean())
+    pm.save_pretrained(tmp_path / "adapter")
+    path = stream_file(tmp_path, tmp_path / "adapter", train=True)
+    run = tmp_path / "run"
+    assert main(["run", "--stream", str(path), "--backbone", str(tiny_backbone_dir), "--method", "lora:rank=4", "--steps",
+                 "10", "--max-length", "16", "--no-progress", "--no-mlflow", "--out", str(run)]) == 0
+    assert main(["transfer", str(run), "--backbone", str(tiny_backbone_dir)]) == 0
+    assert main(["route", str(run), "--backbone", str(tiny_backbone_dir), "--router", "prototype"]) == 0
+    out = capsys.readouterr().out
+    assert "prototype" in out and (run / "transfer.csv").exists() and (run / "routing.json").exists()
+    import json
+
+    routed = json.loads((run / "routing.json").read_text())
+    assert routed["prototype"]["tasks"] == ["a", "b"] and sum(map(sum, routed["prototype"]["confusion"])) > 0
