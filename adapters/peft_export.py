@@ -121,6 +121,8 @@ def export_peft(model: Any, name: str, directory: str | Path, base_model: str | 
     if task.head is not None and not task.head.generative:
         _save({k: v for k, v in task.head.state_dict().items()}, out / HEAD)
         files.append(HEAD)
+    else:  # a head left by an earlier export into this directory would be read back as this task's
+        (out / HEAD).unlink(missing_ok=True)
     _write_json(out / CONFIG, config)
     meta = {"format": SIDECAR_FORMAT, "version": 1, "task": name, "methods": [c.to_dict() for c in task.configs],
             "label_names": task.label_names, "num_labels": getattr(task.head, "num_labels", None),
@@ -239,6 +241,8 @@ def rotate_keys(backbone: nn.Module, kv: torch.Tensor, positions: int) -> torch.
     rope = rope_of(backbone)
     if rope is None:
         raise ConfigError(f"prefix tuning is not converted: {PREFIX_REASON}")
+    # An imported prefix arrives on the CPU while the rotary module may sit on a GPU.
+    kv = kv.to(next(iter(rope.buffers()), kv).device)
     keys = kv[:, 0].float()
     cos, sin = rope(keys, torch.full((1, 1), positions, device=keys.device))
     scale = float(getattr(rope, "attention_scaling", 1.0))

@@ -79,7 +79,8 @@ def _read(path: Path) -> dict[str, torch.Tensor]:
 def check_base(model: Any, config: dict[str, Any], meta: dict[str, Any], where: str) -> None:
     """Refuse an adapter recorded for another base model (by name; by fingerprint for our own)."""
     theirs = config.get("base_model_name_or_path")
-    if not same_base(model.backbone_name, theirs):
+    loaded_from = getattr(getattr(model.backbone, "config", None), "name_or_path", None) or ""
+    if not (same_base(model.backbone_name, theirs) or same_base(loaded_from, theirs)):
         raise CheckpointError(f"{where} was trained on {theirs!r}, not on this backbone ({model.backbone_name!r}); load it "
                               "onto that model, or pass strict_base=False if it is the same model under another name")
     if meta.get("backbone") and meta["backbone"] != backbone_fingerprint(model.backbone):
@@ -147,11 +148,15 @@ def _verify_sidecar(directory: Path) -> None:
 
 def same_base(ours: str, theirs: str | None) -> bool:
     """Whether a recorded base model name names our backbone: equal names, our short name's hub
-    id, or the same last path component (a local copy of a hub model)."""
+    id, or the same last path component (a local copy of a hub model). :func:`check_base` also
+    asks it of the path the backbone was loaded from, so an adapter PEFT trained on the packaged
+    copy (recorded as that directory) matches the short name."""
     from .backbones import hub_id
 
     if not theirs:
         return True  # nothing recorded to compare: the shapes are still checked
+    if ours and Path(ours).is_dir() and Path(theirs).is_dir():
+        return Path(ours).resolve() == Path(theirs).resolve()  # two directories: "model" == "model" says nothing
     leaf = lambda s: s.rstrip("/").split("/")[-1].lower()  # noqa: E731
     return leaf(theirs) in {leaf(ours), leaf(hub_id(ours))}
 

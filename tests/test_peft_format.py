@@ -182,6 +182,18 @@ def test_import_checks_backbone_files_and_kinds(tmp_path):
             delta_model("bert").import_peft(tmp_path / "a")
 
 
+def test_export_over_an_earlier_export_leaves_no_stale_head(tmp_path):
+    bert = delta_model("bert")
+    bert.add_task("c", spec(["lora"]), label_names=["x", "y"])
+    bert.export_peft("c", tmp_path / "d")
+    assert (tmp_path / "d" / "head.safetensors").exists()
+    llama = delta_model("llama")
+    llama.add_task("g", spec(["lora"]), generative=True)
+    llama.export_peft("g", tmp_path / "d")  # the same directory: the classification head must go
+    assert not (tmp_path / "d" / "head.safetensors").exists()
+    assert delta_model("llama").import_peft(tmp_path / "d") == "g"
+
+
 def test_hub_id_offline_is_one_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(CheckpointError, match="cannot fetch the PEFT adapter 'someone/some-adapter'"):

@@ -74,3 +74,27 @@ def test_smollm2_round_trip_through_peft(tmp_path):
     worst = round_trip("smollm2", tmp_path)
     print("SmolLM2, largest |ours - PEFT| of the logits:", worst)
     assert max(worst.values()) < TOL["smollm2"], worst
+
+
+def test_peft_lora_trained_on_the_packaged_minilm_imports_by_short_name(tmp_path):
+    """PEFT records the directory the model was loaded from; that directory is our short name's."""
+    from adapters.backbones import BACKBONES, load_backbone
+
+    base, tok = load_backbone(str(BACKBONES["minilm"]()))
+    pm = peft.get_peft_model(base, peft.LoraConfig(task_type="FEATURE_EXTRACTION", r=4, target_modules=["query", "value"]))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in (p for p in pm.parameters() if p.requires_grad):
+            p.add_(torch.randn_like(p) * 0.05)
+    pm.eval().save_pretrained(tmp_path / "peft")
+    model = adapters.DeltaModel.from_pretrained("minilm")
+    name = model.import_peft(tmp_path / "peft", "imported", label_names=["a", "b"])
+    enc = tok(["A short sentence."], return_tensors="pt")
+    with torch.no_grad(), model.using(name):
+        assert (model.encode(**enc)[0] - pm(**enc).last_hidden_state).abs().max() < TOL["minilm"]
+    other = tmp_path / "elsewhere" / "model"  # another directory with the same last name is not the same model
+    other.mkdir(parents=True)
+    config = (tmp_path / "peft" / "adapter_config.json")
+    config.write_text(config.read_text().replace(str(BACKBONES["minilm"]()), str(other)))
+    with pytest.raises(adapters.CheckpointError, match="trained on"):
+        model.import_peft(tmp_path / "peft", "other")
