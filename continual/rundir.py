@@ -9,6 +9,10 @@
 Every file is written whole or not at all (a temporary file, then a rename), tensors before the
 JSON that points at them, so a kill at any moment leaves the last complete state.
 
+A run holds an exclusive lock on its directory (``<out>/.lock``, :class:`RunLock`) from before it
+reads the directory until it ends: a second run on the same directory (even with ``--overwrite``)
+is refused instead of replacing the first one's files as it writes them.
+
 Every file is verified when it is read back. ``state.json`` and ``results.json`` carry the SHA-256
 of their own content (``checksum``) and a manifest, ``files``: the SHA-256 of every file the run
 wrote and reads again (the state tensors, each checkpoint's files, a fine-tuned backbone). The
@@ -186,9 +190,64 @@ def read_tensors(out: Path, state: RunState, device: torch.device) -> dict[str, 
 
 
 def clear_run(out: Path) -> None:
-    """Remove a saved run's state and results (``--overwrite``); checkpoints are replaced as tasks finish."""
-    for old in [out / "state.json", *out.glob("state-step*.safetensors"), out / "results.json"]:
+    """Remove a saved run (``--overwrite``): its state, results and checkpoints (an old task's
+    checkpoint left behind would be loaded by ``route`` or ``transfer`` as the new run's)."""
+    import shutil
+
+    for old in [out / "state.json", *out.glob("state-step*.safetensors"), out / "results.json", out / "matrix.csv",
+                out / "matrix_f1.csv", out / "heatmap.png", out / "stream.yaml"]:
         old.unlink(missing_ok=True)
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+
+
+def check_out(out: Path) -> None:
+    """Refuse, before anything is loaded, an output directory that cannot be made or written: a
+    file, a path under a file, a folder without write permission, a read-only mount."""
+    for parent in (out, *out.parents):
+        if not parent.exists():
+            continue
+        if not parent.is_dir():
+            raise RunStateError(f"cannot write the run to {out}: {parent} is a file, not a directory; give another --out")
+        if not os.access(parent, os.W_OK | os.X_OK):  # also false on a read-only mount (EROFS), even for root
+            raise RunStateError(f"cannot write the run to {out}: {parent} is not writable (permissions or a read-only "
+                                "file system); give another --out")
+        return
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``<out>/.lock`` for the life of a run, released when the process
+    ends however it ends. Where ``fcntl`` is missing (Windows) nothing is locked."""
+
+    def __init__(self, out: Path) -> None:
+        self.out, self.file = out, None
+
+    def acquire(self) -> "RunLock":
+        check_out(self.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        try:
+            import fcntl
+        except ImportError:
+            return self
+        f = open(self.out / ".lock", "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise RunStateError(f"{self.out} is in use by another run ({holder}); wait for it to end, or give "
+                                "another --out") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {os.uname().nodename}")
+        f.flush()
+        self.file = f
+        return self
+
+    def release(self) -> None:
+        if self.file is not None:
+            self.file.close()  # closing the descriptor drops the lock
+            self.file = None
 
 
 def export_checkpoints(model: DeltaModel, strategy: Any, tasks: Sequence[Task], out: Path,

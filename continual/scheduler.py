@@ -256,15 +256,19 @@ def check_distributed(strategy: Strategy, config: TrainConfig) -> None:
     distributed.check_batch(config.batch_size)
 
 
-def _open_on_main(out: Path, identity: dict[str, Any], steps: int, resume: bool, overwrite: bool) -> RunState | None:
-    """:func:`_open` on rank 0 (the one process that reads, clears and writes the run directory);
-    the other ranks get its answer, or its refusal as their own error, instead of waiting forever."""
+def _open_on_main(out: Path, identity: dict[str, Any], steps: int, resume: bool, overwrite: bool
+                  ) -> tuple[RunState | None, rundir.RunLock]:
+    """:func:`_open` on rank 0 (the one process that locks, reads, clears and writes the run
+    directory), and its lock; the other ranks get its answer, or its refusal as their own error,
+    instead of waiting forever."""
     answer: Any = None
+    lock = rundir.RunLock(out)
     if distributed.is_main():
         try:
+            lock.acquire()  # before reading: another live run's files are never read, cleared or replaced
             answer = _open(out, identity, steps, resume, overwrite)
-            out.mkdir(parents=True, exist_ok=True)
         except Exception as e:
+            lock.release()
             if not distributed.active():
                 raise
             distributed.broadcast(e)
@@ -272,30 +276,7 @@ def _open_on_main(out: Path, identity: dict[str, Any], steps: int, resume: bool,
     answer = distributed.broadcast(answer)
     if isinstance(answer, Exception):  # rank 0's refusal, raised on this rank too
         raise answer
-    return answer
-
-
-def check_generative(stream: TaskStream, model: DeltaModel, strategy: Strategy) -> None:
-    """Refuse, before anything runs, generative tasks on a backbone without a language-model head
-    or with a strategy that only trains classifiers."""
-    generative = [t.name for t in stream if t.generative]
-    if not generative:
-        return
-    if model.lm_head is None:
-        raise ValueError(f"tasks {generative} are generative (text answers), but the backbone {model.backbone_name!r} has "
-                         "no language-model head; use a decoder, e.g. --backbone smollm2")
-    if not strategy.generative_tasks:
-        raise ValueError(f"strategy {strategy.name!r} trains classification tasks only; tasks {generative} are generative")
-
-
-def check_start_deltas(stream: TaskStream, strategy: Strategy) -> None:
-    """Refuse, before anything runs, tasks that start from a saved delta under a strategy that does
-    not give each task a delta of its own."""
-    named = [t.name for t in stream if t.delta is not None]
-    if named and not strategy.starts_from_deltas:
-        raise ValueError(f"tasks {named} start from a saved delta ('delta:' in the stream file), which strategy "
-                         f"{strategy.name!r} cannot use (it does not give each task a delta of its own); use per-task "
-                         "or per-task-fusion")
+    return answer, lock
 
 
 def run_stream(
@@ -325,8 +306,7 @@ def run_stream(
         raise ValueError(f"run_stream needs a model without tasks; it has {list(model.tasks)}")
     config.validate()
     device = config.torch_device()
-    check_generative(stream, model, strategy)
-    check_start_deltas(stream, strategy)
+    strategy.check_stream(stream, model)
     check_lengths(model, max(t.max_length or config.max_length for t in stream), strategy.methods)
     check_distributed(strategy, config)
     if not distributed.is_main():
@@ -334,7 +314,17 @@ def run_stream(
     out = Path(out_dir)
     run = _Run(stream, model, strategy, config, out, loggers, rescore_all)
     identity = run_identity(stream, model, strategy, config)
-    state = _open_on_main(out, identity, len(run.plan), resume, overwrite)
+    state, lock = _open_on_main(out, identity, len(run.plan), resume, overwrite)
+    try:
+        return _execute(run, state, identity, device, extra_params)
+    finally:
+        lock.release()
+
+
+def _execute(run: _Run, state: RunState | None, identity: dict[str, Any], device: torch.device,
+             extra_params: dict[str, Any] | None) -> StreamResult:
+    """The body of :func:`run_stream` once every check has passed and the directory is locked."""
+    stream, model, config, out = run.stream, run.model, run.config, run.out
     model.to(device)
     if config.shard_backbone:
         blocks = distributed.shard_backbone(model)

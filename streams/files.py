@@ -16,6 +16,9 @@ import pandas as pd
 from .catalog import DataError
 
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
+# Longest text cell read. A training example keeps at most a few hundred tokens, but one huge cell
+# costs gigabytes while the table is copied and tokenised (one 200 MB cell took 13 GB).
+MAX_CELL = 1_000_000
 
 
 def read_table(path: Path, encoding: str = "utf-8") -> pd.DataFrame:
@@ -53,13 +56,19 @@ def read_table(path: Path, encoding: str = "utf-8") -> pd.DataFrame:
         raise DataError(f"{path}: the file is empty")
     if kind == "jsonl":
         return _read_jsonl(path, text)
+    import csv
     import io
 
+    sep = "\t" if kind == "tsv" else ","
     try:
-        return pd.read_csv(io.StringIO(text), sep="\t" if kind == "tsv" else ",", keep_default_na=False,
-                           na_values=[""], dtype=object)
-    except pd.errors.ParserError as e:
+        header = next(csv.reader(io.StringIO(text), delimiter=sep))
+        frame = pd.read_csv(io.StringIO(text), sep=sep, keep_default_na=False, na_values=[""], dtype=object)
+    except (pd.errors.ParserError, csv.Error) as e:
         raise DataError(f"{path}: malformed {kind.upper()} ({e})") from None
+    twice = sorted({c for c in header if header.count(c) > 1})
+    if twice:  # pandas would rename the second one "text.1" and the task would read the first
+        raise DataError(f"{path}: the header names column(s) {', '.join(map(repr, twice))} more than once; rename them")
+    return frame
 
 
 def _read_jsonl(path: Path, text: str) -> pd.DataFrame:
@@ -90,6 +99,15 @@ def _read_jsonl(path: Path, text: str) -> pd.DataFrame:
 MISSING_MARKERS = {"nan", "na", "n/a", "#n/a", "null", "none", "nil", "<na>", "-nan"}
 
 
+def _cell(v: Any, where: str, n: int, col: str) -> None:
+    """Refuse a value no task can use: a nested one (a parquet list or struct) or a huge one."""
+    if isinstance(v, (list, tuple, dict, set, np.ndarray)):
+        raise DataError(f"{where}: row {n}, column {col!r}: a nested value ({type(v).__name__}), expected text or a label")
+    if isinstance(v, str) and len(v) > MAX_CELL:
+        raise DataError(f"{where}: row {n}, column {col!r}: {len(v):,} characters, more than the {MAX_CELL:,} a cell "
+                        "may hold (a training example keeps a few hundred tokens); shorten it")
+
+
 def _is_missing(v: Any) -> bool:
     return v is None or (isinstance(v, float) and np.isnan(v)) or (isinstance(v, str) and not v.strip())
 
@@ -115,11 +133,13 @@ def extract(
     for key, col in columns.items():
         values = frame[col].tolist()
         for n, v in enumerate(values, 1):
+            _cell(v, where, n, col)
             if _is_missing(v):
                 raise DataError(f"{where}: row {n}, column {col!r}: empty text")
         out[key] = [str(v) for v in values]
     labels = frame[label_column].tolist()
     for n, v in enumerate(labels, 1):
+        _cell(v, where, n, label_column)
         if _is_missing_label(v):
             shown = "" if _is_missing(v) else f" ({v!r} marks a missing value)"
             raise DataError(f"{where}: row {n}, column {label_column!r}: missing label{shown}")
@@ -139,6 +159,7 @@ def extract_targets(frame: pd.DataFrame, where: str, text_column: str, target_co
     for col in (text_column, target_column):
         values = frame[col].tolist()
         for n, v in enumerate(values, 1):
+            _cell(v, where, n, col)
             if _is_missing(v) or not str(v).strip():
                 raise DataError(f"{where}: row {n}, column {col!r}: empty text")
         out.append([str(v) for v in values])

@@ -39,6 +39,8 @@ Splits that a data set lacks are cut from its training data: seeded and stratifi
 
 from __future__ import annotations
 
+import hashlib
+import string
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +80,13 @@ def _cap(ds: Dataset, cap: int | None, seed: int) -> Dataset:
     return ds.select(sorted(keep.tolist()))
 
 
+def check_caps(max_train: Any, max_eval: Any, where: str) -> None:
+    """Caps are None (no cap) or whole numbers >= 1: a negative cap would slice from the end."""
+    for key, value in (("max_train", max_train), ("max_eval", max_eval)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise DataError(f"{where}: {key} must be a whole number >= 1 (or absent: no cap), got {value!r}")
+
+
 def builtin_task(name: str, seed: int = 0, max_train: int | None = None, max_eval: int | None = None,
                  dev_fraction: float = 0.1, test_fraction: float = 0.1, task_name: str | None = None) -> Task:
     """A catalogued data set as a :class:`Task` (seeded stratified splits, capped)."""
@@ -103,6 +112,7 @@ def load_stream(spec: str | Path, seed: int = 0, max_train: int | None = None, m
 
     ``seed``, ``max_train``, ``max_eval`` apply to built-in streams; for a YAML stream they are the
     defaults that the file's own settings override per stream and per task."""
+    check_caps(max_train, max_eval, "load_stream")
     if str(spec) in STREAMS or str(spec) in GENERATIVE_STREAMS:
         return builtin_stream(str(spec), seed, max_train, max_eval)
     path = Path(spec)
@@ -154,8 +164,6 @@ DELTA_FILES = ("adapter_config.json", "adapter_model.safetensors", "head.safeten
 def start_delta(spec: Any, root: Path, where: str) -> dict[str, Any]:
     """A task's ``delta:`` (a path, or ``{path, train, check_base}``) checked and fingerprinted: the
     directory must hold a PEFT adapter or a task checkpoint; its files' SHA-256 are recorded."""
-    import hashlib
-
     spec = {"path": spec} if isinstance(spec, str) else spec
     if not isinstance(spec, dict) or not isinstance(spec.get("path"), str):
         raise DataError(f"{where}: 'delta' must be a path, or a mapping with a 'path' (and optional 'train', 'check_base')")
@@ -175,6 +183,7 @@ def _yaml_data_task(entry: dict[str, Any], root: Path, settings: dict[str, Any],
     name = str(entry["name"])
     seed = int(settings["seed"])
     max_train, max_eval = entry.get("max_train", settings["max_train"]), entry.get("max_eval", settings["max_eval"])
+    check_caps(max_train, max_eval, where)
     kinds = [k for k in ("source", "train", "hub") if k in entry]
     if len(kinds) != 1:
         raise DataError(f"{where}: give exactly one of 'source' (built-in data set), 'train' (a file) or 'hub'")
@@ -184,11 +193,20 @@ def _yaml_data_task(entry: dict[str, Any], root: Path, settings: dict[str, Any],
         task = builtin_task(entry["source"], seed, max_train, max_eval, settings["dev_fraction"],
                             settings["test_fraction"], task_name=name)
         task.max_length = entry.get("max_length", task.max_length)
-        if entry.get("generative") or "template" in entry or "answers" in entry:
+        verbal = "template" in entry or "answers" in entry
+        if entry.get("metric", "exact") != "exact" or (entry.get("generative") is False and verbal):
+            raise DataError(f"{where}: a built-in source made generative is scored by exact match of its answer word; "
+                            "'metric' applies to file tasks with a 'target_column', and 'template' / 'answers' need "
+                            "'generative' left true")
+        if entry.get("generative") or verbal:
             return verbalize(task, _verbalizer(entry, VERBALIZERS.get(entry["source"]), where))
         return task
     if "target_column" in entry:
         return _yaml_generative(entry, root, settings, where, max_train, max_eval)
+    stray = [k for k in ("generative", "template", "answers", "metric") if k in entry]
+    if stray:  # dropped, the task would silently train as classification
+        raise DataError(f"{where}: {', '.join(map(repr, stray))} make a generative task, which needs the column that "
+                        "holds its answers ('target_column:'); without it the file's labels make a classification task")
 
     text_col, label_col = entry.get("text_column", "text"), entry.get("label_column", "label")
     pair_col = entry.get("text_pair_column")
@@ -256,6 +274,13 @@ def _verbalizer(entry: dict[str, Any], default: Verbalizer | None, where: str) -
     template = entry.get("template", default.template if default else None)
     if not isinstance(template, str) or "{text}" not in template:
         raise DataError(f"{where}: 'template' must be a string holding {{text}}, got {template!r}")
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError as e:  # a lone "{" or "}"
+        raise DataError(f"{where}: 'template' {template!r} is malformed ({e}); write a literal brace as {{{{ or }}}}") from None
+    if fields != {"text"}:
+        raise DataError(f"{where}: 'template' may hold only the placeholder {{text}}, not "
+                        f"{', '.join('{' + f + '}' for f in sorted(fields - {'text'}))}; write a literal brace as {{{{ or }}}}")
     answers = entry.get("answers", {})
     if not isinstance(answers, dict):
         raise DataError(f"{where}: 'answers' must map label names to answer words, got {answers!r}")

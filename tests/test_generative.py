@@ -22,7 +22,11 @@ def test_text_scores():
     assert token_f1("the cat sat", "a cat sat down") == pytest.approx(2 * (2 / 2) * (2 / 3) / (2 / 2 + 2 / 3))
     # LCS of "police arrest man" and "man police arrest" is "police arrest": P = R = 2/3
     assert rouge_l("police arrest man", "man police arrest") == pytest.approx(2 / 3)
-    assert rouge_l("", "x") == 0.0 and rouge_l("", "") == 1.0
+    assert rouge_l("", "x") == 0.0 and rouge_l("", "") == 0.0 and token_f1("", "") == 0.0  # nothing generated
+    # normalising must not erase the answer: with target "A", "", "." and "The" are all wrong
+    assert score_texts(["", ".", "The", "B"], ["A"] * 4, "exact")["accuracy"] == 0.0
+    assert score_texts(["A.", "a", "the"], ["A", "a", "The"], "exact")["accuracy"] == 1.0
+    assert exact_match(".", ".") == 1.0 and exact_match("", ".") == 0.0 and exact_match("the cat", "cat") == 1.0
     s = score_texts(["yes", "no", "maybe", "yes"], ["yes", "no", "no", "no"], "exact")
     assert s["accuracy"] == 0.5 and s["exact"] == 0.5
     # label-word macro-F1: "yes" F1 = 2/3, "no" F1 = 2*2/(2*2+0+2)... tp=2, fp=0, fn=... computed by hand:

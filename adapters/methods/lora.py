@@ -57,6 +57,10 @@ class LoRA(SiteDelta):
         c = self.config
         if linear_dims(backbone.get_submodule(site.output)) is None:
             raise ConfigError(f"LoRA targets linear layers; {site.output} is not one")
+        if c.rank > min(d_in, d_out):  # B A then holds more numbers than the layer's own update can use
+            raise ConfigError(f"lora rank {c.rank} is above the width of {site.output} ({d_in} -> {d_out}): a rank "
+                              f"beyond {min(d_in, d_out)} adds parameters and memory but nothing it can express; "
+                              f"use rank <= {min(d_in, d_out)}")
         return LoRASite(d_in, d_out, c.rank, c.alpha / c.rank, c.dropout)
 
     @classmethod

@@ -19,7 +19,7 @@ from streams import GENERATIVE_STREAMS, SOURCES, STREAMS, builtin_task, load_str
 
 from ..metrics import AccuracyMatrix
 from ..plots import format_matrix, heatmap
-from ..rundir import run_info
+from ..rundir import check_out, run_info
 from ..scheduler import run_stream
 from ..strategies import STRATEGIES, make_strategy
 from ..tracking import MLflowLogger, check_uri, fetch_results, log_combination
@@ -71,6 +71,7 @@ def _run(args: argparse.Namespace, strategy: Any, methods: list[Any], config: Tr
     say = print if main else (lambda *a, **k: None)
     label = "ft" if strategy.trains_backbone else methods_label(methods)
     out = Path(args.out or f"runs/{Path(args.stream).stem}-{args.strategy}-{label}-s{args.seed}")
+    check_out(out)  # a file, a path under a file or a read-only mount: refused before anything loads
     stream = load_stream(args.stream, args.seed, _cap(args.max_train), _cap(args.max_eval))
     say(f"stream {stream.name}: " + ", ".join(f"{t.name} ({len(t.train)}/{len(t.dev)}/{len(t.test)})" for t in stream))
     if distributed.active():
@@ -159,10 +160,11 @@ def cmd_combine(args: argparse.Namespace) -> int:
 
     combos = [parse_combo(c) for c in (args.combo or ["lora+bitfit", "bottleneck+bitfit", "lora+prompt"])]
     config = train_config(args)
+    out = Path(args.out or f"runs/combine-{args.task}-s{args.seed}")
+    check_out(out)  # a file, a path under a file or a read-only mount: refused before anything loads
     task = builtin_task(args.task, args.seed, _cap(args.max_train), _cap(args.max_eval))
     torch.manual_seed(args.seed)
     model = DeltaModel.from_pretrained(args.backbone)
-    out = Path(args.out or f"runs/combine-{args.task}-s{args.seed}")
     out.mkdir(parents=True, exist_ok=True)
 
     def report(r: Any) -> None:
@@ -190,10 +192,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     uri = None if args.no_mlflow else args.tracking_uri
     if uri:
         check_uri(uri)
-    streams = {s: load_stream(args.stream, s, _cap(args.max_train), _cap(args.max_eval)) for s in seeds}
-    name = next(iter(streams.values())).name
     tag = f"s{seeds[0]}" if len(seeds) == 1 else "s" + "-".join(map(str, seeds))
     out = Path(args.out or f"runs/compare-{Path(args.stream).stem}-{tag}")
+    check_out(out)  # a file, a path under a file or a read-only mount: refused before anything loads
+    streams = {s: load_stream(args.stream, s, _cap(args.max_train), _cap(args.max_eval)) for s in seeds}
+    name = next(iter(streams.values())).name
     pool = f"{args.workers} local processes" if args.workers > 1 else "this process"
     print(f"compare: {len(entries)} entries x {len(seeds)} seed(s) on {f'Ray at {args.ray_address}' if args.ray_address else pool}")
     rows = compare(streams if len(seeds) > 1 else streams[seeds[0]], entries,

@@ -36,6 +36,25 @@ DEFAULTS = dict(stream="default", strategy="per-task", backbone="minilm", max_tr
                 batch_size=16, max_length=64, eval_every=50, patience=3, seed=0)
 
 
+def count(text: str) -> int:
+    """An argparse type: a whole number >= 0 (a negative cap would silently mean "no cap")."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; use 0 for none")
+    return value
+
+
+def positive(text: str) -> int:
+    """An argparse type: a whole number >= 1."""
+    value = count(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="continual", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -47,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _training_options(p: argparse.ArgumentParser, steps_help: str | None = None) -> None:
     """Backbone, data caps and training settings of every command that trains (run, combine, compare)."""
     p.add_argument("--backbone", default=DEFAULTS["backbone"], help=f"{', '.join(BACKBONES)}, a local path or a hub id")
-    p.add_argument("--max-train", type=int, default=DEFAULTS["max_train"], help="cap on training examples per task (0: none)")
-    p.add_argument("--max-eval", type=int, default=DEFAULTS["max_eval"], help="cap on dev and test examples per task (0: none)")
+    p.add_argument("--max-train", type=count, default=DEFAULTS["max_train"], help="cap on training examples per task (0: none)")
+    p.add_argument("--max-eval", type=count, default=DEFAULTS["max_eval"], help="cap on dev and test examples per task (0: none)")
     p.add_argument("--steps", type=int, default=DEFAULTS["steps"], help=steps_help or "training steps per task")
     p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
     p.add_argument("--max-length", type=int, default=DEFAULTS["max_length"], help="tokens per example (BBC uses 128)")
@@ -95,7 +114,7 @@ def _run(sub: argparse._SubParsersAction) -> None:
     _training_options(r)
     r.add_argument("--lr", type=float, default=None, help="delta learning rate (default: each method's own)")
     r.add_argument("--head-lr", type=float, default=1e-3, help="learning rate of the task heads")
-    r.add_argument("--patience", type=int, default=DEFAULTS["patience"], help="dev evaluations without gain before stopping (0: never)")
+    r.add_argument("--patience", type=count, default=DEFAULTS["patience"], help="dev evaluations without gain before stopping (0: never)")
     r.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="training/eval precision (auto: bf16 on a GPU that has it and on a CPU with bf16 matrix "
                    "instructions, e.g. AVX512-BF16 or AMX; else fp32)")
@@ -143,7 +162,7 @@ def _route(sub: argparse._SubParsersAction) -> None:
     _finished_run(ro)
     ro.add_argument("--router", action="append", choices=["prototype", "linear"],
                     help="router(s) to evaluate (default: both)%(default).0s")
-    ro.add_argument("--fit-max", type=int, default=None, help="cap on training examples per task used to fit routers")
+    ro.add_argument("--fit-max", type=count, default=None, help="cap on training examples per task used to fit routers")
     ro.add_argument("--tracking-uri", default=None, help="MLflow store (default: the one the run was logged to)")
 
 
@@ -189,7 +208,7 @@ def _compare(sub: argparse._SubParsersAction) -> None:
     cp.add_argument("--seeds", default=None, metavar="S1,S2,...",
                     help="run every entry once per seed (the stream drawn with that seed) into <out>/<entry>/s<seed>; "
                     "the report gives mean ± std (default: --seed alone)")
-    cp.add_argument("--workers", type=int, default=1,
+    cp.add_argument("--workers", type=positive, default=1,
                     help="run the entries x seeds on this many local processes at once (each gets cpu_count / "
                     "workers torch threads); the numbers do not change, the wall time does")
     cp.add_argument("--ray-address", default=None,
@@ -213,7 +232,7 @@ def _export(sub: argparse._SubParsersAction) -> None:
     ex.add_argument("--task", action="append", help="export only this task (repeat); default: every task PEFT can hold%(default).0s")
     ex.add_argument("--backbone", default=None, help="the backbone the run was trained on (default: the one its checkpoints name)")
     ex.add_argument("--base-model", default=None, help="base_model_name_or_path to record (default: the backbone's hub id)")
-    ex.add_argument("--max-lora-rank", type=int, default=16, help="the --max-lora-rank the vLLM server runs with")
+    ex.add_argument("--max-lora-rank", type=positive, default=16, help="the --max-lora-rank the vLLM server runs with")
 
 
 def _sync(sub: argparse._SubParsersAction) -> None:

@@ -15,7 +15,7 @@ import torch
 
 from adapters import DeltaConfig, DeltaModel, load_delta, make_config
 from adapters.model import MethodSpec
-from streams import Task
+from streams import Task, TaskStream
 
 from ..training import TrainConfig, TrainResult, evaluate, eval_loader, train_task
 
@@ -73,6 +73,22 @@ class Strategy:
     def __init__(self, methods: Sequence[MethodSpec] = ("bottleneck",)) -> None:
         # typed at the edge: a method name or dict becomes its validated config here
         self.methods: list[DeltaConfig] = [make_config(m) for m in methods]
+
+    def check_stream(self, stream: TaskStream, model: DeltaModel) -> None:
+        """Refuse, before anything runs, a stream this strategy cannot train on ``model``:
+        generative tasks on a backbone without a language-model head or under a strategy that only
+        trains classifiers; tasks that start from a saved delta under one that cannot use it."""
+        generative = [t.name for t in stream if t.generative]
+        if generative and model.lm_head is None:
+            raise ValueError(f"tasks {generative} are generative (text answers), but the backbone {model.backbone_name!r} "
+                             "has no language-model head; use a decoder, e.g. --backbone smollm2")
+        if generative and not self.generative_tasks:
+            raise ValueError(f"strategy {self.name!r} trains classification tasks only; tasks {generative} are generative")
+        named = [t.name for t in stream if t.delta is not None]
+        if named and not self.starts_from_deltas:
+            raise ValueError(f"tasks {named} start from a saved delta ('delta:' in the stream file), which strategy "
+                             f"{self.name!r} cannot use (it does not give each task a delta of its own); use per-task "
+                             "or per-task-fusion")
 
     def plan(self, num_tasks: int) -> list[list[int]]:
         """Training steps: the task indices trained together at each step. One row of the

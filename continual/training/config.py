@@ -18,6 +18,9 @@ from .malloc import MALLOC
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
+MAX_STEPS = 10_000_000  # per task; far beyond any delta's schedule, and a typo (10**12) is refused
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """How one task (or one joint step) is trained.
@@ -80,6 +83,9 @@ class TrainConfig:
         for name, v in ints.items():
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if self.max_steps > MAX_STEPS:  # the warm-up alone (warmup_ratio of them) would outlast any run
+            raise ValueError(f"max_steps {self.max_steps} is more than the {MAX_STEPS:,} steps per task this accepts "
+                             f"(its warm-up alone would be {self.warmup_steps():,} steps at a learning rate near 0)")
         if self.patience is not None and (not isinstance(self.patience, int) or self.patience < 1):
             raise ValueError(f"patience must be None (never stop early) or an integer >= 1, got {self.patience!r}")
         if self.precision not in PRECISIONS:

@@ -7,7 +7,9 @@ between them measures the continual-learning mechanism, not a different recipe:
 - learning rate: linear warm-up over ``warmup_ratio`` of the steps, then linear decay to 0;
 - a record (loss, lr, samples/s) every ``log_every`` steps, passed to ``callback``;
 - a dev evaluation every ``eval_every`` steps and after the last one;
-- early stopping after ``patience`` evaluations without a better dev accuracy;
+- early stopping after ``patience`` evaluations without a better dev accuracy, counted from the
+  end of the warm-up (at a learning rate still near 0 no gain is expected: a long schedule would
+  otherwise stop untrained);
 - at the end, the trained parameters get their best-on-dev values back.
 
 The trainer calls :meth:`Protocol.before_step` (sets the learning rates), runs its own step, and
@@ -101,7 +103,7 @@ class Protocol:
         if score["accuracy"] > self.best["accuracy"]:
             self.best, self.best_step, self.bad_evals = score, self.step, 0
             self._best_state = self._snapshot()
-        else:
+        elif self.step > self.warmup:
             self.bad_evals += 1
         self._bar.set_postfix(loss=f"{record['loss']:.3f}", dev_acc=f"{score['accuracy']:.3f}")
 

@@ -1,8 +1,12 @@
 """Scoring generated text against a reference: exact match, token F1 and ROUGE-L (pure functions).
 
-Normalisation (SQuAD's): lower case, punctuation and the articles a/an/the removed, whitespace
-collapsed, so "Positive." matches "positive". Exact match is what a verbalised classification task
-is scored by (its answer is one label word); token F1 and ROUGE-L give partial credit to free text.
+Normalisation, the same for all three scores: SQuAD's (lower case, punctuation and the articles
+a/an/the removed, whitespace collapsed), so "Positive." matches "positive" and "the cat" matches
+"cat". Where that would erase the whole text (an answer such as "A", "the" or "."), the text keeps
+its articles, and then its punctuation: "A" is the word "a" and matches "a." but not "the", "." or
+an empty answer. An empty answer (nothing generated) never scores. Exact match is what a
+verbalised classification task is scored by (its answer is one label word); token F1 and
+ROUGE-L give partial credit to free text.
 """
 
 from __future__ import annotations
@@ -19,17 +23,23 @@ _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
 
 def normalize(text: str) -> str:
-    return " ".join(_ARTICLES.sub(" ", _PUNCT.sub(" ", text.lower())).split())
+    """SQuAD's normalisation, backing off where it would leave nothing (see the module docstring)."""
+    lower = text.lower()
+    for form in (_ARTICLES.sub(" ", _PUNCT.sub(" ", lower)), _PUNCT.sub(" ", lower), lower):
+        if form.strip():
+            return " ".join(form.split())
+    return ""
 
 
 def exact_match(pred: str, ref: str) -> float:
-    return float(normalize(pred) == normalize(ref))
+    p = normalize(pred)
+    return float(bool(p) and p == normalize(ref))
 
 
 def token_f1(pred: str, ref: str) -> float:
     p, r = normalize(pred).split(), normalize(ref).split()
     if not p or not r:
-        return float(p == r)
+        return 0.0  # nothing generated (or nothing to find) scores nothing
     common = sum((Counter(p) & Counter(r)).values())
     if common == 0:
         return 0.0
@@ -51,7 +61,7 @@ def rouge_l(pred: str, ref: str) -> float:
     """ROUGE-L F1: the longest common token subsequence, as precision and recall."""
     p, r = normalize(pred).split(), normalize(ref).split()
     if not p or not r:
-        return float(p == r)
+        return 0.0
     lcs = _lcs(p, r)
     if lcs == 0:
         return 0.0

@@ -1,0 +1,141 @@
+"""Trust, second round: inputs and situations that used to give a silent wrong number, lose a
+finished run, or end in a traceback. Each gives one clear refusal now, before anything is trained."""
+
+from __future__ import annotations
+
+import os
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+import adapters
+from conftest import FAST, toy_rows, toy_stream
+from continual import RunStateError, TrainConfig, make_strategy, run_stream
+from continual.cli import main
+from continual.rundir import RunLock
+from continual.training.protocol import Protocol
+from streams import DataError, load_stream
+
+CONFIG = TrainConfig(**{**FAST, "max_steps": 20, "eval_every": 10})
+
+
+def write_csv(path, rows, header="text,label"):
+    path.write_text(header + "\n" + "\n".join(f"{t},{y}" for t, y in rows) + "\n")
+
+
+def stream_file(tmp_path, **task) -> str:
+    write_csv(tmp_path / "a.csv", toy_rows("apple", 1, 40))
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"name": "s", "tasks": [{"name": "a", "train": "a.csv", **task}]}))
+    return str(tmp_path / "s.yaml")
+
+
+def test_negative_caps_are_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--max-train", "-5", "--out", str(tmp_path / "o")])
+    assert "-5 is negative; use 0 for none" in capsys.readouterr().err
+    with pytest.raises(DataError, match="max_train must be a whole number >= 1"):
+        load_stream("default", max_train=-5)
+    with pytest.raises(DataError, match="max_eval must be a whole number >= 1"):
+        load_stream(stream_file(tmp_path, max_eval=-1))
+
+
+@pytest.mark.parametrize("key,value", [("generative", True), ("template", "Q: {text} A:"), ("metric", "rouge_l"),
+                                       ("answers", {"0": "no"})])
+def test_generative_keys_on_a_file_task_without_targets_are_refused(tmp_path, key, value):
+    with pytest.raises(DataError, match="target_column"):
+        load_stream(stream_file(tmp_path, **{key: value}))
+
+
+def test_a_template_with_an_unknown_placeholder_is_a_data_error(tmp_path):
+    write_csv(tmp_path / "g.csv", [("hello there", "hi"), ("good bye", "bye")] * 10, "text,target")
+    spec = {"name": "g", "tasks": [{"name": "g", "train": "g.csv", "target_column": "target", "template": "{text} {lang}:"}]}
+    (tmp_path / "g.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(DataError, match=r"only the placeholder \{text\}, not \{lang\}"):
+        load_stream(tmp_path / "g.yaml")
+    spec["tasks"][0]["template"] = "{text} {"
+    (tmp_path / "g.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(DataError, match="malformed"):
+        load_stream(tmp_path / "g.yaml")
+
+
+def test_source_task_metric_other_than_exact_is_refused(tmp_path):
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"name": "s", "tasks": [
+        {"name": "m", "source": "movie", "generative": True, "metric": "rouge_l"}]}))
+    with pytest.raises(DataError, match="scored by exact match"):
+        load_stream(tmp_path / "s.yaml", max_train=20, max_eval=20)
+
+
+def test_bad_cells_and_headers_name_the_file_row_and_column(tmp_path):
+    (tmp_path / "dup.csv").write_text("text,text,label\nfirst,second,0\nthird,fourth,1\n")
+    with pytest.raises(DataError, match="'text' more than once"):
+        load_stream(stream_file(tmp_path, train="dup.csv"))
+    pd.DataFrame({"text": ["a b", "c d"] * 10, "label": [[1, 2], [3]] * 10}).to_parquet(tmp_path / "n.parquet")
+    with pytest.raises(DataError, match="row 1, column 'label': a nested value"):
+        load_stream(stream_file(tmp_path, train="n.parquet"))
+    write_csv(tmp_path / "big.csv", [("x" * 1_000_001, 0)] + toy_rows("apple", 1, 20))
+    with pytest.raises(DataError, match="row 1, column 'text': 1,000,001 characters"):
+        load_stream(stream_file(tmp_path, train="big.csv"))
+
+
+def test_lora_rank_above_the_layer_width_is_refused(minilm_tokenizer):
+    from conftest import tiny_text_backbone
+
+    model = adapters.DeltaModel(tiny_text_backbone(minilm_tokenizer.vocab_size), minilm_tokenizer, "tiny-bert")
+    with pytest.raises(adapters.ConfigError, match="lora rank 100000 is above the width"):
+        model.add_task("t", [{"method": "lora", "rank": 100000}], label_names=["a", "b"])
+    assert "t" not in model.tasks
+
+
+def test_a_schedule_that_cannot_train_is_refused_and_warm_up_never_stops_early():
+    with pytest.raises(ValueError, match="more than the 10,000,000 steps"):
+        TrainConfig(max_steps=10**12).validate()
+    p = torch.nn.Parameter(torch.zeros(1))
+    config = TrainConfig(max_steps=12, eval_every=1, patience=2, warmup_ratio=0.5, progress=False)
+    protocol = Protocol(config, [p], torch.optim.SGD([p], lr=1.0), dev=lambda: {"accuracy": 0.5})
+    stopped_at = None
+    while not protocol.should_stop:
+        protocol.before_step()
+        protocol.after_step(torch.tensor(1.0), 1)
+        stopped_at = protocol.step
+    # no dev gain ever: patience (2) counts only after the 6 warm-up steps, so it stops at 8, not 3
+    assert stopped_at == 8
+
+
+def test_out_that_cannot_hold_a_run_is_refused_before_anything_loads(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    for out in (tmp_path / "file", tmp_path / "file" / "under"):
+        assert main(["run", "--backbone", "no-such-backbone", "--out", str(out), "--no-mlflow"]) == 2
+        assert "is a file, not a directory" in capsys.readouterr().err  # not the backbone: --out comes first
+    if os.geteuid() != 0:  # root writes through permission bits; a read-only mount is what it cannot write
+        (tmp_path / "ro").mkdir(mode=0o555)
+        assert main(["run", "--backbone", "no-such-backbone", "--out", str(tmp_path / "ro" / "o"), "--no-mlflow"]) == 2
+        assert "not writable" in capsys.readouterr().err
+
+
+def test_a_second_run_on_a_directory_in_use_is_refused(text_model, tmp_path):
+    out = tmp_path / "run"
+    held = RunLock(out).acquire()  # another live run (the lock is per open file: this process counts as another)
+    try:
+        for overwrite in (False, True):
+            with pytest.raises(RunStateError, match="in use by another run"):
+                run_stream(toy_stream(), text_model(), make_strategy("per-task", [{"method": "lora", "rank": 4}]), CONFIG,
+                           out, overwrite=overwrite)
+        assert not (out / "state.json").exists()
+    finally:
+        held.release()
+    run_stream(toy_stream(), text_model(), make_strategy("per-task", [{"method": "lora", "rank": 4}]), CONFIG, out)
+    RunLock(out).acquire().release()  # the finished run let go of it
+
+
+def test_overwrite_removes_the_old_runs_checkpoints(text_model, tmp_path):
+    from streams import TaskStream
+
+    out = tmp_path / "run"
+    strategy = lambda: make_strategy("per-task", [{"method": "lora", "rank": 4}])  # noqa: E731
+    run_stream(toy_stream(), text_model(), strategy(), CONFIG, out)
+    assert (out / "checkpoints" / "c").is_dir()
+    short = TaskStream("toy", toy_stream().tasks[:2])
+    run_stream(short, text_model(), strategy(), CONFIG, out, overwrite=True)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["a", "b"]
