@@ -140,16 +140,26 @@ def verify(out: Path, files: dict[str, str], path: Path) -> Path:
 
 def atomic_write(path: Path, text: str) -> None:
     """Write ``text`` whole or not at all."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    _whole(path, lambda tmp: tmp.write_text(text))
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """A safetensors file written whole or not at all (a temporary file, then a rename)."""
+    _whole(path, lambda tmp: save_file({n: v.detach().contiguous().cpu() for n, v in tensors.items()}, str(tmp)))
+
+
+def _whole(path: Path, write: Any) -> None:
+    """``write(tmp)``, then rename tmp to ``path``; a failed write (a full disk) leaves ``path`` as
+    it was and is one :class:`RunStateError` saying the last complete state is kept."""
     tmp = path.with_name(path.name + ".tmp")
-    save_file({n: v.detach().contiguous().cpu() for n, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, SafetensorError) as e:
+        tmp.unlink(missing_ok=True)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise RunStateError(f"cannot write {path} ({reason}); the run's last complete state is kept: free space (or "
+                            "fix the directory) and continue with --resume") from None
 
 
 def write_state(out: Path, state: RunState, tensors: dict[str, torch.Tensor] | None = None, step: int | None = None) -> None:

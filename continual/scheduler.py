@@ -39,7 +39,8 @@ from .rundir import RunState, RunStateError
 from .scoring import RowScorer
 from .strategies import Strategy
 from .tracking import GuardedLogger, StreamLogger, step_metrics
-from .training import TrainConfig, check_lengths, distributed, eval_loader, evaluate, tokenize
+from .training import (TrainConfig, answers_cut, check_generative_length, check_lengths, distributed, eval_loader, evaluate,
+                       tokenize)
 
 
 def task_seed(seed: int, index: int) -> int:
@@ -87,8 +88,14 @@ class TokenisedTasks:
 
     def __call__(self, task: Task) -> DatasetDict:
         if task.name not in self._data:
-            self._data[task.name] = DatasetDict({s: tokenize(ds, self.tokenizer, self.length(task), task.metric, self.decoder_start)
-                                                 for s, ds in task.splits().items()})
+            data = DatasetDict({s: tokenize(ds, self.tokenizer, self.length(task), task.metric, self.decoder_start)
+                                for s, ds in task.splits().items()})
+            cut = {s: answers_cut(data[s]) for s in ("train", "test")}
+            if any(cut.values()) and distributed.is_main():  # said, never silent: a cut answer caps the score
+                tqdm.write(f"task {task.name}: {cut['train']} of {len(data['train'])} training and {cut['test']} of "
+                           f"{len(data['test'])} test answers are longer than max_length {self.length(task)} leaves "
+                           "them and are cut; raise --max-length (or the task's max_length) to keep them whole")
+            self._data[task.name] = data
         return self._data[task.name]
 
     def loader(self, task: Task, split: str = "test") -> Any:
@@ -308,12 +315,15 @@ def run_stream(
     device = config.torch_device()
     strategy.check_stream(stream, model)
     check_lengths(model, max(t.max_length or config.max_length for t in stream), strategy.methods)
+    for length in {t.max_length or config.max_length for t in stream if t.generative}:
+        check_generative_length(length)
     check_distributed(strategy, config)
     if not distributed.is_main():
         config = dataclasses.replace(config, progress=False)  # one set of progress bars: rank 0's
     out = Path(out_dir)
     run = _Run(stream, model, strategy, config, out, loggers, rescore_all)
     identity = run_identity(stream, model, strategy, config)
+    distributed.check_same(identity, "settings, stream and data")  # before any rank waits on another
     state, lock = _open_on_main(out, identity, len(run.plan), resume, overwrite)
     try:
         return _execute(run, state, identity, device, extra_params)

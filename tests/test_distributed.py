@@ -131,6 +131,13 @@ def test_a_killed_two_process_run_resumes_to_the_uninterrupted_matrix(toy_yaml, 
         time.sleep(0.05)
     proc.wait(60)
     assert proc.returncode == -signal.SIGKILL, proc.communicate()
+    gone = time.time() + 60  # the workers die a moment after the launcher: rank 0 holds the run's lock till then
+    while time.time() < gone:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
     assert not (out / "results.json").exists()
     again = torchrun(args(out, "--resume"))
     assert again.returncode == 0, again.stdout + again.stderr
@@ -172,3 +179,18 @@ def test_compare_on_two_worker_processes_gives_the_same_report(toy_yaml, tiny_ba
     assert main(bad) == 2
     err = capsys.readouterr().err
     assert "per-task-prompt" in err and "positions" in err and (tmp_path / "bad" / "per-task-lora" / "s1" / "results.json").exists()
+
+
+def test_ranks_started_with_different_settings_all_stop_with_a_message(toy_yaml, tiny_backbone_dir, tmp_path):  # noqa: F811
+    """``--lr`` on one node only: every rank refuses before training (formerly: exit 0, a matrix
+    that disagreed with the checkpoints; with different --steps, a deadlock)."""
+    script = tmp_path / "rank_args.py"
+    script.write_text("import os, sys\nfrom continual.cli import main\nargs = sys.argv[1:]\n"
+                      "if os.environ['RANK'] == '1':\n    args += ['--steps', '40', '--lr', '2e-2']\n"
+                      "sys.exit(main(args))\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           *opts(toy_yaml, tiny_backbone_dir, tmp_path / "two")]
+    proc = launch(cmd, timeout=180)
+    assert proc.returncode != 0
+    assert "rank(s) 1 differ from rank 0 in train.lr, train.max_steps" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "two" / "state.json").exists()

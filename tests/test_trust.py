@@ -139,3 +139,83 @@ def test_overwrite_removes_the_old_runs_checkpoints(text_model, tmp_path):
     short = TaskStream("toy", toy_stream().tasks[:2])
     run_stream(short, text_model(), strategy(), CONFIG, out, overwrite=True)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["a", "b"]
+
+
+def test_a_killed_pool_worker_costs_only_its_own_run():
+    from continual.studies.pool import PoolError, run_all
+    from pool_jobs import die_or_wait
+
+    finished = []
+    with pytest.raises(PoolError) as e:
+        run_all(die_or_wait, ["a", "die", "b"], ["a", "die", "b"], workers=2, done=lambda k, v: finished.append(k))
+    assert list(e.value.failures) == ["die"] and "died twice" in e.value.failures["die"]
+    assert sorted(finished) == ["a", "b"]  # formerly BrokenProcessPool for the runs sharing its pool
+
+
+def test_generative_lengths_that_cannot_hold_an_answer_are_refused_and_cuts_are_reported(word_tokenizer, lm_model,
+                                                                                         tmp_path, capsys):
+    from datasets import Dataset
+
+    from conftest import toy_generative_stream
+    from continual.training import answers_cut, tokenize
+
+    ds = Dataset.from_dict({"text": ["what is it ?"] * 3, "target": ["yes", "a very long answer " * 20, "no"]})
+    with pytest.raises(ValueError, match="max_length 1 leaves a generative task's answer no token"):
+        tokenize(ds, word_tokenizer, 1, "exact")
+    assert answers_cut(tokenize(ds, word_tokenizer, 16, "rouge_l")) == 1  # 80 words in 7 answer tokens
+    with pytest.raises(ValueError, match="max_length 3 leaves"):  # refused before anything is written
+        run_stream(toy_generative_stream(), lm_model(), make_strategy("per-task", ["lora"]),
+                   TrainConfig(**{**FAST, "max_length": 3}), tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+    stream = toy_generative_stream()
+    stream.tasks[0].test = stream.tasks[0].test.map(lambda r: {"target": r["target"] + " and much more" * 10})
+    run_stream(stream, lm_model(), make_strategy("per-task", ["lora"]), TrainConfig(**{**FAST, "max_steps": 2}), tmp_path / "p")
+    err = capsys.readouterr()
+    assert f"task {stream.tasks[0].name}: 0 of " in err.out + err.err and "test answers are longer than" in err.out + err.err
+
+
+def test_report_and_sync_against_a_store_that_cannot_be_used_is_one_line(tmp_path, capsys, monkeypatch):
+    import socket
+    import time
+
+    for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.delenv(k, raising=False)  # restored after the test: check_uri sets them
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(1)  # accepts connections, never answers
+    port = silent.getsockname()[1]
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    refused = closed.getsockname()[1]
+    closed.close()
+    cases = [(["report", "some-run-id", "--tracking-uri", f"http://127.0.0.1:{refused}"], "connection refused"),
+             (["report", "some-run-id", "--tracking-uri", f"http://127.0.0.1:{port}"], "does not answer"),
+             (["report", "some-run-id", "--tracking-uri", f"file:{tmp_path / 'mlruns'}"], "refuses file stores")]
+    try:
+        for argv, message in cases:
+            start = time.monotonic()
+            assert main(argv) == 2
+            err = capsys.readouterr().err
+            assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+            assert time.monotonic() - start < 60
+    finally:
+        silent.close()
+
+
+def test_a_full_disk_while_saving_state_keeps_the_last_state(tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    import continual.rundir as rundir
+
+    path = tmp_path / "state-step0.safetensors"
+    rundir.save_tensors({"x": torch.ones(2)}, path)
+    before = path.read_bytes()
+
+    def full(tensors, filename):  # what safetensors raises when the device is full
+        open(filename, "wb").write(b"partial")
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
+
+    monkeypatch.setattr(rundir, "save_file", full)
+    with pytest.raises(RunStateError, match="cannot write .*StorageFull.*last complete state is kept"):
+        rundir.save_tensors({"x": torch.zeros(2)}, path)
+    assert path.read_bytes() == before and not path.with_name(path.name + ".tmp").exists()

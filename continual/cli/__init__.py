@@ -3,6 +3,7 @@ and :func:`main`, which dispatches and turns the library's errors into one clear
 
 from __future__ import annotations
 
+import errno
 import sys
 
 from adapters import DeltaError
@@ -23,10 +24,33 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, DeltaError, RunStateError, PoolError, FileNotFoundError, ValueError, ImportError) as e:
         print(f"continual {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if type(e).__module__.startswith("mlflow"):
+            print(f"continual {args.command}: error: {tracking_failure(e, getattr(args, 'tracking_uri', ''))}", file=sys.stderr)
+            return 2
+        if type(e).__name__ == "SafetensorError" or (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)):
+            print(f"continual {args.command}: error: could not write a file ({e}); what finished before is saved: free "
+                  "space and continue with --resume", file=sys.stderr)
+            return 2
+        raise
     except KeyboardInterrupt:
         print(f"\ncontinual {args.command}: interrupted; finished tasks are saved, continue with --resume",
               file=sys.stderr)
         return 130
+
+
+def tracking_failure(e: BaseException, uri: str) -> str:
+    """One line for an MLflow store that cannot be used (MLflow chains several exceptions)."""
+    text = str(e)
+    if "Connection refused" in text or "Failed to establish" in text:
+        return (f"nothing answers at {uri} (connection refused): start the server (mlflow server --host 127.0.0.1 "
+                "--port 5000) or give another --tracking-uri")
+    if "timed out" in text.lower() or "Read timed out" in text:
+        return f"the MLflow server at {uri} does not answer (timed out): check it, or give another --tracking-uri"
+    if "filesystem tracking backend" in text:
+        return (f"{uri}: this MLflow version refuses file stores (maintenance mode); use a database store such as "
+                "sqlite:///mlflow.db (or set MLFLOW_ALLOW_FILE_STORE=true)")
+    return f"the MLflow store {uri} failed: {(text.splitlines() or [''])[0][:300]}"
 
 
 if __name__ == "__main__":

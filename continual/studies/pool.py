@@ -11,12 +11,15 @@ inputs, each writing its own run directory. :func:`run_all` runs them
 Every run is seeded by its own settings, never by the worker it lands on, so the numbers do not
 depend on the pool. A run that fails does not stop the others: :func:`run_all` waits for all of
 them and then raises :class:`PoolError` naming the failed ones (the finished ones stay on disk and
-are reused when the study is run again).
+are reused when the study is run again). A worker process that dies (killed, out of memory) breaks
+a local pool and every run then in it: those runs are retried once, each alone in a fresh process,
+so a lost worker costs only its own run (reported as such), never its neighbours'.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+from concurrent.futures.process import BrokenProcessPool
 import multiprocessing
 import os
 from typing import Any, Callable, Sequence
@@ -51,11 +54,32 @@ def run_all(fn: Callable[[Any], Any], jobs: Sequence[Any], labels: Sequence[str]
         return _collect(_on_ray(fn, jobs, labels, workers, ray_address), labels, done)
     if workers == 1 or len(jobs) <= 1:
         return _collect(((i, _call(fn, j)) for i, j in enumerate(jobs)), labels, done)
+    return _collect(_local(fn, jobs, workers), labels, done)
+
+
+def _local(fn: Callable[[Any], Any], jobs: Sequence[Any], workers: int) -> Any:
+    """(index, outcome) of each job on local processes; the runs a dead worker took down with the
+    pool are retried once, one at a time, each in a pool of its own."""
+    lost = []
+    for i, out in _in_pool(fn, dict(enumerate(jobs)), min(workers, len(jobs))):
+        if isinstance(out, BrokenProcessPool):
+            lost.append(i)
+        else:
+            yield i, out
+    for i in lost:
+        for _, out in _in_pool(fn, {i: jobs[i]}, 1):
+            if isinstance(out, BrokenProcessPool):
+                out = RuntimeError("its worker process died twice (killed, or out of memory); the other runs are unaffected")
+            yield i, out
+
+
+def _in_pool(fn: Callable[[Any], Any], jobs: dict[int, Any], workers: int) -> Any:
     ctx = multiprocessing.get_context("spawn")
-    with cf.ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx, initializer=_set_threads,
-                                initargs=(threads_per_worker(min(workers, len(jobs))),)) as pool:
-        futures = {pool.submit(fn, j): i for i, j in enumerate(jobs)}
-        return _collect(((futures[f], _outcome(f)) for f in cf.as_completed(futures)), labels, done)
+    with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_set_threads,
+                                initargs=(threads_per_worker(workers),)) as pool:
+        futures = {pool.submit(fn, j): i for i, j in jobs.items()}
+        for f in cf.as_completed(futures):
+            yield futures[f], _outcome(f)
 
 
 def _call(fn: Callable[[Any], Any], job: Any) -> Any:

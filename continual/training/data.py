@@ -59,18 +59,39 @@ def tokenize(dataset: Dataset, tokenizer: Any, max_length: int, metric: str | No
     return _quiet_map(dataset, enc, [c for c in dataset.column_names if c != "label"])
 
 
+def answer_room(max_length: int) -> int:
+    """Answer tokens a decoder's generative example keeps at ``max_length`` (before its eos)."""
+    return max(1, max_length // 2) - 1
+
+
+def check_generative_length(max_length: int) -> None:
+    """Refuse a length that leaves a decoder's answer no token (it would learn only to stop)."""
+    if answer_room(max_length) < 1:
+        raise ValueError(f"max_length {max_length} leaves a generative task's answer no token (it gets half the length, "
+                         "one of them the end of sequence); use at least 4")
+
+
+def answers_cut(dataset: Dataset) -> int:
+    """How many of a tokenised generative split's answers were cut to fit the length."""
+    return sum(dataset["answer_cut"]) if "answer_cut" in dataset.column_names else 0
+
+
 def _tokenize_generative(dataset: Dataset, tokenizer: Any, max_length: int, metric: str) -> Dataset:
     """prompt + target + eos, truncated to ``max_length``: the target keeps up to half of it, the
     prompt loses tokens from its start (templates put the question last)."""
     if tokenizer.eos_token_id is None:
         raise ValueError("generative tasks need a tokenizer with an end-of-sequence token")
 
+    check_generative_length(max_length)
+
     def enc(batch: dict[str, list]) -> dict[str, list]:
         prompts = tokenizer(batch["text"])["input_ids"]
         targets = tokenizer([" " + t.strip() for t in batch["target"]], add_special_tokens=False)["input_ids"]
-        out: dict[str, list] = {"input_ids": [], "attention_mask": [], "lm_labels": [], "prompt_len": [], "metric": []}
+        out: dict[str, list] = {"input_ids": [], "attention_mask": [], "lm_labels": [], "prompt_len": [], "metric": [],
+                                "answer_cut": []}
         for p, t in zip(prompts, targets):
-            t = t[: max(1, max_length // 2) - 1] + [tokenizer.eos_token_id]
+            out["answer_cut"].append(len(t) > answer_room(max_length))
+            t = t[: answer_room(max_length)] + [tokenizer.eos_token_id]
             p = p[-(max_length - len(t)):]
             ids = p + t
             out["input_ids"].append(ids)
@@ -96,7 +117,8 @@ def _tokenize_seq2seq(dataset: Dataset, tokenizer: Any, max_length: int, metric:
         ids = [p[-max_length:] for p in prompts]
         return {"input_ids": ids, "attention_mask": [[1] * len(p) for p in ids], "prompt_len": [len(p) for p in ids],
                 "target_ids": [t[: max_length - 1] + [tokenizer.eos_token_id] for t in targets],
-                "decoder_start": [start] * len(ids), "metric": [metric] * len(ids)}
+                "decoder_start": [start] * len(ids), "metric": [metric] * len(ids),
+                "answer_cut": [len(t) > max_length - 1 for t in targets]}
 
     return _quiet_map(dataset, enc, [c for c in dataset.column_names if c not in ("target", "label")])
 

@@ -104,6 +104,30 @@ def broadcast(obj: Any) -> Any:
     return box[0]
 
 
+def check_same(identity: dict[str, Any], what: str) -> None:
+    """Refuse, on every rank at once, ranks started with different ``identity`` (e.g. ``--lr`` or
+    ``--steps`` given to one node only): they would train different models under one all-reduce,
+    or deadlock on unequal step counts. Names the ranks and the keys that differ."""
+    if not active():
+        return
+    parts: list[Any] = [None] * world_size()
+    dist.all_gather_object(parts, identity)
+    bad = [r for r, p in enumerate(parts) if p != parts[0]]
+    if not bad:
+        return
+    keys = set()
+    for r in bad:
+        for k in sorted(set(parts[0]) | set(parts[r])):
+            a, b = parts[0].get(k), parts[r].get(k)
+            if isinstance(a, dict) and isinstance(b, dict):
+                keys |= {f"{k}.{s}" for s in set(a) | set(b) if a.get(s) != b.get(s)}
+            elif a != b:
+                keys.add(k)
+    raise ValueError(f"the {world_size()} processes were not started with the same {what}: rank(s) "
+                     f"{', '.join(map(str, bad))} differ from rank 0 in {', '.join(sorted(keys))}; start every "
+                     "process with the same command and data")
+
+
 def gather_lists(items: Sequence[Any], loader: Any = None) -> list[Any]:
     """Every rank's ``items`` concatenated in rank order (each rank's shard is contiguous, so
     this restores the split's order). Given the ``loader`` the items came from: ``items`` as they
