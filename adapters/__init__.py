@@ -31,10 +31,11 @@ from .errors import (
 )
 from .mixed import MixedTasks
 from .model import DeltaModel, TaskDelta
-from .registry import available_methods, get_method, make_config, register
+from .registry import DEFAULT_HEAD_LR, DEFAULT_METHOD, available_methods, get_method, make_config, register
 from .targets import ARCHITECTURES, ArchSpec, register_architecture
 
 __all__ = [
+    "DEFAULT_HEAD_LR", "DEFAULT_METHOD",
     "ARCHITECTURES", "ArchSpec", "BACKBONES", "BackboneError", "CheckpointError", "ConfigError",
     "DEFAULT_BACKBONE", "Delta", "DeltaConfig", "DeltaError", "DeltaModel", "LayerwiseConfig", "MixedTasks",
     "SiteDelta", "TargetError", "TaskDelta", "TaskError", "UnknownMethodError", "available_methods",

@@ -27,7 +27,7 @@ from .config import DeltaConfig
 from .errors import ConfigError, TaskError
 from .heads import ClassificationHead, LMHead
 from .mixed import MixedTasks
-from .registry import get_method, make_config
+from .registry import DEFAULT_HEAD_LR, DEFAULT_METHOD, get_method, make_config
 from .targets import arch_spec
 
 MethodSpec = str | dict[str, Any] | DeltaConfig
@@ -66,7 +66,7 @@ class TaskDelta(nn.Module):
     def head_parameters(self) -> int:
         return 0 if self.head is None else sum(p.numel() for p in self.head.parameters())
 
-    def param_groups(self, lr: float | None = None, head_lr: float = 1e-3) -> list[dict[str, Any]]:
+    def param_groups(self, lr: float | None = None, head_lr: float = DEFAULT_HEAD_LR) -> list[dict[str, Any]]:
         """Optimizer groups: each method at its own default learning rate unless ``lr`` is given."""
         groups = [
             {"params": [p for p in d.parameters() if p.requires_grad], "lr": lr or d.config.default_lr, "name": key}
@@ -112,7 +112,7 @@ class DeltaModel(nn.Module):
     def add_task(
         self,
         name: str,
-        methods: MethodSpec | Sequence[MethodSpec] = "bottleneck",
+        methods: MethodSpec | Sequence[MethodSpec] = DEFAULT_METHOD,
         num_labels: int | None = None,
         label_names: Sequence[str] | None = None,
         pooling: str | None = None,

@@ -11,6 +11,11 @@ importing them by hand, and this package names none of them.
 
 from __future__ import annotations
 
+# the method a task gets when none is named (the Houlsby adapter of the survey)
+DEFAULT_METHOD = "bottleneck"
+# the learning rate of a classification head when none is given
+DEFAULT_HEAD_LR = 1e-3
+
 import importlib
 import pkgutil
 from typing import TYPE_CHECKING, Any

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 import adapters
-from adapters.dropout import DROPOUT_MASKS, fast_dropout
+from continual.training.dropout import DROPOUT_MASKS, fast_dropout
 from adapters.precision import autocast, frozen_linears_in
 from continual.training import MALLOC, TrainStep, make_optimizer, malloc, mfu
 
@@ -392,7 +392,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--precision", default=None, help="bf16 (GPU default) or fp32 (CPU default)")
     p.add_argument("--dropout-masks", default="fast", choices=DROPOUT_MASKS,
                    help="our rows: the backbone's dropout masks as `continual run` draws them by default (fast, "
-                   "adapters.dropout) or torch's bernoulli_ (torch); PEFT always uses torch's")
+                   "continual.training.dropout) or torch's bernoulli_ (torch); PEFT always uses torch's")
     p.add_argument("--malloc", default="hold", choices=MALLOC,
                    help="our rows on a CPU: freed memory held for reuse as `continual run` does by default (hold, "
                    "continual.training.malloc) or the C library's defaults; PEFT rows get the defaults, and "

@@ -190,3 +190,17 @@ def test_compare_command_writes_a_report(toy_yaml, tiny_backbone_dir, tmp_path, 
     assert (out / "seq-ft" / "results.json").stat().st_mtime == mtime
     assert main(common[:5] + ["--entry", "nope"]) == 2
     assert "unknown strategy 'nope'" in capsys.readouterr().err
+
+
+def test_an_entry_gives_the_same_matrix_in_compare_as_in_run(toy_yaml, tiny_backbone_dir, tmp_path):
+    """Every training command takes the same options with the same defaults (formerly compare
+    trained in fp32 without buckets where run used bf16 and buckets: other numbers, said nowhere)."""
+    common = ["--stream", str(toy_yaml), "--backbone", str(tiny_backbone_dir), "--steps", "20", "--eval-every", "10",
+              "--max-length", "16", "--no-progress", "--no-mlflow"]
+    assert main(["run", "--method", "lora:rank=4", "--out", str(tmp_path / "run"), *common]) == 0
+    assert main(["compare", "--entry", "per-task:lora:rank=4", "--out", str(tmp_path / "cmp"), *common]) == 0
+    ran = json.loads((tmp_path / "run" / "results.json").read_text())
+    compared = json.loads((tmp_path / "cmp" / "per-task-lora" / "results.json").read_text())
+    assert ran["identity"]["train"] == compared["identity"]["train"]
+    for key in ("R", "F1", "b", "b_f1"):
+        assert ran["matrix"][key] == compared["matrix"][key], key

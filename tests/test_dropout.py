@@ -1,4 +1,4 @@
-"""Fast dropout masks on a CPU (adapters.dropout): the same dropout, drawn more cheaply.
+"""Fast dropout masks on a CPU (continual.training.dropout): the same dropout, drawn more cheaply.
 
 The spec: masks drop at the stated (rounded) rate and keep the mean; they follow torch's seed;
 with nothing dropped the model computes exactly what it computes without the swap (so the only
@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from transformers import BertConfig, BertModel
 
-from adapters.dropout import ATTENTION, FastDropout, _attention, fast_dropout, keep_mask
+from continual.training.dropout import ATTENTION, FastDropout, _attention, fast_dropout, keep_mask
 from continual import TrainConfig, train_task
 from conftest import TINY, batch, tiny_backbone, toy_task
 
@@ -35,7 +35,7 @@ def test_masks_drop_at_the_rounded_rate_and_keep_the_mean(p):
 
 
 def test_rates_that_round_to_0_or_1_keep_or_drop_everything():
-    from adapters.dropout import dropout
+    from continual.training.dropout import dropout
 
     x = torch.randn(50, 40)
     assert torch.equal(dropout(x, 0.0), x) and torch.equal(dropout(x, 0.4 / 65536), x)
@@ -89,7 +89,7 @@ def test_with_nothing_dropped_the_model_computes_what_it_did():
         assert model.config._attn_implementation == ATTENTION
         sites = [m for m in model.modules() if isinstance(m, nn.Dropout)]
         assert sites and all(type(m) is FastDropout for m in sites)
-        import adapters.dropout as fd
+        import continual.training.dropout as fd
         original = fd._dropout
         fd._dropout = lambda t, p: calls.append(t.shape) or original(t, p)
         try:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from adapters import BACKBONES, DeltaError, DeltaModel, available_methods, make_config
+from adapters import BACKBONES, DEFAULT_METHOD, DeltaError, DeltaModel, available_methods, make_config
 from adapters.spec import methods_label, parse_combo, parse_method, parse_options
 from streams import GENERATIVE_STREAMS, SOURCES, STREAMS, builtin_task, load_stream
 
@@ -27,21 +27,16 @@ from ..training import TrainConfig, distributed
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
-    """The one TrainConfig builder of every command that trains (run, combine, compare): the
-    options a command does not have keep TrainConfig's defaults."""
-    opt = lambda name, default=None: getattr(args, name, default)  # noqa: E731
-    patience = opt("patience", 3)
-    base = dict(max_steps=args.steps, batch_size=args.batch_size, max_length=args.max_length, eval_every=args.eval_every,
-                seed=args.seed, device=args.device, progress=not opt("no_progress", False), lr=opt("lr"),
-                head_lr=opt("head_lr", 1e-3), patience=patience or None)  # --patience 0: never stop early
-    base["dropout"] = not opt("no_dropout", False)
-    base["shard_backbone"] = opt("shard_backbone", False)
-    base["dropout_masks"] = opt("dropout_masks", "torch")
-    base["malloc"] = opt("malloc", "default")
-    speed = dict(precision=opt("precision", "fp32"), compile=opt("compile"), bucket=opt("bucket", False))
-    if opt("fast", False):
-        return TrainConfig.fast(**base, **{k: v for k, v in speed.items() if v not in (None, False, "fp32")})
-    config = TrainConfig(**base, **speed)
+    """The one TrainConfig of every command that trains (run, combine, compare), from the options
+    they all share (parser._training_options); validated once, here."""
+    gpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    config = TrainConfig(
+        max_steps=args.steps, batch_size=args.batch_size, max_length=args.max_length, eval_every=args.eval_every,
+        patience=args.patience or None,  # --patience 0: never stop early
+        lr=args.lr, head_lr=args.head_lr, seed=args.seed, dropout=not args.no_dropout, device=args.device,
+        progress=not getattr(args, "no_progress", False), precision=args.precision, bucket=args.bucket,
+        compile=args.compile or ("default" if args.fast and gpu else None),  # an explicit --compile wins
+        dropout_masks=args.dropout_masks, malloc=args.malloc, shard_backbone=getattr(args, "shard_backbone", False))
     config.validate()
     return config
 
@@ -51,7 +46,7 @@ def _cap(v: int) -> int | None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    methods = [parse_method(m) for m in args.method or ["bottleneck"]]
+    methods = [parse_method(m) for m in args.method or [DEFAULT_METHOD]]
     options = {k: v for text in args.strategy_option for k, v in parse_options(text).items()}
     strategy = make_strategy(args.strategy, methods, **options)
     config = train_config(args)
@@ -101,6 +96,7 @@ def _run(args: argparse.Namespace, strategy: Any, methods: list[Any], config: Tr
 def cmd_sync(args: argparse.Namespace) -> int:
     from ..sync import sync_run
 
+    check_uri(args.tracking_uri)  # quick HTTP timeouts: a silent server is an error within seconds, not a hang
     run_id = sync_run(args.run, args.tracking_uri, args.experiment, args.run_name)
     print(f"{args.run} logged to {args.tracking_uri} as MLflow run {run_id} (experiment {args.experiment!r})")
     return 0
@@ -110,7 +106,7 @@ def load_report(run: str, tracking_uri: str, experiment: str) -> tuple[dict[str,
     """A run's results (from its directory, or from MLflow by run id or name) and its directory."""
     path = Path(run)
     if not path.is_dir():
-        return fetch_results(run, tracking_uri, experiment), None
+        return fetch_results(run, check_uri(tracking_uri), experiment), None
     data = run_info(path)
     if not data:
         raise FileNotFoundError(f"{path} holds no results.json or state.json: not a stream run directory")

@@ -13,7 +13,7 @@ from streams import GENERATIVE_STREAMS, STREAMS
 
 from ..strategies import STRATEGIES
 from ..tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI
-from ..training import COMPILE_MODES, DROPOUT_MASKS, MALLOC
+from ..training import COMPILE_MODES, DROPOUT_MASKS, MALLOC, TrainConfig
 
 DESCRIPTION = """run lifelong-learning streams, report on them, list what is available.
 
@@ -32,8 +32,8 @@ DESCRIPTION = """run lifelong-learning streams, report on them, list what is ava
 """
 Formatter = argparse.ArgumentDefaultsHelpFormatter
 
-DEFAULTS = dict(stream="default", strategy="per-task", backbone="minilm", max_train=1000, max_eval=300, steps=200,
-                batch_size=16, max_length=64, eval_every=50, patience=3, seed=0)
+# what is not a training setting (those are TrainConfig.command_line()'s)
+DEFAULTS = dict(stream="default", strategy="per-task", backbone="minilm", max_train=1000, max_eval=300)
 
 
 def count(text: str) -> int:
@@ -64,21 +64,38 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _training_options(p: argparse.ArgumentParser, steps_help: str | None = None) -> None:
-    """Backbone, data caps and training settings of every command that trains (run, combine, compare)."""
+    """Backbone, data caps and every training setting, the same for each command that trains (run,
+    combine, compare); their defaults are TrainConfig.command_line()'s, so an entry of ``compare``
+    trains exactly as ``run`` does."""
+    d = TrainConfig.command_line()
     p.add_argument("--backbone", default=DEFAULTS["backbone"], help=f"{', '.join(BACKBONES)}, a local path or a hub id")
     p.add_argument("--max-train", type=count, default=DEFAULTS["max_train"], help="cap on training examples per task (0: none)")
     p.add_argument("--max-eval", type=count, default=DEFAULTS["max_eval"], help="cap on dev and test examples per task (0: none)")
-    p.add_argument("--steps", type=int, default=DEFAULTS["steps"], help=steps_help or "training steps per task")
-    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
-    p.add_argument("--max-length", type=int, default=DEFAULTS["max_length"], help="tokens per example (BBC uses 128)")
-    p.add_argument("--eval-every", type=int, default=DEFAULTS["eval_every"], help="steps between dev evaluations")
-    p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="seeds splits, initialisation and training")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    p.add_argument("--dropout-masks", default="fast", choices=DROPOUT_MASKS,
+    p.add_argument("--steps", type=int, default=d.max_steps, help=steps_help or "training steps per task")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--max-length", type=int, default=d.max_length, help="tokens per example (BBC uses 128)")
+    p.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between dev evaluations")
+    p.add_argument("--patience", type=count, default=d.patience, help="dev evaluations without gain before stopping (0: never)")
+    p.add_argument("--lr", type=float, default=d.lr, help="delta learning rate (default: each method's own)")
+    p.add_argument("--head-lr", type=float, default=d.head_lr, help="learning rate of the task heads")
+    p.add_argument("--seed", type=int, default=d.seed, help="seeds splits, initialisation and training")
+    p.add_argument("--no-dropout", action="store_true",
+                   help="train with dropout off (a deterministic forward pass: a run on N processes under torchrun "
+                   "then gives the 1-process numbers, up to float rounding)")
+    p.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--precision", default=d.precision, choices=PRECISIONS,
+                   help="training/eval precision (auto: bf16 on a GPU that has it and on a CPU with bf16 matrix "
+                   "instructions, e.g. AVX512-BF16 or AMX; else fp32)")
+    p.add_argument("--compile", default=d.compile, choices=COMPILE_MODES,
+                   help="torch.compile the training forward pass with this mode (pays off on a GPU)")
+    p.add_argument("--fast", action="store_true", help="--compile default on a GPU (the other fast settings are the defaults)")
+    p.add_argument("--bucket", action=argparse.BooleanOptionalAction, default=d.bucket,
+                   help="length-bucketed training batches (less padding; seeded, every example once per pass)")
+    p.add_argument("--dropout-masks", default=d.dropout_masks, choices=DROPOUT_MASKS,
                    help="on a CPU, draw the frozen backbone's dropout masks from 16 random bits per element (fast: "
                    "p rounded to 1/65536, about a quarter of a training step less) or with torch's bernoulli_ "
                    "(torch); no effect on a GPU")
-    p.add_argument("--malloc", default="hold", choices=MALLOC,
+    p.add_argument("--malloc", default=d.malloc, choices=MALLOC,
                    help="on a CPU, hold: glibc keeps freed memory for reuse for the rest of the process, so a "
                    "training step's temporaries do not page-fault (a sixth to a quarter of a MiniLM step); default: the C "
                    "library's own behaviour. No effect on a GPU or without glibc")
@@ -112,21 +129,6 @@ def _run(sub: argparse._SubParsersAction) -> None:
                    help="strategy options, e.g. ewc_lambda=100 (avalanche-ewc), mem_size=500 (avalanche-replay), "
                    "backbone_lr=3e-5 (seq-ft, avalanche-*); `continual list strategies` shows each one's")
     _training_options(r)
-    r.add_argument("--lr", type=float, default=None, help="delta learning rate (default: each method's own)")
-    r.add_argument("--head-lr", type=float, default=1e-3, help="learning rate of the task heads")
-    r.add_argument("--patience", type=count, default=DEFAULTS["patience"], help="dev evaluations without gain before stopping (0: never)")
-    r.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="training/eval precision (auto: bf16 on a GPU that has it and on a CPU with bf16 matrix "
-                   "instructions, e.g. AVX512-BF16 or AMX; else fp32)")
-    r.add_argument("--compile", default=None, choices=COMPILE_MODES,
-                   help="torch.compile the training forward pass with this mode (pays off on a GPU)")
-    r.add_argument("--bucket", action=argparse.BooleanOptionalAction, default=True,
-                   help="length-bucketed training batches (less padding; seeded, every example once per pass)")
-    r.add_argument("--fast", action="store_true",
-                   help="the fast path: --precision auto --bucket --dropout-masks fast --malloc hold (the defaults), and --compile default on a GPU")
-    r.add_argument("--no-dropout", action="store_true",
-                   help="train with dropout off (a deterministic forward pass: a run on N processes under torchrun "
-                   "then gives the 1-process numbers, up to float rounding)")
     r.add_argument("--shard-backbone", action="store_true",
                    help="under torchrun: shard the frozen backbone's blocks across the processes (FSDP2) instead "
                    "of a full copy in each; the deltas stay replicated (docs/distributed.md)")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from adapters import DEFAULT_METHOD
 from adapters.model import MethodSpec
 
 from .avalanche import AVALANCHE_STRATEGIES
@@ -29,7 +30,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
 }
 
 
-def make_strategy(name: str, methods: Sequence[MethodSpec] = ("bottleneck",), **options: Any) -> Strategy:
+def make_strategy(name: str, methods: Sequence[MethodSpec] = (DEFAULT_METHOD,), **options: Any) -> Strategy:
     """A strategy by name (see ``STRATEGIES``); ``options`` go to its constructor (e.g.
     ``ewc_lambda`` for ``avalanche-ewc``, ``temperature`` for ``per-task-fusion``)."""
     if name not in STRATEGIES:

@@ -13,7 +13,7 @@ from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 
-from adapters import DeltaConfig, DeltaModel, load_delta, make_config
+from adapters import DEFAULT_METHOD, DeltaConfig, DeltaModel, load_delta, make_config
 from adapters.model import MethodSpec
 from streams import Task, TaskStream
 
@@ -70,7 +70,7 @@ class Strategy:
     # forward pass needs all processes, so such a strategy cannot shard it)
     reports_run_model: ClassVar[bool] = False
 
-    def __init__(self, methods: Sequence[MethodSpec] = ("bottleneck",)) -> None:
+    def __init__(self, methods: Sequence[MethodSpec] = (DEFAULT_METHOD,)) -> None:
         # typed at the edge: a method name or dict becomes its validated config here
         self.methods: list[DeltaConfig] = [make_config(m) for m in methods]
 

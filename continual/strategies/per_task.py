@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from adapters import DeltaModel
+from adapters import DEFAULT_METHOD, DeltaModel
 from adapters.model import MethodSpec
 from fusion import FusionConfig, fusion_weights
 from streams import Task
@@ -38,7 +38,7 @@ class ContinualFusion(PerTaskDelta):
     reports_run_model = True  # the fusion's attention weights on the test set
     SUFFIX = "_fusion"
 
-    def __init__(self, methods: Sequence[MethodSpec] = ("bottleneck",), **fusion: Any) -> None:
+    def __init__(self, methods: Sequence[MethodSpec] = (DEFAULT_METHOD,), **fusion: Any) -> None:
         super().__init__(methods)
         self.fusion = fusion  # FusionConfig fields
 

@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from adapters import DeltaConfig, DeltaModel
+from adapters import DEFAULT_METHOD, DeltaConfig, DeltaModel
 from adapters.spec import methods_label, parse_combo, parse_options
 
 from ..plots import metric_bars
@@ -102,7 +102,7 @@ def run_job(job: Job) -> dict[str, Any]:
     directory = job.directory
     if not (directory / "results.json").exists():
         e = job.entry
-        strategy = make_strategy(e.strategy, e.methods or ["bottleneck"], **e.options)
+        strategy = make_strategy(e.strategy, e.methods or [DEFAULT_METHOD], **e.options)
         torch.manual_seed(job.config.seed)
         model = DeltaModel.from_pretrained(job.backbone)
         loggers = [MLflowLogger(job.tracking_uri, DEFAULT_EXPERIMENT, job.run_name)] if job.tracking_uri else []
@@ -124,7 +124,7 @@ def compare(streams: Any, entries: Sequence[Entry], config: TrainConfig, out: st
     entries x seeds (:mod:`continual.studies.pool`); the rows do not depend on it."""
     out = Path(out)
     for e in entries:  # every entry is checked before any runs
-        make_strategy(e.strategy, e.methods or ["bottleneck"], **e.options)
+        make_strategy(e.strategy, e.methods or [DEFAULT_METHOD], **e.options)
     by_seed = streams if isinstance(streams, dict) else {config.seed: streams}
     several = len(by_seed) > 1
     parallel = workers > 1 or bool(ray_address)

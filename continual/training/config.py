@@ -8,8 +8,8 @@ from typing import Any, Sequence
 
 import torch
 
-from adapters import DeltaConfig, get_method
-from adapters.dropout import DROPOUT_MASKS
+from adapters import DEFAULT_HEAD_LR, DeltaConfig, get_method
+from .dropout import DROPOUT_MASKS
 from adapters.precision import PRECISIONS
 
 from . import distributed
@@ -33,7 +33,7 @@ class TrainConfig:
     max_steps: int = 300
     batch_size: int = 32
     lr: float | None = None
-    head_lr: float = 1e-3
+    head_lr: float = DEFAULT_HEAD_LR
     weight_decay: float = 0.0
     warmup_ratio: float = 0.06
     eval_every: int = 100
@@ -54,7 +54,7 @@ class TrainConfig:
     dropout: bool = True
     # how the frozen backbone's dropout masks are drawn on a CPU: "torch" (bernoulli_, one random
     # number per element) or "fast" (16 random bits per element, p rounded to 1/65536: about a
-    # quarter of a CPU training step less; see adapters.dropout). No effect on a GPU.
+    # quarter of a CPU training step less; see continual.training.dropout). No effect on a GPU.
     dropout_masks: str = "torch"
     # "hold": on a CPU, glibc keeps freed memory for reuse (process-wide, until the process ends),
     # so a step's temporaries stop page-faulting: a sixth to a quarter of a MiniLM step on 2 cores (see
@@ -114,6 +114,15 @@ class TrainConfig:
         opts = {"precision": "auto", "compile": "default" if gpu else None, "bucket": True, "dropout_masks": "fast",
                 "malloc": "hold"}
         return cls(**{**opts, **overrides})
+
+    @classmethod
+    def command_line(cls) -> "TrainConfig":
+        """What every training command (``run``, ``compare``, ``combine``) starts from: shorter
+        CPU-sized schedules than the library's defaults, and the fast path's speed settings
+        except ``compile``. The parser reads its defaults from here, so no command trains with
+        another recipe than the others."""
+        return cls(max_steps=200, batch_size=16, max_length=64, eval_every=50, precision="auto", bucket=True,
+                   dropout_masks="fast", malloc="hold")
 
     def warmup_steps(self) -> int:
         return math.ceil(self.warmup_ratio * self.max_steps)

@@ -17,7 +17,7 @@ import torch
 from datasets import DatasetDict
 
 from adapters import DeltaModel
-from adapters.dropout import fast_dropout
+from .dropout import fast_dropout
 from adapters.precision import autocast, frozen_linears_in
 
 from . import distributed
