@@ -69,13 +69,25 @@ def summarize(R: np.ndarray, b: np.ndarray) -> dict[str, float]:
             "forgetting": forgetting(R)}
 
 
+def score_label(matrix: "AccuracyMatrix") -> str:
+    """What R holds, in a title: ``accuracy`` when every task is a classifier, else the names."""
+    names = list(dict.fromkeys(matrix.scores))
+    return "accuracy" if names == ["accuracy"] else "score (" + ", ".join(names) + ")"
+
+
 class AccuracyMatrix:
-    """R (accuracy), its macro-F1 twin and b, filled entry by entry as a stream runs.
+    """R (each task's score), its macro-F1 twin and b, filled entry by entry as a stream runs.
 
-    A standalone metric object in the Avalanche style: ``update`` / ``result`` / ``reset``."""
+    ``scores`` names what each task's entries are (``accuracy`` for a classifier, ``exact_match``,
+    ``token_f1`` or ``rouge_l`` for a generative task; ``score`` for a run saved before scores were
+    named). The metrics are defined on "the task's score" whatever it is. A standalone metric
+    object in the Avalanche style: ``update`` / ``result`` / ``reset``."""
 
-    def __init__(self, tasks: list[str]) -> None:
+    def __init__(self, tasks: list[str], scores: list[str] | None = None) -> None:
         self.tasks = list(tasks)
+        self.scores = list(scores) if scores is not None else ["accuracy"] * len(self.tasks)
+        if len(self.scores) != len(self.tasks):
+            raise ValueError(f"{len(self.scores)} score names for {len(self.tasks)} tasks")
         self.reset()
 
     def reset(self) -> None:
@@ -100,12 +112,12 @@ class AccuracyMatrix:
 
     def to_dict(self) -> dict:
         nan = lambda a: [None if math.isnan(x) else float(x) for x in np.ravel(a)]  # noqa: E731 JSON has no NaN
-        return {"tasks": self.tasks, "R": [nan(r) for r in self.R], "F1": [nan(r) for r in self.F1],
+        return {"tasks": self.tasks, "scores": self.scores, "R": [nan(r) for r in self.R], "F1": [nan(r) for r in self.F1],
                 "b": nan(self.b), "b_f1": nan(self.b_f1)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "AccuracyMatrix":
-        m = cls(d["tasks"])
+        m = cls(d["tasks"], d.get("scores") or ["score"] * len(d["tasks"]))
         arr = lambda v: np.array([np.nan if x is None else x for x in np.ravel(v)], dtype=float)  # noqa: E731
         T = len(m.tasks)
         m.R, m.F1 = arr(d["R"]).reshape(T, T), arr(d["F1"]).reshape(T, T)

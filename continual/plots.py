@@ -11,17 +11,18 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .metrics import AccuracyMatrix
+from .metrics import AccuracyMatrix, score_label
 
 
 def format_matrix(matrix: AccuracyMatrix, metrics: dict[str, float] | None = None, f1: bool = False) -> str:
     """A plain-text table: rows 'after task i', columns tasks, plus the b row and the metrics."""
     R, b = (matrix.F1, matrix.b_f1) if f1 else (matrix.R, matrix.b)
     names = matrix.tasks
-    width = max(8, *(len(n) + 1 for n in names))
+    width = max(8, *(len(n) + 1 for n in [*names, *matrix.scores]))
     cell = lambda v: f"{'-' if np.isnan(v) else f'{v:.3f}':>{width}}"  # noqa: E731
     corner = "after \\ on"
     lines = [f"{corner:<16}" + "".join(f"{n:>{width}}" for n in names)]
+    lines.append(f"{'score' if not f1 else 'macro-F1 of':<16}" + "".join(f"{s:>{width}}" for s in matrix.scores))
     lines.append(f"{'untrained (b)':<16}" + "".join(cell(v) for v in b))
     for i, n in enumerate(names):
         lines.append(f"{n:<16}" + "".join(cell(v) for v in R[i]))
@@ -85,7 +86,7 @@ def heatmap(matrix: AccuracyMatrix, path: str | Path, title: str = "", f1: bool 
     T = len(matrix.tasks)
     return annotated_heatmap(
         data, path, matrix.tasks, ["untrained (b)"] + [f"after {n}" for n in matrix.tasks],
-        title or ("macro-F1" if f1 else "accuracy") + " matrix R[i, j]", xlabel="evaluated on",
+        title or ("macro-F1" if f1 else score_label(matrix)) + " matrix R[i, j]", xlabel="evaluated on",
         figsize=(1.1 * T + 2.5, 0.8 * T + 2), decorate=lambda ax: ax.axhline(0.5, color="white", linewidth=2))
 
 

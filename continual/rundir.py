@@ -39,7 +39,7 @@ from adapters import DeltaModel, save_task
 from adapters.checkpoint import sha256_file
 from streams import Task, TaskStream
 
-from .metrics import AccuracyMatrix
+from .metrics import AccuracyMatrix, score_label
 from .plots import heatmap
 
 STATE_VERSION = 2  # 2: checksum and files manifest
@@ -305,10 +305,11 @@ def write_results(out: Path, stream: TaskStream, state: RunState, metrics: dict[
         with open(out / name, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["after"] + matrix.tasks)
+            w.writerow(["score" if name == "matrix.csv" else "macro-F1 of"] + matrix.scores)
             w.writerow(["untrained"] + [_csv_cell(v) for v in b])
             for n, r in zip(matrix.tasks, M):
                 w.writerow([n] + [_csv_cell(v) for v in r])
-    png = heatmap(matrix, out / "heatmap.png", f"{stream.name}: accuracy R[i, j]")
+    png = heatmap(matrix, out / "heatmap.png", f"{stream.name}: {score_label(matrix)} R[i, j]")
     return [out / "results.json", out / "matrix.csv", out / "matrix_f1.csv", png, out / "stream.yaml"]
 
 

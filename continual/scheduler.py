@@ -153,7 +153,7 @@ class _Run:
 
     def baseline(self, identity: dict[str, Any]) -> RunState:
         """Score every task on the untrained model (b), then remove what that added."""
-        matrix = AccuracyMatrix(self.stream.names)
+        matrix = AccuracyMatrix(self.stream.names, [t.score_name for t in self.stream])
         for j, task in enumerate(tqdm(self.tasks, desc="untrained baseline (b)", disable=not self.config.progress, leave=False)):
             self.prepare(j)
             s = self.score(task)
@@ -349,7 +349,8 @@ def _execute(run: _Run, state: RunState | None, identity: dict[str, Any], device
     if run.main:
         rundir.write_state(out, state)
         params = {**identity, "data": {n: f[:16] for n, f in identity["data"].items()}, "device": str(device),
-                  "backbone_name": model.backbone_name, "processes": distributed.world_size(), **(extra_params or {})}
+                  "backbone_name": model.backbone_name, "processes": distributed.world_size(),
+                  "scores": {t.name: t.score_name for t in stream}, **(extra_params or {})}
         for lg in run.loggers:
             state.tracking = lg.start_stream(stream.name, params, state.tracking or None) or state.tracking
         run.note_tracking(state)

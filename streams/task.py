@@ -17,6 +17,10 @@ SPLITS = ("train", "dev", "test")
 # them; continual.training.textscore computes them): exact match after normalisation (a label
 # word), token-level F1 (SQuAD's), ROUGE-L F (longest common subsequence; free text).
 METRICS = ("exact", "token_f1", "rouge_l")
+# What each task's score is called wherever it is shown (results.json, matrix CSVs, the report,
+# MLflow): a classifier's accuracy, or the generative metric by its full name.
+SCORE_NAMES = {"exact": "exact_match", "token_f1": "token_f1", "rouge_l": "rouge_l"}
+KINDS = ("classification", "generative")
 # A task name becomes a directory, an MLflow run name and a metric key: letters, digits, '_' and
 # '-', starting with a letter or digit (the same rule adapters.DeltaModel applies to its tasks).
 TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
@@ -59,9 +63,19 @@ class Task:
     # trains), ``check_base``, and ``sha256`` of its files (part of the fingerprint, so a changed
     # adapter is a different run)
     delta: dict[str, Any] | None = None
+    # "classification" or "generative", decided here, once: from the splits' columns unless given
+    # (and then checked against them); everything downstream reads it
+    kind: str = ""
 
     def __post_init__(self) -> None:
         check_task_name(self.name)
+        found = "generative" if "target" in self.train.column_names else "classification"
+        if self.kind and self.kind not in KINDS:
+            raise DataError(f"task {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
+        if self.kind and self.kind != found:
+            raise DataError(f"task {self.name!r} is {self.kind}, but its splits are {found} "
+                            "(a generative task has 'text' and 'target' columns)")
+        self.kind = found
         if self.generative:
             self._check_generative()
             return
@@ -96,8 +110,13 @@ class Task:
 
     @property
     def generative(self) -> bool:
-        """Whether the task is text-to-text (its splits have a ``target`` column)."""
-        return "target" in self.train.column_names
+        """Whether the task is text-to-text (``kind``)."""
+        return self.kind == "generative"
+
+    @property
+    def score_name(self) -> str:
+        """What the task is judged by: ``accuracy``, or ``exact_match`` / ``token_f1`` / ``rouge_l``."""
+        return SCORE_NAMES[self.metric] if self.generative else "accuracy"
 
     @property
     def num_labels(self) -> int:

@@ -200,3 +200,27 @@ def test_cli_runs_a_generative_yaml_stream(tiny_lm_dir, tmp_path, capsys):
     # an encoder cannot answer in text: refused with the reason, nothing written
     assert main([*common, "--out", str(tmp_path / "enc")]) == 2
     assert "no language-model head" in capsys.readouterr().err and not (tmp_path / "enc").exists()
+
+
+def test_a_task_knows_its_kind_and_every_output_names_its_score(lm_model, tmp_path):
+    import csv
+    import dataclasses
+    import json
+
+    from continual.metrics import AccuracyMatrix
+    from streams import DataError, TaskStream
+
+    stream = toy_generative_stream()
+    tasks = [*stream.tasks[:2], dataclasses.replace(stream.tasks[2], metric="rouge_l")]
+    assert [t.kind for t in tasks] == ["generative"] * 3 and [t.score_name for t in tasks] == ["exact_match"] * 2 + ["rouge_l"]
+    with pytest.raises(DataError, match="is classification, but its splits are generative"):
+        dataclasses.replace(tasks[0], kind="classification")
+    config = TrainConfig(**{**FAST, "max_steps": 2, "eval_every": 2})
+    result = run_stream(TaskStream("mixed-scores", tasks), lm_model(), make_strategy("per-task", ["lora"]), config, tmp_path / "o")
+    saved = json.loads((tmp_path / "o" / "results.json").read_text())["matrix"]
+    assert saved["scores"] == ["exact_match", "exact_match", "rouge_l"] == result.matrix.scores
+    rows = list(csv.reader(open(tmp_path / "o" / "matrix.csv")))
+    assert rows[1] == ["score", "exact_match", "exact_match", "rouge_l"]
+    assert result.table().splitlines()[1].split() == ["score", "exact_match", "exact_match", "rouge_l"]
+    old = {k: v for k, v in saved.items() if k != "scores"}  # a run saved before scores were named
+    assert AccuracyMatrix.from_dict(old).scores == ["score"] * 3

@@ -17,7 +17,7 @@ from adapters import BACKBONES, DEFAULT_METHOD, DeltaError, DeltaModel, availabl
 from adapters.spec import methods_label, parse_combo, parse_method, parse_options
 from streams import GENERATIVE_STREAMS, SOURCES, STREAMS, builtin_task, load_stream
 
-from ..metrics import AccuracyMatrix
+from ..metrics import AccuracyMatrix, score_label
 from ..plots import format_matrix, heatmap
 from ..rundir import check_out, run_info
 from ..scheduler import run_stream
@@ -80,7 +80,7 @@ def _run(args: argparse.Namespace, strategy: Any, methods: list[Any], config: Tr
                         rescore_all=args.rescore_all)
     if not main:
         return 0
-    print(f"\n{stream.name} / {args.strategy} / {label}: accuracy matrix R[i, j] (row: after training task i)")
+    print(f"\n{stream.name} / {args.strategy} / {label}: {score_label(result.matrix)} matrix R[i, j] (row: after training task i)")
     print(result.table())
     print(f"\nmacro-F1:\n{result.table(f1=True)}")
     print(f"\nwall time {result.seconds:.0f} s; results, matrix.csv and heatmap.png in {out}/")
