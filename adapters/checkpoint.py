@@ -15,12 +15,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .errors import CheckpointError, DeltaError
-from .fingerprint import backbone_fingerprint, sha256_file
+from .fingerprint import backbone_fingerprint, read_json, read_tensors, sha256_file
 from .model import DeltaModel
 
 FORMAT = "delta-continual/task-checkpoint"
@@ -62,10 +60,7 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / META
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {directory}: {path} does not exist")
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON (corrupt or truncated?): {e}") from None
+    meta = read_json(path)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a delta-continual task checkpoint")
     if meta.get("version") != VERSION:
@@ -94,13 +89,6 @@ def _verified_meta(directory: Path, strict_backbone: bool, model: DeltaModel | N
     return meta
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {path}: {e}") from None
-
-
 def load_task(model: DeltaModel, directory: str | Path, name: str | None = None, strict_backbone: bool = True) -> str:
     """Add the task saved in ``directory`` to ``model`` (as ``name``, default the saved name).
 
@@ -108,7 +96,7 @@ def load_task(model: DeltaModel, directory: str | Path, name: str | None = None,
     for another backbone. Returns the task name."""
     directory = Path(directory)
     meta = _verified_meta(directory, strict_backbone, model)
-    tensors = _read_tensors(directory / TENSORS)
+    tensors = read_tensors(directory / TENSORS)
     task_name = name or meta["task"]
     if task_name in model.tasks:
         raise CheckpointError(f"the model already has a task {task_name!r}; load the checkpoint under another name")
@@ -144,7 +132,7 @@ def load_delta(model: DeltaModel, directory: str | Path, name: str, *, strict_ba
 
         return import_peft(model, directory, name, strict_base=strict_backbone, **head)
     meta = _verified_meta(directory, strict_backbone, model)
-    tensors = _read_tensors(directory / TENSORS)
+    tensors = read_tensors(directory / TENSORS)
     deltas = {k: v for k, v in tensors.items() if k.startswith("deltas.")}
     try:
         task = model.add_task(name, meta["methods"], **head)

@@ -1,14 +1,20 @@
-"""What identifies a backbone and a file: a backbone's fingerprint, a file's SHA-256. Used by every
-saved form of a delta (task checkpoints, PEFT exports) to refuse the wrong backbone or a damaged file."""
+"""What identifies a backbone and a file: a backbone's fingerprint, a file's SHA-256, a verified
+read of a tensor file. Used by every saved form of a delta (task checkpoints, PEFT exports) to
+refuse the wrong backbone or a damaged file."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
+
+from .errors import CheckpointError
 
 
 def backbone_fingerprint(backbone: nn.Module) -> dict[str, Any]:
@@ -43,3 +49,19 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; a missing, truncated or damaged file is a CheckpointError."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from None
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file's content; a corrupt or truncated one is a CheckpointError naming it."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON (corrupt or truncated?): {e}") from None

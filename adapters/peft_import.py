@@ -12,18 +12,15 @@ tensor finds its place. Anything else is a :class:`CheckpointError` naming the f
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 
-from .fingerprint import backbone_fingerprint, sha256_file
+from .fingerprint import backbone_fingerprint, read_json, read_tensors, sha256_file
 from .config import DeltaConfig
 from .errors import CheckpointError, DeltaError
 from .peft_export import CONFIG, HEAD, PREFIX_REASON, ROOT, SIDECAR, SIDECAR_FORMAT, WEIGHTS, rope_of, rotate_keys
@@ -62,18 +59,11 @@ def import_peft(model: Any, source: str | Path, name: str | None = None, *, stri
     try:
         load_values(task, state, where)
         if own_head and task.head is not None:
-            task.head.load_state_dict(_read(directory / HEAD), strict=True)
+            task.head.load_state_dict(read_tensors(directory / HEAD), strict=True)
     except (CheckpointError, RuntimeError) as e:
         model.remove_task(name)
         raise CheckpointError(str(e) if isinstance(e, CheckpointError) else f"{where}: the saved head does not fit: {e}") from None
     return name
-
-
-def _read(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {path}: {e}") from None
 
 
 def check_base(model: Any, config: dict[str, Any], meta: dict[str, Any], where: str) -> None:
@@ -97,10 +87,7 @@ def read_adapter(source: str | Path) -> tuple[Path, dict[str, Any], dict[str, to
     path = directory / CONFIG
     if not path.is_file():
         raise CheckpointError(f"no PEFT adapter at {directory}: {CONFIG} is missing")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON (corrupt or truncated?): {e}") from None
+    config = read_json(path)
     if not isinstance(config, dict) or not isinstance(config.get("peft_type"), str):
         raise CheckpointError(f"{path} is not a PEFT adapter config (no peft_type)")
     weights = directory / WEIGHTS
@@ -108,7 +95,7 @@ def read_adapter(source: str | Path) -> tuple[Path, dict[str, Any], dict[str, to
         other = "; it has adapter_model.bin (pickle): re-save it with safetensors" if (directory / "adapter_model.bin").exists() else ""
         raise CheckpointError(f"{weights} is missing{other}")
     _verify_sidecar(directory)
-    return directory, config, _read(weights)
+    return directory, config, read_tensors(weights)
 
 
 def _download(repo: str) -> Path:
@@ -127,10 +114,7 @@ def sidecar(directory: Path) -> dict[str, Any] | None:
     path = directory / SIDECAR
     if not path.is_file():
         return None
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON (corrupt or truncated?): {e}") from None
+    meta = read_json(path)
     if not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT:
         raise CheckpointError(f"{path} is not a delta-continual export record")
     return meta

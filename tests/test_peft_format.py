@@ -231,18 +231,25 @@ def test_layer_subsets_keep_their_layers(tmp_path):
     assert torch.equal(ours(back, "t", "llama", b), ours(model, "t", "llama", b))
 
 
-def test_prefix_from_peft_with_projection_imports(tmp_path):
-    """A prefix PEFT trained through its MLP (prefix_projection) is saved as the MLP's output: it
-    imports as a plain prefix giving PEFT's outputs."""
-    pm = peft.get_peft_model(hf_model("llama"), peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4,
-                                                                        prefix_projection=True, encoder_hidden_size=16))
+def peft_trained_import(config, scale: float, directory):
+    """(our model with task "t", PEFT's model): the adapter PEFT makes from ``config`` on a tiny
+    Llama (random values of size ``scale``), saved by PEFT and imported here."""
+    pm = peft.get_peft_model(hf_model("llama"), config)
     with torch.no_grad():
         for p in pm.parameters():
             if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.5)
-    pm.save_pretrained(tmp_path)
+                p.add_(torch.randn_like(p) * scale)
+    pm.save_pretrained(directory)
     model = delta_model("llama")
-    model.import_peft(tmp_path, "t")
+    model.import_peft(directory, "t")
+    return model, pm.eval()
+
+
+def test_prefix_from_peft_with_projection_imports(tmp_path):
+    """A prefix PEFT trained through its MLP (prefix_projection) is saved as the MLP's output: it
+    imports as a plain prefix giving PEFT's outputs."""
+    model, _ = peft_trained_import(peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, prefix_projection=True,
+                                                        encoder_hidden_size=16), 0.5, tmp_path)
     b = batch()
     mask = b["attention_mask"].bool()
     loaded = peft.PeftModel.from_pretrained(hf_model("llama"), tmp_path).eval()
@@ -254,15 +261,8 @@ def test_rslora_and_rank_pattern_from_peft_import(tmp_path):
     import to PEFT's outputs (a LoRA per distinct rank and layer set)."""
     config = peft.LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj"],
                              rank_pattern={"v_proj": 2}, task_type="CAUSAL_LM")
-    pm = peft.get_peft_model(hf_model("llama"), config)
-    with torch.no_grad():
-        for p in pm.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.2)
-    pm.save_pretrained(tmp_path)
-    model = delta_model("llama")
-    model.import_peft(tmp_path, "t")
+    model, pm = peft_trained_import(config, 0.2, tmp_path)
     assert sorted(c.rank for c in model.task("t").configs) == [2, 4]
     b = batch()
     mask = b["attention_mask"].bool()
-    assert (ours(model, "t", "llama", b) - theirs(pm.eval(), "llama", b, 9))[mask].abs().max() < TOL
+    assert (ours(model, "t", "llama", b) - theirs(pm, "llama", b, 9))[mask].abs().max() < TOL
