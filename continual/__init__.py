@@ -24,13 +24,13 @@ from .scheduler import StreamResult, run_stream, task_seed
 from .strategies import STRATEGIES, Strategy, make_strategy
 from .tracking import DEFAULT_TRACKING_URI, MLflowLogger, StreamLogger
 from .training import (
-    Protocol, TrainConfig, TrainResult, eval_loader, evaluate, majority_rate, make_loader, resolve_device, tokenize,
+    Protocol, Recipe, Runtime, TrainConfig, TrainResult, eval_loader, evaluate, majority_rate, make_loader, resolve_device, tokenize,
     train_joint, train_task,
 )
 
 __all__ = [
     "AccuracyMatrix", "DEFAULT_TRACKING_URI", "MLflowLogger", "Protocol", "RunState", "RunStateError", "STRATEGIES",
-    "Strategy", "StreamLogger", "StreamResult", "TrainConfig", "TrainResult", "average_accuracy", "backward_transfer",
+    "Strategy", "StreamLogger", "StreamResult", "Recipe", "Runtime", "TrainConfig", "TrainResult", "average_accuracy", "backward_transfer",
     "eval_loader", "evaluate", "forgetting", "format_matrix", "forward_transfer", "heatmap", "load_run_model",
     "load_run_tasks", "majority_rate", "make_loader", "make_strategy", "resolve_device", "run_stream", "summarize",
     "task_seed", "tokenize", "train_joint", "train_task",

@@ -66,9 +66,10 @@ class StreamResult:
 
 
 def run_identity(stream: TaskStream, model: DeltaModel, strategy: Strategy, config: TrainConfig) -> dict[str, Any]:
-    """What must be equal for a saved run to be resumed."""
-    placement = ("progress", "device", "seed", "shard_backbone")  # where it runs, not what it computes
-    train = {k: v for k, v in dataclasses.asdict(config).items() if k not in placement}
+    """What must be equal for a saved run to be resumed: the recipe (never the runtime: a run may
+    continue on another device, precision or batching), the stream, its data, the strategy and the
+    backbone's weights."""
+    train = {k: v for k, v in dataclasses.asdict(config.recipe()).items() if k != "seed"}
     return {"stream": stream.name, "tasks": stream.names, "data": stream.fingerprints(), "strategy": strategy.describe(),
             "train": train, "seed": config.seed, "backbone": backbone_fingerprint(model.backbone)["weights_sha256"]}
 
@@ -311,7 +312,6 @@ def run_stream(
         raise ValueError("run_stream needs a model with a tokenizer")
     if model.tasks:
         raise ValueError(f"run_stream needs a model without tasks; it has {list(model.tasks)}")
-    config.validate()
     device = config.torch_device()
     strategy.check_stream(stream, model)
     check_lengths(model, max(t.max_length or config.max_length for t in stream), strategy.methods)

@@ -42,6 +42,44 @@ def torchrun(args, n: int = 2, background: bool = False):
     return launch(cmd, wait=not background)
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL a launcher and every process under it. torchrun starts each worker in a session of
+    its own, so killing the launcher's process group leaves the workers running (orphans that go on
+    writing the run directory); they are found through /proc and killed, and waited for."""
+    def children(p: int) -> list[int]:
+        found = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == p:
+                found.append(int(stat.parent.name))
+        return found
+
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo += children(p)
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.time() + 60
+    for p in tree[1:]:  # the launcher is the caller's child: its wait() reaps it
+        while time.time() < deadline and Path(f"/proc/{p}").exists() and "State:\tZ" not in _status(p):
+            time.sleep(0.05)
+
+
+def _status(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return ""
+
+
 def launch(cmd, wait: bool = True, timeout: int = 300):
     """Start the launcher in its own session, so that a hang (or the kill test) can stop every
     process it started; ``wait``: run to the end (killing all of them after ``timeout`` s)."""
@@ -52,7 +90,7 @@ def launch(cmd, wait: bool = True, timeout: int = 300):
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc.pid)
         out, err = proc.communicate()
         pytest.fail(f"{' '.join(cmd[:6])} ... hung for {timeout} s:\n{out[-3000:]}\n{err[-3000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
@@ -126,18 +164,11 @@ def test_a_killed_two_process_run_resumes_to_the_uninterrupted_matrix(toy_yaml, 
     while time.time() < deadline and proc.poll() is None:  # kill every process once task a is saved
         state = out / "state.json"  # written atomically: always whole
         if state.exists() and json.loads(state.read_text()).get("done") == [0]:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_tree(proc.pid)  # the launcher and both workers (which hold the run's lock)
             break
         time.sleep(0.05)
     proc.wait(60)
     assert proc.returncode == -signal.SIGKILL, proc.communicate()
-    gone = time.time() + 60  # the workers die a moment after the launcher: rank 0 holds the run's lock till then
-    while time.time() < gone:
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.05)
     assert not (out / "results.json").exists()
     again = torchrun(args(out, "--resume"))
     assert again.returncode == 0, again.stdout + again.stderr

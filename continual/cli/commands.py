@@ -27,8 +27,8 @@ from ..training import TrainConfig, distributed
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
-    """The one TrainConfig of every command that trains (run, combine, compare), from the options
-    they all share (parser._training_options); validated once, here."""
+    """The one TrainConfig (a Recipe and its Runtime) of every command that trains (run, combine,
+    compare), from the options they all share (parser._training_options); validated once, here."""
     gpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     config = TrainConfig(
         max_steps=args.steps, batch_size=args.batch_size, max_length=args.max_length, eval_every=args.eval_every,
@@ -37,8 +37,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         progress=not getattr(args, "no_progress", False), precision=args.precision, bucket=args.bucket,
         compile=args.compile or ("default" if args.fast and gpu else None),  # an explicit --compile wins
         dropout_masks=args.dropout_masks, malloc=args.malloc, shard_backbone=getattr(args, "shard_backbone", False))
-    config.validate()
-    return config
+    return config  # validated when made: everything below trusts it
 
 
 def _cap(v: int) -> int | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 
@@ -21,14 +21,19 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 MAX_STEPS = 10_000_000  # per task; far beyond any delta's schedule, and a typo (10**12) is refused
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """How one task (or one joint step) is trained.
+Precision = Literal["fp32", "bf16", "fp16", "auto"]
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+DropoutMasks = Literal["torch", "fast"]
+Malloc = Literal["default", "hold"]
 
-    ``lr=None`` uses each method's own default learning rate (``DeltaConfig.default_lr``).
-    ``seed``, ``device`` and ``progress`` are the single source of these settings: a stream run
-    takes its seed, device and progress bars from here (task ``j`` trains with a seed derived from
-    ``seed``, see :func:`continual.scheduler.task_seed`)."""
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """What is trained: the schedule, rates, batch, lengths, seed. Its JSON is a run's identity
+    (what must be equal to resume it); validated once, when it is made.
+
+    ``lr=None`` uses each method's own default learning rate (``DeltaConfig.default_lr``); task
+    ``j`` of a stream trains with a seed derived from ``seed`` (:func:`continual.scheduler.task_seed`)."""
 
     max_steps: int = 300
     batch_size: int = 32
@@ -41,36 +46,18 @@ class TrainConfig:
     max_length: int = 128
     grad_clip: float = 1.0
     seed: int = 0
-    device: str | None = None
-    progress: bool = True
-    # -- speed (see continual.training.step); the defaults reproduce the plain fp32 loop ----------
-    precision: str = "fp32"      # fp32 | bf16 | fp16 | auto (bf16 on a GPU that has it, else fp32)
-    compile: str | None = None   # None, or a torch.compile mode (COMPILE_MODES)
-    bucket: bool = False         # length-bucketed batches (less padding); pads to a multiple of 8
-    log_every: int = 10          # steps between records; the loss is read back (a host sync) only then
     # False: train with every dropout off (the model stays in eval mode; gradients flow the same).
     # A deterministic forward: an N-process run then matches one process to float rounding, where
     # with dropout each process draws its own masks (see continual.training.distributed)
     dropout: bool = True
-    # how the frozen backbone's dropout masks are drawn on a CPU: "torch" (bernoulli_, one random
-    # number per element) or "fast" (16 random bits per element, p rounded to 1/65536: about a
-    # quarter of a CPU training step less; see continual.training.dropout). No effect on a GPU.
-    dropout_masks: str = "torch"
-    # "hold": on a CPU, glibc keeps freed memory for reuse (process-wide, until the process ends),
-    # so a step's temporaries stop page-faulting: a sixth to a quarter of a MiniLM step on 2 cores (see
-    # continual.training.malloc). "default": the C library's own behaviour.
-    malloc: str = "default"
-    # several processes (torchrun): shard the frozen backbone's blocks across them (FSDP2) instead
-    # of a full copy in each; the deltas stay replicated (see continual.training.distributed)
-    shard_backbone: bool = False
 
-    def validate(self) -> None:
-        """Raise ``ValueError`` naming the setting, before anything is loaded or trained.
+    def __post_init__(self) -> None:
+        Recipe._check(self)
 
-        A NaN or negative learning rate would train all-NaN deltas and still print an accuracy:
-        such settings are refused here, not discovered in the numbers."""
-        rates = {"lr": self.lr, "head_lr": self.head_lr}
-        for name, v in rates.items():
+    def _check(self) -> None:
+        """``ValueError`` naming the setting. A NaN or negative learning rate would train all-NaN
+        deltas and still print an accuracy: such settings are refused here, not found in the numbers."""
+        for name, v in {"lr": self.lr, "head_lr": self.head_lr}.items():
             if v is not None and not _finite(v, lambda x: x > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
         for name, v in {"weight_decay": self.weight_decay, "grad_clip": self.grad_clip}.items():
@@ -79,23 +66,77 @@ class TrainConfig:
         if not _finite(self.warmup_ratio, lambda x: 0 <= x <= 1):
             raise ValueError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio!r}")
         ints = {"max_steps": self.max_steps, "batch_size": self.batch_size, "eval_every": self.eval_every,
-                "max_length": self.max_length, "log_every": self.log_every}
+                "max_length": self.max_length}
         for name, v in ints.items():
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+            _whole(name, v)
         if self.max_steps > MAX_STEPS:  # the warm-up alone (warmup_ratio of them) would outlast any run
             raise ValueError(f"max_steps {self.max_steps} is more than the {MAX_STEPS:,} steps per task this accepts "
-                             f"(its warm-up alone would be {self.warmup_steps():,} steps at a learning rate near 0)")
+                             f"(its warm-up alone would be {math.ceil(self.warmup_ratio * self.max_steps):,} steps at a "
+                             "learning rate near 0)")
         if self.patience is not None and (not isinstance(self.patience, int) or self.patience < 1):
             raise ValueError(f"patience must be None (never stop early) or an integer >= 1, got {self.patience!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+    """Where and how a recipe runs: device, precision, compile, batching, dropout masks, memory,
+    sharding, progress. Never part of a run's identity; validated once, when it is made. The
+    defaults reproduce the plain fp32 loop (:meth:`TrainConfig.fast` and
+    :meth:`TrainConfig.command_line` give the fast ones)."""
+
+    device: str | None = None
+    progress: bool = True
+    precision: Precision = "fp32"  # auto: bf16 on a GPU that has it and on a CPU with bf16 matrix units
+    compile: CompileMode | None = None
+    bucket: bool = False           # length-bucketed batches (less padding); pads to a multiple of 8
+    log_every: int = 10            # steps between records; the loss is read back (a host sync) only then
+    # how the frozen backbone's dropout masks are drawn on a CPU: "torch" (bernoulli_, one random
+    # number per element) or "fast" (16 random bits per element, p rounded to 1/65536: about a
+    # quarter of a CPU training step less; see continual.training.dropout). No effect on a GPU.
+    dropout_masks: DropoutMasks = "torch"
+    # "hold": on a CPU, glibc keeps freed memory for reuse (process-wide, until the process ends),
+    # so a step's temporaries stop page-faulting (see continual.training.malloc)
+    malloc: Malloc = "default"
+    # several processes (torchrun): shard the frozen backbone's blocks across them (FSDP2) instead
+    # of a full copy in each; the deltas stay replicated (see continual.training.distributed)
+    shard_backbone: bool = False
+
+    def __post_init__(self) -> None:
+        Runtime._check(self)
+
+    def _check(self) -> None:
+        _whole("log_every", self.log_every)
+        for name, value, allowed in (("precision", self.precision, PRECISIONS), ("dropout_masks", self.dropout_masks, DROPOUT_MASKS),
+                                     ("malloc", self.malloc, MALLOC)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         if self.compile is not None and self.compile not in COMPILE_MODES:
             raise ValueError(f"compile must be None or a torch.compile mode, got {self.compile!r}")
-        if self.dropout_masks not in DROPOUT_MASKS:
-            raise ValueError(f"dropout_masks must be one of {DROPOUT_MASKS}, got {self.dropout_masks!r}")
-        if self.malloc not in MALLOC:
-            raise ValueError(f"malloc must be one of {MALLOC}, got {self.malloc!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(Recipe, Runtime):
+    """A :class:`Recipe` and the :class:`Runtime` it runs with, in one object (every field of
+    both), validated once when made: code below the edge that builds it trusts it."""
+
+    def __post_init__(self) -> None:
+        Recipe._check(self)
+        Runtime._check(self)
+
+    @classmethod
+    def of(cls, recipe: Recipe, runtime: Runtime) -> "TrainConfig":
+        return cls(**dataclasses.asdict(recipe), **dataclasses.asdict(runtime))
+
+    def recipe(self) -> Recipe:
+        return Recipe(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Recipe)})
+
+    def runtime(self) -> Runtime:
+        return Runtime(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Runtime)})
+
+    def validate(self) -> None:
+        """The checks the constructor ran (kept for callers that construct by other means)."""
+        Recipe._check(self)
+        Runtime._check(self)
 
     def torch_device(self) -> torch.device:
         """The device this config names (``None``: CUDA when there is a GPU, else the CPU)."""
@@ -137,6 +178,11 @@ class TrainResult:
     steps: int
     seconds: float
     history: list[dict[str, Any]]
+
+
+def _whole(name: str, v: Any) -> None:
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
 
 
 def _finite(v: Any, ok: Any) -> bool:

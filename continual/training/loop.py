@@ -60,7 +60,6 @@ def fit(
     ``next_batch`` gives (tasks to activate, batch); ``dev`` scores the model on held-out data;
     ``tasks_vary``: steps activate different tasks, so some trained parameters get no gradient in
     a step (matters to DDP). The parameters of ``groups`` end with their best-on-dev values."""
-    config.validate()
     distributed.check_batch(config.batch_size)
     device = model.device
     malloc.apply(config.malloc, device.type)
@@ -107,7 +106,6 @@ def _prepare(model: DeltaModel, config: TrainConfig, tokenizer: Any) -> Any:
     tokenizer = tokenizer or model.tokenizer
     if tokenizer is None:
         raise ValueError("training needs a tokenizer (the model has none)")
-    config.validate()
     torch.manual_seed(config.seed)
     model.to(config.torch_device())
     return tokenizer

@@ -48,7 +48,6 @@ class Protocol:
     def __init__(self, config: TrainConfig, params: Sequence[torch.Tensor], optimizer: torch.optim.Optimizer,
                  dev: Callable[[], dict[str, float]], callback: Callable[[Record], None] | None = None,
                  desc: str = "train", base_lrs: Sequence[float] | None = None) -> None:
-        config.validate()
         self.config, self.optimizer, self.dev, self.callback = config, optimizer, dev, callback
         self.params = list(params)
         self.base_lrs = list(base_lrs) if base_lrs is not None else [g["lr"] for g in optimizer.param_groups]

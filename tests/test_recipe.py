@@ -1,0 +1,38 @@
+"""A training config is a Recipe (what is trained: the run's identity) and a Runtime (where and
+how it runs), each validated once, when made."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from conftest import toy_stream
+from continual import Recipe, Runtime, TrainConfig, make_strategy
+from continual.scheduler import run_identity
+
+
+def test_a_config_is_validated_when_made_and_splits_into_recipe_and_runtime():
+    for bad, message in (({"lr": -1.0}, "lr must be a finite number > 0"), ({"max_steps": 0}, "max_steps must be an integer"),
+                         ({"precision": "fp8"}, "precision must be one of"), ({"log_every": 0}, "log_every must be")):
+        with pytest.raises(ValueError, match=message):
+            TrainConfig(**bad)
+    with pytest.raises(ValueError, match="malloc must be one of"):
+        Runtime(malloc="jemalloc")
+    with pytest.raises(ValueError, match="patience must be None"):
+        Recipe(patience=0)
+    config = TrainConfig.of(Recipe(max_steps=7, seed=3), Runtime(bucket=True, precision="auto"))
+    assert config.max_steps == 7 and config.bucket and config.recipe() == Recipe(max_steps=7, seed=3)
+    assert config.runtime() == Runtime(bucket=True, precision="auto")
+    with pytest.raises(ValueError, match="eval_every"):  # a copy with other values is checked too
+        dataclasses.replace(config, eval_every=0)
+
+
+def test_the_run_identity_is_the_recipe_never_the_runtime(text_model):
+    stream, model, strategy = toy_stream(), text_model(), make_strategy("per-task", ["lora"])
+    plain = run_identity(stream, model, strategy, TrainConfig(max_steps=20))
+    fast = run_identity(stream, model, strategy, TrainConfig(max_steps=20, precision="bf16", bucket=True, device="cpu",
+                                                             dropout_masks="fast", malloc="hold", progress=False))
+    assert fast == plain  # a run may continue on another device, precision or batching
+    assert run_identity(stream, model, strategy, TrainConfig(max_steps=21)) != plain
+    assert set(plain["train"]) == {f.name for f in dataclasses.fields(Recipe)} - {"seed"}
