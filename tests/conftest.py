@@ -11,6 +11,20 @@ from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel, MPNetCo
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=120)
 
 
+# Modules that run whole commands or start other processes (the CLI end to end, torchrun, a run
+# killed mid-task, an mlflow server, the examples) or train real backbones on real data: the
+# "integration" tier (with the tests marked so one by one). The rest, the unit tier,
+# runs in a few minutes: python3 -m pytest -m "not slow and not integration".
+INTEGRATION_MODULES = {"test_cli", "test_distributed", "test_mlflow_server", "test_examples", "test_integration",
+                       "test_stream_integration", "test_peft_real", "test_faults", "test_avalanche"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module.__name__ in INTEGRATION_MODULES:
+            item.add_marker(pytest.mark.integration)
+
+
 def tiny_backbone(arch: str) -> torch.nn.Module:
     torch.manual_seed(0)
     if arch == "bert":

@@ -141,6 +141,7 @@ def test_overwrite_removes_the_old_runs_checkpoints(text_model, tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["a", "b"]
 
 
+@pytest.mark.integration  # spawns worker processes
 def test_a_killed_pool_worker_costs_only_its_own_run():
     from continual.studies.pool import PoolError, run_all
     from pool_jobs import die_or_wait
@@ -174,6 +175,7 @@ def test_generative_lengths_that_cannot_hold_an_answer_are_refused_and_cuts_are_
     assert f"task {stream.tasks[0].name}: 0 of " in err.out + err.err and "test answers are longer than" in err.out + err.err
 
 
+@pytest.mark.integration  # sockets and MLflow's HTTP client
 def test_report_and_sync_against_a_store_that_cannot_be_used_is_one_line(tmp_path, capsys, monkeypatch):
     import socket
     import time
