@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from continual import TrainConfig, eval_loader, evaluate, load_run_model, train_task
+from continual import eval_loader, evaluate, load_run_model, train_task
+from continual.cli import train_config, training_options
 from continual.plots import write_fusion_report
 from fusion import add_fusion, fusion_weights
 from streams import SOURCES, builtin_task
@@ -30,23 +31,21 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="output directory of a finished stream (per-task strategy)")
     p.add_argument("--target", default="amazon", choices=sorted(SOURCES), help="the new low-resource task")
-    p.add_argument("--train", type=int, default=100, help="training examples of the target")
-    p.add_argument("--backbone", default="minilm", help="the backbone the stream was trained on")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--max-length", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/fuse-example", help="where the heatmap and table go")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    # the options every training command has (--backbone: the one the stream was trained on;
+    # --max-train: the target's training examples)
+    training_options(p, max_steps=200, eval_every=25, patience=4, max_train=100)
     args = p.parse_args(argv)
+    config = train_config(args)
 
     model, loaded = load_run_model(args.run, args.backbone)
     for name in reversed(loaded):
         if name == args.target:
             model.remove_task(name)
     sources = [n for n in model.tasks]
-    task = builtin_task(args.target, seed=args.seed, max_train=args.train, max_eval=300)
+    task = builtin_task(args.target, seed=args.seed, max_train=args.max_train or None, max_eval=args.max_eval or None)
     data = task.splits()
-    config = TrainConfig(max_steps=args.steps, batch_size=16, max_length=args.max_length,
-                         eval_every=max(1, args.steps // 8), patience=4, seed=args.seed, progress=False)
     test = eval_loader(data["test"], model.tokenizer, args.max_length)
 
     own = f"{args.target}_own"

@@ -21,29 +21,28 @@ import time
 from pathlib import Path
 
 import adapters
-from continual import MLflowLogger, TrainConfig, make_strategy, run_stream
+from continual import MLflowLogger, make_strategy, run_stream
+from continual.cli import train_config, training_options
 from streams import load_stream
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backbone", default="smollm2", help="a decoder: smollm2, a local path or a hub id")
     p.add_argument("--stream", default="generative", help="a generative built-in stream or YAML file")
     p.add_argument("--strategy", action="append", default=None, help="default: per-task and seq-delta")
     p.add_argument("--method", default="lora")
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--max-train", type=int, default=256)
-    p.add_argument("--max-eval", type=int, default=40)
-    p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--work", type=Path, default=Path("runs/generative-example"))
     p.add_argument("--tracking-uri", default=None, help="default: sqlite:///<work>/mlflow.db")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    # the options every training command has, starting from this example's CPU-sized values
+    training_options(p, backbone="smollm2", max_steps=60, batch_size=8, eval_every=30, max_length=128, max_train=256,
+                     max_eval=40)
     args = p.parse_args(argv)
+    config = train_config(args)
 
-    stream = load_stream(args.stream, max_train=args.max_train, max_eval=args.max_eval)
+    stream = load_stream(args.stream, args.seed, args.max_train or None, args.max_eval or None)
     uri = args.tracking_uri or f"sqlite:///{(args.work / 'mlflow.db').resolve()}"
     args.work.mkdir(parents=True, exist_ok=True)
-    config = TrainConfig(max_steps=args.steps, batch_size=8, eval_every=30, max_length=args.max_length,
-                         precision="auto", progress=False)
     out = {}
     for strategy in args.strategy or ["per-task", "seq-delta"]:
         start = time.perf_counter()

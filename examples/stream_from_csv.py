@@ -16,7 +16,8 @@ from pathlib import Path
 import yaml
 
 import adapters
-from continual import MLflowLogger, TrainConfig, make_strategy, run_stream
+from continual import MLflowLogger, make_strategy, run_stream
+from continual.cli import train_config, training_options
 from streams import builtin_task, load_stream
 
 
@@ -37,24 +38,22 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=None, help="folder of CSV files with text,label columns (default: demo files)")
     p.add_argument("--work", type=Path, default=Path("runs/csv-example"), help="where CSVs, YAML and results go")
-    p.add_argument("--backbone", default=adapters.DEFAULT_BACKBONE)
     p.add_argument("--method", default="lora")
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--lr", type=float, default=None)
     p.add_argument("--tracking-uri", default=None, help="default: sqlite:///<work>/mlflow.db")
+    training_options(p, max_steps=100, eval_every=25)  # the options every training command has
     args = p.parse_args(argv)
+    config = train_config(args)  # built and checked once, as `continual run` builds it
 
     csvs = sorted(args.data.glob("*.csv")) if args.data else write_demo_csvs(args.work / "data")
     spec = {"name": "csv-example", "max_eval": 100, "tasks": [{"name": c.stem, "train": str(c.resolve())} for c in csvs]}
     stream_file = args.work / "stream.yaml"
     stream_file.write_text(yaml.safe_dump(spec))
-    stream = load_stream(stream_file)  # dev/test are cut from each file (seeded, stratified)
+    stream = load_stream(stream_file, args.seed, args.max_train or None)  # dev/test cut from each file (seeded, stratified)
 
     uri = args.tracking_uri or f"sqlite:///{(args.work / 'mlflow.db').resolve()}"
     model = adapters.DeltaModel.from_pretrained(args.backbone)
     result = run_stream(stream, model, make_strategy("per-task", [args.method]),
-                        TrainConfig(max_steps=args.steps, batch_size=16, max_length=64, eval_every=25, lr=args.lr),
-                        args.work / "run", loggers=[MLflowLogger(uri, "csv-example")], overwrite=True)
+                        config, args.work / "run", loggers=[MLflowLogger(uri, "csv-example")], overwrite=True)
     print(result.table())
 
     # Read the run back from MLflow, as another script or a notebook would.

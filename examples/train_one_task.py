@@ -15,7 +15,8 @@ import json
 import torch
 
 import adapters
-from continual import TrainConfig, eval_loader, evaluate, majority_rate, train_task
+from continual import eval_loader, evaluate, majority_rate, train_task
+from continual.cli import train_config, training_options
 from streams import SOURCES, load_task_data
 
 
@@ -23,24 +24,16 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", default="movie", choices=sorted(SOURCES), help="real data set (default: movie)")
     p.add_argument("--method", action="append", help=f"delta method, repeat to combine; one of {adapters.available_methods()} (default: bottleneck)")
-    p.add_argument("--backbone", default=adapters.DEFAULT_BACKBONE, help="short name, local path or hub id (default: minilm)")
-    p.add_argument("--steps", type=int, default=300, help="training steps (default: 300)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-length", type=int, default=64, help="tokens per example (default: 64)")
-    p.add_argument("--max-train", type=int, default=2000, help="cap on training examples (default: 2000)")
-    p.add_argument("--max-eval", type=int, default=300, help="cap on dev/test examples (default: 300)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    training_options(p, max_steps=300, eval_every=75, max_train=2000)  # the options every training command has
     p.add_argument("--save", default=None, help="directory to save the trained task checkpoint to")
     args = p.parse_args(argv)
+    config = train_config(args)  # built and checked once, as `continual run` builds it
 
     torch.manual_seed(args.seed)
-    data, src = load_task_data(args.task, seed=args.seed, max_train=args.max_train, max_eval=args.max_eval)
+    data, src = load_task_data(args.task, seed=args.seed, max_train=args.max_train or None, max_eval=args.max_eval or None)
     model = adapters.DeltaModel.from_pretrained(args.backbone)
     methods = args.method or ["bottleneck"]
     model.add_task(args.task, methods, label_names=src.label_names)
-    config = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, max_length=args.max_length,
-                         eval_every=max(1, args.steps // 4), seed=args.seed, device=args.device)
     result = train_task(model, args.task, data, config)
     test = evaluate(model, args.task, eval_loader(data["test"], model.tokenizer, args.max_length))
     majority = majority_rate(data["dev"])

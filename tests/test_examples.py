@@ -39,7 +39,7 @@ def test_fuse_stream_example(tmp_path, tiny_backbone_dir):
     run_stream(toy_stream(), model, make_strategy("per-task", [{"method": "lora", "rank": 4}]),
                TrainConfig(max_steps=6, batch_size=8, eval_every=3, max_length=16, progress=False), run)
     example = load("fuse_stream")
-    out = example.main(["--run", str(run), "--backbone", str(tiny_backbone_dir), "--target", "sms", "--train", "40",
+    out = example.main(["--run", str(run), "--backbone", str(tiny_backbone_dir), "--target", "sms", "--max-train", "40",
                         "--steps", "8", "--max-length", "16", "--out", str(tmp_path / "fuse")])
     assert out["sources"] == ["a", "b", "c"] and out["train_examples"] == 40
     assert set(out["mean_fusion_weight"]) == {"a", "b", "c", "sms_own"}

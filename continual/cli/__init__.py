@@ -11,10 +11,10 @@ from streams import DataError
 
 from ..rundir import RunStateError
 from ..studies.pool import PoolError
-from .commands import COMMANDS
-from .parser import DEFAULTS, build_parser
+from .commands import COMMANDS, train_config
+from .parser import DEFAULTS, build_parser, training_options
 
-__all__ = ["DEFAULTS", "build_parser", "main"]
+__all__ = ["DEFAULTS", "build_parser", "main", "train_config", "training_options"]
 
 
 def main(argv: list[str] | None = None) -> int:

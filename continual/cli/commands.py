@@ -28,7 +28,7 @@ from ..training import TrainConfig, distributed
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
     """The one TrainConfig (a Recipe and its Runtime) of every command that trains (run, combine,
-    compare), from the options they all share (parser._training_options); validated once, here."""
+    compare), from the options they all share (parser.training_options); validated once, here."""
     gpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     config = TrainConfig(
         max_steps=args.steps, batch_size=args.batch_size, max_length=args.max_length, eval_every=args.eval_every,

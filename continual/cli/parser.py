@@ -6,6 +6,8 @@ Only argparse lives here; :mod:`.commands` builds the objects and calls the libr
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from typing import Any
 
 from adapters import BACKBONES, available_methods
 from adapters.precision import PRECISIONS
@@ -63,14 +65,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _training_options(p: argparse.ArgumentParser, steps_help: str | None = None) -> None:
+def training_options(p: argparse.ArgumentParser, steps_help: str | None = None, **defaults: Any) -> None:
     """Backbone, data caps and every training setting, the same for each command that trains (run,
-    combine, compare); their defaults are TrainConfig.command_line()'s, so an entry of ``compare``
-    trains exactly as ``run`` does."""
-    d = TrainConfig.command_line()
-    p.add_argument("--backbone", default=DEFAULTS["backbone"], help=f"{', '.join(BACKBONES)}, a local path or a hub id")
-    p.add_argument("--max-train", type=count, default=DEFAULTS["max_train"], help="cap on training examples per task (0: none)")
-    p.add_argument("--max-eval", type=count, default=DEFAULTS["max_eval"], help="cap on dev and test examples per task (0: none)")
+    combine, compare) and for the examples; their defaults are TrainConfig.command_line()'s, so an
+    entry of ``compare`` trains exactly as ``run`` does. ``defaults``: a script's own starting values
+    (TrainConfig field names, or backbone / max_train / max_eval); ``continual.cli.train_config``
+    turns the parsed options into the TrainConfig."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    d = dataclasses.replace(TrainConfig.command_line(), **{k: v for k, v in defaults.items() if k in fields})
+    other = {**DEFAULTS, **{k: v for k, v in defaults.items() if k not in fields}}
+    p.add_argument("--backbone", default=other["backbone"], help=f"{', '.join(BACKBONES)}, a local path or a hub id")
+    p.add_argument("--max-train", type=count, default=other["max_train"], help="cap on training examples per task (0: none)")
+    p.add_argument("--max-eval", type=count, default=other["max_eval"], help="cap on dev and test examples per task (0: none)")
     p.add_argument("--steps", type=int, default=d.max_steps, help=steps_help or "training steps per task")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--max-length", type=int, default=d.max_length, help="tokens per example (BBC uses 128)")
@@ -128,7 +134,7 @@ def _run(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--strategy-option", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
                    help="strategy options, e.g. ewc_lambda=100 (avalanche-ewc), mem_size=500 (avalanche-replay), "
                    "backbone_lr=3e-5 (seq-ft, avalanche-*); `continual list strategies` shows each one's")
-    _training_options(r)
+    training_options(r)
     r.add_argument("--shard-backbone", action="store_true",
                    help="under torchrun: shard the frozen backbone's blocks across the processes (FSDP2) instead "
                    "of a full copy in each; the deltas stay replicated (docs/distributed.md)")
@@ -189,7 +195,7 @@ def _combine(sub: argparse._SubParsersAction) -> None:
                     help="methods joined by '+', options as in --method (lora:rank=4+bitfit); repeat for a grid "
                     "(default: lora+bitfit, bottleneck+bitfit, lora+prompt)%(default).0s")
     co.add_argument("--mode", action="append", choices=["simultaneous", "sequential"], help="default: both%(default).0s")
-    _training_options(co, "training steps per stage")
+    training_options(co, "training steps per stage")
     co.add_argument("--out", default=None, help="where the table goes (default: runs/combine-<task>-s<seed>)")
     _tracking_options(co, progress=False)
 
@@ -206,7 +212,7 @@ def _compare(sub: argparse._SubParsersAction) -> None:
                     help="repeat; e.g. per-task:lora, seq-ft, avalanche-ewc@ewc_lambda=100, avalanche-replay "
                     "(Avalanche baselines need the [avalanche] extra); default: per-task:bottleneck, per-task:lora, "
                     "seq-delta:lora, seq-ft%(default).0s")
-    _training_options(cp)
+    training_options(cp)
     cp.add_argument("--seeds", default=None, metavar="S1,S2,...",
                     help="run every entry once per seed (the stream drawn with that seed) into <out>/<entry>/s<seed>; "
                     "the report gives mean ± std (default: --seed alone)")
