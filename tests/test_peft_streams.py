@@ -160,6 +160,7 @@ def test_frozen_delta_on_a_generative_task_is_scored_not_trained(tmp_path, lm_mo
     assert res.steps[1]["steps"] > 0
 
 
+@pytest.mark.integration  # end to end: a whole stream, resumed, logged or served
 def test_export_command(tmp_path, tiny_backbone_dir, capsys):
     """`continual export` writes each exportable task of a run as a PEFT adapter that PEFT loads
     onto the backbone and that gives the run's own outputs; what cannot be exported says why."""

@@ -83,6 +83,7 @@ def test_shared_delta_and_joint(text_model, tmp_path):
     assert joint.steps[0]["steps"] <= 3 * CONFIG.max_steps
 
 
+@pytest.mark.integration  # end to end: a whole stream, resumed, logged or served
 def test_resume_after_a_kill_gives_the_same_matrix(text_model, tmp_path):
     full = run(text_model, tmp_path, make_strategy("per-task", LORA), "full")
     killer = Recorder(kill_at_row=2)
@@ -102,6 +103,7 @@ def test_resume_after_a_kill_gives_the_same_matrix(text_model, tmp_path):
     assert sorted(p.name for p in (tmp_path / "killed").glob("state-step*.safetensors")) == ["state-step2.safetensors"]
 
 
+@pytest.mark.integration  # end to end: a whole stream, resumed, logged or served
 def test_resume_of_seq_ft_restores_the_backbone(text_model, tmp_path):
     full = run(text_model, tmp_path, SequentialFineTune(backbone_lr=1e-2), "full")
     with pytest.raises(KeyboardInterrupt):
@@ -121,6 +123,7 @@ def test_mismatched_or_damaged_state_is_refused(text_model, tmp_path):
     assert res.metrics["BWT"] == 0.0
 
 
+@pytest.mark.integration  # end to end: a whole stream, resumed, logged or served
 def test_mlflow_sqlite_store_holds_the_run(text_model, tmp_path):
     from mlflow import MlflowClient
 
@@ -176,6 +179,7 @@ def test_resume_rebuilds_folded_and_prompt_deltas(text_model, tmp_path, methods)
     assert resumed.metrics["BWT"] == 0.0
 
 
+@pytest.mark.integration  # end to end: a whole stream, resumed, logged or served
 def test_continual_fusion_stream_resumes_and_never_forgets(text_model, tmp_path):
     """per-task-fusion: each task is scored through a fusion over every delta so far; all frozen,
     so BWT is exactly 0; a kill during task c's fusion stage resumes to the same matrix."""
