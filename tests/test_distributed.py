@@ -225,3 +225,25 @@ def test_ranks_started_with_different_settings_all_stop_with_a_message(toy_yaml,
     assert proc.returncode != 0
     assert "rank(s) 1 differ from rank 0 in train.lr, train.max_steps" in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "two" / "state.json").exists()
+
+
+def test_a_stuck_rank_is_a_message_within_the_collective_timeout(toy_yaml, tiny_backbone_dir, tmp_path):  # noqa: F811
+    """Rank 1 stalls before the first collective; with CONTINUAL_COLLECTIVE_TIMEOUT=5 rank 0 gives
+    up within seconds with one line saying so (the default wait is 30 minutes)."""
+    script = tmp_path / "stall.py"
+    script.write_text("import os, sys, time\nimport continual.training.distributed as d\nfrom continual.cli import main\n"
+                      "if os.environ['RANK'] == '1':\n    real = d.check_same\n"
+                      "    def slow(*a, **k):\n        time.sleep(40)\n        return real(*a, **k)\n"
+                      "    d.check_same = slow\nsys.exit(main(sys.argv[1:]))\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           *opts(toy_yaml, tiny_backbone_dir, tmp_path / "two")]
+    start = time.time()
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", "CONTINUAL_COLLECTIVE_TIMEOUT": "5"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        kill_tree(proc.pid)
+    assert proc.returncode != 0
+    assert "rank 0 waited more than 5 s for the other processes" in err, err[-3000:]
+    assert time.time() - start < 90

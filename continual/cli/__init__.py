@@ -28,6 +28,14 @@ def main(argv: list[str] | None = None) -> int:
         if type(e).__module__.startswith("mlflow"):
             print(f"continual {args.command}: error: {tracking_failure(e, getattr(args, 'tracking_uri', ''))}", file=sys.stderr)
             return 2
+        from ..training import distributed
+
+        if distributed.is_timeout(e):
+            print(f"continual {args.command}: error: rank {distributed.rank()} waited more than "
+                  f"{distributed.collective_timeout().total_seconds():.0f} s for the other processes (one is stuck or "
+                  f"gone); finished tasks are saved: continue with --resume ({distributed.TIMEOUT_ENV} sets the wait)",
+                  file=sys.stderr)
+            return 2
         if type(e).__name__ == "SafetensorError" or (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)):
             print(f"continual {args.command}: error: could not write a file ({e}); what finished before is saved: free "
                   "space and continue with --resume", file=sys.stderr)

@@ -37,8 +37,29 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-# A collective that waits longer than this is a dead peer, not slow work: fail instead of hanging.
-TIMEOUT = datetime.timedelta(minutes=30)
+# A collective that waits longer than this is a stuck peer, not slow work: fail instead of hanging.
+# Long by default because one rank may wait on another's legitimate work (rank 0 writing a fine-tuned
+# backbone, a slow tracking server); CONTINUAL_COLLECTIVE_TIMEOUT (seconds) sets it. Ranks started
+# differently no longer wait on it (check_same refuses them first), and a crashed rank makes
+# torchrun stop the others.
+TIMEOUT_ENV = "CONTINUAL_COLLECTIVE_TIMEOUT"
+
+
+def collective_timeout() -> datetime.timedelta:
+    text = os.environ.get(TIMEOUT_ENV, "1800")
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ValueError(f"{TIMEOUT_ENV}={text!r} must be a number of seconds > 0")
+    return datetime.timedelta(seconds=seconds)
+
+
+def is_timeout(error: BaseException) -> bool:
+    """Whether ``error`` is a collective that gave up waiting for the other processes."""
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and env_world_size() > 1 and ("timed out" in text or "timeout" in text)
 
 
 def env_world_size() -> int:
@@ -81,7 +102,7 @@ def init_from_env(device: torch.device | None = None) -> bool:
     cuda = device is not None and device.type == "cuda"
     if cuda:
         torch.cuda.set_device(local_rank())
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=collective_timeout())
     return True
 
 
