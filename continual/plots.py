@@ -22,7 +22,8 @@ def format_matrix(matrix: AccuracyMatrix, metrics: dict[str, float] | None = Non
     cell = lambda v: f"{'-' if np.isnan(v) else f'{v:.3f}':>{width}}"  # noqa: E731
     corner = "after \\ on"
     lines = [f"{corner:<16}" + "".join(f"{n:>{width}}" for n in names)]
-    lines.append(f"{'score' if not f1 else 'macro-F1 of':<16}" + "".join(f"{s:>{width}}" for s in matrix.scores))
+    if not f1:  # what each column's entries are (the macro-F1 table says so in its title)
+        lines.append(f"{'score':<16}" + "".join(f"{s:>{width}}" for s in matrix.scores))
     lines.append(f"{'untrained (b)':<16}" + "".join(cell(v) for v in b))
     for i, n in enumerate(names):
         lines.append(f"{n:<16}" + "".join(cell(v) for v in R[i]))

@@ -305,7 +305,8 @@ def write_results(out: Path, stream: TaskStream, state: RunState, metrics: dict[
         with open(out / name, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["after"] + matrix.tasks)
-            w.writerow(["score" if name == "matrix.csv" else "macro-F1 of"] + matrix.scores)
+            if name == "matrix.csv":  # what each column's entries are
+                w.writerow(["score"] + matrix.scores)
             w.writerow(["untrained"] + [_csv_cell(v) for v in b])
             for n, r in zip(matrix.tasks, M):
                 w.writerow([n] + [_csv_cell(v) for v in r])
