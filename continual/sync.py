@@ -52,7 +52,8 @@ def sync_run(run_dir: str | Path, tracking_uri: str, experiment: str = DEFAULT_E
     matrix = AccuracyMatrix.from_dict(info["matrix"])
     identity = info["identity"]
     logger = MLflowLogger(tracking_uri, experiment, run_name or run.name)
-    params = {**identity, "data": {n: f[:16] for n, f in identity["data"].items()}, "synced_from": str(run.resolve())}
+    params = {**identity, "data": {n: f[:16] for n, f in identity["data"].items()}, "synced_from": str(run.resolve()),
+              "scores": {t: s for t, s in zip(matrix.tasks, matrix.scores) if s != "score"}}  # known names only
     tracking = logger.start_stream(identity["stream"], params, None)
     for record in info["steps"]:
         _step(logger, run, record, matrix)

@@ -1,7 +1,8 @@
 """Loggers for stream runs, behind one small interface; MLflow is the real one.
 
 MLflow layout of a stream run: one parent run per stream (params: strategy, methods, backbone,
-seeds, caps, data fingerprints; metrics: ``acc/<task>`` and ``f1/<task>`` with step = row of the
+seeds, caps, data fingerprints; metrics: ``acc/<task>`` (a generative task's ``exact_match/``,
+``token_f1/`` or ``rouge_l/<task>``) and ``f1/<task>`` with step = row of the
 matrix, ``R.<i>.<j>``, the summary ACC / BWT / FWT / forgetting; artifacts: the matrix as CSV and
 JSON, its heatmap PNG, the stream config) and one nested run per training step (params of the
 task; step metrics ``train/loss``, ``train/lr``, ``train/samples_per_s``, ``dev/*``; the task's
@@ -55,12 +56,15 @@ def record_metric(field: str) -> str:
 
 
 def matrix_metrics(row: int, tasks: list[str], R_row: list[float], F1_row: list[float],
-                   summary: dict[str, float]) -> list[tuple[str, float, int]]:
-    """(name, value, step) of one row of the matrix: ``acc/<task>`` and ``f1/<task>`` (step = row),
-    ``R.<row>.<j>``, and ``so_far/<metric>`` (the stream's metrics as if it ended at this row)."""
+                   summary: dict[str, float], scores: dict[str, str] | None = None) -> list[tuple[str, float, int]]:
+    """(name, value, step) of one row of the matrix: ``<score>/<task>`` (``acc/<task>`` for a
+    classifier's accuracy, ``exact_match/<task>``, ``token_f1/<task>`` or ``rouge_l/<task>`` for a
+    generative task's score, from ``scores``) and ``f1/<task>`` (step = row), ``R.<row>.<j>``, and
+    ``so_far/<metric>`` (the stream's metrics as if it ended at this row)."""
     out = []
     for j, name in enumerate(tasks):
-        for prefix, values in (("acc", R_row), ("f1", F1_row)):
+        score = (scores or {}).get(name, "accuracy")
+        for prefix, values in (("acc" if score == "accuracy" else score, R_row), ("f1", F1_row)):
             if not math.isnan(values[j]):
                 out.append((f"{prefix}/{name}", float(values[j]), row))
         if not math.isnan(R_row[j]):
@@ -184,6 +188,8 @@ class MLflowLogger(StreamLogger):
     def start_stream(self, name, params, resume):
         from mlflow.entities import RunStatus
 
+        self.scores = dict(params.get("scores") or {})  # task -> what its entries are (metric names)
+
         if resume and resume.get("parent_run_id"):
             self.parent = resume["parent_run_id"]
             with store_lock(self.uri):
@@ -251,7 +257,7 @@ class MLflowLogger(StreamLogger):
         self.child = None
 
     def log_matrix(self, row, tasks, R_row, F1_row, summary):
-        _log_metrics(self.client, self.parent, matrix_metrics(row, tasks, R_row, F1_row, summary))
+        _log_metrics(self.client, self.parent, matrix_metrics(row, tasks, R_row, F1_row, summary, getattr(self, "scores", {})))
 
     def end_stream(self, summary, artifacts, status="FINISHED"):
         from mlflow.entities import Metric

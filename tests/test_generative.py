@@ -217,8 +217,16 @@ def test_a_task_knows_its_kind_and_every_output_names_its_score(lm_model, tmp_pa
     assert [t.kind for t in tasks] == ["generative"] * 3 and [t.score_name for t in tasks] == ["exact_match"] * 2 + ["rouge_l"]
     with pytest.raises(DataError, match="is classification, but its splits are generative"):
         dataclasses.replace(tasks[0], kind="classification")
+    from mlflow import MlflowClient
+
+    from continual import MLflowLogger
+
     config = TrainConfig(**{**FAST, "max_steps": 2, "eval_every": 2})
-    result = run_stream(TaskStream("mixed-scores", tasks), lm_model(), make_strategy("per-task", ["lora"]), config, tmp_path / "o")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    result = run_stream(TaskStream("mixed-scores", tasks), lm_model(), make_strategy("per-task", ["lora"]), config, tmp_path / "o",
+                        loggers=[MLflowLogger(uri, "scores")])
+    logged = MlflowClient(uri).get_run(result.tracking["parent_run_id"]).data.metrics
+    assert {"exact_match/a", "rouge_l/c", "f1/c"} <= set(logged) and not any(k.startswith("acc/") for k in logged)
     saved = json.loads((tmp_path / "o" / "results.json").read_text())["matrix"]
     assert saved["scores"] == ["exact_match", "exact_match", "rouge_l"] == result.matrix.scores
     rows = list(csv.reader(open(tmp_path / "o" / "matrix.csv")))
