@@ -29,13 +29,13 @@ from ..training import TrainConfig, distributed
 def train_config(args: argparse.Namespace) -> TrainConfig:
     """The one TrainConfig (a Recipe and its Runtime) of every command that trains (run, combine,
     compare), from the options they all share (parser.training_options); validated once, here."""
-    gpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     config = TrainConfig(
         max_steps=args.steps, batch_size=args.batch_size, max_length=args.max_length, eval_every=args.eval_every,
         patience=args.patience or None,  # --patience 0: never stop early
         lr=args.lr, head_lr=args.head_lr, seed=args.seed, dropout=not args.no_dropout, device=args.device,
         progress=not getattr(args, "no_progress", False), precision=args.precision, bucket=args.bucket,
-        compile=args.compile or ("default" if args.fast and gpu else None),  # an explicit --compile wins
+        # --fast adds what the fast path has beyond the defaults (compile on a GPU); an explicit --compile wins
+        compile=args.compile or (TrainConfig.fast(device=args.device).compile if args.fast else None),
         dropout_masks=args.dropout_masks, malloc=args.malloc, shard_backbone=getattr(args, "shard_backbone", False))
     return config  # validated when made: everything below trusts it
 

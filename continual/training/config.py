@@ -162,8 +162,7 @@ class TrainConfig(Recipe, Runtime):
         CPU-sized schedules than the library's defaults, and the fast path's speed settings
         except ``compile``. The parser reads its defaults from here, so no command trains with
         another recipe than the others."""
-        return cls(max_steps=200, batch_size=16, max_length=64, eval_every=50, precision="auto", bucket=True,
-                   dropout_masks="fast", malloc="hold")
+        return cls.fast(compile=None, max_steps=200, batch_size=16, max_length=64, eval_every=50)
 
     def warmup_steps(self) -> int:
         return math.ceil(self.warmup_ratio * self.max_steps)
