@@ -220,6 +220,20 @@ class DeltaModel(nn.Module):
             self._active, self._head = saved, head
             self._update_trainable()
 
+    @contextlib.contextmanager
+    def acting(self, *names: str) -> Iterator[None]:
+        """Within the block ``names`` act (the last one's head gives the logits) while what trains
+        stays as it is: a second forward pass inside a training step (an earlier task's replayed
+        batch, a teacher's outputs) without touching which parameters require gradients."""
+        for n in names:
+            self._task(n)
+        saved, head = self._active, self._head
+        self._active, self._head = tuple(names), (names[-1] if names else None)
+        try:
+            yield
+        finally:
+            self._active, self._head = saved, head
+
     def freeze(self, name: str) -> None:
         """Mark a trained task frozen: its parameters stay untrainable and training-time
         reparameterisations are folded away."""

@@ -107,8 +107,8 @@ class GuardedLogger(StreamLogger):
     def end_step(self, row, metrics, artifacts):
         self._call("end_step", row, metrics, artifacts)
 
-    def log_matrix(self, row, tasks, R_row, F1_row, summary):
-        self._call("log_matrix", row, tasks, R_row, F1_row, summary)
+    def log_matrix(self, row, tasks, R_row, F1_row, summary, A_row=None):
+        self._call("log_matrix", row, tasks, R_row, F1_row, summary, A_row)
 
     def end_stream(self, summary, artifacts, status="FINISHED"):
         self._call("end_stream", summary, artifacts, status)

@@ -21,6 +21,8 @@ class StreamLogger:
 
     def end_step(self, row: int, metrics: dict[str, float], artifacts: dict[str, Path]) -> None: ...
 
-    def log_matrix(self, row: int, tasks: list[str], R_row: list[float], F1_row: list[float], summary: dict[str, float]) -> None: ...
+    def log_matrix(self, row: int, tasks: list[str], R_row: list[float], F1_row: list[float], summary: dict[str, float],
+                   A_row: list[float] | None = None) -> None:
+        """Row ``row`` of R, of its macro-F1 twin and of the task-agnostic matrix, and the metrics so far."""
 
     def end_stream(self, summary: dict[str, float], artifacts: list[Path], status: str = "FINISHED") -> None: ...

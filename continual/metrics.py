@@ -16,6 +16,11 @@ Definitions (shared/seed-notes.md; Lopez-Paz & Ranzato 2017, Chaudhry et al. 201
 
 A metric that needs an entry never measured (a joint-training run has only the last row) is NaN.
 With one task, BWT, FWT and forgetting are NaN (nothing to average).
+
+Beside R, :class:`AccuracyMatrix` holds ``A``: the same scores measured *without the task id*
+(:mod:`continual.agnostic`), and ``routing[i]``, the share of test examples the router sent to
+their own task after row i. ACC, BWT and forgetting are defined on A exactly as on R (suffix
+``_agnostic``); FWT is not (before task j is trained no router can send anything to it).
 """
 
 from __future__ import annotations
@@ -69,6 +74,14 @@ def summarize(R: np.ndarray, b: np.ndarray) -> dict[str, float]:
             "forgetting": forgetting(R)}
 
 
+AGNOSTIC = ("ACC", "BWT", "forgetting")  # the metrics defined on the task-agnostic matrix
+
+
+def summarize_agnostic(A: np.ndarray) -> dict[str, float]:
+    """ACC, BWT and forgetting of a task-agnostic matrix, keys suffixed ``_agnostic``."""
+    return {"ACC_agnostic": average_accuracy(A), "BWT_agnostic": backward_transfer(A), "forgetting_agnostic": forgetting(A)}
+
+
 def score_label(matrix: "AccuracyMatrix") -> str:
     """What R holds, in a title: ``accuracy`` when every task is a classifier, else the names."""
     names = list(dict.fromkeys(matrix.scores))
@@ -96,6 +109,8 @@ class AccuracyMatrix:
         self.F1 = np.full((T, T), np.nan)
         self.b = np.full(T, np.nan)
         self.b_f1 = np.full(T, np.nan)
+        self.A = np.full((T, T), np.nan)  # without the task id
+        self.routing = np.full(T, np.nan)  # routing accuracy after each row
 
     def update(self, row: int | None, task: int, accuracy: float, f1: float) -> None:
         """Record task ``task``'s score after training row ``row`` (``None``: the untrained model, b)."""
@@ -104,16 +119,33 @@ class AccuracyMatrix:
         else:
             self.R[row, task], self.F1[row, task] = accuracy, f1
 
+    def update_agnostic(self, row: int, scores: list[float], routing: float) -> None:
+        """Row ``row`` of A (tasks 0..len(scores)-1) and its routing accuracy."""
+        self.A[row, :len(scores)] = scores
+        self.routing[row] = routing
+
+    def summary(self, row: int) -> dict[str, float]:
+        """The metrics as if the stream ended after row ``row`` (both matrices; routing accuracy)."""
+        n = row + 1
+        out = summarize(self.R[:n, :n], self.b[:n])
+        out.update(summarize_agnostic(self.A[:n, :n]))
+        out["routing_accuracy"] = float(self.routing[row])
+        return out
+
     def result(self) -> dict[str, float]:
-        """Metrics on accuracy, and the same on macro-F1 (suffix ``_f1``)."""
+        """Metrics on the task's score, the same on macro-F1 (suffix ``_f1``), ACC / BWT /
+        forgetting without the task id (suffix ``_agnostic``) and the last routing accuracy."""
         out = summarize(self.R, self.b)
         out.update({f"{k}_f1": v for k, v in summarize(self.F1, self.b_f1).items()})
+        out.update(summarize_agnostic(self.A))
+        out["routing_accuracy"] = float(self.routing[-1])
         return out
 
     def to_dict(self) -> dict:
         nan = lambda a: [None if math.isnan(x) else float(x) for x in np.ravel(a)]  # noqa: E731 JSON has no NaN
         return {"tasks": self.tasks, "scores": self.scores, "R": [nan(r) for r in self.R], "F1": [nan(r) for r in self.F1],
-                "b": nan(self.b), "b_f1": nan(self.b_f1)}
+                "b": nan(self.b), "b_f1": nan(self.b_f1), "R_agnostic": [nan(r) for r in self.A],
+                "routing": nan(self.routing)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "AccuracyMatrix":
@@ -122,4 +154,6 @@ class AccuracyMatrix:
         T = len(m.tasks)
         m.R, m.F1 = arr(d["R"]).reshape(T, T), arr(d["F1"]).reshape(T, T)
         m.b, m.b_f1 = arr(d["b"]), arr(d["b_f1"])
+        if "R_agnostic" in d:  # (a run saved before task-agnostic scoring has none: NaN)
+            m.A, m.routing = arr(d["R_agnostic"]).reshape(T, T), arr(d["routing"])
         return m

@@ -14,8 +14,12 @@ import numpy as np
 from .metrics import AccuracyMatrix, score_label
 
 
-def format_matrix(matrix: AccuracyMatrix, metrics: dict[str, float] | None = None, f1: bool = False) -> str:
-    """A plain-text table: rows 'after task i', columns tasks, plus the b row and the metrics."""
+def format_matrix(matrix: AccuracyMatrix, metrics: dict[str, float] | None = None, f1: bool = False,
+                  agnostic: bool = False) -> str:
+    """A plain-text table: rows 'after task i', columns tasks, plus the b row and the metrics;
+    ``agnostic``: the task-agnostic matrix instead, with each row's routing accuracy."""
+    if agnostic:
+        return _format_agnostic(matrix, metrics)
     R, b = (matrix.F1, matrix.b_f1) if f1 else (matrix.R, matrix.b)
     names = matrix.tasks
     width = max(8, *(len(n) + 1 for n in [*names, *matrix.scores]))
@@ -31,6 +35,20 @@ def format_matrix(matrix: AccuracyMatrix, metrics: dict[str, float] | None = Non
         keys = ("ACC", "BWT", "FWT", "forgetting")
         suffix = "_f1" if f1 else ""
         lines.append("  ".join(f"{k}={metrics.get(k + suffix, float('nan')):+.4f}" for k in keys))
+    return "\n".join(lines)
+
+
+def _format_agnostic(matrix: AccuracyMatrix, metrics: dict[str, float] | None) -> str:
+    names = matrix.tasks
+    width = max(8, *(len(n) + 1 for n in names))
+    cell = lambda v: f"{'-' if np.isnan(v) else f'{v:.3f}':>{width}}"  # noqa: E731
+    corner = "after \\ on"
+    lines = [f"{corner:<16}" + "".join(f"{n:>{width}}" for n in names) + f"{'routing':>{width}}"]
+    for i, n in enumerate(names):
+        lines.append(f"{n:<16}" + "".join(cell(v) for v in matrix.A[i]) + cell(matrix.routing[i]))
+    if metrics:
+        lines.append("  ".join(f"{k}={metrics.get(k + '_agnostic', float('nan')):+.4f}" for k in ("ACC", "BWT", "forgetting"))
+                     + f"  routing={metrics.get('routing_accuracy', float('nan')):.4f}")
     return "\n".join(lines)
 
 
@@ -80,11 +98,16 @@ def annotated_heatmap(
     return _save(fig, path)
 
 
-def heatmap(matrix: AccuracyMatrix, path: str | Path, title: str = "", f1: bool = False) -> Path:
-    """Write R (with the untrained row b on top) as an annotated heatmap PNG."""
+def heatmap(matrix: AccuracyMatrix, path: str | Path, title: str = "", f1: bool = False, agnostic: bool = False) -> Path:
+    """Write R (with the untrained row b on top) as an annotated heatmap PNG; ``agnostic``: the
+    task-agnostic matrix (no b row: an untrained task cannot be routed to)."""
+    T = len(matrix.tasks)
+    if agnostic:
+        return annotated_heatmap(matrix.A, path, matrix.tasks, [f"after {n}" for n in matrix.tasks],
+                                 title or score_label(matrix) + " without the task id", xlabel="evaluated on",
+                                 figsize=(1.1 * T + 2.5, 0.8 * T + 1.6))
     R, b = (matrix.F1, matrix.b_f1) if f1 else (matrix.R, matrix.b)
     data = np.vstack([b[None, :], R])
-    T = len(matrix.tasks)
     return annotated_heatmap(
         data, path, matrix.tasks, ["untrained (b)"] + [f"after {n}" for n in matrix.tasks],
         title or ("macro-F1" if f1 else score_label(matrix)) + " matrix R[i, j]", xlabel="evaluated on",

@@ -205,7 +205,8 @@ def clear_run(out: Path) -> None:
     import shutil
 
     for old in [out / "state.json", *out.glob("state-step*.safetensors"), out / "results.json", out / "matrix.csv",
-                out / "matrix_f1.csv", out / "heatmap.png", out / "stream.yaml"]:
+                out / "matrix_f1.csv", out / "matrix_agnostic.csv", out / "heatmap.png", out / "heatmap_agnostic.png",
+                out / "stream.yaml"]:
         old.unlink(missing_ok=True)
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
 
@@ -301,17 +302,22 @@ def write_results(out: Path, stream: TaskStream, state: RunState, metrics: dict[
     results = {"stream": stream.name, "metrics": clean, "matrix": matrix.to_dict(), "steps": state.steps,
                "seconds": state.seconds, "identity": state.identity, "tracking": state.tracking, "files": state.files}
     atomic_write(out / "results.json", json.dumps(sealed(results), indent=1))
-    for name, M, b in (("matrix.csv", matrix.R, matrix.b), ("matrix_f1.csv", matrix.F1, matrix.b_f1)):
+    for name, M, b in (("matrix.csv", matrix.R, matrix.b), ("matrix_f1.csv", matrix.F1, matrix.b_f1),
+                       ("matrix_agnostic.csv", matrix.A, None)):
         with open(out / name, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["after"] + matrix.tasks)
             if name == "matrix.csv":  # what each column's entries are
                 w.writerow(["score"] + matrix.scores)
-            w.writerow(["untrained"] + [_csv_cell(v) for v in b])
+            if b is not None:
+                w.writerow(["untrained"] + [_csv_cell(v) for v in b])
             for n, r in zip(matrix.tasks, M):
                 w.writerow([n] + [_csv_cell(v) for v in r])
     png = heatmap(matrix, out / "heatmap.png", f"{stream.name}: {score_label(matrix)} R[i, j]")
-    return [out / "results.json", out / "matrix.csv", out / "matrix_f1.csv", png, out / "stream.yaml"]
+    agnostic = heatmap(matrix, out / "heatmap_agnostic.png", f"{stream.name}: {score_label(matrix)} without the task id",
+                       agnostic=True)
+    return [out / "results.json", out / "matrix.csv", out / "matrix_f1.csv", out / "matrix_agnostic.csv", png, agnostic,
+            out / "stream.yaml"]
 
 
 def run_info(run_dir: str | Path) -> dict[str, Any]:

@@ -26,21 +26,19 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from datasets import DatasetDict
 from tqdm.auto import tqdm
 
 from adapters import DeltaModel, backbone_fingerprint
 from streams import Task, TaskStream
 
-from . import rundir
-from .metrics import AccuracyMatrix, summarize
+from . import agnostic, rundir
+from .metrics import AccuracyMatrix
 from .plots import format_matrix
 from .rundir import RunState, RunStateError
-from .scoring import RowScorer
+from .scoring import RowScorer, TokenisedTasks
 from .strategies import Strategy
 from .tracking import GuardedLogger, StreamLogger, step_metrics
-from .training import (TrainConfig, answers_cut, check_generative_length, check_lengths, distributed, eval_loader, evaluate,
-                       tokenize)
+from .training import TrainConfig, check_generative_length, check_lengths, distributed, evaluate
 
 
 def task_seed(seed: int, index: int) -> int:
@@ -61,8 +59,8 @@ class StreamResult:
     tracking: dict[str, Any]
     seconds: float
 
-    def table(self, f1: bool = False) -> str:
-        return format_matrix(self.matrix, self.metrics, f1)
+    def table(self, f1: bool = False, agnostic: bool = False) -> str:
+        return format_matrix(self.matrix, self.metrics, f1, agnostic)
 
 
 def run_identity(stream: TaskStream, model: DeltaModel, strategy: Strategy, config: TrainConfig) -> dict[str, Any]:
@@ -72,38 +70,6 @@ def run_identity(stream: TaskStream, model: DeltaModel, strategy: Strategy, conf
     train = {k: v for k, v in dataclasses.asdict(config.recipe()).items() if k != "seed"}
     return {"stream": stream.name, "tasks": stream.names, "data": stream.fingerprints(), "strategy": strategy.describe(),
             "train": train, "seed": config.seed, "backbone": backbone_fingerprint(model.backbone)["weights_sha256"]}
-
-
-class TokenisedTasks:
-    """Each task's splits tokenised once per run (the test sets are scored many times); called
-    as ``data(task)`` it is the :data:`~continual.strategies.TaskData` strategies train on."""
-
-    def __init__(self, tokenizer: Any, default_length: int, eval_batch: int, decoder_start: int | None = None) -> None:
-        self.tokenizer, self.default_length, self.eval_batch = tokenizer, default_length, eval_batch
-        self.decoder_start = decoder_start  # an encoder-decoder's: generative targets go to its decoder
-        self._data: dict[str, DatasetDict] = {}
-        self._loaders: dict[tuple[str, str], Any] = {}
-
-    def length(self, task: Task) -> int:
-        return task.max_length or self.default_length
-
-    def __call__(self, task: Task) -> DatasetDict:
-        if task.name not in self._data:
-            data = DatasetDict({s: tokenize(ds, self.tokenizer, self.length(task), task.metric, self.decoder_start)
-                                for s, ds in task.splits().items()})
-            cut = {s: answers_cut(data[s]) for s in ("train", "test")}
-            if any(cut.values()) and distributed.is_main():  # said, never silent: a cut answer caps the score
-                tqdm.write(f"task {task.name}: {cut['train']} of {len(data['train'])} training and {cut['test']} of "
-                           f"{len(data['test'])} test answers are longer than max_length {self.length(task)} leaves "
-                           "them and are cut; raise --max-length (or the task's max_length) to keep them whole")
-            self._data[task.name] = data
-        return self._data[task.name]
-
-    def loader(self, task: Task, split: str = "test") -> Any:
-        key = (task.name, split)
-        if key not in self._loaders:
-            self._loaders[key] = eval_loader(self(task)[split], self.tokenizer, self.length(task), self.eval_batch)
-        return self._loaders[key]
 
 
 def _open(out: Path, identity: dict[str, Any], steps: int, resume: bool, overwrite: bool) -> RunState | None:
@@ -139,6 +105,8 @@ class _Run:
         self.data = TokenisedTasks(model.tokenizer, config.max_length, config.batch_size * 2, model.decoder_start_id)
         self.clock = time.perf_counter()  # wall time not yet added to the state's seconds
         self.scorer = RowScorer(model, self.score, strategy.active, rescore_all)
+        self.agnostic = agnostic.AgnosticScorer(model, self.data, strategy.active, config.router, config.seed, config.precision)
+        self.per_example: dict[str, list[float]] = {}  # the last task-aware scoring's, handed to self.agnostic
 
     def tick(self, state: RunState) -> None:
         now = time.perf_counter()
@@ -146,7 +114,18 @@ class _Run:
         self.clock = now
 
     def score(self, task: Task) -> dict[str, float]:
-        return evaluate(self.model, task.name, self.data.loader(task), self.strategy.active(task.name), self.config.precision)
+        self.per_example[task.name] = per = []
+        return evaluate(self.model, task.name, self.data.loader(task), self.strategy.active(task.name), self.config.precision,
+                        per_example=per)
+
+    def score_agnostic(self, row: int, carried: list[str], matrix: AccuracyMatrix) -> None:
+        """Row ``row`` of the task-agnostic matrix (after the task-aware row was scored)."""
+        seen, backbone = self.tasks[:row + 1], self.scorer.backbone
+        for t in seen:
+            if t.name not in carried:  # scored just now: the per-example scores of its own function
+                self.agnostic.record(t, self.per_example[t.name], backbone)
+        scores, routing = self.agnostic.row(seen, backbone)
+        matrix.update_agnostic(row, scores, routing)
 
     def prepare(self, j: int) -> None:
         torch.manual_seed(task_seed(self.config.seed, j))
@@ -171,8 +150,10 @@ class _Run:
                 self.strategy.finish(self.model, self.tasks[j])
         if state.tensors:  # read (and verified) by rank 0, sent to the others
             tensors = rundir.read_tensors(self.out, state, torch.device("cpu")) if self.main else None
-            tensors = {k: v.to(self.model.device) for k, v in distributed.broadcast(tensors).items()}
-            self.strategy.load_state(self.model, tensors)
+            tensors = distributed.broadcast(tensors)
+            mine = {k: v.to(self.model.device) for k, v in tensors.items() if not k.startswith(agnostic.PREFIX)}
+            self.strategy.load_state(self.model, mine)
+            self.agnostic.load_state([self.tasks[j].name for k in state.done for j in self.plan[k]], tensors)
         self.model.to(self.model.device)
 
     def step(self, k: int, state: RunState) -> dict[str, float]:
@@ -195,12 +176,15 @@ class _Run:
         result = strategy.train(model, step_tasks, step_config, self.data, _fan_out(self.loggers))
         for t in step_tasks:
             strategy.finish(model, t)
+            self.agnostic.add_task(t)
         start = time.perf_counter()
         scores, carried = self.scorer.row(tasks[:row + 1])
         for j in range(row + 1):
             s = scores[tasks[j].name]
             matrix.update(row, j, s["accuracy"], s["macro_f1"])
         scoring_seconds = time.perf_counter() - start
+        self.score_agnostic(row, carried, matrix)
+        agnostic_seconds = time.perf_counter() - start - scoring_seconds
         trainable = {tasks[j].name: strategy.trainable_parameters(model, tasks[j]) for j in step}
         exported = tasks[:row + 1] if strategy.updates_old_tasks else step_tasks
         artifacts = rundir.export_checkpoints(model, strategy, exported, self.out, state.files) if self.main else {}
@@ -209,22 +193,25 @@ class _Run:
         record = {"row": row, "tasks": [t.name for t in step_tasks], "train_seconds": result.seconds,
                   "steps": result.steps, "best_step": result.best_step, "best_dev": result.best_dev,
                   "trainable_params": trainable, "scoring_seconds": scoring_seconds, "carried": carried,
+                  "agnostic_seconds": agnostic_seconds, "routing_accuracy": float(matrix.routing[row]),
                   "history": result.history}  # (the history: all `continual sync` needs)
         state.done.append(k)
         state.steps.append(record)
         self.tick(state)
+        so_far = matrix.summary(row)
         if not self.main:
-            return summarize(matrix.R[:row + 1, :row + 1], matrix.b[:row + 1])
-        rundir.write_state(self.out, state, strategy.state(model), k)  # state first: logging may fail
+            return so_far
+        rundir.write_state(self.out, state, {**strategy.state(model), **self.agnostic.state()}, k)  # state first: logging may fail
         test = {t.name: float(matrix.R[row, j]) for j, t in zip(step, step_tasks)}
         metrics = step_metrics(result, untrained, test, trainable)
-        so_far = summarize(matrix.R[:row + 1, :row + 1], matrix.b[:row + 1])
         for lg in self.loggers:
             lg.end_step(row, metrics, artifacts)
-            lg.log_matrix(row, self.stream.names, list(matrix.R[row]), list(matrix.F1[row]), so_far)
+            lg.log_matrix(row, self.stream.names, list(matrix.R[row]), list(matrix.F1[row]), so_far, list(matrix.A[row]))
         self.note_tracking(state)
-        tqdm.write(f"after {'+'.join(record['tasks'])}: " + "  ".join(
-            f"{n}={matrix.R[row, j]:.3f}" for j, n in enumerate(self.stream.names[:row + 1])))
+        names = self.stream.names[:row + 1]
+        tqdm.write(f"after {'+'.join(record['tasks'])}: " + "  ".join(f"{n}={matrix.R[row, j]:.3f}" for j, n in enumerate(names))
+                   + f"  | no task id (routing {matrix.routing[row]:.3f}): "
+                   + "  ".join(f"{n}={matrix.A[row, j]:.3f}" for j, n in enumerate(names)))
         return so_far
 
     def note_tracking(self, state: RunState) -> None:
@@ -245,7 +232,7 @@ class _Run:
 
 def check_distributed(strategy: Strategy, config: TrainConfig) -> None:
     """Refuse, before anything runs, what several processes cannot train the same way as one."""
-    if not config.dropout and not strategy.data_parallel:
+    if not config.dropout and strategy.own_loop:
         raise ValueError(f"strategy {strategy.name!r} trains with its own loop, which keeps dropout on; "
                          "drop --no-dropout or use another strategy")
     if config.shard_backbone and not distributed.active():
@@ -259,8 +246,9 @@ def check_distributed(strategy: Strategy, config: TrainConfig) -> None:
     if not distributed.active():
         return
     if not strategy.data_parallel:
-        raise ValueError(f"strategy {strategy.name!r} cannot run on {distributed.world_size()} processes (it trains "
-                         "with its own loop); run it as one process")
+        why = "it trains with its own loop" if strategy.own_loop else "its loss has a term computed outside the model"
+        raise ValueError(f"strategy {strategy.name!r} cannot run on {distributed.world_size()} processes ({why}); "
+                         "run it as one process")
     distributed.check_batch(config.batch_size)
 
 

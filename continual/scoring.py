@@ -19,8 +19,13 @@ import hashlib
 from typing import Any, Callable, Iterable
 
 import torch
+from datasets import DatasetDict
+from tqdm.auto import tqdm
 
 from adapters import DeltaModel
+from streams import Task
+
+from .training import answers_cut, distributed, eval_loader, tokenize
 
 
 def _digest(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
@@ -59,6 +64,7 @@ class RowScorer:
                  active: Callable[[str], tuple[str, ...]], rescore_all: bool = False) -> None:
         self.model, self.score, self.active, self.rescore_all = model, score, active, rescore_all
         self._last: dict[str, tuple[str, dict[str, float]]] = {}  # task -> (fingerprint, scores)
+        self.backbone = ""  # the backbone's digest at the last row
 
     def fingerprint(self, task: str, backbone: str) -> str:
         tasks = tasks_read(self.model, self.active(task))
@@ -67,7 +73,7 @@ class RowScorer:
 
     def row(self, tasks: list[Any]) -> tuple[dict[str, dict[str, float]], list[str]]:
         """Scores of each of ``tasks`` (by name), and the names whose scores were carried over."""
-        backbone = _digest(self.model.backbone.state_dict().items())
+        backbone = self.backbone = _digest(self.model.backbone.state_dict().items())
         scores, carried = {}, []
         for task in tasks:
             key = self.fingerprint(task.name, backbone)
@@ -83,3 +89,35 @@ class RowScorer:
     def forget(self) -> None:
         """Drop every stored score (the model was rebuilt, e.g. on resume)."""
         self._last.clear()
+
+
+class TokenisedTasks:
+    """Each task's splits tokenised once per run (the test sets are scored many times); called
+    as ``data(task)`` it is the :data:`~continual.strategies.TaskData` strategies train on."""
+
+    def __init__(self, tokenizer: Any, default_length: int, eval_batch: int, decoder_start: int | None = None) -> None:
+        self.tokenizer, self.default_length, self.eval_batch = tokenizer, default_length, eval_batch
+        self.decoder_start = decoder_start  # an encoder-decoder's: generative targets go to its decoder
+        self._data: dict[str, DatasetDict] = {}
+        self._loaders: dict[tuple[str, str], Any] = {}
+
+    def length(self, task: Task) -> int:
+        return task.max_length or self.default_length
+
+    def __call__(self, task: Task) -> DatasetDict:
+        if task.name not in self._data:
+            data = DatasetDict({s: tokenize(ds, self.tokenizer, self.length(task), task.metric, self.decoder_start)
+                                for s, ds in task.splits().items()})
+            cut = {s: answers_cut(data[s]) for s in ("train", "test")}
+            if any(cut.values()) and distributed.is_main():  # said, never silent: a cut answer caps the score
+                tqdm.write(f"task {task.name}: {cut['train']} of {len(data['train'])} training and {cut['test']} of "
+                           f"{len(data['test'])} test answers are longer than max_length {self.length(task)} leaves "
+                           "them and are cut; raise --max-length (or the task's max_length) to keep them whole")
+            self._data[task.name] = data
+        return self._data[task.name]
+
+    def loader(self, task: Task, split: str = "test") -> Any:
+        key = (task.name, split)
+        if key not in self._loaders:
+            self._loaders[key] = eval_loader(self(task)[split], self.tokenizer, self.length(task), self.eval_batch)
+        return self._loaders[key]

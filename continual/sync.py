@@ -16,7 +16,7 @@ import types
 from pathlib import Path
 from typing import Any
 
-from .metrics import AccuracyMatrix, summarize
+from .metrics import AccuracyMatrix
 from .rundir import RunStateError, atomic_write, read_state, run_info, sealed, write_state
 from .tracking import DEFAULT_EXPERIMENT, MLflowLogger, step_metrics
 
@@ -37,8 +37,7 @@ def _step(logger: MLflowLogger, run: Path, record: dict[str, Any], matrix: Accur
     artifacts = {f"checkpoint/{d.name}": d for n in names for d in sorted((run / "checkpoints" / n).glob("*"))
                  if d.is_dir()}
     logger.end_step(row, step_metrics(result, untrained, test, record["trainable_params"]), artifacts)
-    logger.log_matrix(row, matrix.tasks, list(matrix.R[row]), list(matrix.F1[row]),
-                      summarize(matrix.R[:row + 1, :row + 1], matrix.b[:row + 1]))
+    logger.log_matrix(row, matrix.tasks, list(matrix.R[row]), list(matrix.F1[row]), matrix.summary(row), list(matrix.A[row]))
 
 
 def sync_run(run_dir: str | Path, tracking_uri: str, experiment: str = DEFAULT_EXPERIMENT,

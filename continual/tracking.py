@@ -56,13 +56,17 @@ def record_metric(field: str) -> str:
 
 
 def matrix_metrics(row: int, tasks: list[str], R_row: list[float], F1_row: list[float],
-                   summary: dict[str, float], scores: dict[str, str] | None = None) -> list[tuple[str, float, int]]:
+                   summary: dict[str, float], scores: dict[str, str] | None = None,
+                   A_row: list[float] | None = None) -> list[tuple[str, float, int]]:
     """(name, value, step) of one row of the matrix: ``<score>/<task>`` (``acc/<task>`` for a
     classifier's accuracy, ``exact_match/<task>``, ``token_f1/<task>`` or ``rouge_l/<task>`` for a
     generative task's score, from ``scores``) and ``f1/<task>`` (step = row), ``R.<row>.<j>``, and
-    ``so_far/<metric>`` (the stream's metrics as if it ended at this row)."""
+    ``so_far/<metric>`` (the stream's metrics as if it ended at this row); from the task-agnostic
+    row ``A_row``, ``agnostic/<task>`` (step = row) and ``A.<row>.<j>``."""
     out = []
     for j, name in enumerate(tasks):
+        if A_row is not None and not math.isnan(A_row[j]):
+            out += [(f"agnostic/{name}", float(A_row[j]), row), (f"A.{row}.{j}", float(A_row[j]), 0)]
         score = (scores or {}).get(name, "accuracy")
         for prefix, values in (("acc" if score == "accuracy" else score, R_row), ("f1", F1_row)):
             if not math.isnan(values[j]):
@@ -256,8 +260,9 @@ class MLflowLogger(StreamLogger):
         self.client.set_terminated(self.child, "FINISHED")
         self.child = None
 
-    def log_matrix(self, row, tasks, R_row, F1_row, summary):
-        _log_metrics(self.client, self.parent, matrix_metrics(row, tasks, R_row, F1_row, summary, getattr(self, "scores", {})))
+    def log_matrix(self, row, tasks, R_row, F1_row, summary, A_row=None):
+        _log_metrics(self.client, self.parent, matrix_metrics(row, tasks, R_row, F1_row, summary, getattr(self, "scores", {}),
+                                                              A_row))
 
     def end_stream(self, summary, artifacts, status="FINISHED"):
         from mlflow.entities import Metric

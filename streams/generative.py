@@ -64,6 +64,11 @@ HEADLINE = Verbalizer("Article: {text}\nWrite a headline for this article.\nHead
 
 GENERATIVE_STREAMS: dict[str, tuple[str, ...]] = {
     "generative": ("movie", "trec", "sms", "headline"),
+    # the shape of the standard 5-task continual text benchmark (Zhang et al. 2015's sets as used by
+    # de Masson d'Autume et al. 2019 and O-LoRA: Amazon and Yelp sentiment, AG News topic, Yahoo
+    # question topic, DBpedia entity type), from the shipped data: sentiment in two domains, a news
+    # topic, a question type, and disaster tweets in place of DBpedia; all answered in words
+    "standard-5": ("amazon", "bbc", "trec", "movie", "disaster"),
 }
 """Built-in generative streams (verbalised catalogued data sets, and ``headline``), in order."""
 

@@ -45,10 +45,17 @@ def test_run_then_report_from_directory_and_mlflow(toy_yaml, tiny_backbone_dir, 
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["matrix"]["tasks"] == ["a", "b", "c"] and results["metrics"]["BWT"] == 0.0
     assert (tmp_path / "out" / "heatmap.png").stat().st_size > 1000
+    # the same run without the task id: printed, saved, and in results.json
+    assert "without the task id (prototype router" in out and "routing=" in out
+    A = np.array(results["matrix"]["R_agnostic"], dtype=float)
+    assert not np.isnan(np.diag(A)).any() and results["metrics"]["ACC_agnostic"] == pytest.approx(np.mean(A[-1]))
+    assert (tmp_path / "out" / "matrix_agnostic.csv").read_text().splitlines()[0] == "after,a,b,c"
+    assert (tmp_path / "out" / "heatmap_agnostic.png").stat().st_size > 1000
 
     assert main(["report", str(tmp_path / "out"), "--plot", str(tmp_path / "p.png")]) == 0
     shown = capsys.readouterr().out
     assert "toy / per-task" in shown and "untrained (b)" in shown and (tmp_path / "p.png").exists()
+    assert "without the task id" in shown and (tmp_path / "p_agnostic.png").exists()
     # the same run read back from MLflow, by run name and by run id
     assert main(["report", "cli-toy", "--tracking-uri", uri, "--json", "--plot", str(tmp_path / "q.png")]) == 0
     from_mlflow = json.loads(capsys.readouterr().out.split("heatmap:")[0])
@@ -180,6 +187,8 @@ def test_compare_command_writes_a_report(toy_yaml, tiny_backbone_dir, tmp_path, 
     backbone_bytes = (out / "seq-ft" / "checkpoints" / "backbone.safetensors").stat().st_size
     assert rows["seq-ft"]["delta_bytes_on_disk"] > backbone_bytes > 10 * rows["per-task-lora"]["delta_bytes_on_disk"]
     assert "| per-task-lora | " in printed and (out / "report.png").stat().st_size > 1000
+    assert "ACC, no task id" in printed and rows["per-task-lora"]["ACC_agnostic"] == own["metrics"]["ACC_agnostic"]
+    assert 0 <= rows["seq-ft"]["routing_accuracy"] <= 1
     client = MlflowClient(uri)
     run = client.search_runs([client.get_experiment_by_name("continual").experiment_id], "tags.kind = 'compare'")[0]
     assert run.data.metrics["ACC/seq-ft"] == pytest.approx(rows["seq-ft"]["ACC"])
@@ -202,5 +211,5 @@ def test_an_entry_gives_the_same_matrix_in_compare_as_in_run(toy_yaml, tiny_back
     ran = json.loads((tmp_path / "run" / "results.json").read_text())
     compared = json.loads((tmp_path / "cmp" / "per-task-lora" / "results.json").read_text())
     assert ran["identity"]["train"] == compared["identity"]["train"]
-    for key in ("R", "F1", "b", "b_f1"):
+    for key in ("R", "F1", "b", "b_f1", "R_agnostic", "routing"):
         assert ran["matrix"][key] == compared["matrix"][key], key

@@ -33,7 +33,7 @@ class Recorder(StreamLogger):
         if self.row == self.kill_at_row and record["step"] >= 10:  # mid-training (records come every 10 steps)
             raise KeyboardInterrupt("killed")
 
-    def log_matrix(self, row, tasks, R_row, F1_row, summary):
+    def log_matrix(self, row, tasks, R_row, F1_row, summary, A_row=None):
         self.rows.append(row)
 
 
@@ -43,7 +43,7 @@ def test_per_task_deltas_never_forget(text_model, tmp_path):
     first = {}
 
     class Snapshot(StreamLogger):  # old tasks' logits right after they were trained
-        def log_matrix(self, row, tasks, R_row, F1_row, summary):
+        def log_matrix(self, row, tasks, R_row, F1_row, summary, A_row=None):
             t = stream[row]
             batch = model.tokenizer(list(t.test["text"]), padding=True, return_tensors="pt")
             with torch.no_grad(), model.using(t.name):

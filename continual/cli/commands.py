@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from adapters import BACKBONES, DEFAULT_METHOD, DeltaError, DeltaModel, available_methods, make_config
@@ -32,7 +33,8 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     config = TrainConfig(
         max_steps=args.steps, batch_size=args.batch_size, max_length=args.max_length, eval_every=args.eval_every,
         patience=args.patience or None,  # --patience 0: never stop early
-        lr=args.lr, head_lr=args.head_lr, seed=args.seed, dropout=not args.no_dropout, device=args.device,
+        lr=args.lr, head_lr=args.head_lr, seed=args.seed, dropout=not args.no_dropout, router=args.router,
+        device=args.device,
         progress=not getattr(args, "no_progress", False), precision=args.precision, bucket=args.bucket,
         # --fast adds what the fast path has beyond the defaults (compile on a GPU); an explicit --compile wins
         compile=args.compile or (TrainConfig.fast(device=args.device).compile if args.fast else None),
@@ -82,7 +84,9 @@ def _run(args: argparse.Namespace, strategy: Any, methods: list[Any], config: Tr
     print(f"\n{stream.name} / {args.strategy} / {label}: {score_label(result.matrix)} matrix R[i, j] (row: after training task i)")
     print(result.table())
     print(f"\nmacro-F1:\n{result.table(f1=True)}")
-    print(f"\nwall time {result.seconds:.0f} s; results, matrix.csv and heatmap.png in {out}/")
+    print(f"\nwithout the task id ({config.router} router fitted on the tasks seen so far; A[i, j], routing accuracy "
+          f"per row):\n{result.table(agnostic=True)}")
+    print(f"\nwall time {result.seconds:.0f} s; results, matrix.csv, matrix_agnostic.csv and the heatmaps in {out}/")
     if loggers and result.tracking.get("sync_needed"):
         print(f"MLflow logging stopped during the run ({result.tracking['sync_needed']}); everything is in {out}/. "
               f"Upload it with:\n  continual sync {out} --tracking-uri {args.tracking_uri}")
@@ -125,9 +129,15 @@ def cmd_report(args: argparse.Namespace) -> int:
         tag = " (unfinished)" if data.get("unfinished") else ""
         print(f"{data['identity']['stream']} / {data['identity']['strategy']['strategy']}{tag}")
         print(format_matrix(matrix, metrics, args.f1))
+        if not np.isnan(matrix.A).all():  # (runs saved before task-agnostic scoring have none)
+            print(f"\nwithout the task id:\n{format_matrix(matrix, metrics, agnostic=True)}")
     plot = Path(args.plot) if args.plot else (directory / "heatmap.png" if directory else Path(f"{args.run}-heatmap.png"))
     heatmap(matrix, plot, f1=args.f1)
     print(f"heatmap: {plot}")
+    if not np.isnan(matrix.A).all():
+        other = plot.with_name(plot.stem + "_agnostic" + plot.suffix)
+        heatmap(matrix, other, agnostic=True)
+        print(f"heatmap without the task id: {other}")
     return 0
 
 

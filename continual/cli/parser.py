@@ -16,6 +16,7 @@ from streams import GENERATIVE_STREAMS, STREAMS
 from ..strategies import STRATEGIES
 from ..tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI
 from ..training import COMPILE_MODES, DROPOUT_MASKS, MALLOC, TrainConfig
+from ..training.config import ROUTERS
 
 DESCRIPTION = """run lifelong-learning streams, report on them, list what is available.
 
@@ -85,6 +86,9 @@ def training_options(p: argparse.ArgumentParser, steps_help: str | None = None, 
     p.add_argument("--lr", type=float, default=d.lr, help="delta learning rate (default: each method's own)")
     p.add_argument("--head-lr", type=float, default=d.head_lr, help="learning rate of the task heads")
     p.add_argument("--seed", type=int, default=d.seed, help="seeds splits, initialisation and training")
+    p.add_argument("--router", default=d.router, choices=ROUTERS,
+                   help="how test examples find their task when no task id is given (the task-agnostic matrix): "
+                   "nearest (task, label) prototype, or a linear classifier refitted on every task so far")
     p.add_argument("--no-dropout", action="store_true",
                    help="train with dropout off (a deterministic forward pass: a run on N processes under torchrun "
                    "then gives the 1-process numbers, up to float rounding)")
@@ -204,8 +208,9 @@ def _compare(sub: argparse._SubParsersAction) -> None:
     cp = sub.add_parser("compare", help="run several methods and baselines on a stream and write a comparison report",
                         description="Run each --entry (strategy or strategy:method+method) on the stream into "
                         "<out>/<entry> (finished entries are reused, killed ones resume) and write report.md, "
-                        "report.json and report.png (ACC, BWT, FWT, forgetting, trainable parameters, delta size on "
-                        "disk, wall time per entry), logged to MLflow as a 'compare' run.",
+                        "report.json and report.png (ACC, BWT, FWT, forgetting, the same without the task id with the "
+                        "routing accuracy, trainable parameters, delta size on disk, wall time per entry), logged to "
+                        "MLflow as a 'compare' run.",
                         formatter_class=Formatter)
     cp.add_argument("--stream", default=DEFAULTS["stream"])
     cp.add_argument("--entry", action="append", metavar="STRATEGY[@K=V,...][:M1+M2]",

@@ -4,6 +4,9 @@
                      ``per-task-fusion`` (plus an AdapterFusion per task over all deltas so far)
     shared_delta.py  ``seq-delta`` (one shared delta trained on each task in turn) and ``joint``
                      (one shared delta on all tasks at once: the upper bound, last row only)
+    replay.py        ``replay``: the shared delta, plus a task-balanced memory replayed each step
+    ewc.py           ``ewc``: the shared delta, anchored by its Fisher information (online EWC)
+    lwf.py           ``lwf``: the shared delta, distilled from its previous values (Learning without Forgetting)
     finetune.py      ``seq-ft`` (sequential full fine-tuning: the catastrophic-forgetting baseline)
     avalanche/       ``avalanche-naive|ewc|lwf|replay|agem``: Avalanche's strategies on the same
                      backbone and stream (the ``[avalanche]`` extra)
@@ -23,16 +26,20 @@ from .avalanche import AVALANCHE_STRATEGIES
 from .base import Strategy, TaskData
 from .finetune import SequentialFineTune
 from .per_task import ContinualFusion, PerTaskDelta
+from .ewc import EWC
+from .lwf import LwF
+from .replay import Replay
 from .shared_delta import SHARED, Joint, SequentialDelta
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    s.name: s for s in (PerTaskDelta, ContinualFusion, SequentialDelta, SequentialFineTune, Joint, *AVALANCHE_STRATEGIES)
+    s.name: s for s in (PerTaskDelta, ContinualFusion, SequentialDelta, Replay, EWC, LwF, SequentialFineTune, Joint,
+                        *AVALANCHE_STRATEGIES)
 }
 
 
 def make_strategy(name: str, methods: Sequence[MethodSpec] = (DEFAULT_METHOD,), **options: Any) -> Strategy:
     """A strategy by name (see ``STRATEGIES``); ``options`` go to its constructor (e.g.
-    ``ewc_lambda`` for ``avalanche-ewc``, ``temperature`` for ``per-task-fusion``)."""
+    ``memory_size`` for ``replay``, ``ewc_lambda`` for ``ewc``, ``temperature`` for ``per-task-fusion``)."""
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; one of: {', '.join(STRATEGIES)}")
     cls = STRATEGIES[name]
@@ -42,5 +49,5 @@ def make_strategy(name: str, methods: Sequence[MethodSpec] = (DEFAULT_METHOD,), 
         raise ValueError(f"strategy {name!r}: bad option(s) {sorted(options)}: {e}") from None
 
 
-__all__ = ["SHARED", "STRATEGIES", "ContinualFusion", "Joint", "PerTaskDelta", "SequentialDelta", "SequentialFineTune",
+__all__ = ["EWC", "LwF", "Replay", "SHARED", "STRATEGIES", "ContinualFusion", "Joint", "PerTaskDelta", "SequentialDelta", "SequentialFineTune",
            "Strategy", "TaskData", "make_strategy"]

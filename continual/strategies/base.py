@@ -17,7 +17,7 @@ from adapters import DEFAULT_METHOD, DeltaConfig, DeltaModel, load_delta, make_c
 from adapters.model import MethodSpec
 from streams import Task, TaskStream
 
-from ..training import TrainConfig, TrainResult, evaluate, eval_loader, train_task
+from ..training import ExtraLoss, TrainConfig, TrainResult, evaluate, eval_loader, train_task
 
 #: ``data(task)`` gives a task's tokenised splits (the scheduler tokenises each task once).
 TaskData = Callable[[Task], Any]
@@ -61,8 +61,12 @@ class Strategy:
     # False where a strategy can only train classification tasks (Avalanche's, through its model)
     generative_tasks: ClassVar[bool] = True
     # False where training does not go through continual.training.fit (Avalanche's own trainer),
-    # which is what runs data-parallel over several processes
+    # which is what runs data-parallel over several processes, or adds a loss term outside the model
     data_parallel: ClassVar[bool] = True
+    # True where training runs in another library's loop (Avalanche's), which keeps dropout on
+    own_loop: ClassVar[bool] = False
+    #: the options a strategy takes and their defaults (shown by ``continual list strategies``)
+    defaults: ClassVar[dict[str, Any]] = {}
     # True where a task may start from a saved delta (``delta:`` in a stream file): the strategy
     # gives each task a delta of its own, added through :func:`add_task`
     starts_from_deltas: ClassVar[bool] = False
@@ -121,7 +125,13 @@ class Strategy:
                                  decoder_start=model.decoder_start_id)
             dev = evaluate(model, task.name, loader, self.active(task.name), config.precision)
             return TrainResult(dev, 0, 0, time.perf_counter() - start, [])
-        return train_task(model, task.name, data(task), config, callback=callback, active=self.active(task.name))
+        return train_task(model, task.name, data(task), config, callback=callback, active=self.active(task.name),
+                          extra_loss=self.loss_term(model, task, config, data))
+
+    def loss_term(self, model: DeltaModel, task: Task, config: TrainConfig, data: TaskData) -> ExtraLoss | None:
+        """A term added to each training step's loss on ``task`` (replay, a penalty, distillation);
+        default none. See :data:`continual.training.ExtraLoss`."""
+        return None
 
     def finish(self, model: DeltaModel, task: Task) -> None:
         """After training: freeze what must not change any more."""

@@ -38,6 +38,8 @@ from ..training import TrainConfig
 from .pool import run_all
 
 METRICS = ("ACC", "BWT", "FWT", "forgetting")
+# the same run scored without the task id (continual.agnostic), and how often the router was right
+AGNOSTIC = ("ACC_agnostic", "BWT_agnostic", "forgetting_agnostic", "routing_accuracy")
 
 
 @dataclasses.dataclass
@@ -75,7 +77,7 @@ def summarize_run(directory: Path) -> dict[str, Any]:
     results = run_info(directory)  # verified against its checksum
     steps = results["steps"]
     per_task = [v for s in steps for v in s["trainable_params"].values()]
-    row = {k: results["metrics"].get(k) for k in METRICS}
+    row = {k: results["metrics"].get(k) for k in (*METRICS, *AGNOSTIC)}
     row.update({
         "trainable_params_per_task": int(np.mean(per_task)) if per_task else 0,
         "delta_bytes_on_disk": _dir_bytes(directory / "checkpoints"),
@@ -149,7 +151,7 @@ def mean_row(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     metrics (sample standard deviation), ``seeds`` how many."""
     out: dict[str, Any] = {k: float(np.mean([r[k] for r in rows])) if None not in [r[k] for r in rows] else None
                            for k in rows[0]}
-    for k in METRICS:
+    for k in (*METRICS, *AGNOSTIC):
         values = [r[k] for r in rows]
         out[f"{k}_std"] = float(np.std(values, ddof=1)) if None not in values else None
     out["trainable_params_per_task"] = int(out["trainable_params_per_task"])
@@ -168,14 +170,19 @@ def report_markdown(stream: str, rows: dict[str, dict[str, Any]]) -> str:
     seeds = {r.get("seeds", 1) for r in rows.values()}
     title = f"# Comparison on stream `{stream}`" + (f" (mean ± std over {max(seeds)} seeds)" if max(seeds) > 1 else "")
     lines = [title, "",
-             "| method | ACC | BWT | FWT | forgetting | trainable params / task | delta on disk | wall time |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| method | ACC | BWT | FWT | forgetting | ACC, no task id | BWT, no task id | forgetting, no task id "
+             "| routing | trainable params / task | delta on disk | wall time |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for label, r in rows.items():
-        lines.append(f"| {label} | " + " | ".join(_cell(r, k) for k in METRICS)
+        lines.append(f"| {label} | " + " | ".join(_cell(r, k) for k in (*METRICS, *AGNOSTIC))
                      + f" | {r['trainable_params_per_task']:,} | {r['delta_bytes_on_disk'] / 1e6:.2f} MB | {r['wall_seconds']:.0f} s |")
-    lines += ["", "ACC: mean final accuracy; BWT < 0 and forgetting > 0 mean forgetting; FWT: gain from earlier "
-              "tasks before training. Delta on disk: all task checkpoints the run saved, with the fine-tuned "
-              "backbone for the strategies that train it (seq-ft, avalanche-*)."]
+    lines += ["", "ACC: mean final score (each task's own: accuracy, exact match, token F1 or ROUGE-L); BWT < 0 and "
+              "forgetting > 0 mean forgetting; FWT: gain from earlier tasks before training. The first group is "
+              "task-aware (each test example run with its own task's delta and head); the second is the same run "
+              "scored without the task id (a router fitted on the tasks seen so far picks the delta or head; "
+              "routing: the share of test examples it sent to their own task, after the last task): the "
+              "setting of the published continual-learning tables. Delta on disk: all task checkpoints the run "
+              "saved, with the fine-tuned backbone for the strategies that train it (seq-ft, avalanche-*)."]
     return "\n".join(lines)
 
 
@@ -186,7 +193,7 @@ def write_report(stream: str, rows: dict[str, dict[str, Any]], out: str | Path, 
     (out / "report.md").write_text(report_markdown(stream, rows) + "\n")
     clean = {k: {m: (None if isinstance(v, float) and math.isnan(v) else v) for m, v in r.items()} for k, r in rows.items()}
     (out / "report.json").write_text(json.dumps({"stream": stream, "rows": clean}, indent=1))
-    files = [out / "report.md", out / "report.json", metric_bars(rows, METRICS, out / "report.png")]
+    files = [out / "report.md", out / "report.json", metric_bars(rows, (*METRICS, "ACC_agnostic", "BWT_agnostic"), out / "report.png")]
     if tracking_uri:
         log_compare(tracking_uri, stream, clean, files)
     return files

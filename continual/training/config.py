@@ -25,6 +25,8 @@ Precision = Literal["fp32", "bf16", "fp16", "auto"]
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 DropoutMasks = Literal["torch", "fast"]
 Malloc = Literal["default", "hold"]
+Router = Literal["prototype", "linear"]
+ROUTERS = ("prototype", "linear")  # fusion.routing.ROUTERS, named here so a config is checked without importing it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +52,9 @@ class Recipe:
     # A deterministic forward: an N-process run then matches one process to float rounding, where
     # with dropout each process draws its own masks (see continual.training.distributed)
     dropout: bool = True
+    # how a stream's test examples are sent to a task when no task id is given (the task-agnostic
+    # matrix, continual.agnostic): fitted inside the run on the tasks seen so far
+    router: Router = "prototype"
 
     def __post_init__(self) -> None:
         Recipe._check(self)
@@ -73,6 +78,8 @@ class Recipe:
             raise ValueError(f"max_steps {self.max_steps} is more than the {MAX_STEPS:,} steps per task this accepts "
                              f"(its warm-up alone would be {math.ceil(self.warmup_ratio * self.max_steps):,} steps at a "
                              "learning rate near 0)")
+        if self.router not in ROUTERS:
+            raise ValueError(f"router must be one of {ROUTERS}, got {self.router!r}")
         if self.patience is not None and (not isinstance(self.patience, int) or self.patience < 1):
             raise ValueError(f"patience must be None (never stop early) or an integer >= 1, got {self.patience!r}")
 

@@ -209,6 +209,11 @@ class GenerationLoader:
                    "references": list(rows["target"])}
 
 
+def collate_rows(dataset: Dataset, indices: Sequence[int], tokenizer: Any) -> dict[str, torch.Tensor]:
+    """One training batch of the tokenised ``dataset``'s rows ``indices`` (e.g. a replay memory's)."""
+    return _collate(dataset, tokenizer, None)([dataset[int(i)] for i in indices])
+
+
 def make_loader(dataset: Dataset, tokenizer: Any, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
     """Dynamically padded batches; shuffling is seeded."""
     gen = torch.Generator().manual_seed(seed)

@@ -14,7 +14,7 @@ from adapters.generation import answer_batches
 from adapters.precision import autocast, resolve_precision
 
 from . import distributed
-from .textscore import score_texts
+from .textscore import SCORERS, score_texts
 
 
 def macro_f1(pred: np.ndarray, gold: np.ndarray, num_labels: int) -> float:
@@ -31,17 +31,20 @@ def macro_f1(pred: np.ndarray, gold: np.ndarray, num_labels: int) -> float:
 
 @torch.no_grad()
 def evaluate(
-    model: DeltaModel, task: str, loader: DataLoader, active: Sequence[str] | None = None, precision: str = "fp32"
+    model: DeltaModel, task: str, loader: DataLoader, active: Sequence[str] | None = None, precision: str = "fp32",
+    per_example: list[float] | None = None,
 ) -> dict[str, float]:
     """Accuracy, macro-F1 and mean loss of ``task``'s head on a loader; for a generative task (a
     :class:`~continual.training.data.GenerationLoader`) the text scores of its generated answers,
     ``accuracy`` being the task's own metric.
 
     ``active``: the tasks whose deltas act, ``task`` last; default ``task`` alone.
-    ``precision``: as in :class:`~continual.training.TrainConfig` (autocast for bf16 / fp16)."""
+    ``precision``: as in :class:`~continual.training.TrainConfig` (autocast for bf16 / fp16).
+    ``per_example``: a list to extend with each example's score, in the split's order (1 or 0 for
+    a classifier; the task's metric for a generative task): the accuracy is their mean."""
     loader = distributed.shard_loader(loader, model)  # with several processes, each scores its shard
     if getattr(loader, "generative", False):
-        return evaluate_generation(model, task, loader, active, precision)
+        return evaluate_generation(model, task, loader, active, precision, per_example)
     device = model.device
     was_training = model.training
     model.eval()
@@ -60,6 +63,8 @@ def evaluate(
     pred, gold = (np.asarray(c) for c in zip(*distributed.gather_lists(pairs, loader)))
     loss_sum = sum(distributed.gather_lists([float(torch.stack(losses).sum()) if losses else 0.0], loader))
     n_labels = model.task(task).head.num_labels
+    if per_example is not None:
+        per_example.extend((pred == gold).astype(float).tolist())
     return {"accuracy": float((pred == gold).mean()), "macro_f1": macro_f1(pred, gold, n_labels), "loss": loss_sum / len(gold)}
 
 
@@ -73,10 +78,12 @@ def answers(model: DeltaModel, loader, active: Sequence[str], precision: str = "
 
 
 def evaluate_generation(model: DeltaModel, task: str, loader, active: Sequence[str] | None = None,
-                        precision: str = "fp32") -> dict[str, float]:
+                        precision: str = "fp32", per_example: list[float] | None = None) -> dict[str, float]:
     """Greedy answers of ``task`` (its deltas, the model's LM head) scored by the loader's metric."""
     loader = distributed.shard_loader(loader, model)
     preds, refs = answers(model, loader, active or (task,), precision)
     # several processes: each answered its shard (shard_loader); the metric is the whole split's
     pairs = distributed.gather_lists(list(zip(preds, refs)), loader)
+    if per_example is not None:
+        per_example.extend(SCORERS[loader.metric](p, r) for p, r in pairs)
     return score_texts([p for p, _ in pairs], [r for _, r in pairs], loader.metric)

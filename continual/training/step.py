@@ -7,7 +7,7 @@ training runs. Precision helpers (autocast, frozen bf16 Linear weights) live in
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -20,12 +20,18 @@ def make_optimizer(groups: Sequence[dict[str, Any]], device: torch.device, weigh
     return torch.optim.AdamW(groups, weight_decay=weight_decay, fused=True if device.type == "cuda" else None)
 
 
+#: ``extra_loss(batch, labels, logits)``: a term a strategy adds to each step's loss (a replay
+#: batch's loss, a penalty, a distillation term); None adds nothing
+ExtraLoss = Callable[[dict[str, torch.Tensor], torch.Tensor, torch.Tensor], "torch.Tensor | None"]
+
+
 class TrainStep:
     """One optimisation step of whatever is trainable in ``model``, with no host sync: returns the
     loss as a device tensor. Use it inside :func:`adapters.precision.frozen_linears_in` for bf16 / fp16.
 
     compile: None, or a torch.compile mode. The model is traced with its delta hooks; activating
-    another set of tasks re-traces once."""
+    another set of tasks re-traces once. ``extra_loss``: see :data:`ExtraLoss` (run in the same
+    autocast as the forward pass; it may run the model again, e.g. under ``model.acting``)."""
 
     def __init__(
         self,
@@ -34,8 +40,9 @@ class TrainStep:
         precision: str = "fp32",
         compile: str | None = None,
         grad_clip: float | None = 1.0,
+        extra_loss: ExtraLoss | None = None,
     ) -> None:
-        self.model, self.optimizer, self.grad_clip = model, optimizer, grad_clip
+        self.model, self.optimizer, self.grad_clip, self.extra_loss = model, optimizer, grad_clip, extra_loss
         self.device = next(model.parameters()).device
         self.precision = resolve_precision(precision, self.device)
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -47,10 +54,13 @@ class TrainStep:
         (a data-parallel rank's slice: see :mod:`continual.training.distributed`)."""
         with autocast(self.precision, self.device):
             logits = self.forward(**batch)
+            extra = self.extra_loss(batch, labels, logits) if self.extra_loss is not None else None
         if denominator is None:
             loss = token_loss(logits, labels)
         else:
             loss = token_loss(logits, labels, reduction="sum") / denominator
+        if extra is not None:
+            loss = loss + extra.float()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.grad_clip:

@@ -52,6 +52,7 @@ class AvalancheStrategy(SequentialFineTune):
 
     generative_tasks = False  # its model wrapper returns one head's class logits
     data_parallel = False  # Avalanche's own training loop, not continual.training.fit
+    own_loop = True
 
     def __init__(self, methods: Sequence[MethodSpec] = (), backbone_lr: float = 5e-5, **options: Any) -> None:
         super().__init__(methods, backbone_lr)

@@ -1,0 +1,193 @@
+"""Scores without the task id: the task-agnostic matrix ``A`` (R_agnostic), filled beside R.
+
+R is task-aware: each test example is run with its own task's deltas and head. The tables the
+continual-learning literature on deltas publishes (O-LoRA, InfLoRA, SAPT, TRACE) are made the other
+way: one model answers every input and nothing says which task it came from. After each row of
+R the scheduler therefore also fills a row of ``A``:
+
+1. a router (:mod:`fusion.routing`: ``prototype`` or ``linear``, ``TrainConfig.router``) is fitted
+   inside the run on the tasks seen so far only: the frozen backbone's sentence embeddings of up
+   to :data:`FIT_MAX` training examples of each task, added when the task's step ends;
+2. every test example of every task seen so far is sent to the task the router picks, and is
+   answered with that task's ``strategy.active`` deltas and head: a classifier's answer is the
+   routed head's label *name*, right when it equals the gold name; a generative answer is
+   generated through the routed task's deltas and scored against the example's reference with
+   its own task's metric. An example sent to a task of the other kind (a classifier for a
+   generative example) scores 0.
+
+So for per-task deltas and continual fusion the router picks the delta; for strategies with one
+shared delta (seq-delta, replay, ewc, lwf, joint) it picks only a classification task's head, and
+generative tasks, which share the model's LM head, are answered the same whatever the route.
+
+Cost: each example's score is kept with a key of the function that answered it (the contents of
+the tasks it read, not their names, and the backbone's weights). An example is answered again only
+when its route or that function changed, and the task-aware pass hands its per-example scores over
+(:meth:`AgnosticScorer.record`), so a per-task stream answers only the examples routed elsewhere.
+The fitted embeddings are part of a run's saved state: a resumed run routes exactly as the
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from adapters import DeltaModel
+from fusion.routing import ROUTERS, embed
+from streams import Task
+
+from .training import answers, eval_loader
+from .training.textscore import SCORERS
+
+FIT_MAX = 1000  # training examples per task the router is fitted on (the first ones of the seeded split)
+PREFIX = "agnostic."  # of this scorer's tensors in a run's saved state
+
+
+def _digest_into(h: Any, name: str, t: torch.Tensor) -> None:
+    t = t.detach()
+    if hasattr(t, "to_local"):  # sharded: this rank's shard changes iff the whole does
+        t = t.to_local()
+    h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+    h.update(t.contiguous().reshape(-1).view(torch.uint8).cpu().numpy().tobytes() if t.numel() else b"")
+
+
+def function_key(model: DeltaModel, active: Sequence[str], backbone: str) -> str:
+    """What answering with ``active`` computes, independent of the tasks' names: the delta
+    configs, parameters, heads (kind and label names) of ``active`` and of what their deltas read
+    (a fusion's sources), in order, and the backbone's digest."""
+    h = hashlib.blake2b(digest_size=20)
+    h.update(backbone.encode())
+    order, todo = [], list(active)
+    while todo:  # active first, in order, then sources: the order is part of the function
+        name = todo.pop(0)
+        if name not in order:
+            order.append(name)
+            todo += [s for d in model.task(name).deltas.values() for s in d.sources()]
+    for pos, name in enumerate(order):
+        t = model.task(name)
+        head = "none" if t.head is None else ("lm" if getattr(t.head, "generative", False) else "cls")
+        h.update(f"|{pos}:{[c.to_dict() for c in t.configs]}:{head}:{t.label_names}:{name in active}".encode())
+        for k, v in t.state_dict().items():
+            _digest_into(h, k, v)
+    return h.hexdigest()
+
+
+class AgnosticScorer:
+    """The router and the per-example score store of one stream run (see the module docstring).
+
+    ``data``: the run's :class:`~continual.scoring.TokenisedTasks`; ``active``: the strategy's
+    ``active``; ``precision``: the run's."""
+
+    def __init__(self, model: DeltaModel, data: Any, active: Callable[[str], tuple[str, ...]], router: str = "prototype",
+                 seed: int = 0, precision: str = "fp32") -> None:
+        self.model, self.data, self.active, self.precision = model, data, active, precision
+        self.router_name, self.seed = router, seed
+        self.router = self._new_router()
+        self.fitted: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # (task, embeddings, labels), in order
+        self._test_emb: dict[tuple[str, str], torch.Tensor] = {}
+        self._scores: dict[tuple[str, str], np.ndarray] = {}  # (task, function key) -> per-example, NaN = not yet
+
+    def _new_router(self) -> Any:
+        return ROUTERS[self.router_name](seed=self.seed) if self.router_name == "linear" else ROUTERS[self.router_name]()
+
+    # -- fitting -------------------------------------------------------------------------------------
+    def add_task(self, task: Task) -> None:
+        """Fit the router on ``task`` too (its first :data:`FIT_MAX` training examples)."""
+        train = self.data(task)["train"]
+        n = min(len(train), FIT_MAX)
+        loader = eval_loader(train.select(range(n)), self.model.tokenizer, self.data.length(task), self.data.eval_batch,
+                             decoder_start=self.model.decoder_start_id)
+        raw = task.splits()["train"]
+        labels = torch.as_tensor(raw["label"][:n] if "label" in raw.column_names else [0] * n)  # free text: one prototype
+        self._fit(task.name, embed(self.model, loader), labels)
+
+    def _fit(self, name: str, emb: torch.Tensor, labels: torch.Tensor) -> None:
+        self.fitted.append((name, emb, labels))
+        self.router.add_task(name, emb, labels.tolist())
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The fitted embeddings and labels, keyed by position (saved with the run's state)."""
+        out = {}
+        for i, (_, emb, labels) in enumerate(self.fitted):
+            out[f"{PREFIX}{i}.embeddings"], out[f"{PREFIX}{i}.labels"] = emb.contiguous(), labels.contiguous()
+        return out
+
+    def load_state(self, names: Sequence[str], state: dict[str, torch.Tensor]) -> None:
+        """Refit the router from a saved state: task i of ``names`` on its saved embeddings."""
+        self.router, self.fitted = self._new_router(), []
+        for i, name in enumerate(names):
+            self._fit(name, state[f"{PREFIX}{i}.embeddings"].cpu(), state[f"{PREFIX}{i}.labels"].cpu())
+
+    # -- scoring -------------------------------------------------------------------------------------
+    def record(self, task: Task, per_example: Sequence[float], backbone: str) -> None:
+        """The task-aware pass's per-example scores of ``task``: answered by its own function."""
+        key = function_key(self.model, self.active(task.name), backbone)
+        self._scores[(task.name, key)] = np.asarray(per_example, dtype=float)
+
+    def _embeddings(self, task: Task, backbone: str) -> torch.Tensor:
+        key = (task.name, backbone)
+        if key not in self._test_emb:
+            self._test_emb = {k: v for k, v in self._test_emb.items() if k[1] == backbone}  # an old backbone's go
+            self._test_emb[key] = embed(self.model, self.data.loader(task))
+        return self._test_emb[key]
+
+    def row(self, tasks: Sequence[Task], backbone: str) -> tuple[list[float], float]:
+        """Each of ``tasks``' score with routed tasks (in order) and the routing accuracy.
+        ``tasks``: the stream's tasks seen so far, each fitted (:meth:`add_task`) already."""
+        fitted = [name for name, _, _ in self.fitted]
+        if fitted != [t.name for t in tasks]:
+            raise RuntimeError(f"the router was fitted on {fitted}, asked to route over {[t.name for t in tasks]}")
+        keys = [function_key(self.model, self.active(t.name), backbone) for t in tasks]
+        scores, right, total = [], 0, 0
+        for j, task in enumerate(tasks):
+            slots = self.router.predict(self._embeddings(task, backbone)).numpy()
+            right, total = right + int((slots == j).sum()), total + len(slots)
+            per_example = np.full(len(slots), np.nan)
+            for k in np.unique(slots):
+                where = np.flatnonzero(slots == k)
+                per_example[where] = self._answered(task, tasks[k], keys[k], where)
+            scores.append(float(per_example.mean()))
+        return scores, right / max(total, 1)
+
+    def _answered(self, task: Task, by: Task, key: str, where: np.ndarray) -> np.ndarray:
+        """Scores of ``task``'s test examples ``where`` answered by task ``by`` (cached by function)."""
+        if task.generative != by.generative:
+            return np.zeros(len(where))  # a classifier cannot answer a text question, nor the reverse
+        store = self._scores.setdefault((task.name, key), np.full(len(self.data(task)["test"]), np.nan))
+        missing = where[np.isnan(store[where])]
+        if len(missing):
+            store[missing] = self._answer(task, by, missing)
+        return store[where]
+
+    def _answer(self, task: Task, by: Task, where: np.ndarray) -> np.ndarray:
+        subset = self.data(task)["test"].select(where.tolist())
+        active = self.active(by.name)
+        if task.generative:
+            loader = self.data.loader(task).subset(subset)  # the whole split's answer length and metric
+            preds, refs = answers(self.model, loader, active, self.precision)
+            return np.asarray([SCORERS[loader.metric](p, r) for p, r in zip(preds, refs)], dtype=float)
+        names = self.model.task(by.name).label_names
+        gold = [task.label_names[y] for y in subset["label"]]
+        loader = eval_loader(subset, self.model.tokenizer, self.data.length(task), self.data.eval_batch)
+        preds = _predicted(self.model, loader, active, self.precision)
+        return np.asarray([names[p] == g for p, g in zip(preds, gold)], dtype=float)
+
+
+@torch.no_grad()
+def _predicted(model: DeltaModel, loader: Any, active: Sequence[str], precision: str) -> list[int]:
+    """The label index the last of ``active``'s heads predicts for each example of ``loader``."""
+    from adapters.precision import autocast, resolve_precision
+
+    device = model.device
+    was_training = model.training
+    model.eval()
+    out = []
+    with model.using(*active), autocast(resolve_precision(precision, device), device):
+        for batch in loader:
+            batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+            out.append(model(**batch).argmax(-1).cpu())
+    model.train(was_training)
+    return torch.cat(out).tolist()

@@ -1,0 +1,117 @@
+"""``ewc``: one shared delta whose parameters are anchored by their Fisher information.
+
+Elastic weight consolidation, Kirkpatrick et al., "Overcoming catastrophic forgetting in neural
+networks" (PNAS 2017), in its online form (Schwarz et al., "Progress & Compress", ICML 2018): after
+each task the diagonal Fisher information F of the trained parameters is estimated on that task's
+training data and added to the running F; the parameters' values are the new anchor θ*. Training
+the next task adds
+
+    (λ / 2) · Σ_i F_i (θ_i − θ*_i)²
+
+to its loss. Here θ is the shared **delta** (the frozen backbone never moves, and each task's head
+is its own and frozen after its task), so the penalty costs a few element-wise products per step.
+Defaults: ``ewc_lambda=1000`` (Avalanche's default for online EWC, which ``avalanche-ewc`` uses on
+the whole backbone), ``fisher_samples=64`` training examples per task.
+
+How we depart from the paper: F is the *empirical* Fisher (squared gradients of the loss of the
+gold label, or of the gold answer's tokens for a generative task, one example at a time), where
+the paper samples the label from the model's own prediction; most continual-learning code does the
+same. The online sum keeps γ = 1 (no decay). F and θ* are part of the run's saved state.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from adapters import DEFAULT_METHOD, DeltaModel
+from adapters.model import MethodSpec
+from adapters.precision import autocast, resolve_precision
+from streams import Task
+
+from ..training import TrainConfig, collate_rows, token_loss
+from .shared_delta import SHARED, _SharedDelta
+
+
+def ewc_penalty(params: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor], fisher: dict[str, torch.Tensor],
+                strength: float) -> torch.Tensor:
+    """(strength / 2) · Σ F (θ − θ*)²: zero at the anchor, growing with the squared move."""
+    total = next(iter(params.values())).new_zeros((), dtype=torch.float32)
+    for name, p in params.items():
+        total = total + (fisher[name] * (p.float() - anchor[name]) ** 2).sum()
+    return 0.5 * strength * total
+
+
+class EWC(_SharedDelta):
+    name = "ewc"
+    description = "one shared delta; online EWC: a Fisher-weighted pull of its parameters toward their last anchor"
+    defaults = {"ewc_lambda": 1000.0, "fisher_samples": 64}
+    data_parallel = False  # the penalty is added outside the data-parallel model
+
+    def __init__(self, methods: Sequence[MethodSpec] = (DEFAULT_METHOD,), ewc_lambda: float = 1000.0,
+                 fisher_samples: int = 64) -> None:
+        super().__init__(methods)
+        if not isinstance(ewc_lambda, (int, float)) or isinstance(ewc_lambda, bool) or not ewc_lambda >= 0 \
+                or ewc_lambda == float("inf"):
+            raise ValueError(f"ewc: ewc_lambda must be a finite number >= 0, got {ewc_lambda!r}")
+        if not isinstance(fisher_samples, int) or isinstance(fisher_samples, bool) or fisher_samples < 1:
+            raise ValueError(f"ewc: fisher_samples must be an integer >= 1, got {fisher_samples!r}")
+        self.ewc_lambda, self.fisher_samples = float(ewc_lambda), fisher_samples
+        self.fisher: dict[str, torch.Tensor] = {}
+        self.anchor: dict[str, torch.Tensor] = {}
+
+    @staticmethod
+    def shared_params(model: DeltaModel) -> dict[str, torch.nn.Parameter]:
+        return dict(model.task(SHARED).deltas.named_parameters())
+
+    def loss_term(self, model: DeltaModel, task: Task, config: TrainConfig, data: Any):
+        if not self.fisher or self.ewc_lambda == 0:
+            return None
+        params = self.shared_params(model)
+        return lambda batch, labels, logits: ewc_penalty(params, self.anchor, self.fisher, self.ewc_lambda)
+
+    def train(self, model, tasks, config, data, callback):
+        result = super().train(model, tasks, config, data, callback)
+        for t in tasks:
+            fisher = self.estimate_fisher(model, t, data(t)["train"], config)
+            self.fisher = {k: self.fisher.get(k, 0) + v for k, v in fisher.items()}
+        self.anchor = {k: p.detach().float().clone() for k, p in self.shared_params(model).items()}
+        return result
+
+    def estimate_fisher(self, model: DeltaModel, task: Task, train: Any, config: TrainConfig) -> dict[str, torch.Tensor]:
+        """Mean squared gradient of each shared-delta parameter over the first ``fisher_samples``
+        training examples of ``task``, one example at a time (dropout off)."""
+        params = self.shared_params(model)
+        fisher = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in params.items()}
+        n = min(self.fisher_samples, len(train))
+        was_training = model.training
+        model.eval()
+        precision = resolve_precision(config.precision, model.device)
+        with model.acting(*self.active(task.name)):
+            for i in range(n):
+                batch = {k: v.to(model.device) for k, v in collate_rows(train, [i], model.tokenizer).items()}
+                labels = batch.pop("labels")
+                with autocast(precision, model.device):
+                    logits = model(**batch)
+                grads = torch.autograd.grad(token_loss(logits, labels), list(params.values()), allow_unused=True)
+                for (k, _), g in zip(params.items(), grads):
+                    if g is not None:
+                        fisher[k] += g.float() ** 2 / n
+        model.train(was_training)
+        return fisher
+
+    def state(self, model: DeltaModel) -> dict[str, torch.Tensor]:
+        out = super().state(model)
+        out.update({f"ewc.fisher.{k}": v for k, v in self.fisher.items()})
+        out.update({f"ewc.anchor.{k}": v for k, v in self.anchor.items()})
+        return out
+
+    def load_state(self, model: DeltaModel, state: dict[str, torch.Tensor]) -> None:
+        super().load_state(model, state)
+        device = model.device
+        self.fisher = {k[len("ewc.fisher."):]: v.to(device) for k, v in state.items() if k.startswith("ewc.fisher.")}
+        self.anchor = {k[len("ewc.anchor."):]: v.to(device) for k, v in state.items() if k.startswith("ewc.anchor.")}
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "ewc_lambda": self.ewc_lambda, "fisher_samples": self.fisher_samples}

@@ -1,0 +1,109 @@
+"""``replay``: one shared delta, and a small memory of earlier tasks' examples replayed at every step.
+
+Experience replay with a tiny episodic memory, after Chaudhry et al., "On Tiny Episodic Memories
+in Continual Learning" (2019, arXiv:1902.10486): a fixed budget of stored examples, split evenly
+between the tasks seen so far; each training step on the new task also trains on a batch drawn
+from the memory. Their defaults: a memory batch as large as the task's batch, a budget of a few
+examples per class. Ours: ``memory_size=200`` examples in all, ``replay_batch`` = the batch size.
+
+How we depart from the paper:
+
+- Each task's stored examples are the first ones of a seeded permutation of its training split
+  (the paper's reservoir sampling gives a uniform sample too, but depends on arrival order). When
+  a new task arrives every task's share shrinks to ``memory_size // tasks`` (the earliest tasks
+  keep the remainder) by cutting the end of its list, so the memory stays task-balanced and any
+  task's memory after row i is a prefix of what it was before.
+- The step's loss is the new batch's mean loss *plus* the memory batch's (the paper concatenates
+  the two batches into one mean: half of this; AdamW makes the two nearly the same step). A
+  memory batch holding several earlier tasks is run task by task, each through the shared delta
+  and its own head (a classifier's heads differ; generative tasks share the LM head), and their
+  losses are averaged weighted by their share of the memory batch.
+
+The memory (the stored indices) is part of the run's saved state, so a resumed run replays
+exactly the examples an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from adapters import DEFAULT_METHOD, DeltaModel
+from adapters.model import MethodSpec
+from streams import Task
+
+from ..training import TrainConfig, collate_rows, token_loss
+from .shared_delta import _SharedDelta
+
+
+class Replay(_SharedDelta):
+    name = "replay"
+    description = "one shared delta; a seeded, task-balanced memory of earlier tasks' examples replayed each step"
+    defaults = {"memory_size": 200, "replay_batch": None}
+    data_parallel = False  # the memory batch's loss is computed outside the data-parallel model
+
+    def __init__(self, methods: Sequence[MethodSpec] = (DEFAULT_METHOD,), memory_size: int = 200,
+                 replay_batch: int | None = None) -> None:
+        super().__init__(methods)
+        for key, v in (("memory_size", memory_size), ("replay_batch", replay_batch)):
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ValueError(f"replay: {key} must be an integer >= 1, got {v!r}")
+        self.memory_size, self.replay_batch = memory_size, replay_batch
+        self.memory: dict[str, torch.Tensor] = {}  # task -> indices into its tokenised training split, in order
+        self.seen: list[Task] = []
+
+    def finish(self, model: DeltaModel, task: Task) -> None:
+        super().finish(model, task)
+        if task.name not in [t.name for t in self.seen]:
+            self.seen.append(task)
+
+    def loss_term(self, model: DeltaModel, task: Task, config: TrainConfig, data: Any):
+        pool = [(t, int(i)) for t in self.seen if t.name != task.name for i in self.memory.get(t.name, ())]
+        if not pool:
+            return None
+        size = self.replay_batch or config.batch_size
+        gen = torch.Generator().manual_seed(config.seed)  # the step's seed: a resumed step draws the same batches
+
+        def replayed(batch: dict[str, torch.Tensor], labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+            picks = [pool[i] for i in torch.randint(len(pool), (size,), generator=gen).tolist()]
+            total = logits.new_zeros((), dtype=torch.float32)
+            for old in dict.fromkeys(t.name for t, _ in picks):
+                t = next(t for t, _ in picks if t.name == old)
+                rows = [i for u, i in picks if u.name == old]
+                mem = collate_rows(data(t)["train"], rows, model.tokenizer)
+                mem = {k: v.to(model.device) for k, v in mem.items()}
+                mem_labels = mem.pop("labels")
+                with model.acting(*self.active(old)):
+                    total = total + token_loss(model(**mem), mem_labels) * (len(rows) / size)
+            return total
+
+        return replayed
+
+    def train(self, model, tasks, config, data, callback):
+        result = super().train(model, tasks, config, data, callback)
+        for t in tasks:
+            self._store(t, len(data(t)["train"]), config.seed)
+        return result
+
+    def _store(self, task: Task, n: int, seed: int) -> None:
+        """Add ``task``'s share of the memory; every task's share shrinks to the even split."""
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        self.memory[task.name] = order
+        names = list(self.memory)
+        share, extra = divmod(self.memory_size, len(names))
+        for i, name in enumerate(names):
+            self.memory[name] = self.memory[name][:share + (1 if i < extra else 0)].clone()
+
+    def state(self, model: DeltaModel) -> dict[str, torch.Tensor]:
+        out = super().state(model)
+        out.update({f"replay.{i}": self.memory[name] for i, name in enumerate(self.memory)})
+        return out
+
+    def load_state(self, model: DeltaModel, state: dict[str, torch.Tensor]) -> None:
+        super().load_state(model, state)
+        names = [t.name for t in self.seen]  # rebuilt (prepare + finish of the finished steps) before this
+        self.memory = {names[i]: state[f"replay.{i}"].cpu().long() for i in range(len(names)) if f"replay.{i}" in state}
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "memory_size": self.memory_size, "replay_batch": self.replay_batch}

@@ -1,0 +1,185 @@
+"""replay, EWC and LwF on a shared delta, and the task-agnostic matrix, on tiny models.
+
+Each strategy's own property (replay's memory balanced and restored on resume; EWC's penalty zero
+at the anchor and growing with the move; LwF's loss zero when the new delta equals the old), a
+kill + resume equal to the uninterrupted run for each, and R_agnostic equal to R on one task."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import FAST, toy_generative_stream, toy_stream
+from continual import StreamLogger, TrainConfig, make_strategy, run_stream
+from continual.agnostic import AgnosticScorer, function_key
+from continual.strategies import SHARED
+from continual.strategies.ewc import ewc_penalty
+from continual.strategies.lwf import OLD, distillation
+from streams import TaskStream
+
+CONFIG = TrainConfig(**{**FAST, "max_steps": 40})
+GEN = TrainConfig(**{**FAST, "max_steps": 40, "lr": 3e-2, "max_length": 32, "eval_every": 20})
+LORA = [{"method": "lora", "rank": 4}]
+OPTIONS = {"replay": {"memory_size": 30}, "ewc": {"fisher_samples": 8}, "lwf": {}}
+
+
+class KillAt(StreamLogger):
+    def __init__(self, row):
+        self.row, self.now = row, None
+
+    def start_step(self, row, tasks, params):
+        self.now = row
+
+    def log_step(self, record):
+        if self.now == self.row and record["step"] >= 10:
+            raise KeyboardInterrupt("killed")
+
+
+def test_ewc_penalty_is_zero_at_the_anchor_and_grows_with_the_move():
+    anchor = {"w": torch.randn(5)}
+    fisher = {"w": torch.rand(5) + 0.1}
+    at = ewc_penalty({"w": anchor["w"].clone()}, anchor, fisher, 100.0)
+    moves = [ewc_penalty({"w": anchor["w"] + s}, anchor, fisher, 100.0) for s in (0.1, 0.2, 0.4)]
+    assert at.item() == 0.0
+    assert moves[0] < moves[1] < moves[2]
+    assert moves[1].item() == pytest.approx(4 * moves[0].item(), rel=1e-5)  # quadratic in the move
+    assert ewc_penalty({"w": anchor["w"] + 0.1}, anchor, {"w": torch.zeros(5)}, 100.0).item() == 0.0  # F = 0: free
+
+
+def test_lwf_distillation_is_zero_when_nothing_moved():
+    t = torch.randn(6, 4)
+    assert distillation(t.clone(), t, 2.0).item() == pytest.approx(0.0, abs=1e-6)
+    assert distillation(t + torch.randn(6, 4), t, 2.0).item() > 0
+
+
+def test_lwf_term_is_zero_while_the_delta_equals_its_copy(text_model, tmp_path):
+    """Trained on task a, then the term for task b at its start (delta = copy): zero; moved: not."""
+    from continual.scoring import TokenisedTasks
+
+    model, stream = text_model(), toy_stream()
+    lwf = make_strategy("lwf", LORA)
+    data = TokenisedTasks(model.tokenizer, 16, 32)
+    for task in stream[:2]:
+        lwf.prepare(model, task)
+        if task.name == "a":
+            lwf.train(model, [task], CONFIG, data, None)
+            lwf.finish(model, task)
+    b = stream[1]
+    term = lwf.loss_term(model, b, CONFIG, data)
+    assert OLD in model.tasks
+    batch = model.tokenizer(list(b.train["text"][:8]), padding=True, return_tensors="pt")
+    model.activate(*lwf.active("b"))
+    with torch.no_grad():
+        logits = model(**batch)
+        assert term(dict(batch), None, logits).item() == pytest.approx(0.0, abs=1e-5)
+        for p in model.task(SHARED).deltas.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+        logits = model(**batch)
+        assert term(dict(batch), None, logits).item() > 1e-4
+
+
+def test_replay_memory_is_balanced_seeded_and_shrinks_by_cutting():
+    replay = make_strategy("replay", LORA, memory_size=10)
+    t = toy_stream().tasks
+    replay._store(t[0], 50, seed=1)
+    first = replay.memory["a"].clone()
+    assert len(first) == 10
+    replay._store(t[1], 40, seed=2)
+    replay._store(t[2], 40, seed=3)
+    assert [len(replay.memory[n]) for n in "abc"] == [4, 3, 3]  # even split, remainder to the earliest
+    assert torch.equal(replay.memory["a"], first[:4])  # a prefix of what it was
+    again = make_strategy("replay", LORA, memory_size=10)
+    again._store(t[0], 50, seed=1)
+    assert torch.equal(again.memory["a"], first)  # seeded
+
+
+@pytest.mark.parametrize("name", ["replay", "ewc", "lwf"])
+def test_kill_and_resume_equal_the_uninterrupted_run(name, text_model, tmp_path):
+    go = lambda d, **kw: run_stream(toy_stream(), text_model(), make_strategy(name, LORA, **OPTIONS[name]), CONFIG,  # noqa: E731
+                                    tmp_path / d, **kw)
+    full = go("full")
+    with pytest.raises(KeyboardInterrupt):
+        go("k", loggers=[KillAt(2)])
+    resumed = go("k", resume=True)
+    np.testing.assert_array_equal(resumed.matrix.R, full.matrix.R)
+    np.testing.assert_array_equal(resumed.matrix.A, full.matrix.A)
+    np.testing.assert_array_equal(resumed.matrix.routing, full.matrix.routing)
+    assert not np.isnan(np.diag(full.matrix.A)).any() and not np.isnan(full.matrix.A[-1]).any()
+
+
+def test_replay_restores_its_memory_exactly_on_resume(text_model, tmp_path):
+    from safetensors.torch import load_file
+
+    full = run_stream(toy_stream(), text_model(), make_strategy("replay", LORA, memory_size=30), CONFIG, tmp_path / "f")
+    saved = load_file(str(next((tmp_path / "f").glob("state-step*.safetensors"))))
+    assert [len(saved[f"replay.{i}"]) for i in range(3)] == [10, 10, 10]
+    strategy = make_strategy("replay", LORA, memory_size=30)
+    with pytest.raises(KeyboardInterrupt):
+        run_stream(toy_stream(), text_model(), strategy, CONFIG, tmp_path / "k", loggers=[KillAt(2)])
+    resumed_strategy = make_strategy("replay", LORA, memory_size=30)
+    resumed = run_stream(toy_stream(), text_model(), resumed_strategy, CONFIG, tmp_path / "k", resume=True)
+    for i, name in enumerate("abc"):
+        assert torch.equal(resumed_strategy.memory[name], saved[f"replay.{i}"])
+    np.testing.assert_array_equal(resumed.matrix.R, full.matrix.R)
+
+
+def test_generative_stream_trains_with_each_method(lm_model, tmp_path):
+    stream = TaskStream("toy-gen", toy_generative_stream().tasks[:2])
+    for name in ("replay", "ewc", "lwf"):
+        res = run_stream(stream, lm_model(), make_strategy(name, LORA, **OPTIONS[name]), GEN, tmp_path / name)
+        assert not np.isnan(res.matrix.R[-1]).any() and not np.isnan(res.matrix.A[-1]).any()
+        # one shared delta and the shared LM head: routing cannot change a generative answer
+        np.testing.assert_allclose(res.matrix.A[-1], res.matrix.R[-1])
+
+
+@pytest.mark.parametrize("strategy", ["per-task", "seq-delta"])
+def test_agnostic_equals_task_aware_on_one_task(strategy, text_model, tmp_path):
+    stream = TaskStream("one", toy_stream().tasks[:1])
+    res = run_stream(stream, text_model(), make_strategy(strategy, LORA), CONFIG, tmp_path / "r")
+    assert res.matrix.A[0, 0] == res.matrix.R[0, 0] and res.matrix.routing[0] == 1.0
+    assert res.metrics["ACC_agnostic"] == res.metrics["ACC"]
+
+
+def test_per_task_agnostic_scores_follow_the_router(text_model, tmp_path):
+    """Every example answered by its routed task's delta and head: recomputed here from scratch."""
+    stream = toy_stream()
+    model = text_model()
+    res = run_stream(stream, model, make_strategy("per-task", LORA), CONFIG, tmp_path / "r")
+    strategy = make_strategy("per-task", LORA)
+    from continual.scoring import TokenisedTasks
+
+    fresh = AgnosticScorer(model, TokenisedTasks(model.tokenizer, CONFIG.max_length, 32), strategy.active)
+    for t in stream:
+        fresh.add_task(t)
+    scores, routing = fresh.row(stream.tasks, "")
+    np.testing.assert_allclose(scores, res.matrix.A[-1])
+    assert routing == res.matrix.routing[-1]
+
+
+def test_function_key_ignores_names_but_not_weights(text_model):
+    model = text_model()
+    for name in "ab":
+        torch.manual_seed(0)
+        model.add_task(name, LORA, label_names=["no", "yes"])
+    assert function_key(model, ("a",), "x") == function_key(model, ("b",), "x")  # same weights: same answers
+    assert function_key(model, ("a",), "x") != function_key(model, ("a",), "y")  # another backbone
+    with torch.no_grad():
+        next(model.task("b").parameters()).add_(1.0)
+    assert function_key(model, ("a",), "x") != function_key(model, ("b",), "x")
+
+
+def test_agnostic_matrix_round_trips_and_old_results_still_load():
+    from continual.metrics import AccuracyMatrix
+
+    m = AccuracyMatrix(["a", "b"])
+    for row in range(2):
+        for j in range(row + 1):
+            m.update(row, j, 0.9 - 0.1 * row, 0.8)
+    m.update_agnostic(0, [0.7], 1.0)
+    m.update_agnostic(1, [0.5, 0.6], 0.75)
+    back = AccuracyMatrix.from_dict(m.to_dict())
+    np.testing.assert_array_equal(back.A, m.A)
+    r = back.result()
+    assert r["ACC_agnostic"] == pytest.approx(0.55) and r["BWT_agnostic"] == pytest.approx(-0.2)
+    assert r["routing_accuracy"] == 0.75 and "FWT_agnostic" not in r
+    old = {k: v for k, v in m.to_dict().items() if k not in ("R_agnostic", "routing")}  # saved before A existed
+    assert np.isnan(AccuracyMatrix.from_dict(old).result()["ACC_agnostic"])
