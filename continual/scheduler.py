@@ -301,7 +301,7 @@ def run_stream(
     if model.tasks:
         raise ValueError(f"run_stream needs a model without tasks; it has {list(model.tasks)}")
     device = config.torch_device()
-    strategy.check_stream(stream, model)
+    strategy.check_stream(stream, model, config.max_length)
     check_lengths(model, max(t.max_length or config.max_length for t in stream), strategy.methods)
     for length in {t.max_length or config.max_length for t in stream if t.generative}:
         check_generative_length(length)

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     data, src = load_task_data(args.task, seed=args.seed, max_train=args.max_train or None, max_eval=args.max_eval or None)
     model = adapters.DeltaModel.from_pretrained(args.backbone)
-    methods = args.method or ["bottleneck"]
+    methods = args.method or [adapters.DEFAULT_METHOD]
     model.add_task(args.task, methods, label_names=src.label_names)
     result = train_task(model, args.task, data, config)
     test = evaluate(model, args.task, eval_loader(data["test"], model.tokenizer, args.max_length))

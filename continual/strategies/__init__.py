@@ -7,6 +7,7 @@
     replay.py        ``replay``: the shared delta, plus a task-balanced memory replayed each step
     ewc.py           ``ewc``: the shared delta, anchored by its Fisher information (online EWC)
     lwf.py           ``lwf``: the shared delta, distilled from its previous values (Learning without Forgetting)
+    progressive.py   ``progressive-prompts``: a new soft prompt per task, in front of the earlier tasks' frozen ones
     finetune.py      ``seq-ft`` (sequential full fine-tuning: the catastrophic-forgetting baseline)
     avalanche/       ``avalanche-naive|ewc|lwf|replay|agem``: Avalanche's strategies on the same
                      backbone and stream (the ``[avalanche]`` extra)
@@ -26,14 +27,15 @@ from .avalanche import AVALANCHE_STRATEGIES
 from .base import Strategy, TaskData
 from .finetune import SequentialFineTune
 from .per_task import ContinualFusion, PerTaskDelta
+from .progressive import ProgressivePrompts
 from .ewc import EWC
 from .lwf import LwF
 from .replay import Replay
 from .shared_delta import SHARED, Joint, SequentialDelta
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    s.name: s for s in (PerTaskDelta, ContinualFusion, SequentialDelta, Replay, EWC, LwF, SequentialFineTune, Joint,
-                        *AVALANCHE_STRATEGIES)
+    s.name: s for s in (PerTaskDelta, ContinualFusion, SequentialDelta, Replay, EWC, LwF, ProgressivePrompts,
+                        SequentialFineTune, Joint, *AVALANCHE_STRATEGIES)
 }
 
 
@@ -49,5 +51,5 @@ def make_strategy(name: str, methods: Sequence[MethodSpec] = (DEFAULT_METHOD,), 
         raise ValueError(f"strategy {name!r}: bad option(s) {sorted(options)}: {e}") from None
 
 
-__all__ = ["EWC", "LwF", "Replay", "SHARED", "STRATEGIES", "ContinualFusion", "Joint", "PerTaskDelta", "SequentialDelta", "SequentialFineTune",
+__all__ = ["EWC", "LwF", "ProgressivePrompts", "Replay", "SHARED", "STRATEGIES", "ContinualFusion", "Joint", "PerTaskDelta", "SequentialDelta", "SequentialFineTune",
            "Strategy", "TaskData", "make_strategy"]

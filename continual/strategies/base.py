@@ -78,8 +78,9 @@ class Strategy:
         # typed at the edge: a method name or dict becomes its validated config here
         self.methods: list[DeltaConfig] = [make_config(m) for m in methods]
 
-    def check_stream(self, stream: TaskStream, model: DeltaModel) -> None:
-        """Refuse, before anything runs, a stream this strategy cannot train on ``model``:
+    def check_stream(self, stream: TaskStream, model: DeltaModel, max_length: int | None = None) -> None:
+        """Refuse, before anything runs, a stream this strategy cannot train on ``model`` (tasks
+        without their own length use ``max_length``):
         generative tasks on a backbone without a language-model head or under a strategy that only
         trains classifiers; tasks that start from a saved delta under one that cannot use it."""
         generative = [t.name for t in stream if t.generative]

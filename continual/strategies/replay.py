@@ -18,6 +18,8 @@ How we depart from the paper:
   memory batch holding several earlier tasks is run task by task, each through the shared delta
   and its own head (a classifier's heads differ; generative tasks share the LM head), and their
   losses are averaged weighted by their share of the memory batch.
+- An earlier classification task's head stays frozen (as under ``seq-delta``): replay trains the
+  shared delta to keep serving it, where the paper's single network retrains every head.
 
 The memory (the stored indices) is part of the run's saved state, so a resumed run replays
 exactly the examples an uninterrupted one would.
