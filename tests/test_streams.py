@@ -140,7 +140,7 @@ def test_bad_user_streams_fail_clearly(tmp_path, monkeypatch, case, message):
 
 
 def test_unknown_stream_and_malformed_yaml(tmp_path):
-    with pytest.raises(DataError, match=r"not a built-in stream \(default, sentiment-domains, generative\) and no such file"):
+    with pytest.raises(DataError, match=r"not a built-in stream \(default, sentiment-domains, generative, standard-5\) and no such file"):
         load_stream("nope")
     bad = tmp_path / "bad.yaml"
     bad.write_text("tasks: [unclosed")
