@@ -39,6 +39,7 @@ from adapters import DeltaModel
 from fusion.routing import ROUTERS, embed
 from streams import Task
 
+from .scoring import _digest
 from .training import answers, eval_loader
 from .training.textscore import SCORERS
 
@@ -46,20 +47,11 @@ FIT_MAX = 1000  # training examples per task the router is fitted on (the first 
 PREFIX = "agnostic."  # of this scorer's tensors in a run's saved state
 
 
-def _digest_into(h: Any, name: str, t: torch.Tensor) -> None:
-    t = t.detach()
-    if hasattr(t, "to_local"):  # sharded: this rank's shard changes iff the whole does
-        t = t.to_local()
-    h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
-    h.update(t.contiguous().reshape(-1).view(torch.uint8).cpu().numpy().tobytes() if t.numel() else b"")
-
-
 def function_key(model: DeltaModel, active: Sequence[str], backbone: str) -> str:
     """What answering with ``active`` computes, independent of the tasks' names: the delta
     configs, parameters, heads (kind and label names) of ``active`` and of what their deltas read
     (a fusion's sources), in order, and the backbone's digest."""
-    h = hashlib.blake2b(digest_size=20)
-    h.update(backbone.encode())
+    header, state = [backbone], []
     order, todo = [], list(active)
     while todo:  # active first, in order, then sources: the order is part of the function
         name = todo.pop(0)
@@ -69,10 +61,9 @@ def function_key(model: DeltaModel, active: Sequence[str], backbone: str) -> str
     for pos, name in enumerate(order):
         t = model.task(name)
         head = "none" if t.head is None else ("lm" if getattr(t.head, "generative", False) else "cls")
-        h.update(f"|{pos}:{[c.to_dict() for c in t.configs]}:{head}:{t.label_names}:{name in active}".encode())
-        for k, v in t.state_dict().items():
-            _digest_into(h, k, v)
-    return h.hexdigest()
+        header.append(f"{pos}:{[c.to_dict() for c in t.configs]}:{head}:{t.label_names}:{name in active}")
+        state += [(f"{pos}.{k}", v) for k, v in t.state_dict().items()]
+    return hashlib.blake2b("|".join([*header, _digest(state)]).encode(), digest_size=20).hexdigest()
 
 
 class AgnosticScorer:

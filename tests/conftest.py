@@ -258,3 +258,21 @@ def tiny_lm_dir(tmp_path_factory, word_tokenizer):
     tiny_lm_backbone(len(tok), tok.eos_token_id, tok.pad_token_id).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+
+from continual import StreamLogger  # noqa: E402  (after adapters: see the first import)
+
+
+class KillAt(StreamLogger):
+    """A stream logger that raises KeyboardInterrupt (a kill) mid-training in row ``row``."""
+
+    def __init__(self, row):
+        self.row, self.now = row, None
+
+    def start_step(self, row, tasks, params):
+        self.now = row
+
+    def log_step(self, record):
+        if self.now == self.row and record["step"] >= 10:
+            raise KeyboardInterrupt("killed")

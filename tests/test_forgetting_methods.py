@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FAST, toy_generative_stream, toy_stream
-from continual import StreamLogger, TrainConfig, make_strategy, run_stream
+from conftest import FAST, KillAt, toy_generative_stream, toy_stream
+from continual import TrainConfig, make_strategy, run_stream
 from continual.agnostic import AgnosticScorer, function_key
 from continual.strategies import SHARED
 from continual.strategies.ewc import ewc_penalty
@@ -20,18 +20,6 @@ CONFIG = TrainConfig(**{**FAST, "max_steps": 40})
 GEN = TrainConfig(**{**FAST, "max_steps": 40, "lr": 3e-2, "max_length": 32, "eval_every": 20})
 LORA = [{"method": "lora", "rank": 4}]
 OPTIONS = {"replay": {"memory_size": 30}, "ewc": {"fisher_samples": 8}, "lwf": {}}
-
-
-class KillAt(StreamLogger):
-    def __init__(self, row):
-        self.row, self.now = row, None
-
-    def start_step(self, row, tasks, params):
-        self.now = row
-
-    def log_step(self, record):
-        if self.now == self.row and record["step"] >= 10:
-            raise KeyboardInterrupt("killed")
 
 
 def test_ewc_penalty_is_zero_at_the_anchor_and_grows_with_the_move():

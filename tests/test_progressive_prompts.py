@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FAST, toy_stream
+from conftest import FAST, KillAt, toy_stream
 from continual import StreamLogger, TrainConfig, make_strategy, run_stream
 
 CONFIG = TrainConfig(**{**FAST, "max_steps": 30, "eval_every": 15, "lr": 3e-2})
@@ -48,18 +48,6 @@ def test_refuses_methods_that_are_not_prompts_and_streams_too_long(text_model, t
     with pytest.raises(ValueError, match="3 tasks x 20 prompt tokens"):  # the tiny BERT has 64 positions
         run_stream(toy_stream(), text_model(), long, CONFIG, tmp_path / "r")
     assert not (tmp_path / "r").exists()  # refused before anything was written
-
-
-class KillAt(StreamLogger):
-    def __init__(self, row):
-        self.row, self.now = row, None
-
-    def start_step(self, row, tasks, params):
-        self.now = row
-
-    def log_step(self, record):
-        if self.now == self.row and record["step"] >= 10:
-            raise KeyboardInterrupt("killed")
 
 
 def test_kill_and_resume_equal_the_uninterrupted_run(text_model, tmp_path):
