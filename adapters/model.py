@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import re
 from functools import partial
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -59,6 +59,9 @@ class TaskDelta(nn.Module):
         self.label_names = list(label_names) if label_names is not None else None
         self.frozen = False
         self.delta_frozen = False  # True: only the head trains (a merged delta, a probe)
+        # parameters (names relative to this task) a strategy keeps fixed while the rest trains,
+        # e.g. InfLoRA's designed down-projection
+        self.held: frozenset[str] = frozenset()
 
     def delta_parameters(self) -> int:
         return sum(d.num_parameters() for d in self.deltas.values())
@@ -255,11 +258,22 @@ class DeltaModel(nn.Module):
         self._task(name).delta_frozen = True
         self._update_trainable()
 
+    def hold(self, name: str, parameters: Iterable[str]) -> None:
+        """Keep these parameters of a task (names as in ``task.named_parameters()``) fixed while
+        the rest of the task trains."""
+        task = self._task(name)
+        held = frozenset(parameters)
+        unknown = held - {n for n, _ in task.named_parameters()}
+        if unknown:
+            raise TaskError(f"task {name!r} has no parameters {sorted(unknown)}")
+        task.held = held
+        self._update_trainable()
+
     def _update_trainable(self) -> None:
         for name, task in self.tasks.items():
             flag = name in self._active and not task.frozen
-            for p in task.parameters():
-                p.requires_grad_(flag)
+            for n, p in task.named_parameters():
+                p.requires_grad_(flag and n not in task.held)
             if task.delta_frozen:
                 for p in task.deltas.parameters():
                     p.requires_grad_(False)

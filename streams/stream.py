@@ -35,6 +35,9 @@ A stream YAML file::
         # delta: {path: adapters/reviews-lora, train: false, check_base: true}   frozen (the head trains)
 
 Splits that a data set lacks are cut from its training data: seeded and stratified.
+
+The published benchmarks' folder layouts are streams too: ``cl-benchmark:PATH:order=N`` (O-LoRA /
+SAPT's CL_Benchmark) and ``trace:PATH`` (TRACE); see :mod:`streams.benchmarks`.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ import numpy as np
 from datasets import Dataset
 
 from .catalog import SOURCES, DataError, cap_indices, load_task_data, stratified_split
+from .benchmarks import PREFIXES, plan
 from .files import encode_labels, extract, extract_targets, label_vocabulary, load_hub, read_table
 from .generative import GENERATIVE_STREAMS, VERBALIZERS, Verbalizer, generative_task, verbalize
 from .safe_yaml import load_yaml
@@ -113,6 +117,8 @@ def load_stream(spec: str | Path, seed: int = 0, max_train: int | None = None, m
     ``seed``, ``max_train``, ``max_eval`` apply to built-in streams; for a YAML stream they are the
     defaults that the file's own settings override per stream and per task."""
     check_caps(max_train, max_eval, "load_stream")
+    if str(spec).startswith(PREFIXES):  # a published benchmark's folder layout
+        return benchmark_stream(str(spec), seed, max_train, max_eval)
     if str(spec) in STREAMS or str(spec) in GENERATIVE_STREAMS:
         return builtin_stream(str(spec), seed, max_train, max_eval)
     path = Path(spec)
@@ -120,6 +126,16 @@ def load_stream(spec: str | Path, seed: int = 0, max_train: int | None = None, m
         return stream_from_yaml(path, seed, max_train, max_eval)
     known = ", ".join([*STREAMS, *GENERATIVE_STREAMS])
     raise DataError(f"unknown stream {str(spec)!r}: not a built-in stream ({known}) and no such file")
+
+
+def benchmark_stream(spec: str, seed: int = 0, max_train: int | None = None, max_eval: int | None = None) -> TaskStream:
+    """A published benchmark's folder as a stream (``cl-benchmark:PATH:order=N``, ``trace:PATH``;
+    see :mod:`streams.benchmarks`), read with the file-task readers of a YAML stream."""
+    name, identity, entries = plan(spec)
+    settings = {"seed": seed, "max_train": max_train, "max_eval": max_eval, "dev_fraction": 0.1, "test_fraction": 0.1}
+    tasks = [_yaml_generative(entry, folder, settings, where, max_train, max_eval) if "target_column" in entry
+             else _yaml_data_task(entry, folder, settings, where) for entry, folder, where in entries]
+    return TaskStream(name, tasks, {**identity, **settings})
 
 
 def stream_from_yaml(path: str | Path, seed: int = 0, max_train: int | None = None, max_eval: int | None = None) -> TaskStream:

@@ -257,7 +257,7 @@ def cmd_list(args: argparse.Namespace) -> int:
             opts = getattr(v, "defaults", {})
             print(f"  {k:<16} {v.description}" + (f" [options: {', '.join(f'{o}={d}' for o, d in opts.items())}]" if opts else ""))
     if what in (None, "streams"):
-        print("streams (or a YAML file, see streams/stream.py):")
+        print("streams (or a YAML file, see streams/stream.py; or a published benchmark's folder: cl-benchmark:PATH:order=1..6, trace:PATH, see docs/streams.md):")
         for k, v in STREAMS.items():
             print(f"  {k:<18} {' -> '.join(v)}")
         for k, v in GENERATIVE_STREAMS.items():

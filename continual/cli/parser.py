@@ -129,7 +129,7 @@ def _run(sub: argparse._SubParsersAction) -> None:
                        description="Run a lifelong-learning stream: one new delta per task on the frozen backbone "
                        "(or a baseline), fill the accuracy matrix, print ACC/BWT/FWT/forgetting, log to MLflow. "
                        "State is saved after every task: --resume continues a killed run.")
-    r.add_argument("--stream", default=DEFAULTS["stream"], help=f"built-in stream ({', '.join([*STREAMS, *GENERATIVE_STREAMS])}) or a YAML file; generative streams (text answers) need a decoder backbone, e.g. --stream generative --backbone smollm2")
+    r.add_argument("--stream", default=DEFAULTS["stream"], help=f"built-in stream ({', '.join([*STREAMS, *GENERATIVE_STREAMS])}), a YAML file, or a published benchmark's folder: cl-benchmark:PATH:order=1..6[:generative] (O-LoRA's CL_Benchmark), trace:PATH (TRACE); generative streams (text answers) need a decoder backbone, e.g. --stream generative --backbone smollm2")
     r.add_argument("--method", action="append", metavar="METHOD[:k=v,...]",
                    help=f"delta method, repeat to combine; one of {', '.join(available_methods())} "
                    "(default: bottleneck)%(default).0s")
@@ -212,7 +212,7 @@ def _compare(sub: argparse._SubParsersAction) -> None:
                         "routing accuracy, trainable parameters, delta size on disk, wall time per entry), logged to "
                         "MLflow as a 'compare' run.",
                         formatter_class=Formatter)
-    cp.add_argument("--stream", default=DEFAULTS["stream"])
+    cp.add_argument("--stream", default=DEFAULTS["stream"], help="as for run --stream")
     cp.add_argument("--entry", action="append", metavar="STRATEGY[@K=V,...][:M1+M2]",
                     help="repeat; e.g. per-task:lora, seq-ft, avalanche-ewc@ewc_lambda=100, avalanche-replay "
                     "(Avalanche baselines need the [avalanche] extra); default: per-task:bottleneck, per-task:lora, "

@@ -8,6 +8,9 @@
     ewc.py           ``ewc``: the shared delta, anchored by its Fisher information (online EWC)
     lwf.py           ``lwf``: the shared delta, distilled from its previous values (Learning without Forgetting)
     progressive.py   ``progressive-prompts``: a new soft prompt per task, in front of the earlier tasks' frozen ones
+    o_lora.py        ``o-lora``: a new LoRA per task, orthogonal to the earlier ones; all LoRAs act at once
+    inflora.py       ``inflora``: a new LoRA per task designed outside the earlier tasks' input subspace
+    summed_lora.py   what those two share (per-task LoRAs summed, no task id picks one)
     finetune.py      ``seq-ft`` (sequential full fine-tuning: the catastrophic-forgetting baseline)
     avalanche/       ``avalanche-naive|ewc|lwf|replay|agem``: Avalanche's strategies on the same
                      backbone and stream (the ``[avalanche]`` extra)
@@ -28,13 +31,15 @@ from .base import Strategy, TaskData
 from .finetune import SequentialFineTune
 from .per_task import ContinualFusion, PerTaskDelta
 from .progressive import ProgressivePrompts
+from .inflora import InfLoRA
+from .o_lora import OLoRA
 from .ewc import EWC
 from .lwf import LwF
 from .replay import Replay
 from .shared_delta import SHARED, Joint, SequentialDelta
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    s.name: s for s in (PerTaskDelta, ContinualFusion, SequentialDelta, Replay, EWC, LwF, ProgressivePrompts,
+    s.name: s for s in (PerTaskDelta, ContinualFusion, SequentialDelta, Replay, EWC, LwF, ProgressivePrompts, OLoRA, InfLoRA,
                         SequentialFineTune, Joint, *AVALANCHE_STRATEGIES)
 }
 
@@ -51,5 +56,5 @@ def make_strategy(name: str, methods: Sequence[MethodSpec] = (DEFAULT_METHOD,), 
         raise ValueError(f"strategy {name!r}: bad option(s) {sorted(options)}: {e}") from None
 
 
-__all__ = ["EWC", "LwF", "ProgressivePrompts", "Replay", "SHARED", "STRATEGIES", "ContinualFusion", "Joint", "PerTaskDelta", "SequentialDelta", "SequentialFineTune",
+__all__ = ["EWC", "InfLoRA", "LwF", "OLoRA", "ProgressivePrompts", "Replay", "SHARED", "STRATEGIES", "ContinualFusion", "Joint", "PerTaskDelta", "SequentialDelta", "SequentialFineTune",
            "Strategy", "TaskData", "make_strategy"]
