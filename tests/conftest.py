@@ -57,7 +57,8 @@ def method_config(method: str) -> dict:
 
 def supports(method: str, arch: str) -> bool:
     """Combinations the library refuses by design (with a clear error, tested separately)."""
-    return not (method == "prefix" and adapters.ARCHITECTURES[arch].attention is None)
+    spec = adapters.ARCHITECTURES[arch]
+    return not ((method == "prefix" and spec.attention is None) or (method == "prompt_pool" and spec.kind == "decoder"))
 
 
 def batch(vocab: int = 120, b: int = 3, t: int = 9, seed: int = 1) -> dict[str, torch.Tensor]:

@@ -11,6 +11,7 @@
     o_lora.py        ``o-lora``: a new LoRA per task, orthogonal to the earlier ones; all LoRAs act at once
     inflora.py       ``inflora``: a new LoRA per task designed outside the earlier tasks' input subspace
     summed_lora.py   what those two share (per-task LoRAs summed, no task id picks one)
+    prompt_pool.py   ``prompt-pool``: one pool of prompts with learned keys; each input selects its own (L2P)
     finetune.py      ``seq-ft`` (sequential full fine-tuning: the catastrophic-forgetting baseline)
     avalanche/       ``avalanche-naive|ewc|lwf|replay|agem``: Avalanche's strategies on the same
                      backbone and stream (the ``[avalanche]`` extra)
@@ -33,13 +34,14 @@ from .per_task import ContinualFusion, PerTaskDelta
 from .progressive import ProgressivePrompts
 from .inflora import InfLoRA
 from .o_lora import OLoRA
+from .prompt_pool import PromptPool
 from .ewc import EWC
 from .lwf import LwF
 from .replay import Replay
 from .shared_delta import SHARED, Joint, SequentialDelta
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    s.name: s for s in (PerTaskDelta, ContinualFusion, SequentialDelta, Replay, EWC, LwF, ProgressivePrompts, OLoRA, InfLoRA,
+    s.name: s for s in (PerTaskDelta, ContinualFusion, SequentialDelta, Replay, EWC, LwF, ProgressivePrompts, OLoRA, InfLoRA, PromptPool,
                         SequentialFineTune, Joint, *AVALANCHE_STRATEGIES)
 }
 
@@ -56,5 +58,5 @@ def make_strategy(name: str, methods: Sequence[MethodSpec] = (DEFAULT_METHOD,), 
         raise ValueError(f"strategy {name!r}: bad option(s) {sorted(options)}: {e}") from None
 
 
-__all__ = ["EWC", "InfLoRA", "LwF", "OLoRA", "ProgressivePrompts", "Replay", "SHARED", "STRATEGIES", "ContinualFusion", "Joint", "PerTaskDelta", "SequentialDelta", "SequentialFineTune",
+__all__ = ["EWC", "InfLoRA", "LwF", "OLoRA", "PromptPool", "ProgressivePrompts", "Replay", "SHARED", "STRATEGIES", "ContinualFusion", "Joint", "PerTaskDelta", "SequentialDelta", "SequentialFineTune",
            "Strategy", "TaskData", "make_strategy"]

@@ -1,0 +1,57 @@
+"""``prompt-pool``: one pool of prompts shared by every task; each input selects its own (L2P).
+
+Learning to Prompt (Wang et al., CVPR 2022; the method is :mod:`adapters.methods.prompt_pool`): the
+pool's prompts and keys are trained on each task in turn, each step's loss plus
+``pull_lambda · Σ (1 − cos(query, selected key))``, which moves the selected keys toward the inputs
+that select them, so different inputs come to pick different prompts and a new task need not
+overwrite the prompts an earlier one relies on. Nothing tells the model the task at test time.
+Defaults: ``pull_lambda=0.1``; the pool's own (``--method prompt_pool``, e.g.
+``prompt_pool:pool_size=10,prompt_length=5,top_k=5``, the paper's sizes).
+
+How we depart from the paper: each task keeps its own classifier head (the paper's is one head
+over all classes, with other tasks' logits masked in training); without a task id the run's
+router picks the head (a generative task answers through the model's LM head, as in the paper's
+setting). See the method's docstring for the rest.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from adapters import DeltaModel
+from adapters.model import MethodSpec
+from adapters.methods.prompt_pool import DECODER_REFUSAL
+from streams import Task, TaskStream
+
+from ..training import TrainConfig
+from .shared_delta import SHARED, _SharedDelta
+
+
+class PromptPool(_SharedDelta):
+    name = "prompt-pool"
+    description = "one pool of prompts with learned keys, shared by all tasks; each input selects its prompts (L2P; --method prompt_pool)"
+    defaults = {"pull_lambda": 0.1}
+    data_parallel = False  # the key term is added outside the data-parallel model
+
+    def __init__(self, methods: Sequence[MethodSpec] = ("prompt_pool",), pull_lambda: float = 0.1) -> None:
+        super().__init__(methods)
+        if [m.method for m in self.methods] != ["prompt_pool"]:
+            raise ValueError(f"prompt-pool trains one prompt pool: its method must be prompt_pool alone (e.g. --method "
+                             f"prompt_pool:pool_size=10), got {[m.method for m in self.methods]}")
+        if not isinstance(pull_lambda, (int, float)) or isinstance(pull_lambda, bool) or not 0 <= pull_lambda < float("inf"):
+            raise ValueError(f"prompt-pool: pull_lambda must be a finite number >= 0, got {pull_lambda!r}")
+        self.pull_lambda = float(pull_lambda)
+
+    def check_stream(self, stream: TaskStream, model: DeltaModel, max_length: int | None = None) -> None:
+        super().check_stream(stream, model, max_length)
+        if model.spec.kind == "decoder":
+            raise ValueError(DECODER_REFUSAL.format(backbone=model.backbone_name))
+
+    def loss_term(self, model: DeltaModel, task: Task, config: TrainConfig, data: Any):
+        if not self.pull_lambda:
+            return None
+        pool = model.task(SHARED).deltas["prompt_pool"]
+        return lambda batch, labels, logits: self.pull_lambda * pool.pull
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "pull_lambda": self.pull_lambda}
