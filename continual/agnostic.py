@@ -40,7 +40,7 @@ from fusion.routing import ROUTERS, embed
 from streams import Task
 
 from .scoring import _digest
-from .training import answers, eval_loader
+from .training import answers, batch_logits, eval_loader
 from .training.textscore import SCORERS
 
 FIT_MAX = 1000  # training examples per task the router is fitted on (the first ones of the seeded split)
@@ -169,16 +169,6 @@ class AgnosticScorer:
 
 @torch.no_grad()
 def _predicted(model: DeltaModel, loader: Any, active: Sequence[str], precision: str) -> list[int]:
-    """The label index the last of ``active``'s heads predicts for each example of ``loader``."""
-    from adapters.precision import autocast, resolve_precision
-
-    device = model.device
-    was_training = model.training
-    model.eval()
-    out = []
-    with model.using(*active), autocast(resolve_precision(precision, device), device):
-        for batch in loader:
-            batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-            out.append(model(**batch).argmax(-1).cpu())
-    model.train(was_training)
-    return torch.cat(out).tolist()
+    """The label index the last of ``active``'s heads predicts for each example of ``loader`` (its
+    gold labels may belong to another task's label set: no loss is taken)."""
+    return [p for logits, _ in batch_logits(model, loader, active, precision) for p in logits.argmax(-1).tolist()]

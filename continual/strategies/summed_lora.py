@@ -32,7 +32,7 @@ class SummedLoRA(Strategy):
     def __init__(self, methods: Sequence[MethodSpec] = ("lora",)) -> None:
         super().__init__(methods)
         other = [m.method for m in self.methods if m.method != "lora"]
-        if other:
+        if other or not self.methods:
             raise ValueError(f"{self.name} constrains LoRA subspaces: its methods must be lora (e.g. --method "
                              f"lora:rank=8); {other} are not")
         self.trained: list[str] = []  # in stream order; rebuilt on resume by finish()

@@ -3,7 +3,7 @@ task's answers, generated greedily and scored against the references (:mod:`.tex
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -45,19 +45,11 @@ def evaluate(
     loader = distributed.shard_loader(loader, model)  # with several processes, each scores its shard
     if getattr(loader, "generative", False):
         return evaluate_generation(model, task, loader, active, precision, per_example)
-    device = model.device
-    was_training = model.training
-    model.eval()
     preds, golds, losses = [], [], []
-    with model.using(*(active or (task,))), autocast(resolve_precision(precision, device), device):
-        for batch in loader:
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            labels = batch.pop("labels")
-            logits = model(**batch).float()
-            losses.append(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
-            preds.append(logits.argmax(-1))
-            golds.append(labels)
-    model.train(was_training)
+    for logits, labels in batch_logits(model, loader, active or (task,), precision):
+        losses.append(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
+        preds.append(logits.argmax(-1))
+        golds.append(labels)
     # one read-back at the end, not one per batch; the metrics are computed on the whole split
     pairs = list(zip(torch.cat(preds).tolist(), torch.cat(golds).tolist())) if preds else []
     pred, gold = (np.asarray(c) for c in zip(*distributed.gather_lists(pairs, loader)))
@@ -66,6 +58,23 @@ def evaluate(
     if per_example is not None:
         per_example.extend((pred == gold).astype(float).tolist())
     return {"accuracy": float((pred == gold).mean()), "macro_f1": macro_f1(pred, gold, n_labels), "loss": loss_sum / len(gold)}
+
+
+def batch_logits(model: DeltaModel, loader, active: Sequence[str], precision: str = "fp32") -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Per batch of a classification loader: the last of ``active``'s heads' fp32 logits (the
+    ``active`` tasks acting, dropout off) and the batch's labels (None when it has none). Call it
+    under ``torch.no_grad`` and read it to the end (the model is back in its mode after)."""
+    device = model.device
+    was_training = model.training
+    model.eval()
+    try:
+        with model.using(*active), autocast(resolve_precision(precision, device), device):
+            for batch in loader:
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                labels = batch.pop("labels", None)
+                yield model(**batch).float(), labels
+    finally:
+        model.train(was_training)
 
 
 @torch.no_grad()
