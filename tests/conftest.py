@@ -265,6 +265,26 @@ def tiny_lm_dir(tmp_path_factory, word_tokenizer):
 from continual import StreamLogger  # noqa: E402  (after adapters: see the first import)
 
 
+def killed_and_resumed(go):
+    """``go(directory, **run_stream_kwargs)`` run whole, then killed in row 2 and resumed: the two
+    results (uninterrupted, resumed) for the caller to compare."""
+    import pytest
+
+    full = go("full")
+    with pytest.raises(KeyboardInterrupt):
+        go("k", loggers=[KillAt(2)])
+    return full, go("k", resume=True)
+
+
+def assert_same_matrices(a, b):
+    """R, the task-agnostic A and the routing accuracy equal, bit for bit."""
+    import numpy as np
+
+    np.testing.assert_array_equal(a.matrix.R, b.matrix.R)
+    np.testing.assert_array_equal(a.matrix.A, b.matrix.A)
+    np.testing.assert_array_equal(a.matrix.routing, b.matrix.routing)
+
+
 class KillAt(StreamLogger):
     """A stream logger that raises KeyboardInterrupt (a kill) mid-training in row ``row``."""
 

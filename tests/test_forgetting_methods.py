@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FAST, KillAt, toy_generative_stream, toy_stream
+from conftest import FAST, KillAt, assert_same_matrices, killed_and_resumed, toy_generative_stream, toy_stream
 from continual import TrainConfig, make_strategy, run_stream
 from continual.agnostic import AgnosticScorer, function_key
 from continual.strategies import SHARED
@@ -84,13 +84,8 @@ def test_replay_memory_is_balanced_seeded_and_shrinks_by_cutting():
 def test_kill_and_resume_equal_the_uninterrupted_run(name, text_model, tmp_path):
     go = lambda d, **kw: run_stream(toy_stream(), text_model(), make_strategy(name, LORA, **OPTIONS[name]), CONFIG,  # noqa: E731
                                     tmp_path / d, **kw)
-    full = go("full")
-    with pytest.raises(KeyboardInterrupt):
-        go("k", loggers=[KillAt(2)])
-    resumed = go("k", resume=True)
-    np.testing.assert_array_equal(resumed.matrix.R, full.matrix.R)
-    np.testing.assert_array_equal(resumed.matrix.A, full.matrix.A)
-    np.testing.assert_array_equal(resumed.matrix.routing, full.matrix.routing)
+    full, resumed = killed_and_resumed(go)
+    assert_same_matrices(resumed, full)
     assert not np.isnan(np.diag(full.matrix.A)).any() and not np.isnan(full.matrix.A[-1]).any()
 
 

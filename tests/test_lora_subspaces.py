@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FAST, KillAt, toy_generative_stream, toy_stream
+from conftest import FAST, assert_same_matrices, killed_and_resumed, toy_generative_stream, toy_stream
 from continual import StreamLogger, TrainConfig, make_strategy, run_stream
 from streams import TaskStream
 from continual.strategies.inflora import design, grow
@@ -114,12 +114,8 @@ def test_inflora_keeps_old_outputs_and_trains_only_the_up_projection(text_model,
 def test_kill_and_resume_equal_the_uninterrupted_run(text_model, tmp_path, name):
     go = lambda d, **kw: run_stream(toy_stream(), text_model(), make_strategy(name, LORA), CONFIG,  # noqa: E731
                                     tmp_path / d, **kw)
-    full = go("full")
-    with pytest.raises(KeyboardInterrupt):
-        go("k", loggers=[KillAt(2)])
-    resumed = go("k", resume=True)
-    np.testing.assert_array_equal(resumed.matrix.R, full.matrix.R)
-    np.testing.assert_array_equal(resumed.matrix.A, full.matrix.A)
+    full, resumed = killed_and_resumed(go)
+    assert_same_matrices(resumed, full)
 
 
 def test_refuse_methods_that_are_not_lora_and_bad_options():

@@ -1,11 +1,10 @@
 """progressive-prompts on a tiny BERT: earlier prompts bit-identical after a new task (BWT exactly 0),
 the chain's order, refusals, and a kill + resume equal to the uninterrupted run."""
 
-import numpy as np
 import pytest
 import torch
 
-from conftest import FAST, KillAt, toy_stream
+from conftest import FAST, assert_same_matrices, killed_and_resumed, toy_stream
 from continual import StreamLogger, TrainConfig, make_strategy, run_stream
 
 CONFIG = TrainConfig(**{**FAST, "max_steps": 30, "eval_every": 15, "lr": 3e-2})
@@ -53,9 +52,5 @@ def test_refuses_methods_that_are_not_prompts_and_streams_too_long(text_model, t
 def test_kill_and_resume_equal_the_uninterrupted_run(text_model, tmp_path):
     go = lambda d, **kw: run_stream(toy_stream(), text_model(), make_strategy("progressive-prompts", PROMPT), CONFIG,  # noqa: E731
                                     tmp_path / d, **kw)
-    full = go("full")
-    with pytest.raises(KeyboardInterrupt):
-        go("k", loggers=[KillAt(2)])
-    resumed = go("k", resume=True)
-    np.testing.assert_array_equal(resumed.matrix.R, full.matrix.R)
-    np.testing.assert_array_equal(resumed.matrix.A, full.matrix.A)
+    full, resumed = killed_and_resumed(go)
+    assert_same_matrices(resumed, full)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FAST, KillAt, toy_generative_stream, toy_stream
+from conftest import FAST, assert_same_matrices, killed_and_resumed, toy_generative_stream, toy_stream
 from continual import StreamLogger, TrainConfig, make_strategy, run_stream
 from continual.scheduler import task_seed
 from continual.strategies import SHARED
@@ -93,12 +93,8 @@ def test_one_pool_serves_every_task_and_refusals(text_model, tmp_path):
 def test_kill_and_resume_equal_the_uninterrupted_run(text_model, tmp_path):
     go = lambda d, **kw: run_stream(toy_stream(), text_model(), make_strategy("prompt-pool", POOL), CONFIG,  # noqa: E731
                                     tmp_path / d, **kw)
-    full = go("full")
-    with pytest.raises(KeyboardInterrupt):
-        go("k", loggers=[KillAt(2)])
-    resumed = go("k", resume=True)
-    np.testing.assert_array_equal(resumed.matrix.R, full.matrix.R)
-    np.testing.assert_array_equal(resumed.matrix.A, full.matrix.A)
+    full, resumed = killed_and_resumed(go)
+    assert_same_matrices(resumed, full)
 
 
 def test_a_generative_stream_on_t5_and_decoders_refused(lm_model, word_tokenizer, tmp_path):

@@ -65,14 +65,20 @@ class Prompt(Delta):
         return GatheredPrompt(table, lengths)
 
     def transform_inputs(self, embeds, mask, extra):
-        b, p = embeds.shape[0], self.prompt.shape[0]
-        embeds = torch.cat([self.prompt.to(embeds.dtype).unsqueeze(0).expand(b, -1, -1), embeds], dim=1)
-        mask = torch.cat([mask.new_ones(b, p), mask], dim=1)
-        extra = dict(extra)
-        if extra.get("token_type_ids") is not None:
-            tt = extra["token_type_ids"]
-            extra["token_type_ids"] = torch.cat([tt.new_zeros(b, p), tt], dim=1)
-        return embeds, mask, extra, p
+        return prepend(self.prompt.unsqueeze(0).expand(embeds.shape[0], -1, -1), embeds, mask, extra)
+
+
+def prepend(prompts: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor, extra: dict):
+    """``prompts`` (B, P, d) in front of ``embeds`` (B, T, d): the widened mask (prompt positions
+    attended), token types 0 on them, and P, as :meth:`Delta.transform_inputs` returns."""
+    b, p = embeds.shape[0], prompts.shape[1]
+    embeds = torch.cat([prompts.to(embeds.dtype), embeds], dim=1)
+    mask = torch.cat([mask.new_ones(b, p), mask], dim=1)
+    extra = dict(extra)
+    if extra.get("token_type_ids") is not None:
+        tt = extra["token_type_ids"]
+        extra["token_type_ids"] = torch.cat([tt.new_zeros(b, p), tt], dim=1)
+    return embeds, mask, extra, p
 
 
 class GatheredPrompt(nn.Module):

@@ -36,6 +36,7 @@ from ..base import Capabilities, Delta, FrozenRef
 from ..config import DeltaConfig
 from ..errors import ConfigError
 from ..registry import register
+from .prompt import prepend
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,12 +122,4 @@ class PromptPool(Delta):
         c = self.config
         idx, sim = select(self.query(embeds, mask, extra), self.keys, c.top_k)
         self.selected, self.pull = idx, (1 - sim).sum(1).mean()
-        b, p = embeds.shape[0], c.top_k * c.prompt_length
-        prompts = self.prompts[idx].reshape(b, p, -1).to(embeds.dtype)
-        embeds = torch.cat([prompts, embeds], dim=1)
-        mask = torch.cat([mask.new_ones(b, p), mask], dim=1)
-        extra = dict(extra)
-        if extra.get("token_type_ids") is not None:
-            tt = extra["token_type_ids"]
-            extra["token_type_ids"] = torch.cat([tt.new_zeros(b, p), tt], dim=1)
-        return embeds, mask, extra, p
+        return prepend(self.prompts[idx].reshape(embeds.shape[0], c.top_k * c.prompt_length, -1), embeds, mask, extra)
