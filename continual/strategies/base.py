@@ -23,6 +23,18 @@ from ..training import ExtraLoss, TrainConfig, TrainResult, evaluate, eval_loade
 TaskData = Callable[[Task], Any]
 
 
+def check_option(strategy: str, key: str, value: Any, ok: Callable[[Any], bool], what: str,
+                 integer: bool = False) -> None:
+    """Refuse a strategy option that is not a number (an integer where ``integer``; never a bool)
+    for which ``ok`` holds, as ``<strategy>: <key> must be <what>, got <value>``."""
+    if not isinstance(value, int if integer else (int, float)) or isinstance(value, bool) or not ok(value):
+        raise ValueError(f"{strategy}: {key} must be {what}, got {value!r}")
+
+
+def finite_at_least(low: float) -> Callable[[Any], bool]:
+    return lambda v: low <= v < float("inf")
+
+
 def head_of(task: Task) -> dict[str, Any]:
     """``add_task`` arguments for ``task``'s head: the model's own LM head for a generative task
     (its answer words kept as labels), a classifier over its labels otherwise."""

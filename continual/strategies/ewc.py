@@ -31,6 +31,7 @@ from adapters.precision import autocast, resolve_precision
 from streams import Task
 
 from ..training import TrainConfig, collate_rows, token_loss
+from .base import check_option, finite_at_least
 from .shared_delta import SHARED, _SharedDelta
 
 
@@ -52,11 +53,8 @@ class EWC(_SharedDelta):
     def __init__(self, methods: Sequence[MethodSpec] = (DEFAULT_METHOD,), ewc_lambda: float = 1000.0,
                  fisher_samples: int = 64) -> None:
         super().__init__(methods)
-        if not isinstance(ewc_lambda, (int, float)) or isinstance(ewc_lambda, bool) or not ewc_lambda >= 0 \
-                or ewc_lambda == float("inf"):
-            raise ValueError(f"ewc: ewc_lambda must be a finite number >= 0, got {ewc_lambda!r}")
-        if not isinstance(fisher_samples, int) or isinstance(fisher_samples, bool) or fisher_samples < 1:
-            raise ValueError(f"ewc: fisher_samples must be an integer >= 1, got {fisher_samples!r}")
+        check_option("ewc", "ewc_lambda", ewc_lambda, finite_at_least(0), "a finite number >= 0")
+        check_option("ewc", "fisher_samples", fisher_samples, lambda v: v >= 1, "an integer >= 1", integer=True)
         self.ewc_lambda, self.fisher_samples = float(ewc_lambda), fisher_samples
         self.fisher: dict[str, torch.Tensor] = {}
         self.anchor: dict[str, torch.Tensor] = {}

@@ -36,20 +36,26 @@ from adapters.model import MethodSpec
 from streams import Task
 
 from ..training import TrainConfig, collate_rows
+from .base import check_option
 from .summed_lora import SummedLoRA, lora_sites
 
 
 def design(cov: torch.Tensor, basis: torch.Tensor | None, rank: int) -> torch.Tensor:
     """``rank`` orthonormal rows spanning the top of ``cov`` outside the span of ``basis``
     (d_in × k, orthonormal columns); zero rows where fewer free directions remain."""
-    d = cov.shape[0]
-    proj = torch.eye(d, dtype=cov.dtype) - (basis @ basis.t() if basis is not None else 0)
-    values, vectors = torch.linalg.eigh(proj @ cov @ proj)  # ascending
-    free = d - (basis.shape[1] if basis is not None else 0)
-    rows = vectors.flip(1).t()[:rank].clone()
+    values, vectors = _outside(cov, basis)
+    free = cov.shape[0] - (basis.shape[1] if basis is not None else 0)
+    rows = vectors.t()[:rank].clone()
     rows[min(free, rank):] = 0
-    rows[values.flip(0)[:rank] <= values.abs().max() * 1e-10] = 0  # no energy there: not a direction
+    rows[values[:rank] <= values.abs().max() * 1e-10] = 0  # no energy there: not a direction
     return rows
+
+
+def _outside(cov: torch.Tensor, basis: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (descending) and eigenvectors (columns) of ``cov`` projected off the span of ``basis``."""
+    proj = torch.eye(cov.shape[0], dtype=cov.dtype) - (basis @ basis.t() if basis is not None else 0)
+    values, vectors = torch.linalg.eigh(proj @ cov @ proj)  # ascending
+    return values.flip(0), vectors.flip(1)
 
 
 def grow(cov: torch.Tensor, basis: torch.Tensor | None, threshold: float) -> torch.Tensor | None:
@@ -59,9 +65,8 @@ def grow(cov: torch.Tensor, basis: torch.Tensor | None, threshold: float) -> tor
     if total <= 0:
         return basis
     inside = float(torch.trace(basis.t() @ cov @ basis)) if basis is not None else 0.0
-    proj = torch.eye(d, dtype=cov.dtype) - (basis @ basis.t() if basis is not None else 0)
-    values, vectors = torch.linalg.eigh(proj @ cov @ proj)
-    values, vectors = values.flip(0).clamp_min(0), vectors.flip(1)
+    values, vectors = _outside(cov, basis)
+    values = values.clamp_min(0)
     need = threshold * total - inside
     k = int((torch.cumsum(values, 0) < need).sum()) + 1 if need > 0 else 0
     k = min(k, d - (basis.shape[1] if basis is not None else 0))
@@ -78,10 +83,8 @@ class InfLoRA(SummedLoRA):
 
     def __init__(self, methods: Sequence[MethodSpec] = ("lora",), threshold: float = 0.95, design_samples: int = 64) -> None:
         super().__init__(methods)
-        if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not 0 < threshold <= 1:
-            raise ValueError(f"inflora: threshold must be in (0, 1], got {threshold!r}")
-        if not isinstance(design_samples, int) or isinstance(design_samples, bool) or design_samples < 1:
-            raise ValueError(f"inflora: design_samples must be an integer >= 1, got {design_samples!r}")
+        check_option("inflora", "threshold", threshold, lambda v: 0 < v <= 1, "in (0, 1]")
+        check_option("inflora", "design_samples", design_samples, lambda v: v >= 1, "an integer >= 1", integer=True)
         self.threshold, self.design_samples = float(threshold), design_samples
         self.basis: dict[str, torch.Tensor] = {}  # site -> d_in x k orthonormal columns (float64, CPU)
 

@@ -34,6 +34,7 @@ from adapters.model import MethodSpec
 from streams import Task
 
 from ..training import TrainConfig
+from .base import check_option, finite_at_least
 from .shared_delta import SHARED, _SharedDelta
 
 OLD = "shared_delta_old"  # the frozen copy of the shared delta before the task being trained
@@ -55,8 +56,7 @@ class LwF(_SharedDelta):
     def __init__(self, methods: Sequence[MethodSpec] = (DEFAULT_METHOD,), alpha: float = 1.0, temperature: float = 2.0) -> None:
         super().__init__(methods)
         for key, v, low in (("alpha", alpha, 0.0), ("temperature", temperature, 1e-6)):
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not low <= v < float("inf"):
-                raise ValueError(f"lwf: {key} must be a finite number >= {low:g}, got {v!r}")
+            check_option("lwf", key, v, finite_at_least(low), f"a finite number >= {low:g}")
         self.alpha, self.temperature = float(alpha), float(temperature)
         self.seen: list[Task] = []
 

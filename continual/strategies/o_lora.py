@@ -30,6 +30,7 @@ from adapters.model import MethodSpec
 from streams import Task
 
 from ..training import TrainConfig
+from .base import check_option, finite_at_least
 from .summed_lora import SummedLoRA, lora_sites
 
 
@@ -60,8 +61,7 @@ class OLoRA(SummedLoRA):
     def __init__(self, methods: Sequence[MethodSpec] = ("lora",), orth_lambda: float = 0.5, l2_lambda: float = 0.0) -> None:
         super().__init__(methods)
         for key, value in (("orth_lambda", orth_lambda), ("l2_lambda", l2_lambda)):
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < float("inf"):
-                raise ValueError(f"o-lora: {key} must be a finite number >= 0, got {value!r}")
+            check_option("o-lora", key, value, finite_at_least(0), "a finite number >= 0")
         self.orth_lambda, self.l2_lambda = float(orth_lambda), float(l2_lambda)
 
     def loss_term(self, model: DeltaModel, task: Task, config: TrainConfig, data: Any):

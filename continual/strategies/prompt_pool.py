@@ -24,6 +24,7 @@ from adapters.methods.prompt_pool import DECODER_REFUSAL
 from streams import Task, TaskStream
 
 from ..training import TrainConfig
+from .base import check_option, finite_at_least
 from .shared_delta import SHARED, _SharedDelta
 
 
@@ -38,8 +39,7 @@ class PromptPool(_SharedDelta):
         if [m.method for m in self.methods] != ["prompt_pool"]:
             raise ValueError(f"prompt-pool trains one prompt pool: its method must be prompt_pool alone (e.g. --method "
                              f"prompt_pool:pool_size=10), got {[m.method for m in self.methods]}")
-        if not isinstance(pull_lambda, (int, float)) or isinstance(pull_lambda, bool) or not 0 <= pull_lambda < float("inf"):
-            raise ValueError(f"prompt-pool: pull_lambda must be a finite number >= 0, got {pull_lambda!r}")
+        check_option("prompt-pool", "pull_lambda", pull_lambda, finite_at_least(0), "a finite number >= 0")
         self.pull_lambda = float(pull_lambda)
 
     def check_stream(self, stream: TaskStream, model: DeltaModel, max_length: int | None = None) -> None:

@@ -36,6 +36,7 @@ from adapters.model import MethodSpec
 from streams import Task
 
 from ..training import TrainConfig, collate_rows, token_loss
+from .base import check_option
 from .shared_delta import _SharedDelta
 
 
@@ -49,8 +50,8 @@ class Replay(_SharedDelta):
                  replay_batch: int | None = None) -> None:
         super().__init__(methods)
         for key, v in (("memory_size", memory_size), ("replay_batch", replay_batch)):
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-                raise ValueError(f"replay: {key} must be an integer >= 1, got {v!r}")
+            if v is not None:
+                check_option("replay", key, v, lambda n: n >= 1, "an integer >= 1", integer=True)
         self.memory_size, self.replay_batch = memory_size, replay_batch
         self.memory: dict[str, torch.Tensor] = {}  # task -> indices into its tokenised training split, in order
         self.seen: list[Task] = []
