@@ -34,6 +34,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from .errors import TaskError
+from .precision import inference_linears
 
 
 def _check_generative(model: Any, tasks: Sequence[str]) -> None:
@@ -222,12 +223,13 @@ def answer_batches(model: Any, batches: Iterable[dict[str, Any]], max_new_tokens
     if tok is None:
         raise ValueError("answers need a model with a tokenizer, to decode them")
     out: list[str] = []
-    for b in batches:
-        n = b["input_ids"].shape[0]
-        ids = None if mixed is None else task_ids[len(out):len(out) + n]
-        new = generate(model, b["input_ids"].to(model.device), b["attention_mask"].to(model.device),
-                       max_new_tokens=max_new_tokens, mixed=mixed, task_ids=ids)
-        out += [tok.decode(t, skip_special_tokens=True).strip() for t in new]
+    with inference_linears(model):  # the frozen weights copied (and packed) once for all the batches
+        for b in batches:
+            n = b["input_ids"].shape[0]
+            ids = None if mixed is None else task_ids[len(out):len(out) + n]
+            new = generate(model, b["input_ids"].to(model.device), b["attention_mask"].to(model.device),
+                           max_new_tokens=max_new_tokens, mixed=mixed, task_ids=ids)
+            out += [tok.decode(t, skip_special_tokens=True).strip() for t in new]
     return out
 
 

@@ -341,21 +341,24 @@ class DeltaModel(nn.Module):
         inputs = {"input_ids": input_ids} if embeds is None else {"inputs_embeds": embeds}
         return self.backbone(**inputs, attention_mask=mask, decoder_input_ids=decoder_input_ids, **extra).logits
 
-    def forward(
-        self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, **extra: Any
-    ) -> torch.Tensor:
-        """Logits of the selected task's head (the last task passed to :meth:`activate`)."""
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                logit_positions: torch.Tensor | None = None, **extra: Any) -> torch.Tensor:
+        """Logits of the selected task's head (the last task passed to :meth:`activate`); with
+        ``logit_positions`` ((B, T) bool, a generative task) the (N, V) logits there alone."""
         if self._head is None:
             raise TaskError("no task selected: call model.activate(task) first")
         head = self.tasks[self._head].head
-        if head is None:
-            raise TaskError(f"task {self._head!r} has no head (it was added without labels)")
+        if head is None or (logit_positions is not None and not head.generative):
+            raise TaskError(f"task {self._head!r} has no head (it was added without labels)" if head is None else
+                            "logit_positions selects token positions of a generative task's logits")
         if self.seq2seq and head.generative:
             if extra.get("decoder_input_ids") is None:
                 raise ValueError("a generative task on an encoder-decoder needs decoder_input_ids")
-            return self.seq2seq_logits(input_ids, attention_mask, **extra)
+            logits = self.seq2seq_logits(input_ids, attention_mask, **extra)
+            return logits if logit_positions is None else logits[logit_positions]
         hidden, mask = self.encode(input_ids, attention_mask, **extra)
-        return head(hidden, mask)
+        # a loss over the answer tokens reads no other position: the LM head skips them
+        return head(hidden, mask) if logit_positions is None else head(hidden[logit_positions], None)
 
     # -- HuggingFace PEFT's format -------------------------------------------------------------------
     def export_peft(self, name: str, directory: Any, base_model: str | None = None) -> Any:

@@ -89,11 +89,15 @@ class AgnosticScorer:
         """Fit the router on ``task`` too (its first :data:`FIT_MAX` training examples)."""
         train = self.data(task)["train"]
         n = min(len(train), FIT_MAX)
-        loader = eval_loader(train.select(range(n)), self.model.tokenizer, self.data.length(task), self.data.eval_batch,
-                             decoder_start=self.model.decoder_start_id)
         raw = task.splits()["train"]
         labels = torch.as_tensor(raw["label"][:n] if "label" in raw.column_names else [0] * n)  # free text: one prototype
-        self._fit(task.name, embed(self.model, loader), labels)
+        # embedded in order of length (batches pad little); the router is fitted on the same order
+        first = train.select(range(n))
+        lengths = first["prompt_len"] if "prompt_len" in first.column_names else [len(x) for x in first["input_ids"]]
+        order = np.argsort(np.asarray(lengths), kind="stable")
+        loader = eval_loader(first.select(order.tolist()), self.model.tokenizer, self.data.length(task), self.data.eval_batch,
+                             decoder_start=self.model.decoder_start_id)
+        self._fit(task.name, embed(self.model, loader, self.precision), labels[torch.from_numpy(order)])
 
     def _fit(self, name: str, emb: torch.Tensor, labels: torch.Tensor) -> None:
         self.fitted.append((name, emb, labels))
@@ -122,7 +126,7 @@ class AgnosticScorer:
         key = (task.name, backbone)
         if key not in self._test_emb:
             self._test_emb = {k: v for k, v in self._test_emb.items() if k[1] == backbone}  # an old backbone's go
-            self._test_emb[key] = embed(self.model, self.data.loader(task))
+            self._test_emb[key] = embed(self.model, self.data.loader(task), self.precision)
         return self._test_emb[key]
 
     def row(self, tasks: Sequence[Task], backbone: str) -> tuple[list[float], float]:

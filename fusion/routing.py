@@ -27,19 +27,22 @@ import torch
 
 from adapters import DeltaModel
 from adapters.heads import pool
+from adapters.precision import autocast, inference_linears, resolve_precision
 
 
 @torch.no_grad()
-def embed(model: DeltaModel, batches: Any) -> torch.Tensor:
-    """L2-normalised mean-pooled backbone embeddings (no delta acts) of tokenised ``batches``."""
+@torch.no_grad()
+def embed(model: DeltaModel, batches: Any, precision: str = "fp32") -> torch.Tensor:
+    """L2-normalised mean-pooled backbone embeddings (no delta acts) of tokenised ``batches``,
+    computed in ``precision`` ("bf16": under bf16 autocast, as a run in bf16 scores)."""
     out = []
     was_training = model.training
     model.eval()
-    with model.disabled():
+    with model.disabled(), autocast(resolve_precision(precision, model.device), model.device), inference_linears(model):
         for b in batches:
             ids, mask = b["input_ids"].to(model.device), b["attention_mask"].to(model.device)
             hidden, _ = model.encode(ids, mask)  # (an encoder-decoder: its encoder's states)
-            out.append(torch.nn.functional.normalize(pool(hidden, mask, "mean").float(), dim=-1).cpu())
+            out.append(torch.nn.functional.normalize(pool(hidden.float(), mask, "mean"), dim=-1).cpu())
     model.train(was_training)
     return torch.cat(out)
 

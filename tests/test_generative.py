@@ -234,3 +234,41 @@ def test_a_task_knows_its_kind_and_every_output_names_its_score(lm_model, tmp_pa
     assert result.table().splitlines()[1].split() == ["score", "exact_match", "exact_match", "rouge_l"]
     old = {k: v for k, v in saved.items() if k != "scores"}  # a run saved before scores were named
     assert AccuracyMatrix.from_dict(old).scores == ["score"] * 3
+
+
+def test_training_step_reads_the_lm_head_at_answer_positions_only(lm_model, word_tokenizer):
+    """TrainStep computes a generative task's logits at its answer positions alone: the same loss
+    and gradients as the whole (B, T, V) logits give, and logits of N rows (not B * T)."""
+    import torch
+
+    from continual.training import TrainStep, make_loader, token_loss
+
+    task = toy_generative_stream()[0]
+    data = tokenize(task.splits()["train"].select(range(6)), word_tokenizer, 32)
+    batch = next(iter(make_loader(data, word_tokenizer, 6, shuffle=False)))
+    labels = batch.pop("labels")
+    answer = int((labels != -100).sum())
+    assert 0 < answer < labels.numel()
+
+    def step(compiled: bool) -> tuple[float, dict, tuple]:
+        model = lm_model()
+        model.add_task("g", LORA, generative=True)
+        model.activate("g")
+        params = [p for p in model.parameters() if p.requires_grad]
+        seen = []
+        ts = TrainStep(model, torch.optim.SGD(params, lr=0.0), extra_loss=lambda b, y, logits: seen.append(logits.shape))
+        ts.compiled = compiled  # the whole-logits path, as a compiled step takes it (without compiling)
+        loss = float(ts(dict(batch), labels.clone()))
+        return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, seen[0]
+
+    loss, grads, shape = step(False)
+    full_loss, full_grads, full_shape = step(True)
+    assert shape[0] == answer and full_shape[:2] == labels.shape
+    assert loss == pytest.approx(full_loss, rel=1e-5)
+    for n in grads:
+        torch.testing.assert_close(grads[n], full_grads[n], rtol=1e-4, atol=1e-7)
+    with pytest.raises(Exception, match="generative"):
+        m = lm_model()
+        m.add_task("c", LORA, num_labels=2)
+        m.activate("c")
+        m(**batch, logit_positions=labels != -100)

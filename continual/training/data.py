@@ -197,6 +197,17 @@ class GenerationLoader:
         part.metric, part.max_new_tokens = self.metric, self.max_new_tokens
         return part
 
+    def by_length(self) -> tuple["GenerationLoader", list[int]]:
+        """A loader over the same examples ordered by prompt length (so each batch pads little:
+        less prefill work, shorter attention), and each of its examples' position in this one."""
+        lengths = self.dataset["prompt_len"]
+        order = sorted(range(len(lengths)), key=lengths.__getitem__)
+        return self.subset(self.dataset.select(order)), order
+
+    def references(self) -> list[str]:
+        """The reference answers, in order."""
+        return list(self.dataset["target"])
+
     def __len__(self) -> int:
         return -(-len(self.dataset) // self.batch_size)
 

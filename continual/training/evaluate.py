@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from adapters import DeltaModel
 from adapters.generation import answer_batches
-from adapters.precision import autocast, resolve_precision
+from adapters.precision import autocast, inference_linears, resolve_precision
 
 from . import distributed
 from .textscore import SCORERS, score_texts
@@ -68,7 +68,7 @@ def batch_logits(model: DeltaModel, loader, active: Sequence[str], precision: st
     was_training = model.training
     model.eval()
     try:
-        with model.using(*active), autocast(resolve_precision(precision, device), device):
+        with model.using(*active), autocast(resolve_precision(precision, device), device), inference_linears(model):
             for batch in loader:
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 labels = batch.pop("labels", None)
@@ -79,11 +79,16 @@ def batch_logits(model: DeltaModel, loader, active: Sequence[str], precision: st
 
 @torch.no_grad()
 def answers(model: DeltaModel, loader, active: Sequence[str], precision: str = "fp32") -> tuple[list[str], list[str]]:
-    """(generated answers, references) of a generative loader, the ``active`` tasks acting."""
+    """(generated answers, references) of a generative loader, in its order, the ``active`` tasks
+    acting. The prompts are answered in order of length (batches of similar lengths pad little)."""
     device = model.device
+    ordered, order = loader.by_length()
     with model.using(*active), autocast(resolve_precision(precision, device), device):
-        preds = answer_batches(model, loader, loader.max_new_tokens)
-    return preds, [r for batch in loader for r in batch["references"]]
+        answered = answer_batches(model, ordered, loader.max_new_tokens)
+    preds = [""] * len(order)
+    for at, answer in zip(order, answered):
+        preds[at] = answer
+    return preds, loader.references()
 
 
 def evaluate_generation(model: DeltaModel, task: str, loader, active: Sequence[str] | None = None,

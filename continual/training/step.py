@@ -21,13 +21,15 @@ def make_optimizer(groups: Sequence[dict[str, Any]], device: torch.device, weigh
 
 
 #: ``extra_loss(batch, labels, logits)``: a term a strategy adds to each step's loss (a replay
-#: batch's loss, a penalty, a distillation term); None adds nothing
+#: batch's loss, a penalty, a distillation term); None adds nothing. For a generative task the
+#: logits and labels are those of the answer positions only, and ``batch`` carries them as
+#: ``logit_positions`` (so the model run on it again gives the same positions)
 ExtraLoss = Callable[[dict[str, torch.Tensor], torch.Tensor, torch.Tensor], "torch.Tensor | None"]
 
 
 class TrainStep:
-    """One optimisation step of whatever is trainable in ``model``, with no host sync: returns the
-    loss as a device tensor. Use it inside :func:`adapters.precision.frozen_linears_in` for bf16 / fp16.
+    """One optimisation step of whatever is trainable in ``model``, with no host sync (but one, for a
+    generative task's answer positions, when not compiled): returns the loss as a device tensor. Use it inside :func:`adapters.precision.frozen_linears_in` for bf16 / fp16.
 
     compile: None, or a torch.compile mode. The model is traced with its delta hooks; activating
     another set of tasks re-traces once. ``extra_loss``: see :data:`ExtraLoss` (run in the same
@@ -47,11 +49,16 @@ class TrainStep:
         self.precision = resolve_precision(precision, self.device)
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.forward = torch.compile(model, mode=compile) if compile else model
+        self.compiled = bool(compile)  # (a compiled step keeps whole logits: one shape per batch, no recompiles)
 
     def __call__(self, batch: dict[str, torch.Tensor], labels: torch.Tensor,
                  denominator: torch.Tensor | None = None) -> torch.Tensor:
         """``denominator``: divide the summed loss by it instead of averaging over ``labels``
         (a data-parallel rank's slice: see :mod:`continual.training.distributed`)."""
+        if labels.dim() > 1 and not self.compiled:
+            # a generative task learns its answer tokens only: the LM head (a vocabulary-wide
+            # matrix product, and the largest activation of the step) runs at those positions alone
+            batch, labels = {**batch, "logit_positions": labels != -100}, labels[labels != -100]
         with autocast(self.precision, self.device):
             logits = self.forward(**batch)
             extra = self.extra_loss(batch, labels, logits) if self.extra_loss is not None else None

@@ -1,0 +1,203 @@
+"""Greedy decoding speed: ours against HF ``generate`` + PEFT, one LoRA and mixed batches of 8 and 64.
+
+    python3 benchmarks/decode_speed.py                               # SmolLM2, batch 8, 16 tokens, fp32 and bf16
+    python3 benchmarks/decode_speed.py --precisions bf16 --adapters 8
+
+Both sides decode the same real prompts (the built-in generative stream's test prompts, left
+padded), the same number of new tokens for every example (no early stop: the same work on both
+sides), with the same LoRA values: each of our tasks is written with ``export_peft`` and read by
+PEFT's own ``PeftModel.from_pretrained`` / ``load_adapter``, so the two models compute the same
+function; the answers are compared token by token, up to our first end-of-sequence token (HF's
+``min_new_tokens`` suppresses that token, so after it the two decode different text by design).
+In bf16 the two sides round differently (HF's weights and residual stream are bf16, ours fp32
+under autocast), so there answers may part.
+
+Precision, "as users run it": fp32 is everything in fp32. In bf16 HF's model is cast to bf16
+(``.to(torch.bfloat16)``; PEFT keeps its LoRA weights in fp32 and casts the inputs to them), and
+ours runs under bf16 autocast with fp32 master weights, as ``continual`` scores in bf16. Ours
+decodes inside :func:`adapters.precision.inference_linears`, as every scoring pass of ``continual``
+does; entering it (a copy of the frozen weights, prepacked on a CPU) costs once per scoring pass,
+not per batch, and is printed on its own line.
+
+Printed per precision: tokens/s and ratios for one LoRA (ours / HF + PEFT), our mixed batch over
+8 and 64 LoRAs (example i on LoRA i mod K) against our one LoRA, and PEFT's mixed
+``adapter_names`` batch against PEFT's one LoRA. Beside them, the weight-bandwidth limit: every
+decoding step reads every Linear weight once, so the machine's memory read rate (measured here, a
+sum over a 512 MB tensor) divided by the bytes of those weights bounds the steps per second.
+Absolute numbers move between machines and with load: compare within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import torch
+from torch import nn
+
+import adapters
+from adapters.generation import generate
+from adapters.precision import autocast, inference_linears
+
+
+def read_bandwidth(device: torch.device, mb: int = 512) -> float:
+    """Bytes per second the device reads a large tensor at (the best of a few sums)."""
+    x = torch.ones(mb * 2**20 // 4, device=device)
+    best = float("inf")
+    for _ in range(5):
+        sync(device)
+        start = time.perf_counter()
+        x.sum()
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return x.numel() * 4 / best
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def linear_bytes(model: nn.Module, bytes_per_weight: int) -> int:
+    """Bytes of the Linear weights one decoding step reads (the LM head included, once)."""
+    mods = {id(m): m for m in model.modules() if isinstance(m, nn.Linear)}
+    return sum(m.weight.numel() for m in mods.values()) * bytes_per_weight
+
+
+def timed(fn: Callable[[], Any], repeats: int, device: torch.device) -> tuple[float, Any]:
+    fn()  # warm-up
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        out = fn()
+    sync(device)
+    return (time.perf_counter() - start) / repeats, out
+
+
+def prompts(tokenizer: Any, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    from streams import load_stream
+
+    stream = load_stream("generative", max_train=8, max_eval=n)
+    texts = [t for task in stream for t in task.test["text"]]
+    texts = (texts * (n // len(texts) + 1))[:n]
+    tokenizer.padding_side = "left"
+    enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=96)
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+
+
+def build_ours(backbone: str, k: int, device: torch.device, out: Path) -> adapters.DeltaModel:
+    """Our model with K LoRA tasks (random non-zero B, so every LoRA acts), each exported for PEFT."""
+    model = adapters.DeltaModel.from_pretrained(backbone).to(device)
+    torch.manual_seed(0)
+    for i in range(k):
+        task = model.add_task(f"t{i}", {"method": "lora", "rank": 8}, generative=True)
+        with torch.no_grad():
+            for n, p in task.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.02)
+        model.freeze(f"t{i}")
+        model.export_peft(f"t{i}", out / f"t{i}")
+    return model.eval()
+
+
+def build_peft(backbone: str, k: int, device: torch.device, dtype: torch.dtype, out: Path) -> Any:
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    from adapters.backbones import BACKBONES
+
+    hf = AutoModelForCausalLM.from_pretrained(str(BACKBONES[backbone]()), dtype=torch.float32).to(device=device, dtype=dtype)
+    pm = peft.PeftModel.from_pretrained(hf, str(out / "t0"), adapter_name="t0")
+    for i in range(1, k):
+        pm.load_adapter(str(out / f"t{i}"), adapter_name=f"t{i}")
+    pm.set_adapter("t0")
+    return pm.eval()
+
+
+def same_answers(ours: list[list[int]], theirs: list[list[int]], eos: int) -> int:
+    """Rows whose answers agree: ours up to its first end-of-sequence token against as many of
+    PEFT's (``min_new_tokens`` keeps HF from ending early by suppressing that token, so after it
+    the two sides decode different text by design)."""
+    def answer(row: list[int]) -> list[int]:
+        return row[: row.index(eos)] if eos in row else row
+    return sum(answer(a) == b[: len(answer(a))] for a, b in zip(ours, theirs))
+
+
+def run_precision(args: argparse.Namespace, ours: adapters.DeltaModel, pm: Any, ids: torch.Tensor,
+                  mask: torch.Tensor, precision: str, device: torch.device) -> list[tuple[str, float, str]]:
+    """(mode, seconds per batch, note) for every mode of one precision."""
+    b, n = ids.shape[0], args.new_tokens
+    rows: list[tuple[str, float, str]] = []
+    hf_kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=ours.tokenizer.pad_token_id or 0)
+    with torch.no_grad():
+        s_hf, hf_out = timed(lambda: pm.generate(input_ids=ids, attention_mask=mask, **hf_kw), args.repeats, device)
+        rows.append(("HF generate + PEFT, one LoRA", s_hf, ""))
+        for k in args.adapters:
+            names = [f"t{i % k}" for i in range(b)]
+            s, _ = timed(lambda: pm.generate(input_ids=ids, attention_mask=mask, adapter_names=names, **hf_kw),
+                         args.repeats, device)
+            rows.append((f"HF generate + PEFT, mixed {k} LoRAs", s, f"{s_hf / s:.2f}x of PEFT's one LoRA"))
+    gen = dict(max_new_tokens=n, eos_token_id=-1)  # a fixed length: no early stop
+    with autocast(precision, device):
+        start = time.perf_counter()
+        with inference_linears(ours):
+            enter = time.perf_counter() - start
+            ours.activate("t0")
+            s_one, out = timed(lambda: generate(ours, ids, mask, **gen), args.repeats, device)
+            same = same_answers(out, hf_out[:, ids.shape[1]:].tolist(), ours.tokenizer.eos_token_id)
+            rows.append(("ours, one LoRA", s_one, f"{s_hf / s_one:.2f}x HF + PEFT; answers equal to PEFT's: {same}/{b}"))
+            for k in args.adapters:
+                mixed = ours.mixed([f"t{i}" for i in range(k)])
+                slots = torch.arange(b, device=device) % k
+                s, _ = timed(lambda: generate(ours, ids, mask, mixed=mixed, task_ids=slots, **gen), args.repeats, device)
+                mixed.detach()
+                rows.append((f"ours, mixed {k} LoRAs", s, f"{s_one / s:.2f}x of our one LoRA; {s_hf / s:.2f}x HF + PEFT one LoRA"))
+    rows.append(("ours, entering inference_linears (once per scoring pass)", enter, ""))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backbone", default="smollm2")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--adapters", default="8,64", help="sizes of the mixed sets, comma-separated")
+    ap.add_argument("--precisions", default="fp32,bf16")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default=None)
+    args = ap.parse_args()
+    args.adapters = [int(k) for k in args.adapters.split(",") if k]
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    bandwidth = read_bandwidth(device)
+    with tempfile.TemporaryDirectory() as tmp:
+        ours = build_ours(args.backbone, max(args.adapters + [1]), device, Path(tmp))
+        ids, mask = prompts(ours.tokenizer, args.batch, device)
+        print(f"backbone {args.backbone}, device {device} ({torch.get_num_threads()} threads), batch {args.batch}, "
+              f"prompts padded to {ids.shape[1]} tokens, {args.new_tokens} new tokens each, LoRA r=8 on q and v")
+        print(f"memory read rate {bandwidth / 1e9:.1f} GB/s")
+        for precision in args.precisions.split(","):
+            dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+            pm = build_peft(args.backbone, max(args.adapters + [1]), device, dtype, Path(tmp))
+            limit = bandwidth / linear_bytes(pm, 4 if precision == "fp32" else 2) * args.batch
+            rows = run_precision(args, ours, pm, ids, mask, precision, device)
+            del pm
+            print(f"\n## {precision} (weight-bandwidth limit: {limit:.0f} tokens/s at batch {args.batch})\n")
+            print("| mode | s per batch | tokens/s | of the limit | |")
+            print("|---|---|---|---|---|")
+            for name, s, note in rows:
+                if name.startswith("ours, entering"):
+                    print(f"| {name} | {s:.3f} | | | |")
+                else:
+                    rate = args.batch * args.new_tokens / s
+                    print(f"| {name} | {s:.3f} | {rate:.1f} | {rate / limit:.0%} | {note} |")
+
+
+if __name__ == "__main__":
+    main()
