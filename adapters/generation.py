@@ -23,6 +23,11 @@ prefill and every decoding step. This loop owns both:
 
 ``use_cache=False`` recomputes the whole sequence at every step (slow); the tests use it as the
 reference the cached path must equal.
+
+Speed: decoding a few rows a step is bound by reading the weights. :func:`answer_batches` (and
+so ``continual``'s scoring) runs inside :func:`adapters.precision.inference_linears`, which holds
+the frozen weights once in the pass's dtype (prepacked on a CPU); a caller of :func:`generate` in
+a loop enters it once around the loop (``benchmarks/decode_speed.py`` measures the difference).
 """
 
 from __future__ import annotations
