@@ -61,6 +61,18 @@ def supports(method: str, arch: str) -> bool:
     return not ((method == "prefix" and spec.attention is None) or (method == "prompt_pool" and spec.kind == "decoder"))
 
 
+def lora_model(arch: str = "bert", methods=("lora", "bottleneck")) -> adapters.DeltaModel:
+    """A tiny model with one active task "t" whose deltas are non-zero (so they act), in eval mode."""
+    model = adapters.DeltaModel(tiny_backbone(arch))
+    task = model.add_task("t", [method_config(m) for m in methods], num_labels=3)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in task.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model.activate("t")
+    return model.eval()
+
+
 def batch(vocab: int = 120, b: int = 3, t: int = 9, seed: int = 1) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(5, vocab, (b, t), generator=g)

@@ -11,20 +11,9 @@ import torch
 import adapters  # first: it makes a CPU-only torchvision importable before transformers imports it
 from adapters.generation import generate
 from adapters.precision import autocast, cpu_has_fast_bf16, inference_linears
-from conftest import batch, method_config, tiny_backbone
+from conftest import batch, lora_model
 
 CPU = torch.device("cpu")
-
-
-def model_with_task(arch: str, methods=("lora", "bottleneck")) -> adapters.DeltaModel:
-    model = adapters.DeltaModel(tiny_backbone(arch))
-    task = model.add_task("t", [method_config(m) for m in methods], num_labels=3)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in task.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    model.activate("t")
-    return model.eval()
 
 
 def untouched(model: adapters.DeltaModel) -> dict[str, tuple[int, torch.dtype]]:
@@ -38,7 +27,7 @@ def packed_modules(model: torch.nn.Module) -> list[str]:
 @pytest.mark.skipif(not cpu_has_fast_bf16(), reason="bf16 prepacking needs a CPU with bf16 instructions")
 @pytest.mark.parametrize("arch", ["bert", "llama"])
 def test_bf16_results_are_autocasts_bit_for_bit(arch):
-    model = model_with_task(arch)
+    model = lora_model(arch)
     inputs = batch()
     with torch.no_grad(), autocast("bf16", CPU):
         want = model(**inputs)
@@ -50,7 +39,7 @@ def test_bf16_results_are_autocasts_bit_for_bit(arch):
 
 @pytest.mark.parametrize("arch", ["bert", "llama"])
 def test_fp32_results_within_rounding_and_the_model_restored(arch):
-    model = model_with_task(arch)
+    model = lora_model(arch)
     inputs = batch()
     before = untouched(model)
     with torch.no_grad():
@@ -67,7 +56,7 @@ def test_fp32_results_within_rounding_and_the_model_restored(arch):
 
 
 def test_an_error_inside_restores_the_model():
-    model = model_with_task("bert")
+    model = lora_model("bert")
     with pytest.raises(RuntimeError, match="boom"):
         with inference_linears(model):
             raise RuntimeError("boom")
@@ -76,7 +65,7 @@ def test_an_error_inside_restores_the_model():
 
 def test_gradients_flow_as_without_it():
     def grads(ctx) -> dict[str, torch.Tensor]:
-        model = model_with_task("llama")
+        model = lora_model("llama")
         model.train()
         torch.manual_seed(0)
         with ctx(model):
@@ -93,7 +82,7 @@ def test_gradients_flow_as_without_it():
 
 def test_a_layer_with_a_trainable_parameter_keeps_its_own_forward():
     """A user who unfreezes part of the backbone trains it: no copy of it may go stale."""
-    model = model_with_task("bert")
+    model = lora_model("bert")
     layer = model.backbone.get_submodule("encoder.layer.0.output.dense")
     layer.bias.requires_grad_(True)
     with inference_linears(model):

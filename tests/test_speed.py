@@ -9,23 +9,12 @@ import torch
 
 import adapters
 from adapters.precision import autocast, frozen_linears_in, resolve_precision
-from conftest import FAST, batch, method_config, tiny_backbone, toy_task
+from conftest import FAST, batch, lora_model, method_config, tiny_backbone, toy_task
 from continual import TrainConfig, train_task
 from continual.training import bucket_batches, bucketed_loader, make_loader, mfu, tokenize
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (run on the GPU machine)")
-
-
-def lora_model(arch="bert", methods=("lora", "bottleneck")):
-    model = adapters.DeltaModel(tiny_backbone(arch))
-    task = model.add_task("t", [method_config(m) for m in methods], num_labels=3)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in task.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    model.activate("t")
-    return model.eval()
 
 
 @pytest.mark.parametrize("arch", ["bert", "llama"])
