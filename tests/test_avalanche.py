@@ -109,7 +109,8 @@ def test_replay_and_lwf_forget_less_than_naive(text_model, tmp_path):
 
 
 @needs_avalanche
-@pytest.mark.parametrize("name", STATEFUL)
+# A-GEM in the default suite; the other three (same code path, another plugin) with -m slow
+@pytest.mark.parametrize("name", [n if n == "avalanche-agem" else pytest.param(n, marks=pytest.mark.slow) for n in STATEFUL])
 def test_each_strategy_runs_and_resumes_after_a_kill_retracing_the_run(text_model, tmp_path, name):
     full = run(text_model, tmp_path, name, "full")
     check_run(full, tmp_path, "full", text_model().backbone_parameters())

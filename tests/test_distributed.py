@@ -129,6 +129,7 @@ def test_two_processes_give_the_one_process_matrix(toy_yaml, tiny_backbone_dir, 
     assert files(tmp_path / "one") == files(tmp_path / "two")
 
 
+@pytest.mark.slow  # torchrun's launch of the same training is in the default suite
 def test_accelerate_launch_runs_the_same_data_parallel_training(toy_yaml, tiny_backbone_dir, tmp_path):  # noqa: F811
     """``accelerate launch`` (its torchrun launcher: --multi_gpu, which on a CPU means processes
     with gloo) sets the same environment; the run is the 1-process run."""
@@ -143,7 +144,8 @@ def test_accelerate_launch_runs_the_same_data_parallel_training(toy_yaml, tiny_b
     assert_same_run(tmp_path / "one", tmp_path / "two")
 
 
-@pytest.mark.parametrize("sharded", [pytest.param(False, marks=pytest.mark.slow), True], ids=["replicated", "sharded-backbone"])
+@pytest.mark.slow  # (the sharded backbone is in the default suite by the per-task runs)
+@pytest.mark.parametrize("sharded", [False, True], ids=["replicated", "sharded-backbone"])
 def test_two_processes_on_a_generative_stream(tiny_lm_dir, tmp_path, sharded):
     """Token losses: the ranks' slices hold unequal numbers of answer tokens; generation split
     across the processes, or (sharded backbone) run in step on all of them."""
@@ -155,6 +157,7 @@ def test_two_processes_on_a_generative_stream(tiny_lm_dir, tmp_path, sharded):
     assert_same_run(tmp_path / "one", tmp_path / "two")
 
 
+@pytest.mark.slow  # about a minute; a killed one-process run is in the default suite (test_cli, test_runner)
 def test_a_killed_two_process_run_resumes_to_the_uninterrupted_matrix(toy_yaml, tiny_backbone_dir, tmp_path):  # noqa: F811
     args = lambda out, *e: opts(toy_yaml, tiny_backbone_dir, out, "--patience", "0", *e, steps=400)  # noqa: E731
     assert main(args(tmp_path / "one")) == 0
@@ -185,6 +188,7 @@ def test_what_cannot_run_on_several_processes_is_refused(toy_yaml, tiny_backbone
     assert not (tmp_path / "a").exists()
 
 
+@pytest.mark.slow
 def test_compare_on_two_worker_processes_gives_the_same_report(toy_yaml, tiny_backbone_dir, tmp_path, capsys):  # noqa: F811
     """Entries x seeds on a pool of 2 spawned processes: the report of the in-process run, number
     for number (each run is seeded by its own settings, not by its worker)."""

@@ -83,7 +83,8 @@ def test_shared_delta_and_joint(text_model, tmp_path):
     assert joint.steps[0]["steps"] <= 3 * CONFIG.max_steps
 
 
-@pytest.mark.integration  # end to end: a whole stream, resumed, logged or served
+@pytest.mark.slow  # the CLI's SIGKILL-ed run resumed (test_cli) checks the same in the default suite
+@pytest.mark.integration
 def test_resume_after_a_kill_gives_the_same_matrix(text_model, tmp_path):
     full = run(text_model, tmp_path, make_strategy("per-task", LORA), "full")
     killer = Recorder(kill_at_row=2)

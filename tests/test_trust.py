@@ -141,6 +141,7 @@ def test_overwrite_removes_the_old_runs_checkpoints(text_model, tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["a", "b"]
 
 
+@pytest.mark.slow
 @pytest.mark.integration  # spawns worker processes
 def test_a_killed_pool_worker_costs_only_its_own_run():
     from continual.studies.pool import PoolError, run_all
