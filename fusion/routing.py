@@ -31,7 +31,6 @@ from adapters.precision import autocast, inference_linears, resolve_precision
 
 
 @torch.no_grad()
-@torch.no_grad()
 def embed(model: DeltaModel, batches: Any, precision: str = "fp32") -> torch.Tensor:
     """L2-normalised mean-pooled backbone embeddings (no delta acts) of tokenised ``batches``,
     computed in ``precision`` ("bf16": under bf16 autocast, as a run in bf16 scores)."""

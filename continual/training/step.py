@@ -29,7 +29,8 @@ ExtraLoss = Callable[[dict[str, torch.Tensor], torch.Tensor, torch.Tensor], "tor
 
 class TrainStep:
     """One optimisation step of whatever is trainable in ``model``, with no host sync (but one, for a
-    generative task's answer positions, when not compiled): returns the loss as a device tensor. Use it inside :func:`adapters.precision.frozen_linears_in` for bf16 / fp16.
+    generative task's answer positions, when not compiled): returns the loss as a device tensor.
+    Use it inside :func:`adapters.precision.frozen_linears_in` for bf16 / fp16.
 
     compile: None, or a torch.compile mode. The model is traced with its delta hooks; activating
     another set of tasks re-traces once. ``extra_loss``: see :data:`ExtraLoss` (run in the same
