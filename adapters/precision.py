@@ -111,29 +111,36 @@ def inference_linears(model: Any) -> Iterator[None]:
     their values. In bf16 the outputs are the very values autocast gives; in fp32 oneDNN sums in
     another order than the default kernel (differences of about 1e-6 of the output's size).
 
-    Re-entrant (an inner block keeps the outer one's copies); costs one copy of the frozen Linear
+    Re-entrant: an inner block in the same dtype uses the outer one's copies, one in another dtype
+    (another autocast) makes its own until it ends; costs one copy of the frozen Linear
     weights in memory while it lasts, and the time to make it (about a tenth of a second per 100M
     weights on a CPU): enter it once around a whole scoring pass, not around each batch."""
     device = model.device
     cast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
-    patched = []
+    patched = []  # (layer, the forward it had: an outer block's, or None)
     try:
         with torch.no_grad():
             for m in _frozen_linears(model):
                 dtype = cast or m.weight.dtype
                 prepack = _can_prepack(device, dtype)
-                if "forward" in m.__dict__ or (not prepack and dtype == m.weight.dtype):
-                    continue  # packed by an outer block (or patched by someone else); or nothing to gain
+                outer = m.__dict__.get("forward")
+                if outer is not None and (not isinstance(outer, _PackedForward) or outer.weight.dtype == dtype):
+                    continue  # an outer block's copies in this dtype serve (or someone else patched it)
+                if outer is None and not prepack and dtype == m.weight.dtype:
+                    continue  # nothing to gain
                 w = m.weight.detach().to(dtype)
                 b = None if m.bias is None else m.bias.detach().to(dtype)
                 if prepack:
                     w = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), None)
                 m.forward = _PackedForward(m, w, b, prepack)
-                patched.append(m)
+                patched.append((m, outer))
         yield
     finally:
-        for m in patched:
-            del m.forward
+        for m, outer in patched:
+            if outer is None:
+                del m.forward
+            else:
+                m.forward = outer
 
 
 class _PackedForward:

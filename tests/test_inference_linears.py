@@ -55,6 +55,24 @@ def test_fp32_results_within_rounding_and_the_model_restored(arch):
     assert packed_modules(model) == [] and untouched(model) == before
 
 
+@pytest.mark.skipif(not cpu_has_fast_bf16(), reason="bf16 prepacking needs a CPU with bf16 instructions")
+def test_an_inner_block_in_another_dtype_computes_in_its_own():
+    """fp32 copies held by an outer block must not serve an inner pass under bf16 autocast."""
+    model = lora_model("llama")
+    inputs = batch()
+    with torch.no_grad():
+        with autocast("bf16", CPU):
+            want_bf16 = model(**inputs)
+        with inference_linears(model):
+            outer = model(**inputs)
+            with autocast("bf16", CPU), inference_linears(model):
+                inner = model(**inputs)
+            back = model(**inputs)
+    assert torch.equal(inner, want_bf16)
+    assert torch.equal(back, outer)  # the outer block's fp32 copies are back
+    assert packed_modules(model) == []
+
+
 def test_an_error_inside_restores_the_model():
     model = lora_model("bert")
     with pytest.raises(RuntimeError, match="boom"):
