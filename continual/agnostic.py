@@ -41,6 +41,7 @@ from streams import Task
 
 from .scoring import _digest
 from .training import answers, batch_logits, eval_loader
+from .training.data import length_order
 from .training.textscore import SCORERS
 
 FIT_MAX = 1000  # training examples per task the router is fitted on (the first ones of the seeded split)
@@ -93,11 +94,10 @@ class AgnosticScorer:
         labels = torch.as_tensor(raw["label"][:n] if "label" in raw.column_names else [0] * n)  # free text: one prototype
         # embedded in order of length (batches pad little); the router is fitted on the same order
         first = train.select(range(n))
-        lengths = first["prompt_len"] if "prompt_len" in first.column_names else [len(x) for x in first["input_ids"]]
-        order = np.argsort(np.asarray(lengths), kind="stable")
-        loader = eval_loader(first.select(order.tolist()), self.model.tokenizer, self.data.length(task), self.data.eval_batch,
+        order = length_order(first)
+        loader = eval_loader(first.select(order), self.model.tokenizer, self.data.length(task), self.data.eval_batch,
                              decoder_start=self.model.decoder_start_id)
-        self._fit(task.name, embed(self.model, loader, self.precision), labels[torch.from_numpy(order)])
+        self._fit(task.name, embed(self.model, loader, self.precision), labels[torch.tensor(order, dtype=torch.long)])
 
     def _fit(self, name: str, emb: torch.Tensor, labels: torch.Tensor) -> None:
         self.fitted.append((name, emb, labels))

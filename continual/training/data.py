@@ -127,6 +127,13 @@ def is_generative(dataset: Dataset) -> bool:
     return "target" in dataset.column_names
 
 
+def length_order(dataset: Dataset) -> list[int]:
+    """Positions of a tokenised split's examples, shortest input first (a generative example's
+    prompt, without its answer), ties in split order: batches cut from it pad little."""
+    lengths = dataset["prompt_len"] if "prompt_len" in dataset.column_names else [len(x) for x in dataset["input_ids"]]
+    return sorted(range(len(lengths)), key=lengths.__getitem__)
+
+
 def _collate(dataset: Dataset, tokenizer: Any, pad_multiple: int | None) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
     columns = [c for c in ("input_ids", "attention_mask", "token_type_ids") if c in dataset.column_names]
     if "target_ids" in dataset.column_names:
@@ -200,8 +207,7 @@ class GenerationLoader:
     def by_length(self) -> tuple["GenerationLoader", list[int]]:
         """A loader over the same examples ordered by prompt length (so each batch pads little:
         less prefill work, shorter attention), and each of its examples' position in this one."""
-        lengths = self.dataset["prompt_len"]
-        order = sorted(range(len(lengths)), key=lengths.__getitem__)
+        order = length_order(self.dataset)
         return self.subset(self.dataset.select(order)), order
 
     def references(self) -> list[str]:

@@ -59,7 +59,8 @@ class TrainStep:
         if labels.dim() > 1 and not self.compiled:
             # a generative task learns its answer tokens only: the LM head (a vocabulary-wide
             # matrix product, and the largest activation of the step) runs at those positions alone
-            batch, labels = {**batch, "logit_positions": labels != -100}, labels[labels != -100]
+            answer = labels != -100
+            batch, labels = {**batch, "logit_positions": answer}, labels[answer]
         with autocast(self.precision, self.device):
             logits = self.forward(**batch)
             extra = self.extra_loss(batch, labels, logits) if self.extra_loss is not None else None
