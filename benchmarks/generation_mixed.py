@@ -17,31 +17,13 @@ and checks that mixed-K gives, example by example, what each task gives alone.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 import adapters
 from adapters.generation import generate
 from adapters.precision import autocast, resolve_precision
-from streams import load_stream
-
-
-def prompts(model, n: int):
-    stream = load_stream("generative", max_train=8, max_eval=n)
-    texts = [t for task in stream for t in task.test["text"]][:n]
-    tok = model.tokenizer
-    tok.padding_side = "left"
-    enc = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=96)
-    return enc["input_ids"].to(model.device), enc["attention_mask"].to(model.device)
-
-
-def timed(fn, repeats: int) -> tuple[float, list]:
-    fn()  # warm-up
-    start = time.perf_counter()
-    for _ in range(repeats):
-        out = fn()
-    return (time.perf_counter() - start) / repeats, out
+from decode_speed import prompts, timed  # the same prompts and timing as the decode benchmark
 
 
 def main() -> None:
@@ -65,7 +47,7 @@ def main() -> None:
                 if "lora_B" in n:
                     p.normal_(0, 0.02)
         model.freeze(name)
-    ids, mask = prompts(model, args.batch)
+    ids, mask = prompts(model.tokenizer, args.batch, device)
     precision = resolve_precision(args.precision, device)
     # a fixed number of new tokens for every example: no early stop, the same work in each mode
     gen = dict(max_new_tokens=args.new_tokens, eos_token_id=-1)
@@ -73,12 +55,12 @@ def main() -> None:
     rows = []
     with autocast(precision, device):
         model.activate(names[0])
-        s_single, _ = timed(lambda: generate(model, ids, mask, **gen), args.repeats)
+        s_single, _ = timed(lambda: generate(model, ids, mask, **gen), args.repeats, device)
         mixed = model.mixed(names)
         one = torch.zeros(args.batch, dtype=torch.long)
-        s_mixed1, _ = timed(lambda: generate(model, ids, mask, mixed=mixed, task_ids=one, **gen), args.repeats)
+        s_mixed1, _ = timed(lambda: generate(model, ids, mask, mixed=mixed, task_ids=one, **gen), args.repeats, device)
         spread = torch.arange(args.batch) % args.tasks
-        s_mixedk, out = timed(lambda: generate(model, ids, mask, mixed=mixed, task_ids=spread, **gen), args.repeats)
+        s_mixedk, out = timed(lambda: generate(model, ids, mask, mixed=mixed, task_ids=spread, **gen), args.repeats, device)
         alone = []
         for i in range(args.batch):
             model.activate(names[int(spread[i])])
