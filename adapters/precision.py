@@ -78,6 +78,21 @@ def frozen_linears_in(backbone: nn.Module, precision: str) -> Iterator[None]:
             p.data = original.to(p.device)
 
 
+def lowrank_precision(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """The context a low-rank term (LoRA's ``B A x``) computes in: autocast off in a CPU pass
+    without gradients (scoring, generation), else unchanged.
+
+    Why: its matrix products are tiny (8 rows by 576 by 8 when decoding at batch 8), and on a CPU
+    such a product costs several times more in bf16 than in fp32 (about 70 us against 16 us,
+    measured by ``benchmarks/decode_speed.py``'s setup), besides the four casts autocast adds around
+    it; PEFT computes its LoRA term in fp32 for the same reason. The fp32 term is the more exact
+    one; it is cast to the layer's output dtype before it is added. Training (gradients on) and
+    GPUs keep autocast's dtype, so trained values are unchanged."""
+    if x.device.type == "cpu" and not torch.is_grad_enabled() and torch.is_autocast_enabled("cpu"):
+        return torch.autocast("cpu", enabled=False)
+    return contextlib.nullcontext()
+
+
 def _can_prepack(device: torch.device, dtype: torch.dtype) -> bool:
     """oneDNN prepacking: CPUs only, fp32 always, bf16 where the CPU has bf16 instructions."""
     return (device.type == "cpu" and torch.backends.mkldnn.is_available()

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..base import LayerwiseConfig, SiteDelta
 from ..errors import ConfigError
+from ..precision import lowrank_precision
 from ..registry import register
 from ..targets import Site, linear_dims
 
@@ -45,8 +46,9 @@ class LoRASite(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        x = self.dropout(x.to(self.lora_A.dtype))
-        return (x @ self.lora_A.t()) @ self.lora_B.t() * self.scaling
+        with lowrank_precision(x):
+            x = self.dropout(x.to(self.lora_A.dtype))
+            return (x @ self.lora_A.t()) @ self.lora_B.t() * self.scaling
 
 
 @register
@@ -93,4 +95,5 @@ class GatheredLoRA(nn.Module):
 
     def forward(self, x: torch.Tensor, h: torch.Tensor, batch) -> torch.Tensor:
         idx = batch.idx
-        return torch.bmm(torch.bmm(x.to(self.A_t.dtype), self.A_t[idx]), self.B_t[idx])
+        with lowrank_precision(x):
+            return torch.bmm(torch.bmm(x.to(self.A_t.dtype), self.A_t[idx]), self.B_t[idx])
