@@ -182,3 +182,34 @@ def test_training_with_fast_masks_learns_and_repeats(text_model):
     assert results["fast"].history[-1]["loss"] < results["fast"].history[0]["loss"]
     with pytest.raises(ValueError, match="dropout_masks"):
         TrainConfig(dropout_masks="bernoulli").validate()
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_training_attention_on_a_cpu_runs_in_fp32_under_bf16_autocast(monkeypatch, grad):
+    """bf16 training on a CPU: the attention kernel gets fp32 inputs with autocast off (its
+    bf16 backward is about twice as slow) and the output comes back in bf16; scoring keeps
+    autocast's bf16 path."""
+    import transformers.integrations.sdpa_attention as sa
+
+    real, seen = sa.sdpa_attention_forward, []
+
+    def spy(module, q, k, v, mask, **kw):
+        seen.append((q.dtype, k.dtype, v.dtype, torch.is_autocast_enabled("cpu")))
+        return real(module, q, k, v, mask, **kw)
+
+    monkeypatch.setattr(sa, "sdpa_attention_forward", spy)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 6, 8, requires_grad=grad) for _ in range(3))
+    module = nn.Module().train()
+    module.is_causal = True
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.set_grad_enabled(grad):
+        out, _ = _attention(module, q, k, v, None, dropout=0.0, scaling=0.3)
+    assert out.dtype == torch.bfloat16
+    if not grad:
+        assert seen == [(torch.float32, torch.float32, torch.float32, True)]
+        return
+    assert seen == [(torch.float32, torch.float32, torch.float32, False)]
+    ref, _ = real(module, q.detach(), k.detach(), v.detach(), None, dropout=0.0, scaling=0.3)
+    assert torch.equal(out, ref.to(torch.bfloat16))
+    out.float().sum().backward()
+    assert q.grad is not None and q.grad.dtype == torch.float32 and q.grad.abs().sum() > 0

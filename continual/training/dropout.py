@@ -77,6 +77,21 @@ class FastDropout(nn.Dropout):
         return super().forward(x)
 
 
+def _upcast(*qkv: torch.Tensor) -> torch.dtype | None:
+    """The dtype attention would compute in, when it trains in bf16 or fp16 on a CPU (None
+    otherwise): there it runs in fp32 instead, and its output is cast to that dtype. The CPU's
+    fused attention kernel takes about twice as long forward and backward in bf16 as in fp32
+    (measured by ``benchmarks/train_attention.py``); the fp32 result is the more exact one.
+    Inference keeps autocast's dtype."""
+    q = qkv[0]
+    if q.device.type != "cpu" or not torch.is_grad_enabled() or not any(t.requires_grad for t in qkv):
+        return None
+    if torch.is_autocast_enabled("cpu"):  # (autocast runs attention in its dtype on a CPU)
+        return torch.get_autocast_dtype("cpu")
+    low = [t.dtype for t in qkv if t.dtype in (torch.bfloat16, torch.float16)]
+    return low[0] if low else None
+
+
 def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                **kwargs: Any) -> tuple[torch.Tensor, None]:
@@ -86,6 +101,13 @@ def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
     plain = (dropout > 0 and module.training and query.device.type == "cpu" and not causal
              and query.shape[1] == key.shape[1] and "sliding_window" not in kwargs)
     if not plain:
+        low = _upcast(query, key, value)
+        if low is not None:
+            with torch.autocast("cpu", enabled=False):
+                mask = attention_mask.float() if attention_mask is not None and attention_mask.is_floating_point() else attention_mask
+                out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), mask,
+                                                      dropout=dropout, scaling=scaling, **kwargs)
+            return out.to(low), weights
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
