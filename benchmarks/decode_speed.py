@@ -130,37 +130,70 @@ def same_answers(ours: list[list[int]], theirs: list[list[int]], eos: int) -> in
     return sum(answer(a) == b[: len(answer(a))] for a, b in zip(ours, theirs))
 
 
+def interleaved(modes: dict[str, Callable[[], Any]], repeats: int, device: torch.device) -> dict[str, tuple[float, Any]]:
+    """Mean seconds per call and the last output of each mode, the modes taken in turn: a warm-up
+    round, then ``repeats`` rounds of every mode once (in rotated order). A shared 2-core machine's
+    speed drifts by 10-20% over minutes; in turns the drift falls on every mode alike, where timing
+    one mode after the other puts it into the ratios."""
+    names = list(modes)
+    total = dict.fromkeys(names, 0.0)
+    outs: dict[str, Any] = {}
+    for r in range(repeats + 1):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            sync(device)
+            start = time.perf_counter()
+            outs[name] = modes[name]()
+            sync(device)
+            if r:  # round 0 is the warm-up
+                total[name] += time.perf_counter() - start
+    return {name: (total[name] / repeats, outs[name]) for name in names}
+
+
 def run_precision(args: argparse.Namespace, ours: adapters.DeltaModel, pm: Any, ids: torch.Tensor,
                   mask: torch.Tensor, precision: str, device: torch.device) -> list[tuple[str, float, str]]:
-    """(mode, seconds per batch, note) for every mode of one precision."""
+    """(mode, seconds per batch, note) for every mode of one precision, timed in turns."""
     b, n = ids.shape[0], args.new_tokens
-    rows: list[tuple[str, float, str]] = []
     hf_kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=ours.tokenizer.pad_token_id or 0)
-    with torch.no_grad():
-        s_hf, hf_out = timed(lambda: pm.generate(input_ids=ids, attention_mask=mask, **hf_kw), args.repeats, device)
-        rows.append(("HF generate + PEFT, one LoRA", s_hf, ""))
-        for k in args.adapters:
-            names = [f"t{i % k}" for i in range(b)]
-            s, _ = timed(lambda: pm.generate(input_ids=ids, attention_mask=mask, adapter_names=names, **hf_kw),
-                         args.repeats, device)
-            rows.append((f"HF generate + PEFT, mixed {k} LoRAs", s, f"{s_hf / s:.2f}x of PEFT's one LoRA"))
     gen = dict(max_new_tokens=n, eos_token_id=-1)  # a fixed length: no early stop
-    with autocast(precision, device):
+
+    def hf(names: list[str] | None) -> Callable[[], Any]:
+        extra = {} if names is None else {"adapter_names": names}
+        # HF's model runs as users run it, outside our autocast
+        return lambda: _off(device, lambda: pm.generate(input_ids=ids, attention_mask=mask, **hf_kw, **extra))
+
+    mixed = {k: ours.mixed([f"t{i}" for i in range(k)]) for k in args.adapters}
+    modes: dict[str, Callable[[], Any]] = {"HF generate + PEFT, one LoRA": hf(None)}
+    for k in args.adapters:
+        modes[f"HF generate + PEFT, mixed {k} LoRAs"] = hf([f"t{i % k}" for i in range(b)])
+    modes["ours, one LoRA"] = lambda: generate(ours, ids, mask, **gen)
+    for k in args.adapters:
+        slots = torch.arange(b, device=device) % k
+        modes[f"ours, mixed {k} LoRAs"] = lambda k=k, slots=slots: generate(ours, ids, mask, mixed=mixed[k], task_ids=slots, **gen)
+    with torch.no_grad(), autocast(precision, device):
         start = time.perf_counter()
         with inference_linears(ours):
             enter = time.perf_counter() - start
             ours.activate("t0")
-            s_one, out = timed(lambda: generate(ours, ids, mask, **gen), args.repeats, device)
-            same = same_answers(out, hf_out[:, ids.shape[1]:].tolist(), ours.tokenizer.eos_token_id)
-            rows.append(("ours, one LoRA", s_one, f"{s_hf / s_one:.2f}x HF + PEFT; answers equal to PEFT's: {same}/{b}"))
-            for k in args.adapters:
-                mixed = ours.mixed([f"t{i}" for i in range(k)])
-                slots = torch.arange(b, device=device) % k
-                s, _ = timed(lambda: generate(ours, ids, mask, mixed=mixed, task_ids=slots, **gen), args.repeats, device)
-                mixed.detach()
-                rows.append((f"ours, mixed {k} LoRAs", s, f"{s_one / s:.2f}x of our one LoRA; {s_hf / s:.2f}x HF + PEFT one LoRA"))
+            res = interleaved(modes, args.repeats, device)
+    for m in mixed.values():
+        m.detach()
+    s_hf, hf_out = res["HF generate + PEFT, one LoRA"]
+    s_one, out = res["ours, one LoRA"]
+    same = same_answers(out, hf_out[:, ids.shape[1]:].tolist(), ours.tokenizer.eos_token_id)
+    notes = {"HF generate + PEFT, one LoRA": "", "ours, one LoRA": f"{s_hf / s_one:.2f}x HF + PEFT; answers equal to PEFT's: {same}/{b}"}
+    for k in args.adapters:
+        notes[f"HF generate + PEFT, mixed {k} LoRAs"] = f"{s_hf / res[f'HF generate + PEFT, mixed {k} LoRAs'][0]:.2f}x of PEFT's one LoRA"
+        s = res[f"ours, mixed {k} LoRAs"][0]
+        notes[f"ours, mixed {k} LoRAs"] = f"{s_one / s:.2f}x of our one LoRA; {s_hf / s:.2f}x HF + PEFT one LoRA"
+    rows = [(name, res[name][0], notes[name]) for name in modes]
     rows.append(("ours, entering inference_linears (once per scoring pass)", enter, ""))
     return rows
+
+
+def _off(device: torch.device, fn: Callable[[], Any]) -> Any:
+    """``fn()`` with autocast off (HF's model in its own dtype, as its users run it)."""
+    with torch.autocast(device.type, enabled=False):
+        return fn()
 
 
 def main() -> None:

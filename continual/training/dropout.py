@@ -18,7 +18,9 @@ pattern), a third of the time of ``torch.where`` with scalar operands on a CPU.
 Attention-probability dropout is done in the same way by an attention function registered with
 transformers (``"delta_fast_sdpa"``): the plain softmax-dropout-matmul when training with
 dropout on a CPU, and transformers' own SDPA otherwise (evaluation, GPUs, dropout 0, causal or
-grouped-query attention), so nothing else changes.
+grouped-query attention), so nothing else changes. The same function runs attention that trains
+in bf16 or fp16 on a CPU in fp32 (see :func:`_upcast`): a speed choice, not a dropout one, made
+here because this is where the backbone's attention is swapped for training.
 """
 
 from __future__ import annotations
