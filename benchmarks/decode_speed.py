@@ -24,7 +24,10 @@ Printed per precision: tokens/s and ratios for one LoRA (ours / HF + PEFT), our 
 ``adapter_names`` batch against PEFT's one LoRA. Beside them, the weight-bandwidth limit: every
 decoding step reads every Linear weight once, so the machine's memory read rate (measured here, a
 sum over a 512 MB tensor) divided by the bytes of those weights bounds the steps per second.
-Absolute numbers move between machines and with load: compare within one run.
+The modes are timed in turns (a warm-up round, then each mode once per round, see
+:func:`interleaved`): on a shared 2-core machine the speed drifts by 10-20% over minutes, and
+in turns that drift falls on every mode alike. Absolute numbers move between machines and
+with load: compare within one run.
 """
 
 from __future__ import annotations
