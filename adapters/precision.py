@@ -83,9 +83,9 @@ def lowrank_precision(x: torch.Tensor) -> contextlib.AbstractContextManager:
     without gradients (scoring, generation), else unchanged.
 
     Why: its matrix products are tiny (8 rows by 576 by 8 when decoding at batch 8), and on a CPU
-    such a product costs several times more in bf16 than in fp32 (about 70 us against 16 us,
-    measured by ``benchmarks/decode_speed.py``'s setup), besides the four casts autocast adds around
-    it; PEFT computes its LoRA term in fp32 for the same reason. The fp32 term is the more exact
+    such a product costs several times more in bf16 than in fp32 (60-70 us against about 16 us in
+    a profile of ``benchmarks/decode_speed.py``'s setup), besides the casts autocast adds around
+    it; PEFT also computes its LoRA term in fp32 (its weights' dtype). The fp32 term is the more exact
     one; it is cast to the layer's output dtype before it is added. Training (gradients on) and
     GPUs keep autocast's dtype, so trained values are unchanged."""
     if x.device.type == "cpu" and not torch.is_grad_enabled() and torch.is_autocast_enabled("cpu"):
