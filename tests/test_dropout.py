@@ -213,3 +213,24 @@ def test_training_attention_on_a_cpu_runs_in_fp32_under_bf16_autocast(monkeypatc
     assert torch.equal(out, ref.to(torch.bfloat16))
     out.float().sum().backward()
     assert q.grad is not None and q.grad.dtype == torch.float32 and q.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("masks", ["fast", "torch"])
+def test_bf16_training_of_a_real_decoder_runs_attention_in_fp32_with_either_masks(monkeypatch, masks):
+    """Inside the training loop's block, a decoder's attention (causal: never the fast-mask path)
+    gets fp32 inputs under bf16 autocast, with torch's own masks too."""
+    import transformers.integrations.sdpa_attention as sa
+
+    real, seen = sa.sdpa_attention_forward, []
+    monkeypatch.setattr(sa, "sdpa_attention_forward", lambda m, q, *a, **kw: seen.append(q.dtype) or real(m, q, *a, **kw))
+    model = tiny_backbone("llama").train()
+    x = batch()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    emb = model.get_input_embeddings()(x["input_ids"]).requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with fast_dropout(model, masks):
+            model(inputs_embeds=emb, attention_mask=x["attention_mask"]).last_hidden_state.float().sum().backward()
+    assert seen and set(seen) == {torch.float32}, seen
+    assert model.config._attn_implementation == "sdpa"  # put back
+    assert emb.grad is not None and emb.grad.abs().sum() > 0

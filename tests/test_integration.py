@@ -18,8 +18,10 @@ SMALL = {"prompt": {"num_tokens": 20}, "selective": {"patterns": ["attention"]}}
 STEPS = 120
 MARGIN = 0.10  # accuracy points above the majority class
 # The default suite trains one method of each kind of the taxonomy (specification: BitFit; addition:
-# bottleneck adapter and prompt; reparameterisation: LoRA); the others run with ``-m slow``.
-DEFAULT = {"bitfit", "bottleneck", "lora", "prompt"}
+# bottleneck adapter and prompt; reparameterisation: LoRA, whose default check is
+# tests/test_stream_integration.py's stream of three real tasks, movie among them, one LoRA each);
+# the others run with ``-m slow``.
+DEFAULT = {"bitfit", "bottleneck", "prompt"}
 METHODS = [m if m in DEFAULT else pytest.param(m, marks=pytest.mark.slow) for m in adapters.available_methods()]
 
 

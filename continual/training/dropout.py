@@ -20,12 +20,14 @@ transformers (``"delta_fast_sdpa"``): the plain softmax-dropout-matmul when trai
 dropout on a CPU, and transformers' own SDPA otherwise (evaluation, GPUs, dropout 0, causal or
 grouped-query attention), so nothing else changes. The same function runs attention that trains
 in bf16 or fp16 on a CPU in fp32 (see :func:`_upcast`): a speed choice, not a dropout one, made
-here because this is where the backbone's attention is swapped for training.
+here because this is where the backbone's attention is swapped for training; with torch's own
+masks (``masks="torch"``) only that part applies (:data:`ATTENTION_TORCH_MASKS`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import Any, Iterator
 
@@ -33,6 +35,7 @@ import torch
 from torch import nn
 
 ATTENTION = "delta_fast_sdpa"
+ATTENTION_TORCH_MASKS = "delta_sdpa"  # the same without the fast-mask path (``masks="torch"``)
 DROPOUT_MASKS = ("fast", "torch")  # what fast_dropout(backbone, masks) accepts
 _LEVELS = 1 << 16
 _SAME_WIDTH_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # a float's bits, by itemsize
@@ -96,11 +99,11 @@ def _upcast(*qkv: torch.Tensor) -> torch.dtype | None:
 
 def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-               **kwargs: Any) -> tuple[torch.Tensor, None]:
+               *, fast_masks: bool = True, **kwargs: Any) -> tuple[torch.Tensor, None]:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     causal = kwargs.get("is_causal") or getattr(module, "is_causal", False)
-    plain = (dropout > 0 and module.training and query.device.type == "cpu" and not causal
+    plain = (fast_masks and dropout > 0 and module.training and query.device.type == "cpu" and not causal
              and query.shape[1] == key.shape[1] and "sliding_window" not in kwargs)
     if not plain:
         low = _upcast(query, key, value)
@@ -130,8 +133,9 @@ def _register() -> bool:
         from transformers.masking_utils import sdpa_mask
     except ImportError:  # an older transformers: the attention part is skipped
         return False
-    AttentionInterface.register(ATTENTION, _attention)
-    AttentionMaskInterface.register(ATTENTION, sdpa_mask)  # the masks SDPA gets, built the same way
+    for name, fn in ((ATTENTION, _attention), (ATTENTION_TORCH_MASKS, functools.partial(_attention, fast_masks=False))):
+        AttentionInterface.register(name, fn)
+        AttentionMaskInterface.register(name, sdpa_mask)  # the masks SDPA gets, built the same way
     return True
 
 
@@ -139,14 +143,16 @@ def _register() -> bool:
 def fast_dropout(backbone: nn.Module, masks: str = "fast") -> Iterator[None]:
     """Within the block, the backbone's ``nn.Dropout`` modules are :class:`FastDropout` and its
     SDPA attention is :data:`ATTENTION`; on exit the original modules and attention are put back.
-    Does nothing for ``masks="torch"`` (torch's own masks) or to a backbone on a GPU."""
+    With ``masks="torch"`` (torch's own masks) only the attention is swapped, for
+    :data:`ATTENTION_TORCH_MASKS`: fp32 attention when training in bf16 (see :func:`_upcast`), the
+    dropout left to torch. Does nothing to a backbone on a GPU."""
     if masks not in DROPOUT_MASKS:
         raise ValueError(f"unknown dropout masks {masks!r}; choose one of {DROPOUT_MASKS}")
-    if masks == "torch" or next(backbone.parameters()).device.type != "cpu":
+    if next(backbone.parameters()).device.type != "cpu":
         yield
         return
     swapped: list[tuple[nn.Module, str, nn.Module]] = []
-    for parent in list(backbone.modules()):
+    for parent in list(backbone.modules()) if masks == "fast" else []:
         for name, child in list(parent.named_children()):
             if type(child) is nn.Dropout:
                 fast = FastDropout(child.p)
@@ -159,7 +165,7 @@ def fast_dropout(backbone: nn.Module, masks: str = "fast") -> Iterator[None]:
                 if getattr(getattr(m, "config", None), "_attn_implementation", None) == "sdpa"}
         configs = list(sdpa.values())
     for c in configs:
-        c._attn_implementation = ATTENTION
+        c._attn_implementation = ATTENTION if masks == "fast" else ATTENTION_TORCH_MASKS
     try:
         yield
     finally:
