@@ -75,13 +75,9 @@ def linear_bytes(model: nn.Module, bytes_per_weight: int) -> int:
 
 
 def timed(fn: Callable[[], Any], repeats: int, device: torch.device) -> tuple[float, Any]:
-    fn()  # warm-up
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        out = fn()
-    sync(device)
-    return (time.perf_counter() - start) / repeats, out
+    """Mean seconds per call of ``fn`` after a warm-up call, and its last output (one mode of
+    :func:`interleaved`)."""
+    return interleaved({"fn": fn}, repeats, device)["fn"]
 
 
 def prompts(tokenizer: Any, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
