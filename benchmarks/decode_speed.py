@@ -63,6 +63,26 @@ def read_bandwidth(device: torch.device, mb: int = 512) -> float:
     return x.numel() * 4 / best
 
 
+def describe(device: torch.device) -> str:
+    """The processor the figures were measured on: CPU results differ between hosts (bf16 matrix
+    products run on AVX512-BF16 or AMX units where present), so a results file names it."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    probes = {"AVX512-BF16": "_is_avx512_bf16_supported", "AMX": "_is_amx_tile_supported"}
+    units = [k for k, fn in probes.items() if bool(getattr(torch.cpu, fn, lambda: False)())]
+    return f"{name}; bf16 matrix units: {', '.join(units) or 'none (bf16 is emulated)'}"
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -83,7 +103,8 @@ def timed(fn: Callable[[], Any], repeats: int, device: torch.device) -> tuple[fl
 def prompts(tokenizer: Any, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     from streams import load_stream
 
-    stream = load_stream("generative", max_train=8, max_eval=n)
+    # a cap of at least 8 an example: a smaller one can leave a task's split empty, which the stream refuses
+    stream = load_stream("generative", max_train=8, max_eval=max(n, 8))
     texts = [t for task in stream for t in task.test["text"]]
     texts = (texts * (n // len(texts) + 1))[:n]
     tokenizer.padding_side = "left"
@@ -213,6 +234,7 @@ def main() -> None:
         ids, mask = prompts(ours.tokenizer, args.batch, device)
         print(f"backbone {args.backbone}, device {device} ({torch.get_num_threads()} threads), batch {args.batch}, "
               f"prompts padded to {ids.shape[1]} tokens, {args.new_tokens} new tokens each, LoRA r=8 on q and v")
+        print(f"processor: {describe(device)}")
         print(f"memory read rate {bandwidth / 1e9:.1f} GB/s")
         for precision in args.precisions.split(","):
             dtype = torch.float32 if precision == "fp32" else torch.bfloat16
