@@ -39,12 +39,14 @@ from .scoring import RowScorer, TokenisedTasks
 from .strategies import Strategy
 from .tracking import GuardedLogger, StreamLogger, step_metrics
 from .training import TrainConfig, check_generative_length, check_lengths, distributed, evaluate
+from .training.config import MAX_RUN_SEED, check_seed
 
 
 def task_seed(seed: int, index: int) -> int:
     """The seed of task ``index`` in a run seeded ``seed``. 100_003 is a prime larger than any
     ``1_000 * (index + 1)`` of a stream under 100 tasks, so no two (seed, task) pairs share a seed;
     the +1 keeps task 0 of seed 0 off seed 0, which the model's own initialisation used."""
+    check_seed("a stream run's seed (each task's seed is derived from it)", seed, MAX_RUN_SEED)
     return seed * 100_003 + 1_000 * (index + 1)
 
 
@@ -300,6 +302,7 @@ def run_stream(
         raise ValueError("run_stream needs a model with a tokenizer")
     if model.tasks:
         raise ValueError(f"run_stream needs a model without tasks; it has {list(model.tasks)}")
+    task_seed(config.seed, 0)  # refuses a run seed whose per-task seeds would leave torch's range
     device = config.torch_device()
     strategy.check_stream(stream, model, config.max_length)
     check_lengths(model, max(t.max_length or config.max_length for t in stream), strategy.methods)

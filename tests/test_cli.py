@@ -73,6 +73,15 @@ def test_errors_are_clear_and_exit_2(toy_yaml, tiny_backbone_dir, tmp_path, caps
     assert "rnak" in capsys.readouterr().err
     assert main(["report", str(tmp_path)]) == 2
     assert "not a stream run directory" in capsys.readouterr().err
+    # a negative seed: refused by name before a stream is drawn (numpy's own message names nothing)
+    with pytest.raises(SystemExit) as exit_:  # argparse's own exit
+        main(args(toy_yaml, tiny_backbone_dir, tmp_path / "s", "--no-mlflow", "--seed", "-5"))
+    assert exit_.value.code == 2
+    assert "argument --seed: the seed must be an integer in [0, 4294967295], got -5" in capsys.readouterr().err
+    assert main(["compare", "--stream", str(toy_yaml), "--backbone", str(tiny_backbone_dir), "--seeds", "0,-1",
+                 "--out", str(tmp_path / "c"), "--no-mlflow"]) == 2
+    assert "each of --seeds must be an integer in [0, 4294967295], got -1" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists() and not (tmp_path / "c").exists()
 
 
 def test_list_and_help(capsys):

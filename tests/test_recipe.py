@@ -9,7 +9,7 @@ import pytest
 
 from conftest import toy_stream
 from continual import Recipe, Runtime, TrainConfig, make_strategy
-from continual.scheduler import run_identity
+from continual.scheduler import run_identity, task_seed
 
 
 def test_a_config_is_validated_when_made_and_splits_into_recipe_and_runtime():
@@ -21,6 +21,14 @@ def test_a_config_is_validated_when_made_and_splits_into_recipe_and_runtime():
         Runtime(malloc="jemalloc")
     with pytest.raises(ValueError, match="patience must be None"):
         Recipe(patience=0)
+    # numpy's own refusal of a negative seed names no setting; torch refuses one past 64 bits
+    for seed in (-5, 2**63, True):
+        with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 9223372036854775807\]"):
+            Recipe(seed=seed)
+    # a stream run's seed is held to 32 bits: the per-task seeds derived from it stay in range
+    assert task_seed(2**32 - 1, 99) < 2**63
+    with pytest.raises(ValueError, match=r"a stream run's seed .* must be an integer in \[0, 4294967295\], got 4294967296"):
+        task_seed(2**32, 0)
     config = TrainConfig.of(Recipe(max_steps=7, seed=3), Runtime(bucket=True, precision="auto"))
     assert config.max_steps == 7 and config.bucket and config.recipe() == Recipe(max_steps=7, seed=3)
     assert config.runtime() == Runtime(bucket=True, precision="auto")

@@ -25,6 +25,7 @@ from ..scheduler import run_stream
 from ..strategies import STRATEGIES, make_strategy
 from ..tracking import MLflowLogger, check_uri, fetch_results, log_combination
 from ..training import TrainConfig, distributed
+from ..training.config import MAX_RUN_SEED, check_seed
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
@@ -238,6 +239,8 @@ def _seeds(text: str) -> list[int]:
         raise ValueError(f"--seeds takes integers separated by commas, e.g. 0,1,2; got {text!r}") from None
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"--seeds needs distinct integers, got {text!r}")
+    for seed in seeds:  # here, before any stream is drawn with it
+        check_seed("each of --seeds", seed, MAX_RUN_SEED)
     return seeds
 
 

@@ -16,7 +16,7 @@ from streams import GENERATIVE_STREAMS, STREAMS
 from ..strategies import STRATEGIES
 from ..tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI
 from ..training import COMPILE_MODES, DROPOUT_MASKS, MALLOC, TrainConfig
-from ..training.config import ROUTERS
+from ..training.config import MAX_RUN_SEED, ROUTERS, check_seed
 
 DESCRIPTION = """run lifelong-learning streams, report on them, list what is available.
 
@@ -58,6 +58,17 @@ def positive(text: str) -> int:
     return value
 
 
+def seed(text: str) -> int:
+    """An argparse type: a run's seed, a whole number in [0, MAX_RUN_SEED] (checked here, at the
+    edge: numpy's own refusal of a negative seed names nothing)."""
+    try:
+        value = int(text)
+        check_seed("the seed", value, MAX_RUN_SEED)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e) if "seed" in str(e) else f"{text!r} is not a whole number") from None
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="continual", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -85,7 +96,7 @@ def training_options(p: argparse.ArgumentParser, steps_help: str | None = None, 
     p.add_argument("--patience", type=count, default=d.patience, help="dev evaluations without gain before stopping (0: never)")
     p.add_argument("--lr", type=float, default=d.lr, help="delta learning rate (default: each method's own)")
     p.add_argument("--head-lr", type=float, default=d.head_lr, help="learning rate of the task heads")
-    p.add_argument("--seed", type=int, default=d.seed, help="seeds splits, initialisation and training")
+    p.add_argument("--seed", type=seed, default=d.seed, help="seeds splits, initialisation and training (0 to 4294967295)")
     p.add_argument("--router", default=d.router, choices=ROUTERS,
                    help="how test examples find their task when no task id is given (the task-agnostic matrix): "
                    "nearest (task, label) prototype, or a linear classifier refitted on every task so far")

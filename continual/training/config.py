@@ -19,6 +19,9 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 
 MAX_STEPS = 10_000_000  # per task; far beyond any delta's schedule, and a typo (10**12) is refused
+MAX_SEED = 2**63 - 1  # every torch and numpy generator takes a seed in [0, MAX_SEED]
+# a run's own seed: the per-task seeds derived from it (continual.scheduler.task_seed) stay inside MAX_SEED
+MAX_RUN_SEED = 2**32 - 1
 
 
 Precision = Literal["fp32", "bf16", "fp16", "auto"]
@@ -78,6 +81,7 @@ class Recipe:
             raise ValueError(f"max_steps {self.max_steps} is more than the {MAX_STEPS:,} steps per task this accepts "
                              f"(its warm-up alone would be {math.ceil(self.warmup_ratio * self.max_steps):,} steps at a "
                              "learning rate near 0)")
+        check_seed("seed", self.seed)
         if self.router not in ROUTERS:
             raise ValueError(f"router must be one of {ROUTERS}, got {self.router!r}")
         if self.patience is not None and (not isinstance(self.patience, int) or self.patience < 1):
@@ -184,6 +188,13 @@ class TrainResult:
     steps: int
     seconds: float
     history: list[dict[str, Any]]
+
+
+def check_seed(name: str, v: Any, limit: int = MAX_SEED) -> None:
+    """``ValueError`` naming the setting unless ``v`` is an integer in [0, ``limit``]: numpy refuses
+    a negative seed with a message that names nothing, and torch one past 64 bits."""
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= limit:
+        raise ValueError(f"{name} must be an integer in [0, {limit}], got {v!r}")
 
 
 def _whole(name: str, v: Any) -> None:
