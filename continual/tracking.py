@@ -34,7 +34,7 @@ from typing import Any
 from .guard import GuardedLogger, best_effort, check_uri, store_lock
 from .logger import StreamLogger
 
-__all__ = ["DEFAULT_EXPERIMENT", "DEFAULT_TRACKING_URI", "GuardedLogger", "MLflowLogger", "StreamLogger", "check_uri",
+__all__ = ["DEFAULT_EXPERIMENT", "DEFAULT_TRACKING_URI", "GuardedLogger", "MLflowLogger", "StreamLogger", "check_tracking_uri", "check_uri",
            "experiment", "fetch_results", "log_combination", "log_compare", "log_fusion_weights", "log_nested_run",
            "matrix_metrics", "record_metric", "step_metrics"]
 
@@ -110,6 +110,24 @@ def _flat(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
         else:
             out[f"{prefix}{k}"] = str(v)[:PARAM_VALUE_CHARS]
     return out
+
+
+def check_tracking_uri(uri: str) -> str:
+    """:func:`~continual.guard.check_uri`, and a URI whose scheme no MLflow tracking store serves
+    (a typo such as ``sqlit:///x.db`` or ``htp://host``) refused by name before anything runs:
+    otherwise the run goes on untracked and its warning points at a ``continual sync`` that fails
+    the same way. Plugin stores count: MLflow's own registry (which loads them) is asked."""
+    check_uri(uri)
+    try:  # MLflow has no public "is this scheme served?"; without its registry, the check is skipped
+        from mlflow.tracking._tracking_service.utils import _tracking_store_registry as registry
+    except ImportError:
+        return uri
+    try:
+        registry.get_store_builder(uri)
+    except Exception:  # noqa: BLE001 - MLflow raises its own exception types, which vary by version
+        raise ValueError(f"tracking URI {uri!r}: MLflow has no tracking store for its scheme; use a sqlite:///FILE.db, "
+                         "a directory, or an http(s)://HOST:PORT server") from None
+    return uri
 
 
 def client_for(uri: str) -> Any:

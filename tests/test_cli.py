@@ -82,6 +82,11 @@ def test_errors_are_clear_and_exit_2(toy_yaml, tiny_backbone_dir, tmp_path, caps
                  "--out", str(tmp_path / "c"), "--no-mlflow"]) == 2
     assert "each of --seeds must be an integer in [0, 4294967295], got -1" in capsys.readouterr().err
     assert not (tmp_path / "s").exists() and not (tmp_path / "c").exists()
+    # a tracking URI no MLflow store serves (a typo of the scheme): refused before anything runs,
+    # where the run used to go on untracked and point at a sync that fails the same way
+    assert main(args(toy_yaml, tiny_backbone_dir, tmp_path / "t", "--tracking-uri", "sqlit:///x.db")) == 2
+    assert "tracking URI 'sqlit:///x.db': MLflow has no tracking store for its scheme" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()
 
 
 def test_list_and_help(capsys):

@@ -23,7 +23,7 @@ from ..plots import format_matrix, heatmap
 from ..rundir import check_out, run_info
 from ..scheduler import run_stream
 from ..strategies import STRATEGIES, make_strategy
-from ..tracking import MLflowLogger, check_uri, fetch_results, log_combination
+from ..tracking import MLflowLogger, check_tracking_uri, fetch_results, log_combination
 from ..training import TrainConfig, distributed
 from ..training.config import MAX_RUN_SEED, check_seed
 
@@ -54,7 +54,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = train_config(args)
     device = config.torch_device()  # an unusable --device is an error before anything is loaded or deleted
     if not args.no_mlflow:
-        check_uri(args.tracking_uri)
+        check_tracking_uri(args.tracking_uri)
     started = distributed.init_from_env(device)  # under torchrun / accelerate launch: join the group
     try:
         return _run(args, strategy, methods, config)
@@ -100,7 +100,7 @@ def _run(args: argparse.Namespace, strategy: Any, methods: list[Any], config: Tr
 def cmd_sync(args: argparse.Namespace) -> int:
     from ..sync import sync_run
 
-    check_uri(args.tracking_uri)  # quick HTTP timeouts: a silent server is an error within seconds, not a hang
+    check_tracking_uri(args.tracking_uri)  # quick HTTP timeouts: a silent server is an error within seconds, not a hang
     run_id = sync_run(args.run, args.tracking_uri, args.experiment, args.run_name)
     print(f"{args.run} logged to {args.tracking_uri} as MLflow run {run_id} (experiment {args.experiment!r})")
     return 0
@@ -110,7 +110,7 @@ def load_report(run: str, tracking_uri: str, experiment: str) -> tuple[dict[str,
     """A run's results (from its directory, or from MLflow by run id or name) and its directory."""
     path = Path(run)
     if not path.is_dir():
-        return fetch_results(run, check_uri(tracking_uri), experiment), None
+        return fetch_results(run, check_tracking_uri(tracking_uri), experiment), None
     data = run_info(path)
     if not data:
         raise FileNotFoundError(f"{path} holds no results.json or state.json: not a stream run directory")
@@ -168,6 +168,8 @@ def cmd_combine(args: argparse.Namespace) -> int:
     config = train_config(args)
     out = Path(args.out or f"runs/combine-{args.task}-s{args.seed}")
     check_out(out)  # a file, a path under a file or a read-only mount: refused before anything loads
+    if not args.no_mlflow:
+        check_tracking_uri(args.tracking_uri)
     task = builtin_task(args.task, args.seed, _cap(args.max_train), _cap(args.max_eval))
     torch.manual_seed(args.seed)
     model = DeltaModel.from_pretrained(args.backbone)
@@ -197,7 +199,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
     uri = None if args.no_mlflow else args.tracking_uri
     if uri:
-        check_uri(uri)
+        check_tracking_uri(uri)
     tag = f"s{seeds[0]}" if len(seeds) == 1 else "s" + "-".join(map(str, seeds))
     out = Path(args.out or f"runs/compare-{Path(args.stream).stem}-{tag}")
     check_out(out)  # a file, a path under a file or a read-only mount: refused before anything loads
