@@ -103,7 +103,7 @@ def timed(fn: Callable[[], Any], repeats: int, device: torch.device) -> tuple[fl
 def prompts(tokenizer: Any, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     from streams import load_stream
 
-    # a cap of at least 8 an example: a smaller one can leave a task's split empty, which the stream refuses
+    # a cap of at least 8 examples: a smaller one can leave a task's split empty, which the stream refuses
     stream = load_stream("generative", max_train=8, max_eval=max(n, 8))
     texts = [t for task in stream for t in task.test["text"]]
     texts = (texts * (n // len(texts) + 1))[:n]

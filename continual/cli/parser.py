@@ -63,9 +63,12 @@ def seed(text: str) -> int:
     edge: numpy's own refusal of a negative seed names nothing)."""
     try:
         value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    try:
         check_seed("the seed", value, MAX_RUN_SEED)
     except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e) if "seed" in str(e) else f"{text!r} is not a whole number") from None
+        raise argparse.ArgumentTypeError(str(e)) from None
     return value
 
 
