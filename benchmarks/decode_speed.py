@@ -100,21 +100,49 @@ def timed(fn: Callable[[], Any], repeats: int, device: torch.device) -> tuple[fl
     return interleaved({"fn": fn}, repeats, device)["fn"]
 
 
-def prompts(tokenizer: Any, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    from streams import load_stream
+def prompts(tokenizer: Any, n: int, device: torch.device, path: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` prompts, left padded: the built-in generative stream's test prompts, or those of a JSON
+    list in ``path`` (for a machine without the data packages)."""
+    if path:
+        import json
 
-    # a cap of at least 8 examples: a smaller one can leave a task's split empty, which the stream refuses
-    stream = load_stream("generative", max_train=8, max_eval=max(n, 8))
-    texts = [t for task in stream for t in task.test["text"]]
+        texts = json.loads(Path(path).read_text())
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t for t in texts):
+            raise SystemExit(f"--prompts {path}: expected a JSON list of non-empty strings")
+    else:
+        from streams import load_stream
+
+        # a cap of at least 8 examples: a smaller one can leave a task's split empty, which the stream refuses
+        stream = load_stream("generative", max_train=8, max_eval=max(n, 8))
+        texts = [t for task in stream for t in task.test["text"]]
     texts = (texts * (n // len(texts) + 1))[:n]
     tokenizer.padding_side = "left"
     enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=96)
     return enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
 
+def random_backbone(backbone: str, out: Path, seed: int = 0) -> str:
+    """A copy of ``backbone``'s config and tokenizer with random weights, saved under ``out``: the
+    same shapes, so the same speed, for a machine that has the config but not the weights (a GPU
+    machine without the weights packages). Greedy answers are then not meaningful text, but both
+    sides still decode the same tokens from the same weights."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    from adapters.backbones import BACKBONES
+    from adapters.targets import is_decoder_config
+
+    path = str(BACKBONES[backbone]()) if backbone in BACKBONES else backbone
+    config = AutoConfig.from_pretrained(path)
+    torch.manual_seed(seed)
+    loader = AutoModelForCausalLM if is_decoder_config(config) else AutoModel
+    loader.from_config(config, dtype=torch.float32).save_pretrained(out)
+    AutoTokenizer.from_pretrained(path).save_pretrained(out)
+    return str(out)
+
+
 def build_ours(backbone: str, k: int, device: torch.device, out: Path) -> adapters.DeltaModel:
     """Our model with K LoRA tasks (random non-zero B, so every LoRA acts), each exported for PEFT."""
-    model = adapters.DeltaModel.from_pretrained(backbone).to(device)
+    model = adapters.DeltaModel.from_pretrained(backbone, dtype=torch.float32).to(device)
     torch.manual_seed(0)
     for i in range(k):
         task = model.add_task(f"t{i}", {"method": "lora", "rank": 8}, generative=True)
@@ -133,7 +161,8 @@ def build_peft(backbone: str, k: int, device: torch.device, dtype: torch.dtype, 
 
     from adapters.backbones import BACKBONES
 
-    hf = AutoModelForCausalLM.from_pretrained(str(BACKBONES[backbone]()), dtype=torch.float32).to(device=device, dtype=dtype)
+    path = str(BACKBONES[backbone]()) if backbone in BACKBONES else backbone
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device=device, dtype=dtype)
     pm = peft.PeftModel.from_pretrained(hf, str(out / "t0"), adapter_name="t0")
     for i in range(1, k):
         pm.load_adapter(str(out / f"t{i}"), adapter_name=f"t{i}")
@@ -225,14 +254,20 @@ def main() -> None:
     ap.add_argument("--precisions", default="fp32,bf16")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default=None)
+    ap.add_argument("--prompts", default=None, help="a JSON list of prompt strings (default: the generative stream's test prompts)")
+    ap.add_argument("--random-init", action="store_true",
+                    help="the backbone's config and tokenizer with random weights (same shapes and speed; for a "
+                         "machine without the weights package, given the backbone's directory)")
     args = ap.parse_args()
     args.adapters = [int(k) for k in args.adapters.split(",") if k]
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     bandwidth = read_bandwidth(device)
     with tempfile.TemporaryDirectory() as tmp:
+        if args.random_init:
+            args.backbone = random_backbone(args.backbone, Path(tmp) / "backbone")
         ours = build_ours(args.backbone, max(args.adapters + [1]), device, Path(tmp))
-        ids, mask = prompts(ours.tokenizer, args.batch, device)
-        print(f"backbone {args.backbone}, device {device} ({torch.get_num_threads()} threads), batch {args.batch}, "
+        ids, mask = prompts(ours.tokenizer, args.batch, device, args.prompts)
+        print(f"backbone {args.backbone}{' (random weights)' if args.random_init else ''}, device {device} ({torch.get_num_threads()} threads), batch {args.batch}, "
               f"prompts padded to {ids.shape[1]} tokens, {args.new_tokens} new tokens each, LoRA r=8 on q and v")
         print(f"processor: {describe(device)}")
         print(f"memory read rate {bandwidth / 1e9:.1f} GB/s")

@@ -127,12 +127,21 @@ def test_compiled_bf16_matches_eager_bf16_on_gpu():
     compile_matches_eager("cuda", "bf16", 2e-2)
 
 
+def test_fast_path_compiles_with_cuda_graphs_on_a_gpu_only():
+    # checked in the real loop on an H200 (benchmarks/compile_loop.py; docs/speed.md)
+    assert TrainConfig.fast(device="cuda").compile == "reduce-overhead"
+    assert TrainConfig.fast(device="cuda:1").compile == "reduce-overhead"
+    assert TrainConfig.fast(device="cpu").compile is None
+    assert TrainConfig.fast(device="cuda", compile=None).compile is None  # an explicit choice wins
+
+
 @needs_cuda
 def test_fast_path_trains_like_the_plain_path_on_gpu(text_model):
     task = toy_task("t", "apple", 1)
     scores = {}
     configs = {"plain": TrainConfig(**FAST, device="cuda"), "fast": TrainConfig.fast(**FAST, device="cuda"),
-               "cuda graphs": TrainConfig.fast(**FAST, device="cuda", compile="reduce-overhead")}
+               "compiled, no cuda graphs": TrainConfig.fast(**FAST, device="cuda", compile="default")}
+    assert configs["fast"].compile == "reduce-overhead"
     for name, config in configs.items():
         model = text_model()
         model.add_task("t", ["lora"], label_names=["no", "yes"])
