@@ -77,7 +77,9 @@ class FastDropout(nn.Dropout):
     training on a CPU; elsewhere exactly ``nn.Dropout``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and x.device.type == "cpu":
+        # torch.compile cannot trace the in-place 64-bit draw (a graph break per layer that sends
+        # the whole encoder back to eager); compiled code draws its own masks in any case
+        if self.training and x.device.type == "cpu" and not torch.compiler.is_compiling():
             return dropout(x, self.p)
         return super().forward(x)
 
@@ -104,7 +106,8 @@ def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
 
     causal = kwargs.get("is_causal") or getattr(module, "is_causal", False)
     plain = (fast_masks and dropout > 0 and module.training and query.device.type == "cpu" and not causal
-             and query.shape[1] == key.shape[1] and "sliding_window" not in kwargs)
+             and query.shape[1] == key.shape[1] and "sliding_window" not in kwargs
+             and not torch.compiler.is_compiling())  # (see FastDropout.forward)
     if not plain:
         low = _upcast(query, key, value)
         if low is not None:
