@@ -136,7 +136,7 @@ def client_for(uri: str) -> Any:
     it do not race."""
     from mlflow import MlflowClient
 
-    with store_lock(check_uri(uri)):
+    with store_lock(check_tracking_uri(uri)):
         client = MlflowClient(uri)
         client.search_experiments(max_results=1)  # creates and migrates a new store, inside the lock
     return client
@@ -187,7 +187,7 @@ class MLflowLogger(StreamLogger):
 
     def __init__(self, tracking_uri: str = DEFAULT_TRACKING_URI, experiment: str = DEFAULT_EXPERIMENT,
                  run_name: str | None = None, flush_every: int = 50) -> None:
-        self.uri, self.experiment, self.run_name = check_uri(tracking_uri), experiment, run_name
+        self.uri, self.experiment, self.run_name = check_tracking_uri(tracking_uri), experiment, run_name
         self._client: Any = None  # made at first use, inside the scheduler's guard (a server may be down)
         self.flush_every = flush_every
         self.parent: str | None = None

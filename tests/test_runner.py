@@ -218,3 +218,16 @@ def test_continual_fusion_stream_resumes_and_never_forgets(text_model, tmp_path)
     assert killer.records[-1]["step"] > CONFIG.max_steps // 2  # stage-2 steps continue stage 1's count
     resumed = run(text_model, tmp_path, strategy(), "killed", resume=True)
     np.testing.assert_array_equal(resumed.matrix.R, full.matrix.R)
+
+
+@pytest.mark.parametrize("uri", ["sqlit:///x.db", "bogus://x", "htp://127.0.0.1:5000"])
+def test_a_logger_on_a_scheme_no_store_serves_is_refused_when_made(uri, tmp_path):
+    # the library's edge, as the commands' is theirs: before, the logger was made, the stream
+    # trained untracked with one warning, and the run pointed at a sync that fails the same way
+    from continual.tracking import client_for
+
+    with pytest.raises(ValueError, match="MLflow has no tracking store for its scheme"):
+        MLflowLogger(uri, "t", "typo")
+    with pytest.raises(ValueError, match="MLflow has no tracking store for its scheme"):
+        client_for(uri)
+    MLflowLogger(f"sqlite:///{tmp_path}/ok.db", "t", "fine")  # a served scheme is still taken as it is
