@@ -19,8 +19,10 @@ from .errors import ConfigError
 from .registry import make_config
 
 
-def parse_options(text: str, context: str | None = None) -> dict[str, Any]:
-    """``k=v,k=v`` -> dict (values read as YAML scalars). Raises :class:`ConfigError`."""
+def parse_options(text: str, context: str | None = None, given: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``k=v,k=v`` -> dict (values read as YAML scalars). Raises :class:`ConfigError`, also for a
+    key given twice (here, or in ``given``: options read earlier for the same thing), which
+    would otherwise keep one of the two values silently."""
     import yaml
 
     out: dict[str, Any] = {}
@@ -28,8 +30,11 @@ def parse_options(text: str, context: str | None = None) -> dict[str, Any]:
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
             raise ConfigError(f"option {item!r} must be key=value (in {context or text!r})")
+        key = key.strip()
+        if key in out or key in (given or {}):
+            raise ConfigError(f"option {key!r} is given twice (in {context or text!r}): give it once")
         try:
-            out[key.strip()] = yaml.safe_load(value)
+            out[key] = yaml.safe_load(value)
         except yaml.YAMLError as e:
             raise ConfigError(f"option {item!r}: cannot read the value ({e.problem})") from None
     return out
@@ -55,7 +60,10 @@ def parse_method(text: str) -> DeltaConfig:
     name, _, opts = text.partition(":")
     if not name.strip():
         raise ConfigError(f"method spec {text!r} names no method")
-    return make_config({"method": name.strip(), **parse_options(opts, text)})
+    options = parse_options(opts, text)
+    if "method" in options:  # it would replace the method named before the colon
+        raise ConfigError(f"method spec {text!r}: 'method' is not an option; the method is named before the ':'")
+    return make_config({"method": name.strip(), **options})
 
 
 def parse_combo(text: str) -> list[DeltaConfig]:

@@ -305,7 +305,8 @@ def run_stream(
     task_seed(config.seed, 0)  # refuses a run seed whose per-task seeds would leave torch's range
     device = config.torch_device()
     strategy.check_stream(stream, model, config.max_length)
-    check_lengths(model, max(t.max_length or config.max_length for t in stream), strategy.methods)
+    lengths = [t.max_length or config.max_length for t in stream]
+    check_lengths(model, max(lengths), strategy.methods, shortest=min(lengths))
     for length in {t.max_length or config.max_length for t in stream if t.generative}:
         check_generative_length(length)
     check_distributed(strategy, config)

@@ -89,6 +89,25 @@ def test_errors_are_clear_and_exit_2(toy_yaml, tiny_backbone_dir, tmp_path, caps
     assert not (tmp_path / "t").exists()
 
 
+def test_ambiguous_options_and_textless_lengths_are_refused(toy_yaml, tiny_backbone_dir, tmp_path, capsys):
+    # each of these used to run and exit 0: a key given twice kept one value silently, a 'method'
+    # option replaced the method named before the colon, and a max_length at or below the
+    # tokenizer's special tokens gave examples with no text (2) or, below that, no truncation (1)
+    bad = {("--method", "lora:rank=8,rank=4"): "option 'rank' is given twice",
+           ("--method", "lora:method=bitfit"): "'method' is not an option",
+           ("--strategy", "ewc", "--strategy-option", "ewc_lambda=1", "--strategy-option", "ewc_lambda=2"):
+               "option 'ewc_lambda' is given twice",
+           ("--max-length", "1"): "max_length 1 leaves no room for text",
+           ("--max-length", "2"): "adds 2 special tokens to every example; use a max_length of at least 3"}
+    for i, (extra, message) in enumerate(bad.items()):
+        assert main(args(toy_yaml, tiny_backbone_dir, tmp_path / f"o{i}", "--no-mlflow", *extra)) == 2, extra
+        assert message in capsys.readouterr().err, extra
+        assert not (tmp_path / f"o{i}").exists()
+    assert main(["compare", "--stream", str(toy_yaml), "--backbone", str(tiny_backbone_dir), "--entry",
+                 "per-task:lora:rank=4,rank=2", "--out", str(tmp_path / "c"), "--no-mlflow"]) == 2
+    assert "option 'rank' is given twice" in capsys.readouterr().err
+
+
 def test_list_and_help(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out

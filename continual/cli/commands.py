@@ -49,7 +49,9 @@ def _cap(v: int) -> int | None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     methods = [parse_method(m) for m in args.method or [DEFAULT_METHOD]]
-    options = {k: v for text in args.strategy_option for k, v in parse_options(text).items()}
+    options: dict = {}
+    for text in args.strategy_option:  # repeated --strategy-option flags add up; a key twice is an error
+        options.update(parse_options(text, "--strategy-option", options))
     strategy = make_strategy(args.strategy, methods, **options)
     config = train_config(args)
     device = config.torch_device()  # an unusable --device is an error before anything is loaded or deleted

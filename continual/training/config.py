@@ -212,10 +212,20 @@ def _finite(v: Any, ok: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and ok(v)
 
 
-def check_lengths(model: Any, max_length: int, methods: Sequence[DeltaConfig] = ()) -> None:
+def check_lengths(model: Any, max_length: int, methods: Sequence[DeltaConfig] = (), shortest: int | None = None) -> None:
     """Refuse a ``max_length`` (plus the positions prompt-like methods prepend) longer than the
     backbone's position table, before anything is trained: past it the model fails in a CUDA
-    kernel or silently wraps positions."""
+    kernel or silently wraps positions. Refuse too a length (``shortest``: the smallest in use,
+    default ``max_length``) that leaves no room for text after the tokenizer's special tokens:
+    there a tokenizer keeps special tokens only (no text at all), or, below their count, gives up
+    truncating and returns whole texts of any length."""
+    tokenizer = getattr(model, "tokenizer", None)
+    special = tokenizer.num_special_tokens_to_add() if hasattr(tokenizer, "num_special_tokens_to_add") else 0
+    shortest = max_length if shortest is None else shortest
+    if shortest <= special:
+        raise ValueError(f"max_length {shortest} leaves no room for text: the tokenizer of "
+                         f"{getattr(model, 'backbone_name', '')!r} adds {special} special tokens to every example; "
+                         f"use a max_length of at least {special + 1}")
     limit = position_limit(model)
     added = max((get_method(m.method).positions_added(m) for m in methods), default=0)
     if limit is not None and max_length + added > limit:
