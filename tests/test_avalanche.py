@@ -141,6 +141,26 @@ def test_bad_strategy_options_are_refused():
         make_strategy("avalanche-ewc", lambda_=3)
     with pytest.raises(ValueError, match="bad option"):
         make_strategy("per-task", ["lora"], ewc_lambda=3)
+    # values Avalanche takes and then trains on silently (exit 0) or fails on mid-run
+    bad = {("avalanche-ewc", "ewc_lambda", -1): "ewc_lambda must be a finite number >= 0",
+           ("avalanche-ewc", "decay_factor", float("nan")): "decay_factor must be a number in [0, 1]",
+           ("avalanche-ewc", "mode", "bogus"): "mode must be 'online' or 'separate'",
+           ("avalanche-lwf", "temperature", 0): "temperature must be a finite number >= 1e-06",
+           ("avalanche-lwf", "alpha", -1.0): "alpha must be a finite number >= 0",
+           ("avalanche-replay", "mem_size", 0): "mem_size must be an integer >= 1",
+           ("avalanche-replay", "mem_size", "abc"): "mem_size must be an integer >= 1",
+           ("avalanche-agem", "patterns_per_exp", 0): "patterns_per_exp must be an integer >= 1",
+           ("avalanche-agem", "sample_size", 2.5): "sample_size must be an integer >= 1"}
+    for (name, key, value), message in bad.items():
+        with pytest.raises(ValueError) as err:
+            make_strategy(name, **{key: value})
+        assert message in str(err.value), (name, key, value)
+    with pytest.raises(ValueError, match="decay_factor applies to mode=online only"):
+        make_strategy("avalanche-ewc", mode="separate", decay_factor=0.5)
+    assert make_strategy("avalanche-ewc", mode="separate").options["decay_factor"] is None  # what Avalanche needs there
+    stream = toy_stream()  # 3 tasks
+    with pytest.raises(ValueError, match="sample_size 1 is smaller than the 2 earlier tasks"):
+        make_strategy("avalanche-agem", sample_size=1).check_stream(stream, None)
 
 
 @needs_avalanche

@@ -35,7 +35,7 @@ from adapters.model import MethodSpec
 from streams import Task
 
 from ...training import Protocol, TrainConfig, TrainResult, eval_loader, evaluate, make_optimizer
-from ..base import TaskData
+from ..base import TaskData, check_option, finite_at_least
 from ..finetune import SequentialFineTune
 from .export import require_avalanche, task_experience
 from .memory import PLUGIN_STATE
@@ -65,11 +65,21 @@ class AvalancheStrategy(SequentialFineTune):
         if unknown:
             raise ValueError(f"{self.name}: unknown option(s) {sorted(unknown)}; it takes {sorted(self.defaults)}")
         self.options = {**self.defaults, **options}
+        self._check_options(options)
         self._cls = getattr(supervised, self.avalanche_class)
         self._avl: Any = None       # the Avalanche strategy, built at the first task trained in this process
         self._net: Any = None
         self._pending: dict[str, torch.Tensor] = {}  # plugin state loaded before the strategy exists
         self._done = 0               # experiences trained (Avalanche's clock), restored on resume
+
+    def _check_options(self, given: dict[str, Any]) -> None:
+        """Refuse option values Avalanche would take and then fail on mid-run (an empty memory, a
+        zero batch) or train with silently (a negative penalty weight, a zero temperature)."""
+        for key, (ok, what, integer) in self.checks.items():
+            check_option(self.name, key, self.options[key], ok, what, integer)
+
+    #: option -> (test, what it must be, integer only), checked when the strategy is made
+    checks: ClassVar[dict[str, tuple[Callable[[Any], bool], str, bool]]] = {}
 
     # -- the runner's interface ----------------------------------------------------------------------
     def finish(self, model: DeltaModel, task: Task) -> None:
@@ -180,6 +190,22 @@ class AvalancheEWC(AvalancheStrategy):
     description = "Avalanche EWC (online, Fisher summed over tasks): penalises moving important weights"
     avalanche_class = "EWC"
     defaults = {"ewc_lambda": 1000.0, "mode": "online", "decay_factor": 1.0}
+    # decay_factor: online EWC's gamma, which keeps a share of the old importance (Schwarz et al.
+    # 2018, "Progress & Compress"), in [0, 1]; Avalanche itself takes any number
+    checks = {"ewc_lambda": (finite_at_least(0), "a finite number >= 0", False),
+              "decay_factor": (lambda v: 0 <= v <= 1, "a number in [0, 1]", False)}
+
+    def _check_options(self, given: dict[str, Any]) -> None:
+        mode = self.options["mode"]
+        if mode not in ("online", "separate"):
+            raise ValueError(f"{self.name}: mode must be 'online' or 'separate', got {mode!r}")
+        if mode == "separate":  # one penalty per task, no decay: Avalanche refuses a decay_factor there
+            if "decay_factor" in given:
+                raise ValueError(f"{self.name}: decay_factor applies to mode=online only")
+            self.options["decay_factor"] = None
+            check_option(self.name, "ewc_lambda", self.options["ewc_lambda"], finite_at_least(0), "a finite number >= 0")
+            return
+        super()._check_options(given)
 
 
 class AvalancheLwF(AvalancheStrategy):
@@ -187,6 +213,8 @@ class AvalancheLwF(AvalancheStrategy):
     description = "Avalanche LwF: distils the previous model's old-task heads on new data"
     avalanche_class = "LwF"
     defaults = {"alpha": 1.0, "temperature": 2.0}
+    checks = {"alpha": (finite_at_least(0), "a finite number >= 0", False),
+              "temperature": (finite_at_least(1e-6), "a finite number >= 1e-06", False)}
 
 
 class AvalancheReplay(AvalancheStrategy):
@@ -194,6 +222,7 @@ class AvalancheReplay(AvalancheStrategy):
     description = "Avalanche Replay: experience-balanced reservoir memory mixed into each batch"
     avalanche_class = "Replay"
     defaults = {"mem_size": 200}
+    checks = {"mem_size": (lambda v: v >= 1, "an integer >= 1", True)}
 
 
 class AvalancheAGEM(AvalancheStrategy):
@@ -201,6 +230,16 @@ class AvalancheAGEM(AvalancheStrategy):
     description = "Avalanche A-GEM: projects gradients that would raise the loss on a memory sample"
     avalanche_class = "AGEM"
     defaults = {"patterns_per_exp": 100, "sample_size": 64}
+    checks = {"patterns_per_exp": (lambda v: v >= 1, "an integer >= 1", True),
+              "sample_size": (lambda v: v >= 1, "an integer >= 1", True)}
+
+    def check_stream(self, stream: Any, model: DeltaModel, max_length: int | None = None) -> None:
+        # each step samples sample_size // (tasks so far) memory examples per earlier task: zero
+        # (a DataLoader error at that task) once the earlier tasks outnumber the sample
+        if self.options["sample_size"] < len(stream) - 1:
+            raise ValueError(f"{self.name}: sample_size {self.options['sample_size']} is smaller than the "
+                             f"{len(stream) - 1} earlier tasks of a {len(stream)}-task stream; use at least {len(stream) - 1}")
+        super().check_stream(stream, model, max_length)
 
 
 AVALANCHE_STRATEGIES = (AvalancheNaive, AvalancheEWC, AvalancheLwF, AvalancheReplay, AvalancheAGEM)
