@@ -15,7 +15,7 @@ from typing import Any, Sequence
 from adapters import ConfigError, export_peft, read_meta
 from adapters.peft_export import exportable, vllm_problems, vllm_scaling
 
-from .rundir import RunStateError, load_run_model
+from .rundir import RunStateError, load_run_model, run_tasks
 
 
 @dataclasses.dataclass
@@ -42,6 +42,7 @@ def export_run(run: str | Path, out: str | Path, backbone: str | None = None, ta
     """Export each task of ``run`` (default: every task whose delta PEFT can hold) into
     ``out/<task>``; returns the exports and, for each task left out, why. A task named in
     ``tasks`` that cannot be exported is an error naming why; so is a run with none that can."""
+    _check_out(Path(out), run_tasks(run, tasks))  # before the backbone loads
     model, added = load_run_model(run, backbone or run_backbone(run), tasks)
     reasons = {name: exportable(model.task(name).configs, model) for name in added}
     if tasks is not None:
@@ -57,6 +58,16 @@ def export_run(run: str | Path, out: str | Path, backbone: str | None = None, ta
         config = json.loads((directory / "adapter_config.json").read_text())
         done.append(Exported(name, directory, config, vllm_problems(config, max_lora_rank)))
     return done, {t: why for t, why in reasons.items() if why}
+
+
+def _check_out(out: Path, tasks: Sequence[str]) -> None:
+    """Refuse an ``out`` that cannot take ``out/<task>`` folders: a file, or a file where a
+    task's folder would go (each export is written into its folder, replacing what is there)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a directory to write <task>/ adapters into")
+    clash = [t for t in tasks if (out / t).exists() and not (out / t).is_dir()]
+    if clash:
+        raise ConfigError(f"--out {out} holds files where the adapters' folders would go: {[str(out / t) for t in clash]}")
 
 
 def serving_recipe(exported: Sequence[Exported], max_lora_rank: int = 16) -> list[str]:

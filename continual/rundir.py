@@ -339,6 +339,26 @@ def run_info(run_dir: str | Path) -> dict[str, Any]:
     return {}
 
 
+def run_tasks(run_dir: str | Path, tasks: Sequence[str] | None = None) -> list[str]:
+    """The tasks of a run that :func:`load_run_tasks` would load (``tasks``, checked against
+    the run's checkpoints, or all of them in stream order): read from the folder alone, so a
+    wrong name is an error before any backbone is loaded."""
+    run = Path(run_dir)
+    root = run / "checkpoints"
+    if not root.is_dir():
+        raise RunStateError(f"{run} has no checkpoints/ folder: is it a stream's output directory?")
+    order = run_info(run).get("matrix", {}).get("tasks", [])
+    saved = [t for t in order if (root / t).is_dir()] or sorted(p.name for p in root.iterdir() if p.is_dir())
+    wanted = list(tasks) if tasks is not None else saved
+    twice = sorted({t for t in wanted if wanted.count(t) > 1})
+    if twice:
+        raise RunStateError(f"tasks {twice} are named more than once; name each task once")
+    missing = [t for t in wanted if t not in saved]
+    if missing:
+        raise RunStateError(f"{run} has no checkpoints for {missing}; it has: {saved}")
+    return wanted
+
+
 def load_run_tasks(model: DeltaModel, run_dir: str | Path, tasks: Sequence[str] | None = None) -> list[str]:
     """Load the task checkpoints a finished (or partly finished) stream saved into ``model``.
 
@@ -349,16 +369,8 @@ def load_run_tasks(model: DeltaModel, run_dir: str | Path, tasks: Sequence[str] 
 
     run = Path(run_dir)
     root = run / "checkpoints"
-    if not root.is_dir():
-        raise RunStateError(f"{run} has no checkpoints/ folder: is it a stream's output directory?")
-    info = run_info(run)
-    order = info.get("matrix", {}).get("tasks", [])
-    saved = [t for t in order if (root / t).is_dir()] or sorted(p.name for p in root.iterdir() if p.is_dir())
-    wanted = list(tasks) if tasks is not None else saved
-    missing = [t for t in wanted if t not in saved]
-    if missing:
-        raise RunStateError(f"{run} has no checkpoints for {missing}; it has: {saved}")
-    files = info.get("files", {})
+    wanted = run_tasks(run, tasks)
+    files = run_info(run).get("files", {})
     added = []
     for t in wanted:
         dirs = [p for p in sorted((root / t).iterdir()) if (p / "delta.json").exists()]
@@ -379,6 +391,7 @@ def load_run_model(run_dir: str | Path, backbone: str = "minilm", tasks: Sequenc
     match the run's."""
     run = Path(run_dir)
     info = run_info(run)
+    run_tasks(run, tasks)  # a wrong task name is an error before the backbone loads
     torch.manual_seed(info.get("identity", {}).get("seed", 0))
     model = DeltaModel.from_pretrained(backbone)
     trained = run / "checkpoints" / BACKBONE_FILE

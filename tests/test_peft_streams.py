@@ -186,6 +186,22 @@ def test_export_command(tmp_path, tiny_backbone_dir, capsys):
     assert main(["export", str(tmp_path / "bn"), "--out", str(tmp_path / "peft-bn")]) == 2
     assert "no task of" in capsys.readouterr().err and not (tmp_path / "peft-bn").exists()
 
+    # refused by name before the backbone loads, where each was a traceback (exit 1) or a message
+    # about the model, not the option
+    capsys.readouterr()
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "a").write_text("not an adapter")
+    bad = {("--out", str(tmp_path / "a-file")): "is a file; give a directory",
+           ("--out", str(tmp_path / "taken")): "holds files where the adapters' folders would go",
+           ("--out", str(tmp_path / "p2"), "--task", "a", "--task", "a"): "tasks ['a'] are named more than once",
+           ("--out", str(tmp_path / "p3"), "--task", "nope"): "has no checkpoints for ['nope']"}
+    for extra, message in bad.items():
+        assert main(["export", str(tmp_path / "run"), *extra]) == 2, extra
+        captured = capsys.readouterr()
+        assert message in captured.err and "Loading weights" not in captured.err, extra
+    assert (tmp_path / "taken" / "a").read_text() == "not an adapter"
+
 
 def test_imported_task_in_route_and_transfer(tmp_path, tiny_backbone_dir, capsys):
     """A run whose first task started from a PEFT LoRA saves it like any task: the routing and
