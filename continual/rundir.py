@@ -340,9 +340,8 @@ def run_info(run_dir: str | Path) -> dict[str, Any]:
 
 
 def run_tasks(run_dir: str | Path, tasks: Sequence[str] | None = None) -> list[str]:
-    """The tasks of a run that :func:`load_run_tasks` would load (``tasks``, checked against
-    the run's checkpoints, or all of them in stream order): read from the folder alone, so a
-    wrong name is an error before any backbone is loaded."""
+    """The tasks :func:`load_run_tasks` would load (``tasks``, checked, or all in stream order),
+    read from the folder alone: a wrong name is an error before any backbone is loaded."""
     run = Path(run_dir)
     root = run / "checkpoints"
     if not root.is_dir():
