@@ -97,7 +97,7 @@ def training_options(p: argparse.ArgumentParser, steps_help: str | None = None, 
     p.add_argument("--max-length", type=int, default=d.max_length, help="tokens per example (BBC uses 128)")
     p.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between dev evaluations")
     p.add_argument("--patience", type=count, default=d.patience, help="dev evaluations without gain before stopping (0: never)")
-    p.add_argument("--lr", type=float, default=d.lr, help="delta learning rate (default: each method's own)")
+    p.add_argument("--lr", type=float, default=d.lr, help="delta learning rate (default: each method's own)%(default).0s")
     p.add_argument("--head-lr", type=float, default=d.head_lr, help="learning rate of the task heads")
     p.add_argument("--seed", type=seed, default=d.seed, help="seeds splits, initialisation and training (0 to 4294967295)")
     p.add_argument("--router", default=d.router, choices=ROUTERS,
@@ -106,7 +106,7 @@ def training_options(p: argparse.ArgumentParser, steps_help: str | None = None, 
     p.add_argument("--no-dropout", action="store_true",
                    help="train with dropout off (a deterministic forward pass: a run on N processes under torchrun "
                    "then gives the 1-process numbers, up to float rounding)")
-    p.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1, ... (default: cuda when available)%(default).0s")
     p.add_argument("--precision", default=d.precision, choices=PRECISIONS,
                    help="training/eval precision (auto: bf16 on a GPU that has it and on a CPU with bf16 matrix "
                    "instructions, e.g. AVX512-BF16 or AMX; else fp32)")
@@ -157,15 +157,15 @@ def _run(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--shard-backbone", action="store_true",
                    help="under torchrun: shard the frozen backbone's blocks across the processes (FSDP2) instead "
                    "of a full copy in each; the deltas stay replicated (docs/distributed.md)")
-    r.add_argument("--out", default=None, help="output directory (default: runs/<stream>-<strategy>-<methods>-s<seed>)")
+    r.add_argument("--out", default=None, help="output directory (default: runs/<stream>-<strategy>-<methods>-s<seed>)%(default).0s")
     r.add_argument("--resume", action="store_true", help="continue the run saved in --out after its last finished task")
     r.add_argument("--rescore-all", action="store_true",
                    help="score every old task again after each task (default: only those whose delta, head or "
-                   "backbone weights changed; the others' scores are carried over: same numbers, less time)")
+                   "backbone weights changed; the others' scores are carried over: same numbers, less time)%(default).0s")
     r.add_argument("--overwrite", action="store_true", help="replace a run saved in --out")
     _tracking_options(r)
     r.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment name")
-    r.add_argument("--run-name", default=None, help="MLflow run name (default: the output directory's name)")
+    r.add_argument("--run-name", default=None, help="MLflow run name (default: the output directory's name)%(default).0s")
 
 
 def _report(sub: argparse._SubParsersAction) -> None:
@@ -174,7 +174,7 @@ def _report(sub: argparse._SubParsersAction) -> None:
     rep.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI, help="MLflow store, for a run id / name")
     rep.add_argument("--experiment", default=DEFAULT_EXPERIMENT)
     rep.add_argument("--plot", default=None, help="heatmap PNG path (default: heatmap.png in the run directory, "
-                     "or ./<run>-heatmap.png for an MLflow run)")
+                     "or ./<run>-heatmap.png for an MLflow run)%(default).0s")
     rep.add_argument("--f1", action="store_true", help="show macro-F1 instead of accuracy")
     rep.add_argument("--json", action="store_true", help="print the metrics as JSON")
 
@@ -190,7 +190,7 @@ def _route(sub: argparse._SubParsersAction) -> None:
     ro.add_argument("--router", action="append", choices=["prototype", "linear"],
                     help="router(s) to evaluate (default: both)%(default).0s")
     ro.add_argument("--fit-max", type=count, default=None, help="cap on training examples per task used to fit routers")
-    ro.add_argument("--tracking-uri", default=None, help="MLflow store (default: the one the run was logged to)")
+    ro.add_argument("--tracking-uri", default=None, help="MLflow store (default: the one the run was logged to)%(default).0s")
 
 
 def _transfer(sub: argparse._SubParsersAction) -> None:
@@ -215,7 +215,7 @@ def _combine(sub: argparse._SubParsersAction) -> None:
                     "(default: lora+bitfit, bottleneck+bitfit, lora+prompt)%(default).0s")
     co.add_argument("--mode", action="append", choices=["simultaneous", "sequential"], help="default: both%(default).0s")
     training_options(co, "training steps per stage")
-    co.add_argument("--out", default=None, help="where the table goes (default: runs/combine-<task>-s<seed>)")
+    co.add_argument("--out", default=None, help="where the table goes (default: runs/combine-<task>-s<seed>)%(default).0s")
     _tracking_options(co, progress=False)
 
 
@@ -235,7 +235,7 @@ def _compare(sub: argparse._SubParsersAction) -> None:
     training_options(cp)
     cp.add_argument("--seeds", default=None, metavar="S1,S2,...",
                     help="run every entry once per seed (the stream drawn with that seed) into <out>/<entry>/s<seed>; "
-                    "the report gives mean ± std (default: --seed alone)")
+                    "the report gives mean ± std (default: --seed alone)%(default).0s")
     cp.add_argument("--workers", type=positive, default=1,
                     help="run the entries x seeds on this many local processes at once (each gets cpu_count / "
                     "workers torch threads); the numbers do not change, the wall time does")
@@ -258,8 +258,8 @@ def _export(sub: argparse._SubParsersAction) -> None:
     ex.add_argument("--format", default="peft", choices=["peft"], help="checkpoint format to write")
     ex.add_argument("--out", required=True, help="directory to write <task>/ adapters into")
     ex.add_argument("--task", action="append", help="export only this task (repeat); default: every task PEFT can hold%(default).0s")
-    ex.add_argument("--backbone", default=None, help="the backbone the run was trained on (default: the one its checkpoints name)")
-    ex.add_argument("--base-model", default=None, help="base_model_name_or_path to record (default: the backbone's hub id)")
+    ex.add_argument("--backbone", default=None, help="the backbone the run was trained on (default: the one its checkpoints name)%(default).0s")
+    ex.add_argument("--base-model", default=None, help="base_model_name_or_path to record (default: the backbone's hub id)%(default).0s")
     ex.add_argument("--max-lora-rank", type=positive, default=16, help="the --max-lora-rank the vLLM server runs with")
 
 
@@ -273,7 +273,7 @@ def _sync(sub: argparse._SubParsersAction) -> None:
     sy.add_argument("run", help="a run's output directory (finished or not)")
     sy.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI, help="MLflow store or server")
     sy.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment name")
-    sy.add_argument("--run-name", default=None, help="MLflow run name (default: the directory's name)")
+    sy.add_argument("--run-name", default=None, help="MLflow run name (default: the directory's name)%(default).0s")
 
 
 def _list(sub: argparse._SubParsersAction) -> None:
