@@ -71,6 +71,27 @@ def parse_combo(text: str) -> list[DeltaConfig]:
     return [parse_method(m) for m in text.split("+")]
 
 
-def methods_label(methods: Sequence[DeltaConfig | str | dict[str, Any]]) -> str:
-    """``lora+bitfit``: the method names of a combination, for run names and report rows."""
-    return "+".join(make_config(m).method for m in methods)
+def methods_label(methods: Sequence[DeltaConfig | str | dict[str, Any]], options: bool = False) -> str:
+    """``lora+bitfit``: the method names of a combination, for run names and report rows.
+    ``options=True`` adds each method's options that differ from its defaults, ``lora(rank=4)+bitfit``:
+    a label that tells apart combinations of the same methods set otherwise (rows of one report)."""
+    return "+".join(_method_label(make_config(m), options) for m in methods)
+
+
+def _method_label(config: DeltaConfig, options: bool) -> str:
+    if not options:
+        return config.method
+    try:
+        defaults = make_config(config.method).to_dict()
+    except ConfigError:  # a method with a required option (selective): every option is shown
+        defaults = {}
+    missing = object()
+    changed = [f"{k}={_short(v)}" for k, v in config.to_dict().items() if k != "method" and defaults.get(k, missing) != v]
+    return f"{config.method}({','.join(changed)})" if changed else config.method
+
+
+def _short(value: Any) -> str:
+    """A value as the method-spec grammar writes it: ``[query,value]``, not ``['query', 'value']``."""
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_short(v) for v in value) + "]"
+    return str(value)

@@ -17,6 +17,7 @@ import fcntl
 import functools
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -40,20 +41,33 @@ def check_uri(uri: str) -> str:
     return uri
 
 
+_held = threading.local()  # the stores whose lock this thread holds
+
+
 @contextlib.contextmanager
 def store_lock(uri: str):
     """Hold an exclusive lock beside a SQLite store while it may be created (MLflow runs its schema
-    migration on first use; two processes doing it at once fail with 'duplicate column name')."""
+    migration on first use; two processes doing it at once fail with 'duplicate column name').
+
+    Re-entrant within a thread: a second ``flock`` on a new descriptor of the same file waits for
+    the first, so a nested use (a logger resuming a run takes the lock, then makes its client,
+    which takes it again) hung for ever; `continual run --resume` of a tracked run did."""
     if not uri.startswith("sqlite:///"):
         yield
         return
     db = Path(uri[len("sqlite:///"):]).resolve()
+    held = _held.__dict__.setdefault("stores", set())
+    if db in held:
+        yield
+        return
     db.parent.mkdir(parents=True, exist_ok=True)
     with open(db.with_name(db.name + ".lock"), "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
+        held.add(db)
         try:
             yield
         finally:
+            held.discard(db)
             fcntl.flock(f, fcntl.LOCK_UN)
 
 

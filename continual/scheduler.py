@@ -89,7 +89,7 @@ def _open(out: Path, identity: dict[str, Any], steps: int, resume: bool, overwri
     if state.identity != identity:
         diff = sorted(k for k in identity if identity[k] != state.identity.get(k))
         raise RunStateError(f"{out} holds a different run (differs in: {', '.join(diff)}); use another output "
-                            "directory, or --overwrite to replace it")
+                            "directory, or replace it (continual run --overwrite; else delete the folder)")
     return state
 
 

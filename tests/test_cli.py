@@ -211,16 +211,17 @@ def test_compare_command_writes_a_report(toy_yaml, tiny_backbone_dir, tmp_path, 
     assert main(common) == 0
     printed = capsys.readouterr().out
     rows = json.loads((out / "report.json").read_text())["rows"]
-    assert list(rows) == ["per-task-lora", "seq-ft"]
-    own = json.loads((out / "per-task-lora" / "results.json").read_text())
-    assert rows["per-task-lora"]["ACC"] == own["metrics"]["ACC"] and rows["per-task-lora"]["BWT"] == 0.0
-    assert rows["seq-ft"]["trainable_params_per_task"] > 100 * rows["per-task-lora"]["trainable_params_per_task"]
-    assert rows["per-task-lora"]["delta_bytes_on_disk"] > 0
+    lora = "per-task-lora(rank=4)"  # the label carries the method's options (rank 8 is the default)
+    assert list(rows) == [lora, "seq-ft"]
+    own = json.loads((out / lora / "results.json").read_text())
+    assert rows[lora]["ACC"] == own["metrics"]["ACC"] and rows[lora]["BWT"] == 0.0
+    assert rows["seq-ft"]["trainable_params_per_task"] > 100 * rows[lora]["trainable_params_per_task"]
+    assert rows[lora]["delta_bytes_on_disk"] > 0
     # seq-ft's "delta" is the whole fine-tuned backbone (saved with the run), not just its heads
     backbone_bytes = (out / "seq-ft" / "checkpoints" / "backbone.safetensors").stat().st_size
-    assert rows["seq-ft"]["delta_bytes_on_disk"] > backbone_bytes > 10 * rows["per-task-lora"]["delta_bytes_on_disk"]
-    assert "| per-task-lora | " in printed and (out / "report.png").stat().st_size > 1000
-    assert "ACC, no task id" in printed and rows["per-task-lora"]["ACC_agnostic"] == own["metrics"]["ACC_agnostic"]
+    assert rows["seq-ft"]["delta_bytes_on_disk"] > backbone_bytes > 10 * rows[lora]["delta_bytes_on_disk"]
+    assert f"| {lora} | " in printed and (out / "report.png").stat().st_size > 1000
+    assert "ACC, no task id" in printed and rows[lora]["ACC_agnostic"] == own["metrics"]["ACC_agnostic"]
     assert 0 <= rows["seq-ft"]["routing_accuracy"] <= 1
     client = MlflowClient(uri)
     run = client.search_runs([client.get_experiment_by_name("continual").experiment_id], "tags.kind = 'compare'")[0]
@@ -230,6 +231,18 @@ def test_compare_command_writes_a_report(toy_yaml, tiny_backbone_dir, tmp_path, 
     mtime = (out / "seq-ft" / "results.json").stat().st_mtime
     assert main(common) == 0  # finished entries are reused, not rerun
     assert (out / "seq-ft" / "results.json").stat().st_mtime == mtime
+    # ... but only when made with the same settings: reused on the folder's name alone, a re-run
+    # with other steps printed the old numbers
+    assert main([*common, "--steps", "10"]) == 2
+    assert "holds a different run (differs in: train); give compare another --out" in capsys.readouterr().err
+    # two entries of one method with other options are two rows, where one used to replace the other
+    two = ["--entry", "per-task:lora:rank=2", "--entry", "per-task:lora:rank=4"]
+    assert main(common[:5] + two + common[9:]) == 0
+    rows = json.loads((out / "report.json").read_text())["rows"]
+    assert list(rows) == ["per-task-lora(rank=2)", lora]
+    assert rows["per-task-lora(rank=2)"]["trainable_params_per_task"] < rows[lora]["trainable_params_per_task"]
+    assert main(common[:5] + ["--entry", "per-task:lora", "--entry", "per-task:lora:rank=8"] + common[9:]) == 2
+    assert "entries ['per-task-lora'] are given more than once" in capsys.readouterr().err
     assert main(common[:5] + ["--entry", "nope"]) == 2
     assert "unknown strategy 'nope'" in capsys.readouterr().err
 
@@ -242,7 +255,7 @@ def test_an_entry_gives_the_same_matrix_in_compare_as_in_run(toy_yaml, tiny_back
     assert main(["run", "--method", "lora:rank=4", "--out", str(tmp_path / "run"), *common]) == 0
     assert main(["compare", "--entry", "per-task:lora:rank=4", "--out", str(tmp_path / "cmp"), *common]) == 0
     ran = json.loads((tmp_path / "run" / "results.json").read_text())
-    compared = json.loads((tmp_path / "cmp" / "per-task-lora" / "results.json").read_text())
+    compared = json.loads((tmp_path / "cmp" / "per-task-lora(rank=4)" / "results.json").read_text())
     assert ran["identity"]["train"] == compared["identity"]["train"]
     for key in ("R", "F1", "b", "b_f1", "R_agnostic", "routing"):
         assert ran["matrix"][key] == compared["matrix"][key], key

@@ -280,3 +280,35 @@ def test_two_runs_starting_together_on_a_new_sqlite_store(tmp_path):
     outs = [p.communicate(timeout=240) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1].decode()[-1500:] for o in outs]
     assert len({o[0].strip() for o in outs}) == 3  # three runs, one store
+
+
+def test_the_store_lock_nests_in_one_thread_and_still_excludes_another(tmp_path):
+    # `continual run --resume` of a run tracked in SQLite hung for ever: the logger took the store's
+    # lock, then made its client, which took it again on a new descriptor and waited on itself.
+    # Threads here, so that without the fix this fails after seconds instead of hanging the suite.
+    import threading
+
+    from continual.guard import store_lock
+
+    uri = f"sqlite:///{tmp_path}/x.db"
+    nested, other = threading.Event(), threading.Event()
+
+    def twice() -> None:
+        with store_lock(uri), store_lock(uri):
+            nested.set()
+
+    thread = threading.Thread(target=twice, daemon=True)
+    thread.start()
+    thread.join(10)
+    assert nested.is_set(), "a nested store_lock in one thread waited on itself"
+    with store_lock(uri):  # another thread still waits while this one holds it
+        def wait() -> None:
+            with store_lock(uri):
+                other.set()
+
+        waiter = threading.Thread(target=wait, daemon=True)
+        waiter.start()
+        waiter.join(1)
+        assert not other.is_set()
+    waiter.join(10)
+    assert other.is_set()

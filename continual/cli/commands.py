@@ -122,8 +122,23 @@ def load_report(run: str, tracking_uri: str, experiment: str) -> tuple[dict[str,
     return data, path
 
 
+def _file_to_write(path: Path, option: str) -> Path:
+    """``path``, if a file can be written there: not a directory, and no file where a folder on
+    its way should be (an error by name, not an OSError traceback after the work is done)."""
+    if path.is_dir():
+        raise ValueError(f"{option} {path} is a directory; give a file name")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{option} {path}: {parent} is a file, not a folder")
+            break
+    return path
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     data, directory = load_report(args.run, args.tracking_uri, args.experiment)
+    plot = Path(args.plot) if args.plot else (directory / "heatmap.png" if directory else Path(f"{args.run}-heatmap.png"))
+    _file_to_write(plot, "--plot")
     matrix = AccuracyMatrix.from_dict(data["matrix"])
     metrics = {k: (math.nan if v is None else v) for k, v in data["metrics"].items()}
     if args.json:
@@ -134,7 +149,6 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(format_matrix(matrix, metrics, args.f1))
         if not np.isnan(matrix.A).all():  # (runs saved before task-agnostic scoring have none)
             print(f"\nwithout the task id:\n{format_matrix(matrix, metrics, agnostic=True)}")
-    plot = Path(args.plot) if args.plot else (directory / "heatmap.png" if directory else Path(f"{args.run}-heatmap.png"))
     heatmap(matrix, plot, f1=args.f1)
     print(f"heatmap: {plot}")
     if not np.isnan(matrix.A).all():
@@ -147,7 +161,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_route(args: argparse.Namespace) -> int:
     from ..studies.route import format_results, route_run
 
-    results = route_run(args.run, args.backbone, args.router or ["prototype", "linear"], args.fit_max, args.tracking_uri)
+    if args.tracking_uri:
+        check_tracking_uri(args.tracking_uri)
+    # --fit-max 0: no cap, as every cap of the commands (it used to fit on no example and fail in torch.cat)
+    results = route_run(args.run, args.backbone, args.router or ["prototype", "linear"], _cap(args.fit_max),
+                        args.tracking_uri)
     print(format_results(results))
     return 0
 

@@ -189,7 +189,7 @@ def _route(sub: argparse._SubParsersAction) -> None:
     _finished_run(ro)
     ro.add_argument("--router", action="append", choices=["prototype", "linear"],
                     help="router(s) to evaluate (default: both)%(default).0s")
-    ro.add_argument("--fit-max", type=count, default=None, help="cap on training examples per task used to fit routers")
+    ro.add_argument("--fit-max", type=count, default=None, help="cap on training examples per task used to fit routers (0: no cap)")
     ro.add_argument("--tracking-uri", default=None, help="MLflow store (default: the one the run was logged to)%(default).0s")
 
 
@@ -242,7 +242,8 @@ def _compare(sub: argparse._SubParsersAction) -> None:
     cp.add_argument("--ray-address", default=None,
                     help="run the entries x seeds as tasks on this Ray cluster (e.g. auto, or ray://host:10001); "
                     "needs `pip install ray`")
-    cp.add_argument("--out", default=None, help="default: runs/compare-<stream>-s<seed>")
+    cp.add_argument("--out", default=None, help="default: runs/compare-<stream>-s<seed>; entries already run there with the same "
+                    "settings are reused, others are refused%(default).0s")
     _tracking_options(cp)
 
 

@@ -30,8 +30,8 @@ from adapters import DEFAULT_METHOD, DeltaConfig, DeltaModel
 from adapters.spec import methods_label, parse_combo, parse_options
 
 from ..plots import metric_bars
-from ..rundir import run_info
-from ..scheduler import run_stream
+from ..rundir import RunStateError, read_state, run_info
+from ..scheduler import run_identity, run_stream
 from ..strategies import STRATEGIES, make_strategy
 from ..tracking import DEFAULT_EXPERIMENT, MLflowLogger, log_compare
 from ..training import TrainConfig
@@ -52,7 +52,9 @@ class Entry:
 
     @property
     def label(self) -> str:
-        names = methods_label(self.methods)
+        # method options in the label: two entries of one method with other options are two rows
+        # (and two run folders), where they used to share both and one row replaced the other
+        names = methods_label(self.methods, options=True)
         opts = ",".join(f"{k}={v}" for k, v in self.options.items())
         strategy = f"{self.strategy}@{opts}" if opts else self.strategy
         return f"{strategy}-{names}" if names else strategy
@@ -100,16 +102,27 @@ class Job:
 
 
 def run_job(job: Job) -> dict[str, Any]:
-    """Run (or reuse, or resume) one job and return its report row; a pool worker's whole task."""
+    """Run (or reuse, or resume) one job and return its report row; a pool worker's whole task.
+    A finished run in its folder is reused, and a killed one resumed, only if it was made with
+    the job's settings, stream, strategy and backbone (the identity ``run_stream`` checks on
+    resume): reused on the folder's name alone, a compare re-run with other settings gave the old
+    numbers."""
     directory = job.directory
-    if not (directory / "results.json").exists():
-        e = job.entry
-        strategy = make_strategy(e.strategy, e.methods or [DEFAULT_METHOD], **e.options)
-        torch.manual_seed(job.config.seed)
-        model = DeltaModel.from_pretrained(job.backbone)
-        loggers = [MLflowLogger(job.tracking_uri, DEFAULT_EXPERIMENT, job.run_name)] if job.tracking_uri else []
-        run_stream(job.stream, model, strategy, job.config, directory, loggers=loggers,
-                   resume=(directory / "state.json").exists())
+    e = job.entry
+    strategy = make_strategy(e.strategy, e.methods or [DEFAULT_METHOD], **e.options)
+    torch.manual_seed(job.config.seed)
+    model = DeltaModel.from_pretrained(job.backbone)
+    if (directory / "results.json").exists():
+        saved = read_state(directory / "state.json").identity
+        identity = run_identity(job.stream, model, strategy, job.config)
+        if saved != identity:
+            diff = sorted(k for k in identity if identity[k] != saved.get(k))
+            raise RunStateError(f"{directory} holds a different run (differs in: {', '.join(diff)}); give compare "
+                                "another --out, or delete that folder")
+        return summarize_run(directory)
+    loggers = [MLflowLogger(job.tracking_uri, DEFAULT_EXPERIMENT, job.run_name)] if job.tracking_uri else []
+    run_stream(job.stream, model, strategy, job.config, directory, loggers=loggers,
+               resume=(directory / "state.json").exists())
     return summarize_run(directory)
 
 
@@ -127,6 +140,9 @@ def compare(streams: Any, entries: Sequence[Entry], config: TrainConfig, out: st
     out = Path(out)
     for e in entries:  # every entry is checked before any runs
         make_strategy(e.strategy, e.methods or [DEFAULT_METHOD], **e.options)
+    twice = sorted({e.label for e in entries if [x.label for x in entries].count(e.label) > 1})
+    if twice:
+        raise ValueError(f"entries {twice} are given more than once; give each entry once")
     by_seed = streams if isinstance(streams, dict) else {config.seed: streams}
     several = len(by_seed) > 1
     parallel = workers > 1 or bool(ray_address)

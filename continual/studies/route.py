@@ -64,6 +64,8 @@ def route_run(run_dir: str | Path, backbone: str = "minilm", routers: Sequence[s
     unknown = [r for r in routers if r not in ROUTERS]
     if unknown:
         raise ValueError(f"unknown router(s) {unknown}; one of {list(ROUTERS)}")
+    if fit_max is not None and (not isinstance(fit_max, int) or fit_max < 1):
+        raise ValueError(f"fit_max must be None (no cap) or an integer >= 1, got {fit_max!r}")
     run = Path(run_dir)
     stream, identity, model = per_task_run(run, backbone, "routing picks one task per stream task")
     default_len = identity["train"]["max_length"]
