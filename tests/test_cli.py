@@ -56,6 +56,9 @@ def test_run_then_report_from_directory_and_mlflow(toy_yaml, tiny_backbone_dir, 
     shown = capsys.readouterr().out
     assert "toy / per-task" in shown and "untrained (b)" in shown and (tmp_path / "p.png").exists()
     assert "without the task id" in shown and (tmp_path / "p_agnostic.png").exists()
+    (tmp_path / "a-file").write_text("x")  # a plot path under a file: refused first, not a traceback after
+    assert main(["report", str(tmp_path / "out"), "--plot", str(tmp_path / "a-file" / "p.png")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
     # the same run read back from MLflow, by run name and by run id
     assert main(["report", "cli-toy", "--tracking-uri", uri, "--json", "--plot", str(tmp_path / "q.png")]) == 0
     from_mlflow = json.loads(capsys.readouterr().out.split("heatmap:")[0])
@@ -170,6 +173,9 @@ def test_route_command_on_a_finished_run(toy_yaml, tiny_backbone_dir, tmp_path, 
     child = client.search_runs([client.get_run(parent).info.experiment_id], "tags.kind = 'routing'")[0]
     assert child.data.tags["mlflow.parentRunId"] == parent
     assert child.data.metrics["routing_accuracy/prototype"] == pytest.approx(routing["routing_accuracy"])
+    # --fit-max 0 means no cap (it fitted on no example and failed in torch.cat): the same routing
+    assert main(["route", str(out), "--backbone", str(tiny_backbone_dir), "--router", "prototype", "--fit-max", "0"]) == 0
+    assert json.loads((out / "routing.json").read_text())["prototype"]["routing_accuracy"] == routing["routing_accuracy"]
     # a directory that holds no finished run is refused with the reason
     assert main(["route", str(tmp_path / "nope"), "--backbone", str(tiny_backbone_dir)]) == 2
     assert "not a finished stream run" in capsys.readouterr().err
