@@ -15,7 +15,7 @@ from typing import Any, Sequence
 from adapters import ConfigError, export_peft, read_meta
 from adapters.peft_export import exportable, vllm_problems, vllm_scaling
 
-from .rundir import RunStateError, load_run_model, run_tasks
+from .rundir import RunStateError, check_out, load_run_model, run_tasks
 
 
 @dataclasses.dataclass
@@ -63,8 +63,7 @@ def export_run(run: str | Path, out: str | Path, backbone: str | None = None, ta
 def _check_out(out: Path, tasks: Sequence[str]) -> None:
     """Refuse an ``out`` that cannot take ``out/<task>`` folders: a file, or a file where a
     task's folder would go (each export is written into its folder, replacing what is there)."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file; give a directory to write <task>/ adapters into")
+    check_out(out, "the adapters")
     clash = [t for t in tasks if (out / t).exists() and not (out / t).is_dir()]
     if clash:
         raise ConfigError(f"--out {out} holds files where the adapters' folders would go: {[str(out / t) for t in clash]}")

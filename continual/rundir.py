@@ -211,17 +211,17 @@ def clear_run(out: Path) -> None:
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
 
 
-def check_out(out: Path) -> None:
-    """Refuse, before anything is loaded, an output directory that cannot be made or written: a
-    file, a path under a file, a folder without write permission, a read-only mount."""
+def check_out(out: Path, what: str = "the run", option: str = "--out") -> None:
+    """Refuse, before anything is loaded, an output directory that cannot be made or written: a file,
+    a path under a file, no write permission, a read-only mount (``what`` goes there, by ``option``)."""
     for parent in (out, *out.parents):
         if not parent.exists():
             continue
         if not parent.is_dir():
-            raise RunStateError(f"cannot write the run to {out}: {parent} is a file, not a directory; give another --out")
+            raise RunStateError(f"cannot write {what} to {out}: {parent} is a file, not a directory; give another {option}")
         if not os.access(parent, os.W_OK | os.X_OK):  # also false on a read-only mount (EROFS), even for root
-            raise RunStateError(f"cannot write the run to {out}: {parent} is not writable (permissions or a read-only "
-                                "file system); give another --out")
+            raise RunStateError(f"cannot write {what} to {out}: {parent} is not writable (permissions or a read-only "
+                                f"file system); give another {option}")
         return
 
 

@@ -86,11 +86,17 @@ def _open(out: Path, identity: dict[str, Any], steps: int, resume: bool, overwri
     if not resume:
         raise RunStateError(f"{out} already holds a run ({len(state.done)}/{steps} steps done): resume it (--resume) "
                             "or start again (--overwrite)")
-    if state.identity != identity:
-        diff = sorted(k for k in identity if identity[k] != state.identity.get(k))
+    diff = identity_differences(state.identity, identity)
+    if diff:
         raise RunStateError(f"{out} holds a different run (differs in: {', '.join(diff)}); use another output "
                             "directory, or replace it (continual run --overwrite; else delete the folder)")
     return state
+
+
+def identity_differences(saved: dict[str, Any], identity: dict[str, Any]) -> list[str]:
+    """The parts of :func:`run_identity` in which a saved run differs from the one asked for
+    (empty: the same run, which may be resumed or reused)."""
+    return sorted(k for k in identity if identity[k] != saved.get(k))
 
 
 class _Run:

@@ -58,7 +58,7 @@ def test_run_then_report_from_directory_and_mlflow(toy_yaml, tiny_backbone_dir, 
     assert "without the task id" in shown and (tmp_path / "p_agnostic.png").exists()
     (tmp_path / "a-file").write_text("x")  # a plot path under a file: refused first, not a traceback after
     assert main(["report", str(tmp_path / "out"), "--plot", str(tmp_path / "a-file" / "p.png")]) == 2
-    assert "is a file, not a folder" in capsys.readouterr().err
+    assert f"{tmp_path / 'a-file'} is a file, not a directory; give another --plot" in capsys.readouterr().err
     # the same run read back from MLflow, by run name and by run id
     assert main(["report", "cli-toy", "--tracking-uri", uri, "--json", "--plot", str(tmp_path / "q.png")]) == 0
     from_mlflow = json.loads(capsys.readouterr().out.split("heatmap:")[0])

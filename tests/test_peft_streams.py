@@ -192,7 +192,7 @@ def test_export_command(tmp_path, tiny_backbone_dir, capsys):
     (tmp_path / "a-file").write_text("x")
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "a").write_text("not an adapter")
-    bad = {("--out", str(tmp_path / "a-file")): "is a file; give a directory",
+    bad = {("--out", str(tmp_path / "a-file")): f"{tmp_path / 'a-file'} is a file, not a directory; give another --out",
            ("--out", str(tmp_path / "taken")): "holds files where the adapters' folders would go",
            ("--out", str(tmp_path / "p2"), "--task", "a", "--task", "a"): "tasks ['a'] are named more than once",
            ("--out", str(tmp_path / "p3"), "--task", "nope"): "has no checkpoints for ['nope']"}

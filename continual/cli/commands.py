@@ -122,23 +122,12 @@ def load_report(run: str, tracking_uri: str, experiment: str) -> tuple[dict[str,
     return data, path
 
 
-def _file_to_write(path: Path, option: str) -> Path:
-    """``path``, if a file can be written there: not a directory, and no file where a folder on
-    its way should be (an error by name, not an OSError traceback after the work is done)."""
-    if path.is_dir():
-        raise ValueError(f"{option} {path} is a directory; give a file name")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ValueError(f"{option} {path}: {parent} is a file, not a folder")
-            break
-    return path
-
-
 def cmd_report(args: argparse.Namespace) -> int:
     data, directory = load_report(args.run, args.tracking_uri, args.experiment)
     plot = Path(args.plot) if args.plot else (directory / "heatmap.png" if directory else Path(f"{args.run}-heatmap.png"))
-    _file_to_write(plot, "--plot")
+    if plot.is_dir():  # (an error by name before the tables, not an OSError traceback after them)
+        raise ValueError(f"--plot {plot} is a directory; give a file name")
+    check_out(plot.parent, "the heatmap", "--plot")
     matrix = AccuracyMatrix.from_dict(data["matrix"])
     metrics = {k: (math.nan if v is None else v) for k, v in data["metrics"].items()}
     if args.json:

@@ -31,7 +31,7 @@ from adapters.spec import methods_label, parse_combo, parse_options
 
 from ..plots import metric_bars
 from ..rundir import RunStateError, read_state, run_info
-from ..scheduler import run_identity, run_stream
+from ..scheduler import identity_differences, run_identity, run_stream
 from ..strategies import STRATEGIES, make_strategy
 from ..tracking import DEFAULT_EXPERIMENT, MLflowLogger, log_compare
 from ..training import TrainConfig
@@ -113,10 +113,9 @@ def run_job(job: Job) -> dict[str, Any]:
     torch.manual_seed(job.config.seed)
     model = DeltaModel.from_pretrained(job.backbone)
     if (directory / "results.json").exists():
-        saved = read_state(directory / "state.json").identity
-        identity = run_identity(job.stream, model, strategy, job.config)
-        if saved != identity:
-            diff = sorted(k for k in identity if identity[k] != saved.get(k))
+        diff = identity_differences(read_state(directory / "state.json").identity,
+                                    run_identity(job.stream, model, strategy, job.config))
+        if diff:
             raise RunStateError(f"{directory} holds a different run (differs in: {', '.join(diff)}); give compare "
                                 "another --out, or delete that folder")
         return summarize_run(directory)
