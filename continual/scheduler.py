@@ -312,7 +312,9 @@ def run_stream(
     device = config.torch_device()
     strategy.check_stream(stream, model, config.max_length)
     lengths = [t.max_length or config.max_length for t in stream]
-    check_lengths(model, max(lengths), strategy.methods, shortest=min(lengths))
+    longest = next(t for t, n in zip(stream, lengths) if n == max(lengths))
+    check_lengths(model, max(lengths), strategy.methods, shortest=min(lengths),
+                  source=f" (task {longest.name}'s own: set it with max_length in a stream file)" if longest.max_length else "")
     for length in {t.max_length or config.max_length for t in stream if t.generative}:
         check_generative_length(length)
     check_distributed(strategy, config)

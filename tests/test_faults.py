@@ -195,6 +195,9 @@ def test_overwrite_deletes_nothing_when_the_command_is_invalid(finished_run, tmp
     (["--eval-every", "0"], "eval_every must be an integer >= 1"),
     (["--max-length", "0"], "max_length must be an integer >= 1"),
     (["--max-length", "63", "--method", "prompt:num_tokens=8"], "max_length 63 + 8 prepended positions (prompt) exceeds"),
+    # the remedy offered must exist: no max_length helps when the prompt alone fills the table
+    (["--max-length", "16", "--method", "prompt:num_tokens=100"], "; prepend fewer positions (at most 61, e.g. num_tokens)"),
+    (["--max-length", "50", "--method", "prompt:num_tokens=20"], "; use a max_length of at most 44"),
     (["--tracking-uri", "sqlite:///"], "names no database file"),
 ])
 def test_invalid_settings_are_refused_before_anything_runs(tiny_backbone_dir, tmp_path, capsys, bad, message):
@@ -202,6 +205,16 @@ def test_invalid_settings_are_refused_before_anything_runs(tiny_backbone_dir, tm
             "--no-progress", *bad]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_task_length_that_does_not_fit_is_named_as_the_tasks_own(tiny_backbone_dir, tmp_path, capsys):
+    """A task's own max_length (BBC's 128) wins over --max-length: the refusal says where it came from."""
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"name": "s", "tasks": [{"name": "news", "source": "bbc", "max_length": 100}]}))
+    argv = ["run", "--stream", str(tmp_path / "s.yaml"), "--backbone", str(tiny_backbone_dir), "--out", str(tmp_path / "o"),
+            "--max-length", "16", "--no-progress", "--no-mlflow"]
+    assert main(argv) == 2
+    assert "max_length 100 (task news's own: set it with max_length in a stream file) exceeds the 64" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 

@@ -212,13 +212,15 @@ def _finite(v: Any, ok: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and ok(v)
 
 
-def check_lengths(model: Any, max_length: int, methods: Sequence[DeltaConfig] = (), shortest: int | None = None) -> None:
+def check_lengths(model: Any, max_length: int, methods: Sequence[DeltaConfig] = (), shortest: int | None = None,
+                  source: str = "") -> None:
     """Refuse a ``max_length`` (plus the positions prompt-like methods prepend) longer than the
     backbone's position table, before anything is trained: past it the model fails in a CUDA
     kernel or silently wraps positions. Refuse too a length (``shortest``: the smallest in use,
     default ``max_length``) that leaves no room for text after the tokenizer's special tokens:
     there a tokenizer keeps special tokens only (no text at all), or, below their count, gives up
-    truncating and returns whole texts of any length."""
+    truncating and returns whole texts of any length. ``source`` says where ``max_length`` came
+    from when not from the run's setting (a task's own, e.g. " (task bbc's own)")."""
     tokenizer = getattr(model, "tokenizer", None)
     special = tokenizer.num_special_tokens_to_add() if hasattr(tokenizer, "num_special_tokens_to_add") else 0
     shortest = max_length if shortest is None else shortest
@@ -230,8 +232,12 @@ def check_lengths(model: Any, max_length: int, methods: Sequence[DeltaConfig] = 
     added = max((get_method(m.method).positions_added(m) for m in methods), default=0)
     if limit is not None and max_length + added > limit:
         extra = f" + {added} prepended positions ({', '.join(m.method for m in methods)})" if added else ""
-        raise ValueError(f"max_length {max_length}{extra} exceeds the {limit} positions of the backbone "
-                         f"{getattr(model, 'backbone_name', '')!r}; use a max_length of at most {limit - added}")
+        # the remedy must be one that exists: when the prepended positions leave no room for a
+        # token of text (or for the special tokens), no max_length helps, fewer positions do
+        fix = (f"use a max_length of at most {limit - added}" if limit - added > special else
+               f"prepend fewer positions (at most {limit - special - 1}, e.g. num_tokens)")
+        raise ValueError(f"max_length {max_length}{source}{extra} exceeds the {limit} positions of the backbone "
+                         f"{getattr(model, 'backbone_name', '')!r}; {fix}")
 
 
 def position_limit(model: Any) -> int | None:
