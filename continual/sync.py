@@ -40,13 +40,39 @@ def _step(logger: MLflowLogger, run: Path, record: dict[str, Any], matrix: Accur
     logger.log_matrix(row, matrix.tasks, list(matrix.R[row]), list(matrix.F1[row]), matrix.summary(row), list(matrix.A[row]))
 
 
+def logged_already(info: dict[str, Any], tracking_uri: str, experiment: str) -> str | None:
+    """The MLflow run that already holds this run directory in ``tracking_uri``'s ``experiment``
+    (logged live without a failure, or by an earlier sync), if it is still there; else None.
+    Syncing again would add a second copy, and MLflow's views would count the run twice. Only the
+    store the directory records (the last one logged to) is known: a copy in another is not."""
+    tracking = info.get("tracking") or {}
+    run_id = tracking.get("parent_run_id")
+    if (not run_id or tracking.get("sync_needed") or tracking.get("tracking_uri") != tracking_uri
+            or tracking.get("experiment") != experiment):
+        return None
+    from mlflow.exceptions import MlflowException
+
+    from .tracking import client_for
+
+    try:
+        found = client_for(tracking_uri).get_run(run_id)
+    except MlflowException:  # deleted for good, or never in this store: nothing to duplicate
+        return None
+    return None if found.info.lifecycle_stage == "deleted" else run_id
+
+
 def sync_run(run_dir: str | Path, tracking_uri: str, experiment: str = DEFAULT_EXPERIMENT,
-             run_name: str | None = None) -> str:
-    """Log the run in ``run_dir`` to ``tracking_uri`` as a new MLflow run; returns its id."""
+             run_name: str | None = None, again: bool = False) -> str:
+    """Log the run in ``run_dir`` to ``tracking_uri`` as a new MLflow run; returns its id. A run
+    directory that store already holds is not logged twice: its run id comes back unless
+    ``again`` (then a copy is logged)."""
     run = Path(run_dir)
     info = run_info(run)
     if not info:
         raise RunStateError(f"{run} holds no results.json or state.json: not a stream run directory")
+    existing = None if again else logged_already(info, tracking_uri, experiment)
+    if existing:
+        return existing
     finished = "metrics" in info and (run / "results.json").exists()
     matrix = AccuracyMatrix.from_dict(info["matrix"])
     identity = info["identity"]

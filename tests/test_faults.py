@@ -282,6 +282,12 @@ def test_server_stopped_mid_run_loses_nothing_and_sync_uploads_it(text_model, tm
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert len(children) == 3 and all("train/loss" in c.data.metrics for c in children)
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"results.json", "heatmap.png"}
+    # a second sync (a retried script) logged a second copy, which MLflow's views counted twice
+    experiment = [parent.info.experiment_id]
+    assert main(["sync", str(tmp_path / "run"), "--tracking-uri", store]) == 0
+    assert len(client.search_runs(experiment, "attributes.run_name = 'run'")) == 1
+    assert main(["sync", str(tmp_path / "run"), "--tracking-uri", store, "--again"]) == 0
+    assert len(client.search_runs(experiment, "attributes.run_name = 'run'")) == 2
 
 
 def test_two_runs_starting_together_on_a_new_sqlite_store(tmp_path):

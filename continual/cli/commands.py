@@ -103,7 +103,15 @@ def cmd_sync(args: argparse.Namespace) -> int:
     from ..sync import sync_run
 
     check_tracking_uri(args.tracking_uri)  # quick HTTP timeouts: a silent server is an error within seconds, not a hang
-    run_id = sync_run(args.run, args.tracking_uri, args.experiment, args.run_name)
+    from ..rundir import run_info
+    from ..sync import logged_already
+
+    existing = None if args.again else logged_already(run_info(Path(args.run)), args.tracking_uri, args.experiment)
+    if existing:
+        print(f"{args.run} is already in {args.tracking_uri} as MLflow run {existing} (experiment "
+              f"{args.experiment!r}); nothing logged (--again logs another copy)")
+        return 0
+    run_id = sync_run(args.run, args.tracking_uri, args.experiment, args.run_name, again=True)
     print(f"{args.run} logged to {args.tracking_uri} as MLflow run {run_id} (experiment {args.experiment!r})")
     return 0
 

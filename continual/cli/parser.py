@@ -268,13 +268,16 @@ def _sync(sub: argparse._SubParsersAction) -> None:
     sy = sub.add_parser("sync", help="upload a run directory to an MLflow store (e.g. after the server was down)",
                         description="Log everything a run directory holds (parameters, each step's training curve, "
                         "scores and checkpoints, the accuracy matrix, the final metrics and files) to an MLflow store "
-                        "as a new run, and record that run in the directory. For runs whose tracking server was "
+                        "as a new run, and record that run in the directory (a run the store already holds is not logged "
+                        "twice). For runs whose tracking server was "
                         "unreachable (they go on and keep everything locally) or that ran with --no-mlflow.",
                         formatter_class=Formatter)
     sy.add_argument("run", help="a run's output directory (finished or not)")
     sy.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI, help="MLflow store or server")
     sy.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment name")
     sy.add_argument("--run-name", default=None, help="MLflow run name (default: the directory's name)%(default).0s")
+    sy.add_argument("--again", action="store_true",
+                    help="log a copy even when the store already holds this run (by default a second sync logs nothing)")
 
 
 def _list(sub: argparse._SubParsersAction) -> None:
