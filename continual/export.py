@@ -15,7 +15,7 @@ from typing import Any, Sequence
 from adapters import ConfigError, export_peft, read_meta
 from adapters.peft_export import exportable, vllm_problems, vllm_scaling
 
-from .rundir import RunStateError, check_out, load_run_model, run_tasks
+from .rundir import check_out, load_run_model, run_tasks
 
 
 @dataclasses.dataclass
@@ -28,22 +28,13 @@ class Exported:
     vllm: list[str]
 
 
-def run_backbone(run: str | Path) -> str:
-    """The backbone a run's checkpoints were saved from (the name it was loaded by)."""
-    root = Path(run) / "checkpoints"
-    metas = sorted(root.glob("*/*/delta.json")) if root.is_dir() else []
-    if not metas:
-        raise RunStateError(f"{run} has no task checkpoints (checkpoints/<task>/<name>/delta.json): nothing to export")
-    return read_meta(metas[0].parent)["backbone_name"]
-
-
 def export_run(run: str | Path, out: str | Path, backbone: str | None = None, tasks: Sequence[str] | None = None,
                base_model: str | None = None, max_lora_rank: int = 16) -> tuple[list[Exported], dict[str, str]]:
     """Export each task of ``run`` (default: every task whose delta PEFT can hold) into
     ``out/<task>``; returns the exports and, for each task left out, why. A task named in
     ``tasks`` that cannot be exported is an error naming why; so is a run with none that can."""
     _check_out(Path(out), run_tasks(run, tasks))  # before the backbone loads
-    model, added = load_run_model(run, backbone or run_backbone(run), tasks)
+    model, added = load_run_model(run, backbone, tasks)
     reasons = {name: exportable(model.task(name).configs, model) for name in added}
     if tasks is not None:
         bad = {t: reasons[t] for t in added if reasons[t]}

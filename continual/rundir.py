@@ -7,18 +7,15 @@
                                       for strategies that fine-tune the backbone)
 
 Every file is written whole or not at all (a temporary file, then a rename), tensors before the
-JSON that points at them, so a kill at any moment leaves the last complete state.
-
-A run holds an exclusive lock on its directory (``<out>/.lock``, :class:`RunLock`) from before it
-reads the directory until it ends: a second run on the same directory (even with ``--overwrite``)
-is refused instead of replacing the first one's files as it writes them.
+JSON that points at them, so a kill at any moment leaves the last complete state. A run holds an
+exclusive lock on its directory (``<out>/.lock``, :class:`RunLock`) from before it reads the
+directory until it ends: a second run there (even with ``--overwrite``) is refused.
 
 Every file is verified when it is read back. ``state.json`` and ``results.json`` carry the SHA-256
 of their own content (``checksum``) and a manifest, ``files``: the SHA-256 of every file the run
 wrote and reads again (the state tensors, each checkpoint's files, a fine-tuned backbone). The
 manifest is written atomically, after the files it lists. A mismatch is a :class:`RunStateError`
-naming the file: a damaged run is refused, never loaded into a silently different matrix.
-"""
+naming the file: a damaged run is refused, never loaded into a silently different matrix."""
 
 from __future__ import annotations
 
@@ -28,6 +25,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -35,7 +33,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from adapters import DeltaModel, save_task
+from adapters import DeltaModel, load_task, read_meta, save_task
 from adapters.checkpoint import sha256_file
 from streams import Task, TaskStream
 
@@ -52,8 +50,7 @@ class RunStateError(RuntimeError):
 
 @dataclasses.dataclass
 class RunState:
-    """What ``state.json`` holds (the JSON keys are the field names).
-
+    """What ``state.json`` holds (the JSON keys are the field names):
     identity  what must be equal for the run to be resumed (stream, data, strategy, settings, backbone)
     done      indices of the finished steps of the strategy's plan
     steps     one record per finished step (times, best dev scores, trainable parameters)
@@ -144,7 +141,6 @@ def atomic_write(path: Path, text: str) -> None:
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """A safetensors file written whole or not at all (a temporary file, then a rename)."""
     _whole(path, lambda tmp: save_file({n: v.detach().contiguous().cpu() for n, v in tensors.items()}, str(tmp)))
 
 
@@ -202,8 +198,6 @@ def read_tensors(out: Path, state: RunState, device: torch.device) -> dict[str, 
 def clear_run(out: Path) -> None:
     """Remove a saved run (``--overwrite``): its state, results and checkpoints (an old task's
     checkpoint left behind would be loaded by ``route`` or ``transfer`` as the new run's)."""
-    import shutil
-
     for old in [out / "state.json", *out.glob("state-step*.safetensors"), out / "results.json", out / "matrix.csv",
                 out / "matrix_f1.csv", out / "matrix_agnostic.csv", out / "heatmap.png", out / "heatmap_agnostic.png",
                 out / "stream.yaml"]:
@@ -364,8 +358,6 @@ def load_run_tasks(model: DeltaModel, run_dir: str | Path, tasks: Sequence[str] 
     ``tasks``: the stream tasks to load (default: every task that has checkpoints), in stream
     order; each task's checkpoints (its delta, and e.g. its fusion) load in the order saved.
     Returns the names of the model tasks added."""
-    from adapters import load_task, read_meta
-
     run = Path(run_dir)
     root = run / "checkpoints"
     wanted = run_tasks(run, tasks)
@@ -383,16 +375,24 @@ def load_run_tasks(model: DeltaModel, run_dir: str | Path, tasks: Sequence[str] 
     return added
 
 
-def load_run_model(run_dir: str | Path, backbone: str = "minilm", tasks: Sequence[str] | None = None) -> tuple[DeltaModel, list[str]]:
-    """The backbone a run was trained on (as the run left it, if it fine-tuned it), with the
-    run's task checkpoints loaded (see :func:`load_run_tasks`). Seeds torch with the run's seed
-    first, as ``continual run`` does, so weights the backbone's files lack (an unused pooler)
-    match the run's."""
+def run_backbone(run_dir: str | Path) -> str:
+    """The backbone a run's checkpoints were saved from (the name it was loaded by)."""
+    metas = [m for t in run_tasks(run_dir) for m in sorted((Path(run_dir) / "checkpoints" / t).glob("*/delta.json"))]
+    if not metas:
+        raise RunStateError(f"{run_dir} has no task checkpoints (checkpoints/<task>/<name>/delta.json)")
+    return read_meta(metas[0].parent)["backbone_name"]
+
+
+def load_run_model(run_dir: str | Path, backbone: str | None = None, tasks: Sequence[str] | None = None) -> tuple[DeltaModel, list[str]]:
+    """The backbone a run was trained on (``backbone``, default: the one its checkpoints name; as
+    the run left it, if it fine-tuned it), with the run's task checkpoints loaded (see
+    :func:`load_run_tasks`). Seeds torch with the run's seed first, as ``continual run`` does,
+    so weights the backbone's files lack (an unused pooler) match the run's."""
     run = Path(run_dir)
     info = run_info(run)
     run_tasks(run, tasks)  # a wrong task name is an error before the backbone loads
     torch.manual_seed(info.get("identity", {}).get("seed", 0))
-    model = DeltaModel.from_pretrained(backbone)
+    model = DeltaModel.from_pretrained(backbone or run_backbone(run))
     trained = run / "checkpoints" / BACKBONE_FILE
     if trained.exists():  # a strategy that fine-tuned the backbone (seq-ft, avalanche-*)
         verify(run, info.get("files", {}), trained)

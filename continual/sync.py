@@ -18,7 +18,7 @@ from typing import Any
 
 from .metrics import AccuracyMatrix
 from .rundir import RunStateError, atomic_write, read_state, run_info, sealed, write_state
-from .tracking import DEFAULT_EXPERIMENT, MLflowLogger, step_metrics
+from .tracking import DEFAULT_EXPERIMENT, MLflowLogger, live_run, step_metrics
 
 RESULT_FILES = ("results.json", "matrix.csv", "matrix_f1.csv", "heatmap.png", "stream.yaml")
 
@@ -50,15 +50,7 @@ def logged_already(info: dict[str, Any], tracking_uri: str, experiment: str) -> 
     if (not run_id or tracking.get("sync_needed") or tracking.get("tracking_uri") != tracking_uri
             or tracking.get("experiment") != experiment):
         return None
-    from mlflow.exceptions import MlflowException
-
-    from .tracking import client_for
-
-    try:
-        found = client_for(tracking_uri).get_run(run_id)
-    except MlflowException:  # deleted for good, or never in this store: nothing to duplicate
-        return None
-    return None if found.info.lifecycle_stage == "deleted" else run_id
+    return run_id if live_run(tracking_uri, run_id) else None  # a deleted one: nothing to duplicate
 
 
 def sync_run(run_dir: str | Path, tracking_uri: str, experiment: str = DEFAULT_EXPERIMENT,

@@ -142,6 +142,16 @@ def client_for(uri: str) -> Any:
     return client
 
 
+def live_run(uri: str, run_id: str) -> bool:
+    """Whether the store at ``uri`` holds run ``run_id``, not deleted."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client_for(uri).get_run(run_id).info.lifecycle_stage != "deleted"
+    except MlflowException:  # deleted for good, or never in this store
+        return False
+
+
 def sqlite_artifact_root(uri: str) -> str | None:
     """For a SQLite store, artifacts go to ``mlartifacts/`` beside the database file."""
     if not uri.startswith("sqlite:///"):

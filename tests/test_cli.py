@@ -173,8 +173,9 @@ def test_route_command_on_a_finished_run(toy_yaml, tiny_backbone_dir, tmp_path, 
     child = client.search_runs([client.get_run(parent).info.experiment_id], "tags.kind = 'routing'")[0]
     assert child.data.tags["mlflow.parentRunId"] == parent
     assert child.data.metrics["routing_accuracy/prototype"] == pytest.approx(routing["routing_accuracy"])
-    # --fit-max 0 means no cap (it fitted on no example and failed in torch.cat): the same routing
-    assert main(["route", str(out), "--backbone", str(tiny_backbone_dir), "--router", "prototype", "--fit-max", "0"]) == 0
+    # --fit-max 0 means no cap (it fitted on no example and failed in torch.cat): the same routing;
+    # without --backbone, the one the run's checkpoints name (it loaded MiniLM and refused the run)
+    assert main(["route", str(out), "--router", "prototype", "--fit-max", "0"]) == 0
     assert json.loads((out / "routing.json").read_text())["prototype"]["routing_accuracy"] == routing["routing_accuracy"]
     # a directory that holds no finished run is refused with the reason
     assert main(["route", str(tmp_path / "nope"), "--backbone", str(tiny_backbone_dir)]) == 2
@@ -190,7 +191,7 @@ def test_transfer_matrix_command(toy_yaml, tiny_backbone_dir, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(args(toy_yaml, tiny_backbone_dir, out, "--tracking-uri", uri)) == 0
     capsys.readouterr()
-    assert main(["transfer", str(out), "--backbone", str(tiny_backbone_dir)]) == 0
+    assert main(["transfer", str(out)]) == 0  # the backbone the run's checkpoints name
     printed = capsys.readouterr().out
     rows = [line.split(",") for line in (out / "transfer.csv").read_text().splitlines()[1:]]
     assert len(rows) == 9

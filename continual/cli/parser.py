@@ -136,7 +136,8 @@ def _tracking_options(p: argparse.ArgumentParser, progress: bool = True) -> None
 def _finished_run(p: argparse.ArgumentParser) -> None:
     """The run directory and backbone of the commands that work on a finished stream (route, transfer)."""
     p.add_argument("run", help="a finished run's output directory (strategy per-task)")
-    p.add_argument("--backbone", default=DEFAULTS["backbone"], help="the backbone the run was trained on")
+    p.add_argument("--backbone", default=None,
+                   help="the backbone the run was trained on (default: the one its checkpoints name)%(default).0s")
 
 
 def _run(sub: argparse._SubParsersAction) -> None:

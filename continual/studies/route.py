@@ -46,7 +46,7 @@ def stream_of_run(run_dir: str | Path):
     return stream, identity
 
 
-def per_task_run(run_dir: str | Path, backbone: str, why: str):
+def per_task_run(run_dir: str | Path, backbone: str | None, why: str):
     """(stream, identity, model with the run's tasks loaded) for a run with one task per stream task."""
     stream, identity = stream_of_run(run_dir)
     model, loaded = load_run_model(run_dir, backbone)
@@ -56,9 +56,10 @@ def per_task_run(run_dir: str | Path, backbone: str, why: str):
     return stream, identity, model
 
 
-def route_run(run_dir: str | Path, backbone: str = "minilm", routers: Sequence[str] = ("prototype", "linear"),
+def route_run(run_dir: str | Path, backbone: str | None = None, routers: Sequence[str] = ("prototype", "linear"),
               fit_max: int | None = None, tracking_uri: str | None = None, batch_size: int = 64) -> list[Any]:
-    """Route a finished run's test sets with each router; returns the :class:`RoutingResult` list."""
+    """Route a finished run's test sets with each router; returns the :class:`RoutingResult` list.
+    ``backbone``: default, the one the run's checkpoints name."""
     from fusion.routing import ROUTERS, RoutingData, generated_answers, route_and_score
 
     unknown = [r for r in routers if r not in ROUTERS]

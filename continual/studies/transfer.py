@@ -60,9 +60,9 @@ class TransferMatrix:
         return [d / "transfer.csv", d / "transfer.md", png]
 
 
-def transfer_matrix(run_dir: str | Path, backbone: str = "minilm", batch_size: int = 64) -> TransferMatrix:
+def transfer_matrix(run_dir: str | Path, backbone: str | None = None, batch_size: int = 64) -> TransferMatrix:
     """Score every task's delta + head on every task with the same label names (every pair of
-    generative tasks)."""
+    generative tasks). ``backbone``: default, the one the run's checkpoints name."""
     stream, identity, model = per_task_run(Path(run_dir), backbone, "the transfer matrix applies one delta per stream task")
     T = len(stream)
     acc = np.full((T, T), np.nan)
