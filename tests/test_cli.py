@@ -266,3 +266,14 @@ def test_an_entry_gives_the_same_matrix_in_compare_as_in_run(toy_yaml, tiny_back
     assert ran["identity"]["train"] == compared["identity"]["train"]
     for key in ("R", "F1", "b", "b_f1", "R_agnostic", "routing"):
         assert ran["matrix"][key] == compared["matrix"][key], key
+
+
+def test_output_piped_into_a_reader_that_leaves_is_no_traceback():
+    """`continual list | head -1`: the reader closes the pipe; the command stops as `cat` would
+    (exit 141, nothing on stderr), not with a BrokenPipeError traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "continual", "list"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the command prints anything (it is still importing)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "BrokenPipe" not in err

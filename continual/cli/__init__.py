@@ -4,6 +4,7 @@ and :func:`main`, which dispatches and turns the library's errors into one clear
 from __future__ import annotations
 
 import errno
+import os
 import sys
 
 from adapters import DeltaError
@@ -24,6 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, DeltaError, RunStateError, PoolError, FileNotFoundError, ValueError, ImportError) as e:
         print(f"continual {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # the reader of stdout left (`continual report RUN | head`): stop quietly, as `cat | head` does,
+        # not with a traceback; stdout goes to /dev/null so the interpreter's final flush cannot fail
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13  # the shell's code for a process ended by SIGPIPE
     except Exception as e:
         if type(e).__module__.startswith("mlflow"):
             print(f"continual {args.command}: error: {tracking_failure(e, getattr(args, 'tracking_uri', ''))}", file=sys.stderr)
