@@ -113,6 +113,11 @@ class TokenisedTasks:
                 tqdm.write(f"task {task.name}: {cut['train']} of {len(data['train'])} training and {cut['test']} of "
                            f"{len(data['test'])} test answers are longer than max_length {self.length(task)} leaves "
                            "them and are cut; raise --max-length (or the task's max_length) to keep them whole")
+            seen = task.seen_in_training()
+            if any(seen.values()) and distributed.is_main():  # said, never silent: such scores flatter
+                tqdm.write(f"task {task.name}: " + " and ".join(f"{seen[s]} of {len(data[s])} {s}" for s in seen if seen[s])
+                           + " examples occur verbatim in its training split (duplicates in the data, or the same file); "
+                           "their scores measure memory, not generalisation")
             self._data[task.name] = data
         return self._data[task.name]
 

@@ -108,6 +108,16 @@ class Task:
                 if empty:
                     raise DataError(f"task {self.name!r}: {split} row {empty[0]}, column {column!r}: empty text")
 
+    def seen_in_training(self) -> dict[str, int]:
+        """How many dev and test examples have an input (``text``, and ``text_pair`` where there
+        is one) that occurs verbatim in the training split: duplicates in the data, or a test file
+        that is the training file. Their scores measure memory, not generalisation."""
+        def inputs(ds: Dataset) -> list[tuple[str, ...]]:
+            return list(zip(*(ds[c] for c in ("text", "text_pair") if c in ds.column_names)))
+
+        train = set(inputs(self.train))
+        return {split: sum(x in train for x in inputs(getattr(self, split))) for split in ("dev", "test")}
+
     @property
     def generative(self) -> bool:
         """Whether the task is text-to-text (``kind``)."""

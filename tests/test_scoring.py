@@ -64,3 +64,30 @@ def test_any_change_a_task_reads_makes_it_rescored():
         model.backbone.embeddings.LayerNorm.weight.mul_(1.001)
     _, carried = scorer.row(tasks)
     assert carried == [] and calls[7:] == ["a", "b", "f"]
+
+
+def test_test_examples_seen_in_training_are_counted_and_said(minilm_tokenizer, capsys):
+    """A test file that is the training file (or duplicates in the data) makes scores measure
+    memory: the overlap is counted on the inputs (text and text_pair) and said once per task."""
+    from datasets import Dataset
+
+    from continual.scoring import TokenisedTasks
+    from conftest import toy_rows
+    from streams import Task
+
+    rows = toy_rows("apple", 1)
+    ds = lambda rs, pair=None: Dataset.from_dict(  # noqa: E731
+        {"text": [r[0] for r in rs], "label": [r[1] for r in rs], **({"text_pair": pair} if pair else {})})
+    clean = toy_stream().tasks[0]
+    assert clean.seen_in_training() == {"dev": 0, "test": 0}
+    leaky = Task("leaky", ds(rows[:80]), ds(rows[:3] + rows[80:97]), ds(rows[:20]), ["no", "yes"])
+    assert leaky.seen_in_training() == {"dev": 3, "test": 20}
+    # the same text with another second text is another input (an NLI premise with a new hypothesis)
+    pairs = Task("pairs", ds(rows[:80], ["h"] * 80), ds(rows[80:100], ["h"] * 20), ds(rows[:20], ["other"] * 20), ["no", "yes"])
+    assert pairs.seen_in_training() == {"dev": 0, "test": 0}
+    data = TokenisedTasks(minilm_tokenizer, 16, 8)
+    data(clean)
+    assert "verbatim" not in capsys.readouterr().out
+    data(leaky), data(leaky)
+    out = capsys.readouterr().out
+    assert out.count("task leaky: 3 of 20 dev and 20 of 20 test examples occur verbatim in its training split") == 1
