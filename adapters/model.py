@@ -137,9 +137,9 @@ class DeltaModel(nn.Module):
             raise TaskError(f"task {name!r} already exists; remove_task({name!r}) first or pick another name")
         specs = list(methods) if isinstance(methods, (list, tuple)) else [methods]
         configs = [make_config(s) for s in specs]
-        if label_names is not None:
-            if num_labels is not None and num_labels != len(label_names):
-                raise ConfigError(f"num_labels={num_labels} but {len(label_names)} label names given")
+        if label_names is not None:  # two classes of one name: a prediction (or an answer word) would name either
+            if (num_labels is not None and num_labels != len(label_names)) or len(set(label_names)) < len(label_names):
+                raise ConfigError(f"label_names {list(label_names)} must be distinct, one per label (num_labels={num_labels})")
             num_labels = len(label_names)
         head: ClassificationHead | LMHead | None = None
         if generative:

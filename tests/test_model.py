@@ -134,8 +134,12 @@ def test_task_name_errors(tiny_model):
         tiny_model(**batch())
     with pytest.raises(adapters.UnknownMethodError, match="known methods"):
         tiny_model.add_task("b", "adapterr", num_labels=2)
-    with pytest.raises(ConfigError, match="label names"):
+    with pytest.raises(ConfigError, match="label_names"):
         tiny_model.add_task("c", "lora", num_labels=3, label_names=["x", "y"])
+    # two classes of one name: a prediction named either (the stream files refused it; the API did not)
+    with pytest.raises(ConfigError, match=r"label_names \['x', 'y', 'y'\] must be distinct"):
+        tiny_model.add_task("c", "lora", label_names=["x", "y", "y"])
+    assert "c" not in tiny_model.tasks
 
 
 def test_unknown_architecture_works_with_named_targets():
