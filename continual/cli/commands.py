@@ -100,12 +100,9 @@ def _run(args: argparse.Namespace, strategy: Any, methods: list[Any], config: Tr
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
-    from ..sync import sync_run
+    from ..sync import logged_already, sync_run
 
     check_tracking_uri(args.tracking_uri)  # quick HTTP timeouts: a silent server is an error within seconds, not a hang
-    from ..rundir import run_info
-    from ..sync import logged_already
-
     existing = None if args.again else logged_already(run_info(Path(args.run)), args.tracking_uri, args.experiment)
     if existing:
         print(f"{args.run} is already in {args.tracking_uri} as MLflow run {existing} (experiment "
@@ -210,6 +207,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from ..studies.compare import compare, parse_entry, report_markdown, write_report
 
     entries = [parse_entry(e) for e in (args.entry or ["per-task:bottleneck", "per-task:lora", "seq-delta:lora", "seq-ft"])]
+    if args.seeds and args.seed is not None:
+        raise ValueError(f"give --seed or --seeds, not both: --seeds {args.seeds} sets every run's seed")
+    args.seed = TrainConfig.command_line().seed if args.seed is None else args.seed
     config = train_config(args)
     seeds = _seeds(args.seeds) if args.seeds else [args.seed]
     if args.workers < 1:

@@ -234,9 +234,11 @@ def _compare(sub: argparse._SubParsersAction) -> None:
                     "(Avalanche baselines need the [avalanche] extra); default: per-task:bottleneck, per-task:lora, "
                     "seq-delta:lora, seq-ft%(default).0s")
     training_options(cp)
+    cp.set_defaults(seed=None)  # so that a --seed beside --seeds is seen (and refused), not silently dropped
+    next(a for a in cp._actions if a.dest == "seed").help += f" (default: {TrainConfig.command_line().seed})%(default).0s"
     cp.add_argument("--seeds", default=None, metavar="S1,S2,...",
                     help="run every entry once per seed (the stream drawn with that seed) into <out>/<entry>/s<seed>; "
-                    "the report gives mean ± std (default: --seed alone)%(default).0s")
+                    "the report gives mean ± std (default: --seed alone); not with --seed%(default).0s")
     cp.add_argument("--workers", type=positive, default=1,
                     help="run the entries x seeds on this many local processes at once (each gets cpu_count / "
                     "workers torch threads); the numbers do not change, the wall time does")
