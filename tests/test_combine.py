@@ -26,7 +26,7 @@ def test_sequential_freezes_the_earlier_delta(text_model):
     model.add_task = spy
     r = train_combination(model, "combo", task.splits(), [{"method": "lora", "rank": 4}, "bitfit"], "sequential",
                           task.label_names, TrainConfig(**FAST))
-    assert [s["methods"] for s in r.stages] == [["lora"], ["bitfit"]]
+    assert [s["methods"] for s in r.stages] == [["lora(rank=4)"], ["bitfit"]]
     for k, v in model.task("combo").state_dict().items():  # stage 2 left stage 1 untouched
         assert torch.equal(v, seen["lora"][k]), k
     assert r.test_accuracy == r.stages[-1]["test_accuracy"] and r.test_accuracy >= 0.8
@@ -55,9 +55,16 @@ def test_combine_command_runs_a_grid(tiny_backbone_dir, tmp_path, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     rows = json.loads((tmp_path / "c" / "combinations.json").read_text())
+    # each method with its non-default options: lora:rank=2 and lora:rank=8 rows of one grid differ
     assert [(r["methods"], r["mode"]) for r in rows] == [
-        (["lora", "bitfit"], "simultaneous"), (["lora", "bitfit"], "sequential"),
-        (["bitfit", "prompt"], "simultaneous"), (["bitfit", "prompt"], "sequential")]
-    assert "| lora+bitfit | sequential |" in printed
+        (["lora(rank=2)", "bitfit"], "simultaneous"), (["lora(rank=2)", "bitfit"], "sequential"),
+        (["bitfit", "prompt(num_tokens=2)"], "simultaneous"), (["bitfit", "prompt(num_tokens=2)"], "sequential")]
+    assert "| lora(rank=2)+bitfit | sequential |" in printed
     runs = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("combinations").experiment_id])
     assert len(runs) == 4
+    # a combination or a mode given twice trained the same cell twice (two rows of it): refused first
+    for twice in (["--combo", "lora", "--combo", "lora"], ["--mode", "sequential", "--mode", "sequential"]):
+        assert main(["combine", "--task", "sms", "--backbone", str(tiny_backbone_dir), *twice, "--out",
+                     str(tmp_path / "twice"), "--no-mlflow"]) == 2
+        assert "given more than once; give each combination and mode once" in capsys.readouterr().err
+    assert not (tmp_path / "twice").exists()

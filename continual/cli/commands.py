@@ -176,9 +176,10 @@ def cmd_transfer(args: argparse.Namespace) -> int:
 
 
 def cmd_combine(args: argparse.Namespace) -> int:
-    from ..studies.combine import run_study, study_table
+    from ..studies.combine import check_grid, run_study, study_table
 
     combos = [parse_combo(c) for c in (args.combo or ["lora+bitfit", "bottleneck+bitfit", "lora+prompt"])]
+    check_grid(combos, args.mode or [])
     config = train_config(args)
     out = Path(args.out or f"runs/combine-{args.task}-s{args.seed}")
     check_out(out)  # a file, a path under a file or a read-only mount: refused before anything loads

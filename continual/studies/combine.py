@@ -22,8 +22,9 @@ from typing import Any, Sequence
 import torch
 from datasets import DatasetDict
 
-from adapters import DeltaModel, make_config
+from adapters import DeltaModel
 from adapters.model import MethodSpec
+from adapters.spec import methods_label
 
 from ..training import TrainConfig, eval_loader, evaluate, train_task
 
@@ -32,7 +33,7 @@ MODES = ("simultaneous", "sequential")
 
 @dataclasses.dataclass
 class CombinationResult:
-    methods: list[str]
+    methods: list[str]  # each method with its non-default options, lora(rank=4): rows of one grid differ
     mode: str
     test_accuracy: float
     dev_accuracy: float
@@ -65,10 +66,10 @@ def train_combination(model: DeltaModel, name: str, data: DatasetDict, methods: 
         model.freeze(task)
         params = model.task(task).delta_parameters() + model.task(task).head_parameters()
         trainable += params
-        stages.append({"task": task, "methods": [make_config(m).method for m in group], "trainable_params": params,
+        stages.append({"task": task, "methods": [methods_label([m], options=True) for m in group], "trainable_params": params,
                        "dev_accuracy": result.best_dev["accuracy"], "steps": result.steps,
                        "test_accuracy": evaluate(model, task, test, tuple(active))["accuracy"]})
-    return CombinationResult([make_config(m).method for m in methods], mode, stages[-1]["test_accuracy"], stages[-1]["dev_accuracy"],
+    return CombinationResult([methods_label([m], options=True) for m in methods], mode, stages[-1]["test_accuracy"], stages[-1]["dev_accuracy"],
                              trainable, time.perf_counter() - start, stages)
 
 
@@ -82,13 +83,23 @@ def study_table(results: list[CombinationResult]) -> str:
     return "\n".join(lines)
 
 
+def check_grid(combos: Sequence[Sequence[MethodSpec]], modes: Sequence[str]) -> None:
+    """Refuse an unknown mode, and a combination or mode given twice (it trained the same cell
+    twice and the table held two rows of it), before anything is loaded."""
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise ValueError(f"unknown mode(s) {bad}; one of {MODES}")
+    labels = [methods_label(c, options=True) for c in combos]
+    twice = sorted({x for x in [*labels, *modes] if [*labels, *modes].count(x) > 1})
+    if twice:
+        raise ValueError(f"{twice} given more than once; give each combination and mode once")
+
+
 def run_study(model: DeltaModel, task: Any, combos: Sequence[Sequence[MethodSpec]], modes: Sequence[str],
               config: TrainConfig, on_result: Any = None) -> list[CombinationResult]:
     """Every (combination, mode) on ``task`` from the same seed and split, each on a model cleared
     of the previous cell's tasks; ``on_result(result)`` is called after each cell (to print, log)."""
-    bad = [m for m in modes if m not in MODES]
-    if bad:
-        raise ValueError(f"unknown mode(s) {bad}; one of {MODES}")
+    check_grid(combos, modes)
     results = []
     for methods in combos:
         for mode in modes:
