@@ -148,11 +148,15 @@ def stratified_split(labels: np.ndarray, fractions: tuple[float, ...], seed: int
     return [rng.permutation(np.array(p, dtype=int)) for p in parts]
 
 
-def cap_indices(idx: np.ndarray, labels: np.ndarray, cap: int | None, seed: int) -> np.ndarray:
-    """At most ``cap`` of ``idx``, label proportions kept (seeded)."""
+def cap_indices(idx: np.ndarray, labels: np.ndarray, cap: int | None, seed: int, where: str = "") -> np.ndarray:
+    """At most ``cap`` of ``idx``, label proportions kept (seeded); ``where`` names them in an error."""
     if cap is None or len(idx) <= cap:
         return idx
     keep = stratified_split(labels[idx], (cap / len(idx), 1 - cap / len(idx)), seed)[0]
+    if not len(keep):  # each label's share rounded to zero: say why, not "the dev split is empty"
+        raise DataError(f"{where}{': ' if where else ''}a cap of {cap} keeps none of {len(idx)} examples: each of the {len(np.unique(labels[idx]))} labels "
+                        "keeps its share, and every share rounds to zero; raise the cap (--max-train / --max-eval, "
+                        "or max_train / max_eval in a stream file)")
     return idx[keep][:cap]
 
 
@@ -171,8 +175,8 @@ def load_task_data(
         test_i = np.arange(src.test_start, len(labels))
     else:
         train_i, dev_i, test_i = stratified_split(labels, (1 - dev_fraction - test_fraction, dev_fraction, test_fraction), seed)
-    train_i = cap_indices(train_i, labels, max_train, seed)
-    dev_i, test_i = cap_indices(dev_i, labels, max_eval, seed), cap_indices(test_i, labels, max_eval, seed)
+    train_i = cap_indices(train_i, labels, max_train, seed, f"{name} train")
+    dev_i, test_i = (cap_indices(i, labels, max_eval, seed, f"{name} {s}") for i, s in ((dev_i, "dev"), (test_i, "test")))
 
     def build(idx: np.ndarray) -> Dataset:
         return Dataset.from_dict({"text": [src.texts[i] for i in idx], "label": labels[idx].tolist()})

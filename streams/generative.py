@@ -107,8 +107,8 @@ def headline_task(seed: int = 0, max_train: int | None = None, max_eval: int | N
     parts = stratified_split(labels, (1 - dev_fraction - test_fraction, dev_fraction, test_fraction), seed)
     caps = (max_train, max_eval, max_eval)
     splits = []
-    for idx, cap in zip(parts, caps):
-        idx = cap_indices(idx, labels, cap, seed)
+    for idx, cap, split in zip(parts, caps, ("train", "dev", "test")):
+        idx = cap_indices(idx, labels, cap, seed, f"{name} {split}")
         splits.append(Dataset.from_dict({"text": [HEADLINE.prompt(bodies[i]) for i in idx],
                                          "target": [titles[i] for i in idx]}))
     source = {**_meta(*BBC_META), "split_seed": seed, "dataset": "headline", "target": "the article's first line"}

@@ -161,3 +161,13 @@ def test_task_and_stream_invariants():
         TaskStream("s", [t, t])
     with pytest.raises(DataError, match="no tasks"):
         TaskStream("s", [])
+
+
+def test_a_cap_that_keeps_no_example_names_the_cap():
+    """A cap below the number of labels can round every label's share to zero: the error names
+    the data set, the split and the cap (it was "task 'trec': the dev split is empty")."""
+    from streams import builtin_task
+
+    with pytest.raises(DataError, match=r"^trec dev: a cap of 2 keeps none of \d+ examples: each of the 6 labels"):
+        builtin_task("trec", 0, 32, 2)
+    assert 0 < len(builtin_task("trec", 0, 32, 6).dev) <= 6  # at most the cap (a share can round down)
