@@ -61,21 +61,24 @@ def exportable(configs: Sequence[DeltaConfig], model: Any = None) -> str | None:
     """None when a task with these delta configs can be written as one PEFT adapter (on
     ``model``'s backbone, where given), else why not."""
     methods = sorted(c.method for c in configs)
+    if not methods:
+        return "it has no delta of its own (a head only: its delta is another task's, e.g. a shared delta)"
     if methods == ["prefix"]:
         if model is not None and rope_of(model.backbone) is None:
             return f"prefix tuning is not exported: {PREFIX_REASON}"
         return None
     if methods in (["lora"], ["ia3"], ["prompt"], ["bitfit", "lora"]):
         return None
-    what = "+".join(c.method for c in configs) or "no delta"
+    what = "+".join(c.method for c in configs)
     return (f"PEFT cannot hold {what}: one PEFT adapter is one of lora, ia3, prompt, prefix or lora+bitfit "
             "(LoRA with bias='all'); bottleneck, parallel and compacter adapters have no PEFT type")
 
 
-def task_type(model: Any, task: Any) -> str:
+def task_type(model: Any, task: Any, generative: bool = False) -> str:
     """PEFT's task_type for a task: a generative one is the model's LM; a classification task's
-    delta is exported for the bare backbone (its head goes beside it)."""
-    if getattr(task.head, "generative", False):
+    delta is exported for the bare backbone (its head goes beside it). A task without a head (a
+    shared delta) is generative when ``generative`` says the tasks it serves are."""
+    if getattr(task.head, "generative", False) or (task.head is None and generative):
         return "SEQ_2_SEQ_LM" if model.seq2seq else "CAUSAL_LM"
     return "FEATURE_EXTRACTION"
 
@@ -89,17 +92,19 @@ def module_prefix(model: Any, kind: str) -> str:
 
 
 # -- export --------------------------------------------------------------------------------------
-def export_peft(model: Any, name: str, directory: str | Path, base_model: str | None = None) -> Path:
+def export_peft(model: Any, name: str, directory: str | Path, base_model: str | None = None,
+                generative: bool = False) -> Path:
     """Write task ``name`` as a PEFT adapter in ``directory`` (see the module docstring); returns it.
 
     ``base_model``: the ``base_model_name_or_path`` to record (default: the hub id of a short
-    backbone name, else the name the model was loaded by). Raises :class:`ConfigError` naming what
-    can be exported when PEFT cannot hold the task's delta."""
+    backbone name, else the name the model was loaded by). ``generative``: a task without a head
+    (a shared delta) serves generative tasks, so it is the LM's adapter. Raises
+    :class:`ConfigError` naming what can be exported when PEFT cannot hold the task's delta."""
     task = model.task(name)
     why = exportable(task.configs, model)
     if why:
         raise ConfigError(f"task {name!r}: {why}")
-    kind = task_type(model, task)
+    kind = task_type(model, task, generative)
     prefix = module_prefix(model, kind)
     deltas = dict(zip([c.method for c in task.configs], task.deltas.values()))
     main = next(m for m in ("lora", "ia3", "prompt", "prefix") if m in deltas)

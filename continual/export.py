@@ -44,8 +44,9 @@ def export_run(run: str | Path, out: str | Path, backbone: str | None = None, ta
     if not chosen:
         raise ConfigError(f"no task of {run} can be exported to PEFT: " + "; ".join(f"{t}: {w}" for t, w in reasons.items()))
     done = []
+    lm = any(getattr(model.task(n).head, "generative", False) for n in added)  # a shared delta serves these
     for name in chosen:
-        directory = export_peft(model, name, Path(out) / name, base_model)
+        directory = export_peft(model, name, Path(out) / name, base_model, generative=lm)
         config = json.loads((directory / "adapter_config.json").read_text())
         done.append(Exported(name, directory, config, vllm_problems(config, max_lora_rank)))
     return done, {t: why for t, why in reasons.items() if why}

@@ -356,22 +356,20 @@ def load_run_tasks(model: DeltaModel, run_dir: str | Path, tasks: Sequence[str] 
     """Load the task checkpoints a finished (or partly finished) stream saved into ``model``.
 
     ``tasks``: the stream tasks to load (default: every task that has checkpoints), in stream
-    order; each task's checkpoints (its delta, and e.g. its fusion) load in the order saved.
-    Returns the names of the model tasks added."""
-    run = Path(run_dir)
-    root = run / "checkpoints"
-    wanted = run_tasks(run, tasks)
+    order; each task's checkpoints (its delta, and e.g. its fusion) load in the order saved. A
+    shared delta is saved after every task (seq-delta, replay, ...): each of those states loads
+    as ``<task>-<name>``, the delta as it was after that task. Returns the model tasks added."""
+    run, wanted = Path(run_dir), run_tasks(run_dir, tasks)
     files = run_info(run).get("files", {})
+    saved = {t: [p for p in sorted((run / "checkpoints" / t).iterdir()) if (p / "delta.json").exists()] for t in wanted}
+    names = [d.name for dirs in saved.values() for d in dirs]
     added = []
-    for t in wanted:
-        dirs = [p for p in sorted((root / t).iterdir()) if (p / "delta.json").exists()]
-        for d in dirs:
-            for f in sorted(d.iterdir()):
-                verify(run, files, f)
+    for t, dirs in saved.items():
+        for f in (f for d in dirs for f in sorted(d.iterdir())):
+            verify(run, files, f)
         # a task's own delta before anything built over other tasks (a fusion names its sources)
         dirs.sort(key=lambda p: any(m.get("sources") for m in read_meta(p)["methods"]))
-        for d in dirs:
-            added.append(load_task(model, d))
+        added += [load_task(model, d, f"{t}-{d.name}" if names.count(d.name) > 1 else None) for d in dirs]
     return added
 
 

@@ -226,3 +226,34 @@ def test_imported_task_in_route_and_transfer(tmp_path, tiny_backbone_dir, capsys
 
     routed = json.loads((run / "routing.json").read_text())
     assert routed["prototype"]["tasks"] == ["a", "b"] and sum(map(sum, routed["prototype"]["confusion"])) > 0
+
+
+def test_export_of_a_shared_delta_run_gives_each_state_as_a_causal_lm_adapter(tmp_path, tiny_lm_dir):
+    """seq-delta saves its one shared delta after every task: export refused the run (two
+    checkpoints of one name clashed on loading). Each state is now ``<task>-shared_delta``, an
+    adapter of the LM (the tasks it serves are generative) that PEFT loads onto the decoder with
+    our hidden states; the head-only tasks say why they are left out."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import toy_generative_stream
+    from continual import TrainConfig, make_strategy, run_stream
+    from continual.export import export_run
+    from continual.rundir import load_run_model
+
+    run_stream(toy_generative_stream(), adapters.DeltaModel.from_pretrained(str(tiny_lm_dir)),
+               make_strategy("seq-delta", [{"method": "lora", "rank": 2}]), TrainConfig(**{**FAST, "max_steps": 10}),
+               tmp_path / "run")
+    done, left = export_run(tmp_path / "run", tmp_path / "peft")
+    assert [e.task for e in done] == ["a-shared_delta", "b-shared_delta", "c-shared_delta"]
+    assert {e.config["task_type"] for e in done} == {"CAUSAL_LM"} and not any(e.vllm for e in done)
+    assert sorted(left) == ["a", "b", "c"] and all("no delta of its own" in why for why in left.values())
+    model, _ = load_run_model(tmp_path / "run")  # the backbone its checkpoints name
+    enc = model.tokenizer(["apple river green", "music table"], return_tensors="pt", padding=True)
+    states = {}
+    for name in ("a-shared_delta", "c-shared_delta"):
+        pm = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_lm_dir).eval(),
+                                            tmp_path / "peft" / name).eval()
+        with torch.no_grad(), model.using(name):
+            states[name] = model.encode(**enc)[0]
+            assert (states[name] - pm(**enc, output_hidden_states=True).hidden_states[-1]).abs().max() < 1e-5
+    assert not torch.allclose(states["a-shared_delta"], states["c-shared_delta"])  # the delta after a, after c
