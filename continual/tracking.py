@@ -363,6 +363,10 @@ def fetch_results(run: str, tracking_uri: str, experiment_name: str) -> dict[str
     """The ``results.json`` of an MLflow run given by id or by name (the newest of that name)."""
     from mlflow.exceptions import MlflowException
 
+    db = tracking_uri[len("sqlite:///"):] if tracking_uri.startswith("sqlite:///") else None
+    if db is not None and not Path(db).exists():  # a read makes no store: a typo of a run folder made mlflow.db here
+        raise FileNotFoundError(f"{run!r} is not a run directory, and there is no MLflow store at {tracking_uri} "
+                                f"(no file {db}) to look it up in; give the run's folder or --tracking-uri")
     client = client_for(tracking_uri)
     try:
         run_obj = client.get_run(run)

@@ -281,3 +281,13 @@ def test_output_piped_into_a_reader_that_leaves_is_no_traceback():
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141, err
     assert "Traceback" not in err and "BrokenPipe" not in err
+
+
+def test_report_of_a_mistyped_run_folder_makes_no_store(tmp_path, capsys, monkeypatch):
+    """A name that is no folder is looked up in MLflow; a SQLite store that is not there was
+    created (an empty mlflow.db in the working directory) to find nothing in it."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["report", "runs/typo"]) == 2
+    assert ("'runs/typo' is not a run directory, and there is no MLflow store at sqlite:///mlflow.db (no file "
+            "mlflow.db)") in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
