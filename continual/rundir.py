@@ -362,7 +362,7 @@ def load_run_tasks(model: DeltaModel, run_dir: str | Path, tasks: Sequence[str] 
     run, wanted = Path(run_dir), run_tasks(run_dir, tasks)
     files = run_info(run).get("files", {})
     saved = {t: [p for p in sorted((run / "checkpoints" / t).iterdir()) if (p / "delta.json").exists()] for t in wanted}
-    names = [d.name for dirs in saved.values() for d in dirs]
+    names = [p.name for t in run_tasks(run) for p in (run / "checkpoints" / t).iterdir() if (p / "delta.json").exists()]
     added = []
     for t, dirs in saved.items():
         for f in (f for d in dirs for f in sorted(d.iterdir())):

@@ -247,6 +247,9 @@ def test_export_of_a_shared_delta_run_gives_each_state_as_a_causal_lm_adapter(tm
     assert [e.task for e in done] == ["a-shared_delta", "b-shared_delta", "c-shared_delta"]
     assert {e.config["task_type"] for e in done} == {"CAUSAL_LM"} and not any(e.vllm for e in done)
     assert sorted(left) == ["a", "b", "c"] and all("no delta of its own" in why for why in left.values())
+    # one task chosen: its state of the shared delta, named as in the whole run (its head is listed, not an error)
+    done, left = export_run(tmp_path / "run", tmp_path / "peft-b", tasks=["b"])
+    assert [e.task for e in done] == ["b-shared_delta"] and list(left) == ["b"]
     model, _ = load_run_model(tmp_path / "run")  # the backbone its checkpoints name
     enc = model.tokenizer(["apple river green", "music table"], return_tensors="pt", padding=True)
     states = {}
