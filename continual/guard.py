@@ -41,6 +41,11 @@ def check_uri(uri: str) -> str:
     return uri
 
 
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///PATH`` tracking URI, as written (None for another store)."""
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
 _held = threading.local()  # the stores whose lock this thread holds
 
 
@@ -52,10 +57,11 @@ def store_lock(uri: str):
     Re-entrant within a thread: a second ``flock`` on a new descriptor of the same file waits for
     the first, so a nested use (a logger resuming a run takes the lock, then makes its client,
     which takes it again) hung for ever; `continual run --resume` of a tracked run did."""
-    if not uri.startswith("sqlite:///"):
+    db = sqlite_file(uri)
+    if db is None:
         yield
         return
-    db = Path(uri[len("sqlite:///"):]).resolve()
+    db = db.resolve()
     held = _held.__dict__.setdefault("stores", set())
     if db in held:
         yield

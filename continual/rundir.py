@@ -354,31 +354,34 @@ def run_tasks(run_dir: str | Path, tasks: Sequence[str] | None = None) -> list[s
 
 def load_run_tasks(model: DeltaModel, run_dir: str | Path, tasks: Sequence[str] | None = None) -> list[str]:
     """Load the task checkpoints a finished (or partly finished) stream saved into ``model``.
-
     ``tasks``: the stream tasks to load (default: every task that has checkpoints), in stream
     order; each task's checkpoints (its delta, and e.g. its fusion) load in the order saved. A
     shared delta is saved after every task (seq-delta, replay, ...): each of those states loads
     as ``<task>-<name>``, the delta as it was after that task. Returns the model tasks added."""
     run, wanted = Path(run_dir), run_tasks(run_dir, tasks)
-    files = run_info(run).get("files", {})
-    saved = {t: [p for p in sorted((run / "checkpoints" / t).iterdir()) if (p / "delta.json").exists()] for t in wanted}
-    names = [p.name for t in run_tasks(run) for p in (run / "checkpoints" / t).iterdir() if (p / "delta.json").exists()]
+    files, saved = run_info(run).get("files", {}), _checkpoints(run)
+    names = [d.name for dirs in saved.values() for d in dirs]
     added = []
-    for t, dirs in saved.items():
-        for f in (f for d in dirs for f in sorted(d.iterdir())):
+    for t in wanted:
+        for f in (f for d in saved[t] for f in sorted(d.iterdir())):
             verify(run, files, f)
         # a task's own delta before anything built over other tasks (a fusion names its sources)
-        dirs.sort(key=lambda p: any(m.get("sources") for m in read_meta(p)["methods"]))
+        dirs = sorted(saved[t], key=lambda p: any(m.get("sources") for m in read_meta(p)["methods"]))
         added += [load_task(model, d, f"{t}-{d.name}" if names.count(d.name) > 1 else None) for d in dirs]
     return added
 
 
+def _checkpoints(run: Path) -> dict[str, list[Path]]:
+    """Each stream task's checkpoint folders (those holding a delta.json), in stream order."""
+    return {t: [p for p in sorted((run / "checkpoints" / t).iterdir()) if (p / "delta.json").exists()] for t in run_tasks(run)}
+
+
 def run_backbone(run_dir: str | Path) -> str:
     """The backbone a run's checkpoints were saved from (the name it was loaded by)."""
-    metas = [m for t in run_tasks(run_dir) for m in sorted((Path(run_dir) / "checkpoints" / t).glob("*/delta.json"))]
-    if not metas:
+    dirs = [d for saved in _checkpoints(Path(run_dir)).values() for d in saved]
+    if not dirs:
         raise RunStateError(f"{run_dir} has no task checkpoints (checkpoints/<task>/<name>/delta.json)")
-    return read_meta(metas[0].parent)["backbone_name"]
+    return read_meta(dirs[0])["backbone_name"]
 
 
 def load_run_model(run_dir: str | Path, backbone: str | None = None, tasks: Sequence[str] | None = None) -> tuple[DeltaModel, list[str]]:
@@ -386,8 +389,7 @@ def load_run_model(run_dir: str | Path, backbone: str | None = None, tasks: Sequ
     the run left it, if it fine-tuned it), with the run's task checkpoints loaded (see
     :func:`load_run_tasks`). Seeds torch with the run's seed first, as ``continual run`` does,
     so weights the backbone's files lack (an unused pooler) match the run's."""
-    run = Path(run_dir)
-    info = run_info(run)
+    run, info = Path(run_dir), run_info(run_dir)
     run_tasks(run, tasks)  # a wrong task name is an error before the backbone loads
     torch.manual_seed(info.get("identity", {}).get("seed", 0))
     model = DeltaModel.from_pretrained(backbone or run_backbone(run))

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .guard import GuardedLogger, best_effort, check_uri, store_lock
+from .guard import GuardedLogger, best_effort, check_uri, sqlite_file, store_lock
 from .logger import StreamLogger
 
 __all__ = ["DEFAULT_EXPERIMENT", "DEFAULT_TRACKING_URI", "GuardedLogger", "MLflowLogger", "StreamLogger", "check_tracking_uri", "check_uri",
@@ -154,10 +154,8 @@ def live_run(uri: str, run_id: str) -> bool:
 
 def sqlite_artifact_root(uri: str) -> str | None:
     """For a SQLite store, artifacts go to ``mlartifacts/`` beside the database file."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    db = Path(uri[len("sqlite:///"):]).resolve()
-    return (db.parent / "mlartifacts").as_uri()
+    db = sqlite_file(uri)
+    return None if db is None else (db.resolve().parent / "mlartifacts").as_uri()
 
 
 def experiment(uri: str, name: str) -> tuple[Any, str]:
@@ -363,8 +361,8 @@ def fetch_results(run: str, tracking_uri: str, experiment_name: str) -> dict[str
     """The ``results.json`` of an MLflow run given by id or by name (the newest of that name)."""
     from mlflow.exceptions import MlflowException
 
-    db = tracking_uri[len("sqlite:///"):] if tracking_uri.startswith("sqlite:///") else None
-    if db is not None and not Path(db).exists():  # a read makes no store: a typo of a run folder made mlflow.db here
+    db = sqlite_file(tracking_uri)
+    if db is not None and not db.exists():  # a read makes no store: a typo of a run folder made mlflow.db here
         raise FileNotFoundError(f"{run!r} is not a run directory, and there is no MLflow store at {tracking_uri} "
                                 f"(no file {db}) to look it up in; give the run's folder or --tracking-uri")
     client = client_for(tracking_uri)
