@@ -153,10 +153,51 @@ def import_configs(model: Any, config: dict[str, Any], tensors: dict[str, torch.
         raise CheckpointError(f"PEFT adapter type {peft_type} cannot become a delta here; supported: {', '.join(_IMPORTERS)}")
     if peft_type == "PREFIX_TUNING" and rope_of(model.backbone) is None:
         raise CheckpointError(f"PEFT prefix tuning is not imported: {PREFIX_REASON}")
+    check_settings(config)
     if config.get("modules_to_save"):
         raise CheckpointError(f"the adapter also saves whole modules {config['modules_to_save']} (modules_to_save, e.g. a "
                               "sequence-classification head): they are not a delta; import the adapter without them")
     return _IMPORTERS[peft_type](model, config, tensors)
+
+
+# Every setting of each adapter type that is read here or cannot change what the adapter computes
+# (initialisation that leaves the base weights alone, names, bookkeeping). Anything else a config
+# sets (a variant such as aLoRA's invocation tokens, a LoRA bias, layer replication, or a newer
+# PEFT's feature) is refused by name: dropping it would import an adapter that computes something
+# else, a wrong number with no error.
+_COMMON = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version",
+           "modules_to_save"}
+_READ = {
+    "LORA": {"r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "fan_in_fan_out", "bias", "use_rslora",
+             "use_dora", "init_lora_weights", "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern",
+             "megatron_core", "loftq_config", "eva_config", "corda_config", "lora_ga_config", "qalora_group_size",
+             "runtime_config", "ensure_weight_tying"},
+    "IA3": {"target_modules", "exclude_modules", "feedforward_modules", "fan_in_fan_out", "init_ia3_weights"},
+    "PROMPT_TUNING": {"num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_attention_heads", "num_layers",
+                      "prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path", "tokenizer_kwargs"},
+    "PREFIX_TUNING": {"num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_attention_heads", "num_layers",
+                      "encoder_hidden_size", "prefix_projection", "init_weights"},
+}
+# LoRA initialisations that also rewrite the base weights (W - B0 A0, or a quantised W): the saved
+# B A is relative to that changed base until PEFT converts it at save time, which also resets
+# init_lora_weights to true.
+_BASE_CHANGING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
+
+
+def check_settings(config: dict[str, Any]) -> None:
+    """Refuse a PEFT config that sets anything this importer does not read (see ``_READ``)."""
+    known = _COMMON | _READ.get(config["peft_type"], set())
+    unread = sorted(k for k, v in config.items() if k not in known and v not in (None, False, 0, "", [], {}))
+    if unread:
+        shown = ", ".join(f"{k}={config[k]!r}" for k in unread)
+        raise CheckpointError(f"the {config['peft_type']} adapter sets {shown}: not read here, and an adapter imported "
+                              "without it would compute something else, so it is refused")
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+        raise CheckpointError(f"the adapter was initialised with init_lora_weights={init!r}, which also changes the base "
+                              "weights: its B A is relative to that changed base, not to this backbone. Save it with PEFT's "
+                              "save_pretrained(..., path_initial_model_for_weight_conversion=...) to make it a LoRA of the "
+                              "original weights, then import that")
 
 
 def _by_module(model: Any, tensors: dict[str, torch.Tensor], suffixes: Sequence[str]) -> dict[str, dict[str, torch.Tensor]]:

@@ -266,3 +266,58 @@ def test_rslora_and_rank_pattern_from_peft_import(tmp_path):
     b = batch()
     mask = b["attention_mask"].bool()
     assert (ours(model, "t", "llama", b) - theirs(pm, "llama", b, 9))[mask].abs().max() < TOL
+
+
+@pytest.mark.parametrize("settings, match", [
+    ({"alora_invocation_tokens": [5, 6]}, "alora_invocation_tokens"),  # acts only after the invocation tokens
+    ({"lora_bias": True}, "lora_bias"),  # B has a bias of its own
+    ({"layer_replication": [[0, 2], [1, 2]]}, "layer_replication"),
+    ({"init_lora_weights": "pissa"}, "path_initial_model_for_weight_conversion"),  # relative to a changed base
+])
+def test_peft_lora_settings_that_change_the_computation_are_refused(settings, match, tmp_path):
+    """A LoRA variant saved with the plain lora_A / lora_B tensors would import as a plain LoRA and
+    compute something else without an error: each such setting is refused by name, nothing added."""
+    pm = peft.get_peft_model(hf_model("llama"), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    pm.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **settings}))
+    model = delta_model("llama")
+    with pytest.raises(CheckpointError, match=match):
+        model.import_peft(tmp_path, "t")
+    assert "t" not in model.tasks
+
+
+def test_a_setting_from_a_newer_peft_is_refused_but_defaults_are_not(tmp_path):
+    model = delta_model("bert")
+    model.add_task("t", spec(["lora"]), label_names=["x", "y"])
+    model.export_peft("t", tmp_path)
+    (tmp_path / "delta_continual.json").unlink()  # a foreign adapter now: only its config says what it is
+    path = tmp_path / "adapter_config.json"
+    cfg = json.loads(path.read_text())
+    path.write_text(json.dumps({**cfg, "some_future_variant": {"k": 1}, "another_default": None}))
+    with pytest.raises(CheckpointError, match=r"some_future_variant=\{'k': 1\}") as e:
+        delta_model("bert").import_peft(tmp_path, label_names=["x", "y"])
+    assert "another_default" not in str(e.value)  # unset (None) settings say nothing
+    path.write_text(json.dumps({**cfg, "qalora_group_size": 16, "megatron_core": "megatron.core"}))  # PEFT's defaults
+    assert delta_model("bert").import_peft(tmp_path, label_names=["x", "y"])
+
+
+def test_pissa_adapter_converted_at_save_imports_as_a_lora_of_the_original_weights(tmp_path):
+    """PiSSA rewrites the base weights at init; PEFT's conversion at save makes the adapter a (rank
+    2r) LoRA of the original weights, which imports and gives PEFT's outputs on the original base."""
+    torch.manual_seed(0)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights="pissa", task_type="CAUSAL_LM")
+    pm = peft.get_peft_model(hf_model("llama"), config)
+    pm.save_pretrained(tmp_path / "init")  # the initial adapter, before training
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.2)
+    pm.save_pretrained(tmp_path / "a", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+    model = delta_model("llama")
+    model.import_peft(tmp_path / "a", "t")
+    assert sorted(c.rank for c in model.task("t").configs) == [8]
+    b = batch()
+    mask = b["attention_mask"].bool()
+    loaded = peft.PeftModel.from_pretrained(hf_model("llama"), tmp_path / "a").eval()
+    assert (ours(model, "t", "llama", b) - theirs(loaded, "llama", b, b["input_ids"].shape[1]))[mask].abs().max() < TOL
