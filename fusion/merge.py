@@ -13,6 +13,7 @@ in every merging paper; fusion is the learned alternative.
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -41,6 +42,8 @@ def merge_tasks(
     w = [1.0 / len(tasks)] * len(tasks) if weights is None else [float(x) for x in weights]
     if len(w) != len(tasks):
         raise ConfigError(f"{len(w)} weights for {len(tasks)} sources")
+    if not all(math.isfinite(x) for x in w):  # one NaN weight makes every merged parameter NaN
+        raise ConfigError(f"merge weights must be finite numbers, got {w}")
     first = tasks[0]
     for t in tasks[1:]:
         if t.configs != first.configs:
@@ -54,12 +57,18 @@ def merge_tasks(
     donor = model.task(head_from) if head_from is not None else None
     if donor is not None and donor.head is None:
         raise ConfigError(f"task {head_from!r} has no head to copy")
+    states = [t.deltas.state_dict() for t in tasks]
+    layout = lambda state: {k: tuple(v.shape) for k, v in state.items()}  # noqa: E731
+    odd = [t.name for t, state in zip(tasks, states) if layout(state) != layout(states[0])]
+    if odd:  # checked before the task is added, so a refusal leaves the model as it was
+        raise ConfigError(f"cannot merge {first.name!r} with {odd}: their parameters are held in different forms (a "
+                          "frozen delta is folded, e.g. a prefix's reparameterisation, a trained one is not); "
+                          "freeze every source first (model.freeze(name))")
     labels = donor.label_names if donor is not None else list(label_names)
     n_labels = donor.head.num_labels if donor is not None else None
     pooling = donor.head.pooling if donor is not None else None
     merged = model.add_task(name, list(first.configs), num_labels=n_labels if labels is None else None,
                             label_names=labels, pooling=pooling)
-    states = [t.deltas.state_dict() for t in tasks]
     if any(t.frozen for t in tasks):
         for d in merged.deltas.values():
             d.fold()  # frozen sources hold folded parameters (prefix tuning): match their shapes

@@ -224,6 +224,26 @@ def test_merge_refuses_different_configs():
         merge_tasks(model, "m", ["a"])
 
 
+
+def test_merge_refuses_non_finite_weights_and_mixed_folded_forms_leaving_the_model_as_it_was():
+    """A NaN weight made every merged parameter NaN (scores from NaN logits, exit 0); a frozen
+    prefix (folded) merged with a trained one failed on a missing key after adding the task."""
+    model = DeltaModel(tiny_backbone("bert"))
+    for n in ("a", "b"):
+        model.add_task(n, [method_config("lora")], num_labels=2)
+    for w in ([float("nan"), 1.0], [float("inf"), 0.0]):
+        with pytest.raises(ConfigError, match="finite"):
+            merge_tasks(model, "m", ["a", "b"], w, head_from="a")
+    for n in ("p", "q"):
+        model.add_task(n, [{"method": "prefix", "num_tokens": 3}], num_labels=2)
+    model.freeze("p")
+    with pytest.raises(ConfigError, match="freeze every source first"):
+        merge_tasks(model, "m", ["p", "q"], head_from="p")
+    assert "m" not in model.tasks
+    model.freeze("q")
+    merged = merge_tasks(model, "m", ["p", "q"], head_from="p")
+    assert all(torch.isfinite(v).all() for v in merged.deltas.state_dict().values())
+
 def test_fusion_is_registered_but_not_a_method_of_its_own():
     import adapters
 
