@@ -8,6 +8,7 @@ plain dicts / JSON with strict checking: unknown keys and wrong types are errors
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, ClassVar, Literal, Union, get_args, get_origin
@@ -97,8 +98,8 @@ def _matches(value: Any, hint: Any) -> bool:
         if len(args) == 2 and args[1] is Ellipsis:
             return all(_matches(v, args[0]) for v in value)
         return len(args) == len(value) and all(_matches(v, a) for v, a in zip(value, args))
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is float:  # NaN or inf would pass every range check (all comparisons with NaN are false)
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
     if isinstance(hint, type):
@@ -118,4 +119,6 @@ def _describe(hint: Any) -> str:
         return f"a list of {inner}"
     if hint is type(None):
         return "null"
+    if hint is float:
+        return "a finite number"
     return getattr(hint, "__name__", str(hint))

@@ -30,22 +30,23 @@ def add_fusion(
     **config: Any,
 ) -> TaskDelta:
     """Add task ``name``: a fusion over ``sources`` (default: every task with a delta of its own,
-    i.e. not another fusion) and a
-    head (new, for ``label_names``; or a copy of task ``head_from``'s). The sources are frozen
-    first, since stage 2 trains only the fusion and the head. ``config``: :class:`FusionConfig`
-    fields (``attn_dim``, ``temperature``, ...)."""
+    i.e. not another fusion) and a head (new, for ``label_names``; or a copy of task
+    ``head_from``'s). The sources are frozen (stage 2 trains only the fusion and the head) once
+    the fusion is built. ``config``: :class:`FusionConfig` fields (``attn_dim``, ``temperature``, ...)."""
     if sources is None:
         sources = [n for n, t in model.tasks.items() if t.deltas and not any(d.sources() for d in t.deltas.values())]
     if not sources:
         raise ValueError("no source tasks to fuse: train and freeze some tasks first, or name them")
-    for s in sources:
-        if not model.task(s).frozen:
-            model.freeze(s)
     donor = model.task(head_from) if head_from is not None else None
     if donor is not None and label_names is None:
         label_names = donor.label_names
-    task = model.add_task(name, [FusionConfig(sources=tuple(sources), **config)], label_names=label_names,
+    task = model.add_task(name, [{"method": "fusion", "sources": list(sources), **config}], label_names=label_names,
                           num_labels=None if label_names is not None or donor is None else donor.head.num_labels)
+    # frozen once the fusion exists: a refused one (a taken name, a bad setting, a source that cannot
+    # be fused) leaves its sources as they were; freezing folds nothing a fusion can hold
+    for s in sources:
+        if not model.task(s).frozen:
+            model.freeze(s)
     if donor is not None:
         task.head.load_state_dict(donor.head.state_dict())
     return task

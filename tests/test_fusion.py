@@ -244,6 +244,22 @@ def test_merge_refuses_non_finite_weights_and_mixed_folded_forms_leaving_the_mod
     merged = merge_tasks(model, "m", ["p", "q"], head_from="p")
     assert all(torch.isfinite(v).all() for v in merged.deltas.state_dict().values())
 
+
+def test_a_refused_fusion_leaves_its_sources_trainable_and_non_finite_settings_are_refused():
+    """add_fusion froze (and folded) its sources before the fusion was checked, so a taken name or
+    a bad setting left them untrainable; a NaN temperature passed every range check."""
+    model = DeltaModel(tiny_backbone("bert"))
+    model.add_task("a", [method_config("lora")], num_labels=2)
+    for kw, match in (({"temperature": float("nan")}, "finite"), ({"attn_dim": 0}, "attn_dim"), ({}, "already exists")):
+        with pytest.raises((ConfigError, TaskError), match=match):
+            add_fusion(model, "f" if kw else "a", ["a"], label_names=["x", "y"], **kw)
+        assert not model.task("a").frozen
+    add_fusion(model, "f", ["a"], label_names=["x", "y"])
+    assert model.task("a").frozen
+    for bad in ({"method": "lora", "alpha": float("nan")}, {"method": "parallel", "scaling": float("inf")}):
+        with pytest.raises(ConfigError, match="finite number"):
+            model.add_task("t", [bad], num_labels=2)
+
 def test_fusion_is_registered_but_not_a_method_of_its_own():
     import adapters
 
