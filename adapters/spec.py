@@ -6,12 +6,13 @@
     methods_label([LoRAConfig(), BitFitConfig()]) -> "lora+bitfit"
 
 Values are read as YAML scalars (numbers, booleans, strings), so ``dropout=0.1`` is a float and
-``targets=[query,value]`` a list. A spec becomes a typed, validated :class:`DeltaConfig` here, at
+``targets=[query,value]`` a list; ``alpha=1e1`` is a float too (plain YAML 1.1 would read text). A spec becomes a typed, validated :class:`DeltaConfig` here, at
 the edge: everything after the parser sees configs, never strings.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, Sequence
 
 from .config import DeltaConfig
@@ -34,10 +35,23 @@ def parse_options(text: str, context: str | None = None, given: dict[str, Any] |
         if key in out or key in (given or {}):
             raise ConfigError(f"option {key!r} is given twice (in {context or text!r}): give it once")
         try:
-            out[key] = yaml.safe_load(value)
+            out[key] = _exponents(yaml.safe_load(value))
         except yaml.YAMLError as e:
             raise ConfigError(f"option {item!r}: cannot read the value ({e.problem})") from None
     return out
+
+
+# YAML 1.1 (PyYAML) reads 1e-3 as a string (its floats need a dot: 1.0e-3), so lr=1e-3 or
+# ewc_lambda=1e4 were refused as text; numbers written with an exponent are read as floats here.
+_EXPONENT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+
+
+def _exponents(value: Any) -> Any:
+    if isinstance(value, str) and _EXPONENT.fullmatch(value.strip()):
+        return float(value)
+    if isinstance(value, list):
+        return [_exponents(v) for v in value]
+    return value
 
 
 def _split_top_level(text: str) -> list[str]:

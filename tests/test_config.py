@@ -74,3 +74,15 @@ def test_defaults_follow_the_survey():
     assert make_config("prompt").num_tokens == 100
     b = make_config("bottleneck")
     assert b.bottleneck_dim == 64 and b.activation == "silu" and b.targets == ("attn_out", "ffn_out")
+
+
+def test_options_with_an_exponent_are_numbers():
+    """PyYAML reads 1e-3 as text (YAML 1.1 floats need a dot), so lora:alpha=1e1 or
+    ewc_lambda=1e4 were refused as strings; a word that only looks close stays text."""
+    from adapters.spec import parse_method, parse_options
+
+    assert parse_method("lora:alpha=1e1,dropout=1e-1").alpha == 10.0
+    opts = parse_options("a=2.5E-3,b=[1e2,x],c=e5,d=1e,e=nan")
+    assert opts == {"a": 0.0025, "b": [100.0, "x"], "c": "e5", "d": "1e", "e": "nan"}
+    with pytest.raises(ConfigError, match="finite number"):
+        parse_method("lora:alpha=nan")
