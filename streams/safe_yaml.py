@@ -9,6 +9,7 @@ and a document larger than the limits is refused before it is constructed.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,15 @@ def _expanded(node: yaml.Node, memo: dict[int, int], limit: int) -> int:
     return memo[key]
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads numbers written with an exponent and no dot (``1e-3``) as floats,
+    as YAML 1.2 does; PyYAML's YAML 1.1 rules read them as text."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+                              list("-+0123456789."))
+
+
 def load_yaml(path: Path) -> Any:
     """The document in ``path``; :class:`DataError` (naming the file) when it cannot be read, is
     not YAML, or is too large once its aliases are expanded."""
@@ -51,7 +61,7 @@ def load_yaml(path: Path) -> Any:
         raise DataError(f"{path}: not a readable YAML file ({e})") from None
     except OSError as e:  # a symlink loop (ELOOP), a directory, no permission
         raise DataError(f"{path}: cannot be read ({e.strerror})") from None
-    loader = yaml.SafeLoader(text)
+    loader = _Loader(text)
     try:
         node = loader.get_single_node()
         if node is None:

@@ -146,6 +146,7 @@ def stream_from_yaml(path: str | Path, seed: int = 0, max_train: int | None = No
     _check_keys(spec, _STREAM_KEYS, f"{path}")
     defaults = {"seed": seed, "max_train": max_train, "max_eval": max_eval, "dev_fraction": 0.1, "test_fraction": 0.1}
     settings = {k: spec.get(k, v) for k, v in defaults.items()}
+    _check_settings(spec, settings, f"{path}")
     names: dict[str, int] = {}
     for i, entry in enumerate(spec["tasks"], 1):
         if not isinstance(entry, dict) or "name" not in entry:
@@ -156,6 +157,24 @@ def stream_from_yaml(path: str | Path, seed: int = 0, max_train: int | None = No
         names[entry["name"]] = i
     tasks = [_yaml_task(entry, path.parent, settings, f"{path}: task {entry['name']!r}") for entry in spec["tasks"]]
     return TaskStream(str(spec.get("name", path.stem)), tasks, {"file": str(path.resolve()), **spec, **settings})
+
+
+def _check_settings(spec: dict[str, Any], settings: dict[str, Any], where: str) -> None:
+    """The stream-wide settings of a stream file, before any data is read: a fraction outside (0, 1)
+    had split the data with a negative share and trained on it; a text seed failed deep in numpy."""
+    if "name" in spec and (not isinstance(spec["name"], str) or not spec["name"].strip()):
+        raise DataError(f"{where}: name must be a text, got {spec['name']!r}")
+    seed = settings["seed"]
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= 2**32 - 1:
+        raise DataError(f"{where}: seed must be a whole number from 0 to {2**32 - 1}, got {seed!r}")
+    for key in ("dev_fraction", "test_fraction"):
+        v = settings[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
+            raise DataError(f"{where}: {key} must be a number between 0 and 1 (the share of a task's training file "
+                            f"split off when it has no '{key[:-9]}:' file), got {v!r}")
+    if settings["dev_fraction"] + settings["test_fraction"] >= 1:
+        raise DataError(f"{where}: dev_fraction + test_fraction is {settings['dev_fraction'] + settings['test_fraction']:g}, "
+                        "which leaves nothing to train on; keep their sum below 1")
 
 
 def _check_keys(d: dict[str, Any], allowed: set[str], where: str) -> None:

@@ -150,6 +150,30 @@ def test_unknown_stream_and_malformed_yaml(tmp_path):
         load_stream(write_yaml(tmp_path, []))
 
 
+
+@pytest.mark.parametrize("top, match", [
+    ({"dev_fraction": 1.5}, "dev_fraction must be a number between 0 and 1"),  # had split with a negative share
+    ({"test_fraction": float("nan")}, "test_fraction must be"),
+    ({"dev_fraction": 0.5, "test_fraction": 0.5}, "leaves nothing to train on"),
+    ({"seed": "x"}, "seed must be a whole number"),  # had failed deep in numpy, naming no file
+    ({"seed": 1.5}, "seed must be a whole number"),  # had been accepted
+    ({"name": ["a", "b"]}, "name must be a text"),
+])
+def test_stream_settings_are_checked_before_any_data_is_read(tmp_path, top, match):
+    path = write_yaml(tmp_path, [{"name": "a", "train": "missing.csv"}], **top)  # a missing file would be a later error
+    with pytest.raises(DataError, match=match) as e:
+        load_stream(path)
+    assert str(path) in str(e.value)
+
+
+def test_stream_file_reads_numbers_with_an_exponent(tmp_path):
+    """PyYAML reads 1e-1 as text; the stream file's reader reads it as a number, as YAML 1.2 does."""
+    write_csv(tmp_path / "a.csv", rows(40))
+    path = tmp_path / "stream.yaml"
+    path.write_text("dev_fraction: 2.5e-1\ntasks:\n  - name: a\n    train: a.csv\n")
+    stream = load_stream(path)
+    assert (len(stream["a"].train), len(stream["a"].dev), len(stream["a"].test)) == (26, 10, 4)
+
 def test_task_and_stream_invariants():
     ds = Dataset.from_dict({"text": ["a", "b"], "label": [0, 1]})
     with pytest.raises(DataError, match="test split is empty"):
