@@ -206,8 +206,12 @@ def encode_labels(labels: Sequence[Any], names: list[str], where: str, column: s
     for n, v in enumerate(normed, 1):
         if v not in index:
             origin = "in label_names" if given else "in the training data"
+            # YAML 1.1 reads unquoted yes/no/on/off in label_names as true/false
+            yaml_bool = given and v.lower() in ("yes", "no", "on", "off") and bool({"True", "False"} & set(names))
+            hint = ("; YAML reads yes, no, on and off unquoted as true / false: quote the names in label_names, "
+                    "e.g. ['yes', 'no']") if yaml_bool else ""
             raise DataError(f"{where}: row {n}, column {column!r}: label {v!r} never occurs {origin} "
-                            f"(known labels: {', '.join(names)})")
+                            f"(known labels: {', '.join(names)}){hint}")
         out.append(index[v])
     return out
 

@@ -185,10 +185,26 @@ def _check_keys(d: dict[str, Any], allowed: set[str], where: str) -> None:
 
 def _yaml_task(entry: dict[str, Any], root: Path, settings: dict[str, Any], where: str) -> Task:
     _check_keys(entry, _TASK_KEYS, where)
+    _check_entry(entry, where)
     task = _yaml_data_task(entry, root, settings, where)
     if "delta" in entry:
         task.delta = start_delta(entry["delta"], root, where)
     return task
+
+
+def _check_entry(entry: dict[str, Any], where: str) -> None:
+    """Values of a task entry whose wrong type had surfaced as a traceback (a text max_length or
+    encoding) or been read otherwise without a word (max_length 0 as "the run's"; label_names
+    given as one text, split into its letters)."""
+    length = entry.get("max_length")
+    if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length < 1):
+        raise DataError(f"{where}: max_length must be a whole number >= 1 (or absent: the run's), got {length!r}")
+    names = entry.get("label_names")
+    if names is not None and (not isinstance(names, list) or not names or
+                              any(isinstance(n, (list, dict)) or n is None for n in names)):
+        raise DataError(f"{where}: label_names must be a non-empty list of names, e.g. [neg, pos], got {names!r}")
+    if not isinstance(entry.get("encoding", ""), str):
+        raise DataError(f"{where}: encoding must be a codec name such as utf-8 or latin-1, got {entry['encoding']!r}")
 
 
 # the files that make a saved delta: a PEFT adapter's, or a task checkpoint's (adapters.checkpoint)
@@ -240,7 +256,7 @@ def _yaml_data_task(entry: dict[str, Any], root: Path, settings: dict[str, Any],
         return _yaml_generative(entry, root, settings, where, max_train, max_eval)
     stray = [k for k in ("generative", "template", "answers", "metric") if k in entry]
     if stray:  # dropped, the task would silently train as classification
-        raise DataError(f"{where}: {', '.join(map(repr, stray))} make a generative task, which needs the column that "
+        raise DataError(f"{where}: {', '.join(map(repr, stray))} make{'s' if len(stray) == 1 else ''} a generative task, which needs the column that "
                         "holds its answers ('target_column:'); without it the file's labels make a classification task")
 
     text_col, label_col = entry.get("text_column", "text"), entry.get("label_column", "label")

@@ -166,6 +166,20 @@ def test_stream_settings_are_checked_before_any_data_is_read(tmp_path, top, matc
     assert str(path) in str(e.value)
 
 
+
+@pytest.mark.parametrize("entry, match", [
+    ({"max_length": "x"}, "max_length must be a whole number"),  # had been a TypeError traceback
+    ({"max_length": 0}, "max_length must be a whole number"),  # had silently meant the run's length
+    ({"label_names": "pos"}, "label_names must be a non-empty list"),  # had been split into p, o, s
+    ({"encoding": 5}, "encoding must be a codec name"),  # had been a TypeError traceback
+    ({"label_names": [True, False]}, r"quote the names in label_names, e\.g\. \['yes', 'no'\]"),  # YAML's yes / no
+])
+def test_task_entry_values_are_checked_with_their_task_named(tmp_path, entry, match):
+    write_csv(tmp_path / "a.csv", rows(40, labels=("yes", "no")))
+    with pytest.raises(DataError, match=match) as e:
+        load_stream(write_yaml(tmp_path, [{"name": "a", "train": "a.csv", **entry}]))
+    assert "task 'a'" in str(e.value) or "a.csv" in str(e.value)
+
 def test_stream_file_reads_numbers_with_an_exponent(tmp_path):
     """PyYAML reads 1e-1 as text; the stream file's reader reads it as a number, as YAML 1.2 does."""
     write_csv(tmp_path / "a.csv", rows(40))
