@@ -34,9 +34,9 @@ from typing import Any
 from .guard import GuardedLogger, best_effort, check_uri, sqlite_file, store_lock
 from .logger import StreamLogger
 
-__all__ = ["DEFAULT_EXPERIMENT", "DEFAULT_TRACKING_URI", "GuardedLogger", "MLflowLogger", "StreamLogger", "check_tracking_uri", "check_uri",
-           "experiment", "fetch_results", "log_combination", "log_compare", "log_fusion_weights", "log_nested_run",
-           "matrix_metrics", "record_metric", "step_metrics"]
+__all__ = ["DEFAULT_EXPERIMENT", "DEFAULT_TRACKING_URI", "GuardedLogger", "MLflowLogger", "StreamLogger", "check_resume_store",
+           "check_tracking_uri", "check_uri", "experiment", "fetch_results", "log_combination", "log_compare",
+           "log_fusion_weights", "log_nested_run", "matrix_metrics", "record_metric", "step_metrics"]
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "continual"
@@ -188,6 +188,20 @@ def log_nested_run(run_dir: str | Path, name: str, metrics: dict[str, float], fi
         client.log_artifact(child, str(f), name)
     client.set_terminated(child)
     return child
+
+
+def check_resume_store(run_dir: str | Path, uri: str) -> None:
+    """A resumed run logs on to its MLflow run, which is in the store it was started with; in
+    another it is not, and logging had stopped at once (the run trained on, logged nowhere).
+    ``ValueError`` naming both stores, before anything loads."""
+    from .rundir import run_info
+    run_dir = Path(run_dir)
+    tracking = (run_info(run_dir) if run_dir.is_dir() else {}).get("tracking") or {}
+    started = tracking.get("tracking_uri")
+    if started and tracking.get("parent_run_id") and started != check_tracking_uri(uri):
+        raise ValueError(f"{run_dir} logs to MLflow run {tracking['parent_run_id']} in {started}, not in {uri}: resume "
+                         f"it with --tracking-uri {started}, or with --no-mlflow and upload it afterwards with "
+                         f"`continual sync {run_dir} --tracking-uri URI`")
 
 
 class MLflowLogger(StreamLogger):

@@ -65,6 +65,13 @@ def test_run_then_report_from_directory_and_mlflow(toy_yaml, tiny_backbone_dir, 
     assert from_mlflow == results["metrics"]
     assert main(["report", results["tracking"]["parent_run_id"], "--tracking-uri", uri, "--json",
                  "--plot", str(tmp_path / "r.png")]) == 0
+    capsys.readouterr()
+    # resumed with another store, where its MLflow run is not: refused before anything loads (it had
+    # trained on with logging stopped at the first task)
+    other = f"sqlite:///{tmp_path}/other.db"
+    assert main(args(toy_yaml, tiny_backbone_dir, tmp_path / "out", "--tracking-uri", other, "--resume")) == 2
+    assert f"logs to MLflow run {results['tracking']['parent_run_id']} in {uri}, not in {other}" in capsys.readouterr().err
+    assert not (tmp_path / "other.db").exists()
 
 
 def test_errors_are_clear_and_exit_2(toy_yaml, tiny_backbone_dir, tmp_path, capsys):
@@ -256,6 +263,10 @@ def test_compare_command_writes_a_report(toy_yaml, tiny_backbone_dir, tmp_path, 
     assert "entries ['per-task-lora'] are given more than once" in capsys.readouterr().err
     assert main(common[:5] + ["--entry", "nope"]) == 2
     assert "unknown strategy 'nope'" in capsys.readouterr().err
+    # a killed entry resumes its MLflow run, so only in the store it was started with
+    (out / "seq-ft" / "results.json").unlink()
+    assert main([*common[:-1], f"sqlite:///{tmp_path}/other.db"]) == 2
+    assert f"logs to MLflow run {streams[0].info.run_id} in {uri}" in capsys.readouterr().err
 
 
 def test_an_entry_gives_the_same_matrix_in_compare_as_in_run(toy_yaml, tiny_backbone_dir, tmp_path):

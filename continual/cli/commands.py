@@ -23,7 +23,7 @@ from ..plots import format_matrix, heatmap
 from ..rundir import check_out, run_info
 from ..scheduler import run_stream
 from ..strategies import STRATEGIES, make_strategy
-from ..tracking import MLflowLogger, check_tracking_uri, fetch_results, log_combination
+from ..tracking import MLflowLogger, check_resume_store, check_tracking_uri, fetch_results, log_combination
 from ..training import TrainConfig, distributed
 from ..training.config import MAX_RUN_SEED, check_seed
 
@@ -71,6 +71,8 @@ def _run(args: argparse.Namespace, strategy: Any, methods: list[Any], config: Tr
     label = "ft" if strategy.trains_backbone else methods_label(methods)
     out = Path(args.out or f"runs/{Path(args.stream).stem}-{args.strategy}-{label}-s{args.seed}")
     check_out(out)  # a file, a path under a file or a read-only mount: refused before anything loads
+    if args.resume and not args.no_mlflow:
+        check_resume_store(out, args.tracking_uri)
     stream = load_stream(args.stream, args.seed, _cap(args.max_train), _cap(args.max_eval))
     say(f"stream {stream.name}: " + ", ".join(f"{t.name} ({len(t.train)}/{len(t.dev)}/{len(t.test)})" for t in stream))
     if distributed.active():

@@ -33,7 +33,7 @@ from ..plots import metric_bars
 from ..rundir import RunStateError, read_state, run_info
 from ..scheduler import identity_differences, run_identity, run_stream
 from ..strategies import STRATEGIES, make_strategy
-from ..tracking import DEFAULT_EXPERIMENT, MLflowLogger, log_compare
+from ..tracking import DEFAULT_EXPERIMENT, MLflowLogger, check_resume_store, log_compare
 from ..training import TrainConfig
 from .pool import run_all
 
@@ -153,6 +153,9 @@ def compare(streams: Any, entries: Sequence[Entry], config: TrainConfig, out: st
             name = f"compare-{stream.name}-{e.label}" + (f"-s{seed}" if several else "")
             jobs.append(Job(stream, e, run_config, directory, backbone, tracking_uri, name))
             labels.append(f"{e.label} seed {seed}" if several else e.label)
+    for job in jobs:  # a killed entry resumes its MLflow run: in the store it was started with
+        if job.tracking_uri and not (job.directory / "results.json").exists():
+            check_resume_store(job.directory, job.tracking_uri)
     results = run_all(run_job, jobs, labels, workers, ray_address, done)
     rows: dict[str, dict[str, Any]] = {}
     for e in entries:
