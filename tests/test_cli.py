@@ -61,7 +61,7 @@ def test_run_then_report_from_directory_and_mlflow(toy_yaml, tiny_backbone_dir, 
     assert f"{tmp_path / 'a-file'} is a file, not a directory; give another --plot" in capsys.readouterr().err
     # the same run read back from MLflow, by run name and by run id
     assert main(["report", "cli-toy", "--tracking-uri", uri, "--json", "--plot", str(tmp_path / "q.png")]) == 0
-    from_mlflow = json.loads(capsys.readouterr().out.split("heatmap:")[0])
+    from_mlflow = json.loads(capsys.readouterr().out)  # stdout is the JSON alone
     assert from_mlflow == results["metrics"]
     assert main(["report", results["tracking"]["parent_run_id"], "--tracking-uri", uri, "--json",
                  "--plot", str(tmp_path / "r.png")]) == 0
@@ -155,6 +155,11 @@ def test_sigkilled_run_resumes_to_the_same_matrix(toy_yaml, tiny_backbone_dir, t
     assert not (killed / "results.json").exists()
     assert main(["report", str(killed), "--plot", str(tmp_path / "partial.png")]) == 0  # what is done so far
     assert "toy / per-task (unfinished)" in capsys.readouterr().out
+    # --json is strict JSON on stdout alone: metrics of rows not reached are null, not the NaN token
+    assert main(["report", str(killed), "--json", "--plot", str(tmp_path / "partial.png")]) == 0
+    shown = capsys.readouterr()
+    partial = json.loads(shown.out, parse_constant=lambda c: pytest.fail(f"{c} in --json output"))
+    assert partial["ACC"] is None and "is unfinished" in shown.err and "heatmap: " in shown.err
     assert main(args(toy_yaml, tiny_backbone_dir, killed, "--no-mlflow", "--patience", "0", "--steps", "150", "--resume")) == 0
     assert main(args(toy_yaml, tiny_backbone_dir, tmp_path / "full", "--no-mlflow", "--patience", "0", "--steps", "150")) == 0
     a, b = (json.loads((d / "results.json").read_text()) for d in (killed, tmp_path / "full"))

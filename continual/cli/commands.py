@@ -137,8 +137,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     check_out(plot.parent, "the heatmap", "--plot")
     matrix = AccuracyMatrix.from_dict(data["matrix"])
     metrics = {k: (math.nan if v is None else v) for k, v in data["metrics"].items()}
-    if args.json:
-        print(json.dumps(data["metrics"], indent=2))
+    # with --json, stdout is the JSON alone (a pipe into jq or json.load); the rest goes to stderr
+    note = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    if args.json:  # strict JSON: a metric not defined (yet) is null, never the NaN token
+        print(json.dumps({k: v if v is None or math.isfinite(v) else None for k, v in data["metrics"].items()},
+                         indent=2, allow_nan=False))
+        if data.get("unfinished"):
+            note(f"{args.run} is unfinished: metrics that need rows it has not reached are null")
     else:
         tag = " (unfinished)" if data.get("unfinished") else ""
         print(f"{data['identity']['stream']} / {data['identity']['strategy']['strategy']}{tag}")
@@ -146,11 +151,11 @@ def cmd_report(args: argparse.Namespace) -> int:
         if not np.isnan(matrix.A).all():  # (runs saved before task-agnostic scoring have none)
             print(f"\nwithout the task id:\n{format_matrix(matrix, metrics, agnostic=True)}")
     heatmap(matrix, plot, f1=args.f1)
-    print(f"heatmap: {plot}")
+    note(f"heatmap: {plot}")
     if not np.isnan(matrix.A).all():
         other = plot.with_name(plot.stem + "_agnostic" + plot.suffix)
         heatmap(matrix, other, agnostic=True)
-        print(f"heatmap without the task id: {other}")
+        note(f"heatmap without the task id: {other}")
     return 0
 
 

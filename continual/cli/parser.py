@@ -177,7 +177,8 @@ def _report(sub: argparse._SubParsersAction) -> None:
     rep.add_argument("--plot", default=None, help="heatmap PNG path (default: heatmap.png in the run directory, "
                      "or ./<run>-heatmap.png for an MLflow run)%(default).0s")
     rep.add_argument("--f1", action="store_true", help="show macro-F1 instead of accuracy")
-    rep.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    rep.add_argument("--json", action="store_true",
+                     help="print the metrics as strict JSON on stdout (undefined ones null), other lines on stderr")
 
 
 def _route(sub: argparse._SubParsersAction) -> None:
