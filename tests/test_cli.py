@@ -88,6 +88,11 @@ def test_errors_are_clear_and_exit_2(toy_yaml, tiny_backbone_dir, tmp_path, caps
         main(args(toy_yaml, tiny_backbone_dir, tmp_path / "s", "--no-mlflow", "--seed", "-5"))
     assert exit_.value.code == 2
     assert "argument --seed: the seed must be an integer in [0, 4294967295], got -5" in capsys.readouterr().err
+    for value in ("0", "-3"):  # "use 0 for none" was said of -3, and 0 then refused
+        with pytest.raises(SystemExit):
+            main(["export", str(tmp_path), "--out", str(tmp_path / "e"), "--max-lora-rank", value])
+        err = capsys.readouterr().err
+        assert f"argument --max-lora-rank: must be at least 1, got {value}" in err and "use 0" not in err
     assert main(["compare", "--stream", str(toy_yaml), "--backbone", str(tiny_backbone_dir), "--seeds", "0,-1",
                  "--out", str(tmp_path / "c"), "--no-mlflow"]) == 2
     assert "each of --seeds must be an integer in [0, 4294967295], got -1" in capsys.readouterr().err

@@ -51,10 +51,14 @@ def count(text: str) -> int:
 
 
 def positive(text: str) -> int:
-    """An argparse type: a whole number >= 1."""
-    value = count(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("must be at least 1")
+    """An argparse type: a whole number >= 1 (a negative one is told the same: "use 0 for none"
+    is a remedy only a cap has)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
 
 
