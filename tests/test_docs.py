@@ -68,6 +68,21 @@ def test_every_documented_command_parses(page, command, whole, capsys):
         pytest.fail(f"{page.name}: `continual {command}` does not parse: {capsys.readouterr().err.strip()}")
 
 
+def test_documented_exports_name_runs_whose_deltas_peft_can_hold():
+    """``export runs/<stream>-per-task-<methods>-s0`` in a code block: the methods named by the run
+    folder are ones PEFT holds (the README's tour exported the default bottleneck run, which
+    exports nothing and fails)."""
+    from adapters import make_config
+    from adapters.peft_export import exportable
+
+    found = [(c, re.match(r"export runs/[\w-]+?-per-task-([\w+]+)-s\d+ ", c)) for _, c, whole in CASES if whole]
+    named = [(c, m) for c, m in found if m]  # a folder given by --out (runs/gen-lora) names no methods
+    assert len(named) >= 2
+    for command, m in named:
+        why = exportable([make_config(x) for x in m.group(1).split("+")])
+        assert why is None, f"`continual {command}` exports nothing: {why}"
+
+
 @pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
 def test_every_link_and_named_path_exists(page):
     text = page.read_text()
