@@ -166,3 +166,20 @@ def test_agnostic_matrix_round_trips_and_old_results_still_load():
     assert r["routing_accuracy"] == 0.75 and "FWT_agnostic" not in r
     old = {k: v for k, v in m.to_dict().items() if k not in ("R_agnostic", "routing")}  # saved before A existed
     assert np.isnan(AccuracyMatrix.from_dict(old).result()["ACC_agnostic"])
+
+
+def test_make_strategy_reads_method_specs_and_checks_options_by_name():
+    """One spec string was read letter by letter ("unknown delta method 'l'"), None failed as a
+    "bad option", and per-task-fusion's fusion options failed with a traceback after the first task."""
+    assert [(m.method, m.rank) for m in make_strategy("per-task", "lora:rank=4").methods] == [("lora", 4)]
+    assert [m.method for m in make_strategy("per-task", "lora+bitfit").methods] == ["lora", "bitfit"]
+    assert make_strategy("per-task", ["lora:rank=2"]).methods[0].rank == 2
+    assert make_strategy("per-task", None).methods == make_strategy("per-task").methods
+    with pytest.raises(ValueError, match=r"strategy 'ewc': unknown option\(s\) \['lambda'\]; its options: ewc_lambda, fisher_samples"):
+        make_strategy("ewc", ["lora"], **{"lambda": 3})
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['tempreature'\] for method 'fusion'"):
+        make_strategy("per-task-fusion", ["lora"], tempreature=2)
+    with pytest.raises(ValueError, match="temperatures must be > 0"):
+        make_strategy("per-task-fusion", ["lora"], temperature=-1)
+    with pytest.raises(ValueError, match="'sources' is not an option"):
+        make_strategy("per-task-fusion", ["lora"], sources=["a"])

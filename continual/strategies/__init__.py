@@ -22,9 +22,11 @@ A new strategy is one subclass and one line in :data:`STRATEGIES`.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Sequence
 
-from adapters import DEFAULT_METHOD
+from adapters import DEFAULT_METHOD, DeltaConfig
+from adapters.spec import parse_combo
 from adapters.model import MethodSpec
 
 from .avalanche import AVALANCHE_STRATEGIES
@@ -46,16 +48,27 @@ STRATEGIES: dict[str, type[Strategy]] = {
 }
 
 
-def make_strategy(name: str, methods: Sequence[MethodSpec] = (DEFAULT_METHOD,), **options: Any) -> Strategy:
+def make_strategy(name: str, methods: Sequence[MethodSpec] | MethodSpec | None = (DEFAULT_METHOD,), **options: Any) -> Strategy:
     """A strategy by name (see ``STRATEGIES``); ``options`` go to its constructor (e.g.
-    ``memory_size`` for ``replay``, ``ewc_lambda`` for ``ewc``, ``temperature`` for ``per-task-fusion``)."""
+    ``memory_size`` for ``replay``, ``ewc_lambda`` for ``ewc``, ``temperature`` for ``per-task-fusion``).
+    ``methods``: a list of method specs (names, ``"lora:rank=4"``, dicts, configs), or one spec
+    (``"lora+bitfit"`` is a combination, as on the command line); None: the default method."""
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; one of: {', '.join(STRATEGIES)}")
     cls = STRATEGIES[name]
-    try:
-        return cls(**options) if cls.trains_backbone else cls(methods, **options)
-    except TypeError as e:
-        raise ValueError(f"strategy {name!r}: bad option(s) {sorted(options)}: {e}") from None
+    if methods is None:
+        methods = (DEFAULT_METHOD,)
+    elif isinstance(methods, str):  # not a list of its letters
+        methods = parse_combo(methods)
+    elif isinstance(methods, (dict, DeltaConfig)):
+        methods = [methods]
+    params = inspect.signature(cls).parameters
+    named = [p for p, v in params.items() if p != "methods" and v.kind is not inspect.Parameter.VAR_KEYWORD]
+    unknown = sorted(set(options) - set(named))
+    if unknown and not any(v.kind is inspect.Parameter.VAR_KEYWORD for v in params.values()):
+        # checked by name: a TypeError raised inside a constructor is not an unknown option
+        raise ValueError(f"strategy {name!r}: unknown option(s) {unknown}; its options: {', '.join(named) or 'none'}")
+    return cls(**options) if cls.trains_backbone else cls(methods, **options)
 
 
 __all__ = ["EWC", "InfLoRA", "LwF", "OLoRA", "PromptPool", "ProgressivePrompts", "Replay", "SHARED", "STRATEGIES", "ContinualFusion", "Joint", "PerTaskDelta", "SequentialDelta", "SequentialFineTune",

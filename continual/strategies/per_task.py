@@ -40,6 +40,9 @@ class ContinualFusion(PerTaskDelta):
 
     def __init__(self, methods: Sequence[MethodSpec] = (DEFAULT_METHOD,), **fusion: Any) -> None:
         super().__init__(methods)
+        if "sources" in fusion:
+            raise ValueError(f"{self.name}: 'sources' is not an option: each task's fusion is over every delta so far")
+        FusionConfig.from_dict({"sources": ["any"], **fusion})  # unknown or bad fields refused now, not after task 1
         self.fusion = fusion  # FusionConfig fields
 
     def fused(self, task: str) -> str:
