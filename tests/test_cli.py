@@ -312,3 +312,13 @@ def test_report_of_a_mistyped_run_folder_makes_no_store(tmp_path, capsys, monkey
     assert ("'runs/typo' is not a run directory, and there is no MLflow store at sqlite:///mlflow.db (no file "
             "mlflow.db)") in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_compare_entry_with_strategy_options_after_its_methods_names_the_order():
+    """``ewc:lora@ewc_lambda=1e3`` read '@...' as part of the method's name: "unknown delta method"."""
+    from continual.studies.compare import parse_entry
+
+    with pytest.raises(ValueError, match="before the methods: ewc@ewc_lambda=1e3:lora"):
+        parse_entry("ewc:lora@ewc_lambda=1e3")
+    entry = parse_entry("ewc@ewc_lambda=1e3:lora:rank=4")
+    assert entry.options == {"ewc_lambda": 1000.0} and entry.methods[0].rank == 4

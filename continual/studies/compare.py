@@ -67,6 +67,10 @@ def parse_entry(text: str) -> Entry:
     strategy, _, opts = head.partition("@")
     if strategy not in STRATEGIES:
         raise ValueError(f"entry {text!r}: unknown strategy {strategy!r}; one of {', '.join(STRATEGIES)}")
+    if "@" in methods:  # read as part of a method's name or value, it was an unknown method or a bad number
+        m, _, late = methods.partition("@")
+        raise ValueError(f"entry {text!r}: strategy options go right after the strategy, before the methods: "
+                         f"{head}@{late}:{m}" if not opts else f"entry {text!r}: '@' may appear once, after the strategy")
     return Entry(strategy, parse_combo(methods) if methods else [], parse_options(opts, text))
 
 
