@@ -39,12 +39,16 @@ Formatter = argparse.ArgumentDefaultsHelpFormatter
 DEFAULTS = dict(stream="default", strategy="per-task", backbone="minilm", max_train=1000, max_eval=300)
 
 
-def count(text: str) -> int:
-    """An argparse type: a whole number >= 0 (a negative cap would silently mean "no cap")."""
+def _whole(text: str) -> int:
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
+def count(text: str) -> int:
+    """An argparse type: a whole number >= 0 (a negative cap would silently mean "no cap")."""
+    value = _whole(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"{value} is negative; use 0 for none")
     return value
@@ -53,10 +57,7 @@ def count(text: str) -> int:
 def positive(text: str) -> int:
     """An argparse type: a whole number >= 1 (a negative one is told the same: "use 0 for none"
     is a remedy only a cap has)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    value = _whole(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
