@@ -80,17 +80,11 @@ def get_method(name: str) -> type["Delta"]:
 
 
 def make_config(spec: "str | dict[str, Any] | DeltaConfig", **overrides: Any) -> "DeltaConfig":
-    """Turn a method name (``"lora"``, or with options as on the command line, ``"lora:rank=4"``),
-    a dict with a ``method`` key, or a config into a validated config."""
+    """Turn a method name, a dict with a ``method`` key, or a config into a validated config."""
     from .config import DeltaConfig
 
     if isinstance(spec, DeltaConfig):
         return spec.replace(**overrides) if overrides else spec
-    if isinstance(spec, str) and ":" in spec:  # the command line's grammar, "lora:rank=4"
-        from .spec import parse_method
-
-        config = parse_method(spec)
-        return config.replace(**overrides) if overrides else config
     if isinstance(spec, str):
         return get_method(spec).config_class.from_dict(dict(overrides))
     if isinstance(spec, dict):

@@ -132,6 +132,9 @@ def test_list_and_help(capsys):
     out = capsys.readouterr().out
     for word in ("lora", "bottleneck", "per-task", "seq-ft", "default", "sentiment-domains", "minilm"):
         assert word in out
+    # every strategy that takes options shows them (per-task-fusion's and seq-ft's were missing)
+    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
+    assert "temperature=1.0" in lines["per-task-fusion"] and "backbone_lr=5e-05" in lines["seq-ft"]
     for cmd in ("run", "report", "list"):
         with pytest.raises(SystemExit) as e:
             main([cmd, "--help"])

@@ -15,6 +15,7 @@ import torch
 
 from adapters import DEFAULT_METHOD, DeltaConfig, DeltaModel, load_delta, make_config
 from adapters.model import MethodSpec
+from adapters.spec import parse_method
 from streams import Task, TaskStream
 
 from ..training import ExtraLoss, TrainConfig, TrainResult, evaluate, eval_loader, train_task
@@ -88,7 +89,8 @@ class Strategy:
 
     def __init__(self, methods: Sequence[MethodSpec] = (DEFAULT_METHOD,)) -> None:
         # typed at the edge: a method name or dict becomes its validated config here
-        self.methods: list[DeltaConfig] = [make_config(m) for m in methods]
+        # (a string in the command line's grammar too: "lora:rank=4")
+        self.methods: list[DeltaConfig] = [parse_method(m) if isinstance(m, str) else make_config(m) for m in methods]
 
     def check_stream(self, stream: TaskStream, model: DeltaModel, max_length: int | None = None) -> None:
         """Refuse, before anything runs, a stream this strategy cannot train on ``model`` (tasks

@@ -17,6 +17,7 @@ from .base import Strategy, head_of
 class SequentialFineTune(Strategy):
     name = "seq-ft"
     description = "sequential full fine-tuning of the backbone, new head per task (baseline: forgets)"
+    defaults = {"backbone_lr": 5e-5}
     trains_backbone = True
 
     def __init__(self, methods: Sequence[MethodSpec] = (), backbone_lr: float = 5e-5) -> None:

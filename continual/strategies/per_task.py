@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -36,6 +37,7 @@ class ContinualFusion(PerTaskDelta):
     name = "per-task-fusion"
     description = "per-task deltas, then for each task an AdapterFusion over all deltas so far (its own included)"
     reports_run_model = True  # the fusion's attention weights on the test set
+    defaults = {f.name: f.default for f in dataclasses.fields(FusionConfig) if f.name != "sources"}
     SUFFIX = "_fusion"
 
     def __init__(self, methods: Sequence[MethodSpec] = (DEFAULT_METHOD,), **fusion: Any) -> None:
