@@ -11,7 +11,7 @@ from adapters.model import MethodSpec
 from streams import Task
 
 from ..training import train_task
-from .base import Strategy, head_of
+from .base import Strategy, check_option, head_of
 
 
 class SequentialFineTune(Strategy):
@@ -22,6 +22,9 @@ class SequentialFineTune(Strategy):
 
     def __init__(self, methods: Sequence[MethodSpec] = (), backbone_lr: float = 5e-5) -> None:
         super().__init__(methods)
+        # a negative rate climbs the loss and NaN fills the backbone with NaN; both had trained and
+        # printed scores, exit 0
+        check_option(self.name, "backbone_lr", backbone_lr, lambda v: 0 < v < float("inf"), "a finite number > 0")
         self.backbone_lr = backbone_lr
 
     def prepare(self, model: DeltaModel, task: Task) -> None:
