@@ -130,3 +130,14 @@ def check_params(method: str, params: tuple[str, ...]) -> None:
     bad = sorted(set(params) - {"weight", "bias"})
     if bad or not params:
         raise ConfigError(f"{method}: params must be a non-empty subset of ['bias', 'weight'], got {list(params)}")
+
+
+def check_regexes(method: str, **lists: tuple[str, ...]) -> None:
+    """Each of ``patterns`` / ``exclude`` must be regular expressions: a bad one is a ConfigError
+    naming it when the config is made, not a bare ``re.error`` (a traceback) when it is attached."""
+    for name, items in lists.items():
+        for p in items:
+            try:
+                re.compile(p)
+            except re.error as e:
+                raise ConfigError(f"{method}: {name} entry {p!r} is not a regular expression ({e})") from None

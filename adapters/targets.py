@@ -258,10 +258,11 @@ def _inside(block: nn.Module, path: str | tuple[str, ...]) -> str | None:
 def select_layers(model: nn.Module, layers: Iterable[int] | None, skip_first: int = 0) -> list[int]:
     """Block indices to use: all (or ``layers``), minus the first ``skip_first`` (AdapterDrop)."""
     n = num_layers(model)
-    chosen = list(range(n)) if layers is None else sorted({i % n if i < 0 else i for i in layers})
-    bad = [i for i in chosen if not 0 <= i < n]
+    # negative indices count from the end, as in Python: -1 is the last block, -n the first
+    bad = [i for i in (layers or ()) if not -n <= i < n]  # (i % n had wrapped -5 of 2 blocks to block 1)
     if bad:
-        raise TargetError(f"layer indices {bad} out of range: the backbone has {n} layers")
+        raise TargetError(f"layer indices {bad} out of range: the backbone has {n} layers (indices {-n} to {n - 1})")
+    chosen = list(range(n)) if layers is None else sorted({i + n if i < 0 else i for i in layers})
     return [i for i in chosen if i >= skip_first]
 
 

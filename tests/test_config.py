@@ -42,6 +42,24 @@ def test_value_ranges_checked():
         make_config("selective")
     with pytest.raises(ConfigError, match="one of"):
         make_config("prompt", init="zeros")
+    # a malformed regex was a bare re.error (a traceback on the command line) when attached
+    with pytest.raises(ConfigError, match=r"bitfit: patterns entry '\[x' is not a regular expression"):
+        make_config("bitfit", patterns=["[x"])
+    with pytest.raises(ConfigError, match="selective: exclude entry"):
+        make_config("selective", patterns=["attention"], exclude=["(x"])
+
+
+def test_negative_layer_indices_count_from_the_end_and_stay_in_range():
+    """-1 is the last block; -5 of a 2-block model had wrapped (i % n) to block 1 without a word."""
+    from conftest import tiny_backbone
+
+    from adapters import TargetError
+
+    model = adapters.DeltaModel(tiny_backbone("bert"))
+    last = model.add_task("a", [{"method": "lora", "layers": [-1]}], num_labels=2)
+    assert {s.output.split(".")[2] for s in last.deltas["lora"].sites} == {"1"}
+    with pytest.raises(TargetError, match=r"layer indices \[-5\] out of range: the backbone has 2 layers \(indices -2 to 1\)"):
+        model.add_task("b", [{"method": "lora", "layers": [-5]}], num_labels=2)
 
 
 def test_method_mismatch_rejected():

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..config import DeltaConfig
-from ..param_delta import ParamDelta, check_params
+from ..param_delta import ParamDelta, check_params, check_regexes
 from ..registry import register
 
 
@@ -26,6 +26,7 @@ class BitFitConfig(DeltaConfig):
 
     def validate(self) -> None:
         check_params(self.method, self.params)
+        check_regexes(self.method, patterns=self.patterns, exclude=self.exclude)
 
 
 @register

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..config import DeltaConfig
 from ..errors import ConfigError
-from ..param_delta import ParamDelta, check_params
+from ..param_delta import ParamDelta, check_params, check_regexes
 from ..registry import register
 from ..targets import block_paths, num_layers
 
@@ -59,6 +59,7 @@ class SelectiveConfig(DeltaConfig):
         if not self.patterns:
             raise ConfigError("selective: give at least one module-name pattern in 'patterns'")
         check_params(self.method, self.params)
+        check_regexes(self.method, patterns=self.patterns, exclude=self.exclude)
 
 
 @register
