@@ -15,7 +15,8 @@ examples through its own site module, one task at a time; the result is the same
 Prompt tuning stacks too (``Delta.stack_inputs``): each example gets its own task's prompt, laid
 out so that its prompt and tokens keep the positions they have when the task runs alone.
 
-The stacked weights are copies taken when the object is built: rebuild it after training more.
+The stacked weights are copies taken when the object is built: a task changed since (trained or
+loaded) is refused when served, and the object must be built again.
 Deltas that neither add a term at sites nor stack their inputs (prefix tuning, which changes the
 attention; a fusion) are refused with the reason.
 """
@@ -125,6 +126,10 @@ class MixedTasks(nn.Module):
         self.to(device=model.device)
         for buf_owner in [*self.stacked.values(), *self.inputs.values()]:
             buf_owner.to(dtype=dtype)
+        # each task tensor the copies were taken from, with its version counter (bumped by every
+        # in-place change: an optimizer step, a load): a task trained or loaded after this was
+        # built would otherwise be served with its old weights, without a word
+        self._copied = [(t.name, p, p._version) for t in entries for p in t.parameters()]
 
     # -- building --------------------------------------------------------------------------------
     @staticmethod
@@ -221,6 +226,11 @@ class MixedTasks(nn.Module):
         """Within the block, every forward pass of the backbone runs example i through its own
         task's delta (the tasks' own hooks are off); yields the task slots. Generation runs its
         prefill and every decoding step inside one such block."""
+        if not torch.compiler.is_compiling():
+            changed = sorted({name for name, p, version in self._copied if p._version != version})
+            if changed:
+                raise TaskError(f"tasks {changed} changed (trained or loaded) after this mixed set was built: it holds "
+                                "copies of their old weights; build it again with model.mixed(...)")
         idx = self.index(task_ids)
         if idx.shape[0] != batch_size:
             raise ValueError(f"{batch_size} examples but {idx.shape[0]} task ids")

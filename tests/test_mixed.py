@@ -120,6 +120,20 @@ def test_index_tensor_and_errors():
         mixed(**inputs, task_ids=["t0", "t1"])
 
 
+def test_a_task_changed_after_the_mixed_set_was_built_is_refused_not_served_stale():
+    """The mixed set holds copies: a task trained (or loaded) after it was built was served with
+    its old weights, without a word."""
+    model = three_tasks("bert", [[method_config("lora")]] * 2)
+    mixed = model.mixed()
+    inputs = batch(b=3)
+    with torch.no_grad():
+        mixed(**inputs, task_ids=["t1", "t0", "t1"])
+        next(model.task("t1").head.parameters()).add_(1.0)  # an optimizer step does the same, in place
+    with pytest.raises(TaskError, match=r"tasks \['t1'\] changed .* build it again with model.mixed"):
+        mixed(**inputs, task_ids=["t0", "t0", "t0"])
+    assert_parity(model, inputs, ["t1", "t0", "t1"])  # built again: the new weights, as the task runs alone
+
+
 def test_methods_that_change_the_attention_are_refused_with_the_reason():
     model = adapters.DeltaModel(tiny_backbone("bert"))
     model.add_task("a", [method_config("lora")], num_labels=2)
