@@ -33,8 +33,8 @@ class ClassificationHead(nn.Module):
 
     def __init__(self, hidden_size: int, num_labels: int, pooling: str = "mean", dropout: float = 0.1) -> None:
         super().__init__()
-        if num_labels < 2:
-            raise ConfigError(f"a classification head needs at least 2 labels, got {num_labels}")
+        if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 2:
+            raise ConfigError(f"a classification head needs a whole number of labels, at least 2, got {num_labels!r}")
         if pooling not in POOLINGS:
             raise ConfigError(f"unknown pooling {pooling!r}; known: {POOLINGS}")
         self.pooling = pooling

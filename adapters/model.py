@@ -138,8 +138,8 @@ class DeltaModel(nn.Module):
         specs = list(methods) if isinstance(methods, (list, tuple)) else [methods]
         configs = [make_config(s) for s in specs]
         if label_names is not None:  # two classes of one name: a prediction (or an answer word) would name either
-            if (num_labels is not None and num_labels != len(label_names)) or len(set(label_names)) < len(label_names):
-                raise ConfigError(f"label_names {list(label_names)} must be distinct, one per label (num_labels={num_labels})")
+            if isinstance(label_names, str) or (num_labels is not None and num_labels != len(label_names)) or len(set(label_names)) < len(label_names):
+                raise ConfigError(f"label_names {label_names!r} must be distinct names in a list, one per label (num_labels={num_labels})")
             num_labels = len(label_names)
         head: ClassificationHead | LMHead | None = None
         if generative:

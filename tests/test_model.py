@@ -137,8 +137,12 @@ def test_task_name_errors(tiny_model):
     with pytest.raises(ConfigError, match="label_names"):
         tiny_model.add_task("c", "lora", num_labels=3, label_names=["x", "y"])
     # two classes of one name: a prediction named either (the stream files refused it; the API did not)
-    with pytest.raises(ConfigError, match=r"label_names \['x', 'y', 'y'\] must be distinct"):
+    with pytest.raises(ConfigError, match=r"label_names \['x', 'y', 'y'\] must be distinct names"):
         tiny_model.add_task("c", "lora", label_names=["x", "y", "y"])
+    with pytest.raises(ConfigError, match="in a list"):  # one string was read as its letters, a head of 2
+        tiny_model.add_task("c", "lora", label_names="xy")
+    with pytest.raises(ConfigError, match="whole number of labels, at least 2, got 2.5"):  # was a TypeError in torch
+        tiny_model.add_task("c", "lora", num_labels=2.5)
     assert "c" not in tiny_model.tasks
 
 
