@@ -44,6 +44,8 @@ def import_peft(model: Any, source: str | Path, name: str | None = None, *, stri
     where = str(directory)
     if strict_base:
         check_base(model, config, meta, where)
+    if config["peft_type"] in _READ:
+        check_settings(config, where)
     configs, state = import_configs(model, config, tensors)
     own_head = not head and bool(meta) and not meta.get("generative")
     if not head and meta:
@@ -153,7 +155,6 @@ def import_configs(model: Any, config: dict[str, Any], tensors: dict[str, torch.
         raise CheckpointError(f"PEFT adapter type {peft_type} cannot become a delta here; supported: {', '.join(_IMPORTERS)}")
     if peft_type == "PREFIX_TUNING" and rope_of(model.backbone) is None:
         raise CheckpointError(f"PEFT prefix tuning is not imported: {PREFIX_REASON}")
-    check_settings(config)
     if config.get("modules_to_save"):
         raise CheckpointError(f"the adapter also saves whole modules {config['modules_to_save']} (modules_to_save, e.g. a "
                               "sequence-classification head): they are not a delta; import the adapter without them")
@@ -184,17 +185,17 @@ _READ = {
 _BASE_CHANGING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
 
 
-def check_settings(config: dict[str, Any]) -> None:
+def check_settings(config: dict[str, Any], where: str) -> None:
     """Refuse a PEFT config that sets anything this importer does not read (see ``_READ``)."""
     known = _COMMON | _READ.get(config["peft_type"], set())
     unread = sorted(k for k, v in config.items() if k not in known and v not in (None, False, 0, "", [], {}))
     if unread:
         shown = ", ".join(f"{k}={config[k]!r}" for k in unread)
-        raise CheckpointError(f"the {config['peft_type']} adapter sets {shown}: not read here, and an adapter imported "
+        raise CheckpointError(f"{where}: the {config['peft_type']} adapter sets {shown}: not read here, and one imported "
                               "without it would compute something else, so it is refused")
     init = config.get("init_lora_weights")
     if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
-        raise CheckpointError(f"the adapter was initialised with init_lora_weights={init!r}, which also changes the base "
+        raise CheckpointError(f"{where} was initialised with init_lora_weights={init!r}, which also changes the base "
                               "weights: its B A is relative to that changed base, not to this backbone. Save it with PEFT's "
                               "save_pretrained(..., path_initial_model_for_weight_conversion=...) to make it a LoRA of the "
                               "original weights, then import that")

@@ -139,6 +139,14 @@ def test_stream_task_starts_from_a_peft_lora_and_fusion_uses_it(tmp_path, minilm
     weights.write_bytes(weights.read_bytes().replace(b"lora", b"LORA", 1))
     assert load_stream(path).fingerprints()["a"] != before
 
+    # a setting the import cannot honour: refused before training, naming the task and the folder
+    import json
+
+    cfg = tmp_path / "adapter" / "adapter_config.json"
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "lora_bias": True}))
+    with pytest.raises(adapters.CheckpointError, match=r"task 'a' \(its 'delta:' in the stream file\): .*adapter: .*lora_bias"):
+        run_stream(load_stream(path), model(), make_strategy("per-task", ["lora"]), config, tmp_path / "bad")
+
 
 def test_frozen_delta_on_a_generative_task_is_scored_not_trained(tmp_path, lm_model):
     """A generative task whose delta is used frozen has nothing to train (its head is the model's

@@ -13,7 +13,7 @@ from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 
-from adapters import DEFAULT_METHOD, DeltaConfig, DeltaModel, load_delta, make_config
+from adapters import DEFAULT_METHOD, CheckpointError, DeltaConfig, DeltaModel, load_delta, make_config
 from adapters.model import MethodSpec
 from adapters.spec import parse_method
 from streams import Task, TaskStream
@@ -51,7 +51,10 @@ def add_task(model: DeltaModel, task: Task, methods: Sequence[DeltaConfig]) -> N
     if task.delta is None:
         model.add_task(task.name, methods, **head_of(task))
         return
-    load_delta(model, task.delta["path"], task.name, strict_backbone=task.delta["check_base"], **head_of(task))
+    try:
+        load_delta(model, task.delta["path"], task.name, strict_backbone=task.delta["check_base"], **head_of(task))
+    except CheckpointError as e:  # the file's problem, said with the task whose 'delta:' names it
+        raise CheckpointError(f"task {task.name!r} (its 'delta:' in the stream file): {e}") from None
     if not task.delta["train"]:
         model.freeze_delta(task.name)
 
