@@ -44,9 +44,7 @@ def import_peft(model: Any, source: str | Path, name: str | None = None, *, stri
     where = str(directory)
     if strict_base:
         check_base(model, config, meta, where)
-    if config["peft_type"] in _READ:
-        check_settings(config, where)
-    configs, state = import_configs(model, config, tensors)
+    configs, state = import_configs(model, config, tensors, where)
     own_head = not head and bool(meta) and not meta.get("generative")
     if not head and meta:
         head = {"generative": True} if meta.get("generative") else {
@@ -147,7 +145,7 @@ def same_base(ours: str, theirs: str | None) -> bool:
     return leaf(theirs) in {leaf(ours), leaf(hub_id(ours))}
 
 
-def import_configs(model: Any, config: dict[str, Any], tensors: dict[str, torch.Tensor]
+def import_configs(model: Any, config: dict[str, Any], tensors: dict[str, torch.Tensor], where: str = "the adapter"
                    ) -> tuple[list[DeltaConfig], dict[str, torch.Tensor]]:
     """Our delta configs for a PEFT adapter, and its tensors keyed by backbone module path."""
     peft_type = config["peft_type"]
@@ -155,6 +153,7 @@ def import_configs(model: Any, config: dict[str, Any], tensors: dict[str, torch.
         raise CheckpointError(f"PEFT adapter type {peft_type} cannot become a delta here; supported: {', '.join(_IMPORTERS)}")
     if peft_type == "PREFIX_TUNING" and rope_of(model.backbone) is None:
         raise CheckpointError(f"PEFT prefix tuning is not imported: {PREFIX_REASON}")
+    check_settings(config, where)
     if config.get("modules_to_save"):
         raise CheckpointError(f"the adapter also saves whole modules {config['modules_to_save']} (modules_to_save, e.g. a "
                               "sequence-classification head): they are not a delta; import the adapter without them")
