@@ -36,6 +36,12 @@ def test_resolve_device_errors_clearly():
     assert resolve_device("cpu") == torch.device("cpu")
     with pytest.raises(ValueError, match="unknown device 'gpu0'"):
         resolve_device("gpu0")
+    for other in ("meta", "mps"):  # meta trained on nothing / failed in autocast; mps is not built for
+        with pytest.raises(ValueError, match=f"device '{other}': this tool trains on cpu or cuda"):
+            resolve_device(other)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="sees no CUDA GPU"):
             resolve_device("cuda")
+    else:  # a GPU index the machine lacks: named with the ones it has
+        with pytest.raises(ValueError, match="CUDA GPU"):
+            resolve_device(f"cuda:{torch.cuda.device_count()}")

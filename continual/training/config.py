@@ -260,8 +260,13 @@ def resolve_device(device: str | None) -> torch.device:
         dev = torch.device(device)
     except RuntimeError as e:
         raise ValueError(f"unknown device {device!r}: {e}") from None
+    if dev.type not in ("cpu", "cuda"):  # meta, mps, xla...: failed later in autocast, or trained on nothing (meta)
+        raise ValueError(f"device {device!r}: this tool trains on cpu or cuda (cuda:N for one GPU of several)")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for, but this torch build sees no CUDA GPU; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s), cuda:0 to "
+                         f"cuda:{torch.cuda.device_count() - 1}")
     return _per_process(dev)
 
 
