@@ -6,6 +6,7 @@
   bounds MLflow's HTTP retries, so a server that is down costs seconds, not minutes.
 - :func:`store_lock` serialises the first creation of a SQLite store between processes.
 - :func:`best_effort` makes a study's one-off logging a warning when it fails.
+- :func:`check_resume_store` keeps a resumed run on the store that holds its MLflow run.
 
 Nothing here imports mlflow (``continual.tracking`` does, alone).
 """
@@ -132,3 +133,18 @@ class GuardedLogger(StreamLogger):
 
     def end_stream(self, summary, artifacts, status="FINISHED"):
         self._call("end_stream", summary, artifacts, status)
+
+
+def check_resume_store(run_dir: str | Path, uri: str) -> None:
+    """A resumed run logs on to its MLflow run, which is in the store it was started with; in
+    another it is not, and logging had stopped at once (the run trained on, logged nowhere).
+    ``ValueError`` naming both stores, before anything loads."""
+    from .rundir import run_info
+
+    run_dir = Path(run_dir)
+    tracking = (run_info(run_dir) if run_dir.is_dir() else {}).get("tracking") or {}
+    started = tracking.get("tracking_uri")
+    if started and tracking.get("parent_run_id") and started != check_uri(uri):
+        raise ValueError(f"{run_dir} logs to MLflow run {tracking['parent_run_id']} in {started}, not in {uri}: resume "
+                         f"it with --tracking-uri {started}, or with --no-mlflow and upload it afterwards with "
+                         f"`continual sync {run_dir} --tracking-uri URI`")

@@ -2,13 +2,12 @@
 
 MLflow layout of a stream run: one parent run per stream (params: strategy, methods, backbone,
 seeds, caps, data fingerprints; metrics: ``acc/<task>`` (a generative task's ``exact_match/``,
-``token_f1/`` or ``rouge_l/<task>``) and ``f1/<task>`` with step = row of the
-matrix, ``R.<i>.<j>``, the summary ACC / BWT / FWT / forgetting; artifacts: the matrix as CSV and
-JSON, its heatmap PNG, the stream config) and one nested run per training step (params of the
-task; step metrics ``train/loss``, ``train/lr``, ``train/samples_per_s``, ``dev/*``; the task's
-delta checkpoint under ``checkpoint/``).
-
-Default store: ``sqlite:///mlflow.db`` in the working directory, no server needed.
+``token_f1/`` or ``rouge_l/<task>``) and ``f1/<task>`` with step = row of the matrix,
+``R.<i>.<j>``, the summary ACC / BWT / FWT / forgetting; artifacts: the matrix as CSV and JSON,
+its heatmap PNG, the stream config) and one nested run per training step (params of the task;
+step metrics ``train/loss``, ``train/lr``, ``train/samples_per_s``, ``dev/*``; the task's delta
+checkpoint under ``checkpoint/``). Default store: ``sqlite:///mlflow.db`` in the working
+directory, no server needed.
 
 This is the only module that imports mlflow, and every metric name the project logs is made by
 the functions of the "names" section below.
@@ -34,9 +33,9 @@ from typing import Any
 from .guard import GuardedLogger, best_effort, check_uri, sqlite_file, store_lock
 from .logger import StreamLogger
 
-__all__ = ["DEFAULT_EXPERIMENT", "DEFAULT_TRACKING_URI", "GuardedLogger", "MLflowLogger", "StreamLogger", "check_resume_store",
-           "check_tracking_uri", "check_uri", "experiment", "fetch_results", "log_combination", "log_compare",
-           "log_fusion_weights", "log_nested_run", "matrix_metrics", "record_metric", "step_metrics"]
+__all__ = ["DEFAULT_EXPERIMENT", "DEFAULT_TRACKING_URI", "GuardedLogger", "MLflowLogger", "StreamLogger", "check_tracking_uri",
+           "check_uri", "experiment", "fetch_results", "log_combination", "log_compare", "log_fusion_weights", "log_nested_run",
+           "matrix_metrics", "record_metric", "step_metrics"]
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "continual"
@@ -188,20 +187,6 @@ def log_nested_run(run_dir: str | Path, name: str, metrics: dict[str, float], fi
         client.log_artifact(child, str(f), name)
     client.set_terminated(child)
     return child
-
-
-def check_resume_store(run_dir: str | Path, uri: str) -> None:
-    """A resumed run logs on to its MLflow run, which is in the store it was started with; in
-    another it is not, and logging had stopped at once (the run trained on, logged nowhere).
-    ``ValueError`` naming both stores, before anything loads."""
-    from .rundir import run_info
-    run_dir = Path(run_dir)
-    tracking = (run_info(run_dir) if run_dir.is_dir() else {}).get("tracking") or {}
-    started = tracking.get("tracking_uri")
-    if started and tracking.get("parent_run_id") and started != check_tracking_uri(uri):
-        raise ValueError(f"{run_dir} logs to MLflow run {tracking['parent_run_id']} in {started}, not in {uri}: resume "
-                         f"it with --tracking-uri {started}, or with --no-mlflow and upload it afterwards with "
-                         f"`continual sync {run_dir} --tracking-uri URI`")
 
 
 class MLflowLogger(StreamLogger):
@@ -396,5 +381,11 @@ def fetch_results(run: str, tracking_uri: str, experiment_name: str) -> dict[str
         except Exception:
             raise FileNotFoundError(f"MLflow run {run_obj.info.run_id} has no results.json (unfinished?); report "
                                     "on its output directory instead") from None
-        return json.loads(Path(local).read_text())
+        from .rundir import RunStateError, run_info
+        try:  # verified as a run folder's results.json is: a damaged or edited copy is no report
+            return run_info(Path(local).parent)
+        except RunStateError:
+            raise RunStateError(f"results.json of MLflow run {run_obj.info.run_id} is damaged or was edited in the store "
+                                "(it does not match its checksum): report on the run's folder instead, or upload it "
+                                "again with `continual sync RUN --tracking-uri URI --again`") from None
 

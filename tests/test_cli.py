@@ -65,6 +65,13 @@ def test_run_then_report_from_directory_and_mlflow(toy_yaml, tiny_backbone_dir, 
     assert from_mlflow == results["metrics"]
     assert main(["report", results["tracking"]["parent_run_id"], "--tracking-uri", uri, "--json",
                  "--plot", str(tmp_path / "r.png")]) == 0
+    # the store's copy is verified as the folder's is: an edited number is refused, not reported
+    copy = tmp_path / "mlartifacts" / results["tracking"]["parent_run_id"] / "artifacts" / "results.json"
+    edited = json.loads(copy.read_text())
+    edited["metrics"]["ACC"] = 0.123
+    copy.write_text(json.dumps(edited))
+    assert main(["report", "cli-toy", "--tracking-uri", uri, "--json", "--plot", str(tmp_path / "q.png")]) == 2
+    assert "is damaged or was edited in the store (it does not match its checksum)" in capsys.readouterr().err
     capsys.readouterr()
     # resumed with another store, where its MLflow run is not: refused before anything loads (it had
     # trained on with logging stopped at the first task)

@@ -23,7 +23,8 @@ from ..plots import format_matrix, heatmap
 from ..rundir import check_out, run_info
 from ..scheduler import run_stream
 from ..strategies import STRATEGIES, make_strategy
-from ..tracking import MLflowLogger, check_resume_store, check_tracking_uri, fetch_results, log_combination
+from ..guard import check_resume_store
+from ..tracking import MLflowLogger, check_tracking_uri, fetch_results, log_combination
 from ..training import TrainConfig, distributed
 from ..training.config import MAX_RUN_SEED, check_seed
 

@@ -33,7 +33,8 @@ from ..plots import metric_bars
 from ..rundir import RunStateError, read_state, run_info
 from ..scheduler import identity_differences, run_identity, run_stream
 from ..strategies import STRATEGIES, make_strategy
-from ..tracking import DEFAULT_EXPERIMENT, MLflowLogger, check_resume_store, log_compare
+from ..guard import check_resume_store
+from ..tracking import DEFAULT_EXPERIMENT, MLflowLogger, log_compare
 from ..training import TrainConfig
 from .pool import run_all
 
