@@ -332,3 +332,13 @@ def test_compare_entry_with_strategy_options_after_its_methods_names_the_order()
         parse_entry("ewc:lora@ewc_lambda=1e3")
     entry = parse_entry("ewc@ewc_lambda=1e3:lora:rank=4")
     assert entry.options == {"ewc_lambda": 1000.0} and entry.methods[0].rank == 4
+
+
+def test_transfer_ratio_to_a_target_scoring_zero_is_no_number():
+    """accuracy / 0 was inf (a 'relative performance' of inf), and 0 / 0 a NaN shown as the empty
+    cell that means "label spaces differ"."""
+    from continual.studies.transfer import TransferMatrix
+
+    matrix = TransferMatrix(["a", "b"], np.array([[0.0, 0.5], [0.25, 0.8]]))
+    assert np.isnan(matrix.relative[:, 0]).all() and matrix.relative[0, 1] == pytest.approx(0.625)
+    assert "| b | - (0.250) | 1.000 (0.800) |" in matrix.table()

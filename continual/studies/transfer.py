@@ -33,16 +33,21 @@ class TransferMatrix:
 
     @property
     def relative(self) -> np.ndarray:
-        """accuracy[i, j] / accuracy[j, j]."""
-        return self.accuracy / np.diag(self.accuracy)[None, :]
+        """accuracy[i, j] / accuracy[j, j]; NaN where the target's own accuracy is 0 (no ratio: it
+        was inf, or NaN shown as if the label spaces differed)."""
+        own = np.diag(self.accuracy)[None, :]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(own > 0, self.accuracy / own, np.nan)
 
     def table(self) -> str:
         rel = self.relative
         lines = ["| source \\ target | " + " | ".join(self.tasks) + " |", "|---|" + "---|" * len(self.tasks)]
         for i, t in enumerate(self.tasks):
-            cells = ["" if np.isnan(v) else f"{v:.3f} ({a:.3f})" for v, a in zip(rel[i], self.accuracy[i])]
+            cells = ["" if np.isnan(a) else "-" + f" ({a:.3f})" if np.isnan(v) else f"{v:.3f} ({a:.3f})"
+                     for v, a in zip(rel[i], self.accuracy[i])]
             lines.append(f"| {t} | " + " | ".join(cells) + " |")
-        return "\n".join(lines) + "\n\nrelative performance (accuracy in brackets); empty: label spaces differ"
+        return ("\n".join(lines) + "\n\nrelative performance (accuracy in brackets); empty: label spaces differ; "
+                "-: the target's own accuracy is 0, so there is no ratio")
 
     def save(self, directory: str | Path) -> list[Path]:
         d = Path(directory)
@@ -52,7 +57,7 @@ class TransferMatrix:
             for i, s in enumerate(self.tasks):
                 for j, t in enumerate(self.tasks):
                     if not np.isnan(self.accuracy[i, j]):
-                        f.write(f"{s},{t},{self.accuracy[i, j]:.6f},{rel[i, j]:.6f}\n")
+                        f.write(f"{s},{t},{self.accuracy[i, j]:.6f},{'' if np.isnan(rel[i, j]) else f'{rel[i, j]:.6f}'}\n")
         (d / "transfer.md").write_text(self.table() + "\n")
         png = annotated_heatmap(rel, d / "transfer.png", self.tasks, self.tasks,
                                 "zero-shot transfer: relative performance", xlabel="target (test set)",
