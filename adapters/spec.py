@@ -6,8 +6,9 @@
     methods_label([LoRAConfig(), BitFitConfig()]) -> "lora+bitfit"
 
 Values are read as YAML scalars (numbers, booleans, strings), so ``dropout=0.1`` is a float and
-``targets=[query,value]`` a list; ``alpha=1e1`` is a float too (plain YAML 1.1 would read text). A spec becomes a typed, validated :class:`DeltaConfig` here, at
-the edge: everything after the parser sees configs, never strings.
+``targets=[query,value]`` a list; ``alpha=1e1`` is a float too (plain YAML 1.1 would read text).
+A spec becomes a typed, validated :class:`DeltaConfig` here, at the edge: everything after the
+parser sees configs, never strings.
 """
 
 from __future__ import annotations
