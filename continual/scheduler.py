@@ -39,6 +39,7 @@ from .scoring import RowScorer, TokenisedTasks
 from .strategies import Strategy
 from .tracking import GuardedLogger, StreamLogger, step_metrics
 from .training import TrainConfig, check_generative_length, check_lengths, distributed, evaluate
+from .training.data import check_generation_room
 from .training.config import MAX_RUN_SEED, check_seed
 
 
@@ -317,6 +318,7 @@ def run_stream(
                   source=f" (task {longest.name}'s own: set it with max_length in a stream file)" if longest.max_length else "")
     for length in {t.max_length or config.max_length for t in stream if t.generative}:
         check_generative_length(length)
+        check_generation_room(model, length)
     check_distributed(strategy, config)
     if not distributed.is_main():
         config = dataclasses.replace(config, progress=False)  # one set of progress bars: rank 0's

@@ -129,6 +129,24 @@ def test_generative_streams_refuse_wrong_setups(lm_model, text_model, tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+def test_a_decoder_with_absolute_positions_has_room_to_generate_the_answers(word_tokenizer, tmp_path):
+    """GPT-2 has a table of 64 positions here: at max_length 64, scoring ran prompt + generated
+    answer past it, an IndexError (a device assert on a GPU) after the first task had trained."""
+    import adapters
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = word_tokenizer
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=len(tok), n_positions=64,
+                                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)).eval()
+    model = adapters.DeltaModel(gpt2, tok, "tiny-gpt2")
+    lora = make_strategy("per-task", [{"method": "lora", "rank": 4, "targets": ["attn.c_attn"]}])
+    with pytest.raises(ValueError, match="past the 64 of the backbone 'tiny-gpt2' .* at most 43"):
+        run_stream(toy_generative_stream(), model, lora, TrainConfig(**{**FAST, "max_length": 64}), tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+    short = TrainConfig(**{**FAST, "max_length": 43, "max_steps": 4, "eval_every": 2})
+    assert run_stream(toy_generative_stream(), model, lora, short, tmp_path / "b").matrix.R.shape == (3, 3)
+
+
 @pytest.mark.integration  # end to end: a whole stream, resumed, logged or served
 def test_fusion_routing_and_transfer_on_generative_tasks(tiny_lm_dir, tmp_path):
     """A finished generative run: continual fusion over the tasks' LoRAs trains and never forgets;

@@ -71,6 +71,29 @@ def check_generative_length(max_length: int) -> None:
                          "one of them the end of sequence); use at least 4")
 
 
+def generation_reach(max_length: int) -> int:
+    """Positions a decoder's scoring can reach at ``max_length``: a prompt of up to max_length - 1
+    tokens (the answer keeps at least its end of sequence) and then the longest answer generated."""
+    return max_length - 1 + min(MAX_NEW_TOKENS, answer_room(max_length) + 1)
+
+
+def check_generation_room(model: Any, max_length: int) -> None:
+    """A decoder with a table of absolute positions (GPT-2's) has none past it: scoring a task at
+    ``max_length`` runs prompt + generated answer through it, and past the table that was an index
+    error (a device assert on a GPU) after the first task had trained. Refused before anything runs."""
+    from adapters.peft_export import rope_of
+
+    from .config import position_limit
+
+    limit = position_limit(model)
+    if limit is None or model.seq2seq or rope_of(model.backbone) is not None or generation_reach(max_length) <= limit:
+        return  # relative or rotary positions (T5, Llama-family) have no table to run past
+    fits = next(n for n in range(max_length, 0, -1) if generation_reach(n) <= limit)
+    raise ValueError(f"max_length {max_length}: scoring a generative task generates up to {generation_reach(max_length)} "
+                     f"positions (prompt, then answer), past the {limit} of the backbone {model.backbone_name!r} "
+                     f"(absolute positions); use a max_length of at most {fits}")
+
+
 def answers_cut(dataset: Dataset) -> int:
     """How many of a tokenised generative split's answers were cut to fit the length."""
     return sum(dataset["answer_cut"]) if "answer_cut" in dataset.column_names else 0
