@@ -142,6 +142,9 @@ def test_a_decoder_with_absolute_positions_has_room_to_generate_the_answers(word
     lora = make_strategy("per-task", [{"method": "lora", "rank": 4, "targets": ["attn.c_attn"]}])
     with pytest.raises(ValueError, match="past the 64 of the backbone 'tiny-gpt2' .* at most 43"):
         run_stream(toy_generative_stream(), model, lora, TrainConfig(**{**FAST, "max_length": 64}), tmp_path / "a")
+    prompt = make_strategy("per-task", [{"method": "prompt", "num_tokens": 10}])  # 10 positions more
+    with pytest.raises(ValueError, match=r"reaches position 73 \(10 prepended, .* at most 37 or prepend fewer"):
+        run_stream(toy_generative_stream(), model, prompt, TrainConfig(**{**FAST, "max_length": 43}), tmp_path / "a")
     assert not (tmp_path / "a").exists()
     short = TrainConfig(**{**FAST, "max_length": 43, "max_steps": 4, "eval_every": 2})
     assert run_stream(toy_generative_stream(), model, lora, short, tmp_path / "b").matrix.R.shape == (3, 3)

@@ -77,21 +77,23 @@ def generation_reach(max_length: int) -> int:
     return max_length - 1 + min(MAX_NEW_TOKENS, answer_room(max_length) + 1)
 
 
-def check_generation_room(model: Any, max_length: int) -> None:
+def check_generation_room(model: Any, max_length: int, added: int = 0) -> None:
     """A decoder with a table of absolute positions (GPT-2's) has none past it: scoring a task at
     ``max_length`` runs prompt + generated answer through it, and past the table that was an index
-    error (a device assert on a GPU) after the first task had trained. Refused before anything runs."""
+    error (a device assert on a GPU) after the first task had trained. Refused before anything runs.
+    ``added``: the positions the task's methods prepend (prompt tuning's tokens)."""
     from adapters.peft_export import rope_of
 
     from .config import position_limit
 
     limit = position_limit(model)
-    if limit is None or model.seq2seq or rope_of(model.backbone) is not None or generation_reach(max_length) <= limit:
+    if limit is None or model.seq2seq or rope_of(model.backbone) is not None or added + generation_reach(max_length) <= limit:
         return  # relative or rotary positions (T5, Llama-family) have no table to run past
-    fits = next(n for n in range(max_length, 0, -1) if generation_reach(n) <= limit)
-    raise ValueError(f"max_length {max_length}: scoring a generative task generates up to {generation_reach(max_length)} "
-                     f"positions (prompt, then answer), past the {limit} of the backbone {model.backbone_name!r} "
-                     f"(absolute positions); use a max_length of at most {fits}")
+    fits = next((n for n in range(max_length, 0, -1) if added + generation_reach(n) <= limit), 0)
+    raise ValueError(f"max_length {max_length}: scoring a generative task reaches position {added + generation_reach(max_length)} "
+                     f"({f'{added} prepended, ' if added else ''}prompt, then the generated answer), past the {limit} of the "
+                     f"backbone {model.backbone_name!r} (absolute positions); use a max_length of at most {fits}"
+                     + (" or prepend fewer positions" if added else ""))
 
 
 def answers_cut(dataset: Dataset) -> int:
