@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .metrics import AccuracyMatrix
-from .rundir import RunStateError, atomic_write, read_state, run_info, sealed, write_state
+from .rundir import RunLock, RunStateError, atomic_write, read_state, run_info, sealed, write_state
 from .tracking import DEFAULT_EXPERIMENT, MLflowLogger, live_run, step_metrics
 
 RESULT_FILES = ("results.json", "matrix.csv", "matrix_f1.csv", "heatmap.png", "stream.yaml")
@@ -59,9 +59,21 @@ def sync_run(run_dir: str | Path, tracking_uri: str, experiment: str = DEFAULT_E
     directory that store already holds is not logged twice: its run id comes back unless
     ``again`` (then a copy is logged)."""
     run = Path(run_dir)
-    info = run_info(run)
-    if not info:
+    if not run_info(run):
         raise RunStateError(f"{run} holds no results.json or state.json: not a stream run directory")
+    try:  # the run's own lock: a run still going writes its state after every task
+        lock = RunLock(run).acquire()
+    except RunStateError:
+        holder = (run / ".lock").read_text().strip() or "another process"
+        raise RunStateError(f"{run} is in use by a live run ({holder}): sync it once that has ended (now it would be "
+                            "logged unfinished, and the run's next save would drop the record of this upload)") from None
+    try:
+        return _sync(run, run_info(run), tracking_uri, experiment, run_name, again)
+    finally:
+        lock.release()
+
+
+def _sync(run: Path, info: dict[str, Any], tracking_uri: str, experiment: str, run_name: str | None, again: bool) -> str:
     existing = None if again else logged_already(info, tracking_uri, experiment)
     if existing:
         return existing

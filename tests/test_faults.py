@@ -288,6 +288,16 @@ def test_server_stopped_mid_run_loses_nothing_and_sync_uploads_it(text_model, tm
     assert len(client.search_runs(experiment, "attributes.run_name = 'run'")) == 1
     assert main(["sync", str(tmp_path / "run"), "--tracking-uri", store, "--again"]) == 0
     assert len(client.search_runs(experiment, "attributes.run_name = 'run'")) == 2
+    # a run still going (its lock held) is not synced: it would be logged unfinished, and two
+    # writers of its state.json could each drop the other's save
+    from continual.rundir import RunLock
+
+    lock = RunLock(tmp_path / "run").acquire()
+    try:
+        assert main(["sync", str(tmp_path / "run"), "--tracking-uri", store, "--again"]) == 2
+    finally:
+        lock.release()
+    assert len(client.search_runs(experiment, "attributes.run_name = 'run'")) == 2
 
 
 def test_two_runs_starting_together_on_a_new_sqlite_store(tmp_path):
