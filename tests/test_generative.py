@@ -146,6 +146,9 @@ def test_a_decoder_with_absolute_positions_has_room_to_generate_the_answers(word
     with pytest.raises(ValueError, match=r"reaches position 73 \(10 prepended, .* at most 37 or prepend fewer"):
         run_stream(toy_generative_stream(), model, prompt, TrainConfig(**{**FAST, "max_length": 43}), tmp_path / "a")
     assert not (tmp_path / "a").exists()
+    chain = make_strategy("progressive-prompts", [{"method": "prompt", "num_tokens": 4}])  # 3 tasks x 4 in front
+    with pytest.raises(ValueError, match=r"reaches position 75 \(12 prepended, .* at most 35"):
+        run_stream(toy_generative_stream(), model, chain, TrainConfig(**{**FAST, "max_length": 43}), tmp_path / "a")
     short = TrainConfig(**{**FAST, "max_length": 43, "max_steps": 4, "eval_every": 2})
     assert run_stream(toy_generative_stream(), model, lora, short, tmp_path / "b").matrix.R.shape == (3, 3)
 

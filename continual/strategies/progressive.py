@@ -24,6 +24,7 @@ from adapters.model import MethodSpec
 from streams import Task, TaskStream
 
 from ..training import position_limit
+from ..training.data import check_generation_room
 from .base import Strategy, head_of
 
 
@@ -47,6 +48,8 @@ class ProgressivePrompts(Strategy):
         if limit is not None and len(stream) * per_task + longest > limit:
             raise ValueError(f"progressive-prompts: {len(stream)} tasks x {per_task} prompt tokens + the longest task's "
                              f"{longest} tokens exceed the backbone's {limit} positions; use fewer prompt tokens")
+        for length in {t.max_length or max_length for t in stream if t.generative and (t.max_length or max_length)}:
+            check_generation_room(model, length, len(stream) * per_task)  # the whole chain, then the answer
 
     def prepare(self, model: DeltaModel, task: Task) -> None:
         model.add_task(task.name, self.methods, **head_of(task))
