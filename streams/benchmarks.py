@@ -68,7 +68,8 @@ def parse(spec: str) -> tuple[str, Path, dict[str, Any]]:
             raise DataError(f"stream {spec!r}: {key!r} given twice")
         options[key] = value if key != "generative" else True
     if not ":".join(parts):
-        raise DataError(f"stream {spec!r}: give the folder, e.g. {layout}:/data/CL_Benchmark:order=1")
+        example = "cl-benchmark:/data/CL_Benchmark:order=1" if layout == "cl-benchmark" else f"{layout}:/data/TRACE"
+        raise DataError(f"stream {spec!r}: give the folder, e.g. {example}")
     return layout, Path(":".join(parts)).expanduser(), options
 
 

@@ -83,6 +83,8 @@ def test_trace_layout_reads_prompt_answer_splits_with_each_data_sets_metric(tmp_
     ("cl-benchmark:{root}:tasks=yelp", "labels.json"),
     ("trace:{root}:generative", "always generative"),
     ("trace:{root}", "no .*C-STANCE/train.json"),
+    ("trace:", r"give the folder, e\.g\. trace:/data/TRACE$"),  # it showed a CL_Benchmark path with an order
+    ("cl-benchmark::order=2", r"give the folder, e\.g\. cl-benchmark:/data/CL_Benchmark:order=1"),
 ])
 def test_bad_specs_and_folders_get_clear_errors(tmp_path, spec, message):
     root = write_cl_benchmark(tmp_path / "CL", names=("dbpedia", "amazon", "yahoo", "agnews", "yelp"))
