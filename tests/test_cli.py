@@ -330,6 +330,8 @@ def test_compare_entry_with_strategy_options_after_its_methods_names_the_order()
 
     with pytest.raises(ValueError, match="before the methods: ewc@ewc_lambda=1e3:lora"):
         parse_entry("ewc:lora@ewc_lambda=1e3")
+    with pytest.raises(ValueError, match="names no method after ':'"):
+        parse_entry("per-task:")
     entry = parse_entry("ewc@ewc_lambda=1e3:lora:rank=4")
     assert entry.options == {"ewc_lambda": 1000.0} and entry.methods[0].rank == 4
 

@@ -64,8 +64,10 @@ class Entry:
 def parse_entry(text: str) -> Entry:
     """``per-task:lora+bitfit``, ``seq-ft``, ``per-task:lora:rank=4`` (options as in --method),
     ``avalanche-ewc@ewc_lambda=100`` (strategy options as in --strategy-option)."""
-    head, _, methods = text.partition(":")
+    head, colon, methods = text.partition(":")
     strategy, _, opts = head.partition("@")
+    if colon and not methods.strip():  # it ran the default method under a label naming none
+        raise ValueError(f"entry {text!r} names no method after ':'; give one (e.g. {head}:lora) or drop the ':'")
     if strategy not in STRATEGIES:
         raise ValueError(f"entry {text!r}: unknown strategy {strategy!r}; one of {', '.join(STRATEGIES)}")
     if "@" in methods:  # read as part of a method's name or value, it was an unknown method or a bad number
