@@ -13,6 +13,7 @@ parser sees configs, never strings.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any, Sequence
 
@@ -36,23 +37,26 @@ def parse_options(text: str, context: str | None = None, given: dict[str, Any] |
         if key in out or key in (given or {}):
             raise ConfigError(f"option {key!r} is given twice (in {context or text!r}): give it once")
         try:
-            out[key] = _exponents(yaml.safe_load(value))
+            out[key] = yaml.load(value, Loader=_loader())
         except yaml.YAMLError as e:
             raise ConfigError(f"option {item!r}: cannot read the value ({e.problem})") from None
     return out
 
 
-# YAML 1.1 (PyYAML) reads 1e-3 as a string (its floats need a dot: 1.0e-3), so lr=1e-3 or
-# ewc_lambda=1e4 were refused as text; numbers written with an exponent are read as floats here.
-_EXPONENT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+@functools.cache
+def _loader() -> type:
+    """SafeLoader that reads numbers written with an exponent and no dot (``1e-3``) as floats, as
+    YAML 1.2 does: PyYAML's YAML 1.1 rules read them as text, so lr=1e-3 or ewc_lambda=1e4 were
+    refused. (Stream files are read the same way, streams/safe_yaml.py; the layers keep the two
+    packages from sharing one.)"""
+    import yaml
 
+    class Loader(yaml.SafeLoader):
+        pass
 
-def _exponents(value: Any) -> Any:
-    if isinstance(value, str) and _EXPONENT.fullmatch(value.strip()):
-        return float(value)
-    if isinstance(value, list):
-        return [_exponents(v) for v in value]
-    return value
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+                                 list("-+0123456789."))
+    return Loader
 
 
 def _split_top_level(text: str) -> list[str]:

@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from adapters import DeltaModel, backbone_fingerprint, get_method
+from adapters import DeltaModel, backbone_fingerprint
 from streams import Task, TaskStream
 
 from . import agnostic, rundir
@@ -40,7 +40,7 @@ from .strategies import Strategy
 from .tracking import GuardedLogger, StreamLogger, step_metrics
 from .training import TrainConfig, check_generative_length, check_lengths, distributed, evaluate
 from .training.data import check_generation_room
-from .training.config import MAX_RUN_SEED, check_seed
+from .training.config import MAX_RUN_SEED, check_seed, positions_added
 
 
 def task_seed(seed: int, index: int) -> int:
@@ -318,7 +318,7 @@ def run_stream(
                   source=f" (task {longest.name}'s own: set it with max_length in a stream file)" if longest.max_length else "")
     for length in {t.max_length or config.max_length for t in stream if t.generative}:
         check_generative_length(length)
-        check_generation_room(model, length, max((get_method(m.method).positions_added(m) for m in strategy.methods), default=0))
+        check_generation_room(model, length, positions_added(strategy.methods))
     check_distributed(strategy, config)
     if not distributed.is_main():
         config = dataclasses.replace(config, progress=False)  # one set of progress bars: rank 0's

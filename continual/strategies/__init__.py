@@ -63,9 +63,10 @@ def make_strategy(name: str, methods: Sequence[MethodSpec] | MethodSpec | None =
     elif isinstance(methods, (dict, DeltaConfig)):
         methods = [methods]
     params = inspect.signature(cls).parameters
+    any_keyword = any(v.kind is inspect.Parameter.VAR_KEYWORD for v in params.values())
     named = [p for p, v in params.items() if p != "methods" and v.kind is not inspect.Parameter.VAR_KEYWORD]
     unknown = sorted(set(options) - set(named))
-    if unknown and not any(v.kind is inspect.Parameter.VAR_KEYWORD for v in params.values()):
+    if unknown and not any_keyword:
         # checked by name: a TypeError raised inside a constructor is not an unknown option
         raise ValueError(f"strategy {name!r}: unknown option(s) {unknown}; its options: {', '.join(named) or 'none'}")
     return cls(**options) if cls.trains_backbone else cls(methods, **options)

@@ -43,7 +43,7 @@ class TransferMatrix:
         rel = self.relative
         lines = ["| source \\ target | " + " | ".join(self.tasks) + " |", "|---|" + "---|" * len(self.tasks)]
         for i, t in enumerate(self.tasks):
-            cells = ["" if np.isnan(a) else "-" + f" ({a:.3f})" if np.isnan(v) else f"{v:.3f} ({a:.3f})"
+            cells = ["" if np.isnan(a) else f"- ({a:.3f})" if np.isnan(v) else f"{v:.3f} ({a:.3f})"
                      for v, a in zip(rel[i], self.accuracy[i])]
             lines.append(f"| {t} | " + " | ".join(cells) + " |")
         return ("\n".join(lines) + "\n\nrelative performance (accuracy in brackets); empty: label spaces differ; "

@@ -229,7 +229,7 @@ def check_lengths(model: Any, max_length: int, methods: Sequence[DeltaConfig] = 
                          f"{getattr(model, 'backbone_name', '')!r} adds {special} special tokens to every example; "
                          f"use a max_length of at least {special + 1}")
     limit = position_limit(model)
-    added = max((get_method(m.method).positions_added(m) for m in methods), default=0)
+    added = positions_added(methods)
     if limit is not None and max_length + added > limit:
         extra = f" + {added} prepended positions ({', '.join(m.method for m in methods)})" if added else ""
         # the remedy must be one that exists: when the prepended positions leave no room for a
@@ -238,6 +238,12 @@ def check_lengths(model: Any, max_length: int, methods: Sequence[DeltaConfig] = 
                f"prepend fewer positions (at most {limit - special - 1}, e.g. num_tokens)")
         raise ValueError(f"max_length {max_length}{source}{extra} exceeds the {limit} positions of the backbone "
                          f"{getattr(model, 'backbone_name', '')!r}; {fix}")
+
+
+def positions_added(methods: Sequence[DeltaConfig]) -> int:
+    """Positions the methods of a task prepend to its input (prompt tuning's tokens), as
+    :func:`check_lengths` counts them."""
+    return max((get_method(m.method).positions_added(m) for m in methods), default=0)
 
 
 def position_limit(model: Any) -> int | None:
