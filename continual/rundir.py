@@ -2,7 +2,7 @@
 
     <out>/state.json                  RunState: what must match to resume, steps done, the matrix so far
     <out>/state-step<k>.safetensors   everything training changed, after step k (see Strategy.state)
-    <out>/results.json, matrix.csv, matrix_f1.csv, heatmap.png, stream.yaml   when finished
+    <out>/results.json, matrix*.csv, heatmap*.png, stream.yaml   when finished (RUN_FILES)
     <out>/checkpoints/<task>/<name>/  each task's shareable delta checkpoint (+ backbone.safetensors
                                       for strategies that fine-tune the backbone)
 
@@ -195,14 +195,16 @@ def read_tensors(out: Path, state: RunState, device: torch.device) -> dict[str, 
         raise RunStateError(f"{path} cannot be read ({e}); start again with --overwrite") from None
 
 
+#: what a run writes beside state.json (and its tensors), its checkpoints folder last
+RUN_FILES = ("results.json", "matrix.csv", "matrix_f1.csv", "matrix_agnostic.csv", "heatmap.png", "heatmap_agnostic.png",
+             "stream.yaml", "checkpoints")
+
+
 def clear_run(out: Path) -> None:
-    """Remove a saved run (``--overwrite``): its state, results and checkpoints (an old task's
-    checkpoint left behind would be loaded by ``route`` or ``transfer`` as the new run's)."""
-    for old in [out / "state.json", *out.glob("state-step*.safetensors"), out / "results.json", out / "matrix.csv",
-                out / "matrix_f1.csv", out / "matrix_agnostic.csv", out / "heatmap.png", out / "heatmap_agnostic.png",
-                out / "stream.yaml"]:
+    """Remove a saved run (``--overwrite``), checkpoints too (``route`` would load an old one's)."""
+    for old in [out / "state.json", *out.glob("state-step*.safetensors"), *(out / n for n in RUN_FILES[:-1])]:
         old.unlink(missing_ok=True)
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    shutil.rmtree(out / RUN_FILES[-1], ignore_errors=True)
 
 
 def check_out(out: Path, what: str = "the run", option: str = "--out") -> None:
@@ -307,11 +309,9 @@ def write_results(out: Path, stream: TaskStream, state: RunState, metrics: dict[
                 w.writerow(["untrained"] + [_csv_cell(v) for v in b])
             for n, r in zip(matrix.tasks, M):
                 w.writerow([n] + [_csv_cell(v) for v in r])
-    png = heatmap(matrix, out / "heatmap.png", f"{stream.name}: {score_label(matrix)} R[i, j]")
-    agnostic = heatmap(matrix, out / "heatmap_agnostic.png", f"{stream.name}: {score_label(matrix)} without the task id",
-                       agnostic=True)
-    return [out / "results.json", out / "matrix.csv", out / "matrix_f1.csv", out / "matrix_agnostic.csv", png, agnostic,
-            out / "stream.yaml"]
+    heatmap(matrix, out / "heatmap.png", f"{stream.name}: {score_label(matrix)} R[i, j]")
+    heatmap(matrix, out / "heatmap_agnostic.png", f"{stream.name}: {score_label(matrix)} without the task id", agnostic=True)
+    return [out / n for n in RUN_FILES[:-1]]
 
 
 def run_info(run_dir: str | Path) -> dict[str, Any]:

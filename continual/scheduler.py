@@ -79,6 +79,12 @@ def _open(out: Path, identity: dict[str, Any], steps: int, resume: bool, overwri
     """The saved state to continue, or None to start afresh; refuses a run that does not match."""
     state_path = out / "state.json"
     if not state_path.exists():
+        # a run writes state.json before anything else: these names without it are not a run of
+        # ours (a user's files, or a run whose state was removed), and a new run would replace them
+        theirs = [n for n in rundir.RUN_FILES if (out / n).exists()]
+        if theirs:
+            raise RunStateError(f"{out} holds {', '.join(theirs)} but no state.json, so no run this tool can resume "
+                                "or replace; a run there would overwrite them. Give another --out, or move them away")
         return None
     if overwrite and not resume:
         rundir.clear_run(out)

@@ -189,6 +189,19 @@ def test_overwrite_deletes_nothing_when_the_command_is_invalid(finished_run, tmp
     assert "no CUDA GPU" in err and "lr must be a finite number > 0" in err and "exceeds the 64 positions" in err
 
 
+@pytest.mark.parametrize("extra", [[], ["--overwrite"]])
+def test_a_folder_of_the_users_files_is_not_taken_for_a_run(tmp_path, capsys, tiny_backbone_dir, extra):
+    # no state.json: nothing there is a run of ours, so nothing there may be replaced by one
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "results.json").write_text('{"my": "numbers"}')
+    argv = ["run", "--stream", str(toy_yaml(tmp_path)), "--backbone", str(tiny_backbone_dir), "--out", str(out),
+            "--no-mlflow", "--no-progress", *extra]
+    assert main(argv) == 2
+    assert "holds results.json but no state.json" in capsys.readouterr().err
+    assert (out / "results.json").read_text() == '{"my": "numbers"}' and sorted(p.name for p in out.iterdir()) == [".lock", "results.json"]
+
+
 @pytest.mark.parametrize("bad, message", [
     (["--lr", "nan"], "lr must be a finite number > 0, got nan"),
     (["--lr", "-1"], "lr must be a finite number > 0, got -1.0"),
