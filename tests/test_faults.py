@@ -208,6 +208,9 @@ def test_a_folder_of_the_users_files_is_not_taken_for_a_run(tmp_path, capsys, ti
     (["--eval-every", "0"], "eval_every must be an integer >= 1"),
     (["--max-length", "0"], "max_length must be an integer >= 1"),
     (["--max-length", "63", "--method", "prompt:num_tokens=8"], "max_length 63 + 8 prepended positions (prompt) exceeds"),
+    # two input transforms in one combination each prepend their own tokens: 56 + 5 + 2*3 > 64
+    (["--max-length", "56", "--method", "prompt:num_tokens=5", "--method", "prompt_pool:top_k=2,prompt_length=3"],
+     "max_length 56 + 11 prepended positions (prompt, prompt_pool) exceeds"),
     # the remedy offered must exist: no max_length helps when the prompt alone fills the table
     (["--max-length", "16", "--method", "prompt:num_tokens=100"], "; prepend fewer positions (at most 61, e.g. num_tokens)"),
     (["--max-length", "50", "--method", "prompt:num_tokens=20"], "; use a max_length of at most 44"),

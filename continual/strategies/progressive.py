@@ -24,6 +24,7 @@ from adapters.model import MethodSpec
 from streams import Task, TaskStream
 
 from ..training import position_limit
+from ..training.config import positions_added
 from ..training.data import check_generation_room
 from .base import Strategy, head_of
 
@@ -42,7 +43,7 @@ class ProgressivePrompts(Strategy):
 
     def check_stream(self, stream: TaskStream, model: DeltaModel, max_length: int | None = None) -> None:
         super().check_stream(stream, model, max_length)
-        per_task = sum(get_method(m.method).positions_added(m) for m in self.methods)
+        per_task = positions_added(self.methods)
         limit = position_limit(model)
         longest = max((t.max_length or max_length or 0) for t in stream)
         if limit is not None and len(stream) * per_task + longest > limit:

@@ -241,9 +241,9 @@ def check_lengths(model: Any, max_length: int, methods: Sequence[DeltaConfig] = 
 
 
 def positions_added(methods: Sequence[DeltaConfig]) -> int:
-    """Positions the methods of a task prepend to its input (prompt tuning's tokens), as
-    :func:`check_lengths` counts them."""
-    return max((get_method(m.method).positions_added(m) for m in methods), default=0)
+    """Positions ``methods`` (one task's combination, or every active task's) prepend to an input:
+    each active input transform prepends its own tokens in turn, so they add up."""
+    return sum(get_method(m.method).positions_added(m) for m in methods)
 
 
 def position_limit(model: Any) -> int | None:
