@@ -124,8 +124,15 @@ def check_tracking_uri(uri: str) -> str:
     try:
         registry.get_store_builder(uri)
     except Exception:  # noqa: BLE001 - MLflow raises its own exception types, which vary by version
-        raise ValueError(f"tracking URI {uri!r}: MLflow has no tracking store for its scheme; use a sqlite:///FILE.db, "
-                         "a directory, or an http(s)://HOST:PORT server") from None
+        raise ValueError(f"tracking URI {uri!r}: MLflow has no tracking store for its scheme; use a sqlite:///FILE.db "
+                         "or an http(s)://HOST:PORT server") from None
+    try:  # MLflow 3.x raises on opening a directory store unless allowed: say so before anything trains
+        from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE as allowed
+    except ImportError:
+        return uri
+    if re.match(r"(file:|[^:]*$)", uri) and not allowed.get():
+        raise ValueError(f"{uri}: this MLflow version refuses file stores (maintenance mode); use a database store such "
+                         "as sqlite:///mlflow.db (or set MLFLOW_ALLOW_FILE_STORE=true)")
     return uri
 
 

@@ -215,6 +215,9 @@ def test_a_folder_of_the_users_files_is_not_taken_for_a_run(tmp_path, capsys, ti
     (["--max-length", "16", "--method", "prompt:num_tokens=100"], "; prepend fewer positions (at most 61, e.g. num_tokens)"),
     (["--max-length", "50", "--method", "prompt:num_tokens=20"], "; use a max_length of at most 44"),
     (["--tracking-uri", "sqlite:///"], "names no database file"),
+    # MLflow 3 refuses to open a directory store: the run had trained, then said logging stopped
+    (["--tracking-uri", "mlruns"], "mlruns: this MLflow version refuses file stores"),
+    (["--tracking-uri", "file:./mlruns"], "use a database store such as sqlite:///mlflow.db"),
 ])
 def test_invalid_settings_are_refused_before_anything_runs(tiny_backbone_dir, tmp_path, capsys, bad, message):
     argv = ["run", "--stream", str(toy_yaml(tmp_path)), "--backbone", str(tiny_backbone_dir), "--out", str(tmp_path / "o"),

@@ -61,9 +61,6 @@ def tracking_failure(e: BaseException, uri: str) -> str:
                 "--port 5000) or give another --tracking-uri")
     if "timed out" in text.lower() or "Read timed out" in text:
         return f"the MLflow server at {uri} does not answer (timed out): check it, or give another --tracking-uri"
-    if "filesystem tracking backend" in text:
-        return (f"{uri}: this MLflow version refuses file stores (maintenance mode); use a database store such as "
-                "sqlite:///mlflow.db (or set MLFLOW_ALLOW_FILE_STORE=true)")
     return f"the MLflow store {uri} failed: {(text.splitlines() or [''])[0][:300]}"
 
 
