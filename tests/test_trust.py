@@ -141,6 +141,24 @@ def test_overwrite_removes_the_old_runs_checkpoints(text_model, tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["a", "b"]
 
 
+def _refuse(job: str) -> str:
+    if job.startswith("bad"):
+        raise ValueError(f"no such backbone {job[3:] or 'x'}")
+    return job
+
+
+def test_a_study_whose_runs_all_fail_alike_says_it_once():
+    from continual.studies.pool import PoolError, run_all
+
+    with pytest.raises(PoolError, match=r"^all 3 run\(s\) failed: ValueError: no such backbone x$"):
+        run_all(_refuse, ["bad"] * 3, ["a", "b", "c"])
+    with pytest.raises(PoolError) as e:  # different errors, none finished: each is named, nothing claimed kept
+        run_all(_refuse, ["bad", "bad2"], ["a", "b"])
+    assert "2 run(s) failed (none finished)" in str(e.value) and "b: ValueError: no such backbone 2" in str(e.value)
+    with pytest.raises(PoolError, match="1 run\\(s\\) failed \\(the others finished and are kept\\)"):
+        run_all(_refuse, ["ok", "bad"], ["a", "b"])
+
+
 @pytest.mark.slow
 @pytest.mark.integration  # spawns worker processes
 def test_a_killed_pool_worker_costs_only_its_own_run():

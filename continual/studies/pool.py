@@ -30,10 +30,14 @@ import torch
 class PoolError(RuntimeError):
     """Some runs of a study failed; ``failures`` maps each one's label to its error text."""
 
-    def __init__(self, failures: dict[str, str]) -> None:
+    def __init__(self, failures: dict[str, str], total: int | None = None) -> None:
         self.failures = failures
+        if len(failures) == total and len(set(failures.values())) == 1:  # a bad setting: say it once
+            super().__init__(f"all {total} run(s) failed: {next(iter(failures.values()))}")
+            return
         lines = "\n".join(f"  {k}: {v}" for k, v in failures.items())
-        super().__init__(f"{len(failures)} run(s) failed (the others finished and are kept):\n{lines}")
+        kept = "none finished" if len(failures) == total else "the others finished and are kept"
+        super().__init__(f"{len(failures)} run(s) failed ({kept}):\n{lines}")
 
 
 def _set_threads(threads: int) -> None:
@@ -106,7 +110,7 @@ def _collect(outcomes: Any, labels: Sequence[str], done: Callable[[str, Any], No
         elif done is not None:
             done(labels[i], out)
     if failures:
-        raise PoolError(failures)
+        raise PoolError(failures, len(labels))
     return results
 
 
