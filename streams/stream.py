@@ -138,9 +138,14 @@ def benchmark_stream(spec: str, seed: int = 0, max_train: int | None = None, max
     return TaskStream(name, tasks, {**identity, **settings})
 
 
-def stream_from_yaml(path: str | Path, seed: int = 0, max_train: int | None = None, max_eval: int | None = None) -> TaskStream:
+def stream_from_yaml(path: str | Path, seed: int = 0, max_train: int | None = None, max_eval: int | None = None,
+                     origin: Path | None = None, spec: dict[str, Any] | None = None) -> TaskStream:
+    """A stream file, or a run's record of its stream (see :func:`stream_from_record`). ``spec``:
+    the file's content, read from ``origin`` (default: ``path``; relative data paths start there)."""
     path = Path(path)
-    spec = load_yaml(path)
+    spec = load_yaml(path) if spec is None else spec
+    if isinstance(spec, dict) and "tasks_resolved" in spec:
+        return stream_from_record(path, spec)
     if not isinstance(spec, dict) or not isinstance(spec.get("tasks"), list) or not spec["tasks"]:
         raise DataError(f"{path}: expected a mapping with a non-empty 'tasks:' list")
     _check_keys(spec, _STREAM_KEYS, f"{path}")
@@ -155,8 +160,33 @@ def stream_from_yaml(path: str | Path, seed: int = 0, max_train: int | None = No
         if entry["name"] in names:
             raise DataError(f"{path}: task name {entry['name']!r} appears twice (tasks {names[entry['name']]} and {i})")
         names[entry["name"]] = i
-    tasks = [_yaml_task(entry, path.parent, settings, f"{path}: task {entry['name']!r}") for entry in spec["tasks"]]
-    return TaskStream(str(spec.get("name", path.stem)), tasks, {"file": str(path.resolve()), **spec, **settings})
+    origin = origin or path.resolve()
+    tasks = [_yaml_task(entry, origin.parent, settings, f"{path}: task {entry['name']!r}") for entry in spec["tasks"]]
+    return TaskStream(str(spec.get("name", path.stem)), tasks, {"file": str(origin), **spec, **settings})
+
+
+def stream_from_record(path: Path, record: dict[str, Any]) -> TaskStream:
+    """The ``stream.yaml`` a run writes beside its results, read back as the stream it ran: the
+    same built-in stream, benchmark folder or stream file (its data paths taken from where that
+    file was), with the recorded seed and caps; each task's data must still hash to the recorded
+    fingerprint (a changed file would give another run under the same name)."""
+    settings = {k: record.get(k) for k in ("seed", "max_train", "max_eval")}
+    if "root" in record:  # a benchmark folder: its spec string again
+        options = "".join(f":{k}" if v is True else f":{k}={v}" for k, v in record.items() if k in ("order", "tasks", "generative"))
+        stream = benchmark_stream(f"{record['stream']}:{record['root']}{options}", **settings)
+    elif "stream" in record:
+        stream = builtin_stream(str(record["stream"]), **settings)
+    elif isinstance(record.get("file"), str):
+        spec = {k: v for k, v in record.items() if k not in ("file", "tasks_resolved")}
+        stream = stream_from_yaml(path, origin=Path(record["file"]), spec=spec)
+    else:
+        raise DataError(f"{path}: a run's stream record names no stream ('stream', 'root' or 'file')")
+    recorded = {t.get("name"): t.get("fingerprint") for t in record["tasks_resolved"] if isinstance(t, dict)}
+    for name, fingerprint in stream.fingerprints().items():
+        if recorded.get(name) != fingerprint:
+            raise DataError(f"{path}: task {name!r}: its data differ from those of the run this file records (its "
+                            "files or data package changed since); restore them, or run the stream file itself")
+    return stream
 
 
 def _check_settings(spec: dict[str, Any], settings: dict[str, Any], where: str) -> None:
