@@ -2,8 +2,9 @@
 
 A checkpoint is a directory with two files:
   delta.safetensors   the task's parameters (names relative to the task)
-  delta.json          method configs, labels, head settings, the backbone's fingerprint and the
-                      SHA-256 of the tensor file (so a truncated or corrupted copy is caught)
+  delta.json          method configs, labels, head settings, the backbone's fingerprint, the
+                      SHA-256 of the tensor file (so a truncated or corrupted copy is caught) and
+                      of its own content (``checksum``: an edited or damaged file is refused)
 
 Loading checks the fingerprint: a delta trained on another backbone is refused, not silently
 applied to the wrong weights.
@@ -18,7 +19,7 @@ from typing import Any
 from safetensors.torch import save_file
 
 from .errors import CheckpointError, DeltaError
-from .fingerprint import backbone_fingerprint, read_json, read_tensors, sha256_file
+from .fingerprint import backbone_fingerprint, json_digest, read_json, read_tensors, sha256_file
 from .model import DeltaModel
 
 FORMAT = "delta-continual/task-checkpoint"
@@ -50,7 +51,7 @@ def save_task(model: DeltaModel, name: str, directory: str | Path) -> Path:
         "tensors_sha256": sha256_file(out / TENSORS),
     }
     tmp = out / (META + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
+    tmp.write_text(json.dumps({**meta, "checksum": json_digest(meta)}, indent=2))
     tmp.replace(out / META)
     return out
 
@@ -65,6 +66,10 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not a delta-continual task checkpoint")
     if meta.get("version") != VERSION:
         raise CheckpointError(f"{path} has format version {meta.get('version')}; this library reads version {VERSION}")
+    # (checkpoints saved before checksums were recorded have none; their tensors are still checked)
+    if "checksum" in meta and meta["checksum"] != json_digest(meta):
+        raise CheckpointError(f"{path} does not match its checksum: the file was edited or damaged (its configs, "
+                              "labels or head settings would load as something else); restore it from a copy")
     return meta
 
 

@@ -59,6 +59,13 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"cannot read {path}: {e}") from None
 
 
+def json_digest(data: dict[str, Any], skip: str = "checksum") -> str:
+    """SHA-256 of ``data`` (its ``skip`` key left out) in one canonical JSON form: what a file that
+    carries its own checksum records, so an edit or a damaged byte in it is caught on reading."""
+    body = {k: v for k, v in data.items() if k != skip}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def read_json(path: Path) -> Any:
     """A JSON file's content; a corrupt or truncated one is a CheckpointError naming it."""
     try:

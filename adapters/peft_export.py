@@ -43,7 +43,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .fingerprint import backbone_fingerprint, sha256_file
+from .fingerprint import backbone_fingerprint, json_digest, sha256_file
 from .targets import block_paths
 from .config import DeltaConfig
 from .errors import ConfigError
@@ -134,7 +134,7 @@ def export_peft(model: Any, name: str, directory: str | Path, base_model: str | 
             "pooling": getattr(task.head, "pooling", None), "generative": bool(getattr(task.head, "generative", False)),
             "backbone": backbone_fingerprint(model.backbone), "backbone_name": model.backbone_name,
             "sha256": {f: sha256_file(out / f) for f in (*files, CONFIG)}}
-    _write_json(out / SIDECAR, meta)
+    _write_json(out / SIDECAR, {**meta, "checksum": json_digest(meta)})  # the record seals itself too
     return out
 
 

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .fingerprint import backbone_fingerprint, read_json, read_tensors, sha256_file
+from .fingerprint import backbone_fingerprint, json_digest, read_json, read_tensors, sha256_file
 from .config import DeltaConfig
 from .errors import CheckpointError, DeltaError
 from .peft_export import CONFIG, HEAD, PREFIX_REASON, ROOT, SIDECAR, SIDECAR_FORMAT, WEIGHTS, rope_of, rotate_keys
@@ -117,6 +117,9 @@ def sidecar(directory: Path) -> dict[str, Any] | None:
     meta = read_json(path)
     if not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT:
         raise CheckpointError(f"{path} is not a delta-continual export record")
+    if "checksum" in meta and meta["checksum"] != json_digest(meta):  # (exports before seals have none)
+        raise CheckpointError(f"{path} does not match its checksum: edited or damaged since export (delete it to "
+                              "import the adapter as a foreign one)")
     return meta
 
 

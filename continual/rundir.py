@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -35,6 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from adapters import DeltaModel, load_task, read_meta, save_task
 from adapters.checkpoint import sha256_file
+from adapters.fingerprint import json_digest
 from streams import Task, TaskStream
 
 from .metrics import AccuracyMatrix, score_label
@@ -98,18 +98,13 @@ class RunState:
                    data["tensors"], float(data["seconds"]), dict(data["files"]))
 
 
-def _digest(data: dict[str, Any]) -> str:
-    body = {k: v for k, v in data.items() if k != "checksum"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
 def sealed(data: dict[str, Any]) -> dict[str, Any]:
     """``data`` with the SHA-256 of its own content under ``checksum``."""
-    return {**data, "checksum": _digest(data)}
+    return {**data, "checksum": json_digest(data)}
 
 
 def check_sealed(data: dict[str, Any], source: Path) -> None:
-    if data.get("checksum") != _digest(data):
+    if data.get("checksum") != json_digest(data):
         raise RunStateError(f"{source} does not match its checksum: the file was damaged or edited; "
                             "start again with --overwrite (or restore it from a copy)")
 

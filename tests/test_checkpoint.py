@@ -80,14 +80,33 @@ def test_corrupt_json_and_missing_files(tmp_path):
 
 
 def test_checkpoint_with_bad_config_is_refused(tmp_path):
+    from adapters.fingerprint import json_digest
+
     _, path = saved(tmp_path)
     meta = json.loads((path / "delta.json").read_text())
     meta["methods"][0]["rank"] = "eight"
-    (path / "delta.json").write_text(json.dumps(meta))
+    (path / "delta.json").write_text(json.dumps({**meta, "checksum": json_digest(meta)}))  # re-sealed: a bad writer
     fresh = adapters.DeltaModel(tiny_backbone("bert"))
     with pytest.raises(CheckpointError, match="invalid config"):
         load_task(fresh, path)
     assert not fresh.tasks
+
+
+def test_an_edited_checkpoint_json_is_refused(tmp_path):
+    # a LoRA alpha changed by hand (or by a damaged byte) loads the same tensors at another scale
+    model, path = saved(tmp_path)
+    meta = json.loads((path / "delta.json").read_text())
+    assert meta["checksum"]
+    meta["methods"][0]["alpha"] = meta["methods"][0]["alpha"] * 2
+    (path / "delta.json").write_text(json.dumps(meta))
+    fresh = adapters.DeltaModel(tiny_backbone("bert"))
+    with pytest.raises(CheckpointError, match="delta.json does not match its checksum"):
+        load_task(fresh, path)
+    assert not fresh.tasks
+    del meta["checksum"]  # a checkpoint from before checksums: still read
+    meta["methods"][0]["alpha"] = meta["methods"][0]["alpha"] // 2
+    (path / "delta.json").write_text(json.dumps(meta))
+    assert load_task(fresh, path) == "t"
 
 
 def test_existing_task_name_is_refused(tmp_path):

@@ -173,6 +173,12 @@ def test_import_checks_backbone_files_and_kinds(tmp_path):
         delta_model("bert").import_peft(tmp_path / "b")
     with pytest.raises(CheckpointError, match="neither a directory nor a hub id"):
         delta_model("bert").import_peft(tmp_path / "missing" / "x" / "y")
+    model.export_peft("t", tmp_path / "c")  # its record's label names edited: refused, not read as another order
+    record = json.loads((tmp_path / "c" / "delta_continual.json").read_text())
+    assert record["checksum"]
+    (tmp_path / "c" / "delta_continual.json").write_text(json.dumps({**record, "label_names": ["y", "x"]}))
+    with pytest.raises(CheckpointError, match="delta_continual.json does not match its checksum"):
+        delta_model("bert").import_peft(tmp_path / "c")
 
     cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     for change, match in (({"peft_type": "PREFIX_TUNING"}, "absolute positions"), ({"use_dora": True}, "DoRA"),
