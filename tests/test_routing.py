@@ -89,3 +89,25 @@ def test_embeddings_ignore_deltas_and_padding(text_model):
     assert model.active_tasks == ("x",)
     model.remove_task("x")  # the backbone alone gives the same embeddings: the active delta was ignored
     torch.testing.assert_close(embed(model, [dict(batch)]), e)
+
+
+def test_routers_fit_on_every_label_of_a_file_sorted_by_label(text_model, monkeypatch):
+    """Past the fitting cap the router took a task's first training rows: in a file sorted by
+    label, one label only, so the other label's examples had no prototype of their task."""
+    from datasets import Dataset
+
+    from continual import agnostic
+    from continual.scoring import TokenisedTasks
+    from streams import Task
+    from conftest import toy_rows
+
+    rows = sorted(toy_rows("apple", 1), key=lambda r: r[1])  # all 'no' first
+    ds = Dataset.from_dict({"text": [r[0] for r in rows], "label": [r[1] for r in rows]})
+    task = Task("sorted", ds, ds.select(range(10)), ds.select(range(10)), ["no", "yes"], {"origin": "toy"})
+    monkeypatch.setattr(agnostic, "FIT_MAX", 20)
+    model = text_model()
+    scorer = agnostic.AgnosticScorer(model, TokenisedTasks(model.tokenizer, 16, 32), lambda name: (name,), seed=3)
+    scorer.add_task(task)
+    (_, emb, labels), = scorer.fitted
+    assert emb.shape[0] == 20 and sorted(labels.tolist()) == [0] * 10 + [1] * 10
+    assert len(agnostic.fit_rows(np.asarray(ds["label"]), None, 3)) == len(ds)
