@@ -38,20 +38,13 @@ import torch
 from adapters import DeltaModel
 from fusion.routing import ROUTERS, embed
 from streams import Task
-from streams.catalog import cap_indices
 
 from .scoring import _digest
 from .training import answers, batch_logits, eval_loader
-from .training.data import length_order
+from .training.data import length_order, sample_rows
 from .training.textscore import SCORERS
 
 FIT_MAX = 1000  # training examples per task the router is fitted on (a seeded, label-stratified sample)
-
-
-def fit_rows(labels: np.ndarray, cap: int | None, seed: int) -> np.ndarray:
-    """The training rows a router is fitted on: all, or a seeded, label-stratified ``cap`` of them
-    in file order (the first rows were used: in a file sorted by label, all of one label)."""
-    return np.sort(cap_indices(np.arange(len(labels)), labels, cap, seed))
 PREFIX = "agnostic."  # of this scorer's tensors in a run's saved state
 
 
@@ -94,14 +87,13 @@ class AgnosticScorer:
 
     # -- fitting -------------------------------------------------------------------------------------
     def add_task(self, task: Task) -> None:
-        """Fit the router on ``task`` too (at most :data:`FIT_MAX` training examples: :func:`fit_rows`)."""
+        """Fit the router on ``task`` too (at most :data:`FIT_MAX` training examples: :func:`~continual.training.data.sample_rows`)."""
         train = self.data(task)["train"]
         raw = task.splits()["train"]
-        every = np.asarray(raw["label"]) if "label" in raw.column_names else np.zeros(len(raw), dtype=np.int64)  # free text: one prototype
-        rows = fit_rows(every, FIT_MAX, self.seed)
-        labels = torch.as_tensor(every[rows])
+        rows = sample_rows(raw, FIT_MAX, self.seed)
+        labels = torch.as_tensor(raw.select(rows)["label"] if "label" in raw.column_names else [0] * len(rows))  # free text: one prototype
         # embedded in order of length (batches pad little); the router is fitted on the same order
-        first = train.select(rows.tolist())
+        first = train.select(rows)
         order = length_order(first)
         loader = eval_loader(first.select(order), self.model.tokenizer, self.data.length(task), self.data.eval_batch,
                              decoder_start=self.model.decoder_start_id)

@@ -31,6 +31,7 @@ from adapters.precision import autocast, resolve_precision
 from streams import Task
 
 from ..training import TrainConfig, collate_rows, token_loss
+from ..training.data import sample_rows
 from .base import check_option, finite_at_least
 from .shared_delta import SHARED, _SharedDelta
 
@@ -78,16 +79,18 @@ class EWC(_SharedDelta):
         return result
 
     def estimate_fisher(self, model: DeltaModel, task: Task, train: Any, config: TrainConfig) -> dict[str, torch.Tensor]:
-        """Mean squared gradient of each shared-delta parameter over the first ``fisher_samples``
-        training examples of ``task``, one example at a time (dropout off)."""
+        """Mean squared gradient of each shared-delta parameter over ``fisher_samples`` training
+        examples of ``task`` (a seeded sample keeping the label proportions), one example at a time
+        (dropout off)."""
         params = self.shared_params(model)
         fisher = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in params.items()}
-        n = min(self.fisher_samples, len(train))
+        rows = sample_rows(train, self.fisher_samples, config.seed)
+        n = len(rows)
         was_training = model.training
         model.eval()
         precision = resolve_precision(config.precision, model.device)
         with model.acting(*self.active(task.name)):
-            for i in range(n):
+            for i in rows:
                 batch = {k: v.to(model.device) for k, v in collate_rows(train, [i], model.tokenizer).items()}
                 labels = batch.pop("labels")
                 with autocast(precision, model.device):

@@ -36,6 +36,7 @@ from adapters.model import MethodSpec
 from streams import Task
 
 from ..training import TrainConfig, collate_rows
+from ..training.data import sample_rows
 from .base import check_option
 from .summed_lora import SummedLoRA, lora_sites
 
@@ -94,8 +95,9 @@ class InfLoRA(SummedLoRA):
         model.hold(task.name, [n for n, _ in t.named_parameters() if n.endswith(".lora_A")])
 
     def input_covariances(self, model: DeltaModel, task: Task, train: Any, config: TrainConfig) -> dict[str, torch.Tensor]:
-        """Σ x xᵀ of the inputs at each of ``task``'s LoRA sites over its first ``design_samples``
-        training examples (padding left out), run with every trained LoRA and the task's own."""
+        """Σ x xᵀ of the inputs at each of ``task``'s LoRA sites over ``design_samples`` training
+        examples (a seeded sample keeping the label proportions; padding left out), run with every
+        trained LoRA and the task's own."""
         sites = lora_sites(model, task.name)
         covs = {k: torch.zeros(m.lora_A.shape[1], m.lora_A.shape[1], dtype=torch.float64) for k, m in sites.items()}
         mask: list[torch.Tensor] = []
@@ -114,9 +116,9 @@ class InfLoRA(SummedLoRA):
         model.eval()
         try:
             with torch.no_grad(), model.acting(*self.active(task.name)):
-                n = min(self.design_samples, len(train))
-                for start in range(0, n, config.batch_size):
-                    batch = collate_rows(train, range(start, min(n, start + config.batch_size)), model.tokenizer)
+                rows = sample_rows(train, self.design_samples, config.seed)
+                for start in range(0, len(rows), config.batch_size):
+                    batch = collate_rows(train, rows[start:start + config.batch_size], model.tokenizer)
                     batch = {k: v.to(model.device) for k, v in batch.items() if k != "labels"}
                     mask[:] = [batch["attention_mask"]]
                     model(**batch)

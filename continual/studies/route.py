@@ -17,14 +17,13 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import yaml
 
-from ..agnostic import fit_rows
 from ..plots import routing_heatmap
 from ..rundir import RunStateError, load_run_model, run_info
 from ..tracking import log_nested_run
 from ..training import eval_loader, score_texts, task_loader
+from ..training.data import sample_rows
 
 
 def stream_of_run(run_dir: str | Path):
@@ -75,8 +74,7 @@ def route_run(run_dir: str | Path, backbone: str | None = None, routers: Sequenc
     train, test, gold, labels, new_tokens = {}, {}, {}, {}, []
     for t in stream:
         length = t.max_length or default_len
-        every = np.asarray(t.train["label"]) if "label" in t.train.column_names else np.zeros(len(t.train), dtype=np.int64)
-        ds = t.train.select(fit_rows(every, fit_max, identity.get("seed", 0)).tolist())
+        ds = t.train.select(sample_rows(t.train, fit_max, identity.get("seed", 0)))
         train[t.name] = list(eval_loader(ds, model.tokenizer, length, batch_size, metric=t.metric,
                                          decoder_start=model.decoder_start_id))
         # prototypes per label; a free-text task has one

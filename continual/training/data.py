@@ -22,6 +22,8 @@ import torch
 from datasets import Dataset
 from torch.utils.data import DataLoader
 
+from streams.catalog import cap_indices
+
 
 # Longest answer generated when scoring (tokens, end-of-sequence included): the longest reference
 # of the data set decides, up to this cap.
@@ -311,6 +313,15 @@ def task_loader(task: Any, split: str, model: Any, max_length: int, batch_size: 
     its decoder start token, for an encoder-decoder; the task's metric, for a generative task)."""
     return eval_loader(getattr(task, split), model.tokenizer, max_length, batch_size,
                        metric=getattr(task, "metric", None), decoder_start=getattr(model, "decoder_start_id", None))
+
+
+def sample_rows(dataset: Dataset, cap: int | None, seed: int) -> list[int]:
+    """At most ``cap`` row indices of ``dataset`` in file order: all of them, or a seeded sample
+    that keeps the label proportions (what routers are fitted on, what a Fisher or an input
+    covariance is estimated from). The first rows had been taken: in a file sorted by label, one
+    label only."""
+    labels = np.asarray(dataset["label"]) if "label" in dataset.column_names else np.zeros(len(dataset), dtype=np.int64)
+    return np.sort(cap_indices(np.arange(len(dataset)), labels, cap, seed)).tolist()
 
 
 def majority_rate(dataset: Dataset) -> float:
