@@ -27,6 +27,10 @@ def test_text_scores():
     assert score_texts(["", ".", "The", "B"], ["A"] * 4, "exact")["accuracy"] == 0.0
     assert score_texts(["A.", "a", "the"], ["A", "a", "The"], "exact")["accuracy"] == 1.0
     assert exact_match(".", ".") == 1.0 and exact_match("", ".") == 0.0 and exact_match("the cat", "cat") == 1.0
+    # numbers keep their sign and point (SQuAD's rule scored "1" right for "-1" and "35" for "3.5")
+    assert exact_match("1", "-1") == 0.0 and exact_match("35", "3.5") == 0.0 and exact_match("-1.", "-1") == 1.0
+    assert exact_match("The answer is -3.", "answer is -3") == 1.0 and exact_match("1,000,000", "1000000") == 1.0
+    assert exact_match("well-known", "well known") == 1.0 and token_f1("-2 apples", "2 apples") == 0.5
     s = score_texts(["yes", "no", "maybe", "yes"], ["yes", "no", "no", "no"], "exact")
     assert s["accuracy"] == 0.5 and s["exact"] == 0.5
     # label-word macro-F1: "yes" F1 = 2/3, "no" F1 = 2*2/(2*2+0+2)... tp=2, fp=0, fn=... computed by hand:

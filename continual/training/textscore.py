@@ -2,7 +2,8 @@
 
 Normalisation, the same for all three scores: SQuAD's (lower case, punctuation and the articles
 a/an/the removed, whitespace collapsed), so "Positive." matches "positive" and "the cat" matches
-"cat". Where that would erase the whole text (an answer such as "A", "the" or "."), the text keeps
+"cat"; but a number keeps its sign and decimal point ("-1" does not match "1", nor "3.5" "35"),
+as arithmetic answers need. Where that would erase the whole text (an answer such as "A", "the" or "."), the text keeps
 its articles, and then its punctuation: "A" is the word "a" and matches "a." but not "the", "." or
 an empty answer. An empty answer (nothing generated) never scores. Exact match is what a
 verbalised classification task is scored by (its answer is one label word); token F1 and
@@ -18,14 +19,23 @@ from typing import Sequence
 
 import numpy as np
 
-_PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
+# Punctuation goes, except what belongs to a number: a minus sign before a digit ("-1" is not
+# "1", as SQuAD's rule made it) and a point, comma, slash or colon between digits ("3.5" is not
+# "35"); a comma before three digits and a boundary is a thousands mark, dropped ("1,000" = "1000").
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}\b)")
+_PUNCT = re.compile(rf"(?<![\w-])-(?=\d)|(?<=\d)[.,/:](?=\d)|([{re.escape(string.punctuation)}])")
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
 
+def _no_punct(text: str) -> str:
+    return _PUNCT.sub(lambda m: " " if m.group(1) else m.group(0), _THOUSANDS.sub("", text))
+
+
 def normalize(text: str) -> str:
-    """SQuAD's normalisation, backing off where it would leave nothing (see the module docstring)."""
+    """SQuAD's normalisation, backing off where it would leave nothing (see the module docstring),
+    and keeping the signs and points of numbers."""
     lower = text.lower()
-    for form in (_ARTICLES.sub(" ", _PUNCT.sub(" ", lower)), _PUNCT.sub(" ", lower), lower):
+    for form in (_ARTICLES.sub(" ", _no_punct(lower)), _no_punct(lower), lower):
         if form.strip():
             return " ".join(form.split())
     return ""
