@@ -170,6 +170,8 @@ def stream_from_record(path: Path, record: dict[str, Any]) -> TaskStream:
     same built-in stream, benchmark folder or stream file (its data paths taken from where that
     file was), with the recorded seed and caps; each task's data must still hash to the recorded
     fingerprint (a changed file would give another run under the same name)."""
+    if not isinstance(record["tasks_resolved"], list):
+        raise DataError(f"{path}: tasks_resolved must be the list a run writes, got {type(record['tasks_resolved']).__name__}")
     settings = {k: record.get(k) for k in ("seed", "max_train", "max_eval")}
     if "root" in record:  # a benchmark folder: its spec string again
         options = "".join(f":{k}" if v is True else f":{k}={v}" for k, v in record.items() if k in ("order", "tasks", "generative"))
