@@ -88,12 +88,10 @@ class AgnosticScorer:
     # -- fitting -------------------------------------------------------------------------------------
     def add_task(self, task: Task) -> None:
         """Fit the router on ``task`` too (at most :data:`FIT_MAX` training examples: :func:`~continual.training.data.sample_rows`)."""
-        train = self.data(task)["train"]
-        raw = task.splits()["train"]
-        rows = sample_rows(raw, FIT_MAX, self.seed)
-        labels = torch.as_tensor(raw.select(rows)["label"] if "label" in raw.column_names else [0] * len(rows))  # free text: one prototype
+        train = self.data(task)["train"]  # tokenised; a classification task's keeps its "label" column
+        first = train.select(sample_rows(train, FIT_MAX, self.seed))
+        labels = torch.as_tensor(first["label"] if "label" in first.column_names else [0] * len(first))  # free text: one prototype
         # embedded in order of length (batches pad little); the router is fitted on the same order
-        first = train.select(rows)
         order = length_order(first)
         loader = eval_loader(first.select(order), self.model.tokenizer, self.data.length(task), self.data.eval_batch,
                              decoder_start=self.model.decoder_start_id)
