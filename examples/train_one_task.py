@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", default="movie", choices=sorted(SOURCES), help="real data set (default: movie)")
     p.add_argument("--method", action="append", help=f"delta method, repeat to combine; one of {adapters.available_methods()} (default: bottleneck)")
-    training_options(p, max_steps=300, eval_every=75, max_train=2000)  # the options every training command has
+    training_options(p, max_steps=300, eval_every=75, max_train=2000, routed=False)  # the options every training command has
     p.add_argument("--save", default=None, help="directory to save the trained task checkpoint to")
     args = p.parse_args(argv)
     config = train_config(args)  # built and checked once, as `continual run` builds it

@@ -68,3 +68,13 @@ def test_combine_command_runs_a_grid(tiny_backbone_dir, tmp_path, capsys):
                      str(tmp_path / "twice"), "--no-mlflow"]) == 2
         assert "given more than once; give each combination and mode once" in capsys.readouterr().err
     assert not (tmp_path / "twice").exists()
+
+
+def test_combine_offers_no_router_it_would_ignore(capsys):
+    """combine trains one task, so nothing is routed: a --router there would be accepted and do
+    nothing, so the command refuses it (run and compare keep it)."""
+    with pytest.raises(SystemExit) as e:
+        main(["combine", "--router", "linear"])
+    assert e.value.code == 2 and "unrecognized arguments: --router" in capsys.readouterr().err
+    from continual.cli import build_parser
+    assert build_parser().parse_args(["run", "--router", "linear"]).router == "linear"

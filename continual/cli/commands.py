@@ -35,7 +35,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     config = TrainConfig(
         max_steps=args.steps, batch_size=args.batch_size, max_length=args.max_length, eval_every=args.eval_every,
         patience=args.patience or None,  # --patience 0: never stop early
-        lr=args.lr, head_lr=args.head_lr, seed=args.seed, dropout=not args.no_dropout, router=args.router,
+        lr=args.lr, head_lr=args.head_lr, seed=args.seed, dropout=not args.no_dropout, router=getattr(args, "router", TrainConfig.router),
         device=args.device,
         progress=not getattr(args, "no_progress", False), precision=args.precision, bucket=args.bucket,
         # --fast adds what the fast path has beyond the defaults (compile on a GPU); an explicit --compile wins

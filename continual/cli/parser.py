@@ -85,12 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def training_options(p: argparse.ArgumentParser, steps_help: str | None = None, **defaults: Any) -> None:
+def training_options(p: argparse.ArgumentParser, steps_help: str | None = None, *, routed: bool = True,
+                     **defaults: Any) -> None:
     """Backbone, data caps and every training setting, the same for each command that trains (run,
     combine, compare) and for the examples; their defaults are TrainConfig.command_line()'s, so an
     entry of ``compare`` trains exactly as ``run`` does. ``defaults``: a script's own starting values
     (TrainConfig field names, or backbone / max_train / max_eval); ``continual.cli.train_config``
-    turns the parsed options into the TrainConfig."""
+    turns the parsed options into the TrainConfig. ``routed``: False for a command that trains one
+    task (nothing is routed there, so it offers no --router that would do nothing)."""
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     d = dataclasses.replace(TrainConfig.command_line(), **{k: v for k, v in defaults.items() if k in fields})
     other = {**DEFAULTS, **{k: v for k, v in defaults.items() if k not in fields}}
@@ -105,9 +107,10 @@ def training_options(p: argparse.ArgumentParser, steps_help: str | None = None, 
     p.add_argument("--lr", type=float, default=d.lr, help="delta learning rate (default: each method's own)%(default).0s")
     p.add_argument("--head-lr", type=float, default=d.head_lr, help="learning rate of the task heads")
     p.add_argument("--seed", type=seed, default=d.seed, help="seeds splits, initialisation and training (0 to 4294967295)")
-    p.add_argument("--router", default=d.router, choices=ROUTERS,
-                   help="how test examples find their task when no task id is given (the task-agnostic matrix): "
-                   "nearest (task, label) prototype, or a linear classifier refitted on every task so far")
+    if routed:
+        p.add_argument("--router", default=d.router, choices=ROUTERS,
+                       help="how test examples find their task when no task id is given (the task-agnostic matrix): "
+                       "nearest (task, label) prototype, or a linear classifier refitted on every task so far")
     p.add_argument("--no-dropout", action="store_true",
                    help="train with dropout off (a deterministic forward pass: a run on N processes under torchrun "
                    "then gives the 1-process numbers, up to float rounding)")
@@ -221,7 +224,7 @@ def _combine(sub: argparse._SubParsersAction) -> None:
                     help="methods joined by '+', options as in --method (lora:rank=4+bitfit); repeat for a grid "
                     "(default: lora+bitfit, bottleneck+bitfit, lora+prompt)%(default).0s")
     co.add_argument("--mode", action="append", choices=["simultaneous", "sequential"], help="default: both%(default).0s")
-    training_options(co, "training steps per stage")
+    training_options(co, "training steps per stage", routed=False)
     co.add_argument("--out", default=None, help="where the table goes (default: runs/combine-<task>-s<seed>)%(default).0s")
     _tracking_options(co, progress=False)
 
