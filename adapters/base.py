@@ -169,8 +169,18 @@ class LayerwiseConfig(DeltaConfig):
     def validate(self) -> None:
         if not self.targets:
             raise ConfigError(f"{self.method}: targets must name at least one role or module")
+        check_no_repeats(self.method, "targets", self.targets)
+        check_no_repeats(self.method, "layers", self.layers)
         if self.skip_first < 0:
             raise ConfigError(f"{self.method}: skip_first must be >= 0, got {self.skip_first}")
+
+
+def check_no_repeats(method: str, field: str, values: tuple | None) -> None:
+    """A target or layer named twice is refused, not merged: a repeated target had put the delta
+    on the same module twice (its term added twice), a repeated layer was dropped without a word."""
+    twice = sorted({v for v in values or () if list(values).count(v) > 1}, key=str)
+    if twice:
+        raise ConfigError(f"{method}: {field} {list(values)} name {twice} more than once")
 
 
 def site_dims(backbone: nn.Module, site: Site) -> tuple[int, int]:

@@ -262,7 +262,10 @@ def select_layers(model: nn.Module, layers: Iterable[int] | None, skip_first: in
     bad = [i for i in (layers or ()) if not -n <= i < n]  # (i % n had wrapped -5 of 2 blocks to block 1)
     if bad:
         raise TargetError(f"layer indices {bad} out of range: the backbone has {n} layers (indices {-n} to {n - 1})")
-    chosen = list(range(n)) if layers is None else sorted({i + n if i < 0 else i for i in layers})
+    chosen = list(range(n)) if layers is None else sorted(i + n if i < 0 else i for i in layers)
+    twice = sorted({i for i in chosen if chosen.count(i) > 1})
+    if twice:  # (0 and -n are one block: it had been deduplicated without a word)
+        raise TargetError(f"layer indices {list(layers or ())} name block(s) {twice} more than once (the backbone has {n} layers)")
     return [i for i in chosen if i >= skip_first]
 
 
@@ -281,6 +284,7 @@ def resolve_sites(
     # every block's inner names: a T5 decoder block has modules (cross-attention) its encoder blocks lack
     inner = {name for b in dict.fromkeys(blocks[i] for i in chosen) for name, _ in model.get_submodule(b).named_modules() if name}
     sites: list[Site] = []
+    named: dict[tuple[str, str], str] = {}  # (input, output) paths in block 0 -> the target that named them
     for target in targets:
         if target in spec.blocks:
             pair = spec.blocks[target]
@@ -294,6 +298,10 @@ def resolve_sites(
                 f"target {target!r} matches no module of {model.config.model_type}: "
                 f"{roles}a linear layer inside a block: {linear_names(block0)}"
             )
+        where = tuple(_inside(block0, p) or p for p in pair)
+        if where in named:  # (the delta's hooks had run twice on one module: its term added twice)
+            raise TargetError(f"targets {named[where]!r} and {target!r} name the same module(s) {list(dict.fromkeys(where))}")
+        named[where] = target
         safe = re.sub(r"\W", "_", target)
         for i in chosen:
             block = model.get_submodule(blocks[i])

@@ -122,6 +122,25 @@ def test_layer_out_of_range(tiny_model):
         tiny_model.add_task("t", {"method": "lora", "layers": [7]}, num_labels=2)
 
 
+def test_a_target_or_layer_named_twice_is_refused(tiny_model):
+    """Named twice, a target had put the delta's term on one module twice (and a layer was merged
+    without a word): each is refused, the literal repeat when the config is made, an alias (0 and
+    -2 of 2 blocks; a role and its module path) when it is attached; no task is left behind."""
+    with pytest.raises(ConfigError, match=r"targets \['query', 'query'\] name \['query'\] more than once"):
+        adapters.make_config("lora", targets=("query", "query"))
+    with pytest.raises(ConfigError, match="layers"):
+        adapters.make_config("prefix", layers=(1, 1))
+    with pytest.raises(TargetError, match=r"name block\(s\) \[0\] more than once"):
+        tiny_model.add_task("t", {"method": "lora", "layers": [0, -2]}, num_labels=2)
+    bert = adapters.DeltaModel(tiny_backbone("bert"))
+    with pytest.raises(TargetError, match="'query' and 'attention.self.query' name the same module"):
+        bert.add_task("t", {"method": "lora", "targets": ["query", "attention.self.query"]}, num_labels=2)
+    with pytest.raises(TargetError, match="more than once"):
+        bert.add_task("t", {"method": "prefix", "layers": [1, -1]}, num_labels=2)
+    assert "t" not in tiny_model.tasks and "t" not in bert.tasks
+    assert [s.layer for s in tiny_model.add_task("t", {"method": "lora", "layers": [0, -1]}, num_labels=2).deltas["lora"].sites] == [0, 1, 0, 1]
+
+
 def test_task_name_errors(tiny_model):
     tiny_model.add_task("a", "lora", num_labels=2)
     with pytest.raises(TaskError, match="already exists"):

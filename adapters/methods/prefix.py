@@ -25,7 +25,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-from ..base import Capabilities, Delta, IsActive
+from ..base import Capabilities, Delta, IsActive, check_no_repeats
 from ..config import DeltaConfig
 from ..errors import ConfigError
 from ..registry import register
@@ -83,6 +83,7 @@ class PrefixConfig(DeltaConfig):
     def validate(self) -> None:
         if self.num_tokens < 1 or self.hidden_dim < 1:
             raise ConfigError("num_tokens and hidden_dim must be >= 1")
+        check_no_repeats("prefix", "layers", self.layers)
         if self.skip_first < 0:
             raise ConfigError(f"prefix: skip_first must be >= 0, got {self.skip_first}")
 
