@@ -143,7 +143,20 @@ def extract(
         if _is_missing_label(v):
             shown = "" if _is_missing(v) else f" ({v!r} marks a missing value)"
             raise DataError(f"{where}: row {n}, column {label_column!r}: missing label{shown}")
+    _one_kind(labels, where, label_column)
     return out, labels
+
+
+def _one_kind(labels: list[Any], where: str, column: str) -> None:
+    """A typed file (JSON lines, parquet) whose labels mix numbers and words (1 and "yes") is
+    refused: each spelling became a class of its own, so one class was learned as two."""
+    numeric = (int, float, np.number)
+    number = next((n for n, v in enumerate(labels, 1) if isinstance(v, numeric) and not isinstance(v, (bool, np.bool_))), None)
+    word = next((n for n, v in enumerate(labels, 1) if isinstance(v, str) and not _norm(v).lstrip("-").isdigit()), None)
+    if number is not None and word is not None:
+        raise DataError(f"{where}: column {column!r} mixes numbers (row {number}: {labels[number - 1]!r}) and words "
+                        f"(row {word}: {labels[word - 1]!r}); each spelling would be a class of its own: write every "
+                        "label the same way")
 
 
 def extract_targets(frame: pd.DataFrame, where: str, text_column: str, target_column: str) -> tuple[list[str], list[str]]:
