@@ -35,6 +35,19 @@ MethodSpec = str | dict[str, Any] | DeltaConfig
 _TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
 
 
+def _checked_batch(input_ids: Any, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """The mask (all ones when None) of a batch of sound shapes, else a clear error (not a reshape failure
+    deep in the backbone). Shapes only: checking values costs a host sync in every compiled step."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+        got = f"a {input_ids.dim()}-d {input_ids.dtype} tensor" if isinstance(input_ids, torch.Tensor) else repr(input_ids)
+        raise ValueError(f"input_ids must be a (batch, length) tensor of integer token ids; got {got}")
+    if input_ids.numel() == 0:
+        raise ValueError(f"input_ids of shape {tuple(input_ids.shape)} hold no tokens: give at least one example")
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask's shape {tuple(attention_mask.shape)} is not input_ids' {tuple(input_ids.shape)}")
+    return torch.ones_like(input_ids) if attention_mask is None else attention_mask
+
+
 class TaskDelta(nn.Module):
     """The deltas (keyed by method name) and the head of one task."""
 
@@ -310,10 +323,7 @@ class DeltaModel(nn.Module):
 
         Positions a delta prepended (prompt tokens) are removed, so the result lines up with the
         input tokens whatever is active."""
-        if input_ids is None:
-            raise ValueError("encode needs input_ids")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+        attention_mask = _checked_batch(input_ids, attention_mask)
         extra = {k: v for k, v in extra.items() if v is not None}
         embeds, mask, extra, added = self.transform_inputs(input_ids, attention_mask, extra)
         body = self.backbone.get_encoder() if self.seq2seq else self.backbone  # T5: its encoder's states
@@ -335,8 +345,7 @@ class DeltaModel(nn.Module):
                        decoder_input_ids: torch.Tensor, **extra: Any) -> torch.Tensor:
         """An encoder-decoder's LM logits (B, T_decoder, V): the active input transforms act on
         the encoder's input; the model's own output layer (T5 scales before it) gives the logits."""
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+        attention_mask = _checked_batch(input_ids, attention_mask)
         embeds, mask, extra, _ = self.transform_inputs(input_ids, attention_mask, {k: v for k, v in extra.items() if v is not None})
         inputs = {"input_ids": input_ids} if embeds is None else {"inputs_embeds": embeds}
         return self.backbone(**inputs, attention_mask=mask, decoder_input_ids=decoder_input_ids, **extra).logits
@@ -364,13 +373,11 @@ class DeltaModel(nn.Module):
     def export_peft(self, name: str, directory: Any, base_model: str | None = None) -> Any:
         """Write task ``name`` as a PEFT adapter (:func:`adapters.peft_export.export_peft`)."""
         from .peft_export import export_peft
-
         return export_peft(self, name, directory, base_model)
 
     def import_peft(self, source: Any, name: str | None = None, **options: Any) -> str:
         """Add a PEFT adapter (a directory or a hub id) as a task (:func:`adapters.peft_import.import_peft`)."""
         from .peft_import import import_peft
-
         return import_peft(self, source, name, **options)
 
     def mixed(self, tasks: Sequence[str] | None = None, dtype: torch.dtype | None = None) -> MixedTasks:
@@ -384,17 +391,10 @@ class DeltaModel(nn.Module):
 
     def parameter_report(self, name: str) -> dict[str, Any]:
         """Parameter counts of one task and their ratio to the backbone."""
-        task = self._task(name)
-        backbone = self.backbone_parameters()
-        delta = task.delta_parameters()
-        return {
-            "task": name,
-            "methods": {k: d.num_parameters() for k, d in task.deltas.items()},
-            "delta_params": delta,
-            "head_params": task.head_parameters(),
-            "backbone_params": backbone,
-            "delta_ratio": delta / backbone,
-        }
+        task, backbone = self._task(name), self.backbone_parameters()
+        return {"task": name, "methods": {k: d.num_parameters() for k, d in task.deltas.items()},
+                "delta_params": task.delta_parameters(), "head_params": task.head_parameters(),
+                "backbone_params": backbone, "delta_ratio": task.delta_parameters() / backbone}
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

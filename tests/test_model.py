@@ -1,5 +1,7 @@
 """Many deltas on one backbone: activation, combinations, errors, accounting."""
 
+import re
+
 import pytest
 import torch
 
@@ -63,6 +65,21 @@ def test_heads_differ_per_task(tiny_model):
     tiny_model.activate("five")
     assert tiny_model(**inputs).shape == (3, 5)
     assert tiny_model.task("two").label_names == ["neg", "pos"]
+
+
+def test_a_batch_of_unsound_shape_gets_a_clear_error(tiny_model):
+    # the backbone's own errors here are reshape or broadcast failures deep inside it
+    tiny_model.add_task("t", "lora", num_labels=2)
+    tiny_model.activate("t")
+    ids = batch()["input_ids"]
+    cases = [(ids[:0], "hold no tokens"), (ids[:, :0], "hold no tokens"), (ids[0], "(batch, length)"),
+             (ids.float(), "integer token ids"), (None, "got None")]
+    for bad, says in cases:
+        with pytest.raises(ValueError, match=re.escape(says)):
+            tiny_model(bad)
+    with pytest.raises(ValueError, match="attention_mask's shape"):
+        tiny_model(ids, torch.ones(ids.shape[0], ids.shape[1] - 1, dtype=torch.long))
+    assert tiny_model(ids.int()).shape == (ids.shape[0], 2)  # any integer dtype is a token id
 
 
 def test_combination_applies_every_method(arch):
