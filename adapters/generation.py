@@ -39,6 +39,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from .errors import TaskError
+from .model import checked_batch
 from .precision import inference_linears
 
 
@@ -168,10 +169,12 @@ def generate(
     Without ``mixed`` the model's active tasks act (the last one generative). With ``mixed`` (a
     :class:`~adapters.mixed.MixedTasks` of generative tasks) example i goes through the delta of
     ``task_ids[i]``. ``eos_token_id`` defaults to the tokenizer's."""
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    attention_mask = checked_batch(input_ids, attention_mask)
+    empty = torch.nonzero(attention_mask.sum(-1) == 0).flatten().tolist()
+    if empty:  # nothing to continue from: the row would decode from padding alone
+        raise ValueError(f"prompts {empty} of the batch have no token (their attention mask is all zeros)")
     tok = model.tokenizer
     if eos_token_id is None and tok is not None:
         eos_token_id = tok.eos_token_id
@@ -243,6 +246,10 @@ def generate_text(model: Any, prompts: Sequence[str], max_new_tokens: int = 16, 
     tok = model.tokenizer
     if tok is None:
         raise ValueError("generate_text needs a model with a tokenizer")
+    if isinstance(prompts, str):  # a string is a sequence too: of one-character prompts
+        raise TypeError("generate_text takes a list of prompts; for one prompt pass [prompt]")
+    if not prompts:
+        return []
     side, tok.padding_side = tok.padding_side, "left"
     try:
         enc = tok(list(prompts), return_tensors="pt", padding=True)

@@ -35,7 +35,7 @@ MethodSpec = str | dict[str, Any] | DeltaConfig
 _TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
 
 
-def _checked_batch(input_ids: Any, attention_mask: torch.Tensor | None) -> torch.Tensor:
+def checked_batch(input_ids: Any, attention_mask: torch.Tensor | None) -> torch.Tensor:
     """The mask (all ones when None) of a batch of sound shapes, else a clear error (not a reshape failure
     deep in the backbone). Shapes only: checking values costs a host sync in every compiled step."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
@@ -323,7 +323,7 @@ class DeltaModel(nn.Module):
 
         Positions a delta prepended (prompt tokens) are removed, so the result lines up with the
         input tokens whatever is active."""
-        attention_mask = _checked_batch(input_ids, attention_mask)
+        attention_mask = checked_batch(input_ids, attention_mask)
         extra = {k: v for k, v in extra.items() if v is not None}
         embeds, mask, extra, added = self.transform_inputs(input_ids, attention_mask, extra)
         body = self.backbone.get_encoder() if self.seq2seq else self.backbone  # T5: its encoder's states
@@ -345,7 +345,7 @@ class DeltaModel(nn.Module):
                        decoder_input_ids: torch.Tensor, **extra: Any) -> torch.Tensor:
         """An encoder-decoder's LM logits (B, T_decoder, V): the active input transforms act on
         the encoder's input; the model's own output layer (T5 scales before it) gives the logits."""
-        attention_mask = _checked_batch(input_ids, attention_mask)
+        attention_mask = checked_batch(input_ids, attention_mask)
         embeds, mask, extra, _ = self.transform_inputs(input_ids, attention_mask, {k: v for k, v in extra.items() if v is not None})
         inputs = {"input_ids": input_ids} if embeds is None else {"inputs_embeds": embeds}
         return self.backbone(**inputs, attention_mask=mask, decoder_input_ids=decoder_input_ids, **extra).logits

@@ -12,13 +12,15 @@ Float64, so that greedy ties cannot flip on rounding and every comparison can be
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
 import adapters  # first: it makes a CPU-only torchvision importable before transformers imports it
 from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 from adapters.errors import ConfigError, TaskError
-from adapters.generation import generate
+from adapters.generation import generate, generate_text
 
 from conftest import TINY, method_config, supports, tiny_backbone
 
@@ -43,9 +45,9 @@ def prompts(b: int = 3, seed: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(5, 120, (b, 7), generator=g)
     mask = torch.ones(b, 7, dtype=torch.long)
-    for r in range(1, b):
-        mask[r, : r * 2] = 0
-        ids[r, : r * 2] = 0
+    for r in range(1, b):  # every row keeps a token: generate refuses a prompt of padding alone
+        mask[r, : min(r * 2, 6)] = 0
+        ids[r, : min(r * 2, 6)] = 0
     return ids, mask
 
 
@@ -148,6 +150,25 @@ def test_generation_errors_are_clear():
     with pytest.raises(ConfigError, match="no language-model head"):
         encoder.add_task("g", "lora", generative=True)
 
+
+
+def test_unsound_prompts_are_refused_not_decoded(minilm_tokenizer):
+    model = tiny_lm()
+    model.add_task("gen", "lora", generative=True)
+    model.activate("gen")
+    ids, mask = prompts()
+    for bad, says in [(dict(max_new_tokens=2.5), "integer >= 1"), (dict(max_new_tokens=0), "integer >= 1"),
+                      (dict(input_ids=ids[:0]), "hold no tokens"), (dict(input_ids=ids[0]), "(batch, length)")]:
+        with pytest.raises(ValueError, match=re.escape(says)):
+            generate(model, **{"input_ids": ids, **bad})
+    padding_only = mask.clone()
+    padding_only[1] = 0  # a row of padding alone would decode from nothing, without a word
+    with pytest.raises(ValueError, match=re.escape("prompts [1] of the batch have no token")):
+        generate(model, ids, padding_only)
+    model.tokenizer = minilm_tokenizer
+    with pytest.raises(TypeError, match="a list of prompts"):  # else each character became a prompt
+        generate_text(model, "one prompt")
+    assert generate_text(model, []) == []
 
 FAMILIES = {
     "mistral": ("MistralConfig", "MistralForCausalLM", {}),
