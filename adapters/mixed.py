@@ -87,6 +87,8 @@ class MixedTasks(nn.Module):
 
     def __init__(self, model: Any, tasks: Sequence[str], dtype: torch.dtype | None = None) -> None:
         super().__init__()
+        if isinstance(tasks, str):  # a string is a sequence too: of one-letter task names
+            raise TaskError(f"give the tasks as a list of names, e.g. [{tasks!r}]")
         tasks = list(dict.fromkeys(tasks))
         if not tasks:
             raise TaskError("a mixed batch needs at least one task")
@@ -215,6 +217,8 @@ class MixedTasks(nn.Module):
             if not torch.compiler.is_compiling() and idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= len(self.tasks)):
                 raise TaskError(f"task index out of range 0..{len(self.tasks) - 1}")
             return idx
+        if isinstance(task_ids, str):
+            raise TaskError(f"task_ids holds one task name per example, as a list; got the string {task_ids!r}")
         slot = {t: i for i, t in enumerate(self.tasks)}
         unknown = sorted({t for t in task_ids if t not in slot})
         if unknown:

@@ -107,20 +107,18 @@ class DeltaModel(nn.Module):
         self.seq2seq = self.spec.kind == "encoder-decoder"
         with_head = backbone is not base or self.seq2seq
         self.lm_head = backbone.get_output_embeddings() if with_head else None
-        for p in self.parameters():
-            p.requires_grad_(False)
+        self.requires_grad_(False)
         self.tasks = nn.ModuleDict()
         self.tokenizer = tokenizer
         self.backbone_name = backbone_name or getattr(base.config, "_name_or_path", "") or base.config.model_type
         self._active: tuple[str, ...] = ()
-        self._head: str | None = None
+        self._head: str | None = None  # the task whose head gives the logits
         self.train(base.training)  # a backbone loaded for inference stays in eval mode
 
     @classmethod
     def from_pretrained(cls, name: str = "minilm", **kwargs: Any) -> "DeltaModel":
         """Load a backbone by short name or path (see :mod:`adapters.backbones`) and wrap it."""
         from .backbones import load_backbone
-
         backbone, tokenizer = load_backbone(name, **kwargs)
         return cls(backbone, tokenizer, name)
 
@@ -184,6 +182,8 @@ class DeltaModel(nn.Module):
             self._head = self._active[-1] if self._active else None
 
     def _task(self, name: str) -> TaskDelta:
+        if not isinstance(name, str):  # e.g. activate(["a", "b"]): an unhashable-type error otherwise
+            raise TaskError(f"a task is named by a string, got {name!r} (several tasks: activate('a', 'b'))")
         if name not in self.tasks:
             known = ", ".join(self.tasks) or "none yet"
             raise TaskError(f"unknown task {name!r}; known tasks: {known}")

@@ -2,6 +2,8 @@
 
 The spec is parity: equal (allclose) to running each task's examples separately."""
 
+import re
+
 import pytest
 import torch
 
@@ -119,6 +121,16 @@ def test_index_tensor_and_errors():
     with pytest.raises(ValueError, match="3 examples but 2 task ids"):
         mixed(**inputs, task_ids=["t0", "t1"])
 
+    # a string is a sequence of one-letter names: with tasks named "a" and "b", "ab" was served as both
+    model = adapters.DeltaModel(tiny_backbone("bert"))
+    for name in "ab":
+        model.add_task(name, "lora", num_labels=2)
+    with pytest.raises(TaskError, match="as a list of names"):
+        model.mixed("ab")
+    with pytest.raises(TaskError, match="as a list; got the string 'ab'"):
+        model.mixed(["a", "b"])(**batch(b=2), task_ids="ab")
+    with pytest.raises(TaskError, match=re.escape("several tasks: activate('a', 'b')")):
+        model.activate(["a", "b"])
 
 def test_a_task_changed_after_the_mixed_set_was_built_is_refused_not_served_stale():
     """The mixed set holds copies: a task trained (or loaded) after it was built was served with
