@@ -186,7 +186,7 @@ def test_overwrite_deletes_nothing_when_the_command_is_invalid(finished_run, tmp
         assert main(base + bad) == 2
         assert sorted(p.name for p in out.iterdir()) == before and (out / "results.json").exists()
     err = capsys.readouterr().err
-    assert "no CUDA GPU" in err and "lr must be a finite number > 0" in err and "exceeds the 64 positions" in err
+    assert "no CUDA GPU" in err and "lr must be a number > 0 and <= 100" in err and "exceeds the 64 positions" in err
 
 
 @pytest.mark.parametrize("extra", [[], ["--overwrite"]])
@@ -203,8 +203,8 @@ def test_a_folder_of_the_users_files_is_not_taken_for_a_run(tmp_path, capsys, ti
 
 
 @pytest.mark.parametrize("bad, message", [
-    (["--lr", "nan"], "lr must be a finite number > 0, got nan"),
-    (["--lr", "-1"], "lr must be a finite number > 0, got -1.0"),
+    (["--lr", "nan"], "lr must be a number > 0 and <= 100, got nan"),
+    (["--lr", "-1"], "lr must be a number > 0 and <= 100, got -1.0"),
     (["--eval-every", "0"], "eval_every must be an integer >= 1"),
     (["--max-length", "0"], "max_length must be an integer >= 1"),
     (["--max-length", "63", "--method", "prompt:num_tokens=8"], "max_length 63 + 8 prepended positions (prompt) exceeds"),

@@ -13,8 +13,10 @@ from continual.scheduler import run_identity, task_seed
 
 
 def test_a_config_is_validated_when_made_and_splits_into_recipe_and_runtime():
-    for bad, message in (({"lr": -1.0}, "lr must be a finite number > 0"), ({"max_steps": 0}, "max_steps must be an integer"),
-                         ({"precision": "fp8"}, "precision must be one of"), ({"log_every": 0}, "log_every must be")):
+    for bad, message in (({"lr": -1.0}, "lr must be a number > 0 and <= 100"), ({"max_steps": 0}, "max_steps must be an integer"),
+                         ({"precision": "fp8"}, "precision must be one of"),
+                         ({"head_lr": 1e38}, "head_lr must be a number > 0 and <= 100, got 1e"),
+                         ({"log_every": 0}, "log_every must be")):
         with pytest.raises(ValueError, match=message):
             TrainConfig(**bad)
     with pytest.raises(ValueError, match="malloc must be one of"):

@@ -15,6 +15,7 @@ from conftest import FAST, toy_rows, toy_stream
 from continual import RunStateError, TrainConfig, make_strategy, run_stream
 from continual.cli import main
 from continual.rundir import RunLock
+from continual.training import DivergedError, train_task
 from continual.training.protocol import Protocol
 from streams import DataError, load_stream
 
@@ -102,6 +103,25 @@ def test_a_schedule_that_cannot_train_is_refused_and_warm_up_never_stops_early()
     # no dev gain ever: patience (2) counts only after the 6 warm-up steps, so it stops at 8, not 3
     assert stopped_at == 8
 
+
+def test_a_diverged_training_stops_with_the_reason_not_chance_level_scores(text_model, tmp_path, capsys):
+    # NaN logits score as label 0 everywhere: a diverged task printed chance-level accuracy, exit 0
+    config = TrainConfig(max_steps=12, eval_every=6, log_every=4, progress=False)
+    p = torch.nn.Parameter(torch.zeros(1))
+    protocol = Protocol(config, [p], torch.optim.SGD([p], lr=1.0), dev=lambda: {"accuracy": 0.5}, desc="train t")
+    losses = [1.0, 1.0, 1.0, 1.0, 1.0, float("inf")]
+    protocol.after_step(torch.tensor(losses[0]), 1)
+    with pytest.raises(DivergedError, match="train t: the training loss became inf between steps 5 and 6"):
+        for loss in losses[1:]:
+            protocol.before_step()
+            protocol.after_step(torch.tensor(loss), 1)
+    model = text_model()
+    model.add_task("t", "lora", label_names=["a", "b"])
+    with torch.no_grad():
+        next(model.task("t").parameters()).fill_(float("nan"))
+    data = toy_stream()[0].splits()
+    with pytest.raises(DivergedError, match="lower the learning rate"):
+        train_task(model, "t", data, CONFIG)
 
 def test_out_that_cannot_hold_a_run_is_refused_before_anything_loads(tmp_path, capsys):
     (tmp_path / "file").write_text("x")

@@ -12,6 +12,7 @@ from streams import DataError
 
 from ..rundir import RunStateError
 from ..studies.pool import PoolError
+from ..training import DivergedError
 from .commands import COMMANDS, train_config
 from .parser import DEFAULTS, build_parser, training_options
 
@@ -22,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (DataError, DeltaError, RunStateError, PoolError, FileNotFoundError, ValueError, ImportError) as e:
+    except (DataError, DeltaError, RunStateError, PoolError, DivergedError, FileNotFoundError, ValueError, ImportError) as e:
         print(f"continual {args.command}: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:

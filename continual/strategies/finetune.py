@@ -11,6 +11,7 @@ from adapters.model import MethodSpec
 from streams import Task
 
 from ..training import train_task
+from ..training.config import MAX_LR
 from .base import Strategy, check_option, head_of
 
 
@@ -24,7 +25,7 @@ class SequentialFineTune(Strategy):
         super().__init__(methods)
         # a negative rate climbs the loss and NaN fills the backbone with NaN; both had trained and
         # printed scores, exit 0
-        check_option(self.name, "backbone_lr", backbone_lr, lambda v: 0 < v < float("inf"), "a finite number > 0")
+        check_option(self.name, "backbone_lr", backbone_lr, lambda v: 0 < v <= MAX_LR, f"a number > 0 and <= {MAX_LR:g}")
         self.backbone_lr = backbone_lr
 
     def prepare(self, model: DeltaModel, task: Task) -> None:

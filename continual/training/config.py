@@ -19,6 +19,9 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 
 MAX_STEPS = 10_000_000  # per task; far beyond any delta's schedule, and a typo (10**12) is refused
+# AdamW moves every weight by about the learning rate in each step: far above 1 nothing trains (the
+# loss diverges, caught by the protocol), and near float32's limit the update itself overflows
+MAX_LR = 100.0
 MAX_SEED = 2**63 - 1  # every torch and numpy generator takes a seed in [0, MAX_SEED]
 # a run's own seed: the per-task seeds derived from it (continual.scheduler.task_seed) stay inside MAX_SEED
 MAX_RUN_SEED = 2**32 - 1
@@ -66,8 +69,8 @@ class Recipe:
         """``ValueError`` naming the setting. A NaN or negative learning rate would train all-NaN
         deltas and still print an accuracy: such settings are refused here, not found in the numbers."""
         for name, v in {"lr": self.lr, "head_lr": self.head_lr}.items():
-            if v is not None and not _finite(v, lambda x: x > 0):
-                raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+            if v is not None and not _finite(v, lambda x: 0 < x <= MAX_LR):
+                raise ValueError(f"{name} must be a number > 0 and <= {MAX_LR:g}, got {v!r}")
         for name, v in {"weight_decay": self.weight_decay, "grad_clip": self.grad_clip}.items():
             if not _finite(v, lambda x: x >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")

@@ -19,6 +19,7 @@ is written, so the loop needs no host sync per step) until :attr:`Protocol.shoul
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Callable, Sequence
 
@@ -28,6 +29,11 @@ from tqdm.auto import tqdm
 from .config import TrainConfig, TrainResult
 
 Record = dict[str, Any]
+
+
+class DivergedError(RuntimeError):
+    """The training loss became NaN or infinite: what the model would be scored with is noise (an
+    argmax of NaN logits is label 0), so the run stops instead of printing chance-level numbers."""
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -48,7 +54,7 @@ class Protocol:
     def __init__(self, config: TrainConfig, params: Sequence[torch.Tensor], optimizer: torch.optim.Optimizer,
                  dev: Callable[[], dict[str, float]], callback: Callable[[Record], None] | None = None,
                  desc: str = "train", base_lrs: Sequence[float] | None = None) -> None:
-        self.config, self.optimizer, self.dev, self.callback = config, optimizer, dev, callback
+        self.config, self.optimizer, self.dev, self.callback, self.desc = config, optimizer, dev, callback, desc
         self.params = list(params)
         self.base_lrs = list(base_lrs) if base_lrs is not None else [g["lr"] for g in optimizer.param_groups]
         self.warmup = config.warmup_steps()
@@ -87,6 +93,12 @@ class Protocol:
             now = time.perf_counter()
             record = {"step": step, "loss": float(self._loss) / self._since, "lr": self.optimizer.param_groups[0]["lr"],
                       "samples_per_s": self._seen / (now - self._t_log)}
+            if not math.isfinite(record["loss"]):  # the sum since the last record: every step is checked
+                self._bar.close()
+                raise DivergedError(
+                    f"{self.desc}: the training loss became {record['loss']} between steps {step - self._since + 1} "
+                    f"and {step}: training diverged (scores of this model would be noise); lower the learning "
+                    f"rate (peak rates of its parameter groups: {', '.join(f'{lr:g}' for lr in self.base_lrs)})")
             if evaluate_now:
                 self._evaluate(record)
             self.history.append(record)
