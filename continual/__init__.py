@@ -19,7 +19,8 @@ from .metrics import (
     AccuracyMatrix, average_accuracy, backward_transfer, forgetting, forward_transfer, summarize,
 )
 from .plots import format_matrix, heatmap
-from .rundir import RunState, RunStateError, load_run_model, load_run_tasks
+from .loadrun import load_run_model, load_run_tasks
+from .rundir import RunState, RunStateError
 from .scheduler import StreamResult, run_stream, task_seed
 from .strategies import STRATEGIES, Strategy, make_strategy
 from .tracking import DEFAULT_TRACKING_URI, MLflowLogger, StreamLogger

@@ -15,7 +15,8 @@ from typing import Any, Sequence
 from adapters import ConfigError, export_peft, read_meta
 from adapters.peft_export import exportable, vllm_problems, vllm_scaling
 
-from .rundir import check_out, load_run_model, run_tasks
+from .loadrun import load_run_model, run_tasks
+from .rundir import check_out
 
 
 @dataclasses.dataclass

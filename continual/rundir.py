@@ -32,7 +32,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from adapters import DeltaModel, load_task, read_meta, save_task
+from adapters import DeltaModel, save_task
 from adapters.checkpoint import sha256_file
 from adapters.fingerprint import json_digest
 from streams import Task, TaskStream
@@ -326,70 +326,3 @@ def run_info(run_dir: str | Path) -> dict[str, Any]:
                 check_sealed(data, path)
             return data
     return {}
-
-
-def run_tasks(run_dir: str | Path, tasks: Sequence[str] | None = None) -> list[str]:
-    """The tasks :func:`load_run_tasks` would load (``tasks``, checked, or all in stream order),
-    read from the folder alone: a wrong name is an error before any backbone is loaded."""
-    run = Path(run_dir)
-    root = run / "checkpoints"
-    if not root.is_dir():
-        raise RunStateError(f"{run} has no checkpoints/ folder: is it a stream's output directory?")
-    order = run_info(run).get("matrix", {}).get("tasks", [])
-    saved = [t for t in order if (root / t).is_dir()] or sorted(p.name for p in root.iterdir() if p.is_dir())
-    wanted = list(tasks) if tasks is not None else saved
-    twice = sorted({t for t in wanted if wanted.count(t) > 1})
-    if twice:
-        raise RunStateError(f"tasks {twice} are named more than once; name each task once")
-    missing = [t for t in wanted if t not in saved]
-    if missing:
-        raise RunStateError(f"{run} has no checkpoints for {missing}; it has: {saved}")
-    return wanted
-
-
-def load_run_tasks(model: DeltaModel, run_dir: str | Path, tasks: Sequence[str] | None = None) -> list[str]:
-    """Load the task checkpoints a finished (or partly finished) stream saved into ``model``.
-    ``tasks``: the stream tasks to load (default: every task that has checkpoints), in stream
-    order; each task's checkpoints (its delta, and e.g. its fusion) load in the order saved. A
-    shared delta is saved after every task (seq-delta, replay, ...): each of those states loads
-    as ``<task>-<name>``, the delta as it was after that task. Returns the model tasks added."""
-    run, wanted = Path(run_dir), run_tasks(run_dir, tasks)
-    files, saved = run_info(run).get("files", {}), _checkpoints(run)
-    names = [d.name for dirs in saved.values() for d in dirs]
-    added = []
-    for t in wanted:
-        for f in (f for d in saved[t] for f in sorted(d.iterdir())):
-            verify(run, files, f)
-        # a task's own delta before anything built over other tasks (a fusion names its sources)
-        dirs = sorted(saved[t], key=lambda p: any(m.get("sources") for m in read_meta(p)["methods"]))
-        added += [load_task(model, d, f"{t}-{d.name}" if names.count(d.name) > 1 else None) for d in dirs]
-    return added
-
-
-def _checkpoints(run: Path) -> dict[str, list[Path]]:
-    """Each stream task's checkpoint folders (those holding a delta.json), in stream order."""
-    return {t: [p for p in sorted((run / "checkpoints" / t).iterdir()) if (p / "delta.json").exists()] for t in run_tasks(run)}
-
-
-def run_backbone(run_dir: str | Path) -> str:
-    """The backbone a run's checkpoints were saved from (the name it was loaded by)."""
-    dirs = [d for saved in _checkpoints(Path(run_dir)).values() for d in saved]
-    if not dirs:
-        raise RunStateError(f"{run_dir} has no task checkpoints (checkpoints/<task>/<name>/delta.json)")
-    return read_meta(dirs[0])["backbone_name"]
-
-
-def load_run_model(run_dir: str | Path, backbone: str | None = None, tasks: Sequence[str] | None = None) -> tuple[DeltaModel, list[str]]:
-    """The backbone a run was trained on (``backbone``, default: the one its checkpoints name; as
-    the run left it, if it fine-tuned it), with the run's task checkpoints loaded (see
-    :func:`load_run_tasks`). Seeds torch with the run's seed first, as ``continual run`` does,
-    so weights the backbone's files lack (an unused pooler) match the run's."""
-    run, info = Path(run_dir), run_info(run_dir)
-    run_tasks(run, tasks)  # a wrong task name is an error before the backbone loads
-    torch.manual_seed(info.get("identity", {}).get("seed", 0))
-    model = DeltaModel.from_pretrained(backbone or run_backbone(run))
-    trained = run / "checkpoints" / BACKBONE_FILE
-    if trained.exists():  # a strategy that fine-tuned the backbone (seq-ft, avalanche-*)
-        verify(run, info.get("files", {}), trained)
-        model.backbone.load_state_dict(load_file(str(trained)), strict=True)
-    return model, load_run_tasks(model, run, tasks)

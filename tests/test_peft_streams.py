@@ -173,7 +173,7 @@ def test_export_command(tmp_path, tiny_backbone_dir, capsys):
     """`continual export` writes each exportable task of a run as a PEFT adapter that PEFT loads
     onto the backbone and that gives the run's own outputs; what cannot be exported says why."""
     from continual.cli import main
-    from continual.rundir import load_run_model
+    from continual.loadrun import load_run_model
 
     path = stream_file(tmp_path)
     common = ["--stream", str(path), "--backbone", str(tiny_backbone_dir), "--steps", "10", "--max-length", "16",
@@ -246,7 +246,7 @@ def test_export_of_a_shared_delta_run_gives_each_state_as_a_causal_lm_adapter(tm
     from conftest import toy_generative_stream
     from continual import TrainConfig, make_strategy, run_stream
     from continual.export import export_run
-    from continual.rundir import load_run_model
+    from continual.loadrun import load_run_model
 
     run_stream(toy_generative_stream(), adapters.DeltaModel.from_pretrained(str(tiny_lm_dir)),
                make_strategy("seq-delta", [{"method": "lora", "rank": 2}]), TrainConfig(**{**FAST, "max_steps": 10}),

@@ -3,8 +3,10 @@ finished run, or end in a traceback. Each gives one clear refusal now, before an
 
 from __future__ import annotations
 
+import json
 import os
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -122,6 +124,26 @@ def test_a_diverged_training_stops_with_the_reason_not_chance_level_scores(text_
     data = toy_stream()[0].splits()
     with pytest.raises(DivergedError, match="lower the learning rate"):
         train_task(model, "t", data, CONFIG)
+
+def test_a_run_that_fine_tuned_its_backbone_can_be_routed_and_reloaded(tmp_path, tiny_backbone_dir):
+    # seq-ft saves each task's head against the backbone of its time, and the backbone as the run
+    # left it: every study of such a run was refused ("saved for another backbone")
+    from continual.loadrun import load_run_model, load_run_tasks
+    from continual.studies.route import route_run
+
+    for name, word, seed in (("a", "apple", 1), ("b", "river", 2)):
+        write_csv(tmp_path / f"{name}.csv", toy_rows(word, seed, 40))
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"name": "s", "tasks": [{"name": "a", "train": "a.csv"},
+                                                                             {"name": "b", "train": "b.csv"}]}))
+    run = tmp_path / "run"
+    assert main(["run", "--stream", str(tmp_path / "s.yaml"), "--strategy", "seq-ft", "--backbone", str(tiny_backbone_dir),
+                 "--steps", "6", "--max-length", "16", "--no-progress", "--no-mlflow", "--out", str(run)]) == 0
+    (routed,) = route_run(run, routers=["prototype"])
+    final = json.loads((run / "results.json").read_text())["matrix"]["R"][-1]
+    assert np.mean(list(routed.oracle_accuracy.values())) == pytest.approx(np.mean(final))  # the run's last row
+    assert load_run_model(run)[1] == ["a", "b"]
+    with pytest.raises(RunStateError, match="fine-tuned its backbone"):  # heads onto the untrained backbone
+        load_run_tasks(adapters.DeltaModel.from_pretrained(str(tiny_backbone_dir)), run)
 
 def test_out_that_cannot_hold_a_run_is_refused_before_anything_loads(tmp_path, capsys):
     (tmp_path / "file").write_text("x")

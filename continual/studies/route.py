@@ -20,7 +20,8 @@ from typing import Any, Sequence
 import yaml
 
 from ..plots import routing_heatmap
-from ..rundir import RunStateError, load_run_model, run_info
+from ..loadrun import load_run_model
+from ..rundir import RunStateError, run_info
 from ..tracking import log_nested_run
 from ..training import eval_loader, score_texts, task_loader
 from ..training.data import sample_rows
