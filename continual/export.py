@@ -16,7 +16,7 @@ from adapters import ConfigError, export_peft, read_meta
 from adapters.peft_export import exportable, vllm_problems, vllm_scaling
 
 from .loadrun import load_run_model, run_tasks
-from .rundir import check_out
+from .rundir import BACKBONE_FILE, check_out
 
 
 @dataclasses.dataclass
@@ -35,6 +35,9 @@ def export_run(run: str | Path, out: str | Path, backbone: str | None = None, ta
     ``out/<task>``; returns the exports and, for each task left out, why. A task named in
     ``tasks`` that cannot be exported is an error naming why; so is a run with none that can."""
     _check_out(Path(out), run_tasks(run, tasks))  # before the backbone loads
+    if (Path(run) / "checkpoints" / BACKBONE_FILE).exists():
+        raise ConfigError(f"{run} fine-tuned its whole backbone (seq-ft, avalanche-*): it holds no delta to export "
+                          f"as an adapter, only task heads over that backbone ({Path(run) / 'checkpoints' / BACKBONE_FILE})")
     model, added = load_run_model(run, backbone, tasks)
     reasons = {name: exportable(model.task(name).configs, model) for name in added}
     if tasks is not None:

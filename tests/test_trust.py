@@ -125,7 +125,7 @@ def test_a_diverged_training_stops_with_the_reason_not_chance_level_scores(text_
     with pytest.raises(DivergedError, match="lower the learning rate"):
         train_task(model, "t", data, CONFIG)
 
-def test_a_run_that_fine_tuned_its_backbone_can_be_routed_and_reloaded(tmp_path, tiny_backbone_dir):
+def test_a_run_that_fine_tuned_its_backbone_can_be_routed_and_reloaded(tmp_path, tiny_backbone_dir, capsys):
     # seq-ft saves each task's head against the backbone of its time, and the backbone as the run
     # left it: every study of such a run was refused ("saved for another backbone")
     from continual.loadrun import load_run_model, load_run_tasks
@@ -142,6 +142,8 @@ def test_a_run_that_fine_tuned_its_backbone_can_be_routed_and_reloaded(tmp_path,
     final = json.loads((run / "results.json").read_text())["matrix"]["R"][-1]
     assert np.mean(list(routed.oracle_accuracy.values())) == pytest.approx(np.mean(final))  # the run's last row
     assert load_run_model(run)[1] == ["a", "b"]
+    assert main(["export", str(run), "--out", str(tmp_path / "peft")]) == 2  # said why, before loading anything
+    assert "fine-tuned its whole backbone" in capsys.readouterr().err
     with pytest.raises(RunStateError, match="fine-tuned its backbone"):  # heads onto the untrained backbone
         load_run_tasks(adapters.DeltaModel.from_pretrained(str(tiny_backbone_dir)), run)
 
