@@ -6,6 +6,7 @@ text tables and PNGs: the accuracy matrix, fusion attention, routing confusion, 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -34,8 +35,14 @@ def format_matrix(matrix: AccuracyMatrix, metrics: dict[str, float] | None = Non
     if metrics:
         keys = ("ACC", "BWT", "FWT", "forgetting")
         suffix = "_f1" if f1 else ""
-        lines.append("  ".join(f"{k}={metrics.get(k + suffix, float('nan')):+.4f}" for k in keys))
+        lines.append("  ".join(f"{k}={_metric(metrics.get(k + suffix))}" for k in keys))
     return "\n".join(lines)
+
+
+def _metric(v: float | None) -> str:
+    """A metric for the summary line; "n/a" where it is undefined (BWT and forgetting of a one-task
+    stream: no task was scored after a later one), not "+nan"."""
+    return "n/a" if v is None or math.isnan(v) else f"{v:+.4f}"
 
 
 def _format_agnostic(matrix: AccuracyMatrix, metrics: dict[str, float] | None) -> str:
@@ -47,7 +54,7 @@ def _format_agnostic(matrix: AccuracyMatrix, metrics: dict[str, float] | None) -
     for i, n in enumerate(names):
         lines.append(f"{n:<16}" + "".join(cell(v) for v in matrix.A[i]) + cell(matrix.routing[i]))
     if metrics:
-        lines.append("  ".join(f"{k}={metrics.get(k + '_agnostic', float('nan')):+.4f}" for k in ("ACC", "BWT", "forgetting"))
+        lines.append("  ".join(f"{k}={_metric(metrics.get(k + '_agnostic'))}" for k in ("ACC", "BWT", "forgetting"))
                      + f"  routing={metrics.get('routing_accuracy', float('nan')):.4f}")
     return "\n".join(lines)
 

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from continual import AccuracyMatrix, average_accuracy, backward_transfer, forgetting, forward_transfer, summarize
+from continual import AccuracyMatrix, average_accuracy, format_matrix, backward_transfer, forgetting, forward_transfer, summarize
 
 NAN = math.nan
 
@@ -58,6 +58,11 @@ def test_single_task_and_missing_rows_give_nan():
     m = summarize(joint, b)
     assert m["ACC"] == pytest.approx(0.8)
     assert all(math.isnan(m[k]) for k in ("BWT", "FWT", "forgetting"))
+    # printed as undefined, not as a signed number ("BWT=+nan")
+    matrix = AccuracyMatrix(["a"])
+    matrix.update(None, 0, 0.5, 0.5)
+    matrix.update(0, 0, 0.7, 0.7)
+    assert format_matrix(matrix, one).splitlines()[-1] == "ACC=+0.7000  BWT=n/a  FWT=n/a  forgetting=n/a"
 
 
 def test_bad_shapes_are_refused():
