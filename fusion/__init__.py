@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from adapters import DeltaModel, TaskDelta
+from adapters import ConfigError, DeltaModel, TaskDelta
 
 from .inspect import FusionWeights, fusion_delta, fusion_weights
 from .layer import AdapterFusion, FusionConfig, FusionLayer
@@ -33,6 +33,8 @@ def add_fusion(
     i.e. not another fusion) and a head (new, for ``label_names``; or a copy of task
     ``head_from``'s). The sources are frozen (stage 2 trains only the fusion and the head) once
     the fusion is built. ``config``: :class:`FusionConfig` fields (``attn_dim``, ``temperature``, ...)."""
+    if isinstance(sources, str):  # a string is a sequence too: of one-letter task names
+        raise ConfigError(f"give the sources as a list of task names, e.g. [{sources!r}]")
     if sources is None:
         sources = [n for n, t in model.tasks.items() if t.deltas and not any(d.sources() for d in t.deltas.values())]
     if not sources:

@@ -138,6 +138,9 @@ class AdapterFusion(Delta):
                               "[FusionConfig(sources=...)]) or fusion.add_fusion")
         for task in sources:
             for d in task.deltas.values():
+                if d.sources():  # a fusion, or anything else built over other tasks
+                    raise ConfigError(f"cannot fuse task {task.name!r}: its {d.config.method} delta is built over "
+                                      f"tasks {list(d.sources())}; fuse those tasks instead")
                 if not d.capabilities.fusable:
                     raise ConfigError(
                         f"cannot fuse task {task.name!r}: its {d.config.method} delta is not layer-wise "

@@ -35,6 +35,8 @@ def merge_tasks(
 
     All sources must use the same method configs (same shapes). Give ``head_from`` (a task whose
     head is copied) or ``label_names`` (a new head, to be trained with ``train_task``)."""
+    if isinstance(sources, str):  # a string is a sequence too: of one-letter task names
+        raise ConfigError(f"give the sources as a list of task names, e.g. [{sources!r}]")
     sources = list(sources)
     if not sources:
         raise ConfigError("merge_tasks needs at least one source task")

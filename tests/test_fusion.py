@@ -102,6 +102,18 @@ def test_fusion_refuses_prompt_and_prefix_with_the_reason():
         add_fusion(model, "fused", ["ok", "nope"], label_names=["a", "b"])
     with pytest.raises(ConfigError, match="sources repeat"):
         FusionConfig(sources=("ok", "ok"))
+    # a fusion of a fusion: the reason is that, not that it "is not layer-wise (prompt and prefix ...)"
+    add_fusion(model, "f", ["ok"], label_names=["a", "b"])
+    with pytest.raises(ConfigError, match=r"its fusion delta is built over tasks \['ok'\]; fuse those tasks instead"):
+        add_fusion(model, "ff", ["f"], label_names=["a", "b"])
+    # a string is a sequence of one-letter names: with tasks "x" and "y", "xy" fused (or merged) both
+    for n in "xy":
+        model.add_task(n, [method_config("lora")], num_labels=2)
+    with pytest.raises(ConfigError, match="as a list of task names"):
+        add_fusion(model, "fxy", "xy", label_names=["a", "b"])
+    with pytest.raises(ConfigError, match="as a list of task names"):
+        merge_tasks(model, "mxy", "xy", label_names=["a", "b"])
+    assert not model.task("x").frozen and not {"fxy", "mxy"} & set(model.tasks)
 
 
 def test_sources_cannot_be_removed_under_a_fusion():
