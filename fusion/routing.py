@@ -46,6 +46,28 @@ def embed(model: DeltaModel, batches: Any, precision: str = "fp32") -> torch.Ten
     return torch.cat(out)
 
 
+def _check_fit(router: Any, task: str, embeddings: torch.Tensor, labels: Sequence[int]) -> None:
+    """Refuse what a router would learn wrong without a word: a task added twice (two slots of one
+    name split its examples), labels that do not pair with the rows, rows of another width."""
+    if task in router.tasks:
+        raise ValueError(f"task {task!r} is already in the router; each task is added once")
+    if embeddings.dim() != 2 or len(embeddings) == 0:
+        raise ValueError(f"task {task!r}: no examples to fit on; embeddings must be (examples, dim), got shape "
+                         f"{tuple(embeddings.shape)}")
+    if len(labels) != len(embeddings):
+        raise ValueError(f"task {task!r}: {len(labels)} labels for {len(embeddings)} embeddings")
+    if router.dim is not None and embeddings.shape[1] != router.dim:
+        raise ValueError(f"task {task!r}: embeddings of width {embeddings.shape[1]}, earlier tasks' {router.dim}")
+    router.dim = embeddings.shape[1]
+
+
+def _check_predict(router: Any, embeddings: torch.Tensor) -> None:
+    if not router.tasks:
+        raise ValueError("the router has no tasks yet: add_task before predict")
+    if embeddings.dim() != 2 or embeddings.shape[1] != router.dim:
+        raise ValueError(f"embeddings must be (examples, {router.dim}), got shape {tuple(embeddings.shape)}")
+
+
 class PrototypeRouter:
     """Nearest (task, label) prototype by cosine similarity; incremental, keeps no data."""
 
@@ -53,12 +75,12 @@ class PrototypeRouter:
 
     def __init__(self) -> None:
         self.tasks: list[str] = []
+        self.dim: int | None = None  # of the embeddings, set by the first task
         self._protos: list[torch.Tensor] = []
         self._owner: list[int] = []
 
     def add_task(self, task: str, embeddings: torch.Tensor, labels: Sequence[int]) -> None:
-        if len(embeddings) == 0:
-            raise ValueError(f"task {task!r}: no examples to build prototypes from")
+        _check_fit(self, task, embeddings, labels)
         labels = torch.as_tensor(list(labels))
         slot = len(self.tasks)
         self.tasks.append(task)
@@ -68,6 +90,7 @@ class PrototypeRouter:
 
     def predict(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Task slots (positions in ``self.tasks``)."""
+        _check_predict(self, embeddings)
         sims = embeddings @ torch.stack(self._protos).t()
         return torch.as_tensor(self._owner)[sims.argmax(1)]
 
@@ -79,14 +102,14 @@ class LinearRouter:
 
     def __init__(self, epochs: int = 300, lr: float = 0.1, weight_decay: float = 1e-4, seed: int = 0) -> None:
         self.tasks: list[str] = []
+        self.dim: int | None = None
         self._x: list[torch.Tensor] = []
         self._y: list[torch.Tensor] = []
         self.epochs, self.lr, self.weight_decay, self.seed = epochs, lr, weight_decay, seed
         self.linear: torch.nn.Linear | None = None
 
     def add_task(self, task: str, embeddings: torch.Tensor, labels: Sequence[int]) -> None:
-        if len(embeddings) == 0:
-            raise ValueError(f"task {task!r}: no examples to train the router on")
+        _check_fit(self, task, embeddings, labels)
         self._x.append(embeddings)
         self._y.append(torch.full((len(embeddings),), len(self.tasks)))
         self.tasks.append(task)
@@ -110,6 +133,7 @@ class LinearRouter:
 
     @torch.no_grad()
     def predict(self, embeddings: torch.Tensor) -> torch.Tensor:
+        _check_predict(self, embeddings)
         return self.linear(embeddings * 10).argmax(1)
 
 

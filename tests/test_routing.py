@@ -46,6 +46,24 @@ def test_prototype_router_is_incremental():
         router.add_task("t2", xs[2][:0], [])
 
 
+@pytest.mark.parametrize("router", [PrototypeRouter, LinearRouter])
+def test_a_router_refuses_what_it_would_learn_wrong(router):
+    xs, ys = clusters(1)
+    r = router()
+    with pytest.raises(ValueError, match="no tasks yet"):
+        r.predict(xs[0])
+    r.add_task("t0", xs[0], ys[0].tolist())
+    # the same name twice had become two slots of one task, splitting its examples between them
+    for bad, says in [(("t0", xs[1], ys[1].tolist()), "already in the router"),
+                      (("t1", xs[1], ys[1].tolist()[:-1]), "labels for"),
+                      (("t1", xs[1][:, :-1], ys[1].tolist()), "width")]:
+        with pytest.raises(ValueError, match=says):
+            r.add_task(*bad)
+    assert r.tasks == ["t0"]
+    with pytest.raises(ValueError, match="embeddings must be"):
+        r.predict(xs[0][:, :-1])
+
+
 def test_routed_scores_follow_the_route(text_model, tmp_path):
     """With one-hot 'embeddings' routing is perfect (routed = oracle = the stream's own scores);
     with a and b swapped, a's examples are answered by b's delta and head (label names compared)."""
