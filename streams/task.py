@@ -76,6 +76,7 @@ class Task:
             raise DataError(f"task {self.name!r} is {self.kind}, but its splits are {found} "
                             "(a generative task has 'text' and 'target' columns)")
         self.kind = found
+        self._check_names_and_text()
         if self.generative:
             self._check_generative()
             return
@@ -85,12 +86,37 @@ class Task:
             ds = getattr(self, split)
             if len(ds) == 0:
                 raise DataError(f"task {self.name!r}: the {split} split is empty")
+            if "label" not in ds.column_names:
+                raise DataError(f"task {self.name!r}: the {split} split has no 'label' column")
             labels = list(ds["label"])
+            kinds = sorted({type(v).__name__ for v in labels if not isinstance(v, int)})
+            if kinds:  # a float id (1.5) passed the range check and was cut to a class; a string failed on '<='
+                raise DataError(f"task {self.name!r}: {split} labels must be integer ids into label_names, found {kinds}")
             bad = [v for v in labels if not 0 <= v < len(self.label_names)]
             if bad:
                 raise DataError(f"task {self.name!r}: {split} has label ids {sorted(set(bad))[:5]} outside 0..{len(self.label_names) - 1}")
         if len(set(self.train["label"])) < 2:
             raise DataError(f"task {self.name!r}: the training split has a single label; a classifier needs two or more")
+
+    def _check_names_and_text(self) -> None:
+        """label_names a list of distinct strings (the agnostic matrix and verbalised answers match
+        labels by name); every input a string (None failed later, in the tokenizer)."""
+        names = self.label_names
+        if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+            raise DataError(f"task {self.name!r}: label_names must be a list of strings, got {names!r}")
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise DataError(f"task {self.name!r}: label names {twice} are given more than once")
+        self.label_names = list(names)
+        for split in SPLITS:
+            ds = getattr(self, split)
+            if "text" not in ds.column_names:
+                raise DataError(f"task {self.name!r}: the {split} split has no 'text' column")
+            for column in ("text", "text_pair"):
+                if column in ds.column_names:
+                    bad = next((n for n, v in enumerate(ds[column], 1) if not isinstance(v, str)), None)
+                    if bad is not None:
+                        raise DataError(f"task {self.name!r}: {split} row {bad}, column {column!r}: not text")
 
     def _check_generative(self) -> None:
         if self.metric is None:
@@ -162,6 +188,8 @@ class TaskStream:
             raise DataError(f"stream {name!r} has no tasks")
         seen: dict[str, int] = {}
         for i, t in enumerate(tasks):
+            if not isinstance(t, Task):
+                raise DataError(f"stream {name!r}: task {i + 1} is a {type(t).__name__}, not a streams.Task")
             if t.name in seen:
                 raise DataError(f"stream {name!r}: task name {t.name!r} appears twice (tasks {seen[t.name] + 1} and {i + 1})")
             seen[t.name] = i

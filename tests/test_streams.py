@@ -204,6 +204,20 @@ def test_task_and_stream_invariants():
         TaskStream("s", [t, t])
     with pytest.raises(DataError, match="no tasks"):
         TaskStream("s", [])
+    with pytest.raises(DataError, match="task 1 is a str, not a streams.Task"):
+        TaskStream("s", ["t"])
+    # each was taken and went wrong later: a float id was cut to a class, "xy" and a repeated name
+    # broke matching labels by name, None text and a missing column failed deep in training
+    other = lambda **cols: Dataset.from_dict({"text": ["a", "b"], "label": [0, 1], **cols})  # noqa: E731
+    for splits, names, says in [((other(label=[0.0, 1.5]), ds, ds), ["x", "y"], r"integer ids into label_names, found \['float'\]"),
+                                ((other(label=["0", "1"]), ds, ds), ["x", "y"], r"found \['str'\]"),
+                                ((ds, ds, ds), "xy", "label_names must be a list of strings"),
+                                ((ds, ds, ds), ["x", "x"], r"label names \['x'\] are given more than once"),
+                                ((ds, other(text=[None, "b"]), ds), ["x", "y"], "dev row 1, column 'text': not text"),
+                                ((ds, ds, ds.remove_columns("label")), ["x", "y"], "test split has no 'label' column"),
+                                ((ds.rename_column("text", "txt"), ds, ds), ["x", "y"], "train split has no 'text' column")]:
+        with pytest.raises(DataError, match=says):
+            Task("t", *splits, names)
 
 
 def test_a_cap_that_keeps_no_example_names_the_cap():
