@@ -39,15 +39,16 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
                      max_eval=40)
     args = p.parse_args(argv)
     config = train_config(args)
+    strategies = {name: make_strategy(name, [args.method]) for name in args.strategy or ["per-task", "seq-delta"]}
 
     stream = load_stream(args.stream, args.seed, args.max_train or None, args.max_eval or None)
     uri = args.tracking_uri or f"sqlite:///{(args.work / 'mlflow.db').resolve()}"
     args.work.mkdir(parents=True, exist_ok=True)
     out = {}
-    for strategy in args.strategy or ["per-task", "seq-delta"]:
+    for strategy, made in strategies.items():  # each made (and its options checked) before anything loads
         start = time.perf_counter()
         model = adapters.DeltaModel.from_pretrained(args.backbone)
-        result = run_stream(stream, model, make_strategy(strategy, [args.method]), config, args.work / strategy,
+        result = run_stream(stream, model, made, config, args.work / strategy,
                             loggers=[MLflowLogger(uri, "generative-example")], overwrite=True)
         print(f"\n{strategy} ({args.method}), {time.perf_counter() - start:.0f} s")
         print(result.table())

@@ -186,3 +186,9 @@ def test_make_strategy_reads_method_specs_and_checks_options_by_name():
     for bad in (-1e-5, float("nan"), 0, 1e38):  # ascent, a NaN backbone, nothing, an overflowing step
         with pytest.raises(ValueError, match="seq-ft: backbone_lr must be a number > 0 and <= 100"):
             make_strategy("seq-ft", backbone_lr=bad)
+    # a method given to a strategy that trains no delta was dropped without a word (seq-ft "with LoRA"
+    # fine-tuned the whole backbone)
+    for name in ("seq-ft", "avalanche-naive"):
+        with pytest.raises(ValueError, match=f"{name} fine-tunes the whole backbone and trains no delta.*use seq-delta"):
+            make_strategy(name, ["lora"])
+    assert make_strategy("seq-ft").methods == [] and make_strategy("seq-delta").methods[0].method == "bottleneck"

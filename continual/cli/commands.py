@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from adapters import BACKBONES, DEFAULT_METHOD, DeltaError, DeltaModel, available_methods, make_config
+from adapters import BACKBONES, DeltaError, DeltaModel, available_methods, make_config
 from adapters.spec import methods_label, parse_combo, parse_method, parse_options
 from streams import GENERATIVE_STREAMS, SOURCES, STREAMS, builtin_task, load_stream
 
@@ -49,7 +49,7 @@ def _cap(v: int) -> int | None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    methods = [parse_method(m) for m in args.method or [DEFAULT_METHOD]]
+    methods = [parse_method(m) for m in args.method or []] or None  # None: the default, or none for seq-ft
     options: dict = {}
     for text in args.strategy_option:  # repeated --strategy-option flags add up; a key twice is an error
         options.update(parse_options(text, "--strategy-option", options))
@@ -60,16 +60,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         check_tracking_uri(args.tracking_uri)
     started = distributed.init_from_env(device)  # under torchrun / accelerate launch: join the group
     try:
-        return _run(args, strategy, methods, config)
+        return _run(args, strategy, config)
     finally:
         if started:
             distributed.shutdown()
 
 
-def _run(args: argparse.Namespace, strategy: Any, methods: list[Any], config: TrainConfig) -> int:
+def _run(args: argparse.Namespace, strategy: Any, config: TrainConfig) -> int:
     main = distributed.is_main()  # with several processes, rank 0 alone prints and logs
     say = print if main else (lambda *a, **k: None)
-    label = "ft" if strategy.trains_backbone else methods_label(methods)
+    label = "ft" if strategy.trains_backbone else methods_label(strategy.methods)
     out = Path(args.out or f"runs/{Path(args.stream).stem}-{args.strategy}-{label}-s{args.seed}")
     check_out(out)  # a file, a path under a file or a read-only mount: refused before anything loads
     if args.resume and not args.no_mlflow:

@@ -48,14 +48,18 @@ STRATEGIES: dict[str, type[Strategy]] = {
 }
 
 
-def make_strategy(name: str, methods: Sequence[MethodSpec] | MethodSpec | None = (DEFAULT_METHOD,), **options: Any) -> Strategy:
+def make_strategy(name: str, methods: Sequence[MethodSpec] | MethodSpec | None = None, **options: Any) -> Strategy:
     """A strategy by name (see ``STRATEGIES``); ``options`` go to its constructor (e.g.
     ``memory_size`` for ``replay``, ``ewc_lambda`` for ``ewc``, ``temperature`` for ``per-task-fusion``).
     ``methods``: a list of method specs (names, ``"lora:rank=4"``, dicts, configs), or one spec
-    (``"lora+bitfit"`` is a combination, as on the command line); None: the default method."""
+    (``"lora+bitfit"`` is a combination, as on the command line); None: the default method, or
+    none for a strategy that fine-tunes the whole backbone (which refuses methods)."""
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; one of: {', '.join(STRATEGIES)}")
     cls = STRATEGIES[name]
+    if cls.trains_backbone and methods is not None and methods != []:  # they were dropped without a word
+        raise ValueError(f"{name} fine-tunes the whole backbone and trains no delta, so it takes no method; for one "
+                         "delta trained on every task in turn use seq-delta (e.g. --strategy seq-delta --method lora)")
     if methods is None:
         methods = (DEFAULT_METHOD,)
     elif isinstance(methods, str):  # not a list of its letters

@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from adapters import DEFAULT_METHOD, DeltaConfig, DeltaModel
+from adapters import DeltaConfig, DeltaModel
 from adapters.spec import methods_label, parse_combo, parse_options
 
 from ..plots import metric_bars
@@ -116,7 +116,7 @@ def run_job(job: Job) -> dict[str, Any]:
     numbers."""
     directory = job.directory
     e = job.entry
-    strategy = make_strategy(e.strategy, e.methods or [DEFAULT_METHOD], **e.options)
+    strategy = make_strategy(e.strategy, e.methods or None, **e.options)
     torch.manual_seed(job.config.seed)
     model = DeltaModel.from_pretrained(job.backbone)
     if (directory / "results.json").exists():
@@ -145,7 +145,7 @@ def compare(streams: Any, entries: Sequence[Entry], config: TrainConfig, out: st
     entries x seeds (:mod:`continual.studies.pool`); the rows do not depend on it."""
     out = Path(out)
     for e in entries:  # every entry is checked before any runs
-        make_strategy(e.strategy, e.methods or [DEFAULT_METHOD], **e.options)
+        make_strategy(e.strategy, e.methods or None, **e.options)
     twice = sorted({e.label for e in entries if [x.label for x in entries].count(e.label) > 1})
     if twice:
         raise ValueError(f"entries {twice} are given more than once; give each entry once")
