@@ -183,6 +183,8 @@ def test_make_strategy_reads_method_specs_and_checks_options_by_name():
         make_strategy("per-task-fusion", ["lora"], temperature=-1)
     with pytest.raises(ValueError, match="'sources' is not an option"):
         make_strategy("per-task-fusion", ["lora"], sources=["a"])
+    with pytest.raises(ValueError, match=r"per-task-fusion: \['prompt'\] cannot be fused"):  # before anything loads
+        make_strategy("per-task-fusion", ["prompt"])
     for bad in (-1e-5, float("nan"), 0, 1e38):  # ascent, a NaN backbone, nothing, an overflowing step
         with pytest.raises(ValueError, match="seq-ft: backbone_lr must be a number > 0 and <= 100"):
             make_strategy("seq-ft", backbone_lr=bad)

@@ -6,7 +6,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Sequence
 
-from adapters import DEFAULT_METHOD, DeltaModel
+from adapters import DEFAULT_METHOD, DeltaModel, get_method
 from adapters.model import MethodSpec
 from fusion import FusionConfig, fusion_weights
 from streams import Task
@@ -45,6 +45,10 @@ class ContinualFusion(PerTaskDelta):
         if "sources" in fusion:
             raise ValueError(f"{self.name}: 'sources' is not an option: each task's fusion is over every delta so far")
         FusionConfig.from_dict({"sources": ["any"], **fusion})  # unknown or bad fields refused now, not after task 1
+        unfusable = [m.method for m in self.methods if not get_method(m.method).capabilities.fusable]
+        if unfusable:  # refused now, before the stream loads (the fusion of task 1 said so after the backbone)
+            raise ValueError(f"{self.name}: {unfusable} cannot be fused (no per-module term to weigh: they change the "
+                             "input sequence or the attention); use layer-wise methods (lora, bottleneck, parallel, ...)")
         self.fusion = fusion  # FusionConfig fields
 
     def fused(self, task: str) -> str:
