@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from adapters import DeltaModel, load_task, read_meta
 from adapters.fingerprint import backbone_fingerprint
 
-from .rundir import BACKBONE_FILE, RunStateError, run_info, verify
+from .rundir import BACKBONE_FILE, RunStateError, not_a_run, run_info, verify
 
 
 def run_tasks(run_dir: str | Path, tasks: Sequence[str] | None = None) -> list[str]:
@@ -22,7 +22,7 @@ def run_tasks(run_dir: str | Path, tasks: Sequence[str] | None = None) -> list[s
     run = Path(run_dir)
     root = run / "checkpoints"
     if not root.is_dir():
-        raise RunStateError(f"{run} has no checkpoints/ folder: is it a stream's output directory?")
+        raise RunStateError(not_a_run(run, "has no checkpoints/ folder: is it a stream's output directory?"))
     order = run_info(run).get("matrix", {}).get("tasks", [])
     saved = [t for t in order if (root / t).is_dir()] or sorted(p.name for p in root.iterdir() if p.is_dir())
     wanted = list(tasks) if tasks is not None else saved

@@ -309,6 +309,16 @@ def write_results(out: Path, stream: TaskStream, state: RunState, metrics: dict[
     return [out / n for n in RUN_FILES[:-1]]
 
 
+def not_a_run(run: Path, why: str) -> str:
+    """The message for a folder that is not a stream run: ``why``, and where the runs are when it
+    is a ``continual compare`` study's folder (its runs are its sub-folders)."""
+    if (run / "report.json").is_file():
+        entries = sorted(p.name for p in run.iterdir() if p.is_dir() and any(p.glob("**/results.json")))
+        return (f"{run} is a compare study's folder, not one run: its report is {run / 'report.md'}, its runs are "
+                f"its sub-folders ({', '.join(str(run / e) for e in entries[:4])}{', ...' if len(entries) > 4 else ''})")
+    return f"{run} {why}"
+
+
 def run_info(run_dir: str | Path) -> dict[str, Any]:
     """What a run directory says about itself: results.json when finished, else state.json;
     verified (a damaged file is a :class:`RunStateError`), ``{}`` when it holds neither."""

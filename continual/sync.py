@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .metrics import AccuracyMatrix
-from .rundir import RunLock, RunStateError, atomic_write, read_state, run_info, sealed, write_state
+from .rundir import RunLock, RunStateError, atomic_write, not_a_run, read_state, run_info, sealed, write_state
 from .tracking import DEFAULT_EXPERIMENT, MLflowLogger, live_run, step_metrics
 
 RESULT_FILES = ("results.json", "matrix.csv", "matrix_f1.csv", "heatmap.png", "stream.yaml")
@@ -60,7 +60,7 @@ def sync_run(run_dir: str | Path, tracking_uri: str, experiment: str = DEFAULT_E
     ``again`` (then a copy is logged)."""
     run = Path(run_dir)
     if not run_info(run):
-        raise RunStateError(f"{run} holds no results.json or state.json: not a stream run directory")
+        raise RunStateError(not_a_run(run, "holds no results.json or state.json: not a stream run directory"))
     try:  # the run's own lock: a run still going writes its state after every task
         lock = RunLock(run).acquire()
     except RunStateError:

@@ -259,6 +259,9 @@ def test_compare_command_writes_a_report(toy_yaml, tiny_backbone_dir, tmp_path, 
     backbone_bytes = (out / "seq-ft" / "checkpoints" / "backbone.safetensors").stat().st_size
     assert rows["seq-ft"]["delta_bytes_on_disk"] > backbone_bytes > 10 * rows[lora]["delta_bytes_on_disk"]
     assert f"| {lora} | " in printed and (out / "report.png").stat().st_size > 1000
+    for command in (["report", str(out)], ["route", str(out)], ["export", str(out), "--out", str(tmp_path / "x")]):
+        assert main(command) == 2  # the study's folder given for one run: said so, with where its runs are
+        assert f"is a compare study's folder, not one run: its report is {out / 'report.md'}" in capsys.readouterr().err
     assert "ACC, no task id" in printed and rows[lora]["ACC_agnostic"] == own["metrics"]["ACC_agnostic"]
     assert 0 <= rows["seq-ft"]["routing_accuracy"] <= 1
     client = MlflowClient(uri)

@@ -20,7 +20,7 @@ from streams import GENERATIVE_STREAMS, SOURCES, STREAMS, builtin_task, load_str
 
 from ..metrics import AccuracyMatrix, score_label
 from ..plots import format_matrix, heatmap
-from ..rundir import check_out, run_info
+from ..rundir import check_out, not_a_run, run_info
 from ..scheduler import run_stream
 from ..strategies import STRATEGIES, make_strategy
 from ..guard import check_resume_store
@@ -123,7 +123,7 @@ def load_report(run: str, tracking_uri: str, experiment: str) -> tuple[dict[str,
         return fetch_results(run, check_tracking_uri(tracking_uri), experiment), None
     data = run_info(path)
     if not data:
-        raise FileNotFoundError(f"{path} holds no results.json or state.json: not a stream run directory")
+        raise FileNotFoundError(not_a_run(path, "holds no results.json or state.json: not a stream run directory"))
     if "metrics" not in data:  # state.json of an unfinished run: what is done so far
         data["metrics"] = AccuracyMatrix.from_dict(data["matrix"]).result()
         data["unfinished"] = True

@@ -21,7 +21,7 @@ import yaml
 
 from ..plots import routing_heatmap
 from ..loadrun import load_run_model
-from ..rundir import RunStateError, run_info
+from ..rundir import RunStateError, not_a_run, run_info
 from ..tracking import log_nested_run
 from ..training import eval_loader, score_texts, task_loader
 from ..training.data import sample_rows
@@ -34,7 +34,7 @@ def stream_of_run(run_dir: str | Path):
     run = Path(run_dir)
     spec_path, results = run / "stream.yaml", run / "results.json"
     if not spec_path.exists() or not results.exists():
-        raise RunStateError(f"{run} is not a finished stream run (stream.yaml and results.json are needed)")
+        raise RunStateError(not_a_run(run, "is not a finished stream run (stream.yaml and results.json are needed)"))
     spec = yaml.safe_load(spec_path.read_text())
     identity = run_info(run)["identity"]  # verified against its checksum
     if spec.get("file"):
