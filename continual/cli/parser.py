@@ -226,7 +226,7 @@ def _combine(sub: argparse._SubParsersAction) -> None:
     co.add_argument("--mode", action="append", choices=["simultaneous", "sequential"], help="default: both%(default).0s")
     training_options(co, "training steps per stage", routed=False)
     co.add_argument("--out", default=None, help="where the table goes (default: runs/combine-<task>-s<seed>)%(default).0s")
-    _tracking_options(co, progress=False)
+    _tracking_options(co)
 
 
 def _compare(sub: argparse._SubParsersAction) -> None:
