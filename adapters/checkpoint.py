@@ -19,7 +19,7 @@ from typing import Any
 from safetensors.torch import save_file
 
 from .errors import CheckpointError, DeltaError
-from .fingerprint import backbone_fingerprint, json_digest, read_json, read_tensors, sha256_file
+from .fingerprint import backbone_fingerprint, json_digest, output_dir, read_json, read_tensors, sha256_file
 from .model import DeltaModel
 
 FORMAT = "delta-continual/task-checkpoint"
@@ -30,8 +30,7 @@ TENSORS, META = "delta.safetensors", "delta.json"
 def save_task(model: DeltaModel, name: str, directory: str | Path) -> Path:
     """Write task ``name`` (delta + head) to ``directory``; returns the directory."""
     task = model.task(name)
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(directory, f"task {name!r}")
     tensors = {k: v.detach().contiguous().cpu() for k, v in task.state_dict().items()}
     tmp = out / (TENSORS + ".tmp")
     save_file(tensors, str(tmp))

@@ -72,3 +72,16 @@ def read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON (corrupt or truncated?): {e}") from None
+
+
+def output_dir(directory: str | Path, what: str) -> Path:
+    """``directory``, made with its parents, to write ``what`` into; a file where a folder must go
+    is a :class:`CheckpointError` naming it (``mkdir`` said only "File exists")."""
+    out = Path(directory)
+    for p in (out, *out.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise CheckpointError(f"cannot write {what} to {out}: {p} is a file, not a directory")
+            break
+    out.mkdir(parents=True, exist_ok=True)
+    return out

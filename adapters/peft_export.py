@@ -43,7 +43,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .fingerprint import backbone_fingerprint, json_digest, sha256_file
+from .fingerprint import backbone_fingerprint, json_digest, output_dir, sha256_file
 from .targets import block_paths
 from .config import DeltaConfig
 from .errors import ConfigError
@@ -119,8 +119,7 @@ def export_peft(model: Any, name: str, directory: str | Path, base_model: str | 
 
     config.update(peft_type=PEFT_TYPES[main], task_type=kind, inference_mode=True, revision=None,
                   base_model_name_or_path=base_model or hub_id(model.backbone_name))
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(directory, f"task {name!r} as a PEFT adapter")
     _save(tensors, out / WEIGHTS)
     files = [WEIGHTS]
     if task.head is not None and not task.head.generative:

@@ -114,3 +114,13 @@ def test_existing_task_name_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="already has a task 't'"):
         load_task(model, path)
     assert load_task(model, path, name="t2") == "t2"
+
+
+def test_a_file_where_the_folder_goes_is_named(tmp_path):
+    model, _ = saved(tmp_path)
+    (tmp_path / "f").write_text("x")
+    for where in (tmp_path / "f", tmp_path / "f" / "under"):  # mkdir said only "File exists"
+        with pytest.raises(CheckpointError, match=f"{tmp_path / 'f'} is a file, not a directory"):
+            save_task(model, "t", where)
+    with pytest.raises(CheckpointError, match="as a PEFT adapter to"):  # the task is a LoRA
+        model.export_peft("t", tmp_path / "f")
