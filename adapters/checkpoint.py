@@ -18,9 +18,9 @@ from typing import Any
 
 from safetensors.torch import save_file
 
-from .errors import CheckpointError, DeltaError
+from .errors import CheckpointError, DeltaError, TaskError
 from .fingerprint import backbone_fingerprint, json_digest, output_dir, read_json, read_tensors, sha256_file
-from .model import DeltaModel
+from .model import _TASK_NAME, DeltaModel
 
 FORMAT = "delta-continual/task-checkpoint"
 VERSION = 1
@@ -99,6 +99,8 @@ def load_task(model: DeltaModel, directory: str | Path, name: str | None = None,
     Raises :class:`CheckpointError` for a missing, corrupt or truncated checkpoint, or one saved
     for another backbone. Returns the task name."""
     directory = Path(directory)
+    if name is not None and (not isinstance(name, str) or not _TASK_NAME.match(name)):  # the caller's, not the file's
+        raise TaskError(f"invalid task name {name!r}: use letters, digits, '_' and '-', starting with a letter or digit")
     meta = _verified_meta(directory, strict_backbone, model)
     tensors = read_tensors(directory / TENSORS)
     task_name = name or meta["task"]

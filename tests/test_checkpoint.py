@@ -114,6 +114,8 @@ def test_existing_task_name_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="already has a task 't'"):
         load_task(model, path)
     assert load_task(model, path, name="t2") == "t2"
+    with pytest.raises(adapters.TaskError, match="invalid task name 't 3'"):  # not "the checkpoint has an invalid config"
+        load_task(model, path, name="t 3")
 
 
 def test_a_file_where_the_folder_goes_is_named(tmp_path):
