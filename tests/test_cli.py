@@ -211,6 +211,9 @@ def test_route_command_on_a_finished_run(toy_yaml, tiny_backbone_dir, tmp_path, 
     # a directory that holds no finished run is refused with the reason
     assert main(["route", str(tmp_path / "nope"), "--backbone", str(tiny_backbone_dir)]) == 2
     assert "not a finished stream run" in capsys.readouterr().err
+    # a router named twice was fitted and scored twice, into the same files and two table rows
+    assert main(["route", str(out), "--router", "linear", "--router", "linear"]) == 2
+    assert "routers ['linear'] are given more than once" in capsys.readouterr().err
 
 
 def test_transfer_matrix_command(toy_yaml, tiny_backbone_dir, tmp_path, capsys):

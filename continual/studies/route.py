@@ -67,6 +67,9 @@ def route_run(run_dir: str | Path, backbone: str | None = None, routers: Sequenc
     unknown = [r for r in routers if r not in ROUTERS]
     if unknown:
         raise ValueError(f"unknown router(s) {unknown}; one of {list(ROUTERS)}")
+    twice = sorted({r for r in routers if list(routers).count(r) > 1})
+    if twice:  # each was fitted and scored again, into the same files and a second table row
+        raise ValueError(f"routers {twice} are given more than once; give each router once")
     if fit_max is not None and (not isinstance(fit_max, int) or fit_max < 1):
         raise ValueError(f"fit_max must be None (no cap) or an integer >= 1, got {fit_max!r}")
     run = Path(run_dir)
