@@ -182,7 +182,9 @@ def test_what_cannot_run_on_several_processes_is_refused(toy_yaml, tiny_backbone
     # sharding needs processes to shard across, and a frozen backbone: refused before anything is written
     assert main(opts(toy_yaml, tiny_backbone_dir, tmp_path / "s", "--shard-backbone")) == 2
     assert "start the run with torchrun" in capsys.readouterr().err and not (tmp_path / "s").exists()
-    args = [a for a in opts(toy_yaml, tiny_backbone_dir, tmp_path / "a", "--strategy", "avalanche-ewc") if a != "--no-dropout"]
+    # avalanche-ewc trains no delta, so it takes neither --method nor --no-dropout
+    args = [a for a in opts(toy_yaml, tiny_backbone_dir, tmp_path / "a", "--strategy", "avalanche-ewc")
+            if a not in ("--no-dropout", "--method", "lora:rank=4")]
     proc = torchrun(args)
     assert proc.returncode != 0 and "cannot run on 2 processes" in proc.stdout + proc.stderr
     assert not (tmp_path / "a").exists()
