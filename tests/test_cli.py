@@ -278,7 +278,7 @@ def test_compare_command_writes_a_report(toy_yaml, tiny_backbone_dir, tmp_path, 
     # ... but only when made with the same settings: reused on the folder's name alone, a re-run
     # with other steps printed the old numbers
     assert main([*common, "--steps", "10"]) == 2
-    assert "holds a different run (differs in: train); give compare another --out" in capsys.readouterr().err
+    assert "holds a different run (differs in: train.max_steps: 20 there, 10 now); give compare another --out" in capsys.readouterr().err
     # two entries of one method with other options are two rows, where one used to replace the other
     two = ["--entry", "per-task:lora:rank=2", "--entry", "per-task:lora:rank=4"]
     assert main(common[:5] + two + common[9:]) == 0

@@ -10,6 +10,7 @@ import torch
 from conftest import FAST, toy_stream
 from continual import MLflowLogger, RunStateError, StreamLogger, TrainConfig, evaluate, make_strategy, run_stream
 from continual.strategies import SequentialFineTune
+from continual.scheduler import identity_differences
 
 CONFIG = TrainConfig(**FAST)
 LORA = [{"method": "lora", "rank": 4}]
@@ -115,7 +116,7 @@ def test_resume_of_seq_ft_restores_the_backbone(text_model, tmp_path):
 
 def test_mismatched_or_damaged_state_is_refused(text_model, tmp_path):
     run(text_model, tmp_path, make_strategy("per-task", LORA), "r")
-    with pytest.raises(RunStateError, match="differs in: strategy"):
+    with pytest.raises(RunStateError, match=r"differs in: strategy.methods\[0\].method: .lora. there, .bitfit. now\)"):
         run(text_model, tmp_path, make_strategy("per-task", ["bitfit"]), "r", resume=True)
     (tmp_path / "r" / "state.json").write_text("{ truncated")
     with pytest.raises(RunStateError, match="damaged"):
@@ -231,3 +232,16 @@ def test_a_logger_on_a_scheme_no_store_serves_is_refused_when_made(uri, tmp_path
     with pytest.raises(ValueError, match="MLflow has no tracking store for its scheme"):
         client_for(uri)
     MLflowLogger(f"sqlite:///{tmp_path}/ok.db", "t", "fine")  # a served scheme is still taken as it is
+
+
+def test_a_different_run_is_named_down_to_the_setting():
+    saved = {"train": {"lr": 0.01, "steps": 5}, "tasks": ["a", "b"], "backbone": "f" * 64,
+             "strategy": {"strategy": "per-task", "methods": [{"method": "lora", "rank": 4}]}}
+    asked = {"train": {"lr": 0.001, "steps": 5}, "tasks": ["a", "b", "c"], "backbone": "0" * 64,
+             "strategy": {"strategy": "per-task", "methods": [{"method": "lora", "rank": 8}]}}
+    assert identity_differences(saved, saved) == []
+    assert identity_differences(saved, asked) == [
+        f"backbone: '{'f' * 19}... there, '{'0' * 19}... now", "strategy.methods[0].rank: 4 there, 8 now",
+        "tasks: ['a', 'b'] there, ['a', 'b', 'c'] now", "train.lr: 0.01 there, 0.001 now"]
+    many = {"x": {str(i): i for i in range(5)}}
+    assert identity_differences(many, {"x": {str(i): -i for i in range(1, 6)}})[-1] == "3 more in x"

@@ -123,7 +123,7 @@ def run_job(job: Job) -> dict[str, Any]:
         diff = identity_differences(read_state(directory / "state.json").identity,
                                     run_identity(job.stream, model, strategy, job.config))
         if diff:
-            raise RunStateError(f"{directory} holds a different run (differs in: {', '.join(diff)}); give compare "
+            raise RunStateError(f"{directory} holds a different run (differs in: {'; '.join(diff)}); give compare "
                                 "another --out, or delete that folder")
         return summarize_run(directory)
     loggers = [MLflowLogger(job.tracking_uri, DEFAULT_EXPERIMENT, job.run_name)] if job.tracking_uri else []
