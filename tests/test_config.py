@@ -36,6 +36,12 @@ def test_wrong_types_rejected(bad):
 def test_value_ranges_checked():
     with pytest.raises(ConfigError, match="rank"):
         make_config("lora", rank=0)
+    # a zero scale: the delta trained and changed nothing, and the run printed head-only numbers
+    with pytest.raises(ConfigError, match="alpha 0 scales the LoRA update to zero"):
+        make_config("lora", alpha=0)
+    with pytest.raises(ConfigError, match="scaling 0 multiplies"):
+        make_config("parallel", scaling=0.0)
+    assert make_config("lora", alpha=-8).alpha == -8  # a sign is learned away: allowed, as PEFT does
     with pytest.raises(ConfigError, match="divisible"):
         make_config("compacter", bottleneck_dim=10, phm_dim=4)
     with pytest.raises(ConfigError, match="patterns"):

@@ -34,6 +34,9 @@ class LoRAConfig(LayerwiseConfig):
             raise ConfigError(f"rank must be >= 1, got {self.rank}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.alpha == 0:  # the update is scaled by alpha / rank: a LoRA that trains and changes nothing
+            raise ConfigError("alpha 0 scales the LoRA update to zero (it would train, and change nothing); "
+                              "the usual choice is alpha = 2 * rank, or the default 16")
 
 
 class LoRASite(nn.Module):
