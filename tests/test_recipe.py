@@ -9,7 +9,8 @@ import pytest
 
 from conftest import toy_stream
 from continual import Recipe, Runtime, TrainConfig, make_strategy
-from continual.scheduler import run_identity, task_seed
+from continual.identity import run_identity
+from continual.scheduler import task_seed
 
 
 def test_a_config_is_validated_when_made_and_splits_into_recipe_and_runtime():

@@ -10,7 +10,7 @@ import torch
 from conftest import FAST, toy_stream
 from continual import MLflowLogger, RunStateError, StreamLogger, TrainConfig, evaluate, make_strategy, run_stream
 from continual.strategies import SequentialFineTune
-from continual.scheduler import identity_differences
+from continual.identity import identity_differences
 
 CONFIG = TrainConfig(**FAST)
 LORA = [{"method": "lora", "rank": 4}]

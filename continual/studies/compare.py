@@ -31,7 +31,8 @@ from adapters.spec import methods_label, parse_combo, parse_options
 
 from ..plots import metric_bars
 from ..rundir import RunStateError, read_state, run_info
-from ..scheduler import identity_differences, run_identity, run_stream
+from ..identity import identity_differences, run_identity
+from ..scheduler import run_stream
 from ..strategies import STRATEGIES, make_strategy
 from ..guard import check_resume_store
 from ..tracking import DEFAULT_EXPERIMENT, MLflowLogger, log_compare
