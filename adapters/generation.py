@@ -39,7 +39,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from .errors import TaskError
-from .model import checked_batch
+from .inputs import check_positions, checked_batch
 from .precision import inference_linears
 
 
@@ -84,10 +84,11 @@ def _cache_kw(module: Any) -> str:
 class _Causal:
     """Next-token logits of a decoder-only model: prefill once, then one token per step."""
 
-    def __init__(self, model: Any, inputs: _Inputs, ids: torch.Tensor, mask: torch.Tensor, use_cache: bool) -> None:
+    def __init__(self, model: Any, inputs: _Inputs, ids: torch.Tensor, mask: torch.Tensor, use_cache: bool,
+                 max_new: int = 1) -> None:
         from transformers import DynamicCache
 
-        self.model, self.inputs = model, inputs
+        self.model, self.inputs, self.max_new = model, inputs, max_new
         self.rows = torch.arange(ids.shape[0], device=ids.device)
         self.ids, self.mask = ids, mask
         self.cache = DynamicCache(config=model.backbone.config) if use_cache else None
@@ -104,6 +105,8 @@ class _Causal:
 
     def first(self) -> torch.Tensor:
         embeds, self.full = self.inputs(self.ids, self.mask)
+        # before any decoding: a table of absolute positions (GPT-2's) overflowed at step N, cryptically
+        check_positions(self.model, self.ids.shape[1], self.full.shape[1] - self.ids.shape[1], self.max_new - 1)
         hidden = self._run(embeds, self.full, _positions(self.full), self.cache)
         return self._logits(hidden[self.rows, _last_real(self.full)])
 
@@ -196,7 +199,8 @@ def generate(
     model.eval()
     try:
         with context:
-            stepper = (_Seq2Seq if model.seq2seq else _Causal)(model, _Inputs(model, mixed), input_ids, attention_mask, use_cache)
+            stepper = (_Seq2Seq(model, _Inputs(model, mixed), input_ids, attention_mask, use_cache) if model.seq2seq else
+                       _Causal(model, _Inputs(model, mixed), input_ids, attention_mask, use_cache, max_new_tokens))
             new = _greedy(stepper, input_ids.shape[0], max_new_tokens, eos, pad)
     finally:
         model.train(was_training)

@@ -34,6 +34,7 @@ from torch import nn
 from .base import FrozenRef, hook_site
 from .errors import ConfigError, TaskError
 from .heads import pool
+from .inputs import check_positions, checked_batch
 
 
 @dataclasses.dataclass
@@ -256,8 +257,7 @@ class MixedTasks(nn.Module):
         """Logits (batch, most labels of any task); columns past a task's labels are -inf."""
         if self.generative:
             raise TaskError("these tasks are generative: use adapters.generation.generate(..., mixed=this) instead")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+        attention_mask = checked_batch(input_ids, attention_mask)
         with self.serving(task_ids, input_ids.shape[0]) as idx:
             hidden = self._encode(input_ids, attention_mask, extra)
         pooled = pool(hidden, attention_mask, self.poolings[0])
@@ -285,6 +285,7 @@ class MixedTasks(nn.Module):
         backbone = self._model().backbone
         extra = {k: v for k, v in extra.items() if v is not None}
         embeds, full_mask, extra, offset = self.transform_inputs(input_ids, mask, extra)
+        check_positions(self._model(), input_ids.shape[1], full_mask.shape[1] - input_ids.shape[1])
         if embeds is None:
             return backbone(input_ids=input_ids, attention_mask=mask, **extra).last_hidden_state
         hidden = backbone(inputs_embeds=embeds, attention_mask=full_mask, **extra).last_hidden_state

@@ -26,6 +26,7 @@ from .base import Delta
 from .config import DeltaConfig
 from .errors import ConfigError, TaskError
 from .heads import ClassificationHead, LMHead
+from .inputs import check_positions, checked_batch, position_table
 from .mixed import MixedTasks
 from .registry import DEFAULT_HEAD_LR, DEFAULT_METHOD, get_method, make_config
 from .targets import arch_spec
@@ -33,19 +34,6 @@ from .targets import arch_spec
 MethodSpec = str | dict[str, Any] | DeltaConfig
 
 _TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
-
-
-def checked_batch(input_ids: Any, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """The mask (all ones when None) of a batch of sound shapes, else a clear error (not a reshape failure
-    deep in the backbone). Shapes only: checking values costs a host sync in every compiled step."""
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
-        got = f"a {input_ids.dim()}-d {input_ids.dtype} tensor" if isinstance(input_ids, torch.Tensor) else repr(input_ids)
-        raise ValueError(f"input_ids must be a (batch, length) tensor of integer token ids; got {got}")
-    if input_ids.numel() == 0:
-        raise ValueError(f"input_ids of shape {tuple(input_ids.shape)} hold no tokens: give at least one example")
-    if attention_mask is not None and attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask's shape {tuple(attention_mask.shape)} is not input_ids' {tuple(input_ids.shape)}")
-    return torch.ones_like(input_ids) if attention_mask is None else attention_mask
 
 
 class TaskDelta(nn.Module):
@@ -107,6 +95,7 @@ class DeltaModel(nn.Module):
         self.seq2seq = self.spec.kind == "encoder-decoder"
         with_head = backbone is not base or self.seq2seq
         self.lm_head = backbone.get_output_embeddings() if with_head else None
+        self.max_positions = position_table(base)  # None: relative or rotary positions, no table to overflow
         self.requires_grad_(False)
         self.tasks = nn.ModuleDict()
         self.tokenizer = tokenizer
@@ -326,6 +315,7 @@ class DeltaModel(nn.Module):
         attention_mask = checked_batch(input_ids, attention_mask)
         extra = {k: v for k, v in extra.items() if v is not None}
         embeds, mask, extra, added = self.transform_inputs(input_ids, attention_mask, extra)
+        check_positions(self, input_ids.shape[1], added)
         body = self.backbone.get_encoder() if self.seq2seq else self.backbone  # T5: its encoder's states
         if embeds is None:
             out = body(input_ids=input_ids, attention_mask=attention_mask, **extra)

@@ -170,6 +170,25 @@ def test_unsound_prompts_are_refused_not_decoded(minilm_tokenizer):
         generate_text(model, "one prompt")
     assert generate_text(model, []) == []
 
+
+def test_a_prompt_and_answer_past_gpt2s_position_table_are_refused_before_decoding():
+    """GPT-2 here has 64 positions: a 7-token prompt with 4 prompt-tuning tokens and 54 new
+    tokens feeds 7 + 4 + 53 = 64 (the last token is never fed back) and decodes; one more new
+    token failed with an index error at step 54 (a device assert on a GPU)."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=120, n_positions=64, eos_token_id=EOS, pad_token_id=0)
+    model = adapters.DeltaModel(transformers.GPT2LMHeadModel(cfg).eval())
+    assert model.max_positions == 64
+    model.add_task("p", {"method": "prompt", "num_tokens": 4}, generative=True)
+    model.activate("p")
+    ids, mask = prompts()
+    assert len(generate(model, ids, mask, max_new_tokens=54, eos_token_id=[])[0]) == 54
+    with pytest.raises(ValueError, match=re.escape("an input of 7 tokens + 4 prepended by its deltas + 54 generated "
+                                                   "tokens fed back needs 65 positions, more than the 64")):
+        generate(model, ids, mask, max_new_tokens=55, eos_token_id=[])
+
 FAMILIES = {
     "mistral": ("MistralConfig", "MistralForCausalLM", {}),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),

@@ -82,6 +82,30 @@ def test_a_batch_of_unsound_shape_gets_a_clear_error(tiny_model):
     assert tiny_model(ids.int()).shape == (ids.shape[0], 2)  # any integer dtype is a token id
 
 
+@pytest.mark.parametrize("arch, limit", [("bert", 256), ("mpnet", 254), ("llama", None)])
+def test_an_input_longer_than_the_position_table_gets_a_clear_error(arch, limit):
+    """BERT's 256 positions here (MPNet's start after its padding index; Llama's are rotary: no
+    table): a longer input, or one a prompt pushes past it, failed as an 'expanded size' error
+    inside the backbone, plain or in a mixed batch."""
+    model = adapters.DeltaModel(tiny_backbone(arch))
+    assert model.max_positions == limit
+    model.add_task("t", "lora", num_labels=2)
+    model.add_task("p", method_config("prompt"), num_labels=2)  # 4 prompt tokens
+    model.activate("t")
+    fits = limit or 300
+    assert model(torch.ones(1, fits, dtype=torch.long)).shape == (1, 2)
+    if limit is None:
+        return
+    with pytest.raises(ValueError, match=f"an input of {limit + 1} tokens needs {limit + 1} positions, more than the {limit}"):
+        model(torch.ones(1, limit + 1, dtype=torch.long))
+    model.activate("p")
+    says = f"an input of {limit - 3} tokens \\+ 4 prepended by its deltas needs {limit + 1} positions"
+    with pytest.raises(ValueError, match=says):
+        model(torch.ones(1, limit - 3, dtype=torch.long))
+    with pytest.raises(ValueError, match=says):
+        model.mixed(["t", "p"])(torch.ones(2, limit - 3, dtype=torch.long), task_ids=["t", "p"])
+
+
 def test_combination_applies_every_method(arch):
     """adapter + BitFit + prompt on one task: each part changes the output."""
     model = adapters.DeltaModel(tiny_backbone(arch))
