@@ -158,6 +158,18 @@ def test_out_that_cannot_hold_a_run_is_refused_before_anything_loads(tmp_path, c
         assert "not writable" in capsys.readouterr().err
 
 
+def test_a_ray_pool_without_ray_is_refused_before_anything_loads(tmp_path, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is not None:
+        pytest.skip("ray is installed here: the refusal is for a machine without it")
+    # it was a traceback (RuntimeError) raised once the study had started
+    assert main(["compare", "--backbone", "no-such-backbone", "--ray-address", "auto", "--no-mlflow",
+                 "--out", str(tmp_path / "c")]) == 2
+    assert "--ray-address needs ray: pip install" in capsys.readouterr().err  # not the backbone: ray is checked first
+    assert not (tmp_path / "c").exists()
+
+
 def test_a_second_run_on_a_directory_in_use_is_refused(text_model, tmp_path):
     out = tmp_path / "run"
     held = RunLock(out).acquire()  # another live run (the lock is per open file: this process counts as another)

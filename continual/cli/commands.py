@@ -214,6 +214,7 @@ def cmd_combine(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from ..studies.compare import compare, parse_entry, report_markdown, write_report
+    from ..studies.pool import check_ray
 
     entries = [parse_entry(e) for e in (args.entry or ["per-task:bottleneck", "per-task:lora", "seq-delta:lora", "seq-ft"])]
     if args.seeds and args.seed is not None:
@@ -223,6 +224,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     seeds = _seeds(args.seeds) if args.seeds else [args.seed]
     if args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    if args.ray_address:
+        check_ray()
     uri = None if args.no_mlflow else args.tracking_uri
     if uri:
         check_tracking_uri(uri)

@@ -19,6 +19,7 @@ so a lost worker costs only its own run (reported as such), never its neighbours
 from __future__ import annotations
 
 import concurrent.futures as cf
+import importlib.util
 from concurrent.futures.process import BrokenProcessPool
 import multiprocessing
 import os
@@ -55,6 +56,7 @@ def run_all(fn: Callable[[Any], Any], jobs: Sequence[Any], labels: Sequence[str]
     if not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
     if ray_address:
+        check_ray()
         return _collect(_on_ray(fn, jobs, labels, workers, ray_address), labels, done)
     if workers == 1 or len(jobs) <= 1:
         return _collect(((i, _call(fn, j)) for i, j in enumerate(jobs)), labels, done)
@@ -114,13 +116,21 @@ def _collect(outcomes: Any, labels: Sequence[str], done: Callable[[str, Any], No
     return results
 
 
+def check_ray() -> None:
+    """Refuse a Ray pool where ray is not installed, before anything is loaded or run (it was a
+    traceback once the study had started)."""
+    if importlib.util.find_spec("ray") is None:
+        raise ImportError("--ray-address needs ray: pip install 'ray>=2.9' (without it, --workers runs local processes)")
+
+
 def _on_ray(fn: Callable[[Any], Any], jobs: Sequence[Any], labels: Sequence[str], workers: int, address: str) -> Any:
-    try:
-        import ray
-    except ImportError:
-        raise RuntimeError("--ray-address needs ray: pip install 'ray>=2.9' (without it, --workers uses local processes)") from None
+    import ray
+
     if not ray.is_initialized():
-        ray.init(address=address)
+        try:
+            ray.init(address=address)
+        except (ConnectionError, RuntimeError) as e:  # no cluster there: a bad setting, not a crash
+            raise ValueError(f"cannot reach a Ray cluster at {address!r}: {e}") from None
     # workers > 1 on Ray: how many CPUs each run reserves is the cluster's CPUs / workers
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) // workers)
     remote = ray.remote(num_cpus=cpus)(fn)
