@@ -234,6 +234,16 @@ def test_a_logger_on_a_scheme_no_store_serves_is_refused_when_made(uri, tmp_path
     MLflowLogger(f"sqlite:///{tmp_path}/ok.db", "t", "fine")  # a served scheme is still taken as it is
 
 
+def test_a_database_store_without_its_driver_is_refused_when_made():
+    import importlib.util
+
+    if importlib.util.find_spec("psycopg") is not None:
+        pytest.skip("psycopg is installed here: the refusal is for a machine without it")
+    # it ran untracked ("No module named 'psycopg'") and pointed at a sync that failed alike
+    with pytest.raises(ValueError, match=r"'postgresql://u:\*\*\*@127.0.0.1:9/db': its database driver is not installed"):
+        MLflowLogger("postgresql://u:secret@127.0.0.1:9/db", "t", "pg")
+
+
 def test_a_different_run_is_named_down_to_the_setting():
     saved = {"train": {"lr": 0.01, "steps": 5}, "tasks": ["a", "b"], "backbone": "f" * 64,
              "strategy": {"strategy": "per-task", "methods": [{"method": "lora", "rank": 4}]}}
