@@ -141,8 +141,10 @@ def check_tracking_uri(uri: str) -> str:
 def _check_database_driver(uri: str) -> None:
     """A database store whose Python driver is not installed, refused by name: the run used to go
     on untracked ("No module named 'psycopg'") and point at a ``continual sync`` failing alike."""
-    from sqlalchemy.engine import make_url
-
+    try:
+        from sqlalchemy.engine import make_url  # MLflow's database stores are SQLAlchemy's
+    except ImportError:
+        return
     try:
         url = make_url(uri)
     except Exception:  # noqa: BLE001 - not a URL SQLAlchemy parses: MLflow says what is wrong with it
