@@ -214,6 +214,8 @@ def test_a_folder_of_the_users_files_is_not_taken_for_a_run(tmp_path, capsys, ti
     # the remedy offered must exist: no max_length helps when the prompt alone fills the table
     (["--max-length", "16", "--method", "prompt:num_tokens=100"], "; prepend fewer positions (at most 61, e.g. num_tokens)"),
     (["--max-length", "50", "--method", "prompt:num_tokens=20"], "; use a max_length of at most 44"),
+    # only the methods that prepend are named: prefix tuning adds keys, not positions
+    (["--max-length", "50", "--method", "prompt:num_tokens=20", "--method", "prefix"], "20 prepended positions (prompt) exceeds"),
     (["--tracking-uri", "sqlite:///"], "names no database file"),
     # MLflow 3 refuses to open a directory store: the run had trained, then said logging stopped
     (["--tracking-uri", "mlruns"], "mlruns: this MLflow version refuses file stores"),

@@ -234,7 +234,8 @@ def check_lengths(model: Any, max_length: int, methods: Sequence[DeltaConfig] = 
     limit = position_limit(model)
     added = positions_added(methods)
     if limit is not None and max_length + added > limit:
-        extra = f" + {added} prepended positions ({', '.join(m.method for m in methods)})" if added else ""
+        adding = [m.method for m in methods if get_method(m.method).positions_added(m)]  # not the whole combination
+        extra = f" + {added} prepended positions ({', '.join(adding)})" if added else ""
         # the remedy must be one that exists: when the prepended positions leave no room for a
         # token of text (or for the special tokens), no max_length helps, fewer positions do
         fix = (f"use a max_length of at most {limit - added}" if limit - added > special else
