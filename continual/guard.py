@@ -17,6 +17,7 @@ import contextlib
 import fcntl
 import functools
 import os
+import re
 import sys
 import threading
 from pathlib import Path
@@ -32,14 +33,36 @@ QUICK_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEO
 
 
 def check_uri(uri: str) -> str:
-    """Refuse tracking URIs that would silently lose what is logged."""
+    """Refuse tracking URIs that would silently lose what is logged, or fail it later (a database
+    store whose driver is not installed)."""
     if uri.rstrip("/") in ("sqlite:", "sqlite:/", "sqlite://") or uri == "sqlite:///" or uri.startswith("sqlite:///:memory:"):
         raise ValueError(f"tracking URI {uri!r} names no database file, so MLflow would log to memory and lose "
                          "everything; use e.g. sqlite:///mlflow.db")
     if uri.startswith(("http://", "https://")):
         for k, v in QUICK_HTTP.items():
             os.environ.setdefault(k, v)
+    if re.match(r"(postgresql|mysql|mssql|oracle)(\+\w+)?://", uri):
+        _check_database_driver(uri)
     return uri
+
+
+def _check_database_driver(uri: str) -> None:
+    """A database store whose Python driver is not installed, refused by name: the run used to go
+    on untracked ("No module named 'psycopg'") and point at a ``continual sync`` failing alike."""
+    try:
+        from sqlalchemy.engine import make_url  # MLflow's database stores are SQLAlchemy's
+    except ImportError:
+        return
+    try:
+        url = make_url(uri)
+    except Exception:  # noqa: BLE001 - not a URL SQLAlchemy parses: MLflow says what is wrong with it
+        return
+    try:
+        url.get_dialect().import_dbapi()
+    except ImportError as e:
+        raise ValueError(f"tracking URI {url.render_as_string(hide_password=True)!r}: its database driver is not "
+                         f"installed ({e}); pip install it (psycopg for postgresql, mysqlclient for mysql, pyodbc "
+                         "for mssql), or use sqlite:///mlflow.db") from None
 
 
 def sqlite_file(uri: str) -> Path | None:

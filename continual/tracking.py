@@ -126,8 +126,6 @@ def check_tracking_uri(uri: str) -> str:
     except Exception:  # noqa: BLE001 - MLflow raises its own exception types, which vary by version
         raise ValueError(f"tracking URI {uri!r}: MLflow has no tracking store for its scheme; use a sqlite:///FILE.db "
                          "or an http(s)://HOST:PORT server") from None
-    if re.match(r"(postgresql|mysql|mssql|oracle)(\+\w+)?://", uri):
-        _check_database_driver(uri)
     try:  # MLflow 3.x raises on opening a directory store unless allowed: say so before anything trains
         from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE as allowed
     except ImportError:
@@ -136,25 +134,6 @@ def check_tracking_uri(uri: str) -> str:
         raise ValueError(f"{uri}: this MLflow version refuses file stores (maintenance mode); use a database store such "
                          "as sqlite:///mlflow.db (or set MLFLOW_ALLOW_FILE_STORE=true)")
     return uri
-
-
-def _check_database_driver(uri: str) -> None:
-    """A database store whose Python driver is not installed, refused by name: the run used to go
-    on untracked ("No module named 'psycopg'") and point at a ``continual sync`` failing alike."""
-    try:
-        from sqlalchemy.engine import make_url  # MLflow's database stores are SQLAlchemy's
-    except ImportError:
-        return
-    try:
-        url = make_url(uri)
-    except Exception:  # noqa: BLE001 - not a URL SQLAlchemy parses: MLflow says what is wrong with it
-        return
-    try:
-        url.get_dialect().import_dbapi()
-    except ImportError as e:
-        raise ValueError(f"tracking URI {url.render_as_string(hide_password=True)!r}: its database driver is not "
-                         f"installed ({e}); pip install it (psycopg for postgresql, mysqlclient for mysql, pyodbc "
-                         "for mssql), or use sqlite:///mlflow.db") from None
 
 
 def client_for(uri: str) -> Any:
