@@ -55,7 +55,7 @@ def _format_agnostic(matrix: AccuracyMatrix, metrics: dict[str, float] | None) -
         lines.append(f"{n:<16}" + "".join(cell(v) for v in matrix.A[i]) + cell(matrix.routing[i]))
     if metrics:
         lines.append("  ".join(f"{k}={_metric(metrics.get(k + '_agnostic'))}" for k in ("ACC", "BWT", "forgetting"))
-                     + f"  routing={metrics.get('routing_accuracy', float('nan')):.4f}")
+                     + f"  routing={_metric(metrics.get('routing_accuracy')).lstrip('+')}")
     return "\n".join(lines)
 
 

@@ -63,6 +63,9 @@ def test_single_task_and_missing_rows_give_nan():
     matrix.update(None, 0, 0.5, 0.5)
     matrix.update(0, 0, 0.7, 0.7)
     assert format_matrix(matrix, one).splitlines()[-1] == "ACC=+0.7000  BWT=n/a  FWT=n/a  forgetting=n/a"
+    # an unfinished run (report while it trains) has no routing accuracy yet: "routing=nan" before
+    assert format_matrix(matrix, {**one, "routing_accuracy": NAN}, agnostic=True).splitlines()[-1].endswith("  routing=n/a")
+    assert format_matrix(matrix, {**one, "routing_accuracy": 0.5}, agnostic=True).splitlines()[-1].endswith("  routing=0.5000")
 
 
 def test_bad_shapes_are_refused():
