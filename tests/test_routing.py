@@ -131,3 +131,7 @@ def test_routers_fit_on_every_label_of_a_file_sorted_by_label(text_model, monkey
     from continual.training.data import sample_rows
 
     assert sample_rows(ds, None, 3) == list(range(len(ds))) and sample_rows(ds.remove_columns("label"), 5, 3) != [0, 1, 2, 3, 4]
+    # fewer rows than labels (fisher_samples=1, design_samples=1, --fit-max 1): a seeded draw; it was
+    # "a cap of 1 keeps none", raised after the run's first task had trained
+    one = sample_rows(ds, 1, 3)
+    assert len(one) == 1 and one == sample_rows(ds, 1, 3) and {tuple(sample_rows(ds, 1, s)) for s in range(20)} != {tuple(one)}
