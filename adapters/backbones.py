@@ -149,7 +149,13 @@ def load_backbone(name: str = DEFAULT_BACKBONE, dtype: torch.dtype | None = None
             loader = AutoModelForSeq2SeqLM
         else:
             loader = AutoModelForCausalLM if is_decoder_config(config) else AutoModel
-        model = loader.from_pretrained(path, local_files_only=local, **opts)
+        # weights the checkpoint lacks (a BERT pooler saved without it) are drawn at random on loading:
+        # drawn from one fixed seed, the backbone and so its fingerprint, which every checkpoint is
+        # checked against, are the same in every process (a delta saved in one was refused in the
+        # next, "saved for another backbone"); the caller's random state is left as it was
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = loader.from_pretrained(path, local_files_only=local, **opts)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
     except OSError as e:
         if local:

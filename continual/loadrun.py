@@ -7,7 +7,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-import torch
 from safetensors.torch import load_file
 
 from adapters import DeltaModel, load_task, read_meta
@@ -84,11 +83,10 @@ def run_backbone(run_dir: str | Path) -> str:
 def load_run_model(run_dir: str | Path, backbone: str | None = None, tasks: Sequence[str] | None = None) -> tuple[DeltaModel, list[str]]:
     """The backbone a run was trained on (``backbone``, default: the one its checkpoints name; as
     the run left it, if it fine-tuned it), with the run's task checkpoints loaded (see
-    :func:`load_run_tasks`). Seeds torch with the run's seed first, as ``continual run`` does,
-    so weights the backbone's files lack (an unused pooler) match the run's."""
+    :func:`load_run_tasks`). Weights the backbone's files lack (an unused pooler) are the run's:
+    :func:`adapters.load_backbone` draws them from a fixed seed."""
     run, info = Path(run_dir), run_info(run_dir)
     run_tasks(run, tasks)  # a wrong task name is an error before the backbone loads
-    torch.manual_seed(info.get("identity", {}).get("seed", 0))
     model = DeltaModel.from_pretrained(backbone or run_backbone(run))
     trained = run / "checkpoints" / BACKBONE_FILE
     if trained.exists():  # a strategy that fine-tuned the backbone (seq-ft, avalanche-*)

@@ -86,3 +86,21 @@ def test_local_t5_loads_as_a_generative_encoder_decoder(tmp_path, word_tokenizer
     model = adapters.DeltaModel.from_pretrained(str(tmp_path))
     assert model.seq2seq and model.lm_head is not None and model.decoder_start_id == 0
     model.add_task("g", "lora", generative=True)
+
+
+def test_weights_a_checkpoint_lacks_are_the_same_in_every_process(tiny_backbone_dir, tmp_path):
+    """The tiny BERT is saved without its pooler, which loading draws at random: the backbone's
+    fingerprint then changed from one process to the next, and a delta saved in one was refused
+    in the next ("saved for another backbone"). Drawn from a fixed seed now, the caller's random
+    state untouched."""
+    import torch
+
+    first = adapters.DeltaModel.from_pretrained(str(tiny_backbone_dir))
+    first.add_task("a", "lora", num_labels=2)
+    adapters.save_task(first, "a", tmp_path / "a")
+    torch.manual_seed(123)  # another process: another random state when it loads
+    state = torch.random.get_rng_state()
+    second = adapters.DeltaModel.from_pretrained(str(tiny_backbone_dir))
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert adapters.backbone_fingerprint(second.backbone) == adapters.backbone_fingerprint(first.backbone)
+    assert adapters.load_task(second, tmp_path / "a") == "a"

@@ -79,7 +79,7 @@ def _run(args: argparse.Namespace, strategy: Any, config: TrainConfig) -> int:
     if distributed.active():
         say(f"{distributed.world_size()} processes ({'nccl' if config.torch_device().type == 'cuda' else 'gloo'}), "
             f"global batch {config.batch_size}: each trains on its slice and scores its shard; rank 0 writes {out}/")
-    torch.manual_seed(args.seed)  # weights a checkpoint lacks (an unused pooler) start the same every run
+    torch.manual_seed(args.seed)  # whatever draws before the first task's own seed draws from this run's
     model = DeltaModel.from_pretrained(args.backbone)
     loggers = [MLflowLogger(args.tracking_uri, args.experiment, args.run_name or out.name)] if main and not args.no_mlflow else []
     result = run_stream(stream, model, strategy, config, out, loggers=loggers, resume=args.resume,
