@@ -254,6 +254,10 @@ def generate_text(model: Any, prompts: Sequence[str], max_new_tokens: int = 16, 
         raise TypeError("generate_text takes a list of prompts; for one prompt pass [prompt]")
     if not prompts:
         return []
+    bad = [i for i, p in enumerate(prompts) if not isinstance(p, str) or not p.strip()]
+    if bad:  # else the tokenizer's TypeError, or "input_ids of shape (1, 0)" for a batch the caller never saw
+        raise ValueError(f"prompts {bad} are not text to continue (each prompt must be a non-empty string); "
+                         f"got {[prompts[i] for i in bad][:3]!r}")
     side, tok.padding_side = tok.padding_side, "left"
     try:
         enc = tok(list(prompts), return_tensors="pt", padding=True)

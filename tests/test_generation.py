@@ -169,6 +169,9 @@ def test_unsound_prompts_are_refused_not_decoded(minilm_tokenizer):
     with pytest.raises(TypeError, match="a list of prompts"):  # else each character became a prompt
         generate_text(model, "one prompt")
     assert generate_text(model, []) == []
+    for bad in (["fine", ""], ["fine", "  "], ["fine", 3]):
+        with pytest.raises(ValueError, match=re.escape("prompts [1] are not text to continue")):
+            generate_text(model, bad)
 
 
 def test_a_prompt_and_answer_past_gpt2s_position_table_are_refused_before_decoding():
