@@ -282,10 +282,11 @@ class MixedTasks(nn.Module):
         return embeds, mask, extra, offset
 
     def _encode(self, input_ids: torch.Tensor, mask: torch.Tensor, extra: dict[str, Any]) -> torch.Tensor:
-        backbone = self._model().backbone
+        model = self._model()
+        backbone = model.backbone
         extra = {k: v for k, v in extra.items() if v is not None}
         embeds, full_mask, extra, offset = self.transform_inputs(input_ids, mask, extra)
-        check_positions(self._model(), input_ids.shape[1], full_mask.shape[1] - input_ids.shape[1])
+        check_positions(model, input_ids.shape[1], full_mask.shape[1] - input_ids.shape[1])
         if embeds is None:
             return backbone(input_ids=input_ids, attention_mask=mask, **extra).last_hidden_state
         hidden = backbone(inputs_embeds=embeds, attention_mask=full_mask, **extra).last_hidden_state

@@ -252,10 +252,10 @@ def positions_added(methods: Sequence[DeltaConfig]) -> int:
 
 def position_limit(model: Any) -> int | None:
     """How many token positions the backbone can encode (None: no fixed limit known)."""
-    cfg = model.backbone.config
-    limits = [getattr(cfg, "max_position_embeddings", None)]
-    if getattr(cfg, "model_type", "") in ("roberta", "xlm-roberta", "mpnet"):
-        limits = [limits[0] - (cfg.pad_token_id or 0) - 1 if limits[0] else None]  # positions start after padding_idx
+    # a table of absolute positions as DeltaModel reads it (adapters.inputs.position_table: RoBERTa's
+    # and MPNet's counted from after their padding index); else the configured rotary/relative length
+    table = getattr(model, "max_positions", None)
+    limits = [table if table is not None else getattr(model.backbone.config, "max_position_embeddings", None)]
     tokenizer_max = getattr(getattr(model, "tokenizer", None), "model_max_length", None)
     limits.append(tokenizer_max if isinstance(tokenizer_max, int) and tokenizer_max < 1_000_000 else None)
     known = [x for x in limits if isinstance(x, int) and x > 0]

@@ -321,7 +321,7 @@ def sample_rows(dataset: Dataset, cap: int | None, seed: int) -> list[int]:
     covariance is estimated from). The first rows had been taken: in a file sorted by label, one
     label only."""
     labels = np.asarray(dataset["label"]) if "label" in dataset.column_names else np.zeros(len(dataset), dtype=np.int64)
-    if cap is not None and cap < min(len(labels), len(np.unique(labels))):
+    if cap is not None and cap < len(np.unique(labels)):
         # fewer rows asked than there are labels: no proportion survives rounding (each share is
         # zero), and refusing here stopped a run after its first task had trained; a seeded draw
         return np.sort(np.random.default_rng(seed).choice(len(labels), cap, replace=False)).tolist()
