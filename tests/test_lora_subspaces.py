@@ -126,6 +126,19 @@ def test_refuse_methods_that_are_not_lora_and_bad_options():
         make_strategy("o-lora", LORA, orth_lambda=-1)
     with pytest.raises(ValueError, match="threshold"):
         make_strategy("inflora", LORA, threshold=1.5)
+    with pytest.raises(ValueError, match=r"threshold must be in \(0, 1\), got 1"):
+        make_strategy("inflora", LORA, threshold=1)  # the first task's basis would take the whole space
+
+
+def test_a_task_left_no_free_direction_is_said(text_model, tmp_path, capsys):
+    strategy = make_strategy("inflora", LORA)
+    strategy.threshold = 1.0  # (refused at the edge) the basis takes every direction after task a
+    config = TrainConfig(**{**FAST, "max_steps": 2, "eval_every": 2})
+    run_stream(toy_stream(), text_model(), strategy, config, tmp_path / "full")
+    out = capsys.readouterr().out
+    assert "task a (inflora)" not in out
+    for t in ("b", "c"):
+        assert f"task {t} (inflora): the earlier tasks' input subspace leaves no free direction at" in out
 
 
 def tiny_t5(tok):

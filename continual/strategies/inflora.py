@@ -22,7 +22,8 @@ How we depart from the paper: plain GPM (M only grows; no DualGPM switch to the 
 M is large); one threshold for all tasks; the trained LoRAs are kept and all act at once instead
 of being merged into the weights (the same function, up to float rounding). When M leaves fewer
 than r free directions at a layer, the rows beyond them are zero (that layer cannot change for the
-new task). A classification task keeps its own head (the router picks it without a task id).
+new task; a site left no direction at all is said when the task starts). ``threshold`` is in
+(0, 1): at 1 the first task's basis takes the whole space. A classification task keeps its own head (the router picks it without a task id).
 """
 
 from __future__ import annotations
@@ -30,12 +31,13 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from adapters import DeltaModel
 from adapters.model import MethodSpec
 from streams import Task
 
-from ..training import TrainConfig, collate_rows
+from ..training import TrainConfig, collate_rows, distributed
 from ..training.data import sample_rows
 from .base import check_option
 from .summed_lora import SummedLoRA, lora_sites
@@ -84,7 +86,9 @@ class InfLoRA(SummedLoRA):
 
     def __init__(self, methods: Sequence[MethodSpec] = ("lora",), threshold: float = 0.95, design_samples: int = 64) -> None:
         super().__init__(methods)
-        check_option("inflora", "threshold", threshold, lambda v: 0 < v <= 1, "in (0, 1]")
+        # 1 is refused: GPM at 100% of the energy takes the whole numerical span of the first task's
+        # inputs (the full space, for a few thousand tokens), and every later LoRA is left no direction
+        check_option("inflora", "threshold", threshold, lambda v: 0 < v < 1, "in (0, 1)")
         check_option("inflora", "design_samples", design_samples, lambda v: v >= 1, "an integer >= 1", integer=True)
         self.threshold, self.design_samples = float(threshold), design_samples
         self.basis: dict[str, torch.Tensor] = {}  # site -> d_in x k orthonormal columns (float64, CPU)
@@ -131,10 +135,16 @@ class InfLoRA(SummedLoRA):
     def train(self, model, tasks, config, data, callback):
         (task,) = tasks
         covs = self.input_covariances(model, task, data(task)["train"], config)
+        sites, blocked = lora_sites(model, task.name), 0
         with torch.no_grad():
-            for key, module in lora_sites(model, task.name).items():
+            for key, module in sites.items():
                 rows = design(covs[key], self.basis.get(key), module.lora_A.shape[0])
                 module.lora_A.copy_(rows.to(module.lora_A.dtype))
+                blocked += not rows.any()
+        if blocked and distributed.is_main():  # said, never silent: such layers cannot learn this task
+            tqdm.write(f"task {task.name} (inflora): the earlier tasks' input subspace leaves no free direction at "
+                       f"{blocked} of {len(sites)} LoRA sites; their LoRA cannot change for this task "
+                       f"(a lower threshold than {self.threshold} keeps more room)")
         result = super().train(model, tasks, config, data, callback)
         for key, cov in self.input_covariances(model, task, data(task)["train"], config).items():
             grown = grow(cov, self.basis.get(key), self.threshold)
