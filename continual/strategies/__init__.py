@@ -5,6 +5,7 @@
     shared_delta.py  ``seq-delta`` (one shared delta trained on each task in turn) and ``joint``
                      (one shared delta on all tasks at once: the upper bound, last row only)
     replay.py        ``replay``: the shared delta, plus a task-balanced memory replayed each step
+    agem.py          ``agem``: the shared delta; each step's gradient projected so the memory's loss does not rise (A-GEM)
     ewc.py           ``ewc``: the shared delta, anchored by its Fisher information (online EWC)
     lwf.py           ``lwf``: the shared delta, distilled from its previous values (Learning without Forgetting)
     progressive.py   ``progressive-prompts``: a new soft prompt per task, in front of the earlier tasks' frozen ones
@@ -29,6 +30,7 @@ from adapters import DEFAULT_METHOD, DeltaConfig
 from adapters.spec import parse_combo
 from adapters.model import MethodSpec
 
+from .agem import AGEM
 from .avalanche import AVALANCHE_STRATEGIES
 from .base import Strategy, TaskData
 from .finetune import SequentialFineTune
@@ -43,7 +45,7 @@ from .replay import Replay
 from .shared_delta import SHARED, Joint, SequentialDelta
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    s.name: s for s in (PerTaskDelta, ContinualFusion, SequentialDelta, Replay, EWC, LwF, ProgressivePrompts, OLoRA, InfLoRA, PromptPool,
+    s.name: s for s in (PerTaskDelta, ContinualFusion, SequentialDelta, Replay, AGEM, EWC, LwF, ProgressivePrompts, OLoRA, InfLoRA, PromptPool,
                         SequentialFineTune, Joint, *AVALANCHE_STRATEGIES)
 }
 
@@ -76,5 +78,5 @@ def make_strategy(name: str, methods: Sequence[MethodSpec] | MethodSpec | None =
     return cls(**options) if cls.trains_backbone else cls(methods, **options)
 
 
-__all__ = ["EWC", "InfLoRA", "LwF", "OLoRA", "PromptPool", "ProgressivePrompts", "Replay", "SHARED", "STRATEGIES", "ContinualFusion", "Joint", "PerTaskDelta", "SequentialDelta", "SequentialFineTune",
+__all__ = ["AGEM", "EWC", "InfLoRA", "LwF", "OLoRA", "PromptPool", "ProgressivePrompts", "Replay", "SHARED", "STRATEGIES", "ContinualFusion", "Joint", "PerTaskDelta", "SequentialDelta", "SequentialFineTune",
            "Strategy", "TaskData", "make_strategy"]

@@ -18,7 +18,7 @@ from adapters.model import MethodSpec
 from adapters.spec import parse_method
 from streams import Task, TaskStream
 
-from ..training import ExtraLoss, TrainConfig, TrainResult, evaluate, eval_loader, train_task
+from ..training import AdjustGrads, ExtraLoss, TrainConfig, TrainResult, evaluate, eval_loader, train_task
 
 #: ``data(task)`` gives a task's tokenised splits (the scheduler tokenises each task once).
 TaskData = Callable[[Task], Any]
@@ -144,11 +144,17 @@ class Strategy:
             dev = evaluate(model, task.name, loader, self.active(task.name), config.precision)
             return TrainResult(dev, 0, 0, time.perf_counter() - start, [])
         return train_task(model, task.name, data(task), config, callback=callback, active=self.active(task.name),
-                          extra_loss=self.loss_term(model, task, config, data))
+                          extra_loss=self.loss_term(model, task, config, data),
+                          adjust_grads=self.grad_change(model, task, config, data))
 
     def loss_term(self, model: DeltaModel, task: Task, config: TrainConfig, data: TaskData) -> ExtraLoss | None:
         """A term added to each training step's loss on ``task`` (replay, a penalty, distillation);
         default none. See :data:`continual.training.ExtraLoss`."""
+        return None
+
+    def grad_change(self, model: DeltaModel, task: Task, config: TrainConfig, data: TaskData) -> AdjustGrads | None:
+        """A change to each training step's gradients on ``task`` after the backward pass (A-GEM's
+        projection); default none. See :data:`continual.training.AdjustGrads`."""
         return None
 
     def finish(self, model: DeltaModel, task: Task) -> None:

@@ -61,27 +61,39 @@ class Replay(_SharedDelta):
         if task.name not in [t.name for t in self.seen]:
             self.seen.append(task)
 
-    def loss_term(self, model: DeltaModel, task: Task, config: TrainConfig, data: Any):
-        pool = [(t, int(i)) for t in self.seen if t.name != task.name for i in self.memory.get(t.name, ())]
+    def memory_pool(self, task: Task) -> list[tuple[Task, int]]:
+        """(earlier task, index into its training split) of every stored example but ``task``'s."""
+        return [(t, int(i)) for t in self.seen if t.name != task.name for i in self.memory.get(t.name, ())]
+
+    def memory_loss(self, model: DeltaModel, data: Any, picks: list[tuple[Task, int]]) -> torch.Tensor:
+        """Mean loss of a memory batch: each earlier task's rows through the shared delta and that
+        task's own head, weighted by their share of the batch."""
+        total = torch.zeros((), dtype=torch.float32, device=model.device)
+        for old in dict.fromkeys(t.name for t, _ in picks):
+            t = next(t for t, _ in picks if t.name == old)
+            rows = [i for u, i in picks if u.name == old]
+            mem = collate_rows(data(t)["train"], rows, model.tokenizer)
+            mem = {k: v.to(model.device) for k, v in mem.items()}
+            mem_labels = mem.pop("labels")
+            with model.acting(*self.active(old)):
+                total = total + token_loss(model(**mem), mem_labels) * (len(rows) / len(picks))
+        return total
+
+    def memory_batches(self, task: Task, config: TrainConfig, size: int | None):
+        """A function giving one memory batch's picks per call (seeded by the step's seed, so a
+        resumed step draws the same batches), or None when the memory holds nothing."""
+        pool = self.memory_pool(task)
         if not pool:
             return None
-        size = self.replay_batch or config.batch_size
-        gen = torch.Generator().manual_seed(config.seed)  # the step's seed: a resumed step draws the same batches
+        size = size or config.batch_size
+        gen = torch.Generator().manual_seed(config.seed)
+        return lambda: [pool[i] for i in torch.randint(len(pool), (size,), generator=gen).tolist()]
 
-        def replayed(batch: dict[str, torch.Tensor], labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-            picks = [pool[i] for i in torch.randint(len(pool), (size,), generator=gen).tolist()]
-            total = logits.new_zeros((), dtype=torch.float32)
-            for old in dict.fromkeys(t.name for t, _ in picks):
-                t = next(t for t, _ in picks if t.name == old)
-                rows = [i for u, i in picks if u.name == old]
-                mem = collate_rows(data(t)["train"], rows, model.tokenizer)
-                mem = {k: v.to(model.device) for k, v in mem.items()}
-                mem_labels = mem.pop("labels")
-                with model.acting(*self.active(old)):
-                    total = total + token_loss(model(**mem), mem_labels) * (len(rows) / size)
-            return total
-
-        return replayed
+    def loss_term(self, model: DeltaModel, task: Task, config: TrainConfig, data: Any):
+        draw = self.memory_batches(task, config, self.replay_batch)
+        if draw is None:
+            return None
+        return lambda batch, labels, logits: self.memory_loss(model, data, draw())
 
     def train(self, model, tasks, config, data, callback):
         result = super().train(model, tasks, config, data, callback)

@@ -19,11 +19,11 @@ from .evaluate import answers, batch_logits, evaluate, evaluate_generation, macr
 from .malloc import MALLOC, hold_freed_memory
 from .loop import fit, param_groups, train_joint, train_task
 from .protocol import DivergedError, Protocol, lr_factor
-from .step import ExtraLoss, TrainStep, make_optimizer, mfu, token_loss
+from .step import AdjustGrads, ExtraLoss, TrainStep, make_optimizer, mfu, token_loss
 from .textscore import score_texts
 
 __all__ = [
-    "COMPILE_MODES", "DROPOUT_MASKS", "MALLOC", "hold_freed_memory", "malloc", "Protocol", "DivergedError", "distributed", "check_lengths", "position_limit", "Recipe", "Runtime", "TrainConfig", "TrainResult", "ExtraLoss", "TrainStep", "bucket_batches", "bucketed_loader",
+    "COMPILE_MODES", "DROPOUT_MASKS", "MALLOC", "hold_freed_memory", "malloc", "Protocol", "DivergedError", "distributed", "check_lengths", "position_limit", "Recipe", "Runtime", "TrainConfig", "TrainResult", "AdjustGrads", "ExtraLoss", "TrainStep", "bucket_batches", "bucketed_loader",
     "collate_rows", "endless_batches", "eval_loader", "evaluate", "fit", "lr_factor", "macro_f1", "majority_rate", "make_loader",
     "make_optimizer", "mfu", "param_groups", "resolve_device", "tokenize", "train_joint", "train_task",
     "answers", "answers_cut", "batch_logits", "check_generative_length", "evaluate_generation", "score_texts", "task_loader", "token_loss",

@@ -26,7 +26,7 @@ from .data import endless_batches, eval_loader, tokenize
 from .evaluate import evaluate
 from . import malloc
 from .protocol import Protocol, Record
-from .step import ExtraLoss, TrainStep, make_optimizer
+from .step import AdjustGrads, ExtraLoss, TrainStep, make_optimizer
 
 Batch = dict[str, torch.Tensor]
 
@@ -55,21 +55,23 @@ def fit(
     desc: str,
     tasks_vary: bool = False,
     extra_loss: ExtraLoss | None = None,
+    adjust_grads: AdjustGrads | None = None,
 ) -> TrainResult:
     """The step loop shared by single-task and joint training.
 
     ``next_batch`` gives (tasks to activate, batch); ``dev`` scores the model on held-out data;
     ``tasks_vary``: steps activate different tasks, so some trained parameters get no gradient in
-    a step (matters to DDP); ``extra_loss``: a strategy's term added to each step's loss (one
-    process only: it runs outside DDP). The parameters of ``groups`` end with their best-on-dev values."""
+    a step (matters to DDP); ``extra_loss``: a strategy's term added to each step's loss, and
+    ``adjust_grads`` its change to each step's gradients (one process only: they run outside DDP). The parameters of ``groups`` end with their best-on-dev values."""
     distributed.check_batch(config.batch_size)
     device = model.device
     malloc.apply(config.malloc, device.type)
     optimizer = make_optimizer(groups, device, config.weight_decay)
     net = distributed.wrap(model, find_unused=tasks_vary)  # DDP over what trains now, when there are several processes
-    if extra_loss is not None and net is not model:
-        raise ValueError("a loss term outside the model (replay, EWC, LwF) cannot train data-parallel; run one process")
-    train_step = TrainStep(net, optimizer, config.precision, config.compile, config.grad_clip, extra_loss)
+    if (extra_loss is not None or adjust_grads is not None) and net is not model:
+        raise ValueError("a loss term or gradient change outside the model (replay, EWC, LwF, A-GEM) cannot train "
+                         "data-parallel; run one process")
+    train_step = TrainStep(net, optimizer, config.precision, config.compile, config.grad_clip, extra_loss, adjust_grads)
     precision = train_step.precision
 
     def scored() -> dict[str, float]:
@@ -126,13 +128,15 @@ def train_task(
     active: Sequence[str] | None = None,
     extra_groups: Sequence[dict[str, Any]] = (),
     extra_loss: ExtraLoss | None = None,
+    adjust_grads: AdjustGrads | None = None,
 ) -> TrainResult:
     """Train task ``task``'s delta + head on ``data["train"]``, early-stopping on ``data["dev"]``.
 
     ``active``: the tasks whose deltas act during training, ``task`` last (its head gives the
     logits); every unfrozen one among them trains. Default: ``task`` alone. ``extra_groups``:
     further optimizer groups (e.g. backbone weights for full fine-tuning); ``extra_loss``: a term
-    added to each step's loss (:data:`~continual.training.step.ExtraLoss`).
+    added to each step's loss (:data:`~continual.training.step.ExtraLoss`); ``adjust_grads``: a
+    change to each step's gradients (:data:`~continual.training.step.AdjustGrads`).
     At the end the trained parameters hold their best-on-dev values. Nothing else changes."""
     _check_splits(task, data)
     active = tuple(active or (task,))
@@ -145,7 +149,7 @@ def train_task(
     groups = param_groups(model, active, config, extra_groups)
     batches = endless_batches(train_ds, tokenizer, config.batch_size, config.seed, config.bucket)
     return fit(model, groups, lambda: (active, next(batches)), lambda: evaluate(model, task, dev_loader, active),
-               config, callback, f"train {task}", extra_loss=extra_loss)
+               config, callback, f"train {task}", extra_loss=extra_loss, adjust_grads=adjust_grads)
 
 
 def train_joint(

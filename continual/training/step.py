@@ -26,6 +26,10 @@ def make_optimizer(groups: Sequence[dict[str, Any]], device: torch.device, weigh
 #: ``logit_positions`` (so the model run on it again gives the same positions)
 ExtraLoss = Callable[[dict[str, torch.Tensor], torch.Tensor, torch.Tensor], "torch.Tensor | None"]
 
+#: ``adjust_grads(params)``: changes the ``.grad`` of the step's trained parameters in place after
+#: the backward pass and before clipping (A-GEM's projection); run in the forward pass's autocast
+AdjustGrads = Callable[[Sequence[torch.Tensor]], None]
+
 
 class TrainStep:
     """One optimisation step of whatever is trainable in ``model``, with no host sync (but one, for a
@@ -34,7 +38,8 @@ class TrainStep:
 
     compile: None, or a torch.compile mode. The model is traced with its delta hooks; activating
     another set of tasks re-traces once. ``extra_loss``: see :data:`ExtraLoss` (run in the same
-    autocast as the forward pass; it may run the model again, e.g. under ``model.acting``)."""
+    autocast as the forward pass; it may run the model again, e.g. under ``model.acting``);
+    ``adjust_grads``: see :data:`AdjustGrads`."""
 
     def __init__(
         self,
@@ -44,8 +49,10 @@ class TrainStep:
         compile: str | None = None,
         grad_clip: float | None = 1.0,
         extra_loss: ExtraLoss | None = None,
+        adjust_grads: AdjustGrads | None = None,
     ) -> None:
         self.model, self.optimizer, self.grad_clip, self.extra_loss = model, optimizer, grad_clip, extra_loss
+        self.adjust_grads = adjust_grads
         self.device = next(model.parameters()).device
         self.precision = resolve_precision(precision, self.device)
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -72,6 +79,9 @@ class TrainStep:
             loss = loss + extra.float()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.adjust_grads is not None:
+            with autocast(self.precision, self.device):
+                self.adjust_grads(self.params)
         if self.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
         self.optimizer.step()
