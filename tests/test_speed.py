@@ -88,6 +88,41 @@ def test_reading_the_loss_less_often_changes_no_parameter(text_model):
     assert five.history[0]["loss"] == pytest.approx(np.mean([r["loss"] for r in one.history[:5]]), rel=1e-5)
 
 
+class _Confident(torch.nn.Module):
+    """A trainable layer before a frozen head so sure of its answers that the loss's gradient at
+    the logits (about 2e-9) is below fp16's smallest number (6e-8)."""
+
+    def __init__(self):
+        super().__init__()
+        self.delta = torch.nn.Linear(4, 4)
+        torch.nn.init.eye_(self.delta.weight)
+        torch.nn.init.zeros_(self.delta.bias)
+        self.head = torch.nn.Linear(4, 3, bias=False).requires_grad_(False)
+        with torch.no_grad():
+            self.head.weight.copy_(16 * torch.eye(4)[:3])
+
+    def forward(self, x):
+        return self.head(self.delta(x))
+
+
+def test_fp16_training_scales_the_loss_so_small_gradients_survive():
+    """fp16 autocast without loss scaling flushed such gradients to zero: the delta never learned."""
+    from continual.training import TrainStep, make_optimizer
+
+    x, labels = torch.eye(4)[:3].repeat(16, 1), torch.arange(3).repeat(16)
+    grads = {}
+    for precision in ("fp32", "fp16"):
+        model = _Confident()
+        opt = make_optimizer([{"params": list(model.delta.parameters()), "lr": 1e-3}], torch.device("cpu"))
+        step = TrainStep(model, opt, precision, grad_clip=None)
+        step({"x": x}, labels)
+        grads[precision] = model.delta.weight.grad.clone()  # what the optimizer stepped with (unscaled)
+        assert (step.scaler is not None) == (precision == "fp16")
+    assert grads["fp32"].abs().max() > 0
+    assert grads["fp16"].abs().max() > 0, "every gradient underflowed to 0 in fp16"
+    torch.testing.assert_close(grads["fp16"], grads["fp32"], rtol=0.05, atol=1e-3 * float(grads["fp32"].abs().max()))
+
+
 def test_mfu_formula():
     # 4 * 100M params * 128 tokens * 1000 samples/s = 51.2 TFLOP/s, on a 512 TFLOP/s peak: 10%
     assert mfu(1000, 128, 100_000_000, 512e12) == pytest.approx(0.1)

@@ -58,6 +58,10 @@ class TrainStep:
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.forward = torch.compile(model, mode=compile) if compile else model
         self.compiled = bool(compile)  # (a compiled step keeps whole logits: one shape per batch, no recompiles)
+        # fp16 needs loss scaling: a gradient below 6e-8 (an LM head's, spread over a vocabulary
+        # and the batch's tokens) is zero in fp16 and the delta silently stops learning from it.
+        # bf16 has fp32's range and needs none. A step whose scaled gradients overflow is skipped.
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
 
     def __call__(self, batch: dict[str, torch.Tensor], labels: torch.Tensor,
                  denominator: torch.Tensor | None = None) -> torch.Tensor:
@@ -78,13 +82,21 @@ class TrainStep:
         if extra is not None:
             loss = loss + extra.float()
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if self.scaler is None:
+            loss.backward()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)  # the true gradients, for the change and the clip below
         if self.adjust_grads is not None:
             with autocast(self.precision, self.device):
                 self.adjust_grads(self.params)
         if self.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
-        self.optimizer.step()
+        if self.scaler is None:
+            self.optimizer.step()
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         return loss.detach()
 
 
