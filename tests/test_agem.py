@@ -36,6 +36,13 @@ def test_projection_removes_only_the_conflicting_component():
     assert not project(agreeing, [-refs[0], -refs[1], None])  # no conflict: unchanged
     assert all(torch.equal(a, b) for a, b in zip(agreeing, before))
     assert not project([x.clone() for x in before], [torch.zeros(3, 4), None, None])  # a zero reference
+    # the reference's scale cancels (the memory loss is scaled by REF_SCALE against fp16 underflow)
+    scaled = [x.clone() for x in before]
+    assert project(scaled, [r * agem_module.REF_SCALE if r is not None else None for r in refs])
+    assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-7) for a, b in zip(scaled, grads))
+    overflowed = [x.clone() for x in before]  # an fp16 overflow in the memory's gradients: no projection
+    assert not project(overflowed, [torch.full((3, 4), float("inf")), None, None])
+    assert all(torch.equal(a, b) for a, b in zip(overflowed, before))
 
 
 def test_every_step_ends_with_no_first_order_rise_of_the_memory_loss(text_model, tmp_path, monkeypatch, capsys):

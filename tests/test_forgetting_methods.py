@@ -194,3 +194,17 @@ def test_make_strategy_reads_method_specs_and_checks_options_by_name():
         with pytest.raises(ValueError, match=f"{name} fine-tunes the whole backbone and trains no delta.*use seq-delta"):
             make_strategy(name, ["lora"])
     assert make_strategy("seq-ft").methods == [] and make_strategy("seq-delta").methods[0].method == "bottleneck"
+
+
+def test_ewc_fisher_under_fp16_is_estimated_in_fp32(text_model):
+    """One example's gradients, unscaled, underflow in fp16: the Fisher is computed in fp32 there."""
+    from continual.scoring import TokenisedTasks
+
+    model, task = text_model(), toy_stream()[0]
+    ewc = make_strategy("ewc", LORA, fisher_samples=8)
+    ewc.prepare(model, task)
+    model.activate(*ewc.active(task.name))  # as after training: the shared delta trainable
+    train = TokenisedTasks(model.tokenizer, 16, 32)(task)["train"]
+    fp32, fp16 = (ewc.estimate_fisher(model, task, train, TrainConfig(**{**FAST, "precision": p})) for p in ("fp32", "fp16"))
+    assert any(v.abs().sum() > 0 for v in fp32.values())
+    assert all(torch.equal(fp16[k], fp32[k]) for k in fp32)

@@ -40,6 +40,9 @@ from .base import check_option
 from .replay import Replay
 
 
+REF_SCALE = 2.0 ** 12
+
+
 def project(grads: Sequence[torch.Tensor], refs: Sequence[torch.Tensor | None]) -> bool:
     """A-GEM's projection of ``grads`` (in place) against ``refs`` (None: a zero reference), as
     one vector over all the tensors. Returns whether they conflicted (and so were projected)."""
@@ -48,7 +51,7 @@ def project(grads: Sequence[torch.Tensor], refs: Sequence[torch.Tensor | None]) 
         return False
     dot = sum((g.double() * r.double()).sum() for g, r in pairs)
     norm = sum((r.double() ** 2).sum() for _, r in pairs)
-    if not dot < 0 or not norm > 0:  # (one host sync a step: the branch is the method)
+    if not dot < 0 or not norm > 0 or not torch.isfinite(norm):  # (one host sync a step: the branch is the method)
         return False
     scale = dot / norm
     for g, r in pairs:
@@ -82,7 +85,10 @@ class AGEM(Replay):
             live = [p for p in params if p.grad is not None]
             if not live:
                 return
-            refs = torch.autograd.grad(self.memory_loss(model, data, draw()), live, allow_unused=True)
+            # scaled by a power of two (exact), which the projection cancels: under fp16 autocast
+            # the memory's gradients would otherwise underflow (an overflow gives no projection)
+            loss = self.memory_loss(model, data, draw()) * REF_SCALE
+            refs = torch.autograd.grad(loss, live, allow_unused=True)
             self.projected += project([p.grad for p in live], refs)
             self.steps += 1
 

@@ -89,6 +89,8 @@ class EWC(_SharedDelta):
         was_training = model.training
         model.eval()
         precision = resolve_precision(config.precision, model.device)
+        if precision == "fp16":  # one example's gradients, unscaled, would underflow in fp16: 64 passes in fp32
+            precision = "fp32"
         with model.acting(*self.active(task.name)):
             for i in rows:
                 batch = {k: v.to(model.device) for k, v in collate_rows(train, [i], model.tokenizer).items()}

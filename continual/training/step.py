@@ -28,6 +28,7 @@ ExtraLoss = Callable[[dict[str, torch.Tensor], torch.Tensor, torch.Tensor], "tor
 
 #: ``adjust_grads(params)``: changes the ``.grad`` of the step's trained parameters in place after
 #: the backward pass and before clipping (A-GEM's projection); run in the forward pass's autocast
+#: (under fp16 a gradient it computes itself is not loss-scaled: it must keep it from underflowing)
 AdjustGrads = Callable[[Sequence[torch.Tensor]], None]
 
 
