@@ -29,6 +29,7 @@ from .heads import ClassificationHead, LMHead
 from .inputs import check_positions, checked_batch, position_table
 from .mixed import MixedTasks
 from .registry import DEFAULT_HEAD_LR, DEFAULT_METHOD, get_method, make_config
+from .spec import parse_combo
 from .targets import arch_spec
 
 MethodSpec = str | dict[str, Any] | DeltaConfig
@@ -124,7 +125,8 @@ class DeltaModel(nn.Module):
     ) -> TaskDelta:
         """Attach a new delta (one method or a combination) and a head.
 
-        ``methods``: a method name, a dict with a ``method`` key, a config, or a list of those; an
+        ``methods``: a method name or spec as on the command line (``"lora:rank=16"``,
+        ``"lora+bitfit"``), a dict with a ``method`` key, a config, or a list of those; an
         empty list gives a head-only task (a probe on whatever else is active, e.g. a shared delta).
         Give ``label_names`` or ``num_labels`` for a classification head; with neither the task has
         no head. ``generative=True``: the task's head is the backbone's own language-model head
@@ -136,7 +138,7 @@ class DeltaModel(nn.Module):
         if name in self.tasks:
             raise TaskError(f"task {name!r} already exists; remove_task({name!r}) first or pick another name")
         specs = list(methods) if isinstance(methods, (list, tuple)) else [methods]
-        configs = [make_config(s) for s in specs]
+        configs = [c for s in specs for c in (parse_combo(s) if isinstance(s, str) else [make_config(s)])]
         if label_names is not None:  # two classes of one name: a prediction (or an answer word) would name either
             if isinstance(label_names, str) or (num_labels is not None and num_labels != len(label_names)) or len(set(label_names)) < len(label_names):
                 raise ConfigError(f"label_names {label_names!r} must be distinct names in a list, one per label (num_labels={num_labels})")

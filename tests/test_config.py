@@ -68,6 +68,20 @@ def test_negative_layer_indices_count_from_the_end_and_stay_in_range():
         model.add_task("b", [{"method": "lora", "layers": [-5]}], num_labels=2)
 
 
+def test_add_task_reads_method_specs_as_the_command_line_does():
+    """``add_task("x", "lora:rank=2")`` was "unknown delta method 'lora:rank=2'"."""
+    from conftest import tiny_backbone
+
+    model = adapters.DeltaModel(tiny_backbone("bert"))
+    assert model.add_task("a", "lora:rank=2", num_labels=2).configs == (make_config("lora", rank=2),)
+    both = model.add_task("b", "lora:rank=2+bitfit", num_labels=2)
+    assert [c.method for c in both.configs] == ["lora", "bitfit"] and both.configs[0].rank == 2
+    assert model.add_task("c", ["lora:alpha=4", {"method": "bitfit"}], num_labels=2).configs[0].alpha == 4
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['rnk'\] for method 'lora'"):
+        model.add_task("d", "lora:rnk=2", num_labels=2)
+    assert "d" not in model.tasks
+
+
 def test_method_mismatch_rejected():
     cls = adapters.get_method("lora").config_class
     with pytest.raises(ConfigError, match="not 'prefix'"):
