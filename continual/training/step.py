@@ -34,7 +34,8 @@ AdjustGrads = Callable[[Sequence[torch.Tensor]], None]
 
 class TrainStep:
     """One optimisation step of whatever is trainable in ``model``, with no host sync (but one, for a
-    generative task's answer positions, when not compiled): returns the loss as a device tensor.
+    generative task's answer positions, when not compiled; one for the loss scaler's overflow check
+    under fp16; and whatever ``adjust_grads`` needs): returns the loss as a device tensor.
     Use it inside :func:`adapters.precision.frozen_linears_in` for bf16 / fp16.
 
     compile: None, or a torch.compile mode. The model is traced with its delta hooks; activating
