@@ -34,6 +34,15 @@ def run_tasks(run_dir: str | Path, tasks: Sequence[str] | None = None) -> list[s
     return wanted
 
 
+def run_task_names(run_dir: str | Path) -> list[str]:
+    """The names :func:`load_run_tasks` gives the model tasks it adds for every stream task, read
+    from the folder alone (a checkpoint name saved under several tasks, such as a shared delta
+    after each task, becomes ``<task>-<name>``)."""
+    saved = _checkpoints(Path(run_dir))
+    names = [d.name for dirs in saved.values() for d in dirs]
+    return [f"{t}-{d.name}" if names.count(d.name) > 1 else d.name for t, dirs in saved.items() for d in dirs]
+
+
 def load_run_tasks(model: DeltaModel, run_dir: str | Path, tasks: Sequence[str] | None = None) -> list[str]:
     """Load the task checkpoints a finished (or partly finished) stream saved into ``model``.
     ``tasks``: the stream tasks to load (default: every task that has checkpoints), in stream

@@ -147,6 +147,30 @@ def test_a_run_that_fine_tuned_its_backbone_can_be_routed_and_reloaded(tmp_path,
     with pytest.raises(RunStateError, match="fine-tuned its backbone"):  # heads onto the untrained backbone
         load_run_tasks(adapters.DeltaModel.from_pretrained(str(tiny_backbone_dir)), run)
 
+def test_route_and_transfer_of_a_shared_delta_run_are_refused_before_the_backbone_loads(tmp_path, tiny_backbone_dir,
+                                                                                      capsys, monkeypatch):
+    from continual.studies import route as route_module
+
+    for name, word, seed in (("a", "apple", 1), ("b", "river", 2)):
+        write_csv(tmp_path / f"{name}.csv", toy_rows(word, seed, 40))
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"name": "s", "tasks": [{"name": "a", "train": "a.csv"},
+                                                                             {"name": "b", "train": "b.csv"}]}))
+    run = tmp_path / "run"
+    assert main(["run", "--stream", str(tmp_path / "s.yaml"), "--strategy", "seq-delta", "--method", "lora",
+                 "--backbone", str(tiny_backbone_dir), "--steps", "4", "--max-length", "16", "--no-progress",
+                 "--no-mlflow", "--out", str(run)]) == 0
+
+    def loading(*args, **kwargs):
+        raise AssertionError("the backbone was loaded before the refusal")
+
+    monkeypatch.setattr(route_module, "load_run_model", loading)
+    capsys.readouterr()
+    for command in ("route", "transfer"):
+        assert main([command, str(run)]) == 2
+        err = capsys.readouterr().err
+        assert "holds tasks ['a', 'a-shared_delta', 'b', 'b-shared_delta'] for stream tasks ['a', 'b']" in err, err
+
+
 def test_out_that_cannot_hold_a_run_is_refused_before_anything_loads(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     for out in (tmp_path / "file", tmp_path / "file" / "under"):

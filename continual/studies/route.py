@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import yaml
 
 from ..plots import routing_heatmap
-from ..loadrun import load_run_model
+from ..loadrun import load_run_model, run_task_names
 from ..rundir import RunStateError, not_a_run, run_info
 from ..tracking import log_nested_run
 from ..training import eval_loader, score_texts, task_loader
@@ -51,10 +51,15 @@ def stream_of_run(run_dir: str | Path):
 def per_task_run(run_dir: str | Path, backbone: str | None, why: str):
     """(stream, identity, model with the run's tasks loaded) for a run with one task per stream task."""
     stream, identity = stream_of_run(run_dir)
+
+    def check(loaded: list[str]) -> None:
+        if loaded != stream.names:
+            raise RunStateError(f"{why}; {run_dir} holds tasks {loaded} for stream tasks {stream.names} "
+                                "(run it with --strategy per-task)")
+
+    check(run_task_names(run_dir))  # from the folder: refused before the backbone loads
     model, loaded = load_run_model(run_dir, backbone)
-    if loaded != stream.names:
-        raise RunStateError(f"{why}; {run_dir} holds tasks {loaded} for stream tasks {stream.names} "
-                            "(run it with --strategy per-task)")
+    check(loaded)
     return stream, identity, model
 
 
