@@ -199,6 +199,7 @@ def _check_settings(spec: dict[str, Any], settings: dict[str, Any], where: str) 
     seed = settings["seed"]
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= 2**32 - 1:
         raise DataError(f"{where}: seed must be a whole number from 0 to {2**32 - 1}, got {seed!r}")
+    check_caps(settings["max_train"], settings["max_eval"], where)  # (named here, not as the first task's key)
     for key in ("dev_fraction", "test_fraction"):
         v = settings[key]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:

@@ -42,6 +42,10 @@ def test_negative_caps_are_refused(tmp_path, capsys):
         load_stream("default", max_train=-5)
     with pytest.raises(DataError, match="max_eval must be a whole number >= 1"):
         load_stream(stream_file(tmp_path, max_eval=-1))
+    # a stream-wide cap is named as one, not as its first task's key
+    (tmp_path / "w.yaml").write_text(yaml.safe_dump({"name": "w", "max_train": 0, "tasks": [{"name": "a", "train": "a.csv"}]}))
+    with pytest.raises(DataError, match=r"w\.yaml: max_train must be a whole number >= 1 \(or absent: no cap\), got 0$"):
+        load_stream(tmp_path / "w.yaml")
 
 
 @pytest.mark.parametrize("key,value", [("generative", True), ("template", "Q: {text} A:"), ("metric", "rouge_l"),
