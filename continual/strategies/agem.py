@@ -22,6 +22,8 @@ How we depart from the paper:
 - The paper trains one epoch per task with plain SGD; ours runs the shared training recipe
   (AdamW, early stopping on dev, gradient clipping after the projection), so the constraint holds
   for the gradient each step starts from, not for AdamW's rescaled step.
+- g_ref is computed from the memory loss times ``REF_SCALE`` (a power of two, so exact), which
+  the projection cancels: under fp16 autocast the memory's gradients would otherwise underflow.
 """
 
 from __future__ import annotations
