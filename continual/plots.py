@@ -150,19 +150,27 @@ def routing_heatmap(result: Any, path: str | Path) -> Path:
 
 
 def metric_bars(rows: dict[str, dict[str, Any]], metrics: Sequence[str], path: str | Path) -> Path:
-    """Grouped bars: each metric (x) for each row's label (one bar colour per row)."""
+    """Grouped bars: each metric (x) for each row's label (one bar colour per row); a row holding
+    ``<metric>_std`` (a study over several seeds) gets error bars of one standard deviation."""
     plt = _pyplot()
+
+    def value(row: dict[str, Any], key: str) -> float:
+        return np.nan if row.get(key) is None else row[key]
 
     labels = list(rows)
     x = np.arange(len(metrics))
     width = 0.8 / max(1, len(labels))
     fig, ax = plt.subplots(figsize=(2.2 * len(metrics) + 2, 4))
+    spread = False
     for i, label in enumerate(labels):
-        vals = [np.nan if rows[label][k] is None else rows[label][k] for k in metrics]
-        ax.bar(x + i * width - 0.4 + width / 2, vals, width, label=label)
+        stds = [value(rows[label], f"{k}_std") for k in metrics]
+        has = not all(np.isnan(stds))
+        spread |= has
+        ax.bar(x + i * width - 0.4 + width / 2, [value(rows[label], k) for k in metrics], width, label=label,
+               yerr=stds if has else None, capsize=3 if has else 0)
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(x, metrics)
-    ax.set_title("continual-learning metrics per method")
+    ax.set_title("continual-learning metrics per method" + (" (whiskers: ± one std over seeds)" if spread else ""))
     ax.legend(fontsize=8)
     return _save(fig, path)
 

@@ -350,3 +350,23 @@ def test_transfer_ratio_to_a_target_scoring_zero_is_no_number():
     matrix = TransferMatrix(["a", "b"], np.array([[0.0, 0.5], [0.25, 0.8]]))
     assert np.isnan(matrix.relative[:, 0]).all() and matrix.relative[0, 1] == pytest.approx(0.625)
     assert "| b | - (0.250) | 1.000 (0.800) |" in matrix.table()
+
+
+def test_comparison_bars_carry_one_std_whiskers_when_seeds_give_them(tmp_path, monkeypatch):
+    from matplotlib.container import BarContainer
+
+    from continual import plots
+
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig) or Path(path))
+    one = {"ACC": 0.8, "BWT": -0.1}
+    seeds = {"ACC": 0.7, "ACC_std": 0.05, "BWT": -0.2, "BWT_std": 0.02}
+    plots.metric_bars({"one-seed": one, "two-seeds": seeds}, ("ACC", "BWT"), tmp_path / "r.png")
+    ax = drawn[0].axes[0]
+    bars = [c for c in ax.containers if isinstance(c, BarContainer)]
+    assert [b.errorbar is None for b in bars] == [True, False]  # a single seed has no spread to draw
+    segments = bars[1].errorbar.lines[2][0].get_segments()
+    assert [round(float(s[1][1] - s[0][1]), 6) for s in segments] == [0.1, 0.04]  # ± one std
+    assert "one std over seeds" in ax.get_title()
+    plots.metric_bars({"one-seed": one}, ("ACC", "BWT"), tmp_path / "s.png")
+    assert "std" not in drawn[1].axes[0].get_title()
