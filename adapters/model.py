@@ -28,8 +28,8 @@ from .errors import ConfigError, TaskError
 from .heads import ClassificationHead, LMHead
 from .inputs import check_positions, checked_batch, position_table
 from .mixed import MixedTasks
-from .registry import DEFAULT_HEAD_LR, DEFAULT_METHOD, get_method, make_config
-from .spec import parse_combo
+from .registry import DEFAULT_HEAD_LR, DEFAULT_METHOD, get_method
+from .spec import method_configs
 from .targets import arch_spec
 
 MethodSpec = str | dict[str, Any] | DeltaConfig
@@ -137,8 +137,7 @@ class DeltaModel(nn.Module):
             raise TaskError(f"invalid task name {name!r}: use letters, digits, '_' and '-', starting with a letter or digit")
         if name in self.tasks:
             raise TaskError(f"task {name!r} already exists; remove_task({name!r}) first or pick another name")
-        specs = list(methods) if isinstance(methods, (list, tuple)) else [methods]
-        configs = [c for s in specs for c in (parse_combo(s) if isinstance(s, str) else [make_config(s)])]
+        configs = method_configs(methods)
         if label_names is not None:  # two classes of one name: a prediction (or an answer word) would name either
             if isinstance(label_names, str) or (num_labels is not None and num_labels != len(label_names)) or len(set(label_names)) < len(label_names):
                 raise ConfigError(f"label_names {label_names!r} must be distinct names in a list, one per label (num_labels={num_labels})")

@@ -90,6 +90,16 @@ def parse_combo(text: str) -> list[DeltaConfig]:
     return [parse_method(m) for m in text.split("+")]
 
 
+def method_configs(methods: Any) -> list[DeltaConfig]:
+    """Validated configs of one method spec or a list of them: a method name, a string in the
+    command line's grammar (``"lora:rank=16"``; given alone, also a ``+``-joined combination), a
+    dict with a ``method`` key, or a config. What ``add_task`` and every strategy read."""
+    if isinstance(methods, str):  # one spec, not a list of its letters
+        return parse_combo(methods)
+    specs = methods if isinstance(methods, (list, tuple)) else [methods]
+    return [parse_method(m) if isinstance(m, str) else make_config(m) for m in specs]
+
+
 def methods_label(methods: Sequence[DeltaConfig | str | dict[str, Any]], options: bool = False) -> str:
     """``lora+bitfit``: the method names of a combination, for run names and report rows.
     ``options=True`` adds each method's options that differ from its defaults, ``lora(rank=4)+bitfit``:

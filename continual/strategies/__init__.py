@@ -26,8 +26,8 @@ from __future__ import annotations
 import inspect
 from typing import Any, Sequence
 
-from adapters import DEFAULT_METHOD, DeltaConfig
-from adapters.spec import parse_combo
+from adapters import DEFAULT_METHOD
+from adapters.spec import method_configs
 from adapters.model import MethodSpec
 
 from .agem import AGEM
@@ -64,10 +64,8 @@ def make_strategy(name: str, methods: Sequence[MethodSpec] | MethodSpec | None =
                          "delta trained on every task in turn use seq-delta (e.g. --strategy seq-delta --method lora)")
     if methods is None:
         methods = (DEFAULT_METHOD,)
-    elif isinstance(methods, str):  # not a list of its letters
-        methods = parse_combo(methods)
-    elif isinstance(methods, (dict, DeltaConfig)):
-        methods = [methods]
+    else:
+        methods = method_configs(methods)
     params = inspect.signature(cls).parameters
     any_keyword = any(v.kind is inspect.Parameter.VAR_KEYWORD for v in params.values())
     named = [p for p, v in params.items() if p != "methods" and v.kind is not inspect.Parameter.VAR_KEYWORD]

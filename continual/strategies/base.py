@@ -13,9 +13,9 @@ from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 
-from adapters import DEFAULT_METHOD, CheckpointError, DeltaConfig, DeltaModel, load_delta, make_config
+from adapters import DEFAULT_METHOD, CheckpointError, DeltaConfig, DeltaModel, load_delta
 from adapters.model import MethodSpec
-from adapters.spec import parse_method
+from adapters.spec import method_configs
 from streams import Task, TaskStream
 
 from ..training import AdjustGrads, ExtraLoss, TrainConfig, TrainResult, evaluate, eval_loader, train_task
@@ -93,7 +93,7 @@ class Strategy:
     def __init__(self, methods: Sequence[MethodSpec] = (DEFAULT_METHOD,)) -> None:
         # typed at the edge: a method name or dict becomes its validated config here
         # (a string in the command line's grammar too: "lora:rank=4")
-        self.methods: list[DeltaConfig] = [parse_method(m) if isinstance(m, str) else make_config(m) for m in methods]
+        self.methods: list[DeltaConfig] = method_configs(methods)
 
     def check_stream(self, stream: TaskStream, model: DeltaModel, max_length: int | None = None) -> None:
         """Refuse, before anything runs, a stream this strategy cannot train on ``model`` (tasks
