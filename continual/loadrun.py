@@ -34,13 +34,17 @@ def run_tasks(run_dir: str | Path, tasks: Sequence[str] | None = None) -> list[s
     return wanted
 
 
-def run_task_names(run_dir: str | Path) -> list[str]:
-    """The names :func:`load_run_tasks` gives the model tasks it adds for every stream task, read
-    from the folder alone (a checkpoint name saved under several tasks, such as a shared delta
-    after each task, becomes ``<task>-<name>``)."""
-    saved = _checkpoints(Path(run_dir))
+def _load_names(saved: dict[str, list[Path]]) -> dict[Path, str | None]:
+    """The name each checkpoint folder loads as: ``<task>-<name>`` where several stream tasks saved
+    one name (a shared delta after each task), else None (its own)."""
     names = [d.name for dirs in saved.values() for d in dirs]
-    return [f"{t}-{d.name}" if names.count(d.name) > 1 else d.name for t, dirs in saved.items() for d in dirs]
+    return {d: f"{t}-{d.name}" if names.count(d.name) > 1 else None for t, dirs in saved.items() for d in dirs}
+
+
+def run_task_names(run_dir: str | Path) -> list[str]:
+    """The names :func:`load_run_tasks` gives the model tasks it adds for every stream task (in
+    folder order), read from the folder alone."""
+    return [name or d.name for d, name in _load_names(_checkpoints(Path(run_dir))).items()]
 
 
 def load_run_tasks(model: DeltaModel, run_dir: str | Path, tasks: Sequence[str] | None = None) -> list[str]:
@@ -51,7 +55,7 @@ def load_run_tasks(model: DeltaModel, run_dir: str | Path, tasks: Sequence[str] 
     as ``<task>-<name>``, the delta as it was after that task. Returns the model tasks added."""
     run, wanted = Path(run_dir), run_tasks(run_dir, tasks)
     files, saved = run_info(run).get("files", {}), _checkpoints(run)
-    names = [d.name for dirs in saved.values() for d in dirs]
+    names = _load_names(saved)
     strict = not _on_fine_tuned_backbone(run, model, [d for dirs in saved.values() for d in dirs])
     added = []
     for t in wanted:
@@ -59,7 +63,7 @@ def load_run_tasks(model: DeltaModel, run_dir: str | Path, tasks: Sequence[str] 
             verify(run, files, f)
         # a task's own delta before anything built over other tasks (a fusion names its sources)
         dirs = sorted(saved[t], key=lambda p: any(m.get("sources") for m in read_meta(p)["methods"]))
-        added += [load_task(model, d, f"{t}-{d.name}" if names.count(d.name) > 1 else None, strict) for d in dirs]
+        added += [load_task(model, d, names[d], strict) for d in dirs]
     return added
 
 
