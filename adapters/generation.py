@@ -199,8 +199,9 @@ def generate(
     model.eval()
     try:
         with context:
-            stepper = (_Seq2Seq(model, _Inputs(model, mixed), input_ids, attention_mask, use_cache) if model.seq2seq else
-                       _Causal(model, _Inputs(model, mixed), input_ids, attention_mask, use_cache, max_new_tokens))
+            inputs = _Inputs(model, mixed)
+            stepper = (_Seq2Seq(model, inputs, input_ids, attention_mask, use_cache) if model.seq2seq else
+                       _Causal(model, inputs, input_ids, attention_mask, use_cache, max_new_tokens))
             new = _greedy(stepper, input_ids.shape[0], max_new_tokens, eos, pad)
     finally:
         model.train(was_training)

@@ -53,7 +53,7 @@ def project(grads: Sequence[torch.Tensor], refs: Sequence[torch.Tensor | None]) 
         return False
     dot = sum((g.double() * r.double()).sum() for g, r in pairs)
     norm = sum((r.double() ** 2).sum() for _, r in pairs)
-    if not dot < 0 or not norm > 0 or not torch.isfinite(norm):  # (one host sync a step: the branch is the method)
+    if not bool((dot < 0) & (norm > 0) & torch.isfinite(norm)):  # (one host sync a step: the branch is the method)
         return False
     scale = dot / norm
     for g, r in pairs:

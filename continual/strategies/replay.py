@@ -61,10 +61,6 @@ class Replay(_SharedDelta):
         if task.name not in [t.name for t in self.seen]:
             self.seen.append(task)
 
-    def memory_pool(self, task: Task) -> list[tuple[Task, int]]:
-        """(earlier task, index into its training split) of every stored example but ``task``'s."""
-        return [(t, int(i)) for t in self.seen if t.name != task.name for i in self.memory.get(t.name, ())]
-
     def memory_loss(self, model: DeltaModel, data: Any, picks: list[tuple[Task, int]]) -> torch.Tensor:
         """Mean loss of a memory batch: each earlier task's rows through the shared delta and that
         task's own head, weighted by their share of the batch."""
@@ -82,7 +78,7 @@ class Replay(_SharedDelta):
     def memory_batches(self, task: Task, config: TrainConfig, size: int | None):
         """A function giving one memory batch's picks per call (seeded by the step's seed, so a
         resumed step draws the same batches), or None when the memory holds nothing."""
-        pool = self.memory_pool(task)
+        pool = [(t, int(i)) for t in self.seen if t.name != task.name for i in self.memory.get(t.name, ())]
         if not pool:
             return None
         size = size or config.batch_size
