@@ -6,6 +6,7 @@
                      (one shared delta on all tasks at once: the upper bound, last row only)
     replay.py        ``replay``: the shared delta, plus a task-balanced memory replayed each step
     agem.py          ``agem``: the shared delta; each step's gradient projected so the memory's loss does not rise (A-GEM)
+    der.py           ``der``: replay whose memory also keeps the logits its examples got, matched while training (DER++)
     ewc.py           ``ewc``: the shared delta, anchored by its Fisher information (online EWC)
     lwf.py           ``lwf``: the shared delta, distilled from its previous values (Learning without Forgetting)
     progressive.py   ``progressive-prompts``: a new soft prompt per task, in front of the earlier tasks' frozen ones
@@ -31,6 +32,7 @@ from adapters.spec import method_configs
 from adapters.model import MethodSpec
 
 from .agem import AGEM
+from .der import DER
 from .avalanche import AVALANCHE_STRATEGIES
 from .base import Strategy, TaskData
 from .finetune import SequentialFineTune
@@ -45,7 +47,7 @@ from .replay import Replay
 from .shared_delta import SHARED, Joint, SequentialDelta
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    s.name: s for s in (PerTaskDelta, ContinualFusion, SequentialDelta, Replay, AGEM, EWC, LwF, ProgressivePrompts, OLoRA, InfLoRA, PromptPool,
+    s.name: s for s in (PerTaskDelta, ContinualFusion, SequentialDelta, Replay, AGEM, DER, EWC, LwF, ProgressivePrompts, OLoRA, InfLoRA, PromptPool,
                         SequentialFineTune, Joint, *AVALANCHE_STRATEGIES)
 }
 
@@ -76,5 +78,5 @@ def make_strategy(name: str, methods: Sequence[MethodSpec] | MethodSpec | None =
     return cls(**options) if cls.trains_backbone else cls(methods, **options)
 
 
-__all__ = ["AGEM", "EWC", "InfLoRA", "LwF", "OLoRA", "PromptPool", "ProgressivePrompts", "Replay", "SHARED", "STRATEGIES", "ContinualFusion", "Joint", "PerTaskDelta", "SequentialDelta", "SequentialFineTune",
+__all__ = ["AGEM", "DER", "EWC", "InfLoRA", "LwF", "OLoRA", "PromptPool", "ProgressivePrompts", "Replay", "SHARED", "STRATEGIES", "ContinualFusion", "Joint", "PerTaskDelta", "SequentialDelta", "SequentialFineTune",
            "Strategy", "TaskData", "make_strategy"]

@@ -27,7 +27,7 @@ exactly the examples an uninterrupted one would.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -61,9 +61,11 @@ class Replay(_SharedDelta):
         if task.name not in [t.name for t in self.seen]:
             self.seen.append(task)
 
-    def memory_loss(self, model: DeltaModel, data: Any, picks: list[tuple[Task, int]]) -> torch.Tensor:
+    def memory_loss(self, model: DeltaModel, data: Any, picks: list[tuple[Task, int]],
+                    loss: Callable[[Task, list[int], torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """Mean loss of a memory batch: each earlier task's rows through the shared delta and that
-        task's own head, weighted by their share of the batch."""
+        task's own head, weighted by their share of the batch. ``loss(task, rows, outputs, labels)``
+        replaces the cross-entropy (a subclass's own memory loss, e.g. DER's logit matching)."""
         total = torch.zeros((), dtype=torch.float32, device=model.device)
         for old in dict.fromkeys(t.name for t, _ in picks):
             t = next(t for t, _ in picks if t.name == old)
@@ -72,7 +74,9 @@ class Replay(_SharedDelta):
             mem = {k: v.to(model.device) for k, v in mem.items()}
             mem_labels = mem.pop("labels")
             with model.acting(*self.active(old)):
-                total = total + token_loss(model(**mem), mem_labels) * (len(rows) / len(picks))
+                out = model(**mem)
+                term = token_loss(out, mem_labels) if loss is None else loss(t, rows, out, mem_labels)
+                total = total + term * (len(rows) / len(picks))
         return total
 
     def memory_batches(self, task: Task, config: TrainConfig, size: int | None):
