@@ -208,3 +208,12 @@ def test_ewc_fisher_under_fp16_is_estimated_in_fp32(text_model):
     fp32, fp16 = (ewc.estimate_fisher(model, task, train, TrainConfig(**{**FAST, "precision": p})) for p in ("fp32", "fp16"))
     assert any(v.abs().sum() > 0 for v in fp32.values())
     assert all(torch.equal(fp16[k], fp32[k]) for k in fp32)
+
+
+@pytest.mark.parametrize("name", ["replay", "agem", "der"])
+def test_a_memory_too_small_for_every_earlier_task_is_refused_before_the_run(name, text_model, tmp_path):
+    with pytest.raises(ValueError, match=f"{name}: memory_size=1 cannot keep one example of each earlier task: the "
+                                         r"stream's last task trains with 2 before it; use memory_size >= 2"):
+        run_stream(toy_stream(), text_model(), make_strategy(name, LORA, memory_size=1), CONFIG, tmp_path / "r")
+    assert not (tmp_path / "r").exists()
+    make_strategy(name, LORA, memory_size=2).check_stream(toy_stream(), text_model())  # one example each: runs

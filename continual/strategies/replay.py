@@ -33,7 +33,7 @@ import torch
 
 from adapters import DEFAULT_METHOD, DeltaModel
 from adapters.model import MethodSpec
-from streams import Task
+from streams import Task, TaskStream
 
 from ..training import TrainConfig, collate_rows, token_loss
 from .base import check_option
@@ -55,6 +55,13 @@ class Replay(_SharedDelta):
         self.memory_size, self.replay_batch = memory_size, replay_batch
         self.memory: dict[str, torch.Tensor] = {}  # task -> indices into its tokenised training split, in order
         self.seen: list[Task] = []
+
+    def check_stream(self, stream: TaskStream, model: DeltaModel, max_length: int | None = None) -> None:
+        super().check_stream(stream, model, max_length)
+        earlier = len(stream) - 1  # the tasks in the memory while the last one trains
+        if self.memory_size < earlier:  # some of them would keep no example, and be replayed never
+            raise ValueError(f"{self.name}: memory_size={self.memory_size} cannot keep one example of each earlier task: "
+                             f"the stream's last task trains with {earlier} before it; use memory_size >= {earlier}")
 
     def finish(self, model: DeltaModel, task: Task) -> None:
         super().finish(model, task)
