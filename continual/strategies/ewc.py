@@ -81,7 +81,8 @@ class EWC(_SharedDelta):
     def estimate_fisher(self, model: DeltaModel, task: Task, train: Any, config: TrainConfig) -> dict[str, torch.Tensor]:
         """Mean squared gradient of each shared-delta parameter over ``fisher_samples`` training
         examples of ``task`` (a seeded sample keeping the label proportions), one example at a time
-        (dropout off)."""
+        (dropout off). (The mean of :meth:`magnitude` of :meth:`objective`'s gradient: a subclass
+        changes those two for another importance, e.g. MAS's.)"""
         params = self.shared_params(model)
         fisher = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in params.items()}
         rows = sample_rows(train, self.fisher_samples, config.seed)
@@ -97,12 +98,23 @@ class EWC(_SharedDelta):
                 labels = batch.pop("labels")
                 with autocast(precision, model.device):
                     logits = model(**batch)
-                grads = torch.autograd.grad(token_loss(logits, labels), list(params.values()), allow_unused=True)
+                grads = torch.autograd.grad(self.objective(logits, labels), list(params.values()), allow_unused=True)
                 for (k, _), g in zip(params.items(), grads):
                     if g is not None:
-                        fisher[k] += g.float() ** 2 / n
+                        fisher[k] += self.magnitude(g.float()) / n
         model.train(was_training)
         return fisher
+
+    @staticmethod
+    def objective(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The function of one example whose gradient measures a parameter's importance: EWC's
+        loss of the gold label (or answer)."""
+        return token_loss(logits, labels)
+
+    @staticmethod
+    def magnitude(grad: torch.Tensor) -> torch.Tensor:
+        """What one example's gradient adds to the importance: EWC's squared gradient."""
+        return grad ** 2
 
     def state(self, model: DeltaModel) -> dict[str, torch.Tensor]:
         out = super().state(model)
