@@ -9,6 +9,7 @@
     der.py           ``der``: replay whose memory also keeps the logits its examples got, matched while training (DER++)
     ewc.py           ``ewc``: the shared delta, anchored by its Fisher information (online EWC)
     mas.py           ``mas``: the shared delta, anchored by its outputs' sensitivity to each parameter (Memory Aware Synapses)
+    si.py            ``si``: the shared delta, anchored by each parameter's part in the loss's drop along the path (Synaptic Intelligence)
     lwf.py           ``lwf``: the shared delta, distilled from its previous values (Learning without Forgetting)
     progressive.py   ``progressive-prompts``: a new soft prompt per task, in front of the earlier tasks' frozen ones
     o_lora.py        ``o-lora``: a new LoRA per task, orthogonal to the earlier ones; all LoRAs act at once
@@ -45,11 +46,12 @@ from .prompt_pool import PromptPool
 from .ewc import EWC
 from .lwf import LwF
 from .mas import MAS
+from .si import SI
 from .replay import Replay
 from .shared_delta import SHARED, Joint, SequentialDelta
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    s.name: s for s in (PerTaskDelta, ContinualFusion, SequentialDelta, Replay, AGEM, DER, EWC, MAS, LwF, ProgressivePrompts, OLoRA, InfLoRA, PromptPool,
+    s.name: s for s in (PerTaskDelta, ContinualFusion, SequentialDelta, Replay, AGEM, DER, EWC, MAS, SI, LwF, ProgressivePrompts, OLoRA, InfLoRA, PromptPool,
                         SequentialFineTune, Joint, *AVALANCHE_STRATEGIES)
 }
 
@@ -80,5 +82,5 @@ def make_strategy(name: str, methods: Sequence[MethodSpec] | MethodSpec | None =
     return cls(**options) if cls.trains_backbone else cls(methods, **options)
 
 
-__all__ = ["AGEM", "DER", "EWC", "InfLoRA", "LwF", "MAS", "OLoRA", "PromptPool", "ProgressivePrompts", "Replay", "SHARED", "STRATEGIES", "ContinualFusion", "Joint", "PerTaskDelta", "SequentialDelta", "SequentialFineTune",
+__all__ = ["AGEM", "DER", "EWC", "InfLoRA", "LwF", "MAS", "OLoRA", "PromptPool", "ProgressivePrompts", "Replay", "SHARED", "SI", "STRATEGIES", "ContinualFusion", "Joint", "PerTaskDelta", "SequentialDelta", "SequentialFineTune",
            "Strategy", "TaskData", "make_strategy"]

@@ -154,7 +154,7 @@ class Strategy:
 
     def grad_change(self, model: DeltaModel, task: Task, config: TrainConfig, data: TaskData) -> AdjustGrads | None:
         """A change to each training step's gradients on ``task`` after the backward pass (A-GEM's
-        projection); default none. See :data:`continual.training.AdjustGrads`."""
+        projection; SI only reads them); default none. See :data:`continual.training.AdjustGrads`."""
         return None
 
     def finish(self, model: DeltaModel, task: Task) -> None:

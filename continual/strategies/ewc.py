@@ -73,10 +73,15 @@ class EWC(_SharedDelta):
     def train(self, model, tasks, config, data, callback):
         result = super().train(model, tasks, config, data, callback)
         for t in tasks:
-            fisher = self.estimate_fisher(model, t, data(t)["train"], config)
+            fisher = self.task_importance(model, t, data(t)["train"], config)
             self.fisher = {k: self.fisher.get(k, 0) + v for k, v in fisher.items()}
         self.anchor = {k: p.detach().float().clone() for k, p in self.shared_params(model).items()}
         return result
+
+    def task_importance(self, model: DeltaModel, task: Task, train: Any, config: TrainConfig) -> dict[str, torch.Tensor]:
+        """Each shared-delta parameter's importance for ``task``, just trained, added to the running
+        sum: EWC's Fisher (a subclass measures it otherwise, e.g. SI along the training path)."""
+        return self.estimate_fisher(model, task, train, config)
 
     def estimate_fisher(self, model: DeltaModel, task: Task, train: Any, config: TrainConfig) -> dict[str, torch.Tensor]:
         """Mean squared gradient of each shared-delta parameter over ``fisher_samples`` training
