@@ -9,8 +9,8 @@ it was stored. Training a new task adds, for memory samples (x', z') and (x'', y
 
 to the new batch's loss: DER is the first term alone (β = 0), DER++ both. Matching logits keeps the
 old function's whole output, not only its arg max ("dark knowledge"), so less of it drifts than
-under replay's labels alone. Defaults ``alpha=0.1``, ``beta=0.5``, from the grid the paper searched
-(α, β in {0.1, 0.2, 0.5, 1.0}), and replay's ``memory_size=200``.
+under replay's labels alone. Defaults ``alpha=0.1``, ``beta=0.5`` (in the range of the paper's
+searched values; not tuned here), and replay's ``memory_size=200``.
 
 How we depart from the paper:
 

@@ -11,7 +11,7 @@ adds λ · Σ_i Ω_i (θ_i − θ*_i)² to its loss, θ* being the parameters as
 Where EWC's Fisher weighs a parameter by the gradient of the gold label's loss, MAS needs no label
 (the paper estimates Ω on unlabelled data too). Here θ is the shared delta, as for :mod:`.ewc`,
 whose estimation, penalty and saved state this reuses (under the same keys). Defaults:
-``mas_lambda=1`` (the paper's value for its object-recognition sequences) and
+``mas_lambda=1`` (Avalanche's MAS default too) and
 ``importance_samples=64`` training examples per task, one at a time, dropout off.
 
 How we depart from the paper:
@@ -21,7 +21,7 @@ How we depart from the paper:
   answer's tokens (the positions its loss is on), ‖·‖² averaged over those positions so a long
   answer does not outweigh a short one.
 - The examples are a seeded sample of the task's training split (as for EWC), not all of it.
-- Ω is summed over tasks as the paper's accumulation does, with no decay.
+- Ω is summed over tasks, with no decay (Avalanche's MAS keeps a moving average instead).
 """
 
 from __future__ import annotations
