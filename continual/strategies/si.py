@@ -8,18 +8,18 @@ loss L along the path the optimiser takes,
 
 and when the task ends its importance is Ω_k += ω_k / ((Δ_k)² + ξ), Δ_k being how far the task
 moved it in all and ξ a damping term for parameters that barely moved. Training the next task adds
-c · Σ_k Ω_k (θ_k − θ*_k)² to its loss, θ* the values the last task left. Like MAS and unlike EWC it
+c · Σ_k Ω_k (θ_k − θ*_k)² to its loss, θ* the values the last task left. Unlike EWC and MAS it
 costs no extra pass over data: the path integral uses the gradients training computes anyway,
-read through ``Strategy.grad_change`` after each backward pass. θ is the shared delta, as for
+read through ``Strategy.grad_change`` after each backward pass. g is the gradient of the task's
+own loss, as the paper's ω counts it; training differentiates the penalised loss, so the penalty's
+gradient 2c · Ω · (θ − θ*) is subtracted from it exactly, and a step whose gradient was not finite
+(an fp16 overflow, which the loss scaler skips) adds nothing. θ is the shared delta, as for
 :mod:`.ewc`, whose penalty, anchor and saved state this reuses (under the same keys). Defaults are
 ours (the paper tunes c per benchmark): ``si_lambda`` c = 1, ``xi`` ξ = 1e-3, on the scale of a
 delta's squared move over one task (Avalanche's SI uses ξ = 1e-7); tune ``si_lambda`` per stream.
 
 How we depart from the paper:
 
-- g is the gradient of the task's own loss: the penalty's gradient, 2c · Ω · (θ − θ*), is
-  subtracted from the step's gradient exactly (the paper's ω counts the unregularised loss too).
-  A step whose gradient was not finite (an fp16 overflow, skipped by the loss scaler) adds nothing.
 - The training recipe is the shared one: the path runs over every step taken, while the task's
   parameters end at their best-on-dev values, from which Δ is measured; the last step's move is
   not seen (the next gradient, which would see it, is never computed), one step of the task's.
