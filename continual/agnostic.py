@@ -50,8 +50,10 @@ PREFIX = "agnostic."  # of this scorer's tensors in a run's saved state
 
 def function_key(model: DeltaModel, active: Sequence[str], backbone: str) -> str:
     """What answering with ``active`` computes, independent of the tasks' names: the delta
-    configs, parameters, heads (kind and label names) of ``active`` and of what their deltas read
-    (a fusion's sources), in order, and the backbone's digest."""
+    configs, parameters, heads (kind, and a classifier's label names) of ``active`` and of what
+    their deltas read (a fusion's sources), in order, and the backbone's digest. A generative
+    task's answer words are kept as its label names but never read by generation, so they are
+    not part of it: under one shared delta every generative route answers as the task's own."""
     header, state = [backbone], []
     order, todo = [], list(active)
     while todo:  # active first, in order, then sources: the order is part of the function
@@ -62,7 +64,8 @@ def function_key(model: DeltaModel, active: Sequence[str], backbone: str) -> str
     for pos, name in enumerate(order):
         t = model.task(name)
         head = "none" if t.head is None else ("lm" if getattr(t.head, "generative", False) else "cls")
-        header.append(f"{pos}:{[c.to_dict() for c in t.configs]}:{head}:{t.label_names}:{name in active}")
+        labels = None if head == "lm" else t.label_names
+        header.append(f"{pos}:{[c.to_dict() for c in t.configs]}:{head}:{labels}:{name in active}")
         state += [(f"{pos}.{k}", v) for k, v in t.state_dict().items()]
     return hashlib.blake2b("|".join([*header, _digest(state)]).encode(), digest_size=20).hexdigest()
 

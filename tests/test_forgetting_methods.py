@@ -150,6 +150,22 @@ def test_function_key_ignores_names_but_not_weights(text_model):
     assert function_key(model, ("a",), "x") != function_key(model, ("b",), "x")
 
 
+def test_function_key_of_a_generative_route_ignores_the_answer_words(lm_model):
+    """Under one shared delta two generative tasks with other answer words answer alike (the LM
+    head, the same delta): one key, so a routed example reuses the task-aware score instead of
+    being generated again in another batch (where bf16 rounding flipped an answer: A != R). Two
+    classifiers with other label names still differ."""
+    model = lm_model()
+    model.add_task(SHARED, LORA)
+    model.add_task("sent", [], generative=True, label_names=["negative", "positive"])
+    model.add_task("spam", [], generative=True, label_names=["ham", "spam"])
+    assert function_key(model, (SHARED, "sent"), "x") == function_key(model, (SHARED, "spam"), "x")
+    for name, labels in (("c1", ["negative", "positive"]), ("c2", ["ham", "spam"])):
+        torch.manual_seed(0)  # the same head weights: only the label names differ
+        model.add_task(name, [], label_names=labels)
+    assert function_key(model, (SHARED, "c1"), "x") != function_key(model, (SHARED, "c2"), "x")
+
+
 def test_agnostic_matrix_round_trips_and_old_results_still_load():
     from continual.metrics import AccuracyMatrix
 
