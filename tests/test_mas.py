@@ -25,7 +25,7 @@ def prepared(text_model, name, **options):
     return model, task, strategy, data(task)["train"]
 
 
-def test_importance_is_the_mean_absolute_gradient_of_the_outputs_squared_norm_per_output(text_model):
+def test_importance_is_the_mean_absolute_gradient_of_the_outputs_squared_norm(text_model):
     model, task, mas, train = prepared(text_model, "mas", importance_samples=1000)
     train = train.select(range(20))  # every row of these 20
     omega = mas.estimate_fisher(model, task, train, CONFIG)
@@ -36,8 +36,7 @@ def test_importance_is_the_mean_absolute_gradient_of_the_outputs_squared_norm_pe
         for i in range(len(train)):
             batch = collate_rows(train, [i], model.tokenizer)
             batch.pop("labels")
-            logits = model(**batch)
-            grads = torch.autograd.grad((logits ** 2).sum() / logits.shape[-1], list(params.values()))
+            grads = torch.autograd.grad((model(**batch) ** 2).sum(), list(params.values()))
             for k, g in zip(params, grads):
                 expected[k] += g.abs() / len(train)
     assert set(omega) == set(expected)
@@ -77,3 +76,14 @@ def test_bad_options_are_refused():
             make_strategy("mas", LORA, **{key: bad})
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['ewc_lambda'\]"):
         make_strategy("mas", LORA, ewc_lambda=1.0)
+
+
+def test_a_generative_answer_is_measured_per_vocabulary_entry_and_token():
+    from continual.strategies.mas import MAS
+
+    logits = torch.randn(2, 4, 50)
+    labels = torch.tensor([[-100, 3, 4, -100], [-100, -100, -100, 1]])  # three answer tokens
+    rows = torch.stack([logits[0, 1], logits[0, 2], logits[1, 3]])
+    assert MAS.objective(logits, labels).item() == pytest.approx(float((rows ** 2).sum() / (3 * 50)), rel=1e-6)
+    classifier = torch.randn(1, 3)
+    assert MAS.objective(classifier, torch.tensor([1])).item() == pytest.approx(float((classifier ** 2).sum()), rel=1e-6)
