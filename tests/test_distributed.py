@@ -201,7 +201,7 @@ def test_compare_on_two_worker_processes_gives_the_same_report(toy_yaml, tiny_ba
     assert main([*common, "--workers", "2", "--out", str(tmp_path / "w2")]) == 0
     assert "on 2 local processes" in capsys.readouterr().out
     one, two = (json.loads((tmp_path / d / "report.json").read_text())["rows"] for d in ("w1", "w2"))
-    assert list(one) == list(two) == ["per-task-lora", "seq-delta-lora"]
+    assert list(one) == list(two) == ["per-task-lora(rank=4)", "seq-delta-lora(rank=4)"]
     for label in one:
         assert one[label]["seeds"] == 2 and one[label]["ACC_std"] is not None
         for k in ("ACC", "BWT", "FWT", "forgetting", "ACC_std", "trainable_params_per_task"):
@@ -215,7 +215,7 @@ def test_compare_on_two_worker_processes_gives_the_same_report(toy_yaml, tiny_ba
            "--workers", "2", "--out", str(tmp_path / "bad")]
     assert main(bad) == 2
     err = capsys.readouterr().err
-    assert "per-task-prompt" in err and "positions" in err and (tmp_path / "bad" / "per-task-lora" / "s1" / "results.json").exists()
+    assert "per-task-prompt" in err and "positions" in err and (tmp_path / "bad" / "per-task-lora(rank=4)" / "s1" / "results.json").exists()
 
 
 def test_ranks_started_with_different_settings_all_stop_with_a_message(toy_yaml, tiny_backbone_dir, tmp_path):  # noqa: F811
