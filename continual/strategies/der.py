@@ -37,10 +37,9 @@ import torch
 
 from adapters import DEFAULT_METHOD, DeltaModel
 from adapters.model import MethodSpec
-from adapters.precision import autocast, resolve_precision
 from streams import Task
 
-from ..training import TrainConfig, collate_rows, token_loss
+from ..training import TrainConfig, batch_logits, collate_rows, token_loss
 from .base import check_option, finite_at_least
 from .replay import Replay
 
@@ -123,24 +122,17 @@ class DER(Replay):
     def record(self, model: DeltaModel, task: Task, train: Any, config: TrainConfig):
         """The logits the delta and ``task``'s head give its stored examples now (dropout off)."""
         rows = self.memory[task.name].tolist()
-        counts, indices, values = [torch.zeros(0, dtype=torch.long)], [], []
         if not rows:  # a memory smaller than the number of tasks leaves the latest ones none
-            return counts[0], torch.zeros(0, 0, dtype=torch.long), torch.zeros(0, 0)
-        was_training = model.training
-        model.eval()
-        precision = resolve_precision(config.precision, model.device)
-        with torch.no_grad(), model.acting(*self.active(task.name)):
-            for s in range(0, len(rows), config.batch_size):
-                batch = {k: v.to(model.device) for k, v in collate_rows(train, rows[s:s + config.batch_size],
-                                                                        model.tokenizer).items()}
-                labels = batch.pop("labels")
-                with autocast(precision, model.device):
-                    out = model(**batch)
+            return torch.zeros(0, dtype=torch.long), torch.zeros(0, 0, dtype=torch.long), torch.zeros(0, 0)
+        size = config.batch_size
+        batches = (collate_rows(train, rows[s:s + size], model.tokenizer) for s in range(0, len(rows), size))
+        counts, indices, values = [], [], []
+        with torch.no_grad():
+            for out, labels in batch_logits(model, batches, self.active(task.name), config.precision):
                 counts.append(rows_per_example(out, labels))
                 i, v = kept(logit_rows(out, labels))
                 indices.append(i)
                 values.append(v)
-        model.train(was_training)
         return torch.cat(counts), torch.cat(indices), torch.cat(values)
 
     def state(self, model: DeltaModel) -> dict[str, torch.Tensor]:

@@ -61,8 +61,9 @@ def evaluate(
 
 
 def batch_logits(model: DeltaModel, loader, active: Sequence[str], precision: str = "fp32") -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-    """Per batch of a classification loader: the last of ``active``'s heads' fp32 logits (the
-    ``active`` tasks acting, dropout off) and the batch's labels (None when it has none). Call it
+    """Per batch of a loader (any iterable of tokenised batches): the last of ``active``'s heads'
+    fp32 logits (a classifier's; a language model's at every position), the ``active`` tasks
+    acting, dropout off, and the batch's labels (None when it has none). Call it
     under ``torch.no_grad`` and read it to the end (the model is back in its mode after)."""
     device = model.device
     was_training = model.training
