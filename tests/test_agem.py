@@ -78,7 +78,7 @@ def test_every_step_ends_with_no_first_order_rise_of_the_memory_loss(text_model,
 def test_bad_options_are_refused():
     with pytest.raises(ValueError, match="agem: sample_size must be an integer >= 1, got 0"):
         make_strategy("agem", LORA, sample_size=0)
-    with pytest.raises(ValueError, match="memory_size must be an integer >= 1"):
+    with pytest.raises(ValueError, match="agem: memory_size must be an integer >= 1"):
         make_strategy("agem", LORA, memory_size=0)
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['replay_batch'\]"):
         make_strategy("agem", LORA, replay_batch=4)

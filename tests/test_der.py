@@ -85,7 +85,7 @@ def test_bad_options_are_refused():
     for key, bad in (("alpha", -0.1), ("beta", float("nan")), ("alpha", float("inf")), ("beta", "1")):
         with pytest.raises(ValueError, match=f"der: {key} must be a finite number >= 0"):
             make_strategy("der", LORA, **{key: bad})
-    with pytest.raises(ValueError, match="memory_size must be an integer >= 1"):
+    with pytest.raises(ValueError, match="der: memory_size must be an integer >= 1"):
         make_strategy("der", LORA, memory_size=0)
 
 

@@ -51,7 +51,7 @@ class Replay(_SharedDelta):
         super().__init__(methods)
         for key, v in (("memory_size", memory_size), ("replay_batch", replay_batch)):
             if v is not None:
-                check_option("replay", key, v, lambda n: n >= 1, "an integer >= 1", integer=True)
+                check_option(self.name, key, v, lambda n: n >= 1, "an integer >= 1", integer=True)
         self.memory_size, self.replay_batch = memory_size, replay_batch
         self.memory: dict[str, torch.Tensor] = {}  # task -> indices into its tokenised training split, in order
         self.seen: list[Task] = []
