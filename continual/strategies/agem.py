@@ -66,12 +66,13 @@ class AGEM(Replay):
     description = ("one shared delta; each step's gradient projected so the loss on a seeded, task-balanced memory "
                    "of earlier tasks' examples does not rise (A-GEM)")
     defaults = {"memory_size": 200, "sample_size": None}
+    vetoed_by = "the memory's"  # for the per-task count of projected steps
 
     def __init__(self, methods: Sequence[MethodSpec] = (DEFAULT_METHOD,), memory_size: int = 200,
                  sample_size: int | None = None) -> None:
         super().__init__(methods, memory_size)
         if sample_size is not None:
-            check_option("agem", "sample_size", sample_size, lambda n: n >= 1, "an integer >= 1", integer=True)
+            check_option(self.name, "sample_size", sample_size, lambda n: n >= 1, "an integer >= 1", integer=True)
         self.sample_size = sample_size
         self.projected = self.steps = 0  # this task's steps, and those whose gradient was projected
 
@@ -100,8 +101,8 @@ class AGEM(Replay):
         self.projected = self.steps = 0
         result = super().train(model, tasks, config, data, callback)
         if self.steps and distributed.is_main():  # how often the memory vetoed: A-GEM's own diagnostic
-            tqdm.write(f"task {tasks[0].name} (agem): {self.projected} of {self.steps} steps' gradients conflicted "
-                       "with the memory's and were projected")
+            tqdm.write(f"task {tasks[0].name} ({self.name}): {self.projected} of {self.steps} steps' gradients conflicted "
+                       f"with {self.vetoed_by} and were projected")
         return result
 
     def describe(self) -> dict[str, Any]:
