@@ -75,10 +75,11 @@ def test_every_step_ends_with_no_first_order_rise_of_the_memory_loss(text_model,
     assert strategy.loss_term(None, toy_stream()[1], CONFIG, None) is None
 
 
-def test_bad_options_are_refused():
-    with pytest.raises(ValueError, match="agem: sample_size must be an integer >= 1, got 0"):
-        make_strategy("agem", LORA, sample_size=0)
-    with pytest.raises(ValueError, match="agem: memory_size must be an integer >= 1"):
-        make_strategy("agem", LORA, memory_size=0)
+@pytest.mark.parametrize("name", ["agem", "gem"])
+def test_bad_options_are_refused(name):
+    with pytest.raises(ValueError, match=f"{name}: sample_size must be an integer >= 1, got 0"):
+        make_strategy(name, LORA, sample_size=0)
+    with pytest.raises(ValueError, match=f"{name}: memory_size must be an integer >= 1"):
+        make_strategy(name, LORA, memory_size=0)
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['replay_batch'\]"):
-        make_strategy("agem", LORA, replay_batch=4)
+        make_strategy(name, LORA, replay_batch=4)

@@ -79,8 +79,21 @@ class AGEM(Replay):
     def loss_term(self, model: DeltaModel, task: Task, config: TrainConfig, data: Any):
         return None  # the memory only vetoes directions; it adds no loss
 
+    def batches(self, task: Task, config: TrainConfig):
+        """A function giving one step's memory picks per call (None: the memory is empty)."""
+        return self.memory_batches(task, config, self.sample_size)
+
+    def correct(self, model: DeltaModel, data: Any, live: list[torch.Tensor], picks: Any) -> bool:
+        """Project the ``.grad`` of ``live`` against the memory's gradient on ``picks``; returns
+        whether they conflicted."""
+        # scaled by a power of two (exact), which the projection cancels: under fp16 autocast
+        # the memory's gradients would otherwise underflow (an overflow gives no projection)
+        loss = self.memory_loss(model, data, picks) * REF_SCALE
+        refs = torch.autograd.grad(loss, live, allow_unused=True)
+        return project([p.grad for p in live], refs)
+
     def grad_change(self, model: DeltaModel, task: Task, config: TrainConfig, data: Any) -> AdjustGrads | None:
-        draw = self.memory_batches(task, config, self.sample_size)
+        draw = self.batches(task, config)
         if draw is None:
             return None
 
@@ -88,11 +101,7 @@ class AGEM(Replay):
             live = [p for p in params if p.grad is not None]
             if not live:
                 return
-            # scaled by a power of two (exact), which the projection cancels: under fp16 autocast
-            # the memory's gradients would otherwise underflow (an overflow gives no projection)
-            loss = self.memory_loss(model, data, draw()) * REF_SCALE
-            refs = torch.autograd.grad(loss, live, allow_unused=True)
-            self.projected += project([p.grad for p in live], refs)
+            self.projected += self.correct(model, data, live, draw())
             self.steps += 1
 
         return adjust

@@ -43,7 +43,7 @@ from adapters import DEFAULT_METHOD, DeltaModel
 from adapters.model import MethodSpec
 from streams import Task
 
-from ..training import AdjustGrads, TrainConfig
+from ..training import TrainConfig
 from .agem import REF_SCALE, AGEM
 from .base import check_option, finite_at_least
 
@@ -109,7 +109,7 @@ class GEM(AGEM):
         check_option(self.name, "memory_strength", memory_strength, finite_at_least(0), "a finite number >= 0")
         self.memory_strength = memory_strength
 
-    def task_batches(self, task: Task, config: TrainConfig):
+    def batches(self, task: Task, config: TrainConfig):
         """A function giving, per call, one batch of picks from each earlier task's memory (seeded
         by the step's seed, so a resumed task draws the same batches), or None when it is empty."""
         pools = [[(t, int(i)) for i in self.memory.get(t.name, ())] for t in self.seen if t.name != task.name]
@@ -120,21 +120,9 @@ class GEM(AGEM):
         gen = torch.Generator().manual_seed(config.seed)
         return lambda: [[p[i] for i in torch.randint(len(p), (size,), generator=gen).tolist()] for p in pools]
 
-    def grad_change(self, model: DeltaModel, task: Task, config: TrainConfig, data: Any) -> AdjustGrads | None:
-        draw = self.task_batches(task, config)
-        if draw is None:
-            return None
-
-        def adjust(params: Sequence[torch.Tensor]) -> None:
-            live = [p for p in params if p.grad is not None]
-            if not live:
-                return
-            refs = [torch.autograd.grad(self.memory_loss(model, data, picks) * REF_SCALE, live, allow_unused=True)
-                    for picks in draw()]
-            self.projected += project([p.grad for p in live], refs, self.memory_strength, REF_SCALE)
-            self.steps += 1
-
-        return adjust
+    def correct(self, model: DeltaModel, data: Any, live: list[torch.Tensor], picks: Any) -> bool:
+        refs = [torch.autograd.grad(self.memory_loss(model, data, p) * REF_SCALE, live, allow_unused=True) for p in picks]
+        return project([p.grad for p in live], refs, self.memory_strength, REF_SCALE)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "memory_strength": self.memory_strength}
