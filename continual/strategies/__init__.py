@@ -7,6 +7,7 @@
     replay.py        ``replay``: the shared delta, plus a task-balanced memory replayed each step
     agem.py          ``agem``: the shared delta; each step's gradient projected so the memory's loss does not rise (A-GEM)
     gem.py           ``gem``: the same, with one constraint per earlier task, solved as a small QP (GEM)
+    ogd.py           ``ogd``: the shared delta; each step's gradient orthogonal to earlier tasks' gold-logit gradients (OGD)
     der.py           ``der``: replay whose memory also keeps the logits its examples got, matched while training (DER++)
     ewc.py           ``ewc``: the shared delta, anchored by its Fisher information (online EWC)
     mas.py           ``mas``: the shared delta, anchored by its outputs' sensitivity to each parameter (Memory Aware Synapses)
@@ -37,6 +38,7 @@ from adapters.model import MethodSpec
 from .agem import AGEM
 from .der import DER
 from .gem import GEM
+from .ogd import OGD
 from .avalanche import AVALANCHE_STRATEGIES
 from .base import Strategy, TaskData
 from .finetune import SequentialFineTune
@@ -53,7 +55,7 @@ from .replay import Replay
 from .shared_delta import SHARED, Joint, SequentialDelta
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    s.name: s for s in (PerTaskDelta, ContinualFusion, SequentialDelta, Replay, AGEM, GEM, DER, EWC, MAS, SI, LwF, ProgressivePrompts, OLoRA, InfLoRA, PromptPool,
+    s.name: s for s in (PerTaskDelta, ContinualFusion, SequentialDelta, Replay, AGEM, GEM, OGD, DER, EWC, MAS, SI, LwF, ProgressivePrompts, OLoRA, InfLoRA, PromptPool,
                         SequentialFineTune, Joint, *AVALANCHE_STRATEGIES)
 }
 
@@ -84,5 +86,5 @@ def make_strategy(name: str, methods: Sequence[MethodSpec] | MethodSpec | None =
     return cls(**options) if cls.trains_backbone else cls(methods, **options)
 
 
-__all__ = ["AGEM", "DER", "EWC", "GEM", "InfLoRA", "LwF", "MAS", "OLoRA", "PromptPool", "ProgressivePrompts", "Replay", "SHARED", "SI", "STRATEGIES", "ContinualFusion", "Joint", "PerTaskDelta", "SequentialDelta", "SequentialFineTune",
+__all__ = ["AGEM", "DER", "EWC", "GEM", "InfLoRA", "OGD", "LwF", "MAS", "OLoRA", "PromptPool", "ProgressivePrompts", "Replay", "SHARED", "SI", "STRATEGIES", "ContinualFusion", "Joint", "PerTaskDelta", "SequentialDelta", "SequentialFineTune",
            "Strategy", "TaskData", "make_strategy"]

@@ -21,7 +21,7 @@ same. The online sum keeps γ = 1 (no decay). F and θ* are part of the run's sa
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -43,6 +43,27 @@ def ewc_penalty(params: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor]
     for name, p in params.items():
         total = total + (fisher[name] * (p.float() - anchor[name]) ** 2).sum()
     return 0.5 * strength * total
+
+
+def example_grads(model: DeltaModel, params: list[torch.Tensor], train: Any, rows: list[int], precision: str,
+                  objective: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Iterator[tuple[torch.Tensor | None, ...]]:
+    """The gradient of ``objective(logits, labels)`` with respect to ``params`` for each of
+    ``rows`` of ``train``, one example at a time, dropout off (the model's mode restored after);
+    run inside ``model.acting(...)`` of the task's deltas. Under fp16 it runs in fp32: one
+    example's gradients, unscaled, would underflow."""
+    was_training = model.training
+    model.eval()
+    precision = resolve_precision(precision, model.device)
+    precision = "fp32" if precision == "fp16" else precision
+    try:
+        for i in rows:
+            batch = {k: v.to(model.device) for k, v in collate_rows(train, [i], model.tokenizer).items()}
+            labels = batch.pop("labels")
+            with autocast(precision, model.device):
+                logits = model(**batch)
+            yield torch.autograd.grad(objective(logits, labels), params, allow_unused=True)
+    finally:
+        model.train(was_training)
 
 
 class EWC(_SharedDelta):
@@ -91,23 +112,11 @@ class EWC(_SharedDelta):
         params = self.shared_params(model)
         fisher = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in params.items()}
         rows = sample_rows(train, self.fisher_samples, config.seed)
-        n = len(rows)
-        was_training = model.training
-        model.eval()
-        precision = resolve_precision(config.precision, model.device)
-        if precision == "fp16":  # one example's gradients, unscaled, would underflow in fp16: 64 passes in fp32
-            precision = "fp32"
         with model.acting(*self.active(task.name)):
-            for i in rows:
-                batch = {k: v.to(model.device) for k, v in collate_rows(train, [i], model.tokenizer).items()}
-                labels = batch.pop("labels")
-                with autocast(precision, model.device):
-                    logits = model(**batch)
-                grads = torch.autograd.grad(self.objective(logits, labels), list(params.values()), allow_unused=True)
+            for grads in example_grads(model, list(params.values()), train, rows, config.precision, self.objective):
                 for (k, _), g in zip(params.items(), grads):
                     if g is not None:
-                        fisher[k] += self.magnitude(g.float()) / n
-        model.train(was_training)
+                        fisher[k] += self.magnitude(g.float()) / len(rows)
         return fisher
 
     @staticmethod
