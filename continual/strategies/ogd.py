@@ -25,7 +25,7 @@ How we depart from the paper:
 - A direction whose part outside the kept ones is below ``1e-6`` of its norm is dropped (it adds
   nothing numerically). Gram-Schmidt runs twice per direction in float64, and the directions are
   kept in float32, as part of the run's saved state (``samples`` × the delta's size per task).
-- ``samples=32`` per task is ours (the paper keeps 200 per task of a small network's gradients).
+- ``samples=32`` per task is ours, chosen for the state's size (32 × the delta's size per task).
 """
 
 from __future__ import annotations
