@@ -370,3 +370,15 @@ def test_comparison_bars_carry_one_std_whiskers_when_seeds_give_them(tmp_path, m
     assert "one std over seeds" in ax.get_title()
     plots.metric_bars({"one-seed": one}, ("ACC", "BWT"), tmp_path / "s.png")
     assert "std" not in drawn[1].axes[0].get_title()
+
+
+def test_a_plus_joined_method_is_the_same_combination_as_repeated_methods(toy_yaml, tiny_backbone_dir, tmp_path):
+    """``--method lora+bitfit`` was "unknown delta method 'lora+bitfit'", where combine, compare
+    and the run's own folder name spell a combination that way."""
+    common = ["--stream", str(toy_yaml), "--backbone", str(tiny_backbone_dir), "--steps", "4", "--eval-every", "4",
+              "--max-length", "16", "--no-progress", "--no-mlflow"]
+    assert main(["run", "--method", "lora:rank=4+bitfit", "--out", str(tmp_path / "joined"), *common]) == 0
+    assert main(["run", "--method", "lora:rank=4", "--method", "bitfit", "--out", str(tmp_path / "repeated"), *common]) == 0
+    joined, repeated = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("joined", "repeated"))
+    assert joined["identity"]["train"] == repeated["identity"]["train"]
+    assert "bitfit" in json.dumps(joined["identity"]) and joined["matrix"]["R"] == repeated["matrix"]["R"]

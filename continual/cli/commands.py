@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from adapters import BACKBONES, DeltaError, DeltaModel, available_methods, make_config
-from adapters.spec import methods_label, parse_combo, parse_method, parse_options
+from adapters.spec import methods_label, parse_combo, parse_options
 from streams import GENERATIVE_STREAMS, SOURCES, STREAMS, builtin_task, load_stream
 
 from ..metrics import AccuracyMatrix, score_label
@@ -49,7 +49,8 @@ def _cap(v: int) -> int | None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    methods = [parse_method(m) for m in args.method or []] or None  # None: the default, or none for seq-ft
+    # "--method lora+bitfit" is "--method lora --method bitfit", as combine's and compare's specs read it
+    methods = [c for m in args.method or [] for c in parse_combo(m)] or None  # None: the default, or none for seq-ft
     options: dict = {}
     for text in args.strategy_option:  # repeated --strategy-option flags add up; a key twice is an error
         options.update(parse_options(text, "--strategy-option", options))

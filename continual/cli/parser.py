@@ -155,7 +155,7 @@ def _run(sub: argparse._SubParsersAction) -> None:
                        "State is saved after every task: --resume continues a killed run.")
     r.add_argument("--stream", default=DEFAULTS["stream"], help=f"built-in stream ({', '.join([*STREAMS, *GENERATIVE_STREAMS])}), a YAML file, or a published benchmark's folder: cl-benchmark:PATH:order=1..6[:generative] (O-LoRA's CL_Benchmark), trace:PATH (TRACE); generative streams (text answers) need a decoder backbone, e.g. --stream generative --backbone smollm2")
     r.add_argument("--method", action="append", metavar="METHOD[:k=v,...]",
-                   help=f"delta method, repeat to combine; one of {', '.join(available_methods())} "
+                   help=f"delta method, repeat (or join with +, lora+bitfit) to combine; one of {', '.join(available_methods())} "
                    "(default: bottleneck)%(default).0s")
     r.add_argument("--strategy", default=DEFAULTS["strategy"], choices=list(STRATEGIES),
                    help="; ".join(f"{k}: {v.description}" for k, v in STRATEGIES.items()))
