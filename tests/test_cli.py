@@ -107,6 +107,10 @@ def test_errors_are_clear_and_exit_2(toy_yaml, tiny_backbone_dir, tmp_path, caps
     assert main(["compare", "--stream", str(toy_yaml), "--backbone", str(tiny_backbone_dir), "--seeds", "0",
                  "--seed", "5", "--out", str(tmp_path / "c"), "--no-mlflow"]) == 2
     assert "give --seed or --seeds, not both: --seeds 0 sets every run's seed" in capsys.readouterr().err
+    for empty in ("", ",", " "):  # an unset shell variable: it ran the default seed alone, without a word
+        assert main(["compare", "--stream", str(toy_yaml), "--backbone", str(tiny_backbone_dir), "--seeds", empty,
+                     "--out", str(tmp_path / "c"), "--no-mlflow"]) == 2
+        assert f"--seeds needs at least one integer, e.g. 0,1,2; got {empty!r}" in capsys.readouterr().err
     assert not (tmp_path / "s").exists() and not (tmp_path / "c").exists()
     # a tracking URI no MLflow store serves (a typo of the scheme): refused before anything runs,
     # where the run used to go on untracked and point at a sync that fails the same way

@@ -222,7 +222,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise ValueError(f"give --seed or --seeds, not both: --seeds {args.seeds} sets every run's seed")
     args.seed = TrainConfig.command_line().seed if args.seed is None else args.seed
     config = train_config(args)
-    seeds = _seeds(args.seeds) if args.seeds else [args.seed]
+    seeds = _seeds(args.seeds) if args.seeds is not None else [args.seed]  # an empty --seeds (an unset $SEEDS) is refused
     if args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
     if args.ray_address:
@@ -269,7 +269,9 @@ def _seeds(text: str) -> list[int]:
         seeds = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise ValueError(f"--seeds takes integers separated by commas, e.g. 0,1,2; got {text!r}") from None
-    if not seeds or len(set(seeds)) != len(seeds):
+    if not seeds:
+        raise ValueError(f"--seeds needs at least one integer, e.g. 0,1,2; got {text!r}")
+    if len(set(seeds)) != len(seeds):
         raise ValueError(f"--seeds needs distinct integers, got {text!r}")
     for seed in seeds:  # here, before any stream is drawn with it
         check_seed("each of --seeds", seed, MAX_RUN_SEED)
