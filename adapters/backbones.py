@@ -138,6 +138,9 @@ def load_backbone(name: str = DEFAULT_BACKBONE, dtype: torch.dtype | None = None
         path, local = str(BACKBONES[name]()), True
     elif Path(name).expanduser().exists():
         path, local = str(Path(name).expanduser()), True
+    elif name.startswith(("/", ".", "~")) or name.count("/") > 1:  # a path, and no hub id ('org/name')
+        # asking the hub for it failed as "offline?" with the hub's complaint about the id's characters
+        raise BackboneError(f"cannot load backbone from {name}: no such directory")
     else:
         path, local = name, False
     opts = dict(kwargs)

@@ -24,6 +24,12 @@ def test_hub_id_offline_fails_clearly():
     assert "some-org/some-model" in out.stdout and "offline" in out.stdout and "minilm" in out.stdout
 
 
+def test_a_missing_directory_is_named_without_asking_the_hub(tmp_path):
+    for path in (tmp_path / "gone", "./not-here", "~/no-such-model", "runs/a/b"):
+        with pytest.raises(BackboneError, match=f"cannot load backbone from {path}: no such directory"):
+            adapters.load_backbone(str(path))
+
+
 def test_broken_local_directory_fails_clearly(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(BackboneError, match="cannot load backbone from"):
