@@ -170,6 +170,21 @@ def test_damaged_results_and_checkpoints_are_refused(text_model, finished_run, c
     assert "results.json does not match its checksum" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("lost", ["checkpoints/b", "checkpoints/b/b/delta.json"])
+def test_a_deleted_checkpoint_is_refused_not_passed_over(text_model, finished_run, capsys, lost):
+    """A task's checkpoint folder deleted after the run was taken for a task not trained yet: route,
+    transfer and export went on without it (or said the run was not a per-task run)."""
+    from continual import load_run_tasks
+
+    path = finished_run / lost
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+    with pytest.raises(RunStateError, match="is missing files its manifest lists .*checkpoints/b/b/delta.json"):
+        load_run_tasks(text_model(), finished_run)
+    assert main(["export", str(finished_run), "--out", str(finished_run.parent / "peft")]) == 2
+    assert "the run directory was damaged" in capsys.readouterr().err
+    assert not (finished_run.parent / "peft").exists()
+
+
 def toy_yaml(directory):
     """A one-task YAML stream of toy rows."""
     (directory / "a.csv").write_text("text,label\n" + "\n".join(f"{t},{y}" for t, y in toy_rows("apple", 1, 60)) + "\n")
