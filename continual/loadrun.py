@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from adapters import DeltaModel, load_task, read_meta
 from adapters.fingerprint import backbone_fingerprint
 
-from .rundir import BACKBONE_FILE, RunStateError, not_a_run, run_info, verify
+from .rundir import BACKBONE_FILE, RunStateError, check_present, not_a_run, run_info, verify
 
 
 def run_tasks(run_dir: str | Path, tasks: Sequence[str] | None = None) -> list[str]:
@@ -25,11 +25,7 @@ def run_tasks(run_dir: str | Path, tasks: Sequence[str] | None = None) -> list[s
     info = run_info(run)
     # a task's folder deleted after the run was passed over as "not trained yet": routed, transferred
     # and exported without it, or refused as not a per-task run
-    lost = sorted(f for f in info.get("files", {}) if f.startswith("checkpoints/") and not (run / f).exists())
-    if lost:
-        raise RunStateError(f"{run} is missing files its manifest lists ({', '.join(lost[:3])}"
-                            f"{f' and {len(lost) - 3} more' if len(lost) > 3 else ''}): the run directory was damaged; "
-                            "restore them from a copy, or run it again with --overwrite")
+    check_present(run, [f for f in info.get("files", {}) if f.startswith("checkpoints/")])
     order = info.get("matrix", {}).get("tasks", [])
     saved = [t for t in order if (root / t).is_dir()] or sorted(p.name for p in root.iterdir() if p.is_dir())
     wanted = list(tasks) if tasks is not None else saved

@@ -26,7 +26,7 @@ import math
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 from safetensors import SafetensorError
@@ -178,7 +178,17 @@ def read_state(path: Path) -> RunState:
     state = RunState.from_json(data, path)
     if state.tensors and not (path.parent / state.tensors).exists():
         raise RunStateError(f"{path} refers to {state.tensors}, which is missing; start again with --overwrite")
+    check_present(path.parent, state.files)  # a resumed run would finish without them, exit 0
     return state
+
+
+def check_present(run: Path, files: Iterable[str]) -> None:
+    """Refuse a run directory that lacks a file its manifest lists (``files``, relative paths)."""
+    lost = sorted(f for f in files if not (run / f).exists())
+    if lost:
+        more = f" and {len(lost) - 3} more" if len(lost) > 3 else ""
+        raise RunStateError(f"{run} is missing files its manifest lists ({', '.join(lost[:3])}{more}): the run "
+                            "directory was damaged; restore them from a copy, or start again with --overwrite")
 
 
 def read_tensors(out: Path, state: RunState, device: torch.device) -> dict[str, torch.Tensor]:

@@ -139,6 +139,16 @@ def test_damaged_state_tensors_are_refused_naming_the_file(text_model, killed_ru
         go(text_model, killed_run, resume=True)
 
 
+def test_a_resume_refuses_a_run_that_lost_a_checkpoint(text_model, killed_run):
+    """Resumed from its state tensors, such a run finished with exit 0 and a folder without the
+    task's checkpoint, which route, transfer and export then refused (or passed over)."""
+    lost = sorted((killed_run / "checkpoints").iterdir())[0]
+    shutil.rmtree(lost)
+    with pytest.raises(RunStateError, match=f"is missing files its manifest lists \\(checkpoints/{lost.name}/"):
+        go(text_model, killed_run, resume=True)
+    assert not (killed_run / "results.json").exists()
+
+
 @pytest.mark.parametrize("content", ["[]", '{"version": 2}', '{"version": 1}', "{ truncated", "", "null"])
 def test_damaged_state_json_is_refused(text_model, killed_run, content):
     (killed_run / "state.json").write_text(content)
