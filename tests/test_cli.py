@@ -107,6 +107,10 @@ def test_errors_are_clear_and_exit_2(toy_yaml, tiny_backbone_dir, tmp_path, caps
     assert main(["compare", "--stream", str(toy_yaml), "--backbone", str(tiny_backbone_dir), "--seeds", "0",
                  "--seed", "5", "--out", str(tmp_path / "c"), "--no-mlflow"]) == 2
     assert "give --seed or --seeds, not both: --seeds 0 sets every run's seed" in capsys.readouterr().err
+    for flag in ("--experiment", "--run-name"):  # MLflow refused an empty experiment once the run had trained
+        with pytest.raises(SystemExit):
+            main(args(toy_yaml, tiny_backbone_dir, tmp_path / "e", flag, " "))
+        assert f"argument {flag}: must not be empty" in capsys.readouterr().err
     for empty in ("", ",", " "):  # an unset shell variable: it ran the default seed alone, without a word
         assert main(["compare", "--stream", str(toy_yaml), "--backbone", str(tiny_backbone_dir), "--seeds", empty,
                      "--out", str(tmp_path / "c"), "--no-mlflow"]) == 2

@@ -63,6 +63,14 @@ def positive(text: str) -> int:
     return value
 
 
+def mlflow_name(text: str) -> str:
+    """An argparse type: an MLflow experiment or run name, not blank (MLflow refuses an empty
+    experiment name only once the run has trained, and logging then stops)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
 def seed(text: str) -> int:
     """An argparse type: a run's seed, a whole number in [0, MAX_RUN_SEED] (checked here, at the
     edge: numpy's own refusal of a negative seed names nothing)."""
@@ -173,15 +181,15 @@ def _run(sub: argparse._SubParsersAction) -> None:
                    "backbone weights changed; the others' scores are carried over: same numbers, less time)%(default).0s")
     r.add_argument("--overwrite", action="store_true", help="replace a run saved in --out")
     _tracking_options(r)
-    r.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment name")
-    r.add_argument("--run-name", default=None, help="MLflow run name (default: the output directory's name)%(default).0s")
+    r.add_argument("--experiment", type=mlflow_name, default=DEFAULT_EXPERIMENT, help="MLflow experiment name")
+    r.add_argument("--run-name", type=mlflow_name, default=None, help="MLflow run name (default: the output directory's name)%(default).0s")
 
 
 def _report(sub: argparse._SubParsersAction) -> None:
     rep = sub.add_parser("report", help="print the matrix and metrics of a run and write its heatmap", formatter_class=Formatter)
     rep.add_argument("run", help="a run's output directory, or an MLflow run id / run name")
     rep.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI, help="MLflow store, for a run id / name")
-    rep.add_argument("--experiment", default=DEFAULT_EXPERIMENT)
+    rep.add_argument("--experiment", type=mlflow_name, default=DEFAULT_EXPERIMENT)
     rep.add_argument("--plot", default=None, help="heatmap PNG path (default: heatmap.png in the run directory, "
                      "or ./<run>-heatmap.png for an MLflow run)%(default).0s")
     rep.add_argument("--f1", action="store_true", help="show macro-F1 instead of accuracy")
@@ -286,8 +294,8 @@ def _sync(sub: argparse._SubParsersAction) -> None:
                         formatter_class=Formatter)
     sy.add_argument("run", help="a run's output directory (finished or not)")
     sy.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI, help="MLflow store or server")
-    sy.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment name")
-    sy.add_argument("--run-name", default=None, help="MLflow run name (default: the directory's name)%(default).0s")
+    sy.add_argument("--experiment", type=mlflow_name, default=DEFAULT_EXPERIMENT, help="MLflow experiment name")
+    sy.add_argument("--run-name", type=mlflow_name, default=None, help="MLflow run name (default: the directory's name)%(default).0s")
     sy.add_argument("--again", action="store_true",
                     help="log a copy even when the store already holds this run (by default a second sync logs nothing)")
 
