@@ -71,7 +71,7 @@ def test_gold_logit_of_a_classifier_and_of_a_generated_answer():
     assert gold_logit(lm, labels) == pytest.approx((lm[0, 1, 2] + lm[0, 2, 3] + lm[1, 2, 0]).item() / 3)
 
 
-def test_every_step_is_orthogonal_to_every_kept_direction(text_model, tmp_path, monkeypatch):
+def test_every_step_is_orthogonal_to_every_kept_direction(text_model, tmp_path, monkeypatch, capsys):
     seen = []
 
     def recording(grads, params, basis):
@@ -89,6 +89,8 @@ def test_every_step_is_orthogonal_to_every_kept_direction(text_model, tmp_path, 
     basis = strategy.basis
     assert len(basis) <= 18 and torch.allclose(basis @ basis.T, torch.eye(len(basis)), atol=1e-5)
     assert not np.isnan(res.matrix.R[-1]).any()
+    mb = basis.numel() * 4 / 2**20
+    assert f"task c (ogd): {len(basis) - sizes[-1]} new directions kept, {len(basis)} in all ({mb:.1f} MB)" in capsys.readouterr().out
 
 
 def test_bad_options_are_refused():

@@ -33,12 +33,13 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from adapters import DEFAULT_METHOD, DeltaModel
 from adapters.model import MethodSpec
 from streams import Task
 
-from ..training import AdjustGrads, TrainConfig
+from ..training import AdjustGrads, TrainConfig, distributed
 from ..training.data import sample_rows
 from .base import check_option
 from .der import logit_rows
@@ -56,20 +57,25 @@ def gold_logit(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return rows.gather(-1, gold[:, None]).mean()
 
 
-def add_direction(basis: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """``basis`` (k, n), orthonormal rows, with ``g``'s part outside it appended, normalised;
-    ``basis`` unchanged when that part is below ``DROP`` of ``g``'s norm."""
+def new_part(basis: torch.Tensor, added: Sequence[torch.Tensor], g: torch.Tensor) -> torch.Tensor | None:
+    """``g``'s part outside the orthonormal rows of ``basis`` (k, n) and the orthonormal vectors
+    ``added`` since, normalised (float64); None when it is below ``DROP`` of ``g``'s norm."""
     norm = float(g.norm())
     if not norm or not torch.isfinite(g).all():
-        return basis
-    v = g.double()
-    b = basis.double()
+        return None
+    v, b = g.double(), basis.double()
     for _ in range(2):  # twice: one Gram-Schmidt pass leaves rounding along the basis
         v = v - b.T @ (b @ v)
+        for u in added:  # this task's directions one by one: stacking them anew per example copied them all
+            v = v - (u @ v) * u
     left = float(v.norm())
-    if left < DROP * norm:
-        return basis
-    return torch.cat([basis, (v / left).to(basis.dtype)[None]])
+    return None if left < DROP * norm else v / left
+
+
+def add_direction(basis: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``basis`` with ``g``'s new part appended as a row (``basis`` itself when there is none)."""
+    v = new_part(basis, (), g)
+    return basis if v is None else torch.cat([basis, v.to(basis.dtype)[None]])
 
 
 def project_out(grads: Sequence[torch.Tensor | None], params: Sequence[torch.Tensor], basis: torch.Tensor) -> None:
@@ -112,7 +118,7 @@ class OGD(_SharedDelta):
         result = super().train(model, tasks, config, data, callback)
         params = list(self.shared_params(model).values())
         basis = self.basis if len(self.basis) else torch.zeros(0, sum(p.numel() for p in params))
-        basis = basis.to(model.device, torch.float64)  # grown in float64, kept in float32
+        basis, added = basis.to(model.device, torch.float64), []  # grown in float64, kept in float32
         for t in tasks:
             train = data(t)["train"]
             with model.acting(*self.active(t.name)):
@@ -120,8 +126,13 @@ class OGD(_SharedDelta):
                                            config.precision, gold_logit):
                     flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).float()
                                       for g, p in zip(grads, params)])
-                    basis = add_direction(basis, flat)
-        self.basis = basis.float().cpu()
+                    v = new_part(basis, added, flat)
+                    if v is not None:
+                        added.append(v)
+        self.basis = torch.cat([basis, *(v[None] for v in added)]).float().cpu()  # one copy per task
+        if distributed.is_main():  # what the method holds: it grows with every task, in memory and in the state
+            tqdm.write(f"task {tasks[-1].name} (ogd): {len(added)} new directions kept, {len(self.basis)} in all "
+                       f"({self.basis.numel() * 4 / 2**20:.1f} MB)")
         return result
 
     def state(self, model: DeltaModel) -> dict[str, torch.Tensor]:
