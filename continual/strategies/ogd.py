@@ -132,7 +132,7 @@ class OGD(_SharedDelta):
         self.basis = torch.cat([basis, *(v[None] for v in added)]).float().cpu()  # one copy per task
         if distributed.is_main():  # what the method holds: it grows with every task, in memory and in the state
             tqdm.write(f"task {tasks[-1].name} (ogd): {len(added)} new directions kept, {len(self.basis)} in all "
-                       f"({self.basis.numel() * 4 / 2**20:.1f} MB)")
+                       f"({self.basis.numel() * 4 / 1e6:.1f} MB)")
         return result
 
     def state(self, model: DeltaModel) -> dict[str, torch.Tensor]:
