@@ -32,6 +32,12 @@ def check_option(strategy: str, key: str, value: Any, ok: Callable[[Any], bool],
         raise ValueError(f"{strategy}: {key} must be {what}, got {value!r}")
 
 
+def flat(tensors: Sequence[torch.Tensor | None], like: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """``tensors`` as one vector, each None as zeros shaped like its partner in ``like`` (a
+    gradient a parameter did not get): what the gradient projections compute with."""
+    return torch.cat([(t if t is not None else torch.zeros_like(p)).reshape(-1).to(dtype) for t, p in zip(tensors, like)])
+
+
 def finite_at_least(low: float) -> Callable[[Any], bool]:
     return lambda v: low <= v < float("inf")
 

@@ -33,7 +33,7 @@ from streams import Task
 from ..training import TrainConfig, collate_rows, token_loss
 from ..training.data import sample_rows
 from .base import check_option, finite_at_least
-from .shared_delta import SHARED, _SharedDelta
+from .shared_delta import _SharedDelta
 
 
 def ewc_penalty(params: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor], fisher: dict[str, torch.Tensor],
@@ -80,10 +80,6 @@ class EWC(_SharedDelta):
         self.ewc_lambda, self.fisher_samples = float(ewc_lambda), fisher_samples
         self.fisher: dict[str, torch.Tensor] = {}
         self.anchor: dict[str, torch.Tensor] = {}
-
-    @staticmethod
-    def shared_params(model: DeltaModel) -> dict[str, torch.nn.Parameter]:
-        return dict(model.task(SHARED).deltas.named_parameters())
 
     def loss_term(self, model: DeltaModel, task: Task, config: TrainConfig, data: Any):
         if not self.fisher or self.ewc_lambda == 0:

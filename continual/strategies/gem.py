@@ -45,7 +45,7 @@ from streams import Task
 
 from ..training import TrainConfig
 from .agem import REF_SCALE, AGEM
-from .base import check_option, finite_at_least
+from .base import check_option, finite_at_least, flat
 
 SWEEPS = 1000  # coordinate-descent sweeps at most; one variable per earlier task, so a few usually do
 TOLERANCE = 1e-12  # stop when no variable moves by more than this, relative to the largest
@@ -77,13 +77,11 @@ def project(grads: Sequence[torch.Tensor], refs: Sequence[Sequence[torch.Tensor 
     given times ``ref_scale``. Returns whether some task's reference conflicted (and so the
     gradients were projected). Without a margin the scale cancels; with one it does not (z adds
     γ g_k), so the references are divided by it first."""
-    flat = lambda ts: torch.cat([(t if t is not None else torch.zeros_like(g)).reshape(-1).double()  # noqa: E731
-                                 for t, g in zip(ts, grads)])
-    rows = [flat(r) for r in refs if any(t is not None for t in r)]
+    rows = [flat(r, grads, torch.float64) for r in refs if any(t is not None for t in r)]
     rows = [r for r in rows if bool(torch.isfinite(r).all())]  # an overflowed memory gradient: no constraint
     if not rows:
         return False
-    G, g = torch.stack(rows) / ref_scale, flat(grads)
+    G, g = torch.stack(rows) / ref_scale, flat(grads, grads, torch.float64)
     dots = G @ g
     if not bool((dots < 0).any()):  # (one host sync a step: the branch is the method)
         return False
@@ -110,15 +108,7 @@ class GEM(AGEM):
         self.memory_strength = memory_strength
 
     def batches(self, task: Task, config: TrainConfig):
-        """A function giving, per call, one batch of picks from each earlier task's memory (seeded
-        by the step's seed, so a resumed task draws the same batches), or None when it is empty."""
-        pools = [[(t, int(i)) for i in self.memory.get(t.name, ())] for t in self.seen if t.name != task.name]
-        pools = [p for p in pools if p]
-        if not pools:
-            return None
-        size = self.sample_size or config.batch_size
-        gen = torch.Generator().manual_seed(config.seed)
-        return lambda: [[p[i] for i in torch.randint(len(p), (size,), generator=gen).tolist()] for p in pools]
+        return self.memory_batches(task, config, self.sample_size, per_task=True)  # one batch per earlier task
 
     def correct(self, model: DeltaModel, data: Any, live: list[torch.Tensor], picks: Any) -> bool:
         refs = [torch.autograd.grad(self.memory_loss(model, data, p) * REF_SCALE, live, allow_unused=True) for p in picks]

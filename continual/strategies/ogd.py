@@ -41,9 +41,9 @@ from streams import Task
 
 from ..training import AdjustGrads, TrainConfig, distributed
 from ..training.data import sample_rows
-from .base import check_option
+from .base import check_option, flat
 from .der import logit_rows
-from .ewc import EWC, example_grads
+from .ewc import example_grads
 from .shared_delta import _SharedDelta
 
 DROP = 1e-6  # a direction whose new part is below this share of its norm is not kept
@@ -83,7 +83,7 @@ def project_out(grads: Sequence[torch.Tensor | None], params: Sequence[torch.Ten
     rows were (a None gradient counts as zero and stays None: that parameter does not move)."""
     if not len(basis) or all(t is None for t in grads):
         return
-    g = torch.cat([(t if t is not None else torch.zeros_like(p)).reshape(-1).float() for t, p in zip(grads, params)])
+    g = flat(grads, params, torch.float32)
     change = basis.T @ (basis @ g)
     start = 0
     for t, p in zip(grads, params):
@@ -105,8 +105,6 @@ class OGD(_SharedDelta):
         self.samples = samples
         self.basis = torch.zeros(0, 0)  # (directions, the shared delta's size); sized at the first task's end
 
-    shared_params = staticmethod(EWC.shared_params)
-
     def grad_change(self, model: DeltaModel, task: Task, config: TrainConfig, data: Any) -> AdjustGrads | None:
         if not len(self.basis):
             return None
@@ -124,9 +122,7 @@ class OGD(_SharedDelta):
             with model.acting(*self.active(t.name)):
                 for grads in example_grads(model, params, train, sample_rows(train, self.samples, config.seed),
                                            config.precision, gold_logit):
-                    flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).float()
-                                      for g, p in zip(grads, params)])
-                    v = new_part(basis, added, flat)
+                    v = new_part(basis, added, flat(grads, params, torch.float32))
                     if v is not None:
                         added.append(v)
         self.basis = torch.cat([basis, *(v[None] for v in added)]).float().cpu()  # one copy per task

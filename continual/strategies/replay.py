@@ -86,15 +86,18 @@ class Replay(_SharedDelta):
                 total = total + term * (len(rows) / len(picks))
         return total
 
-    def memory_batches(self, task: Task, config: TrainConfig, size: int | None):
+    def memory_batches(self, task: Task, config: TrainConfig, size: int | None, per_task: bool = False):
         """A function giving one memory batch's picks per call (seeded by the step's seed, so a
-        resumed step draws the same batches), or None when the memory holds nothing."""
-        pool = [(t, int(i)) for t in self.seen if t.name != task.name for i in self.memory.get(t.name, ())]
-        if not pool:
+        resumed step draws the same batches), or None when the memory holds nothing. With
+        ``per_task``, a batch of ``size`` from each earlier task's share per call (GEM's)."""
+        pools = [[(t, int(i)) for i in self.memory.get(t.name, ())] for t in self.seen if t.name != task.name]
+        pools = [p for p in pools if p] if per_task else [[pick for p in pools for pick in p]]
+        if not pools or not pools[0]:
             return None
         size = size or config.batch_size
         gen = torch.Generator().manual_seed(config.seed)
-        return lambda: [pool[i] for i in torch.randint(len(pool), (size,), generator=gen).tolist()]
+        draw = lambda: [[p[i] for i in torch.randint(len(p), (size,), generator=gen).tolist()] for p in pools]  # noqa: E731
+        return draw if per_task else lambda: draw()[0]
 
     def loss_term(self, model: DeltaModel, task: Task, config: TrainConfig, data: Any):
         draw = self.memory_batches(task, config, self.replay_batch)

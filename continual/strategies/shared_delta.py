@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
+
 from adapters import DeltaModel
 from streams import Task
 
@@ -25,6 +27,11 @@ class _SharedDelta(Strategy):
 
     def active(self, task: str) -> tuple[str, ...]:
         return (SHARED, task)
+
+    @staticmethod
+    def shared_params(model: DeltaModel) -> dict[str, torch.nn.Parameter]:
+        """The shared delta's parameters by name (what EWC, MAS, SI and OGD weigh or project)."""
+        return dict(model.task(SHARED).deltas.named_parameters())
 
     def finish(self, model: DeltaModel, task: Task) -> None:
         model.freeze(task.name)  # the head; the shared delta keeps training on the next task
