@@ -1,6 +1,6 @@
 """Loading a finished (or partly finished) run: its tasks' checkpoints, verified against the run's
 manifest, onto the backbone it was trained on (as the run left it, for a strategy that fine-tuned
-it). What ``continual route``, ``transfer`` and ``export`` start from."""
+it). What ``continual route``, ``transfer``, ``merge`` and ``export`` start from."""
 
 from __future__ import annotations
 

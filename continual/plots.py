@@ -149,7 +149,8 @@ def routing_heatmap(result: Any, path: str | Path) -> Path:
                              figsize=(1.0 * n + 2.5, 0.8 * n + 2))
 
 
-def metric_bars(rows: dict[str, dict[str, Any]], metrics: Sequence[str], path: str | Path) -> Path:
+def metric_bars(rows: dict[str, dict[str, Any]], metrics: Sequence[str], path: str | Path,
+                title: str = "continual-learning metrics per method") -> Path:
     """Grouped bars: each metric (x) for each row's label (one bar colour per row); a row holding
     ``<metric>_std`` (a study over several seeds) gets error bars of one standard deviation."""
     plt = _pyplot()
@@ -170,7 +171,7 @@ def metric_bars(rows: dict[str, dict[str, Any]], metrics: Sequence[str], path: s
                yerr=stds if has else None, capsize=3 if has else 0)
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(x, metrics)
-    ax.set_title("continual-learning metrics per method" + (" (whiskers: ± one std over seeds)" if spread else ""))
+    ax.set_title(title + (" (whiskers: ± one std over seeds)" if spread else ""))
     ax.legend(fontsize=8)
     return _save(fig, path)
 

@@ -2,7 +2,7 @@
 
   FusionConfig, AdapterFusion   the fusion delta (registered as method "fusion")
   add_fusion                    add a task that fuses frozen source tasks (+ its own head)
-  merge_tasks                   linear / weighted parameter merges of deltas of one type
+  merge_tasks                   linear, weighted, TIES and DARE merges of deltas of one type
   fusion_weights                attention weights per module x source, as table / heatmap / MLflow
 
 Mixed-task batches (one forward pass, each example through its own task) live in

@@ -1,10 +1,29 @@
 """Merging deltas of one type: a cheap alternative to fusion (no attention, no extra inference cost).
 
-A merged task's delta has the same configs as its sources and parameters ``sum_i w_i theta_i``:
-``weights=None`` is the plain average (a linear merge, "model soup" of deltas); other weights give
-a weighted merge, or task arithmetic when they do not sum to 1. The merged delta is frozen; the
-task's head is either copied from a source (same labels) or new, and then training the task fits
-the head alone.
+A merged task's delta has the same configs as its sources. Each source's parameters, taken as one
+vector (its *task vector*: what the delta adds to the frozen backbone, whose own delta is zero),
+are combined by one of three rules (``how``):
+
+- ``linear``: ``sum_i w_i theta_i``. ``weights=None`` is the plain average (a "model soup" of
+  deltas); weights that do not sum to 1 are task arithmetic (Ilharco et al. 2023).
+- ``ties``: TIES-Merging (Yadav et al., NeurIPS 2023): each task vector keeps its ``density``
+  fraction of largest-magnitude entries (trim), each entry's sign is elected as the sign of the
+  trimmed vectors' sum (elect), and the entry is the mean of the trimmed values that agree with
+  it (disjoint merge). Paper default: density 0.2, weights 1 (its lambda = 1).
+- ``dare``: DARE (Yu et al., ICML 2024, "Language Models are Super Mario"): each task vector's
+  entries are dropped with probability ``1 - density`` and the rest rescaled by ``1 / density``
+  (seeded), then merged linearly with the weights (default: the average).
+
+Where we depart from the papers: they merge task vectors of full fine-tuning, ``theta_ft -
+theta_pre``; a delta's parameters are its task vector only where they start at zero (LoRA's B,
+BitFit's shifts, an adapter's up-projection). A randomly initialised part (LoRA's A, an adapter's
+down-projection) is trimmed and elected like the rest, as HuggingFace PEFT's TIES and DARE do for
+LoRA's two factors; unlike PEFT, which trims each tensor alone, TIES here trims each task's whole
+delta (the paper's "top-k% of the task vector"). Each weight scales its task vector before the
+sign election (the paper has one lambda for all).
+
+The merged delta is frozen; the task's head is either copied from a source (same labels; a
+generative source's is the LM's own) or new, and then training the task fits the head alone.
 
 Parameter averaging is exact for methods whose term is linear in each parameter tensor (BitFit,
 prompt tuning) and an approximation otherwise (LoRA's ``B A``, an adapter's non-linearity), as
@@ -28,10 +47,15 @@ def merge_tasks(
     sources: Sequence[str],
     weights: Sequence[float] | None = None,
     *,
+    how: str = "linear",
+    density: float | None = None,
+    seed: int = 0,
     label_names: Sequence[str] | None = None,
     head_from: str | None = None,
 ) -> TaskDelta:
-    """Add task ``name`` whose delta is the weighted merge of the sources' deltas.
+    """Add task ``name`` whose delta merges the sources' deltas by rule ``how`` (``linear``,
+    ``ties`` or ``dare``, module docstring). ``density``: the fraction of each task vector TIES
+    keeps (default 0.2) or DARE keeps in expectation (default 0.5); ``seed``: DARE's draw.
 
     All sources must use the same method configs (same shapes). Give ``head_from`` (a task whose
     head is copied) or ``label_names`` (a new head, to be trained with ``train_task``)."""
@@ -40,8 +64,10 @@ def merge_tasks(
     sources = list(sources)
     if not sources:
         raise ConfigError("merge_tasks needs at least one source task")
+    combine = merge_rule(how, density, seed)
     tasks = [model.task(s) for s in sources]
-    w = [1.0 / len(tasks)] * len(tasks) if weights is None else [float(x) for x in weights]
+    default = 1.0 if how == "ties" else 1.0 / len(tasks)
+    w = [default] * len(tasks) if weights is None else [float(x) for x in weights]
     if len(w) != len(tasks):
         raise ConfigError(f"{len(w)} weights for {len(tasks)} sources")
     if not all(math.isfinite(x) for x in w):  # one NaN weight makes every merged parameter NaN
@@ -69,20 +95,74 @@ def merge_tasks(
     labels = donor.label_names if donor is not None else list(label_names)
     n_labels = donor.head.num_labels if donor is not None else None
     pooling = donor.head.pooling if donor is not None else None
+    generative = bool(getattr(donor.head, "generative", False)) if donor is not None else False  # the LM's own head
     merged = model.add_task(name, list(first.configs), num_labels=n_labels if labels is None else None,
-                            label_names=labels, pooling=pooling)
+                            label_names=labels, pooling=pooling, generative=generative)
     if any(t.frozen for t in tasks):
         for d in merged.deltas.values():
             d.fold()  # frozen sources hold folded parameters (prefix tuning): match their shapes
     mine = merged.deltas.state_dict()
+    floats = [k for k, v in mine.items() if torch.is_floating_point(v)]
     with torch.no_grad():
         for key, value in mine.items():
             if not torch.is_floating_point(value):
                 value.copy_(states[0][key])
-                continue
-            value.copy_(sum(wi * s[key].to(value.device, torch.float32) for wi, s in zip(w, states)).to(value.dtype))
+        if floats:  # one task vector per source: TIES trims and DARE drops over the whole delta
+            vectors = torch.stack([torch.cat([s[k].detach().float().cpu().flatten() for k in floats]) for s in states])
+            out = combine(vectors, torch.tensor(w, dtype=torch.float32))
+            for key, part in zip(floats, out.split([mine[k].numel() for k in floats])):
+                mine[key].copy_(part.view_as(mine[key]).to(mine[key].device, mine[key].dtype))
         if donor is not None:
             merged.head.load_state_dict(donor.head.state_dict())
     merged.deltas.load_state_dict(mine)
     model.freeze_delta(name)
     return merged
+
+
+MERGES = {"linear": None, "ties": 0.2, "dare": 0.5}  # each rule's default density (None: it has none)
+
+
+def merge_rule(how: str, density: float | None = None, seed: int = 0):
+    """The function ``(vectors (n, P), weights (n,)) -> merged (P,)`` of rule ``how``, its settings
+    checked (a refusal before any task is added)."""
+    if how not in MERGES:
+        raise ConfigError(f"unknown merge {how!r}; one of {list(MERGES)}")
+    if MERGES[how] is None:
+        if density is not None:
+            raise ConfigError(f"a {how} merge has no density (ties and dare do)")
+        return linear_merge
+    density = MERGES[how] if density is None else density
+    if not (isinstance(density, (int, float)) and 0.0 < density <= 1.0):  # NaN fails here too
+        raise ConfigError(f"density must be in (0, 1], got {density!r}")
+    if how == "ties":
+        return lambda vectors, weights: ties_merge(vectors, weights, float(density))
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"seed must be an integer, got {seed!r}")
+    return lambda vectors, weights: dare_merge(vectors, weights, float(density), seed)
+
+
+def linear_merge(vectors: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``sum_i w_i v_i``."""
+    return weights @ vectors
+
+
+def ties_merge(vectors: torch.Tensor, weights: torch.Tensor, density: float) -> torch.Tensor:
+    """TIES-Merging of the rows of ``vectors`` (Yadav et al. 2023): trim each row to its
+    ``ceil(density * P)`` largest magnitudes, scale it by its weight, elect each entry's sign as
+    that of the rows' sum, and average the entries that agree with it (0 where none does)."""
+    n, P = vectors.shape
+    k = max(1, math.ceil(density * P))
+    trimmed = torch.zeros_like(vectors)
+    top = vectors.abs().topk(k, dim=1).indices  # exactly k per row, whatever ties in magnitude
+    trimmed.scatter_(1, top, vectors.gather(1, top))
+    trimmed *= weights[:, None]
+    sign = torch.sign(trimmed.sum(0))
+    agree = (torch.sign(trimmed) == sign) & (trimmed != 0)
+    return (trimmed * agree).sum(0) / agree.sum(0).clamp(min=1)
+
+
+def dare_merge(vectors: torch.Tensor, weights: torch.Tensor, density: float, seed: int) -> torch.Tensor:
+    """DARE (Yu et al. 2024): keep each entry of each row with probability ``density`` (a seeded
+    draw), rescale the kept ones by ``1 / density``, then ``sum_i w_i v_i``."""
+    keep = torch.rand(vectors.shape, generator=torch.Generator().manual_seed(seed)) < density
+    return linear_merge(vectors * keep / density, weights)

@@ -163,6 +163,7 @@ def test_fusion_routing_and_transfer_on_generative_tasks(tiny_lm_dir, tmp_path):
     routing picks a delta per example and generates through it (oracle ACC = the run's own
     scores); the transfer matrix scores every pair of tasks (text is one output space)."""
     import adapters
+    from continual.studies.merge import merge_run
     from continual.studies.route import route_run
     from continual.studies.transfer import transfer_matrix
 
@@ -180,6 +181,10 @@ def test_fusion_routing_and_transfer_on_generative_tasks(tiny_lm_dir, tmp_path):
     transfer = transfer_matrix(tmp_path / "run", str(tiny_lm_dir))
     assert not np.isnan(transfer.accuracy).any()  # every pair of generative tasks is comparable
     np.testing.assert_allclose(np.diag(transfer.accuracy), res.matrix.R[-1], atol=0.05)
+    # one delta merged from the tasks' LoRAs answers every task through the shared LM head
+    merged = merge_run(tmp_path / "run", ["linear", "ties"], backbone=str(tiny_lm_dir))
+    assert merged.generative and "no task id" in merged.table() and np.isfinite(merged.scores["ties"]).all()
+    np.testing.assert_allclose(merged.scores["own delta"], res.matrix.R[-1], atol=0.05)
 
 
 @pytest.mark.integration  # end to end: a whole stream, resumed, logged or served

@@ -184,6 +184,17 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from ..studies.merge import log_merge, merge_run
+
+    result = merge_run(args.run, args.how or ["linear", "ties", "dare"], args.density, args.seed, args.backbone)
+    files = result.save(Path(args.run))
+    print(result.table())
+    child = log_merge(args.run, files, result)
+    print(f"files: {', '.join(str(f) for f in files)}" + (f"; MLflow run {child}" if child else ""))
+    return 0
+
+
 def cmd_combine(args: argparse.Namespace) -> int:
     from ..studies.combine import check_grid, run_study, study_table
 
@@ -306,5 +317,5 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "report": cmd_report, "route": cmd_route, "transfer": cmd_transfer, "combine": cmd_combine,
+COMMANDS = {"run": cmd_run, "report": cmd_report, "route": cmd_route, "transfer": cmd_transfer, "merge": cmd_merge, "combine": cmd_combine,
             "compare": cmd_compare, "export": cmd_export, "sync": cmd_sync, "list": cmd_list}

@@ -27,6 +27,7 @@ DESCRIPTION = """run lifelong-learning streams, report on them, list what is ava
     python -m continual report runs/default-per-task-bottleneck-s0
     python -m continual route runs/default-per-task-bottleneck-s0   # task-free inference
     python -m continual transfer runs/default-per-task-bottleneck-s0   # zero-shot transfer matrix
+    python -m continual merge runs/default-per-task-lora-s0 --how ties   # one delta merged from all
     python -m continual combine --task movie --combo lora+bitfit      # method combinations study
     python -m continual compare --entry per-task:lora --entry seq-ft   # comparison report
     python -m continual export runs/default-per-task-lora-s0 --out peft/   # PEFT adapters
@@ -88,7 +89,7 @@ def seed(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="continual", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    for add in (_run, _report, _route, _transfer, _combine, _compare, _export, _sync, _list):
+    for add in (_run, _report, _route, _transfer, _merge, _combine, _compare, _export, _sync, _list):
         add(sub)
     return p
 
@@ -218,6 +219,23 @@ def _transfer(sub: argparse._SubParsersAction) -> None:
                         "heatmap; write transfer.csv/.md/.png into the run directory and log them to its MLflow run.",
                         formatter_class=Formatter)
     _finished_run(tr)
+
+
+def _merge(sub: argparse._SubParsersAction) -> None:
+    me = sub.add_parser("merge", help="merge a finished run's task deltas into one and score every task with it",
+                        description="Merge every task's delta of a finished per-task run into one (linear: the "
+                        "average; ties: TIES-Merging; dare: DARE drop-and-rescale, then the average) and score each "
+                        "task's test set with it beside the task's own delta. A classifier keeps its own head; a "
+                        "generative stream's merged delta answers every task with no task id. Writes merge.csv/.md/"
+                        ".png into the run directory and logs them to its MLflow run.",
+                        formatter_class=Formatter)
+    _finished_run(me)
+    me.add_argument("--how", action="append", choices=["linear", "ties", "dare"],
+                    help="merge rule(s) to score (default: all three)%(default).0s")
+    me.add_argument("--density", type=float, default=None,
+                    help="fraction of each task vector ties keeps / dare keeps in expectation, in (0, 1] "
+                    "(default: 0.2 for ties, the TIES paper's; 0.5 for dare)%(default).0s")
+    me.add_argument("--seed", type=int, default=0, help="dare's random draw")
 
 
 def _combine(sub: argparse._SubParsersAction) -> None:

@@ -1,0 +1,106 @@
+"""Merging a finished run's task deltas into one (``fusion.merge_tasks``: linear, TIES, DARE) and
+scoring every task with it: what one delta for the whole stream keeps of each task's own delta.
+
+    python -m continual merge runs/default-per-task-lora-s0 --how ties --how dare
+
+Each task is scored with the merged delta and its own head: a classifier still needs its task's
+head (a task id picks it), while a generative stream's tasks share the language model's head, so
+there the merged delta answers every task with no task id at all. The run's own deltas are scored
+alongside, on the same test sets and in the same precision (fp32: a run scored in bf16 can show
+its own deltas a little differently in its matrix, by rounding). Writes ``merge.csv``, ``merge.md`` and ``merge.png`` into the run
+directory and logs them as a nested ``merge`` MLflow run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from fusion.merge import MERGES, merge_rule, merge_tasks
+
+from ..plots import metric_bars
+from ..tracking import compare_metric, log_nested_run
+from ..training import evaluate, task_loader
+from .route import per_task_run
+
+OWN = "own delta"  # the column of each task's own delta
+MERGED = "merged"  # the name the merged delta is added under, for one target at a time
+
+
+@dataclasses.dataclass
+class MergeResult:
+    """``scores[rule][j]``: task j's test score with the merged delta (``OWN``: its own delta)."""
+
+    tasks: list[str]
+    scores: dict[str, list[float]]
+    settings: dict[str, dict[str, float]]
+    generative: bool
+
+    def acc(self, rule: str) -> float:
+        return float(np.mean(self.scores[rule]))
+
+    def table(self) -> str:
+        rules = list(self.scores)
+        lines = ["| task | " + " | ".join(rules) + " |", "|---|" + "---|" * len(rules)]
+        lines += [f"| {t} | " + " | ".join(f"{self.scores[r][j]:.3f}" for r in rules) + " |" for j, t in enumerate(self.tasks)]
+        lines.append("| **ACC** | " + " | ".join(f"**{self.acc(r):.3f}**" for r in rules) + " |")
+        said = "; ".join(f"{r}: " + ", ".join(f"{k}={v:g}" for k, v in s.items()) for r, s in self.settings.items() if s)
+        head = ("no task id: the tasks share the language model's head" if self.generative
+                else "each task scored with its own head (a task id picks it)")
+        return ("\n".join(lines) + f"\n\none delta merged from every task's, {head}" + (f"; {said}" if said else "")
+                + ".\nEvery column scored here in fp32 (the run's own matrix, scored in its --precision, e.g. bf16, "
+                "can differ by rounding; a generated answer can flip)")
+
+    def save(self, directory: str | Path) -> list[Path]:
+        d = Path(directory)
+        with open(d / "merge.csv", "w") as f:
+            f.write("rule,task,score\n")
+            for r, row in self.scores.items():
+                f.writelines(f"{r},{t},{v:.6f}\n" for t, v in zip(self.tasks, row))
+        (d / "merge.md").write_text(self.table() + "\n")
+        rows = {r: {**dict(zip(self.tasks, row)), "ACC": self.acc(r)} for r, row in self.scores.items()}
+        png = metric_bars(rows, [*self.tasks, "ACC"], d / "merge.png", "each task with its own delta and with one merged delta")
+        return [d / "merge.csv", d / "merge.md", png]
+
+
+def check_rules(rules: Sequence[str], density: float | None, seed: int) -> None:
+    """Refuse unknown or repeated rules and bad settings before the run's backbone is loaded."""
+    twice = sorted({r for r in rules if list(rules).count(r) > 1})
+    if twice:
+        raise ValueError(f"merge rules {twice} are given more than once; give each once")
+    for r in rules:
+        merge_rule(r, density if MERGES.get(r) is not None else None, seed)
+    if density is not None and all(MERGES[r] is None for r in rules):  # it would be ignored
+        raise ValueError(f"a density is given, but no merge rule here uses one ({list(rules)}); ties and dare do")
+
+
+def merge_run(run_dir: str | Path, rules: Sequence[str] = tuple(MERGES), density: float | None = None, seed: int = 0,
+              backbone: str | None = None, batch_size: int = 64) -> MergeResult:
+    """Merge every task's delta of a finished per-task run by each rule and score every task with it.
+    ``density`` applies to the rules that have one (ties, dare; default each one's own)."""
+    check_rules(rules, density, seed)
+    stream, identity, model = per_task_run(Path(run_dir), backbone, "a merge combines one delta per stream task")
+    names = stream.names
+    settings = {r: {} if MERGES[r] is None else {"density": MERGES[r] if density is None else density,
+                                                  **({"seed": seed} if r == "dare" else {})} for r in rules}
+    scores: dict[str, list[float]] = {OWN: [], **{r: [] for r in rules}}
+    for target in stream:
+        loader = task_loader(target, "test", model, target.max_length or identity["train"]["max_length"], batch_size)
+        scores[OWN].append(evaluate(model, target.name, loader)["accuracy"])
+        for r in rules:  # re-merged per target only to give it the target's head; each merge draws the same
+            merge_tasks(model, MERGED, names, how=r, density=settings[r].get("density"), seed=seed, head_from=target.name)
+            try:
+                scores[r].append(evaluate(model, MERGED, loader)["accuracy"])
+            finally:
+                model.remove_task(MERGED)
+    return MergeResult(names, scores, settings, all(t.generative for t in stream))
+
+
+def log_merge(run_dir: str | Path, files: list[Path], result: MergeResult) -> str | None:
+    """A nested ``merge`` run under the stream's MLflow run; None when the run was not logged."""
+    metrics = {compare_metric("ACC", r): result.acc(r) for r in result.scores}  # ACC/ties, movie/ties, ...
+    metrics.update({compare_metric(t, r): v for r, row in result.scores.items() for t, v in zip(result.tasks, row)})
+    return log_nested_run(run_dir, "merge", metrics, files)
