@@ -144,6 +144,17 @@ class Delta(nn.Module):
         default) when the method changes nothing in the inputs, or cannot be mixed."""
         return None
 
+    @classmethod
+    def summed_config(cls, config: DeltaConfig, n: int) -> DeltaConfig | None:
+        """The config of one delta that computes exactly a weighted sum of ``n`` deltas of ``config``
+        (``fusion.merge_tasks(how="cat")``), filled by :meth:`load_sum`; None (the default) when
+        the method has no such form."""
+        return None
+
+    def load_sum(self, sources: list["Delta"], weights: list[float]) -> None:
+        """Set this delta, built from :meth:`summed_config`, to the weighted sum of ``sources``."""
+        raise NotImplementedError(f"{type(self).__name__} has no summed form")
+
     def fold(self) -> None:
         """Called when the task is frozen, for methods that declare ``capabilities.folds``:
         replace training-time reparameterisations by their result (prefix tuning's MLP)."""

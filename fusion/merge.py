@@ -13,6 +13,10 @@ are combined by one of three rules (``how``):
 - ``dare``: DARE (Yu et al., ICML 2024, "Language Models are Super Mario"): each task vector's
   entries are dropped with probability ``1 - density`` and the rest rescaled by ``1 / density``
   (seeded), then merged linearly with the weights (default: the average).
+- ``cat``: the exact weighted sum of the deltas' *functions*, where a method has one form for it
+  (:meth:`adapters.base.Delta.summed_config`): LoRA's ``sum_i w_i s_i B_i A_i`` is one LoRA of the
+  summed rank, B and A concatenated (HuggingFace PEFT's "cat"). Averaging LoRA's A and B apart
+  (``linear``) gives ``(sum w_i B_i)(sum w_i A_i)``, cross terms included; ``cat`` does not.
 
 Where we depart from the papers: they merge task vectors of full fine-tuning, ``theta_ft -
 theta_pre``; a delta's parameters are its task vector only where they start at zero (LoRA's B,
@@ -37,7 +41,8 @@ from typing import Sequence
 
 import torch
 
-from adapters import DeltaModel, TaskDelta
+from adapters import DeltaModel, TaskDelta, get_method
+from adapters.config import DeltaConfig
 from adapters.errors import ConfigError
 
 
@@ -54,8 +59,9 @@ def merge_tasks(
     head_from: str | None = None,
 ) -> TaskDelta:
     """Add task ``name`` whose delta merges the sources' deltas by rule ``how`` (``linear``,
-    ``ties`` or ``dare``, module docstring). ``density``: the fraction of each task vector TIES
-    keeps (default 0.2) or DARE keeps in expectation (default 0.5); ``seed``: DARE's draw.
+    ``ties``, ``dare`` or ``cat``, module docstring). ``density``: the fraction of each task
+    vector TIES keeps (default 0.2) or DARE keeps in expectation (default 0.5); ``seed``: DARE's
+    draw.
 
     All sources must use the same method configs (same shapes). Give ``head_from`` (a task whose
     head is copied) or ``label_names`` (a new head, to be trained with ``train_task``)."""
@@ -85,41 +91,72 @@ def merge_tasks(
     donor = model.task(head_from) if head_from is not None else None
     if donor is not None and donor.head is None:
         raise ConfigError(f"task {head_from!r} has no head to copy")
+    configs = _summed_configs(first.configs, len(tasks)) if how == "cat" else list(first.configs)
+    if how != "cat":
+        _check_layouts(tasks)
+    labels = donor.label_names if donor is not None else list(label_names)
+    generative = bool(getattr(donor.head, "generative", False)) if donor is not None else False  # the LM's own head
+    try:
+        merged = model.add_task(name, configs, num_labels=donor.head.num_labels if donor is not None and labels is None
+                                else None, label_names=labels, pooling=donor.head.pooling if donor is not None else None,
+                                generative=generative)
+    except ConfigError as e:  # e.g. a cat merge's summed rank above a layer's width
+        raise ConfigError(f"the {how} merge of {len(tasks)} sources: {e}") from None
+    if how == "cat":
+        for key, delta in merged.deltas.items():
+            delta.load_sum([t.deltas[key] for t in tasks], w)
+    else:
+        if any(t.frozen for t in tasks):
+            for d in merged.deltas.values():
+                d.fold()  # frozen sources hold folded parameters (prefix tuning): match their shapes
+        _merge_vectors(merged, [t.deltas.state_dict() for t in tasks], lambda v: combine(v, torch.tensor(w)))
+    if donor is not None:
+        merged.head.load_state_dict(donor.head.state_dict())
+    model.freeze_delta(name)
+    return merged
+
+
+def _summed_configs(configs: Sequence[DeltaConfig], n: int) -> list[DeltaConfig]:
+    """Each config's exact-sum form (:meth:`adapters.base.Delta.summed_config`), or a refusal."""
+    out = []
+    for c in configs:
+        summed = get_method(c.method).summed_config(c, n)
+        if summed is None:
+            raise ConfigError(f"a cat merge sums the sources' deltas exactly, which {c.method} has no form for "
+                              "(lora has: its ranks are concatenated); use linear, ties or dare")
+        out.append(summed)
+    return out
+
+
+def _check_layouts(tasks: Sequence[TaskDelta]) -> None:
+    """Checked before the task is added, so a refusal leaves the model as it was."""
     states = [t.deltas.state_dict() for t in tasks]
     layout = lambda state: {k: tuple(v.shape) for k, v in state.items()}  # noqa: E731
     odd = [t.name for t, state in zip(tasks, states) if layout(state) != layout(states[0])]
-    if odd:  # checked before the task is added, so a refusal leaves the model as it was
-        raise ConfigError(f"cannot merge {first.name!r} with {odd}: their parameters are held in different forms (a "
+    if odd:
+        raise ConfigError(f"cannot merge {tasks[0].name!r} with {odd}: their parameters are held in different forms (a "
                           "frozen delta is folded, e.g. a prefix's reparameterisation, a trained one is not); "
                           "freeze every source first (model.freeze(name))")
-    labels = donor.label_names if donor is not None else list(label_names)
-    n_labels = donor.head.num_labels if donor is not None else None
-    pooling = donor.head.pooling if donor is not None else None
-    generative = bool(getattr(donor.head, "generative", False)) if donor is not None else False  # the LM's own head
-    merged = model.add_task(name, list(first.configs), num_labels=n_labels if labels is None else None,
-                            label_names=labels, pooling=pooling, generative=generative)
-    if any(t.frozen for t in tasks):
-        for d in merged.deltas.values():
-            d.fold()  # frozen sources hold folded parameters (prefix tuning): match their shapes
+
+
+def _merge_vectors(merged: TaskDelta, states: list[dict[str, torch.Tensor]], combine) -> None:
+    """One task vector per source (its floating parameters in one vector: TIES trims and DARE
+    drops over the whole delta), combined into the merged task's parameters."""
     mine = merged.deltas.state_dict()
     floats = [k for k, v in mine.items() if torch.is_floating_point(v)]
     with torch.no_grad():
         for key, value in mine.items():
             if not torch.is_floating_point(value):
                 value.copy_(states[0][key])
-        if floats:  # one task vector per source: TIES trims and DARE drops over the whole delta
+        if floats:
             vectors = torch.stack([torch.cat([s[k].detach().float().cpu().flatten() for k in floats]) for s in states])
-            out = combine(vectors, torch.tensor(w, dtype=torch.float32))
+            out = combine(vectors)
             for key, part in zip(floats, out.split([mine[k].numel() for k in floats])):
                 mine[key].copy_(part.view_as(mine[key]).to(mine[key].device, mine[key].dtype))
-        if donor is not None:
-            merged.head.load_state_dict(donor.head.state_dict())
     merged.deltas.load_state_dict(mine)
-    model.freeze_delta(name)
-    return merged
 
 
-MERGES = {"linear": None, "ties": 0.2, "dare": 0.5}  # each rule's default density (None: it has none)
+MERGES = {"linear": None, "ties": 0.2, "dare": 0.5, "cat": None}  # each rule's default density (None: none)
 
 
 def merge_rule(how: str, density: float | None = None, seed: int = 0):
@@ -130,7 +167,7 @@ def merge_rule(how: str, density: float | None = None, seed: int = 0):
     if MERGES[how] is None:
         if density is not None:
             raise ConfigError(f"a {how} merge has no density (ties and dare do)")
-        return linear_merge
+        return linear_merge  # cat: the weights are used by each method's load_sum
     density = MERGES[how] if density is None else density
     if not (isinstance(density, (int, float)) and 0.0 < density <= 1.0):  # NaN fails here too
         raise ConfigError(f"density must be in (0, 1], got {density!r}")

@@ -105,6 +105,37 @@ def test_merge_tasks_wires_the_rules_over_the_concatenated_delta():
         torch.testing.assert_close(got, rule(vectors))
 
 
+def test_cat_is_the_exact_sum_of_loras_as_if_both_acted_at_once():
+    """LoRA terms at a site add, so two LoRAs active together compute s_a B_a A_a + s_b B_b A_b: a
+    cat merge with weights 1 must give the same logits (a linear merge of the factors does not)."""
+    model = _two_tasks()
+    merged = merge_tasks(model, "cat", ["a", "b"], [1.0, 1.0], how="cat", head_from="b")
+    assert merged.configs[0].rank == 8 and merged.configs[0].alpha == 8.0
+    b = batch()
+    model.eval()
+    with torch.no_grad():
+        model.activate("a", "b")
+        both = model(**b)
+        model.activate("cat")
+        torch.testing.assert_close(model(**b), both)
+        merge_tasks(model, "lin", ["a", "b"], [1.0, 1.0], head_from="b")
+        model.activate("lin")
+        assert not torch.allclose(model(**b), both, atol=1e-3)
+    avg = merge_tasks(model, "avg", ["a", "b"], how="cat", head_from="b")  # default weights: the mean update
+    for key, site in avg.deltas["lora"].site_modules.items():
+        want = sum(0.5 * s.scaling * s.lora_B @ s.lora_A for s in (model.task(n).deltas["lora"].site_modules[key] for n in "ab"))
+        torch.testing.assert_close(site.scaling * site.lora_B @ site.lora_A, want)
+
+
+def test_cat_refuses_methods_without_a_summed_form_and_ranks_above_a_layers_width():
+    with pytest.raises(ConfigError, match="bitfit has no form"):
+        merge_tasks(_two_tasks("bitfit"), "m", ["a", "b"], how="cat", head_from="a")
+    model = _two_tasks()  # rank 4 each, on a width of 32: nine of them would need rank 36
+    with pytest.raises(ConfigError, match="the cat merge of 9 sources: lora rank 36 is above the width"):
+        merge_tasks(model, "m", ["a", "b"] * 4 + ["a"], how="cat", head_from="a")
+    assert "m" not in model.tasks
+
+
 @pytest.mark.parametrize("how, density, seed, match", [
     ("mean", None, 0, "unknown merge"), ("ties", 0.0, 0, "density"), ("ties", 1.5, 0, "density"),
     ("dare", math.nan, 0, "density"), ("linear", 0.5, 0, "no density"), ("dare", 0.5, 1.5, "seed"),
@@ -146,11 +177,17 @@ def test_a_one_task_run_merged_by_any_rule_at_density_one_scores_as_its_own_delt
     one.write_text(yaml.safe_dump({"name": "one", "tasks": yaml.safe_load(toy_yaml.read_text())["tasks"][:1]}))
     out = tmp_path / "out"
     assert main(cli_args(one, tiny_backbone_dir, out, "--no-mlflow")) == 0
+
+    def scores() -> dict[str, float]:
+        return {r: float(v) for r, _, v in (line.split(",") for line in (out / "merge.csv").read_text().splitlines()[1:])}
+
     assert main(["merge", str(out), "--how", "ties", "--how", "dare", "--density", "1"]) == 0
-    assert main(["merge", str(out), "--how", "linear"]) == 0
+    first = scores()
+    assert list(first) == ["own delta", "ties", "dare"] and first["ties"] == first["dare"] == first["own delta"]
+    assert main(["merge", str(out)]) == 0  # by default: linear, ties, dare, and cat for LoRAs
     capsys.readouterr()
-    scores = {r: float(v) for r, _, v in (line.split(",") for line in (out / "merge.csv").read_text().splitlines()[1:])}
-    assert scores["linear"] == scores["own delta"]
+    assert list(scores()) == ["own delta", "linear", "ties", "dare", "cat"]
+    assert scores()["linear"] == scores()["cat"] == scores()["own delta"]
 
 
 def test_merge_refusals_come_before_the_backbone_loads(toy_yaml, tiny_backbone_dir, tmp_path, capsys, monkeypatch):

@@ -69,6 +69,19 @@ class LoRA(SiteDelta):
         return LoRASite(d_in, d_out, c.rank, c.alpha / c.rank, c.dropout)
 
     @classmethod
+    def summed_config(cls, config: LoRAConfig, n: int) -> LoRAConfig:
+        """``sum_i w_i s_i B_i A_i = [w_1 s_1 B_1 | ...] [A_1; ...]``: one LoRA of rank ``n r``
+        whose scaling is 1 (each source's scaling goes into its block of B)."""
+        return config.replace(rank=config.rank * n, alpha=float(config.rank * n))
+
+    def load_sum(self, sources: list["LoRA"], weights: list[float]) -> None:
+        with torch.no_grad():
+            for key, site in self.site_modules.items():
+                parts = [s.site_modules[key] for s in sources]
+                site.lora_A.copy_(torch.cat([p.lora_A.float() for p in parts]))
+                site.lora_B.copy_(torch.cat([w * p.scaling * p.lora_B.float() for w, p in zip(weights, parts)], dim=1))
+
+    @classmethod
     def stack_sites(cls, sites: list[nn.Module | None]) -> nn.Module:
         """All tasks' A and B at one site, ranks zero-padded to the largest and each task's
         scaling folded into its B; absent tasks get zeros. Zero rows and columns add exact zeros,

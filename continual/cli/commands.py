@@ -187,7 +187,7 @@ def cmd_transfer(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from ..studies.merge import log_merge, merge_run
 
-    result = merge_run(args.run, args.how or ["linear", "ties", "dare"], args.density, args.seed, args.backbone)
+    result = merge_run(args.run, args.how, args.density, args.seed, args.backbone)
     files = result.save(Path(args.run))
     print(result.table())
     child = log_merge(args.run, files, result)

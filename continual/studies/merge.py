@@ -1,7 +1,7 @@
 """Merging a finished run's task deltas into one (``fusion.merge_tasks``: linear, TIES, DARE) and
 scoring every task with it: what one delta for the whole stream keeps of each task's own delta.
 
-    python -m continual merge runs/default-per-task-lora-s0 --how ties --how dare
+    python -m continual merge runs/default-per-task-lora-s0 --how ties --how cat
 
 Each task is scored with the merged delta and its own head: a classifier still needs its task's
 head (a task id picks it), while a generative stream's tasks share the language model's head, so
@@ -19,6 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
+from adapters import get_method
 from fusion.merge import MERGES, merge_rule, merge_tasks
 
 from ..plots import metric_bars
@@ -77,13 +78,17 @@ def check_rules(rules: Sequence[str], density: float | None, seed: int) -> None:
         raise ValueError(f"a density is given, but no merge rule here uses one ({list(rules)}); ties and dare do")
 
 
-def merge_run(run_dir: str | Path, rules: Sequence[str] = tuple(MERGES), density: float | None = None, seed: int = 0,
+def merge_run(run_dir: str | Path, rules: Sequence[str] | None = None, density: float | None = None, seed: int = 0,
               backbone: str | None = None, batch_size: int = 64) -> MergeResult:
     """Merge every task's delta of a finished per-task run by each rule and score every task with it.
+    ``rules``: default linear, ties, dare, and cat where the deltas have a summed form (LoRA).
     ``density`` applies to the rules that have one (ties, dare; default each one's own)."""
-    check_rules(rules, density, seed)
+    check_rules(rules or ["linear", "ties", "dare"], density, seed)  # before anything loads
     stream, identity, model = per_task_run(Path(run_dir), backbone, "a merge combines one delta per stream task")
     names = stream.names
+    if rules is None:  # cat where the deltas have a summed form
+        summed = all(get_method(c.method).summed_config(c, len(names)) is not None for c in model.task(names[0]).configs)
+        rules = ["linear", "ties", "dare"] + (["cat"] if summed else [])
     settings = {r: {} if MERGES[r] is None else {"density": MERGES[r] if density is None else density,
                                                   **({"seed": seed} if r == "dare" else {})} for r in rules}
     scores: dict[str, list[float]] = {OWN: [], **{r: [] for r in rules}}
