@@ -1,8 +1,8 @@
 """Merging deltas of one type: a cheap alternative to fusion (no attention, no extra inference cost).
 
-A merged task's delta has the same configs as its sources. Each source's parameters, taken as one
-vector (its *task vector*: what the delta adds to the frozen backbone, whose own delta is zero),
-are combined by one of three rules (``how``):
+A merged task's delta has the same configs as its sources (``cat``: the summed rank). Each
+source's parameters, taken as one vector (its *task vector*: what the delta adds to the frozen
+backbone, whose own delta is zero), are combined by one of these rules (``how``):
 
 - ``linear``: ``sum_i w_i theta_i``. ``weights=None`` is the plain average (a "model soup" of
   deltas); weights that do not sum to 1 are task arithmetic (Ilharco et al. 2023).

@@ -174,7 +174,9 @@ def test_merge_command_scores_every_task_and_logs_them(toy_yaml, tiny_backbone_d
 def test_a_one_task_run_merged_by_any_rule_at_density_one_scores_as_its_own_delta(toy_yaml, tiny_backbone_dir,
                                                                                     tmp_path, capsys):
     one = tmp_path / "one.yaml"
-    one.write_text(yaml.safe_dump({"name": "one", "tasks": yaml.safe_load(toy_yaml.read_text())["tasks"][:1]}))
+    task = {**yaml.safe_load(toy_yaml.read_text())["tasks"][0], "name": "merged0"}  # the name a merge would take
+    task["train"] = str(toy_yaml.parent / task["train"])
+    one.write_text(yaml.safe_dump({"name": "one", "tasks": [task]}))
     out = tmp_path / "out"
     assert main(cli_args(one, tiny_backbone_dir, out, "--no-mlflow")) == 0
 

@@ -1,5 +1,6 @@
-"""Merging a finished run's task deltas into one (``fusion.merge_tasks``: linear, TIES, DARE) and
-scoring every task with it: what one delta for the whole stream keeps of each task's own delta.
+"""Merging a finished run's task deltas into one (``fusion.merge_tasks``: linear, TIES, DARE, and
+LoRA's exact ``cat``) and scoring every task with it: what one delta for the whole stream keeps of
+each task's own delta.
 
     python -m continual merge runs/default-per-task-lora-s0 --how ties --how cat
 
@@ -7,8 +8,9 @@ Each task is scored with the merged delta and its own head: a classifier still n
 head (a task id picks it), while a generative stream's tasks share the language model's head, so
 there the merged delta answers every task with no task id at all. The run's own deltas are scored
 alongside, on the same test sets and in the same precision (fp32: a run scored in bf16 can show
-its own deltas a little differently in its matrix, by rounding). Writes ``merge.csv``, ``merge.md`` and ``merge.png`` into the run
-directory and logs them as a nested ``merge`` MLflow run.
+its own deltas a little differently in its matrix, by rounding). Writes ``merge.csv``,
+``merge.md`` and ``merge.png`` into the run directory and logs them as a nested ``merge`` MLflow
+run.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ from ..training import evaluate, task_loader
 from .route import per_task_run
 
 OWN = "own delta"  # the column of each task's own delta
-MERGED = "merged"  # the name the merged delta is added under, for one target at a time
 
 
 @dataclasses.dataclass
@@ -92,15 +93,17 @@ def merge_run(run_dir: str | Path, rules: Sequence[str] | None = None, density: 
     settings = {r: {} if MERGES[r] is None else {"density": MERGES[r] if density is None else density,
                                                   **({"seed": seed} if r == "dare" else {})} for r in rules}
     scores: dict[str, list[float]] = {OWN: [], **{r: [] for r in rules}}
+    # the merged delta's name, one no stream task has (a task may well be called "merged0")
+    merged = next(n for n in (f"merged{i}" for i in range(len(names) + 1)) if n not in model.tasks)
     for target in stream:
         loader = task_loader(target, "test", model, target.max_length or identity["train"]["max_length"], batch_size)
         scores[OWN].append(evaluate(model, target.name, loader)["accuracy"])
         for r in rules:  # re-merged per target only to give it the target's head; each merge draws the same
-            merge_tasks(model, MERGED, names, how=r, density=settings[r].get("density"), seed=seed, head_from=target.name)
+            merge_tasks(model, merged, names, how=r, density=settings[r].get("density"), seed=seed, head_from=target.name)
             try:
-                scores[r].append(evaluate(model, MERGED, loader)["accuracy"])
+                scores[r].append(evaluate(model, merged, loader)["accuracy"])
             finally:
-                model.remove_task(MERGED)
+                model.remove_task(merged)
     return MergeResult(names, scores, settings, all(t.generative for t in stream))
 
 
