@@ -25,6 +25,7 @@ from .errors import (
     CheckpointError,
     ConfigError,
     DeltaError,
+    NonFiniteError,
     TargetError,
     TaskError,
     UnknownMethodError,
@@ -37,7 +38,7 @@ from .targets import ARCHITECTURES, ArchSpec, register_architecture
 __all__ = [
     "DEFAULT_HEAD_LR", "DEFAULT_METHOD",
     "ARCHITECTURES", "ArchSpec", "BACKBONES", "BackboneError", "CheckpointError", "ConfigError",
-    "DEFAULT_BACKBONE", "Delta", "DeltaConfig", "DeltaError", "DeltaModel", "LayerwiseConfig", "MixedTasks",
+    "DEFAULT_BACKBONE", "Delta", "DeltaConfig", "DeltaError", "DeltaModel", "LayerwiseConfig", "MixedTasks", "NonFiniteError",
     "SiteDelta", "TargetError", "TaskDelta", "TaskError", "UnknownMethodError", "available_methods",
     "backbone_fingerprint", "export_peft", "get_method", "import_peft", "load_delta", "load_backbone", "load_task", "make_config", "read_meta",
     "register", "register_architecture", "save_task",

@@ -33,3 +33,14 @@ class CheckpointError(DeltaError, ValueError):
 
 class BackboneError(DeltaError, RuntimeError):
     """A backbone could not be loaded."""
+
+
+class NonFiniteError(DeltaError, ArithmeticError):
+    """A model's outputs hold NaN or +inf: a score or an answer taken from them (an argmax of NaN
+    is index 0) would be noise, so it is refused instead of reported."""
+
+
+def non_finite_message(where: str, n: int) -> str:
+    return (f"{where}: the outputs of {n} example(s) hold NaN or inf, so no score is reported from them "
+            "(an argmax of NaN is label 0). In fp16 an activation can overflow: score in bf16 or fp32 "
+            "(--precision); otherwise the delta's weights are not finite (a diverged or damaged delta)")

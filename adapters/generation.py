@@ -38,7 +38,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from .errors import TaskError
+from .errors import NonFiniteError, TaskError, non_finite_message
 from .inputs import check_positions, checked_batch
 from .precision import inference_linears
 
@@ -214,8 +214,10 @@ def _greedy(stepper: Any, b: int, max_new: int, eos: torch.Tensor, pad: int) -> 
     done = torch.zeros(b, dtype=torch.bool, device=device)
     out = torch.full((b, max_new), pad, dtype=torch.long, device=device)
     lengths = torch.full((b,), max_new, dtype=torch.long, device=device)
+    bad = torch.zeros(b, dtype=torch.bool, device=device)  # rows whose logits held NaN / +inf (read once, at the end)
     logits = stepper.first()
     for i in range(max_new):
+        bad |= ~(logits < float("inf")).all(-1) & ~done  # NaN and +inf fail "< inf"; -inf (a masked token) passes
         token = torch.where(done, torch.full((b,), pad, dtype=torch.long, device=device), logits.argmax(-1))
         out[:, i] = token
         ended = torch.isin(token, eos) & ~done
@@ -224,6 +226,8 @@ def _greedy(stepper: Any, b: int, max_new: int, eos: torch.Tensor, pad: int) -> 
         if i + 1 == max_new or bool(done.all()):
             break
         logits = stepper.next(token)
+    if bool(bad.any()):
+        raise NonFiniteError(non_finite_message("greedy decoding", int(bad.sum())), int(bad.sum()))
     return [out[r, : int(lengths[r])].tolist() for r in range(b)]
 
 
@@ -236,13 +240,21 @@ def answer_batches(model: Any, batches: Iterable[dict[str, Any]], max_new_tokens
     if tok is None:
         raise ValueError("answers need a model with a tokenizer, to decode them")
     out: list[str] = []
+    failed = 0  # examples whose outputs were not finite: every batch is still answered (processes that
+    # generate together run the same number of forward passes), and the error comes after the last
     with inference_linears(model):  # the frozen weights copied (and packed) once for all the batches
         for b in batches:
             n = b["input_ids"].shape[0]
             ids = None if mixed is None else task_ids[len(out):len(out) + n]
-            new = generate(model, b["input_ids"].to(model.device), b["attention_mask"].to(model.device),
-                           max_new_tokens=max_new_tokens, mixed=mixed, task_ids=ids)
+            try:
+                new = generate(model, b["input_ids"].to(model.device), b["attention_mask"].to(model.device),
+                               max_new_tokens=max_new_tokens, mixed=mixed, task_ids=ids)
+            except NonFiniteError as e:
+                failed += e.args[1] if len(e.args) > 1 else n
+                new = [[] for _ in range(n)]
             out += [tok.decode(t, skip_special_tokens=True).strip() for t in new]
+    if failed:
+        raise NonFiniteError(non_finite_message("greedy decoding", failed), failed)
     return out
 
 

@@ -220,6 +220,19 @@ def test_decoder_families_generate_like_transformers(family):
         lora = {"method": "lora", "rank": 4}
     lm = getattr(transformers, model_name)(cfg).double().eval()
     ids, mask = prompts()
+    with torch.no_grad():
+        nan_rows = torch.isnan(lm(input_ids=ids, attention_mask=mask).logits[:, -1]).any(-1)
+    if nan_rows.any():  # transformers' own eager Gemma2 gives this tiny config's left-padded rows NaN
+        # logits (its generate then emits token 0): our decoder refuses those, and parity is checked
+        # on the rows transformers computes
+        assert family == "gemma2", f"{family}: transformers gives NaN logits for rows {nan_rows.tolist()}"
+        model = adapters.DeltaModel(lm)
+        model.add_task("t", {"method": "lora", "rank": 4}, generative=True)
+        model.activate("t")
+        with pytest.raises(adapters.NonFiniteError, match=f"the outputs of {int(nan_rows.sum())} example"):
+            generate(model, ids, mask, max_new_tokens=5, eos_token_id=EOS)
+        model.remove_task("t")
+        ids, mask = ids[~nan_rows], mask[~nan_rows]
     ref = lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, eos_token_id=EOS, pad_token_id=0)
     expect = [row.tolist()[ids.shape[1]:] for row in ref]
     expect = [row[: row.index(EOS)] if EOS in row else row for row in expect]

@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from adapters import DeltaModel
+from adapters.errors import NonFiniteError, non_finite_message
 from adapters.generation import answer_batches
 from adapters.precision import autocast, inference_linears, resolve_precision
 
@@ -45,11 +46,16 @@ def evaluate(
     loader = distributed.shard_loader(loader, model)  # with several processes, each scores its shard
     if getattr(loader, "generative", False):
         return evaluate_generation(model, task, loader, active, precision, per_example)
-    preds, golds, losses = [], [], []
+    preds, golds, losses, bad = [], [], [], []
     for logits, labels in batch_logits(model, loader, active or (task,), precision):
         losses.append(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
         preds.append(logits.argmax(-1))
         golds.append(labels)
+        bad.append((~(logits < float("inf")).all(-1)).sum())  # NaN / +inf rows; -inf passes
+    # every process's count, so all of them refuse together (one raising alone leaves the others waiting)
+    failed = sum(distributed.gather_lists([int(torch.stack(bad).sum()) if bad else 0], loader))
+    if failed:
+        raise NonFiniteError(non_finite_message(f"scoring task {task!r}", failed))
     # one read-back at the end, not one per batch; the metrics are computed on the whole split
     pairs = list(zip(torch.cat(preds).tolist(), torch.cat(golds).tolist())) if preds else []
     pred, gold = (np.asarray(c) for c in zip(*distributed.gather_lists(pairs, loader)))
@@ -96,7 +102,13 @@ def evaluate_generation(model: DeltaModel, task: str, loader, active: Sequence[s
                         precision: str = "fp32", per_example: list[float] | None = None) -> dict[str, float]:
     """Greedy answers of ``task`` (its deltas, the model's LM head) scored by the loader's metric."""
     loader = distributed.shard_loader(loader, model)
-    preds, refs = answers(model, loader, active or (task,), precision)
+    try:
+        preds, refs, failed = *answers(model, loader, active or (task,), precision), 0
+    except NonFiniteError as e:  # raised below on every process at once, not on this one alone
+        preds, refs, failed = [], [], e.args[1]
+    failed = sum(distributed.gather_lists([failed], loader))
+    if failed:
+        raise NonFiniteError(non_finite_message(f"answering task {task!r}", failed))
     # several processes: each answered its shard (shard_loader); the metric is the whole split's
     pairs = distributed.gather_lists(list(zip(preds, refs)), loader)
     if per_example is not None:
