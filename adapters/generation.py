@@ -217,8 +217,11 @@ def _greedy(stepper: Any, b: int, max_new: int, eos: torch.Tensor, pad: int) -> 
     bad = torch.zeros(b, dtype=torch.bool, device=device)  # rows whose logits held NaN / +inf (read once, at the end)
     logits = stepper.first()
     for i in range(max_new):
-        bad |= ~(logits < float("inf")).all(-1) & ~done  # NaN and +inf fail "< inf"; -inf (a masked token) passes
-        token = torch.where(done, torch.full((b,), pad, dtype=torch.long, device=device), logits.argmax(-1))
+        # one reduction gives the token (the first maximum, as argmax) and its value: a row's max is
+        # NaN if the row holds a NaN, +inf if it holds +inf; -inf (a masked token) passes
+        top, best = logits.max(-1)
+        bad |= ~(top < float("inf")) & ~done
+        token = torch.where(done, torch.full((b,), pad, dtype=torch.long, device=device), best)
         out[:, i] = token
         ended = torch.isin(token, eos) & ~done
         lengths = torch.where(ended, torch.full_like(lengths, i), lengths)
