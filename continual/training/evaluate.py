@@ -105,7 +105,7 @@ def evaluate_generation(model: DeltaModel, task: str, loader, active: Sequence[s
     try:
         preds, refs, failed = *answers(model, loader, active or (task,), precision), 0
     except NonFiniteError as e:  # raised below on every process at once, not on this one alone
-        preds, refs, failed = [], [], e.args[1]
+        preds, refs, failed = [], [], e.args[1] if len(e.args) > 1 else len(loader.references())
     failed = sum(distributed.gather_lists([failed], loader))
     if failed:
         raise NonFiniteError(non_finite_message(f"answering task {task!r}", failed))
