@@ -92,8 +92,7 @@ def merge_tasks(
     if donor is not None and donor.head is None:
         raise ConfigError(f"task {head_from!r} has no head to copy")
     configs = _summed_configs(first.configs, len(tasks)) if how == "cat" else list(first.configs)
-    if how != "cat":
-        _check_layouts(tasks)
+    states = None if how == "cat" else _checked_states(tasks)
     labels = donor.label_names if donor is not None else list(label_names)
     generative = bool(getattr(donor.head, "generative", False)) if donor is not None else False  # the LM's own head
     try:
@@ -109,7 +108,7 @@ def merge_tasks(
         if any(t.frozen for t in tasks):
             for d in merged.deltas.values():
                 d.fold()  # frozen sources hold folded parameters (prefix tuning): match their shapes
-        _merge_vectors(merged, [t.deltas.state_dict() for t in tasks], lambda v: combine(v, torch.tensor(w)))
+        _merge_vectors(merged, states, lambda v: combine(v, torch.tensor(w)))
     if donor is not None:
         merged.head.load_state_dict(donor.head.state_dict())
     model.freeze_delta(name)
@@ -128,8 +127,9 @@ def _summed_configs(configs: Sequence[DeltaConfig], n: int) -> list[DeltaConfig]
     return out
 
 
-def _check_layouts(tasks: Sequence[TaskDelta]) -> None:
-    """Checked before the task is added, so a refusal leaves the model as it was."""
+def _checked_states(tasks: Sequence[TaskDelta]) -> list[dict[str, torch.Tensor]]:
+    """The sources' delta states, checked to hold their parameters in one layout (before the task
+    is added, so a refusal leaves the model as it was)."""
     states = [t.deltas.state_dict() for t in tasks]
     layout = lambda state: {k: tuple(v.shape) for k, v in state.items()}  # noqa: E731
     odd = [t.name for t, state in zip(tasks, states) if layout(state) != layout(states[0])]
@@ -137,6 +137,7 @@ def _check_layouts(tasks: Sequence[TaskDelta]) -> None:
         raise ConfigError(f"cannot merge {tasks[0].name!r} with {odd}: their parameters are held in different forms (a "
                           "frozen delta is folded, e.g. a prefix's reparameterisation, a trained one is not); "
                           "freeze every source first (model.freeze(name))")
+    return states
 
 
 def _merge_vectors(merged: TaskDelta, states: list[dict[str, torch.Tensor]], combine) -> None:

@@ -13,18 +13,12 @@ import yaml
 from conftest import batch, method_config, tiny_backbone
 from test_cli import args as cli_args
 from test_cli import toy_yaml  # noqa: F401  (a fixture)
+from test_fusion import _randomise
 
 from adapters import ConfigError, DeltaModel
 from continual.cli import main
 from fusion import merge_tasks
 from fusion.merge import dare_merge, linear_merge, ties_merge
-
-
-def _randomise(model: DeltaModel, name: str, seed: int, scale: float = 0.3) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.task(name).deltas.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * scale)
 
 
 def test_ties_by_hand():
