@@ -1,5 +1,7 @@
 """Exceptions raised by the delta library. All derive from :class:`DeltaError`."""
 
+import torch
+
 
 class DeltaError(Exception):
     """Base class for the library's errors."""
@@ -37,7 +39,33 @@ class BackboneError(DeltaError, RuntimeError):
 
 class NonFiniteError(DeltaError, ArithmeticError):
     """A model's outputs hold NaN or +inf: a score or an answer taken from them (an argmax of NaN
-    is index 0) would be noise, so it is refused instead of reported."""
+    is index 0) would be noise, so it is refused instead of reported.
+
+    ``NonFiniteError(message, count)``: ``count`` (also ``args[1]``) is how many examples failed,
+    for a caller that sums them over batches or processes; the message alone is what it prints."""
+
+    @property
+    def count(self) -> int | None:
+        return self.args[1] if len(self.args) > 1 else None
+
+    def __str__(self) -> str:  # not the (message, count) tuple an exception with two args prints
+        return str(self.args[0]) if self.args else ""
+
+
+def non_finite_rows(x: torch.Tensor, minus_inf: bool = True) -> torch.Tensor:
+    """How many rows of ``x`` (the last dimension is a row) hold NaN or +inf, as a 0-d tensor on
+    ``x``'s device (no host sync: a caller sums many and reads one). ``minus_inf``: -inf is a
+    legal output (a label masked out of a softmax); embeddings pass False, as -inf is none."""
+    ok = (x < float("inf")) if minus_inf else torch.isfinite(x)
+    return (~ok.all(-1)).sum()
+
+
+def refuse_non_finite(bad: int | torch.Tensor, where: str) -> None:
+    """Raise :class:`NonFiniteError` when ``bad`` (a count, e.g. a sum of :func:`non_finite_rows`)
+    is not 0."""
+    n = int(bad)
+    if n:
+        raise NonFiniteError(non_finite_message(where, n), n)
 
 
 def non_finite_message(where: str, n: int) -> str:

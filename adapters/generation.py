@@ -253,7 +253,7 @@ def answer_batches(model: Any, batches: Iterable[dict[str, Any]], max_new_tokens
                 new = generate(model, b["input_ids"].to(model.device), b["attention_mask"].to(model.device),
                                max_new_tokens=max_new_tokens, mixed=mixed, task_ids=ids)
             except NonFiniteError as e:
-                failed += e.args[1] if len(e.args) > 1 else n
+                failed += e.count if e.count is not None else n
                 new = [[] for _ in range(n)]
             out += [tok.decode(t, skip_special_tokens=True).strip() for t in new]
     if failed:

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from adapters import DeltaModel
+from adapters.errors import non_finite_rows, refuse_non_finite
 from fusion.routing import ROUTERS, embed
 from streams import Task
 
@@ -176,4 +177,10 @@ class AgnosticScorer:
 def _predicted(model: DeltaModel, loader: Any, active: Sequence[str], precision: str) -> list[int]:
     """The label index the last of ``active``'s heads predicts for each example of ``loader`` (its
     gold labels may belong to another task's label set: no loss is taken)."""
-    return [p for logits, _ in batch_logits(model, loader, active, precision) for p in logits.argmax(-1).tolist()]
+    preds, bad = [], []
+    for logits, _ in batch_logits(model, loader, active, precision):
+        preds.append(logits.argmax(-1))
+        bad.append(non_finite_rows(logits))
+    # an argmax of NaN is label 0: a routed score from such logits would be noise, printed as a number
+    refuse_non_finite(sum(bad), f"scoring without the task id (task {active[-1]!r}'s head)")
+    return torch.cat(preds).tolist() if preds else []

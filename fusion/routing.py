@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from adapters import DeltaModel
+from adapters.errors import non_finite_rows, refuse_non_finite
 from adapters.heads import pool
 from adapters.precision import autocast, inference_linears, resolve_precision
 
@@ -43,7 +44,10 @@ def embed(model: DeltaModel, batches: Any, precision: str = "fp32") -> torch.Ten
             hidden, _ = model.encode(ids, mask)  # (an encoder-decoder: its encoder's states)
             out.append(torch.nn.functional.normalize(pool(hidden.float(), mask, "mean"), dim=-1).cpu())
     model.train(was_training)
-    return torch.cat(out)
+    out = torch.cat(out) if out else torch.zeros(0, 0)
+    # a NaN embedding is nearest to no prototype and routes to the first task without a word
+    refuse_non_finite(non_finite_rows(out, minus_inf=False), "the router's backbone embeddings")
+    return out
 
 
 def _check_fit(router: Any, task: str, embeddings: torch.Tensor, labels: Sequence[int]) -> None:
@@ -179,13 +183,15 @@ class RoutingResult:
 @torch.no_grad()
 def _predict_names(mixed: Any, batches: list[dict[str, torch.Tensor]], slots: torch.Tensor,
                    labels: list[list[str]]) -> list[str]:
-    names, start = [], 0
+    names, start, bad = [], 0, 0
     for b in batches:
         n = b["input_ids"].shape[0]
         s = slots[start:start + n]
         logits = mixed(b["input_ids"].to(mixed.head_w.device), b["attention_mask"].to(mixed.head_w.device), task_ids=s)
         names += [labels[int(t)][int(p)] for t, p in zip(s, logits.argmax(-1).cpu())]
+        bad += non_finite_rows(logits)
         start += n
+    refuse_non_finite(bad, "routed mixed-task scoring")
     return names
 
 

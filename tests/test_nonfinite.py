@@ -61,4 +61,41 @@ def test_generation_from_nan_logits_is_refused_after_every_batch_is_answered(lm_
     batches = [{"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}] * 3
     with pytest.raises(NonFiniteError, match=r"the outputs of 6 example\(s\)") as e:
         answer_batches(model, batches, 3)
-    assert e.value.args[1] == 6  # all three batches were answered, then refused together
+    assert e.value.count == 6  # all three batches were answered, then refused together
+    assert str(e.value).startswith("greedy decoding: the outputs of 6")  # the message, not a (message, count) tuple
+
+
+def test_scoring_without_the_task_id_refuses_nan_outputs():
+    """The task-agnostic row answers routed examples through another task's delta and head, apart
+    from the task-aware scoring that checks its own: NaN there was scored as label 0."""
+    from continual.agnostic import _predicted
+
+    model = lora_model()
+    assert len(_predicted(model, _loader(), ("t",), "fp32")) == 6
+    with torch.no_grad():
+        model.task("t").head.classifier.bias[1] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"without the task id .*'t'.*6 example\(s\)"):
+        _predicted(model, _loader(), ("t",), "fp32")
+
+
+def test_routing_refuses_nan_embeddings_and_nan_routed_logits(text_model):
+    from fusion.routing import PrototypeRouter, RoutingData, embed, route_and_score
+
+    model = text_model()
+    for name in ("a", "b"):
+        model.add_task(name, [method_config("lora")], num_labels=2, label_names=["no", "yes"])
+    enc = dict(model.tokenizer(["apple river", "green music table"], padding=True, return_tensors="pt"))
+    eye = torch.eye(2)
+    data = lambda: RoutingData(["a", "b"], {n: eye[i].expand(2, -1) for i, n in enumerate("ab")},  # noqa: E731
+                               {n: [0, 1] for n in "ab"}, {n: [enc] for n in "ab"},
+                               {n: eye[1].expand(2, -1) for n in "ab"}, {n: ["no", "yes"] for n in "ab"})
+    assert route_and_score(model, data(), PrototypeRouter()).routing_accuracy == 0.5  # all routed to b
+    with torch.no_grad():
+        model.task("b").head.classifier.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"^routed mixed-task scoring: the outputs of 2 example\(s\)"):
+        route_and_score(model, data(), PrototypeRouter())
+    assert torch.isfinite(embed(model, [enc])).all()
+    with torch.no_grad():
+        model.backbone.embeddings.LayerNorm.weight[0] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"router's backbone embeddings: the outputs of 2 example\(s\)"):
+        embed(model, [enc])

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from adapters import DeltaModel
-from adapters.errors import NonFiniteError, non_finite_message
+from adapters.errors import NonFiniteError, non_finite_message, non_finite_rows
 from adapters.generation import answer_batches
 from adapters.precision import autocast, inference_linears, resolve_precision
 
@@ -51,7 +51,7 @@ def evaluate(
         losses.append(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
         preds.append(logits.argmax(-1))
         golds.append(labels)
-        bad.append((~(logits < float("inf")).all(-1)).sum())  # NaN / +inf rows; -inf passes
+        bad.append(non_finite_rows(logits))  # NaN / +inf rows; -inf passes
     # every process's count, so all of them refuse together (one raising alone leaves the others waiting)
     failed = sum(distributed.gather_lists([int(torch.stack(bad).sum()) if bad else 0], loader))
     if failed:
@@ -105,7 +105,7 @@ def evaluate_generation(model: DeltaModel, task: str, loader, active: Sequence[s
     try:
         preds, refs, failed = *answers(model, loader, active or (task,), precision), 0
     except NonFiniteError as e:  # raised below on every process at once, not on this one alone
-        preds, refs, failed = [], [], e.args[1] if len(e.args) > 1 else len(loader.references())
+        preds, refs, failed = [], [], e.count if e.count is not None else len(loader.references())
     failed = sum(distributed.gather_lists([failed], loader))
     if failed:
         raise NonFiniteError(non_finite_message(f"answering task {task!r}", failed))
