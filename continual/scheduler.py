@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from adapters import DeltaModel
+from adapters.precision import resolve_precision
 from streams import Task, TaskStream
 
 from . import agnostic, rundir
@@ -79,6 +80,9 @@ class _Run:
         self.loggers = [GuardedLogger(lg, out) for lg in loggers] if self.main else []
         self.tasks, self.plan = stream.tasks, strategy.plan(len(stream))
         self.data = TokenisedTasks(model.tokenizer, config.max_length, config.batch_size * 2, model.decoder_start_id)
+        # recorded with each row, so a study that scores the run's deltas again (merge, transfer) can
+        # score as the matrix was scored: in bf16 a batch's rounding can flip a generated answer
+        self.scored_with = {"precision": resolve_precision(config.precision, model.device), "batch": self.data.eval_batch}
         self.clock = time.perf_counter()  # wall time not yet added to the state's seconds
         self.scorer = RowScorer(model, self.score, strategy.active, rescore_all)
         self.agnostic = agnostic.AgnosticScorer(model, self.data, strategy.active, config.router, config.seed, config.precision)
@@ -170,7 +174,7 @@ class _Run:
                   "steps": result.steps, "best_step": result.best_step, "best_dev": result.best_dev,
                   "trainable_params": trainable, "scoring_seconds": scoring_seconds, "carried": carried,
                   "agnostic_seconds": agnostic_seconds, "routing_accuracy": float(matrix.routing[row]),
-                  "history": result.history}  # (the history: all `continual sync` needs)
+                  "scored_with": self.scored_with, "history": result.history}  # (the history: all `continual sync` needs)
         state.done.append(k)
         state.steps.append(record)
         self.tick(state)

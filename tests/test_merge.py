@@ -203,3 +203,38 @@ def test_merge_refusals_come_before_the_backbone_loads(toy_yaml, tiny_backbone_d
                            ([], "holds tasks ['a', 'a-shared_delta'")):
         assert main(["merge", str(out), *extra]) == 2, extra
         assert message in capsys.readouterr().err, extra
+
+
+def test_merge_and_transfer_score_as_the_run_scored_its_matrix(toy_yaml, tiny_backbone_dir, tmp_path, capsys,
+                                                                monkeypatch):
+    """Both studies score the run's own deltas again; in fp32 at batch 64 they could differ from
+    a bf16 run's matrix (a flipped generated answer). They now use the precision and batch the rows
+    record; a run that records none is scored in fp32 at batch 64, and the output says which."""
+    import continual.studies.merge as merge_module
+    import continual.studies.transfer as transfer_module
+    from continual.rundir import sealed
+    from continual.training import evaluate
+
+    out = tmp_path / "out"
+    assert main(cli_args(toy_yaml, tiny_backbone_dir, out, "--no-mlflow", "--precision", "bf16", "--batch-size", "4")) == 0
+    seen = []
+
+    def spy(model, task, loader, *a, precision="fp32", **kw):
+        seen.append((precision, loader.batch_size))
+        return evaluate(model, task, loader, *a, precision=precision, **kw)
+
+    for module in (merge_module, transfer_module):
+        monkeypatch.setattr(module, "evaluate", spy)
+    capsys.readouterr()
+    assert main(["merge", str(out), "--how", "linear"]) == 0 and main(["transfer", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert set(seen) == {("bf16", 8)} and printed.count("as the run scored its matrix (bf16, batch 8)") == 2
+    results = json.loads((out / "results.json").read_text())
+    own = [float(line.split(",")[2]) for line in (out / "merge.csv").read_text().splitlines()[1:4]]
+    assert own == [round(v, 6) for v in results["matrix"]["R"][-1]]  # the same numbers, not close ones
+    for step in results["steps"]:  # a run from before the rows recorded how they were scored
+        del step["scored_with"]
+    (out / "results.json").write_text(json.dumps(sealed({k: v for k, v in results.items() if k != "checksum"})))
+    seen.clear()
+    assert main(["merge", str(out), "--how", "linear"]) == 0
+    assert set(seen) == {("fp32", 64)} and "in fp32 at batch 64 (it does not record how it scored" in capsys.readouterr().out

@@ -7,8 +7,8 @@ each task's own delta.
 Each task is scored with the merged delta and its own head: a classifier still needs its task's
 head (a task id picks it), while a generative stream's tasks share the language model's head, so
 there the merged delta answers every task with no task id at all. The run's own deltas are scored
-alongside, on the same test sets and in the same precision (fp32: a run scored in bf16 can show
-its own deltas a little differently in its matrix, by rounding). Writes ``merge.csv``,
+alongside, on the same test sets, in the precision and batch size the run scored its matrix with
+(:func:`~continual.studies.route.run_scoring`), so the own column is the matrix's last row. Writes ``merge.csv``,
 ``merge.md`` and ``merge.png`` into the run directory and logs them as a nested ``merge`` MLflow
 run.
 """
@@ -27,7 +27,7 @@ from fusion.merge import MERGES, merge_rule, merge_tasks
 from ..plots import metric_bars
 from ..tracking import compare_metric, log_nested_run
 from ..training import evaluate, task_loader
-from .route import per_task_run
+from .route import per_task_run, run_scoring
 
 OWN = "own delta"  # the column of each task's own delta
 
@@ -40,6 +40,7 @@ class MergeResult:
     scores: dict[str, list[float]]
     settings: dict[str, dict[str, float]]
     generative: bool
+    scored: str = "in fp32"  # how every column was scored (run_scoring's account)
 
     def acc(self, rule: str) -> float:
         return float(np.mean(self.scores[rule]))
@@ -53,8 +54,7 @@ class MergeResult:
         head = ("no task id: the tasks share the language model's head" if self.generative
                 else "each task scored with its own head (a task id picks it)")
         return ("\n".join(lines) + f"\n\none delta merged from every task's, {head}" + (f"; {said}" if said else "")
-                + ".\nEvery column scored here in fp32 (the run's own matrix, scored in its --precision, e.g. bf16, "
-                "can differ by rounding; a generated answer can flip)")
+                + f".\nEvery column scored {self.scored}")
 
     def save(self, directory: str | Path) -> list[Path]:
         d = Path(directory)
@@ -80,13 +80,14 @@ def check_rules(rules: Sequence[str], density: float | None, seed: int) -> None:
 
 
 def merge_run(run_dir: str | Path, rules: Sequence[str] | None = None, density: float | None = None, seed: int = 0,
-              backbone: str | None = None, batch_size: int = 64) -> MergeResult:
+              backbone: str | None = None) -> MergeResult:
     """Merge every task's delta of a finished per-task run by each rule and score every task with it.
     ``rules``: default linear, ties, dare, and cat where the deltas have a summed form (LoRA).
-    ``density`` applies to the rules that have one (ties, dare; default each one's own)."""
+    ``density`` applies to the rules that have one (ties, dare; default each one's own). Every
+    column is scored as the run scored its matrix (:func:`~continual.studies.route.run_scoring`)."""
     check_rules(rules or ["linear", "ties", "dare"], density, seed)  # before anything loads
     stream, identity, model = per_task_run(Path(run_dir), backbone, "a merge combines one delta per stream task")
-    names = stream.names
+    names, (precision, batch_size, scored) = stream.names, run_scoring(run_dir)
     if rules is None:  # cat where the deltas have a summed form
         summed = all(get_method(c.method).summed_config(c, len(names)) is not None for c in model.task(names[0]).configs)
         rules = ["linear", "ties", "dare"] + (["cat"] if summed else [])
@@ -97,14 +98,14 @@ def merge_run(run_dir: str | Path, rules: Sequence[str] | None = None, density: 
     merged = next(n for n in (f"merged{i}" for i in range(len(names) + 1)) if n not in model.tasks)
     for target in stream:
         loader = task_loader(target, "test", model, target.max_length or identity["train"]["max_length"], batch_size)
-        scores[OWN].append(evaluate(model, target.name, loader)["accuracy"])
+        scores[OWN].append(evaluate(model, target.name, loader, precision=precision)["accuracy"])
         for r in rules:  # re-merged per target only to give it the target's head; each merge draws the same
             merge_tasks(model, merged, names, how=r, density=settings[r].get("density"), seed=seed, head_from=target.name)
             try:
-                scores[r].append(evaluate(model, merged, loader)["accuracy"])
+                scores[r].append(evaluate(model, merged, loader, precision=precision)["accuracy"])
             finally:
                 model.remove_task(merged)
-    return MergeResult(names, scores, settings, all(t.generative for t in stream))
+    return MergeResult(names, scores, settings, all(t.generative for t in stream), scored)
 
 
 def log_merge(run_dir: str | Path, files: list[Path], result: MergeResult) -> str | None:

@@ -48,6 +48,28 @@ def stream_of_run(run_dir: str | Path):
     return stream, identity
 
 
+#: how a study scores a run whose rows do not say how they were scored (or say different things)
+STUDY_SCORING = ("fp32", 64)
+
+
+def run_scoring(run_dir: str | Path) -> tuple[str, int, str]:
+    """(precision, batch size, what to tell the user): how the run scored its matrix, read from
+    its rows' records, so that a study scoring the run's own deltas again (merge, transfer) gets
+    the matrix's numbers for them. In bf16 the batch's rounding can flip a generated answer, so
+    both are matched. :data:`STUDY_SCORING` where the rows do not record it (runs made before
+    they did) or disagree (a run resumed with another precision)."""
+    recorded = [r.get("scored_with") for r in run_info(Path(run_dir))["steps"]]
+    kinds = {json.dumps(r, sort_keys=True) for r in recorded}
+    first = recorded[0] if recorded else None
+    if (len(kinds) == 1 and isinstance(first, dict) and first.get("precision") in ("fp32", "bf16", "fp16")
+            and isinstance(first.get("batch"), int) and first["batch"] >= 1):
+        return first["precision"], first["batch"], f"as the run scored its matrix ({first['precision']}, batch {first['batch']})"
+    precision, batch = STUDY_SCORING
+    why = "its rows were scored in different precisions" if len(kinds) > 1 else "it does not record how it scored"
+    return precision, batch, (f"in {precision} at batch {batch} ({why}; its matrix's numbers for its own deltas "
+                              "can differ from these by rounding, and a generated answer can flip)")
+
+
 def per_task_run(run_dir: str | Path, backbone: str | None, why: str):
     """(stream, identity, model with the run's tasks loaded) for a run with one task per stream task."""
     stream, identity = stream_of_run(run_dir)

@@ -7,7 +7,9 @@ j's metric.
 
 Entry [i, j]: accuracy of task i's delta + head on task j's test set, divided by task j's own
 accuracy (relative performance; 1.0 = as good as the target's own delta). Pairs whose label names
-differ are not comparable and stay empty. Writes ``transfer.csv``, ``transfer.md`` and
+differ are not comparable and stay empty. Every entry is scored in the precision and batch size
+the run scored its matrix with (:func:`~continual.studies.route.run_scoring`), so the diagonal
+is the run's own numbers. Writes ``transfer.csv``, ``transfer.md`` and
 ``transfer.png`` into the run directory and logs them as a nested ``transfer`` MLflow run.
 """
 
@@ -21,7 +23,7 @@ import numpy as np
 from ..plots import annotated_heatmap
 from ..tracking import log_nested_run
 from ..training import evaluate, task_loader
-from .route import per_task_run
+from .route import per_task_run, run_scoring
 
 
 @dataclasses.dataclass
@@ -30,6 +32,7 @@ class TransferMatrix:
 
     tasks: list[str]
     accuracy: np.ndarray
+    scored: str = "in fp32"  # how every entry was scored (run_scoring's account)
 
     @property
     def relative(self) -> np.ndarray:
@@ -47,7 +50,7 @@ class TransferMatrix:
                      for v, a in zip(rel[i], self.accuracy[i])]
             lines.append(f"| {t} | " + " | ".join(cells) + " |")
         return ("\n".join(lines) + "\n\nrelative performance (accuracy in brackets); empty: label spaces differ; "
-                "-: the target's own accuracy is 0, so there is no ratio")
+                f"-: the target's own accuracy is 0, so there is no ratio; every entry scored {self.scored}")
 
     def save(self, directory: str | Path) -> list[Path]:
         d = Path(directory)
@@ -65,18 +68,20 @@ class TransferMatrix:
         return [d / "transfer.csv", d / "transfer.md", png]
 
 
-def transfer_matrix(run_dir: str | Path, backbone: str | None = None, batch_size: int = 64) -> TransferMatrix:
+def transfer_matrix(run_dir: str | Path, backbone: str | None = None) -> TransferMatrix:
     """Score every task's delta + head on every task with the same label names (every pair of
-    generative tasks). ``backbone``: default, the one the run's checkpoints name."""
+    generative tasks), as the run scored its matrix. ``backbone``: default, the one the run's
+    checkpoints name."""
     stream, identity, model = per_task_run(Path(run_dir), backbone, "the transfer matrix applies one delta per stream task")
+    precision, batch_size, scored = run_scoring(run_dir)
     T = len(stream)
     acc = np.full((T, T), np.nan)
     for j, target in enumerate(stream):
         loader = task_loader(target, "test", model, target.max_length or identity["train"]["max_length"], batch_size)
         for i, source in enumerate(stream):
             if source.label_names == target.label_names or (source.generative and target.generative):
-                acc[i, j] = evaluate(model, source.name, loader)["accuracy"]
-    return TransferMatrix(stream.names, acc)
+                acc[i, j] = evaluate(model, source.name, loader, precision=precision)["accuracy"]
+    return TransferMatrix(stream.names, acc, scored)
 
 
 def log_transfer(run_dir: str | Path, files: list[Path], matrix: TransferMatrix) -> str | None:
