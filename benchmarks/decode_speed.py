@@ -24,6 +24,9 @@ Printed per precision: tokens/s and ratios for one LoRA (ours / HF + PEFT), our 
 ``adapter_names`` batch against PEFT's one LoRA. Beside them, the weight-bandwidth limit: every
 decoding step reads every Linear weight once, so the machine's memory read rate (measured here, a
 sum over a 512 MB tensor) divided by the bytes of those weights bounds the steps per second.
+A second table splits one LoRA's time (both sides) into the prompt's pass with the first token
+(timed as a run of one new token) and each further token, beside the time reading the weights
+once takes: the part the weight-bandwidth limit speaks about.
 The modes are timed in turns (a warm-up round, then each mode once per round, see
 :func:`interleaved`): on a shared 2-core machine the speed drifts by 10-20% over minutes, and
 in turns that drift falls on every mode alike. Absolute numbers move between machines and
@@ -215,6 +218,11 @@ def run_precision(args: argparse.Namespace, ours: adapters.DeltaModel, pm: Any, 
     for k in args.adapters:
         modes[f"HF generate + PEFT, mixed {k} LoRAs"] = hf([f"t{i % k}" for i in range(b)])
     modes["ours, one LoRA"] = lambda: generate(ours, ids, mask, **gen)
+    # the prompt's pass and the first token alone: with the full runs above, the time of each
+    # further token (which reads every weight once) apart from the prompt's (compute-bound)
+    modes[FIRST_HF] = lambda: _off(device, lambda: pm.generate(input_ids=ids, attention_mask=mask, **{
+        **hf_kw, "max_new_tokens": 1, "min_new_tokens": 1}))
+    modes[FIRST_OURS] = lambda: generate(ours, ids, mask, **{**gen, "max_new_tokens": 1})
     for k in args.adapters:
         slots = torch.arange(b, device=device) % k
         modes[f"ours, mixed {k} LoRAs"] = lambda k=k, slots=slots: generate(ours, ids, mask, mixed=mixed[k], task_ids=slots, **gen)
@@ -234,9 +242,16 @@ def run_precision(args: argparse.Namespace, ours: adapters.DeltaModel, pm: Any, 
         notes[f"HF generate + PEFT, mixed {k} LoRAs"] = f"{s_hf / res[f'HF generate + PEFT, mixed {k} LoRAs'][0]:.2f}x of PEFT's one LoRA"
         s = res[f"ours, mixed {k} LoRAs"][0]
         notes[f"ours, mixed {k} LoRAs"] = f"{s_one / s:.2f}x of our one LoRA; {s_hf / s:.2f}x HF + PEFT one LoRA"
-    rows = [(name, res[name][0], notes[name]) for name in modes]
+    rows = [(name, res[name][0], notes[name]) for name in modes if name not in (FIRST_HF, FIRST_OURS)]
+    if n > 1:
+        for name, first in (("HF generate + PEFT, one LoRA", FIRST_HF), ("ours, one LoRA", FIRST_OURS)):
+            rows.append((f"{name}: {PHASES}", res[first][0], f"{(res[name][0] - res[first][0]) / (n - 1) * 1e3:.1f}"))
     rows.append(("ours, entering inference_linears (once per scoring pass)", enter, ""))
     return rows
+
+
+FIRST_HF, FIRST_OURS = "HF generate + PEFT, one LoRA, first token", "ours, one LoRA, first token"
+PHASES = "prompt + first token (s) | each further token (ms)"
 
 
 def _off(device: torch.device, fn: Callable[[], Any]) -> Any:
@@ -275,17 +290,24 @@ def main() -> None:
             dtype = torch.float32 if precision == "fp32" else torch.bfloat16
             pm = build_peft(args.backbone, max(args.adapters + [1]), device, dtype, Path(tmp))
             limit = bandwidth / linear_bytes(pm, 4 if precision == "fp32" else 2) * args.batch
+            step_ms = args.batch / limit * 1e3  # one step reads every weight once
             rows = run_precision(args, ours, pm, ids, mask, precision, device)
             del pm
             print(f"\n## {precision} (weight-bandwidth limit: {limit:.0f} tokens/s at batch {args.batch})\n")
             print("| mode | s per batch | tokens/s | of the limit | |")
             print("|---|---|---|---|---|")
+            phases = [(name.split(": ")[0], s, note) for name, s, note in rows if name.endswith(PHASES)]
+            rows = [r for r in rows if not r[0].endswith(PHASES)]
             for name, s, note in rows:
                 if name.startswith("ours, entering"):
                     print(f"| {name} | {s:.3f} | | | |")
                 else:
                     rate = args.batch * args.new_tokens / s
                     print(f"| {name} | {s:.3f} | {rate:.1f} | {rate / limit:.0%} | {note} |")
+            if phases:  # where the time goes: the prompt's pass, then one weight-bound step per token
+                print(f"\n| one LoRA | {PHASES} | the weights' read time per token (ms) |\n|---|---|---|---|")
+                for name, s, ms in phases:
+                    print(f"| {name} | {s:.3f} | {ms} | {step_ms:.1f} |")
 
 
 if __name__ == "__main__":
