@@ -226,8 +226,12 @@ def test_merge_and_transfer_score_as_the_run_scored_its_matrix(toy_yaml, tiny_ba
     for module in (merge_module, transfer_module):
         monkeypatch.setattr(module, "evaluate", spy)
     capsys.readouterr()
-    assert main(["merge", str(out), "--how", "linear"]) == 0 and main(["transfer", str(out)]) == 0
-    printed = capsys.readouterr().out
+    assert main(["merge", str(out), "--how", "linear"]) == 0
+    merged = capsys.readouterr()
+    assert main(["transfer", str(out), "--no-progress"]) == 0
+    transferred = capsys.readouterr()
+    assert "merge: scoring" in merged.err and "transfer: scoring" not in transferred.err  # a bar, and --no-progress
+    printed = merged.out + transferred.out
     assert set(seen) == {("bf16", 8)} and printed.count("as the run scored its matrix (bf16, batch 8)") == 2
     results = json.loads((out / "results.json").read_text())
     own = [float(line.split(",")[2]) for line in (out / "merge.csv").read_text().splitlines()[1:4]]

@@ -176,7 +176,7 @@ def cmd_route(args: argparse.Namespace) -> int:
 def cmd_transfer(args: argparse.Namespace) -> int:
     from ..studies.transfer import log_transfer, transfer_matrix
 
-    matrix = transfer_matrix(args.run, args.backbone)
+    matrix = transfer_matrix(args.run, args.backbone, progress=not args.no_progress)
     files = matrix.save(Path(args.run))
     print(matrix.table())
     child = log_transfer(args.run, files, matrix)
@@ -187,7 +187,7 @@ def cmd_transfer(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from ..studies.merge import log_merge, merge_run
 
-    result = merge_run(args.run, args.how, args.density, args.seed, args.backbone)
+    result = merge_run(args.run, args.how, args.density, args.seed, args.backbone, progress=not args.no_progress)
     files = result.save(Path(args.run))
     print(result.table())
     child = log_merge(args.run, files, result)

@@ -219,6 +219,7 @@ def _transfer(sub: argparse._SubParsersAction) -> None:
                         "heatmap; write transfer.csv/.md/.png into the run directory and log them to its MLflow run.",
                         formatter_class=Formatter)
     _finished_run(tr)
+    tr.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _merge(sub: argparse._SubParsersAction) -> None:
@@ -237,6 +238,7 @@ def _merge(sub: argparse._SubParsersAction) -> None:
                     help="fraction of each task vector ties keeps / dare keeps in expectation, in (0, 1] "
                     "(default: 0.2 for ties, the TIES paper's; 0.5 for dare)%(default).0s")
     me.add_argument("--seed", type=int, default=0, help="dare's random draw")
+    me.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _combine(sub: argparse._SubParsersAction) -> None:

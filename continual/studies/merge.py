@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from adapters import get_method
 from fusion.merge import MERGES, merge_rule, merge_tasks
@@ -80,7 +81,7 @@ def check_rules(rules: Sequence[str], density: float | None, seed: int) -> None:
 
 
 def merge_run(run_dir: str | Path, rules: Sequence[str] | None = None, density: float | None = None, seed: int = 0,
-              backbone: str | None = None) -> MergeResult:
+              backbone: str | None = None, progress: bool = True) -> MergeResult:
     """Merge every task's delta of a finished per-task run by each rule and score every task with it.
     ``rules``: default linear, ties, dare, and cat where the deltas have a summed form (LoRA).
     ``density`` applies to the rules that have one (ties, dare; default each one's own). Every
@@ -96,15 +97,19 @@ def merge_run(run_dir: str | Path, rules: Sequence[str] | None = None, density: 
     scores: dict[str, list[float]] = {OWN: [], **{r: [] for r in rules}}
     # the merged delta's name, one no stream task has (a task may well be called "merged0")
     merged = next(n for n in (f"merged{i}" for i in range(len(names) + 1)) if n not in model.tasks)
+    bar = tqdm(total=len(names) * (1 + len(rules)), desc="merge: scoring", unit="score", disable=not progress, leave=False)
     for target in stream:
         loader = task_loader(target, "test", model, target.max_length or identity["train"]["max_length"], batch_size)
         scores[OWN].append(evaluate(model, target.name, loader, precision=precision)["accuracy"])
+        bar.update()
         for r in rules:  # re-merged per target only to give it the target's head; each merge draws the same
             merge_tasks(model, merged, names, how=r, density=settings[r].get("density"), seed=seed, head_from=target.name)
             try:
                 scores[r].append(evaluate(model, merged, loader, precision=precision)["accuracy"])
             finally:
                 model.remove_task(merged)
+            bar.update()
+    bar.close()
     return MergeResult(names, scores, settings, all(t.generative for t in stream), scored)
 
 

@@ -19,6 +19,7 @@ import dataclasses
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from ..plots import annotated_heatmap
 from ..tracking import log_nested_run
@@ -68,7 +69,7 @@ class TransferMatrix:
         return [d / "transfer.csv", d / "transfer.md", png]
 
 
-def transfer_matrix(run_dir: str | Path, backbone: str | None = None) -> TransferMatrix:
+def transfer_matrix(run_dir: str | Path, backbone: str | None = None, progress: bool = True) -> TransferMatrix:
     """Score every task's delta + head on every task with the same label names (every pair of
     generative tasks), as the run scored its matrix. ``backbone``: default, the one the run's
     checkpoints name."""
@@ -76,11 +77,14 @@ def transfer_matrix(run_dir: str | Path, backbone: str | None = None) -> Transfe
     precision, batch_size, scored = run_scoring(run_dir)
     T = len(stream)
     acc = np.full((T, T), np.nan)
-    for j, target in enumerate(stream):
-        loader = task_loader(target, "test", model, target.max_length or identity["train"]["max_length"], batch_size)
-        for i, source in enumerate(stream):
-            if source.label_names == target.label_names or (source.generative and target.generative):
-                acc[i, j] = evaluate(model, source.name, loader, precision=precision)["accuracy"]
+    pairs = [(i, j) for j, t in enumerate(stream) for i, s in enumerate(stream)
+             if s.label_names == t.label_names or (s.generative and t.generative)]
+    loaders = {}
+    for i, j in tqdm(pairs, desc="transfer: scoring", unit="pair", disable=not progress, leave=False):
+        target = stream.tasks[j]
+        if j not in loaders:  # one per target, kept while its sources are scored (pairs go target by target)
+            loaders = {j: task_loader(target, "test", model, target.max_length or identity["train"]["max_length"], batch_size)}
+        acc[i, j] = evaluate(model, stream.tasks[i].name, loaders[j], precision=precision)["accuracy"]
     return TransferMatrix(stream.names, acc, scored)
 
 
