@@ -236,9 +236,16 @@ def test_merge_and_transfer_score_as_the_run_scored_its_matrix(toy_yaml, tiny_ba
     results = json.loads((out / "results.json").read_text())
     own = [float(line.split(",")[2]) for line in (out / "merge.csv").read_text().splitlines()[1:4]]
     assert own == [round(v, 6) for v in results["matrix"]["R"][-1]]  # the same numbers, not close ones
-    for step in results["steps"]:  # a run from before the rows recorded how they were scored
-        del step["scored_with"]
+    for rows, says in ((1, "not all its rows record"), (len(results["steps"]), "it does not record how it scored")):
+        for step in results["steps"][:rows]:  # begun before rows recorded how they were scored (and resumed)
+            step.pop("scored_with", None)
+        (out / "results.json").write_text(json.dumps(sealed({k: v for k, v in results.items() if k != "checksum"})))
+        seen.clear()
+        assert main(["merge", str(out), "--how", "linear"]) == 0
+        assert set(seen) == {("fp32", 64)} and f"in fp32 at batch 64 ({says}" in capsys.readouterr().out
+    results["steps"][0]["scored_with"] = {"precision": "fp32", "batch": 8}
+    for step in results["steps"][1:]:
+        step["scored_with"] = {"precision": "bf16", "batch": 8}  # resumed elsewhere, in another precision
     (out / "results.json").write_text(json.dumps(sealed({k: v for k, v in results.items() if k != "checksum"})))
-    seen.clear()
-    assert main(["merge", str(out), "--how", "linear"]) == 0
-    assert set(seen) == {("fp32", 64)} and "in fp32 at batch 64 (it does not record how it scored" in capsys.readouterr().out
+    assert main(["transfer", str(out), "--no-progress"]) == 0
+    assert "in fp32 at batch 64 (its rows were scored in different precisions" in capsys.readouterr().out

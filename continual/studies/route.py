@@ -65,7 +65,12 @@ def run_scoring(run_dir: str | Path) -> tuple[str, int, str]:
             and isinstance(first.get("batch"), int) and first["batch"] >= 1):
         return first["precision"], first["batch"], f"as the run scored its matrix ({first['precision']}, batch {first['batch']})"
     precision, batch = STUDY_SCORING
-    why = "its rows were scored in different precisions" if len(kinds) > 1 else "it does not record how it scored"
+    if all(r is None for r in recorded):
+        why = "it does not record how it scored"
+    elif any(r is None for r in recorded):  # begun before rows recorded it, resumed after
+        why = "not all its rows record how they were scored"
+    else:
+        why = "its rows were scored in different precisions or batch sizes"
     return precision, batch, (f"in {precision} at batch {batch} ({why}; its matrix's numbers for its own deltas "
                               "can differ from these by rounding, and a generated answer can flip)")
 
