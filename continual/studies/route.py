@@ -56,8 +56,9 @@ def run_scoring(run_dir: str | Path) -> tuple[str, int, str]:
     """(precision, batch size, what to tell the user): how the run scored its matrix, read from
     its rows' records, so that a study scoring the run's own deltas again (merge, transfer) gets
     the matrix's numbers for them. In bf16 the batch's rounding can flip a generated answer, so
-    both are matched. :data:`STUDY_SCORING` where the rows do not record it (runs made before
-    they did) or disagree (a run resumed with another precision)."""
+    both are matched (a run scored by several processes split its batches between them, so there
+    the numbers can still differ by rounding). :data:`STUDY_SCORING` where the rows do not record
+    it (runs made before they did) or disagree (a run resumed with another precision)."""
     recorded = [r.get("scored_with") for r in run_info(Path(run_dir))["steps"]]
     kinds = {json.dumps(r, sort_keys=True) for r in recorded}
     first = recorded[0] if recorded else None
