@@ -38,7 +38,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from .errors import NonFiniteError, TaskError, non_finite_message
+from .errors import NonFiniteError, TaskError, refuse_non_finite
 from .inputs import check_positions, checked_batch
 from .precision import inference_linears
 
@@ -229,8 +229,7 @@ def _greedy(stepper: Any, b: int, max_new: int, eos: torch.Tensor, pad: int) -> 
         if i + 1 == max_new or bool(done.all()):
             break
         logits = stepper.next(token)
-    if bool(bad.any()):
-        raise NonFiniteError(non_finite_message("greedy decoding", int(bad.sum())), int(bad.sum()))
+    refuse_non_finite(bad.sum(), "greedy decoding")
     return [out[r, : int(lengths[r])].tolist() for r in range(b)]
 
 
@@ -256,8 +255,7 @@ def answer_batches(model: Any, batches: Iterable[dict[str, Any]], max_new_tokens
                 failed += e.count if e.count is not None else n
                 new = [[] for _ in range(n)]
             out += [tok.decode(t, skip_special_tokens=True).strip() for t in new]
-    if failed:
-        raise NonFiniteError(non_finite_message("greedy decoding", failed), failed)
+    refuse_non_finite(failed, "greedy decoding")
     return out
 
 

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from adapters import DeltaModel
-from adapters.errors import NonFiniteError, non_finite_message, non_finite_rows
+from adapters.errors import NonFiniteError, non_finite_rows, refuse_non_finite
 from adapters.generation import answer_batches
 from adapters.precision import autocast, inference_linears, resolve_precision
 
@@ -54,8 +54,7 @@ def evaluate(
         bad.append(non_finite_rows(logits))  # NaN / +inf rows; -inf passes
     # every process's count, so all of them refuse together (one raising alone leaves the others waiting)
     failed = sum(distributed.gather_lists([int(torch.stack(bad).sum()) if bad else 0], loader))
-    if failed:
-        raise NonFiniteError(non_finite_message(f"scoring task {task!r}", failed))
+    refuse_non_finite(failed, f"scoring task {task!r}")
     # one read-back at the end, not one per batch; the metrics are computed on the whole split
     pairs = list(zip(torch.cat(preds).tolist(), torch.cat(golds).tolist())) if preds else []
     pred, gold = (np.asarray(c) for c in zip(*distributed.gather_lists(pairs, loader)))
@@ -106,9 +105,7 @@ def evaluate_generation(model: DeltaModel, task: str, loader, active: Sequence[s
         preds, refs, failed = *answers(model, loader, active or (task,), precision), 0
     except NonFiniteError as e:  # raised below on every process at once, not on this one alone
         preds, refs, failed = [], [], e.count if e.count is not None else len(loader.references())
-    failed = sum(distributed.gather_lists([failed], loader))
-    if failed:
-        raise NonFiniteError(non_finite_message(f"answering task {task!r}", failed))
+    refuse_non_finite(sum(distributed.gather_lists([failed], loader)), f"answering task {task!r}")
     # several processes: each answered its shard (shard_loader); the metric is the whole split's
     pairs = distributed.gather_lists(list(zip(preds, refs)), loader)
     if per_example is not None:
