@@ -19,6 +19,8 @@ from typing import Any, Sequence
 
 import yaml
 
+from adapters.precision import PRECISIONS
+
 from ..plots import routing_heatmap
 from ..loadrun import load_run_model, run_task_names
 from ..rundir import RunStateError, not_a_run, run_info
@@ -62,7 +64,7 @@ def run_scoring(run_dir: str | Path) -> tuple[str, int, str]:
     recorded = [r.get("scored_with") for r in run_info(Path(run_dir))["steps"]]
     kinds = {json.dumps(r, sort_keys=True) for r in recorded}
     first = recorded[0] if recorded else None
-    if (len(kinds) == 1 and isinstance(first, dict) and first.get("precision") in ("fp32", "bf16", "fp16")
+    if (len(kinds) == 1 and isinstance(first, dict) and first.get("precision") in set(PRECISIONS) - {"auto"}
             and isinstance(first.get("batch"), int) and first["batch"] >= 1):
         return first["precision"], first["batch"], f"as the run scored its matrix ({first['precision']}, batch {first['batch']})"
     precision, batch = STUDY_SCORING

@@ -77,14 +77,14 @@ def transfer_matrix(run_dir: str | Path, backbone: str | None = None, progress: 
     precision, batch_size, scored = run_scoring(run_dir)
     T = len(stream)
     acc = np.full((T, T), np.nan)
-    pairs = [(i, j) for j, t in enumerate(stream) for i, s in enumerate(stream)
-             if s.label_names == t.label_names or (s.generative and t.generative)]
-    loaders = {}
-    for i, j in tqdm(pairs, desc="transfer: scoring", unit="pair", disable=not progress, leave=False):
-        target = stream.tasks[j]
-        if j not in loaders:  # one per target, kept while its sources are scored (pairs go target by target)
-            loaders = {j: task_loader(target, "test", model, target.max_length or identity["train"]["max_length"], batch_size)}
-        acc[i, j] = evaluate(model, stream.tasks[i].name, loaders[j], precision=precision)["accuracy"]
+    sources = [[i for i, s in enumerate(stream) if s.label_names == t.label_names or (s.generative and t.generative)]
+               for t in stream]  # the comparable sources of each target
+    with tqdm(total=sum(map(len, sources)), desc="transfer: scoring", unit="pair", disable=not progress, leave=False) as bar:
+        for j, target in enumerate(stream):
+            loader = task_loader(target, "test", model, target.max_length or identity["train"]["max_length"], batch_size)
+            for i in sources[j]:
+                acc[i, j] = evaluate(model, stream.tasks[i].name, loader, precision=precision)["accuracy"]
+                bar.update()
     return TransferMatrix(stream.names, acc, scored)
 
 
