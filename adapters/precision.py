@@ -50,10 +50,16 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
 
 
 @contextlib.contextmanager
-def frozen_linears_in(backbone: nn.Module, precision: str) -> Iterator[None]:
+def frozen_linears_in(backbone: nn.Module, precision: str, lm_head: nn.Module | None = None) -> Iterator[None]:
     """Within the block, the backbone's frozen Linear weights and biases are held in the autocast
     dtype (cast once, not in every forward pass); on exit the original values are put back, so
     the model is exactly as before. Parameters that require grad are left alone.
+
+    A Linear whose weight is tied to another module's (an LM head sharing the input embeddings,
+    as T5's, which is its own backbone) keeps its fp32 weight: cast in place, the embeddings would
+    hand the residual stream bf16 values, where autocast keeps it in fp32. It computes from a bf16
+    copy made once instead, as does ``lm_head`` (a causal LM's, which lives outside its backbone):
+    without it autocast casts a 49,152 x 576 head (SmolLM2's) again at every training step.
 
     On a GPU the fp32 originals wait in host memory meanwhile, so the GPU holds the bf16 copy
     only: less memory than autocast, which keeps both."""
@@ -62,20 +68,31 @@ def frozen_linears_in(backbone: nn.Module, precision: str) -> Iterator[None]:
         return
     dtype = _DTYPES[precision]
     saved: list[tuple[nn.Parameter, torch.Tensor]] = []
+    held: list[nn.Module] = []
+    # parameters some module other than a Linear holds too (tied embeddings): cast in place, they would change it
+    shared = {id(p) for m in backbone.modules() if not isinstance(m, nn.Linear) for p in m.parameters(recurse=False)}
     try:
         with torch.no_grad():
-            for m in backbone.modules():
-                if isinstance(m, nn.Linear):
-                    for p in (m.weight, m.bias):
-                        # (a weight sharded across processes, a DTensor, is cast by autocast instead)
-                        if p is not None and not p.requires_grad and p.dtype != dtype and not hasattr(p, "to_local"):
-                            original = p.data
-                            p.data = original.to(dtype)
-                            saved.append((p, original.cpu() if original.is_cuda else original))
+            for m in dict.fromkeys([*backbone.modules(), *([lm_head] if lm_head is not None else [])]):
+                if not isinstance(m, nn.Linear) or any(p.requires_grad or hasattr(p, "to_local") for p in m.parameters()):
+                    continue  # (a weight sharded across processes, a DTensor, is cast by autocast instead)
+                if m is lm_head or id(m.weight) in shared:
+                    if m.weight.dtype != dtype and "forward" not in m.__dict__:
+                        bias = None if m.bias is None else m.bias.detach().to(dtype)
+                        m.forward = _PackedForward(m, m.weight.detach().to(dtype), bias, prepacked=False)
+                        held.append(m)
+                    continue
+                for p in (m.weight, m.bias):
+                    if p is not None and p.dtype != dtype:
+                        original = p.data
+                        p.data = original.to(dtype)
+                        saved.append((p, original.cpu() if original.is_cuda else original))
         yield
     finally:
         for p, original in saved:
             p.data = original.to(p.device)
+        for m in held:
+            del m.forward
 
 
 def lowrank_precision(x: torch.Tensor) -> contextlib.AbstractContextManager:
@@ -116,7 +133,8 @@ def inference_linears(model: Any) -> Iterator[None]:
     autocast dtype when autocast is on for the model's device, else the weight's own), and on a
     CPU reordered for oneDNN's matrix kernels ("prepacked"). Enter it inside the autocast block.
     Outside the block nothing has changed. For inference (scoring, generation): a pass that
-    needs gradients through a layer uses the layer's own weights as usual.
+    needs gradients through a prepacked layer uses the layer's own weights as usual (an unpacked
+    copy serves it: the same values, the gradient flows to the layer's input).
 
     Why: decoding a few tokens at a time is bound by reading the weights. Under autocast every
     step casts every fp32 weight to bf16 again (reading 4 bytes and writing 2 per weight), and on a
@@ -126,7 +144,8 @@ def inference_linears(model: Any) -> Iterator[None]:
     their values. In bf16 the outputs are the very values autocast gives; in fp32 oneDNN sums in
     another order than the default kernel (differences of about 1e-6 of the output's size).
 
-    Re-entrant: an inner block in the same dtype uses the outer one's copies, one in another dtype
+    Re-entrant: an inner block in the same dtype uses the outer one's copies (or
+    :func:`frozen_linears_in`'s), unless it can prepack where they are not; one in another dtype
     (another autocast) makes its own until it ends; costs one copy of the frozen Linear
     weights in memory while it lasts, and the time to make it (about a tenth of a second per 100M
     weights on a CPU): enter it once around a whole scoring pass, not around each batch."""
@@ -139,7 +158,8 @@ def inference_linears(model: Any) -> Iterator[None]:
                 dtype = cast or m.weight.dtype
                 prepack = _can_prepack(device, dtype)
                 outer = m.__dict__.get("forward")
-                if outer is not None and (not isinstance(outer, _PackedForward) or outer.weight.dtype == dtype):
+                if outer is not None and (not isinstance(outer, _PackedForward)
+                                          or (outer.weight.dtype == dtype and (outer.prepacked or not prepack))):
                     continue  # an outer block's copies in this dtype serve (or someone else patched it)
                 if outer is None and not prepack and dtype == m.weight.dtype:
                     continue  # nothing to gain
@@ -166,8 +186,8 @@ class _PackedForward:
         self.weight, self.bias, self.prepacked = weight, bias, prepacked
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and x.requires_grad:
-            return self.original(x)
+        if self.prepacked and torch.is_grad_enabled() and x.requires_grad:
+            return self.original(x)  # (oneDNN's packed product has no backward)
         x = x.to(self.weight.dtype)
         if self.prepacked:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")

@@ -33,6 +33,60 @@ def test_precast_frozen_linears_give_autocast_results_bit_for_bit(arch):
         assert p.data_ptr() == originals[n] and p.dtype == torch.float32
 
 
+def _tied_lm(arch: str) -> adapters.DeltaModel:
+    """A tiny decoder or T5 whose LM head shares the input embeddings' weight, with a generative
+    LoRA task whose B is non-zero (so gradients reach the head's input through it)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    if arch == "llama":
+        lm = LlamaForCausalLM(LlamaConfig(vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    else:
+        lm = T5ForConditionalGeneration(T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+                                                 num_heads=4, vocab_size=120, decoder_start_token_id=0,
+                                                 tie_word_embeddings=True))
+    model = adapters.DeltaModel(lm.eval())  # (no dropout: two passes must draw nothing different)
+    task = model.add_task("g", [method_config("lora")], generative=True)
+    with torch.no_grad():
+        for p in task.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model.activate("g")
+    assert model.lm_head.weight is model.backbone.get_input_embeddings().weight  # tied, as SmolLM2's and T5's
+    return model
+
+
+@pytest.mark.parametrize("arch", ["llama", "t5"])
+def test_precast_holds_a_tied_lm_head_apart_and_trains_as_autocast_bit_for_bit(arch):
+    """A tied LM head is not cast in place (T5's lives in its backbone: cast there, the embeddings
+    turned bf16 and the residual stream with them, 0.04 off autocast's logits); a causal LM's,
+    outside its backbone, is held in bf16 once instead of cast at every step. Loss and gradients
+    are autocast's, bit for bit, and the model is as before afterwards."""
+    model = _tied_lm(arch)
+    inputs = batch()
+    if arch == "t5":
+        inputs["decoder_input_ids"] = batch(seed=2, t=5)["input_ids"]
+    head, embeddings = model.lm_head, model.backbone.get_input_embeddings()
+    trained = [p for p in model.parameters() if p.requires_grad]
+
+    def step() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        for p in trained:
+            p.grad = None
+        with autocast("bf16", torch.device("cpu")):
+            loss = model(**inputs).float().logsumexp(-1).mean()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in trained]
+
+    want_loss, want_grads = step()
+    with frozen_linears_in(model.backbone, "bf16", model.lm_head):
+        assert embeddings.weight.dtype == torch.float32 and head.weight.dtype == torch.float32
+        assert "forward" in head.__dict__  # its bf16 copy, made once
+        got_loss, got_grads = step()
+    assert torch.equal(got_loss, want_loss)
+    assert all(torch.equal(g, w) for g, w in zip(got_grads, want_grads))
+    assert "forward" not in head.__dict__ and head.weight is embeddings.weight
+
+
 def test_precision_resolution():
     from adapters.precision import cpu_has_fast_bf16
 

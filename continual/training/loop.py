@@ -80,7 +80,7 @@ def fit(
 
     protocol = Protocol(config, train_step.params, optimizer, scored, callback, desc)
     model.train(config.dropout)
-    with frozen_linears_in(model.backbone, precision), fast_dropout(model.backbone, config.dropout_masks):
+    with frozen_linears_in(model.backbone, precision, model.lm_head), fast_dropout(model.backbone, config.dropout_masks):
         while not protocol.should_stop:
             active, batch = next_batch()
             model.activate(*active)
