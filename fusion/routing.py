@@ -212,10 +212,11 @@ class RoutingData:
 
     @classmethod
     def build(cls, model: DeltaModel, tasks: Sequence[str], train: dict[str, Any], fit_labels: dict[str, list[int]],
-              test: dict[str, Any], gold: dict[str, list[str]]) -> "RoutingData":
-        """``train`` / ``test``: task -> tokenised batches (lists, iterated more than once)."""
-        return cls(list(tasks), {t: embed(model, train[t]) for t in tasks}, fit_labels, test,
-                   {t: embed(model, test[t]) for t in tasks}, gold)
+              test: dict[str, Any], gold: dict[str, list[str]], precision: str = "fp32") -> "RoutingData":
+        """``train`` / ``test``: task -> tokenised batches (lists, iterated more than once);
+        embedded in ``precision`` (see :func:`embed`)."""
+        return cls(list(tasks), {t: embed(model, train[t], precision) for t in tasks}, fit_labels, test,
+                   {t: embed(model, test[t], precision) for t in tasks}, gold)
 
 
 def generated_answers(mixed: Any, batches: list[dict[str, Any]], slots: torch.Tensor, max_new_tokens: int) -> list[str]:
@@ -227,10 +228,12 @@ def generated_answers(mixed: Any, batches: list[dict[str, Any]], slots: torch.Te
 
 def route_and_score(model: DeltaModel, data: RoutingData, router: Any,
                     answer: Callable[[Any, list, torch.Tensor], list[str]] | None = None,
-                    match: Callable[[str, list[str], list[str]], float] | None = None) -> RoutingResult:
+                    match: Callable[[str, list[str], list[str]], float] | None = None,
+                    precision: str = "fp32") -> RoutingResult:
     """Fit ``router`` task by task (stream order), route every test example, serve all of them
     through one mixed-task model, and score predicted label names against the gold ones, with
-    routed tasks and (once per ``data``) with the true tasks.
+    routed tasks and (once per ``data``) with the true tasks. The serving runs in ``precision``
+    (the routers fit in fp32 whatever it is).
 
     Generative tasks pass ``answer(mixed, batches, slots)`` (e.g. :func:`generated_answers`) and
     ``match(task, answers, gold)`` (the task's own text metric) instead of label names."""
@@ -246,13 +249,16 @@ def route_and_score(model: DeltaModel, data: RoutingData, router: Any,
     if match is None:
         match = lambda t, preds, gold: float(np.mean([a == g for a, g in zip(preds, gold)]))  # noqa: E731
     score = lambda t, slots: match(t, answer(mixed, data.test[t], slots), data.gold[t])  # noqa: E731
+    device = model.device
+    slots = {t: router.predict(data.test_emb[t]) for t in tasks}  # (in fp32: outside the serving's autocast)
+    for i, t in enumerate(tasks):
+        np.add.at(confusion[i], slots[t].numpy(), 1)
     try:
-        for i, t in enumerate(tasks):
-            slots = router.predict(data.test_emb[t])
-            np.add.at(confusion[i], slots.numpy(), 1)
-            routed[t] = score(t, slots)
-        if data.oracle is None:
-            data.oracle = {t: score(t, torch.full((len(data.gold[t]),), i)) for i, t in enumerate(tasks)}
+        with torch.no_grad(), autocast(resolve_precision(precision, device), device), inference_linears(model):
+            for t in tasks:
+                routed[t] = score(t, slots[t])
+            if data.oracle is None:
+                data.oracle = {t: score(t, torch.full((len(data.gold[t]),), i)) for i, t in enumerate(tasks)}
     finally:
         mixed.detach()
     return RoutingResult(router.name, tasks, confusion, routed, dict(data.oracle))

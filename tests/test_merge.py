@@ -233,6 +233,28 @@ def test_merge_and_transfer_score_as_the_run_scored_its_matrix(toy_yaml, tiny_ba
     assert "merge: scoring" in merged.err and "transfer: scoring" not in transferred.err  # a bar, and --no-progress
     printed = merged.out + transferred.out
     assert set(seen) == {("bf16", 8)} and printed.count("as the run scored its matrix (bf16, batch 8)") == 2
+    # route embeds and serves in the run's precision and batch too (it used fp32 at batch 64), with a bar
+    import fusion.routing as routing_module
+
+    used, real_embed, real_names = [], routing_module.embed, routing_module._predict_names
+
+    def embed_spy(model, batches, precision="fp32"):
+        used.append(("embed", precision, max(len(b["input_ids"]) for b in batches)))
+        return real_embed(model, batches, precision)
+
+    def names_spy(mixed, batches, slots, labels):
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32
+        used.append(("serve", dtype, max(len(b["input_ids"]) for b in batches)))
+        return real_names(mixed, batches, slots, labels)
+
+    monkeypatch.setattr(routing_module, "embed", embed_spy)
+    monkeypatch.setattr(routing_module, "_predict_names", names_spy)
+    assert main(["route", str(out), "--router", "prototype", "--router", "linear"]) == 0
+    routed = capsys.readouterr()
+    assert "route: embedding and scoring" in routed.err
+    assert "embedded and scored as the run scored its matrix (bf16, batch 8)" in routed.out
+    assert {u[1] for u in used if u[0] == "embed"} == {"bf16"} and {u[1] for u in used if u[0] == "serve"} == {torch.bfloat16}
+    assert max(u[2] for u in used) == 8  # (and the linear router still fits: by gradient descent, outside the serving's no_grad)
     results = json.loads((out / "results.json").read_text())
     own = [float(line.split(",")[2]) for line in (out / "merge.csv").read_text().splitlines()[1:4]]
     assert own == [round(v, 6) for v in results["matrix"]["R"][-1]]  # the same numbers, not close ones
@@ -249,3 +271,8 @@ def test_merge_and_transfer_score_as_the_run_scored_its_matrix(toy_yaml, tiny_ba
     (out / "results.json").write_text(json.dumps(sealed({k: v for k, v in results.items() if k != "checksum"})))
     assert main(["transfer", str(out), "--no-progress"]) == 0
     assert "in fp32 at batch 64 (its rows were scored in different precisions" in capsys.readouterr().out
+    used.clear()
+    assert main(["route", str(out), "--router", "prototype", "--no-progress"]) == 0
+    routed = capsys.readouterr()
+    assert "in fp32 at batch 64 (its rows were scored in different precisions" in routed.out and "route:" not in routed.err
+    assert {u[1] for u in used} == {"fp32", torch.float32}

@@ -168,7 +168,7 @@ def cmd_route(args: argparse.Namespace) -> int:
         check_tracking_uri(args.tracking_uri)
     # --fit-max 0: no cap, as every cap of the commands (it used to fit on no example and fail in torch.cat)
     results = route_run(args.run, args.backbone, args.router or ["prototype", "linear"], _cap(args.fit_max),
-                        args.tracking_uri)
+                        args.tracking_uri, progress=not args.no_progress)
     print(format_results(results))
     return 0
 

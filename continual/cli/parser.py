@@ -210,6 +210,7 @@ def _route(sub: argparse._SubParsersAction) -> None:
                     help="router(s) to evaluate (default: both)%(default).0s")
     ro.add_argument("--fit-max", type=count, default=None, help="cap on training examples per task used to fit routers (0: no cap)")
     ro.add_argument("--tracking-uri", default=None, help="MLflow store (default: the one the run was logged to)%(default).0s")
+    ro.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _transfer(sub: argparse._SubParsersAction) -> None:

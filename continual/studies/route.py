@@ -5,7 +5,8 @@
 Rebuilds the run's stream (checked against the data fingerprints it recorded), loads its task
 checkpoints, fits each router task by task on the training splits (only the frozen backbone's
 embeddings), routes every test example, serves them through one mixed-task model, and reports
-routing accuracy and the stream's ACC with routed tasks against ACC with the true task (oracle).
+routing accuracy and the stream's ACC with routed tasks against ACC with the true task (oracle),
+in the precision and at the batch size the run scored its matrix with (:func:`run_scoring`).
 Writes ``routing.json``, ``routing-<router>.md`` and a confusion heatmap per router into the run
 directory and logs them, as a nested ``routing`` run of the stream's MLflow run.
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
+from tqdm.auto import tqdm
 
 from adapters.precision import PRECISIONS
 
@@ -93,10 +95,24 @@ def per_task_run(run_dir: str | Path, backbone: str | None, why: str):
     return stream, identity, model
 
 
+class _Ticking(list):
+    """Tokenised batches that move a progress bar as they are iterated (each pass again)."""
+
+    def __init__(self, batches: Any, bar: Any) -> None:
+        super().__init__(batches)
+        self.bar = bar
+
+    def __iter__(self):
+        for b in super().__iter__():
+            yield b
+            self.bar.update(1)
+
+
 def route_run(run_dir: str | Path, backbone: str | None = None, routers: Sequence[str] = ("prototype", "linear"),
-              fit_max: int | None = None, tracking_uri: str | None = None, batch_size: int = 64) -> list[Any]:
+              fit_max: int | None = None, tracking_uri: str | None = None, progress: bool = True) -> list[Any]:
     """Route a finished run's test sets with each router; returns the :class:`RoutingResult` list.
-    ``backbone``: default, the one the run's checkpoints name."""
+    ``backbone``: default, the one the run's checkpoints name. Embeddings and scores are computed
+    in the precision and at the batch size the run scored its matrix with (:func:`run_scoring`)."""
     from fusion.routing import ROUTERS, RoutingData, generated_answers, route_and_score
 
     unknown = [r for r in routers if r not in ROUTERS]
@@ -109,19 +125,23 @@ def route_run(run_dir: str | Path, backbone: str | None = None, routers: Sequenc
         raise ValueError(f"fit_max must be None (no cap) or an integer >= 1, got {fit_max!r}")
     run = Path(run_dir)
     stream, identity, model = per_task_run(run, backbone, "routing picks one task per stream task")
+    precision, batch_size, scored = run_scoring(run)
     default_len = identity["train"]["max_length"]
     train, test, gold, labels, new_tokens = {}, {}, {}, {}, []
+    # one bar over every batch: embedded once each, then each test batch scored per router and once by the true task
+    bar = tqdm(total=0, desc="route: embedding and scoring", unit="batch", disable=not progress, leave=False)
     for t in stream:
         length = t.max_length or default_len
         ds = t.train.select(sample_rows(t.train, fit_max, identity.get("seed", 0)))
-        train[t.name] = list(eval_loader(ds, model.tokenizer, length, batch_size, metric=t.metric,
-                                         decoder_start=model.decoder_start_id))
+        train[t.name] = _Ticking(eval_loader(ds, model.tokenizer, length, batch_size, metric=t.metric,
+                                             decoder_start=model.decoder_start_id), bar)
         # prototypes per label; a free-text task has one
         labels[t.name] = list(ds["label"]) if "label" in ds.column_names else [0] * len(ds)
         loader = task_loader(t, "test", model, length, batch_size)
         new_tokens.append(getattr(loader, "max_new_tokens", 0))
-        test[t.name] = list(loader)
+        test[t.name] = _Ticking(loader, bar)
         gold[t.name] = list(t.test["target"]) if t.generative else [t.label_names[y] for y in t.test["label"]]
+        bar.total += len(train[t.name]) + len(test[t.name]) * (2 + len(routers))
     answer = match = None
     if all(t.generative for t in stream):  # answers generated through the routed task's delta
         metrics = {t.name: t.metric for t in stream}
@@ -130,17 +150,18 @@ def route_run(run_dir: str | Path, backbone: str | None = None, routers: Sequenc
     elif any(t.generative for t in stream):
         raise ValueError("routing serves a stream of classification tasks or of generative tasks, not a mix of both")
     start = time.perf_counter()
-    data = RoutingData.build(model, stream.names, train, labels, test, gold)
-    print(f"embedded {sum(len(v) for v in labels.values())} training and {sum(len(v) for v in gold.values())} test "
-          f"examples in {time.perf_counter() - start:.0f} s")
-    results, files = [], []
-    for name in routers:
-        start = time.perf_counter()
-        res = route_and_score(model, data, ROUTERS[name](), answer, match)
-        res.seconds = time.perf_counter() - start
-        results.append(res)
-        (run / f"routing-{name}.md").write_text(res.table() + "\n")
-        files += [run / f"routing-{name}.md", routing_heatmap(res, run / f"routing-{name}.png")]
+    with bar:
+        data = RoutingData.build(model, stream.names, train, labels, test, gold, precision)
+        tqdm.write(f"embedded {sum(len(v) for v in labels.values())} training and {sum(len(v) for v in gold.values())} "
+                   f"test examples in {time.perf_counter() - start:.0f} s; embedded and scored {scored}")
+        results, files = [], []
+        for name in routers:
+            start = time.perf_counter()
+            res = route_and_score(model, data, ROUTERS[name](), answer, match, precision)
+            res.seconds = time.perf_counter() - start
+            results.append(res)
+            (run / f"routing-{name}.md").write_text(res.table() + "\n")
+            files += [run / f"routing-{name}.md", routing_heatmap(res, run / f"routing-{name}.png")]
     summary = {r.router: {**r.summary(), "routed": r.routed_accuracy, "oracle": r.oracle_accuracy,
                           "confusion": r.confusion.tolist(), "tasks": r.tasks, "seconds": r.seconds} for r in results}
     (run / "routing.json").write_text(json.dumps(summary, indent=1))
