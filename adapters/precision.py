@@ -74,16 +74,18 @@ def frozen_linears_in(backbone: nn.Module, precision: str, lm_head: nn.Module | 
     try:
         with torch.no_grad():
             for m in dict.fromkeys([*backbone.modules(), *([lm_head] if lm_head is not None else [])]):
-                if not isinstance(m, nn.Linear) or any(p.requires_grad or hasattr(p, "to_local") for p in m.parameters()):
-                    continue  # (a weight sharded across processes, a DTensor, is cast by autocast instead)
-                if m is lm_head or id(m.weight) in shared:
-                    if m.weight.dtype != dtype and "forward" not in m.__dict__:
+                if not isinstance(m, nn.Linear):
+                    continue
+                # (a weight sharded across processes, a DTensor, is cast by autocast instead)
+                frozen = [p for p in (m.weight, m.bias) if p is not None and not p.requires_grad and not hasattr(p, "to_local")]
+                if m is lm_head or id(m.weight) in shared:  # a copy of the whole layer: only when nothing of it trains
+                    if len(frozen) == len(list(m.parameters())) and m.weight.dtype != dtype and "forward" not in m.__dict__:
                         bias = None if m.bias is None else m.bias.detach().to(dtype)
                         m.forward = _PackedForward(m, m.weight.detach().to(dtype), bias, prepacked=False)
                         held.append(m)
                     continue
-                for p in (m.weight, m.bias):
-                    if p is not None and p.dtype != dtype:
+                for p in frozen:  # (a layer whose bias alone trains still has its weight cast)
+                    if p.dtype != dtype:
                         original = p.data
                         p.data = original.to(dtype)
                         saved.append((p, original.cpu() if original.is_cuda else original))

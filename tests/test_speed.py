@@ -33,6 +33,17 @@ def test_precast_frozen_linears_give_autocast_results_bit_for_bit(arch):
         assert p.data_ptr() == originals[n] and p.dtype == torch.float32
 
 
+def test_precast_casts_the_frozen_weight_of_a_layer_whose_bias_trains():
+    """A layer whose bias alone trains (a user's unfrozen biases): its frozen weight is still cast
+    once, not by autocast at every step; the trained bias is left alone; both are back afterwards."""
+    model = adapters.DeltaModel(tiny_backbone("bert"))
+    layer = model.backbone.get_submodule("encoder.layer.0.output.dense")
+    layer.bias.requires_grad_(True)
+    with frozen_linears_in(model.backbone, "bf16"):
+        assert layer.weight.dtype == torch.bfloat16 and layer.bias.dtype == torch.float32
+    assert layer.weight.dtype == torch.float32 and layer.bias.requires_grad
+
+
 def _tied_lm(arch: str) -> adapters.DeltaModel:
     """A tiny decoder or T5 whose LM head shares the input embeddings' weight, with a generative
     LoRA task whose B is non-zero (so gradients reach the head's input through it)."""
