@@ -18,9 +18,11 @@ import importlib.metadata
 import importlib.util
 import os
 import shutil
+import socket
 import tempfile
 import zipfile
 from pathlib import Path
+from urllib.parse import urlparse
 from typing import Any, Callable
 
 import torch
@@ -128,6 +130,23 @@ def hub_id(name: str) -> str:
     return HUB_IDS.get(name, name)
 
 
+def hub_unreachable(timeout: float = 5.0) -> str | None:
+    """Why the HuggingFace hub cannot be reached from here (its host does not resolve or refuses a
+    connection), or None when it can or this cannot tell: behind a proxy, or where ``HF_HUB_OFFLINE``
+    already makes the hub client refuse at once. One TCP connection, no request."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return None
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")):
+        return None  # the proxy may reach what a direct connection cannot
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        return f"{host}:{port}: {e.strerror or e}"
+    return None
+
+
 def load_backbone(name: str = DEFAULT_BACKBONE, dtype: torch.dtype | None = None, **kwargs: Any) -> tuple[nn.Module, Any]:
     """(model, tokenizer) for a short name, a local directory, or a hub id. A decoder-only model
     comes with its language-model head (``AutoModelForCausalLM``), an encoder-decoder as
@@ -143,9 +162,14 @@ def load_backbone(name: str = DEFAULT_BACKBONE, dtype: torch.dtype | None = None
         raise BackboneError(f"cannot load backbone from {name}: no such directory")
     else:
         path, local = name, False
+    down = None if local else hub_unreachable()
+    if down:  # the hub client would retry for ~30 s before failing; the local HF cache still serves
+        local = True
     opts = dict(kwargs)
     if dtype is not None:
         opts["dtype"] = dtype
+    if local:  # transformers looks for a PEFT adapter config on the hub without local_files_only
+        opts.setdefault("adapter_kwargs", {"local_files_only": True})
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=local)
         if getattr(config, "is_encoder_decoder", False):  # T5 / Flan-T5: with its LM head, for generative tasks
@@ -161,6 +185,11 @@ def load_backbone(name: str = DEFAULT_BACKBONE, dtype: torch.dtype | None = None
             model = loader.from_pretrained(path, local_files_only=local, **opts)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
     except OSError as e:
+        if down:
+            raise BackboneError(
+                f"cannot load {name!r}: it is neither a known short name ({', '.join(BACKBONES)}) nor a local "
+                f"directory, it is not in the local HuggingFace cache, and the hub cannot be reached ({down}). "
+                f"Use a short name, a local path, or connect to the network.") from None
         if local:
             raise BackboneError(f"cannot load backbone from {path}: {e}") from None
         raise BackboneError(

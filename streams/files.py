@@ -7,8 +7,11 @@ before anything is trained: a stream either loads whole or not at all.
 from __future__ import annotations
 
 import json
+import os
+import socket
 from pathlib import Path
 from typing import Any, Sequence
+from urllib.parse import urlparse
 
 import numpy as np
 import pandas as pd
@@ -229,16 +232,43 @@ def encode_labels(labels: Sequence[Any], names: list[str], where: str, column: s
     return out
 
 
+def hub_unreachable(timeout: float = 5.0) -> str | None:
+    """Why the HuggingFace hub cannot be reached (its host does not resolve or refuses a connection),
+    or None when it can or this cannot tell (a proxy, or ``HF_HUB_OFFLINE`` already set). The same
+    probe as ``adapters.backbones.hub_unreachable``: the two bottom layers share no module."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return None
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or (80 if url.scheme == "http" else 443)), timeout=timeout).close()
+    except OSError as e:
+        return f"{url.hostname}:{url.port or (80 if url.scheme == 'http' else 443)}: {e.strerror or e}"
+    return None
+
+
 def load_hub(name: str, config: str | None, task: str) -> dict[str, pd.DataFrame]:
     """Splits of a HF hub data set as DataFrames; offline, a clear error naming the way out."""
     import datasets
+    import huggingface_hub.constants as hub
 
+    down = hub_unreachable()
+    # unreachable, the hub client retries for ~30 s before failing; in offline mode the datasets
+    # cache still serves a set loaded before, and anything else fails at once (both read the flag
+    # from these module constants at call time, so it is set there for this call only)
+    saved = datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE
     try:
+        if down:
+            datasets.config.HF_HUB_OFFLINE = hub.HF_HUB_OFFLINE = True
         dd = datasets.load_dataset(name, config)
     except Exception as e:  # offline gives ConnectionError / OfflineModeIsEnabled / FileNotFoundError
         raise DataError(
             f"task {task!r}: cannot load the hub data set {name!r}{f' ({config})' if config else ''}: "
-            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Hub data needs network access; "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Hub data needs network access"
+            f"{f' (the hub cannot be reached: {down})' if down else ''}; "
             f"offline, export the data to a local CSV/JSONL/parquet file and give its path as 'train:'."
         ) from None
+    finally:
+        datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE = saved
     return {split: dd[split].to_pandas() for split in dd}

@@ -24,6 +24,37 @@ def test_hub_id_offline_fails_clearly():
     assert "some-org/some-model" in out.stdout and "offline" in out.stdout and "minilm" in out.stdout
 
 
+def test_an_unreachable_hub_fails_at_once_and_the_local_cache_still_serves(tmp_path, tiny_backbone_dir):
+    """Offline without HF_HUB_OFFLINE, the hub client retried for ~30 s before the error; a closed
+    port on this machine stands for the hub here (no proxy): the error names the hub and why at
+    once, and a model already in the HF cache loads from it."""
+    import shutil
+
+    from conftest import free_port
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--some-org--tiny" / "snapshots" / "0123abcd"
+    shutil.copytree(tiny_backbone_dir, snapshot)
+    (cache / "models--some-org--tiny" / "refs").mkdir()
+    (cache / "models--some-org--tiny" / "refs" / "main").write_text("0123abcd")
+    port = free_port()
+    code = (
+        "import adapters\n"
+        "print('reason:', adapters.backbones.hub_unreachable())\n"
+        "model, _ = adapters.load_backbone('some-org/tiny')\n"
+        "print('cached:', type(model).__name__)\n"
+        "try:\n    adapters.load_backbone('some-org/not-cached')\n"
+        "except adapters.BackboneError as e:\n    print('BackboneError:', e)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower() and k != "HF_HUB_OFFLINE"}
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_HUB_CACHE=str(cache))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert f"reason: 127.0.0.1:{port}: " in out.stdout, out.stderr[-2000:]
+    assert "cached: BertModel" in out.stdout, out.stderr[-2000:]
+    assert f"the hub cannot be reached (127.0.0.1:{port}: " in out.stdout and "some-org/not-cached" in out.stdout
+    assert "Retrying" not in out.stderr
+
+
 def test_a_missing_directory_is_named_without_asking_the_hub(tmp_path):
     for path in (tmp_path / "gone", "./not-here", "~/no-such-model", "runs/a/b"):
         with pytest.raises(BackboneError, match=f"cannot load backbone from {path}: no such directory"):

@@ -144,6 +144,24 @@ def test_bad_user_streams_fail_clearly(tmp_path, monkeypatch, case, message):
         load_stream(write_yaml(tmp_path, tasks))
 
 
+def test_a_hub_set_fails_at_once_where_the_hub_cannot_be_reached(tmp_path, monkeypatch):
+    """Offline without HF_HUB_OFFLINE the hub client retried for ~30 s before failing: a closed port
+    here stands for the hub; the error names it and why, and the offline flags are as they were."""
+    import datasets
+    import huggingface_hub.constants
+
+    from conftest import free_port
+
+    for var in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    port = free_port()
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    before = datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE
+    with pytest.raises(DataError, match=rf"Hub data needs network access \(the hub cannot be reached: 127\.0\.0\.1:{port}: "):
+        load_stream(write_yaml(tmp_path, [{"name": "a", "hub": "no-such-user/no-such-set"}]))
+    assert (datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE) == before
+
+
 def test_unknown_stream_and_malformed_yaml(tmp_path):
     with pytest.raises(DataError, match=r"not a built-in stream \(default, sentiment-domains, generative, standard-5\) and no such file"):
         load_stream("nope")
