@@ -225,10 +225,11 @@ def cmd_combine(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from ..studies.compare import compare, parse_entry, report_markdown, write_report
+    from ..studies.compare import check_entries, compare, parse_entry, report_markdown, write_report
     from ..studies.pool import check_ray
 
     entries = [parse_entry(e) for e in (args.entry or ["per-task:bottleneck", "per-task:lora", "seq-delta:lora", "seq-ft"])]
+    check_entries(entries)
     if args.seeds and args.seed is not None:
         raise ValueError(f"give --seed or --seeds, not both: --seeds {args.seeds} sets every run's seed")
     args.seed = TrainConfig.command_line().seed if args.seed is None else args.seed

@@ -133,6 +133,16 @@ def run_job(job: Job) -> dict[str, Any]:
     return summarize_run(directory)
 
 
+def check_entries(entries: Sequence[Entry]) -> None:
+    """Refuse an entry that names no strategy or method, or bad options, and an entry given twice
+    (both would write one folder), before any stream is drawn or anything runs."""
+    for e in entries:
+        make_strategy(e.strategy, e.methods or None, **e.options)
+    twice = sorted({e.label for e in entries if [x.label for x in entries].count(e.label) > 1})
+    if twice:
+        raise ValueError(f"entries {twice} are given more than once; give each entry once")
+
+
 def compare(streams: Any, entries: Sequence[Entry], config: TrainConfig, out: str | Path, backbone: str = "minilm",
             tracking_uri: str | None = None, *, workers: int = 1, ray_address: str | None = None,
             done: Any = None) -> dict[str, dict[str, Any]]:
@@ -145,11 +155,7 @@ def compare(streams: Any, entries: Sequence[Entry], config: TrainConfig, out: st
     over seeds, with ``<metric>_std``. ``workers`` / ``ray_address``: the pool that runs the
     entries x seeds (:mod:`continual.studies.pool`); the rows do not depend on it."""
     out = Path(out)
-    for e in entries:  # every entry is checked before any runs
-        make_strategy(e.strategy, e.methods or None, **e.options)
-    twice = sorted({e.label for e in entries if [x.label for x in entries].count(e.label) > 1})
-    if twice:
-        raise ValueError(f"entries {twice} are given more than once; give each entry once")
+    check_entries(entries)
     by_seed = streams if isinstance(streams, dict) else {config.seed: streams}
     several = len(by_seed) > 1
     parallel = workers > 1 or bool(ray_address)
