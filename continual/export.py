@@ -34,7 +34,7 @@ def export_run(run: str | Path, out: str | Path, backbone: str | None = None, ta
     """Export each task of ``run`` (default: every task whose delta PEFT can hold) into
     ``out/<task>``; returns the exports and, for each task left out, why. A task named in
     ``tasks`` that cannot be exported is an error naming why; so is a run with none that can."""
-    _check_out(Path(out), run_tasks(run, tasks))  # before the backbone loads
+    _check_out(Path(out), run_tasks(run, tasks), Path(run))  # before the backbone loads
     if (Path(run) / "checkpoints" / BACKBONE_FILE).exists():
         raise ConfigError(f"{run} fine-tuned its whole backbone (seq-ft, avalanche-*): it holds no delta to export "
                           f"as an adapter, only task heads over that backbone ({Path(run) / 'checkpoints' / BACKBONE_FILE})")
@@ -56,10 +56,15 @@ def export_run(run: str | Path, out: str | Path, backbone: str | None = None, ta
     return done, {t: why for t, why in reasons.items() if why}
 
 
-def _check_out(out: Path, tasks: Sequence[str]) -> None:
+def _check_out(out: Path, tasks: Sequence[str], run: Path) -> None:
     """Refuse an ``out`` that cannot take ``out/<task>`` folders: a file, or a file where a
-    task's folder would go (each export is written into its folder, replacing what is there)."""
+    task's folder would go (each export is written into its folder, replacing what is there),
+    and one inside the run's checkpoints, which hold what the run's manifest verifies."""
     check_out(out, "the adapters")
+    store = (run / "checkpoints").resolve()
+    if out.resolve() == store or store in out.resolve().parents:
+        raise ConfigError(f"--out {out} is inside the run's checkpoints ({run / 'checkpoints'}), which only the run "
+                          f"writes; give a folder outside it (e.g. {run / 'peft'} or peft/)")
     clash = [t for t in tasks if (out / t).exists() and not (out / t).is_dir()]
     if clash:
         raise ConfigError(f"--out {out} holds files where the adapters' folders would go: {[str(out / t) for t in clash]}")

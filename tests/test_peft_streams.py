@@ -203,7 +203,8 @@ def test_export_command(tmp_path, tiny_backbone_dir, capsys):
     bad = {("--out", str(tmp_path / "a-file")): f"{tmp_path / 'a-file'} is a file, not a directory; give another --out",
            ("--out", str(tmp_path / "taken")): "holds files where the adapters' folders would go",
            ("--out", str(tmp_path / "p2"), "--task", "a", "--task", "a"): "tasks ['a'] are named more than once",
-           ("--out", str(tmp_path / "p3"), "--task", "nope"): "has no checkpoints for ['nope']"}
+           ("--out", str(tmp_path / "p3"), "--task", "nope"): "has no checkpoints for ['nope']",
+           ("--out", str(tmp_path / "run" / "checkpoints" / "a")): "is inside the run's checkpoints"}
     for extra, message in bad.items():
         assert main(["export", str(tmp_path / "run"), *extra]) == 2, extra
         captured = capsys.readouterr()
