@@ -187,8 +187,16 @@ def log_nested_run(run_dir: str | Path, name: str, metrics: dict[str, float], fi
     if not uri or not parent:
         return None
     client = client_for(uri)
-    child = client.create_run(client.get_run(parent).info.experiment_id, run_name=name,
-                              tags={"mlflow.parentRunId": parent, "kind": name}).info.run_id
+    try:
+        experiment = client.get_run(parent).info.experiment_id
+    except Exception:
+        if uri == tracking.get("tracking_uri"):
+            raise
+        # another store than the run's: its id means nothing there, and "Run ... not found" said
+        # neither why nor what to do
+        raise LookupError(f"{uri} does not hold this run (it was logged to {tracking.get('tracking_uri')}); "
+                          f"upload it there first: continual sync {run_dir} --tracking-uri {uri}") from None
+    child = client.create_run(experiment, run_name=name, tags={"mlflow.parentRunId": parent, "kind": name}).info.run_id
     _log_metrics(client, child, [(k, v, 0) for k, v in _finite(metrics).items()])
     for f in files:
         client.log_artifact(child, str(f), name)

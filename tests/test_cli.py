@@ -216,6 +216,12 @@ def test_route_command_on_a_finished_run(toy_yaml, tiny_backbone_dir, tmp_path, 
     # without --backbone, the one the run's checkpoints name (it loaded MiniLM and refused the run)
     assert main(["route", str(out), "--router", "prototype", "--fit-max", "0"]) == 0
     assert json.loads((out / "routing.json").read_text())["prototype"]["routing_accuracy"] == routing["routing_accuracy"]
+    # a store that does not hold the run: the files are written, the warning says what to do (it
+    # said only "Run with id=... not found")
+    other = f"sqlite:///{tmp_path}/other.db"
+    capsys.readouterr()
+    assert main(["route", str(out), "--router", "prototype", "--tracking-uri", other]) == 0
+    assert f"{other} does not hold this run (it was logged to {uri}); upload it there first: continual sync" in capsys.readouterr().err
     # a directory that holds no finished run is refused with the reason
     assert main(["route", str(tmp_path / "nope"), "--backbone", str(tiny_backbone_dir)]) == 2
     assert "not a finished stream run" in capsys.readouterr().err
