@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import FAST, GEN_TEMPLATE, toy_generative_stream, toy_task
+from conftest import FAST, GEN_TEMPLATE, WORDS, toy_generative_stream, toy_task
 from continual import TrainConfig, make_strategy, run_stream
 from continual.training import eval_loader, evaluate, score_texts, tokenize
 from continual.training.textscore import exact_match, rouge_l, token_f1
@@ -57,6 +57,14 @@ def test_tokenised_layout(word_tokenizer):
     assert loader.metric == "exact" and loader.max_new_tokens == 2  # one answer word + eos
     assert (batch["attention_mask"][:, -1] == 1).all()  # prompts are left-padded
     assert batch["references"] == list(task.test["target"][:8])
+    # an answer of 40 words is generated whole where training keeps it (max_length 128 keeps 63
+    # tokens of an answer), and cut as training cuts it where it does not: a cap of 32 tokens
+    # scored long answers (TRACE's summaries) on their first 31 tokens
+    from datasets import Dataset
+
+    long = Dataset.from_dict({"text": ["Words: apple"] * 2, "target": [" ".join(WORDS[:10] * 4), "yes"]})
+    assert eval_loader(long, word_tokenizer, 128, 8).max_new_tokens == 41
+    assert eval_loader(long, word_tokenizer, 64, 8).max_new_tokens == 32  # 31 answer tokens kept, + eos
 
 
 def test_builtin_generative_stream():

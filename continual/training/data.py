@@ -25,11 +25,6 @@ from torch.utils.data import DataLoader
 from streams.catalog import cap_indices
 
 
-# Longest answer generated when scoring (tokens, end-of-sequence included): the longest reference
-# of the data set decides, up to this cap.
-MAX_NEW_TOKENS = 32
-
-
 def _quiet_map(dataset: Dataset, fn: Callable, remove: list[str]) -> Dataset:
     # datasets' own per-map progress bar is noise next to the training bar
     was_enabled = datasets.is_progress_bar_enabled()
@@ -75,8 +70,9 @@ def check_generative_length(max_length: int) -> None:
 
 def generation_reach(max_length: int) -> int:
     """Positions a decoder's scoring can reach at ``max_length``: a prompt of up to max_length - 1
-    tokens (the answer keeps at least its end of sequence) and then the longest answer generated."""
-    return max_length - 1 + min(MAX_NEW_TOKENS, answer_room(max_length) + 1)
+    tokens (the answer keeps at least its end of sequence) and then the longest answer generated,
+    which is the longest reference kept: up to the answer room and its end of sequence."""
+    return max_length - 1 + answer_room(max_length) + 1
 
 
 def check_generation_room(model: Any, max_length: int, added: int = 0) -> None:
@@ -221,7 +217,9 @@ class GenerationLoader:
             lengths = [len(t) for t in dataset["target_ids"]]
         else:
             lengths = [len(ids) - p for ids, p in zip(dataset["input_ids"], dataset["prompt_len"])]
-        self.max_new_tokens = min(MAX_NEW_TOKENS, max(lengths))
+        # as long as the longest reference (cut to the length training keeps): a fixed cap of 32
+        # tokens scored TRACE's summaries and code (ROUGE-L) on their first 31 tokens, without a word
+        self.max_new_tokens = max(lengths)
 
     def subset(self, dataset: Dataset) -> "GenerationLoader":
         """A loader over part of this one's data set, scored and answered as the whole set is
