@@ -68,6 +68,14 @@ def forgetting(R: np.ndarray) -> float:
     return _mean([np.max(R[j:T - 1, j]) - R[T - 1, j] for j in range(T - 1)])
 
 
+def accuracy_curve(R: np.ndarray) -> list[float]:
+    """The mean score over the tasks seen so far after each task: ``mean_{j<=i} R[i, j]`` for each
+    row i (its last entry is ACC). The curve of the published method comparisons (one line per
+    method); NaN at a row with an entry never measured."""
+    R = _check(R)
+    return [float(np.mean(R[i, : i + 1])) for i in range(len(R))]
+
+
 def summarize(R: np.ndarray, b: np.ndarray) -> dict[str, float]:
     """All four metrics of one matrix."""
     return {"ACC": average_accuracy(R), "BWT": backward_transfer(R), "FWT": forward_transfer(R, b),

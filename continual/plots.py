@@ -175,3 +175,32 @@ def metric_bars(rows: dict[str, dict[str, Any]], metrics: Sequence[str], path: s
     ax.legend(fontsize=8)
     return _save(fig, path)
 
+
+
+def accuracy_curves(rows: dict[str, dict[str, Any]], path: str | Path) -> Path:
+    """One line per row's label: the mean score over the tasks seen so far after each task
+    (``ACC_curve``), beside the same without the task id (``ACC_agnostic_curve``) where any row has it.
+    Rows with ``<curve>_std`` (several seeds) get a band of one standard deviation."""
+    plt = _pyplot()
+    panels = [("ACC_curve", "with the task id")]
+    if any(any(v is not None for v in r.get("ACC_agnostic_curve") or []) for r in rows.values()):
+        panels.append(("ACC_agnostic_curve", "without the task id"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False, sharey=True)
+    for ax, (key, what) in zip(axes[0], panels):
+        for label, row in rows.items():
+            y = np.array([np.nan if v is None else v for v in row.get(key) or []], dtype=float)
+            if not len(y):
+                continue
+            x = np.arange(1, len(y) + 1)
+            line, = ax.plot(x, y, marker="o", label=label)
+            std = row.get(f"{key}_std")
+            if std:
+                s = np.array([np.nan if v is None else v for v in std], dtype=float)
+                ax.fill_between(x, y - s, y + s, color=line.get_color(), alpha=0.15)
+            ax.set_xticks(x)
+        ax.set_xlabel("tasks learned")
+        ax.set_title(f"mean score over the tasks seen, {what}", fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("score")
+    axes[0][-1].legend(fontsize=8)
+    return _save(fig, path)

@@ -165,8 +165,7 @@ def sqlite_artifact_root(uri: str) -> str | None:
 
 
 def experiment(uri: str, name: str) -> tuple[Any, str]:
-    """An ``MlflowClient`` for ``uri`` and the id of experiment ``name`` (created when missing, with
-    artifacts beside a SQLite store)."""
+    """An ``MlflowClient`` for ``uri`` and the id of experiment ``name`` (made where missing)."""
     client = client_for(uri)
     with store_lock(uri):
         exp = client.get_experiment_by_name(name)
@@ -188,15 +187,13 @@ def log_nested_run(run_dir: str | Path, name: str, metrics: dict[str, float], fi
         return None
     client = client_for(uri)
     try:
-        experiment = client.get_run(parent).info.experiment_id
-    except Exception:
+        exp_id = client.get_run(parent).info.experiment_id
+    except Exception:  # in another store than the run's, "Run ... not found" said neither why nor what to do
         if uri == tracking.get("tracking_uri"):
             raise
-        # another store than the run's: its id means nothing there, and "Run ... not found" said
-        # neither why nor what to do
         raise LookupError(f"{uri} does not hold this run (it was logged to {tracking.get('tracking_uri')}); "
                           f"upload it there first: continual sync {run_dir} --tracking-uri {uri}") from None
-    child = client.create_run(experiment, run_name=name, tags={"mlflow.parentRunId": parent, "kind": name}).info.run_id
+    child = client.create_run(exp_id, run_name=name, tags={"mlflow.parentRunId": parent, "kind": name}).info.run_id
     _log_metrics(client, child, [(k, v, 0) for k, v in _finite(metrics).items()])
     for f in files:
         client.log_artifact(child, str(f), name)
@@ -222,13 +219,6 @@ class MLflowLogger(StreamLogger):
             self._client = client_for(self.uri)
         return self._client
 
-    def _experiment_id(self) -> str:
-        with store_lock(self.uri):
-            exp = self.client.get_experiment_by_name(self.experiment)
-            if exp is not None:
-                return exp.experiment_id
-            return self.client.create_experiment(self.experiment, artifact_location=sqlite_artifact_root(self.uri))
-
     def start_stream(self, name, params, resume):
         from mlflow.entities import RunStatus
 
@@ -248,7 +238,7 @@ class MLflowLogger(StreamLogger):
             self.client.update_run(self.parent, status=RunStatus.to_string(RunStatus.RUNNING))
             self.client.set_tag(self.parent, "resumed", "true")
         else:
-            run = self.client.create_run(self._experiment_id(), run_name=self.run_name or name,
+            run = self.client.create_run(experiment(self.uri, self.experiment)[1], run_name=self.run_name or name,
                                          tags={"stream": name, "kind": "stream"})
             self.parent = run.info.run_id
             self._params(self.parent, params)
@@ -333,13 +323,14 @@ def _log_metrics(client: Any, run_id: str, items: list[tuple[str, float, int]]) 
 
 
 def _standalone_run(uri: str, experiment_name: str, run_name: str, tags: dict[str, str], params: dict[str, Any],
-                    metrics: dict[str, float], files: list[Path], artifact_dir: str | None = None) -> str:
-    """One finished run with params, metrics (step 0) and files; returns its id."""
+                    metrics: dict[str, float], files: list[Path], artifact_dir: str | None = None,
+                    series: tuple[tuple[str, float, int], ...] = ()) -> str:
+    """One finished run with params, metrics (step 0), ``series`` (name, value, step), files; its id."""
     client, exp_id = experiment(uri, experiment_name)
     run_id = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
     for k, v in params.items():
         client.log_param(run_id, k, v)
-    _log_metrics(client, run_id, [(k, v, 0) for k, v in _finite(metrics).items()])
+    _log_metrics(client, run_id, [(k, v, 0) for k, v in _finite(metrics).items()] + list(series))
     for f in files:
         client.log_artifact(run_id, str(f), artifact_dir)
     client.set_terminated(run_id)
@@ -348,10 +339,13 @@ def _standalone_run(uri: str, experiment_name: str, run_name: str, tags: dict[st
 
 @best_effort
 def log_compare(uri: str, stream: str, rows: dict[str, dict[str, Any]], files: list[Path]) -> str:
-    """The comparison report as a ``compare`` run: each row's numbers, the report files."""
-    metrics = {compare_metric(k, label): v for label, r in rows.items() for k, v in r.items() if v is not None}
+    """The comparison report as a ``compare`` run: each row's numbers, its curves (one step per
+    task learned, from 1), the report files."""
+    metrics = {compare_metric(k, label): v for label, r in rows.items() for k, v in r.items() if not isinstance(v, list)}
+    series = tuple((compare_metric(k, label), float(v), step) for label, r in rows.items() for k, c in r.items()
+                   if isinstance(c, list) for step, v in enumerate(c, 1) if v is not None and not math.isnan(v))
     return _standalone_run(uri, DEFAULT_EXPERIMENT, f"compare-{stream}", {"kind": "compare", "stream": stream}, {},
-                           metrics, files, "compare")
+                           metrics, files, "compare", series)
 
 
 @best_effort

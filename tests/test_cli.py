@@ -281,9 +281,19 @@ def test_compare_command_writes_a_report(toy_yaml, tiny_backbone_dir, tmp_path, 
         assert f"is a compare study's folder, not one run: its report is {out / 'report.md'}" in capsys.readouterr().err
     assert "ACC, no task id" in printed and rows[lora]["ACC_agnostic"] == own["metrics"]["ACC_agnostic"]
     assert 0 <= rows["seq-ft"]["routing_accuracy"] <= 1
+    # each entry's mean score over the tasks seen after each task, with and without the task id,
+    # drawn one line per entry and logged one step per task
+    R = np.array(own["matrix"]["R"], dtype=float)
+    assert rows[lora]["ACC_curve"] == pytest.approx([R[i, : i + 1].mean() for i in range(3)])
+    assert rows[lora]["ACC_curve"][-1] == pytest.approx(rows[lora]["ACC"])
+    assert rows[lora]["ACC_agnostic_curve"][-1] == pytest.approx(rows[lora]["ACC_agnostic"])
+    assert (out / "curves.png").stat().st_size > 1000
     client = MlflowClient(uri)
     run = client.search_runs([client.get_experiment_by_name("continual").experiment_id], "tags.kind = 'compare'")[0]
     assert run.data.metrics["ACC/seq-ft"] == pytest.approx(rows["seq-ft"]["ACC"])
+    history = client.get_metric_history(run.info.run_id, f"ACC_curve/{lora}".replace("(", "_").replace(")", "_").replace("=", "_"))
+    assert [(m.step, m.value) for m in history] == [(i + 1, pytest.approx(v)) for i, v in enumerate(rows[lora]["ACC_curve"])]
+    assert "curves.png" in [f.path.split("/")[-1] for f in client.list_artifacts(run.info.run_id, "compare")]
     streams = client.search_runs([run.info.experiment_id], "attributes.run_name = 'compare-toy-seq-ft'")
     assert streams and streams[0].data.metrics["ACC"] == pytest.approx(rows["seq-ft"]["ACC"])  # each entry logged too
     mtime = (out / "seq-ft" / "results.json").stat().st_mtime
@@ -386,6 +396,37 @@ def test_comparison_bars_carry_one_std_whiskers_when_seeds_give_them(tmp_path, m
     assert "one std over seeds" in ax.get_title()
     plots.metric_bars({"one-seed": one}, ("ACC", "BWT"), tmp_path / "s.png")
     assert "std" not in drawn[1].axes[0].get_title()
+
+
+def test_accuracy_curves_over_seeds_and_a_run_scored_only_at_its_end(tmp_path, monkeypatch):
+    """The curve is the mean over the tasks seen after each row (NaN where a row was not scored, as
+    joint's); over seeds point by point, with a one-std band; a panel without the task id only
+    where a row has that curve."""
+    from continual import plots
+    from continual.metrics import accuracy_curve
+    from continual.studies.compare import mean_row
+
+    R = np.array([[0.9, 0.1, 0.2], [0.5, 0.8, 0.3], [0.4, 0.6, 0.7]])
+    assert accuracy_curve(R) == pytest.approx([0.9, 0.65, 1.7 / 3])
+    joint = np.full((3, 3), np.nan)
+    joint[2] = [0.8, 0.7, 0.6]
+    assert np.isnan(accuracy_curve(joint)[:2]).all() and accuracy_curve(joint)[2] == pytest.approx(0.7)
+    base = {"ACC": 0.5, "BWT": 0.0, "FWT": 0.0, "forgetting": 0.0, "ACC_agnostic": 0.5, "BWT_agnostic": 0.0,
+            "forgetting_agnostic": 0.0, "routing_accuracy": 1.0, "trainable_params_per_task": 10,
+            "delta_bytes_on_disk": 1, "wall_seconds": 1.0}
+    rows = [{**base, "ACC_curve": [0.9, 0.6], "ACC_agnostic_curve": [None, 0.5]},
+            {**base, "ACC_curve": [0.7, 0.4], "ACC_agnostic_curve": [None, 0.3]}]
+    mean = mean_row(rows)
+    assert mean["ACC_curve"] == pytest.approx([0.8, 0.5]) and mean["ACC_curve_std"] == pytest.approx([0.02 ** 0.5] * 2)
+    assert mean["ACC_agnostic_curve"][0] is None and mean["ACC_agnostic_curve"][1] == pytest.approx(0.4)
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig) or Path(path))
+    plots.accuracy_curves({"two-seeds": mean, "one": rows[0]}, tmp_path / "c.png")
+    left, right = drawn[0].axes
+    assert [list(line.get_ydata()) for line in left.get_lines()] == [pytest.approx([0.8, 0.5]), pytest.approx([0.9, 0.6])]
+    assert len(left.collections) == 1 and "without the task id" in right.get_title()  # one band: the seeds' row
+    plots.accuracy_curves({"one": {**rows[0], "ACC_agnostic_curve": [None, None]}}, tmp_path / "d.png")
+    assert len(drawn[1].axes) == 1
 
 
 def test_a_plus_joined_method_is_the_same_combination_as_repeated_methods(toy_yaml, tiny_backbone_dir, tmp_path):

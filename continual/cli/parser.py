@@ -264,8 +264,9 @@ def _compare(sub: argparse._SubParsersAction) -> None:
                         description="Run each --entry (strategy or strategy:method+method) on the stream into "
                         "<out>/<entry> (finished entries are reused, killed ones resume) and write report.md, "
                         "report.json and report.png (ACC, BWT, FWT, forgetting, the same without the task id with the "
-                        "routing accuracy, trainable parameters, delta size on disk, wall time per entry), logged to "
-                        "MLflow as a 'compare' run.",
+                        "routing accuracy, trainable parameters, delta size on disk, wall time per entry) and curves.png "
+                        "(each entry's mean score over the tasks seen so far after each task), logged to MLflow as a "
+                        "'compare' run.",
                         formatter_class=Formatter)
     cp.add_argument("--stream", default=DEFAULTS["stream"], help="as for run --stream")
     cp.add_argument("--entry", action="append", metavar="STRATEGY[@K=V,...][:M1+M2]",

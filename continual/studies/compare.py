@@ -8,7 +8,8 @@ into its own directory under ``--out`` (a finished entry is reused, a killed one
 stream is logged to MLflow like ``continual run``), then one report gives, per entry: ACC, BWT,
 FWT, forgetting, trainable parameters per task, delta size on disk (the saved task checkpoints,
 and the backbone where the entry fine-tunes it) and wall time, as ``report.md``, ``report.json``
-and ``report.png``, logged to MLflow as a ``compare`` run.
+and ``report.png`` (the metrics) and ``curves.png`` (each entry's mean score over the tasks seen so far
+after each task), logged to MLflow as a ``compare`` run.
 
 With ``--seeds 0,1,2`` each entry runs once per seed (the stream drawn with that seed) and the
 report gives mean ± std. ``--workers N`` hands the entries x seeds to N local processes, and
@@ -29,7 +30,8 @@ import torch
 from adapters import DeltaConfig, DeltaModel
 from adapters.spec import methods_label, parse_combo, parse_options
 
-from ..plots import metric_bars
+from ..metrics import AccuracyMatrix, accuracy_curve
+from ..plots import accuracy_curves, metric_bars
 from ..rundir import RunStateError, read_state, run_info
 from ..identity import identity_differences, run_identity
 from ..scheduler import run_stream
@@ -93,6 +95,9 @@ def summarize_run(directory: Path) -> dict[str, Any]:
         "delta_bytes_on_disk": _dir_bytes(directory / "checkpoints"),
         "wall_seconds": results["seconds"],
     })
+    matrix = AccuracyMatrix.from_dict(results["matrix"])
+    for key, R in (("ACC_curve", matrix.R), ("ACC_agnostic_curve", matrix.A)):
+        row[key] = [None if math.isnan(v) else v for v in accuracy_curve(R)]  # JSON has no NaN
     return row
 
 
@@ -181,8 +186,13 @@ def compare(streams: Any, entries: Sequence[Entry], config: TrainConfig, out: st
 def mean_row(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """One entry's runs over several seeds: the mean of every number, ``<metric>_std`` for the
     metrics (sample standard deviation), ``seeds`` how many."""
+    curves = [k for k in rows[0] if k.endswith("_curve")]
     out: dict[str, Any] = {k: float(np.mean([r[k] for r in rows])) if None not in [r[k] for r in rows] else None
-                           for k in rows[0]}
+                           for k in rows[0] if k not in curves}
+    for k in curves:  # point by point over seeds; a point some seed lacks is None
+        points = np.array([[np.nan if v is None else v for v in r[k]] for r in rows], dtype=float)
+        out[k] = [None if np.isnan(v) else float(v) for v in points.mean(0)]
+        out[f"{k}_std"] = [None if np.isnan(v) else float(v) for v in points.std(0, ddof=1)]
     for k in (*METRICS, *AGNOSTIC):
         values = [r[k] for r in rows]
         out[f"{k}_std"] = float(np.std(values, ddof=1)) if None not in values else None
@@ -219,13 +229,16 @@ def report_markdown(stream: str, rows: dict[str, dict[str, Any]]) -> str:
 
 
 def write_report(stream: str, rows: dict[str, dict[str, Any]], out: str | Path, tracking_uri: str | None = None) -> list[Path]:
-    """report.md, report.json, report.png in ``out``; a ``compare`` MLflow run when a store is given."""
+    """report.md, report.json, report.png, curves.png in ``out``; a ``compare`` MLflow run when a
+    store is given."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text(report_markdown(stream, rows) + "\n")
     clean = {k: {m: (None if isinstance(v, float) and math.isnan(v) else v) for m, v in r.items()} for k, r in rows.items()}
     (out / "report.json").write_text(json.dumps({"stream": stream, "rows": clean}, indent=1))
     files = [out / "report.md", out / "report.json", metric_bars(rows, (*METRICS, "ACC_agnostic", "BWT_agnostic"), out / "report.png")]
+    if all(r.get("ACC_curve") for r in rows.values()):  # (rows of runs summarised before the curves: none)
+        files.append(accuracy_curves(rows, out / "curves.png"))
     if tracking_uri:
         log_compare(tracking_uri, stream, clean, files)
     return files
