@@ -102,3 +102,22 @@ def test_every_link_and_named_path_exists(page):
             if not list((ROOT / "benchmarks" / "results").glob(name)):
                 missing.append(f"result {name}")
     assert not missing, f"{page.name} names what does not exist: {missing}"
+
+
+def python_blocks(page: Path) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
+
+
+@pytest.mark.integration  # MiniLM and real data: the guide's programs run as written, shrunk
+@pytest.mark.parametrize("page, index", [("README.md", 0), ("docs/library.md", 0)])
+def test_the_guides_whole_programs_run(page, index, tmp_path, monkeypatch):
+    """The README's Python example and the library page's first one are whole programs: they run
+    as written (an API they name that moved would fail here), with fewer steps and examples and
+    their output folders under a temporary directory."""
+    code = python_blocks(ROOT / page)[index]
+    shrunk = re.sub(r"max_steps=\d+", "max_steps=2", code)
+    shrunk = re.sub(r"max_train=\d+", "max_train=32", re.sub(r"max_eval=\d+", "max_eval=16", shrunk))
+    assert shrunk != code and '"runs/' in code  # the substitutions still find what they shrink
+    monkeypatch.chdir(tmp_path)
+    exec(compile(shrunk, f"{page} (python block {index})", "exec"), {"__name__": "__guide__"})
+    assert any((tmp_path / "runs").iterdir())
