@@ -1,7 +1,8 @@
 """Every picture the project draws (people read forgetting off a picture faster than a table).
 
 The libraries (``fusion``, ``continual.metrics``) compute tables; this module turns them into
-text tables and PNGs: the accuracy matrix, fusion attention, routing confusion, metric bars.
+text tables and PNGs: the accuracy matrix, fusion attention, routing confusion, metric bars,
+the comparison's curves.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .metrics import AccuracyMatrix, score_label
+from .metrics import AccuracyMatrix, accuracy_curve, score_label
+
+SEEN = "mean seen"  # the printed matrices' column of the mean over the tasks seen so far
 
 
 def format_matrix(matrix: AccuracyMatrix, metrics: dict[str, float] | None = None, f1: bool = False,
@@ -26,12 +29,13 @@ def format_matrix(matrix: AccuracyMatrix, metrics: dict[str, float] | None = Non
     width = max(8, *(len(n) + 1 for n in [*names, *matrix.scores]))
     cell = lambda v: f"{'-' if np.isnan(v) else f'{v:.3f}':>{width}}"  # noqa: E731
     corner = "after \\ on"
-    lines = [f"{corner:<16}" + "".join(f"{n:>{width}}" for n in names)]
+    # the last column: the mean over the tasks seen so far (metrics.accuracy_curve), row by row
+    lines = [f"{corner:<16}" + "".join(f"{n:>{width}}" for n in names) + f"{SEEN:>{width + 2}}"]
     if not f1:  # what each column's entries are (the macro-F1 table says so in its title)
         lines.append(f"{'score':<16}" + "".join(f"{s:>{width}}" for s in matrix.scores))
     lines.append(f"{'untrained (b)':<16}" + "".join(cell(v) for v in b))
-    for i, n in enumerate(names):
-        lines.append(f"{n:<16}" + "".join(cell(v) for v in R[i]))
+    for i, (n, seen) in enumerate(zip(names, accuracy_curve(R))):
+        lines.append(f"{n:<16}" + "".join(cell(v) for v in R[i]) + "  " + cell(seen))
     if metrics:
         keys = ("ACC", "BWT", "FWT", "forgetting")
         suffix = "_f1" if f1 else ""
@@ -50,9 +54,9 @@ def _format_agnostic(matrix: AccuracyMatrix, metrics: dict[str, float] | None) -
     width = max(8, *(len(n) + 1 for n in names))
     cell = lambda v: f"{'-' if np.isnan(v) else f'{v:.3f}':>{width}}"  # noqa: E731
     corner = "after \\ on"
-    lines = [f"{corner:<16}" + "".join(f"{n:>{width}}" for n in names) + f"{'routing':>{width}}"]
-    for i, n in enumerate(names):
-        lines.append(f"{n:<16}" + "".join(cell(v) for v in matrix.A[i]) + cell(matrix.routing[i]))
+    lines = [f"{corner:<16}" + "".join(f"{n:>{width}}" for n in names) + f"{SEEN:>{width + 2}}{'routing':>{width}}"]
+    for i, (n, seen) in enumerate(zip(names, accuracy_curve(matrix.A))):
+        lines.append(f"{n:<16}" + "".join(cell(v) for v in matrix.A[i]) + "  " + cell(seen) + cell(matrix.routing[i]))
     if metrics:
         lines.append("  ".join(f"{k}={_metric(metrics.get(k + '_agnostic'))}" for k in ("ACC", "BWT", "forgetting"))
                      + f"  routing={_metric(metrics.get('routing_accuracy')).lstrip('+')}")

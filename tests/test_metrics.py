@@ -90,3 +90,17 @@ def test_accuracy_matrix_object_round_trip():
     np.testing.assert_array_equal(back.b_f1, m.b_f1)
     m.reset()
     assert np.isnan(m.R).all()
+
+
+def test_printed_matrices_end_each_row_with_the_mean_over_the_tasks_seen():
+    matrix = AccuracyMatrix(["a", "b"])
+    for row, col, v in ((None, 0, 0.5), (None, 1, 0.4), (0, 0, 0.9), (0, 1, 0.3), (1, 0, 0.7), (1, 1, 0.8)):
+        matrix.update(row, col, v, v)
+    matrix.A = np.array([[0.9, NAN], [0.6, 0.8]])
+    matrix.routing = np.array([1.0, 0.75])
+    lines = format_matrix(matrix).splitlines()
+    assert lines[0].split()[-2:] == ["mean", "seen"]
+    assert lines[3].split() == ["a", "0.900", "0.300", "0.900"] and lines[4].split() == ["b", "0.700", "0.800", "0.750"]
+    agnostic = format_matrix(matrix, agnostic=True).splitlines()
+    assert agnostic[0].split()[-3:] == ["mean", "seen", "routing"]
+    assert agnostic[1].split() == ["a", "0.900", "-", "0.900", "1.000"] and agnostic[2].split()[-2:] == ["0.700", "0.750"]
