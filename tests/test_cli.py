@@ -288,6 +288,8 @@ def test_compare_command_writes_a_report(toy_yaml, tiny_backbone_dir, tmp_path, 
     assert rows[lora]["ACC_curve"][-1] == pytest.approx(rows[lora]["ACC"])
     assert rows[lora]["ACC_agnostic_curve"][-1] == pytest.approx(rows[lora]["ACC_agnostic"])
     assert (out / "curves.png").stat().st_size > 1000
+    assert "| method | 1 | 2 | 3 |" in printed  # and as numbers in the report
+    assert f"| {lora} | " + " | ".join(f"{v:.4f}" for v in rows[lora]["ACC_curve"]) + " |" in printed
     client = MlflowClient(uri)
     run = client.search_runs([client.get_experiment_by_name("continual").experiment_id], "tags.kind = 'compare'")[0]
     assert run.data.metrics["ACC/seq-ft"] == pytest.approx(rows["seq-ft"]["ACC"])
@@ -427,6 +429,11 @@ def test_accuracy_curves_over_seeds_and_a_run_scored_only_at_its_end(tmp_path, m
     assert len(left.collections) == 1 and "without the task id" in right.get_title()  # one band: the seeds' row
     plots.accuracy_curves({"one": {**rows[0], "ACC_agnostic_curve": [None, None]}}, tmp_path / "d.png")
     assert len(drawn[1].axes) == 1
+    from continual.studies.compare import report_markdown
+
+    text = report_markdown("s", {"two-seeds": mean, "one": rows[0]})
+    assert "| two-seeds | 0.8000 ± 0.1414 | 0.5000 ± 0.1414 |" in text and "| one | 0.9000 | 0.6000 |" in text
+    assert "| two-seeds | n/a | 0.4000 ± 0.1414 |" in text  # without the task id: its first point is not there
 
 
 def test_a_plus_joined_method_is_the_same_combination_as_repeated_methods(toy_yaml, tiny_backbone_dir, tmp_path):

@@ -225,7 +225,24 @@ def report_markdown(stream: str, rows: dict[str, dict[str, Any]]) -> str:
               "routing: the share of test examples it sent to their own task, after the last task): the "
               "setting of the published continual-learning tables. Delta on disk: all task checkpoints the run "
               "saved, with the fine-tuned backbone for the strategies that train it (seq-ft, avalanche-*)."]
-    return "\n".join(lines)
+    return "\n".join(lines + _curve_tables(rows))
+
+
+def _curve_tables(rows: dict[str, dict[str, Any]]) -> list[str]:
+    """The curves (curves.png) as numbers: one row per entry, one column per task learned."""
+    out = []
+    for key, what in (("ACC_curve", "with the task id"), ("ACC_agnostic_curve", "without the task id")):
+        n = max((len(r.get(key) or []) for r in rows.values()), default=0)
+        if not n or all(v is None for r in rows.values() for v in r.get(key) or []):
+            continue
+        out += ["", f"Mean score over the tasks seen so far, after each task, {what}:", "",
+                "| method | " + " | ".join(str(i) for i in range(1, n + 1)) + " |", "|---" * (n + 1) + "|"]
+        for label, r in rows.items():
+            curve, std = r.get(key) or [], r.get(f"{key}_std") or []
+            cells = ["n/a" if v is None else f"{v:.4f}" + (f" ± {std[i]:.4f}" if i < len(std) and std[i] is not None else "")
+                     for i, v in enumerate(curve)]
+            out.append(f"| {label} | " + " | ".join(cells + ["n/a"] * (n - len(cells))) + " |")
+    return out
 
 
 def write_report(stream: str, rows: dict[str, dict[str, Any]], out: str | Path, tracking_uri: str | None = None) -> list[Path]:
