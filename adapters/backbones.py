@@ -22,8 +22,8 @@ import socket
 import tempfile
 import zipfile
 from pathlib import Path
-from urllib.parse import urlparse
 from typing import Any, Callable
+from urllib.parse import urlparse
 
 import torch
 from torch import nn

@@ -180,7 +180,6 @@ def metric_bars(rows: dict[str, dict[str, Any]], metrics: Sequence[str], path: s
     return _save(fig, path)
 
 
-
 def accuracy_curves(rows: dict[str, dict[str, Any]], path: str | Path) -> Path:
     """One line per row's label: the mean score over the tasks seen so far after each task
     (``ACC_curve``), beside the same without the task id (``ACC_agnostic_curve``) where any row has it.

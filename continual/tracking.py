@@ -165,7 +165,7 @@ def sqlite_artifact_root(uri: str) -> str | None:
 
 
 def experiment(uri: str, name: str) -> tuple[Any, str]:
-    """An ``MlflowClient`` for ``uri`` and the id of experiment ``name`` (made where missing)."""
+    """An ``MlflowClient`` for ``uri`` and experiment ``name``'s id (made where missing, artifacts beside SQLite)."""
     client = client_for(uri)
     with store_lock(uri):
         exp = client.get_experiment_by_name(name)
