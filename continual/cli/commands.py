@@ -88,11 +88,12 @@ def _run(args: argparse.Namespace, strategy: Any, config: TrainConfig) -> int:
                         rescore_all=args.rescore_all)
     if not main:
         return 0
-    print(f"\n{stream.name} / {args.strategy} / {label}: {score_label(result.matrix)} matrix R[i, j] (row: after training task i)")
+    print(f"\n{stream.name} / {args.strategy} / {label}: {score_label(result.matrix)} matrix R[i, j] (row: after training task i; "
+          "mean seen: the mean over the tasks trained so far)")
     print(result.table())
     print(f"\nmacro-F1:\n{result.table(f1=True)}")
-    print(f"\nwithout the task id ({config.router} router fitted on the tasks seen so far; A[i, j], routing accuracy "
-          f"per row):\n{result.table(agnostic=True)}")
+    print(f"\nwithout the task id ({config.router} router fitted on the tasks seen so far; A[i, j], the mean seen and "
+          f"the routing accuracy per row):\n{result.table(agnostic=True)}")
     print(f"\nwall time {result.seconds:.0f} s; results, matrix.csv, matrix_agnostic.csv and the heatmaps in {out}/")
     if loggers and result.tracking.get("sync_needed"):
         print(f"MLflow logging stopped during the run ({result.tracking['sync_needed']}); everything is in {out}/. "
