@@ -55,7 +55,7 @@ from .benchmarks import PREFIXES, plan
 from .files import encode_labels, extract, extract_targets, label_vocabulary, load_hub, read_table
 from .generative import GENERATIVE_STREAMS, VERBALIZERS, Verbalizer, generative_task, verbalize
 from .safe_yaml import load_yaml
-from .task import SPLITS, Task, TaskStream, check_task_name
+from .task import METRICS, SPLITS, Task, TaskStream, check_task_name
 
 STREAMS: dict[str, tuple[str, ...]] = {
     "default": ("movie", "bbc", "trec", "sms", "disaster", "amazon"),
@@ -378,6 +378,8 @@ def _yaml_generative(entry: dict[str, Any], root: Path, settings: dict[str, Any]
     for key in ("label_column", "label_names", "text_pair_column", "hub", "generative", "answers"):
         if key in entry:
             raise DataError(f"{where}: {key!r} does not apply to a task with a 'target_column'")
+    if entry.get("metric", "exact") not in METRICS:  # named with the file, before its data are read
+        raise DataError(f"{where}: unknown metric {entry['metric']!r}; known: {', '.join(METRICS)}")
     verbalizer = _verbalizer({"template": "{text}", **entry}, None, where)
     text_col, target_col, seed = entry.get("text_column", "text"), entry["target_column"], int(settings["seed"])
     full = {}

@@ -104,6 +104,9 @@ def test_yaml_generative_tasks(tmp_path):
     bad.write_text("tasks:\n  - name: p\n    train: pairs.jsonl\n    text_column: doc\n    target_column: answer\n    label_column: x\n")
     with pytest.raises(DataError, match="does not apply"):
         stream_from_yaml(bad)
+    bad.write_text("tasks:\n  - name: p\n    train: gone.jsonl\n    target_column: answer\n    metric: bleu\n")
+    with pytest.raises(DataError, match=r"bad\.yaml: task 'p'.*unknown metric 'bleu'; known: exact, token_f1, rouge_l"):
+        stream_from_yaml(bad)  # named with its file before the (missing) data are read
     with pytest.raises(DataError, match="share an answer word"):
         verbalize(toy_task("t", "apple", 1), Verbalizer(GEN_TEMPLATE, {"no": "x", "yes": "x"}))
 
