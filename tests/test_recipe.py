@@ -47,3 +47,16 @@ def test_the_run_identity_is_the_recipe_never_the_runtime(text_model):
     assert fast == plain  # a run may continue on another device, precision or batching
     assert run_identity(stream, model, strategy, TrainConfig(max_steps=21)) != plain
     assert set(plain["train"]) == {f.name for f in dataclasses.fields(Recipe)} - {"seed"}
+
+
+def test_fast_on_a_cpu_says_it_adds_nothing(capsys):
+    """--fast on a CPU changed nothing without a word (its CPU settings are the defaults)."""
+    from continual.cli import build_parser
+    from continual.cli.commands import train_config
+
+    cpu = train_config(build_parser().parse_args(["run", "--fast", "--device", "cpu"]))
+    assert cpu.compile is None and "--fast: on a CPU the fast path's settings are the defaults" in capsys.readouterr().err
+    train_config(build_parser().parse_args(["run", "--device", "cpu"]))
+    assert capsys.readouterr().err == ""
+    explicit = train_config(build_parser().parse_args(["run", "--fast", "--device", "cpu", "--compile", "default"]))
+    assert explicit.compile == "default" and capsys.readouterr().err == ""

@@ -41,6 +41,8 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         # --fast adds what the fast path has beyond the defaults (compile on a GPU); an explicit --compile wins
         compile=args.compile or (TrainConfig.fast(device=args.device).compile if args.fast else None),
         dropout_masks=args.dropout_masks, malloc=args.malloc, shard_backbone=getattr(args, "shard_backbone", False))
+    if args.fast and config.compile is None:  # asked for and silently nothing, on a CPU
+        print("--fast: on a CPU the fast path's settings are the defaults already; it adds nothing here", file=sys.stderr)
     return config  # validated when made: everything below trusts it
 
 

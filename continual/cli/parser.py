@@ -130,7 +130,8 @@ def training_options(p: argparse.ArgumentParser, steps_help: str | None = None, 
     p.add_argument("--compile", default=d.compile, choices=COMPILE_MODES,
                    help="torch.compile the training forward pass with this mode (pays off on a GPU)")
     p.add_argument("--fast", action="store_true", help="--compile reduce-overhead (CUDA graphs) on a GPU; pays only on long "
-                   "tasks: compiling costs tens of seconds per task (the other fast settings are the defaults)")
+                   "tasks: compiling costs tens of seconds per task (the other fast settings are the defaults, so on a CPU "
+                   "it adds nothing)")
     p.add_argument("--bucket", action=argparse.BooleanOptionalAction, default=d.bucket,
                    help="length-bucketed training batches (less padding; seeded, every example once per pass)")
     p.add_argument("--dropout-masks", default=d.dropout_masks, choices=DROPOUT_MASKS,
