@@ -206,6 +206,9 @@ def test_route_command_on_a_finished_run(toy_yaml, tiny_backbone_dir, tmp_path, 
     sizes = [t["sizes"]["test"] for t in yaml.safe_load((out / "stream.yaml").read_text())["tasks_resolved"]]
     assert np.asarray(routing["confusion"]).sum(1).tolist() == sizes
     assert f"| prototype | {routing['routing_accuracy']:.3f} |" in printed
+    # the files and the MLflow run are said after the tables (the run's id came first, before them)
+    assert printed.rstrip().splitlines()[-1].startswith(f"files: {out / 'routing-prototype.md'}")
+    assert printed.index("| prototype | ") < printed.index("(nested under the stream's run)")
     assert (out / "routing-prototype.png").stat().st_size > 1000
     client = MlflowClient(uri)
     parent = results["tracking"]["parent_run_id"]

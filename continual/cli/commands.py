@@ -165,7 +165,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_route(args: argparse.Namespace) -> int:
-    from ..studies.route import format_results, route_run
+    from ..studies.route import format_results, log_routing, route_run
 
     if args.tracking_uri:
         check_tracking_uri(args.tracking_uri)
@@ -173,6 +173,8 @@ def cmd_route(args: argparse.Namespace) -> int:
     results = route_run(args.run, args.backbone, args.router or ["prototype", "linear"], _cap(args.fit_max),
                         args.tracking_uri, progress=not args.no_progress)
     print(format_results(results))
+    files, child = log_routing(args.run, results, args.tracking_uri)  # after the tables it logs
+    print(f"files: {', '.join(str(f) for f in files)}" + (f"; MLflow run {child} (nested under the stream's run)" if child else ""))
     return 0
 
 

@@ -110,7 +110,8 @@ class _Ticking(list):
 
 def route_run(run_dir: str | Path, backbone: str | None = None, routers: Sequence[str] = ("prototype", "linear"),
               fit_max: int | None = None, tracking_uri: str | None = None, progress: bool = True) -> list[Any]:
-    """Route a finished run's test sets with each router; returns the :class:`RoutingResult` list.
+    """Route a finished run's test sets with each router; returns the :class:`RoutingResult` list
+    (tables and routing.json written into the run; :func:`log_routing` logs them).
     ``backbone``: default, the one the run's checkpoints name. Embeddings and scores are computed
     in the precision and at the batch size the run scored its matrix with (:func:`run_scoring`)."""
     from fusion.routing import ROUTERS, RoutingData, generated_answers, route_and_score
@@ -154,30 +155,31 @@ def route_run(run_dir: str | Path, backbone: str | None = None, routers: Sequenc
         data = RoutingData.build(model, stream.names, train, labels, test, gold, precision)
         tqdm.write(f"embedded {sum(len(v) for v in labels.values())} training and {sum(len(v) for v in gold.values())} "
                    f"test examples in {time.perf_counter() - start:.0f} s; embedded and scored {scored}")
-        results, files = [], []
+        results = []
         for name in routers:
             start = time.perf_counter()
             res = route_and_score(model, data, ROUTERS[name](), answer, match, precision)
             res.seconds = time.perf_counter() - start
             results.append(res)
             (run / f"routing-{name}.md").write_text(res.table() + "\n")
-            files += [run / f"routing-{name}.md", routing_heatmap(res, run / f"routing-{name}.png")]
+            routing_heatmap(res, run / f"routing-{name}.png")
     summary = {r.router: {**r.summary(), "routed": r.routed_accuracy, "oracle": r.oracle_accuracy,
                           "confusion": r.confusion.tolist(), "tasks": r.tasks, "seconds": r.seconds} for r in results}
     (run / "routing.json").write_text(json.dumps(summary, indent=1))
-    files.append(run / "routing.json")
-    _log(run, results, files, tracking_uri)
     return results
 
 
-def _log(run: Path, results: list[Any], files: list[Path], tracking_uri: str | None) -> None:
+def log_routing(run: str | Path, results: list[Any], tracking_uri: str | None = None) -> tuple[list[Path], str | None]:
+    """The files :func:`route_run` wrote for ``results`` and, logged with them, the nested
+    ``routing`` MLflow run's id (None where the stream was not logged)."""
+    run = Path(run)
+    files = [f for r in results for f in (run / f"routing-{r.router}.md", run / f"routing-{r.router}.png")]
+    files.append(run / "routing.json")
     metrics: dict[str, float] = {}
     for r in results:
         metrics.update({f"{k}/{r.router}": v for k, v in r.summary().items()})
         metrics.update({f"routed_acc/{r.router}/{t}": v for t, v in r.routed_accuracy.items()})
-    child = log_nested_run(run, "routing", metrics, files, tracking_uri)
-    if child:
-        print(f"logged to MLflow run {child} (nested under the stream's run)")
+    return files, log_nested_run(run, "routing", metrics, files, tracking_uri)
 
 
 def format_results(results: list[Any]) -> str:
