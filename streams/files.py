@@ -241,10 +241,11 @@ def hub_unreachable(timeout: float = 5.0) -> str | None:
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")):
         return None
     url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
     try:
-        socket.create_connection((url.hostname, url.port or (80 if url.scheme == "http" else 443)), timeout=timeout).close()
+        socket.create_connection((host, port), timeout=timeout).close()
     except OSError as e:
-        return f"{url.hostname}:{url.port or (80 if url.scheme == 'http' else 443)}: {e.strerror or e}"
+        return f"{host}:{port}: {e.strerror or e}"
     return None
 
 

@@ -254,7 +254,7 @@ def write_report(stream: str, rows: dict[str, dict[str, Any]], out: str | Path, 
     clean = {k: {m: (None if isinstance(v, float) and math.isnan(v) else v) for m, v in r.items()} for k, r in rows.items()}
     (out / "report.json").write_text(json.dumps({"stream": stream, "rows": clean}, indent=1))
     files = [out / "report.md", out / "report.json", metric_bars(rows, (*METRICS, "ACC_agnostic", "BWT_agnostic"), out / "report.png")]
-    if all(r.get("ACC_curve") for r in rows.values()):  # (rows of runs summarised before the curves: none)
+    if all(r.get("ACC_curve") for r in rows.values()):  # (rows a caller made without summarize_run may lack them)
         files.append(accuracy_curves(rows, out / "curves.png"))
     if tracking_uri:
         log_compare(tracking_uri, stream, clean, files)

@@ -161,20 +161,25 @@ def route_run(run_dir: str | Path, backbone: str | None = None, routers: Sequenc
             res = route_and_score(model, data, ROUTERS[name](), answer, match, precision)
             res.seconds = time.perf_counter() - start
             results.append(res)
-            (run / f"routing-{name}.md").write_text(res.table() + "\n")
-            routing_heatmap(res, run / f"routing-{name}.png")
+            table, picture = _router_files(run, name)
+            table.write_text(res.table() + "\n")
+            routing_heatmap(res, picture)
     summary = {r.router: {**r.summary(), "routed": r.routed_accuracy, "oracle": r.oracle_accuracy,
                           "confusion": r.confusion.tolist(), "tasks": r.tasks, "seconds": r.seconds} for r in results}
     (run / "routing.json").write_text(json.dumps(summary, indent=1))
     return results
 
 
+def _router_files(run: Path, router: str) -> tuple[Path, Path]:
+    """Where a router's table and confusion heatmap go: written by route_run, logged by log_routing."""
+    return run / f"routing-{router}.md", run / f"routing-{router}.png"
+
+
 def log_routing(run: str | Path, results: list[Any], tracking_uri: str | None = None) -> tuple[list[Path], str | None]:
     """The files :func:`route_run` wrote for ``results`` and, logged with them, the nested
     ``routing`` MLflow run's id (None where the stream was not logged)."""
     run = Path(run)
-    files = [f for r in results for f in (run / f"routing-{r.router}.md", run / f"routing-{r.router}.png")]
-    files.append(run / "routing.json")
+    files = [f for r in results for f in _router_files(run, r.router)] + [run / "routing.json"]
     metrics: dict[str, float] = {}
     for r in results:
         metrics.update({f"{k}/{r.router}": v for k, v in r.summary().items()})
