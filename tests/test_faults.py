@@ -237,8 +237,10 @@ def test_a_folder_of_the_users_files_is_not_taken_for_a_run(tmp_path, capsys, ti
     (["--max-length", "56", "--method", "prompt:num_tokens=5", "--method", "prompt_pool:top_k=2,prompt_length=3"],
      "max_length 56 + 11 prepended positions (prompt, prompt_pool) exceeds"),
     # the remedy offered must exist: no max_length helps when the prompt alone fills the table
-    (["--max-length", "16", "--method", "prompt:num_tokens=100"], "; prepend fewer positions (at most 61, e.g. num_tokens)"),
-    (["--max-length", "50", "--method", "prompt:num_tokens=20"], "; use a max_length of at most 44"),
+    (["--max-length", "16", "--method", "prompt:num_tokens=100"], "; prepend at most 48 positions (e.g. num_tokens)"),
+    (["--max-length", "50", "--method", "prompt:num_tokens=20"], "; use a max_length of at most 44 or prepend at most 14 positions (e.g. num_tokens)"),
+    # at the table's full length neither alone fits: both must move
+    (["--max-length", "64", "--method", "prompt:num_tokens=100"], "; use a smaller max_length and prepend fewer positions (max_length + prepended positions at most 64)"),
     # only the methods that prepend are named: prefix tuning adds keys, not positions
     (["--max-length", "50", "--method", "prompt:num_tokens=20", "--method", "prefix"], "20 prepended positions (prompt) exceeds"),
     (["--tracking-uri", "sqlite:///"], "names no database file"),

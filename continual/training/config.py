@@ -236,10 +236,16 @@ def check_lengths(model: Any, max_length: int, methods: Sequence[DeltaConfig] = 
     if limit is not None and max_length + added > limit:
         adding = [m.method for m in methods if get_method(m.method).positions_added(m)]  # not the whole combination
         extra = f" + {added} prepended positions ({', '.join(adding)})" if added else ""
-        # the remedy must be one that exists: when the prepended positions leave no room for a
-        # token of text (or for the special tokens), no max_length helps, fewer positions do
-        fix = (f"use a max_length of at most {limit - added}" if limit - added > special else
-               f"prepend fewer positions (at most {limit - special - 1}, e.g. num_tokens)")
+        # each remedy offered must work on its own: a max_length that leaves room for the special
+        # tokens and a token of text, or a count of prepended positions that fits beside this
+        # max_length; where neither alone does, both must move
+        fixes = []
+        if limit - added > special:
+            fixes.append(f"use a max_length of at most {limit - added}")
+        if added and max_length < limit:
+            fixes.append(f"prepend at most {limit - max_length} positions (e.g. num_tokens)")
+        fix = " or ".join(fixes) or (f"use a smaller max_length and prepend fewer positions "
+                                     f"(max_length + prepended positions at most {limit})")
         raise ValueError(f"max_length {max_length}{source}{extra} exceeds the {limit} positions of the backbone "
                          f"{getattr(model, 'backbone_name', '')!r}; {fix}")
 
