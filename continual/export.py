@@ -46,7 +46,8 @@ def export_run(run: str | Path, out: str | Path, backbone: str | None = None, ta
             raise ConfigError("; ".join(f"task {t!r}: {why}" for t, why in bad.items()))
     chosen = [t for t in added if not reasons[t]]
     if not chosen:
-        raise ConfigError(f"no task of {run} can be exported to PEFT: " + "; ".join(f"{t}: {w}" for t, w in reasons.items()))
+        raise ConfigError(f"no task of {run} can be exported to PEFT: "
+                          + "; ".join(f"{', '.join(ts)}: {w}" for ts, w in by_reason(reasons)))
     done = []
     lm = any(getattr(model.task(n).head, "generative", False) for n in added)  # a shared delta serves these
     for name in chosen:
@@ -54,6 +55,16 @@ def export_run(run: str | Path, out: str | Path, backbone: str | None = None, ta
         config = json.loads((directory / "adapter_config.json").read_text())
         done.append(Exported(name, directory, config, vllm_problems(config, max_lora_rank)))
     return done, {t: why for t, why in reasons.items() if why}
+
+
+def by_reason(reasons: dict[str, str]) -> list[tuple[list[str], str]]:
+    """The tasks left out grouped by why, in the run's order: a run of one method gives each task the
+    same reason, which said once over the task names reads where six copies of it did not."""
+    groups: dict[str, list[str]] = {}
+    for task, why in reasons.items():
+        if why:
+            groups.setdefault(why, []).append(task)
+    return [(tasks, why) for why, tasks in groups.items()]
 
 
 def _check_out(out: Path, tasks: Sequence[str], run: Path) -> None:

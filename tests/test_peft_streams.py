@@ -192,7 +192,9 @@ def test_export_command(tmp_path, tiny_backbone_dir, capsys):
 
     assert main(["run", *common, "--method", "bottleneck", "--out", str(tmp_path / "bn")]) == 0
     assert main(["export", str(tmp_path / "bn"), "--out", str(tmp_path / "peft-bn")]) == 2
-    assert "no task of" in capsys.readouterr().err and not (tmp_path / "peft-bn").exists()
+    err = capsys.readouterr().err  # one reason for the tasks that share it, said once over their names
+    assert "no task of" in err and "a, b: PEFT cannot hold bottleneck" in err and err.count("no PEFT type") == 1
+    assert not (tmp_path / "peft-bn").exists()
 
     # refused by name before the backbone loads, where each was a traceback (exit 1) or a message
     # about the model, not the option
@@ -246,7 +248,7 @@ def test_export_of_a_shared_delta_run_gives_each_state_as_a_causal_lm_adapter(tm
 
     from conftest import toy_generative_stream
     from continual import TrainConfig, make_strategy, run_stream
-    from continual.export import export_run
+    from continual.export import by_reason, export_run
     from continual.loadrun import load_run_model
 
     run_stream(toy_generative_stream(), adapters.DeltaModel.from_pretrained(str(tiny_lm_dir)),
@@ -256,6 +258,7 @@ def test_export_of_a_shared_delta_run_gives_each_state_as_a_causal_lm_adapter(tm
     assert [e.task for e in done] == ["a-shared_delta", "b-shared_delta", "c-shared_delta"]
     assert {e.config["task_type"] for e in done} == {"CAUSAL_LM"} and not any(e.vllm for e in done)
     assert sorted(left) == ["a", "b", "c"] and all("no delta of its own" in why for why in left.values())
+    assert by_reason(left) == [(["a", "b", "c"], left["a"])]  # the CLI says it once over the names
     # one task chosen: its state of the shared delta, named as in the whole run (its head is listed, not an error)
     done, left = export_run(tmp_path / "run", tmp_path / "peft-b", tasks=["b"])
     assert [e.task for e in done] == ["b-shared_delta"] and list(left) == ["b"]

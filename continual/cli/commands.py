@@ -264,7 +264,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from ..export import export_run, serving_recipe
+    from ..export import by_reason, export_run, serving_recipe
 
     done, left_out = export_run(args.run, args.out, args.backbone, args.task, args.base_model, args.max_lora_rank)
     for e in done:
@@ -273,8 +273,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"{e.task}: {what}, {c['task_type']} -> {e.directory}")
         if c["task_type"] != "FEATURE_EXTRACTION" and e.vllm:
             print("  vLLM would refuse it: " + "; ".join(e.vllm))
-    for task, why in left_out.items():
-        print(f"{task}: not exported: {why}")
+    for tasks, why in by_reason(left_out):
+        print(f"{', '.join(tasks)}: not exported: {why}")
     recipe = serving_recipe(done, args.max_lora_rank)
     if recipe:
         print("\nserve them (docs/peft.md):\n  " + "\n  ".join(recipe))
