@@ -41,8 +41,9 @@ def open_run(out: Path, identity: dict[str, Any], steps: int, resume: bool, over
         return None
     state = rundir.read_state(state_path)
     if not resume:
-        raise RunStateError(f"{out} already holds a run ({len(state.done)}/{steps} steps done): resume it (--resume) "
-                            "or start again (--overwrite)")
+        # "steps" alone read as --steps (training steps): these are the stream's, one per task
+        raise RunStateError(f"{out} already holds a run ({len(state.done)}/{steps} stream steps done: tasks trained, "
+                            "or all at once for joint): resume it (--resume) or start again (--overwrite)")
     diff = identity_differences(state.identity, identity)
     if diff:
         raise RunStateError(f"{out} holds a different run (differs in: {'; '.join(diff)}); use another output "

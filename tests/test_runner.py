@@ -92,7 +92,7 @@ def test_resume_after_a_kill_gives_the_same_matrix(text_model, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         run(text_model, tmp_path, make_strategy("per-task", LORA), "killed", loggers=[killer])
     assert killer.rows == [0, 1]
-    with pytest.raises(RunStateError, match=r"2/3 steps done.*--resume"):
+    with pytest.raises(RunStateError, match=r"2/3 stream steps done: tasks trained.*--resume"):
         run(text_model, tmp_path, make_strategy("per-task", LORA), "killed")
     again = Recorder()
     resumed = run(text_model, tmp_path, make_strategy("per-task", LORA), "killed", loggers=[again], resume=True)
