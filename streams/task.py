@@ -96,7 +96,11 @@ class Task:
             if bad:
                 raise DataError(f"task {self.name!r}: {split} has label ids {sorted(set(bad))[:5]} outside 0..{len(self.label_names) - 1}")
         if len(set(self.train["label"])) < 2:
-            raise DataError(f"task {self.name!r}: the training split has a single label; a classifier needs two or more")
+            # a cap keeps each label's share, so a small one can leave a two-label task with one
+            n = len(self.train)
+            raise DataError(f"task {self.name!r}: the training split ({n} example{'s' if n != 1 else ''}) has a single "
+                            "label; a classifier needs two or more (if a cap cut them, raise --max-train or the task's "
+                            "max_train)")
 
     def _check_names_and_text(self) -> None:
         """label_names a list of distinct strings (the agnostic matrix and verbalised answers match

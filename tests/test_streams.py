@@ -246,3 +246,13 @@ def test_a_cap_that_keeps_no_example_names_the_cap():
     with pytest.raises(DataError, match=r"^trec dev: a cap of 2 keeps none of \d+ examples: each of the 6 labels"):
         builtin_task("trec", 0, 32, 2)
     assert 0 < len(builtin_task("trec", 0, 32, 6).dev) <= 6  # at most the cap (a share can round down)
+
+
+def test_a_training_cap_that_leaves_one_label_says_to_raise_it():
+    """A cap keeps each label's share: --max-train 1 leaves movie one label, and the refusal said
+    only that the training split had a single label, which movie's data does not."""
+    from streams import builtin_task
+
+    with pytest.raises(DataError, match=r"training split \(1 example\) has a single label; .* raise --max-train"):
+        builtin_task("movie", 0, 1, 32)
+    assert len(set(builtin_task("movie", 0, 2, 32).train["label"])) == 2
