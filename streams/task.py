@@ -15,11 +15,12 @@ from .catalog import DataError
 SPLITS = ("train", "dev", "test")
 # How a generative task's generated answers are scored against the target text (streams only names
 # them; continual.training.textscore computes them): exact match after normalisation (a label
-# word), token-level F1 (SQuAD's), ROUGE-L F (longest common subsequence; free text).
-METRICS = ("exact", "token_f1", "rouge_l")
+# word), token-level F1 (SQuAD's), ROUGE-L F (longest common subsequence; free text), edit
+# similarity (characters; code).
+METRICS = ("exact", "token_f1", "rouge_l", "edit_sim")
 # What each task's score is called wherever it is shown (results.json, matrix CSVs, the report,
 # MLflow): a classifier's accuracy, or the generative metric by its full name.
-SCORE_NAMES = {"exact": "exact_match", "token_f1": "token_f1", "rouge_l": "rouge_l"}
+SCORE_NAMES = {"exact": "exact_match", "token_f1": "token_f1", "rouge_l": "rouge_l", "edit_sim": "edit_sim"}
 KINDS = ("classification", "generative")
 # A task name becomes a directory, an MLflow run name and a metric key: letters, digits, '_' and
 # '-', starting with a letter or digit (the same rule adapters.DeltaModel applies to its tasks).
@@ -155,7 +156,7 @@ class Task:
 
     @property
     def score_name(self) -> str:
-        """What the task is judged by: ``accuracy``, or ``exact_match`` / ``token_f1`` / ``rouge_l``."""
+        """What the task is judged by: ``accuracy``, or ``exact_match`` / ``token_f1`` / ``rouge_l`` / ``edit_sim``."""
         return SCORE_NAMES[self.metric] if self.generative else "accuracy"
 
     @property

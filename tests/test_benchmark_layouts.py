@@ -62,14 +62,14 @@ def test_generative_form_prompts_with_the_options_and_answers_the_label_name(tmp
 
 def test_trace_layout_reads_prompt_answer_splits_with_each_data_sets_metric(tmp_path):
     root = tmp_path / "TRACE"
-    for name in ("C-STANCE", "MeetingBank", "20Minuten"):
+    for name in ("C-STANCE", "MeetingBank", "Py150", "20Minuten"):
         (root / name).mkdir(parents=True)
         rows = [{"prompt": f"{name} question {i}", "answer": f"answer {i % 3}"} for i in range(20)]
         for split in ("train", "eval", "test"):
             (root / name / f"{split}.json").write_text(json.dumps(rows))
-    stream = load_stream(f"trace:{root}:tasks=C-STANCE,MeetingBank,20Minuten", max_eval=5)
-    assert stream.names == ["C-STANCE", "MeetingBank", "20Minuten"]
-    assert [t.metric for t in stream] == ["exact", "rouge_l", "rouge_l"]
+    stream = load_stream(f"trace:{root}:tasks=C-STANCE,MeetingBank,Py150,20Minuten", max_eval=5)
+    assert stream.names == ["C-STANCE", "MeetingBank", "Py150", "20Minuten"]
+    assert [t.metric for t in stream] == ["exact", "rouge_l", "edit_sim", "rouge_l"]  # Py150: TRACE's own
     assert all(t.generative and len(t.dev) == 5 for t in stream)
     assert stream.tasks[0].train[0] == {"text": "C-STANCE question 0", "target": "answer 0"}
 

@@ -4,17 +4,51 @@ generative streams, and streams run by the scheduler on a tiny random-init Llama
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
 import pytest
 
 from conftest import FAST, GEN_TEMPLATE, WORDS, toy_generative_stream, toy_task
 from continual import TrainConfig, make_strategy, run_stream
 from continual.training import eval_loader, evaluate, score_texts, tokenize
-from continual.training.textscore import exact_match, rouge_l, token_f1
+from continual.training.textscore import _lcs, edit_sim, exact_match, rouge_l, token_f1
 from streams import DataError, Verbalizer, load_stream, stream_from_yaml, verbalize
 
 GEN = TrainConfig(**{**FAST, "max_steps": 100, "lr": 3e-2, "max_length": 32, "eval_every": 25})
 LORA = [{"method": "lora", "rank": 4}]
+
+
+def test_longest_common_subsequence_matches_the_table():
+    """The bit-vector LCS (ROUGE-L's and edit similarity's) against the textbook table, on random
+    sequences over small alphabets (many ties), either one the longer, and empty ones."""
+    def table(a, b):
+        prev = [0] * (len(b) + 1)
+        for x in a:
+            cur = [0]
+            for j, y in enumerate(b):
+                cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+            prev = cur
+        return prev[-1]
+
+    rng = random.Random(0)
+    for _ in range(2000):
+        a = [rng.choice("abc") for _ in range(rng.randint(0, 70))]  # past one 64-bit word
+        b = [rng.choice("abcd") for _ in range(rng.randint(0, 40))]
+        assert _lcs(a, b) == _lcs(b, a) == table(a, b)
+    assert _lcs("police arrest man".split(), "man police arrest".split()) == 2
+
+
+def test_edit_similarity_is_trace_py150_score():
+    """``2 LCS / (|p| + |r|)`` over characters (an insert/delete edit distance, fuzzywuzzy's ratio
+    / 100): case and punctuation count, Py150's literal placeholders read as their literals."""
+    assert edit_sim("return x", "return x") == 1.0 and edit_sim("", "x") == 0.0 and edit_sim(" ", " ") == 0.0
+    assert edit_sim("def f(x):", "def f(y):") == pytest.approx(2 * 8 / 18)
+    assert edit_sim("Return X", "return x") == pytest.approx(2 * 6 / 16)  # not lower-cased: code
+    assert edit_sim("x = <NUM_LIT>", "x = 0") == 1.0 and edit_sim("f(<STR_LIT:'a'>)", "f('a')") == 1.0
+    assert edit_sim(" x = 1", "x = 1") == 1.0  # the leading space of a tokenised answer
+    scores = score_texts(["x = 1", "y"], ["x = 2", "z"], "edit_sim")
+    assert scores["accuracy"] == scores["edit_sim"] == pytest.approx((2 * 4 / 10 + 0) / 2)
 
 
 def test_text_scores():
