@@ -2,7 +2,7 @@
 
 MLflow layout of a stream run: one parent run per stream (params: strategy, methods, backbone,
 seeds, caps, data fingerprints; metrics: ``acc/<task>`` (a generative task's ``exact_match/``,
-``token_f1/``, ``rouge_l/`` or ``edit_sim/<task>``) and ``f1/<task>`` with step = row of the matrix,
+``token_f1/``, ``rouge_l/``, ``edit_sim/`` or ``sari/<task>``) and ``f1/<task>`` with step = row of the matrix,
 ``R.<i>.<j>``, the summary ACC / BWT / FWT / forgetting; artifacts: the matrix as CSV and JSON,
 its heatmap PNG, the stream config) and one nested run per training step (params of the task;
 step metrics ``train/loss``, ``train/lr``, ``train/samples_per_s``, ``dev/*``; the task's delta
@@ -58,8 +58,8 @@ def matrix_metrics(row: int, tasks: list[str], R_row: list[float], F1_row: list[
                    summary: dict[str, float], scores: dict[str, str] | None = None,
                    A_row: list[float] | None = None) -> list[tuple[str, float, int]]:
     """(name, value, step) of one row of the matrix: ``<score>/<task>`` (``acc/<task>`` for a
-    classifier's accuracy, ``exact_match/<task>``, ``token_f1/<task>``, ``rouge_l/<task>`` or ``edit_sim/<task>`` for a
-    generative task's score, from ``scores``) and ``f1/<task>`` (step = row), ``R.<row>.<j>``, and
+    classifier's accuracy, a generative task's metric, ``exact_match/<task>``, ``rouge_l/<task>``,
+    ..., from ``scores``) and ``f1/<task>`` (step = row), ``R.<row>.<j>``, and
     ``so_far/<metric>`` (the stream's metrics as if it ended at this row); from the task-agnostic
     row ``A_row``, ``agnostic/<task>`` (step = row) and ``A.<row>.<j>``."""
     out = []

@@ -11,8 +11,9 @@ wording, written here, not the papers').
 
 ``trace:PATH[:order=1][:tasks=A,B,...]`` reads TRACE's layout: ``PATH/<dataset>/{train,eval,test}.json``,
 each a JSON array of ``{"prompt": ..., "answer": ...}``; always generative. Each data set is scored
-with TRACE's metric where we have it: exact match for the classification and arithmetic sets,
-ROUGE-L for MeetingBank, edit similarity for Py150; and ROUGE-L for 20Minuten, where TRACE uses SARI.
+with TRACE's metric: exact match for the classification and arithmetic sets, ROUGE-L for
+MeetingBank, edit similarity for Py150 and SARI for 20Minuten (see continual.training.textscore for
+where our scores depart from the packages TRACE calls).
 
 Missing dev splits are cut from train (seeded), as for every file task; ``--max-train`` and
 ``--max-eval`` cap every split.
@@ -52,7 +53,7 @@ INSTRUCTIONS = {
 TRACE_ORDERS: dict[int, tuple[str, ...]] = {
     1: ("C-STANCE", "FOMC", "MeetingBank", "Py150", "ScienceQA", "NumGLUE-cm", "NumGLUE-ds", "20Minuten"),
 }
-TRACE_METRICS = {"MeetingBank": "rouge_l", "Py150": "edit_sim", "20Minuten": "rouge_l"}
+TRACE_METRICS = {"MeetingBank": "rouge_l", "Py150": "edit_sim", "20Minuten": "sari"}
 PREFIXES = ("cl-benchmark:", "trace:")
 
 

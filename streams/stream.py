@@ -28,7 +28,7 @@ A stream YAML file::
         train: data/pairs.jsonl          #   or a file with a target text column
         target_column: summary
         template: "{text}\nSummary:"     #   optional: the prompt around the text
-        metric: rouge_l                  #   exact (default) | token_f1 | rouge_l | edit_sim
+        metric: rouge_l                  #   exact (default) | token_f1 | rouge_l | edit_sim | sari
       - name: reviews-again              # any task may start from a saved delta instead of a fresh one:
         source: amazon                   #   a PEFT adapter directory (LoRA, (IA)^3, prompt tuning) or a
         delta: adapters/reviews-lora     #   task checkpoint of this tool; trained further, or, with

@@ -16,11 +16,12 @@ SPLITS = ("train", "dev", "test")
 # How a generative task's generated answers are scored against the target text (streams only names
 # them; continual.training.textscore computes them): exact match after normalisation (a label
 # word), token-level F1 (SQuAD's), ROUGE-L F (longest common subsequence; free text), edit
-# similarity (characters; code).
-METRICS = ("exact", "token_f1", "rouge_l", "edit_sim")
+# similarity (characters; code), SARI (what a rewrite kept, deleted and added of its prompt).
+METRICS = ("exact", "token_f1", "rouge_l", "edit_sim", "sari")
 # What each task's score is called wherever it is shown (results.json, matrix CSVs, the report,
 # MLflow): a classifier's accuracy, or the generative metric by its full name.
-SCORE_NAMES = {"exact": "exact_match", "token_f1": "token_f1", "rouge_l": "rouge_l", "edit_sim": "edit_sim"}
+SCORE_NAMES = {"exact": "exact_match", "token_f1": "token_f1", "rouge_l": "rouge_l", "edit_sim": "edit_sim",
+               "sari": "sari"}
 KINDS = ("classification", "generative")
 # A task name becomes a directory, an MLflow run name and a metric key: letters, digits, '_' and
 # '-', starting with a letter or digit (the same rule adapters.DeltaModel applies to its tasks).
@@ -156,7 +157,7 @@ class Task:
 
     @property
     def score_name(self) -> str:
-        """What the task is judged by: ``accuracy``, or ``exact_match`` / ``token_f1`` / ``rouge_l`` / ``edit_sim``."""
+        """What the task is judged by: ``accuracy``, or ``exact_match`` / ``token_f1`` / ``rouge_l`` / ``edit_sim`` / ``sari``."""
         return SCORE_NAMES[self.metric] if self.generative else "accuracy"
 
     @property

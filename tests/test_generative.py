@@ -5,6 +5,7 @@ generative streams, and streams run by the scheduler on a tiny random-init Llama
 from __future__ import annotations
 
 import random
+import re
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ import pytest
 from conftest import FAST, GEN_TEMPLATE, WORDS, toy_generative_stream, toy_task
 from continual import TrainConfig, make_strategy, run_stream
 from continual.training import eval_loader, evaluate, score_texts, tokenize
-from continual.training.textscore import _lcs, edit_sim, exact_match, rouge_l, token_f1
+from continual.training.textscore import _lcs, edit_sim, exact_match, rouge_l, sari, score_each, token_f1
 from streams import DataError, Verbalizer, load_stream, stream_from_yaml, verbalize
 
 GEN = TrainConfig(**{**FAST, "max_steps": 100, "lr": 3e-2, "max_length": 32, "eval_every": 25})
@@ -49,6 +50,50 @@ def test_edit_similarity_is_trace_py150_score():
     assert edit_sim(" x = 1", "x = 1") == 1.0  # the leading space of a tokenised answer
     scores = score_texts(["x = 1", "y"], ["x = 2", "z"], "edit_sim")
     assert scores["accuracy"] == scores["edit_sim"] == pytest.approx((2 * 4 / 10 + 0) / 2)
+
+
+def test_sari_scores_what_an_answer_kept_deleted_and_added_of_its_prompt():
+    """SARI (Xu et al. 2016) worked by hand: source "a b c", reference "a b d", the answer a copy
+    of the source. Per n (1..4): keep F1 0.8, 2/3, 0, 1 (no 4-grams: nothing to keep is right);
+    delete precision 1 (nothing deleted); add F1 0 for n = 1..3 (d not added), 1 for n = 4."""
+    keep, delete, add = (0.8 + 2 / 3 + 0 + 1) / 4, 1.0, 1 / 4
+    assert sari("a b c", "a b d", "a b c") == pytest.approx((keep + delete + add) / 3)
+    assert sari("A b D.", "a b d .", "a b c") == 1.0  # the reference itself: lower-cased, "." a word
+    assert sari("", "a b d", "a b c") == 0.0  # nothing generated scores nothing (SARI would credit deleting)
+    # deleting right is credited: answering "a" drops b and c, and the reference drops c only
+    assert 0 < sari("a", "a b d", "a b c") < sari("a b", "a b d", "a b c")
+    with pytest.raises(ValueError, match="scores an answer against its prompt"):
+        score_texts(["a b"], ["a b d"], "sari")
+    scores = score_texts(["a b c", "a b d"], ["a b d"] * 2, "sari", ["a b c"] * 2)
+    assert scores["accuracy"] == scores["sari"] == pytest.approx(((keep + delete + add) / 3 + 1) / 2)
+
+
+def test_sari_is_scored_against_the_prompts_the_model_read(lm_model, word_tokenizer):
+    """A SARI task's score needs each answer's prompt: the loader gives them back decoded from
+    its tokens, in the split's order (answers are generated in order of length)."""
+    from continual.training.evaluate import answers
+
+    task = toy_generative_stream()[0]
+    model = lm_model()
+    model.add_task("a", "lora", generative=True)
+    loader = eval_loader(tokenize(task.test, word_tokenizer, 32, "sari"), word_tokenizer, 32, 4)
+    assert loader.metric == "sari"
+    words = lambda texts: [re.findall(r"\w+|[^\w\s]", t) for t in texts]  # noqa: E731  (the word tokenizer's spacing differs)
+    assert words(loader.sources()) == words(task.test["text"])
+    each: list[float] = []
+    scores = evaluate(model, "a", loader, per_example=each)
+    preds, refs = answers(model, loader, ["a"])
+    assert each == score_each("sari", preds, refs, list(task.test["text"]))
+    assert scores["accuracy"] == pytest.approx(np.mean(each)) and scores["sari"] == scores["accuracy"]
+
+
+def test_every_metric_a_stream_may_name_is_one_scoring_knows():
+    """streams names the metrics and continual scores them (the bottom layer imports nothing of ours):
+    a name in one list alone was accepted at load time and failed after training, or never offered."""
+    import streams
+    from continual.training import textscore
+
+    assert streams.METRICS == textscore.METRICS
 
 
 def test_text_scores():
@@ -215,7 +260,7 @@ def test_fusion_routing_and_transfer_on_generative_tasks(tiny_lm_dir, tmp_path):
     fused = run_stream(toy_generative_stream(), adapters.DeltaModel.from_pretrained(str(tiny_lm_dir)),
                        make_strategy("per-task-fusion", LORA), GEN, tmp_path / "fusion")
     assert fused.metrics["BWT"] == 0.0 and np.all(np.isfinite(np.diag(fused.matrix.R)))
-    stream = stream_from_yaml(toy_generative_yaml(tmp_path))
+    stream = stream_from_yaml(toy_generative_yaml(tmp_path, {"b": "sari"}))  # route scores b against its prompts
     res = run_stream(stream, adapters.DeltaModel.from_pretrained(str(tiny_lm_dir)),
                      make_strategy("per-task", LORA), GEN, tmp_path / "run")
     (routed,) = route_run(tmp_path / "run", str(tiny_lm_dir), ["prototype"])
@@ -257,13 +302,15 @@ def test_t5_learns_generative_tasks(word_tokenizer, tmp_path):
     assert res.metrics["BWT"] == 0.0
 
 
-def toy_generative_yaml(directory) -> str:
-    """The toy generative stream as JSONL files and a stream YAML (a stream a run can rebuild)."""
+def toy_generative_yaml(directory, metrics: dict[str, str] | None = None) -> str:
+    """The toy generative stream as JSONL files and a stream YAML (a stream a run can rebuild);
+    ``metrics``: a metric for some tasks (default exact match)."""
     rows = []
     for task in toy_generative_stream():
         path = directory / f"{task.name}.jsonl"
         task.train.to_pandas()[["text", "target"]].to_json(path, orient="records", lines=True)
-        rows.append(f"  - name: {task.name}\n    train: {path}\n    target_column: target\n")
+        metric = f"    metric: {metrics[task.name]}\n" if task.name in (metrics or {}) else ""
+        rows.append(f"  - name: {task.name}\n    train: {path}\n    target_column: target\n{metric}")
     (directory / "s.yaml").write_text("tasks:\n" + "".join(rows))
     return str(directory / "s.yaml")
 
@@ -291,8 +338,8 @@ def test_a_task_knows_its_kind_and_every_output_names_its_score(lm_model, tmp_pa
     from streams import DataError, TaskStream
 
     stream = toy_generative_stream()
-    tasks = [*stream.tasks[:2], dataclasses.replace(stream.tasks[2], metric="rouge_l")]
-    assert [t.kind for t in tasks] == ["generative"] * 3 and [t.score_name for t in tasks] == ["exact_match"] * 2 + ["rouge_l"]
+    tasks = [stream.tasks[0], dataclasses.replace(stream.tasks[1], metric="sari"), dataclasses.replace(stream.tasks[2], metric="rouge_l")]
+    assert [t.kind for t in tasks] == ["generative"] * 3 and [t.score_name for t in tasks] == ["exact_match", "sari", "rouge_l"]
     with pytest.raises(DataError, match="is classification, but its splits are generative"):
         dataclasses.replace(tasks[0], kind="classification")
     from mlflow import MlflowClient
@@ -304,12 +351,14 @@ def test_a_task_knows_its_kind_and_every_output_names_its_score(lm_model, tmp_pa
     result = run_stream(TaskStream("mixed-scores", tasks), lm_model(), make_strategy("per-task", ["lora"]), config, tmp_path / "o",
                         loggers=[MLflowLogger(uri, "scores")])
     logged = MlflowClient(uri).get_run(result.tracking["parent_run_id"]).data.metrics
-    assert {"exact_match/a", "rouge_l/c", "f1/c"} <= set(logged) and not any(k.startswith("acc/") for k in logged)
+    assert {"exact_match/a", "sari/b", "rouge_l/c", "f1/c"} <= set(logged) and not any(k.startswith("acc/") for k in logged)
     saved = json.loads((tmp_path / "o" / "results.json").read_text())["matrix"]
-    assert saved["scores"] == ["exact_match", "exact_match", "rouge_l"] == result.matrix.scores
+    assert saved["scores"] == ["exact_match", "sari", "rouge_l"] == result.matrix.scores
+    # SARI scored too without the task id (each routed answer against its own prompt)
+    assert all(0 <= row[1] <= 1 for row in saved["R_agnostic"][1:]) and 0 <= saved["b"][1] <= 1
     rows = list(csv.reader(open(tmp_path / "o" / "matrix.csv")))
-    assert rows[1] == ["score", "exact_match", "exact_match", "rouge_l"]
-    assert result.table().splitlines()[1].split() == ["score", "exact_match", "exact_match", "rouge_l"]
+    assert rows[1] == ["score", "exact_match", "sari", "rouge_l"]
+    assert result.table().splitlines()[1].split() == ["score", "exact_match", "sari", "rouge_l"]
     old = {k: v for k, v in saved.items() if k != "scores"}  # a run saved before scores were named
     assert AccuracyMatrix.from_dict(old).scores == ["score"] * 3
 

@@ -29,6 +29,7 @@ from ..rundir import RunStateError, not_a_run, run_info
 from ..tracking import log_nested_run
 from ..training import eval_loader, score_texts, task_loader
 from ..training.data import sample_rows
+from ..training.textscore import SOURCE_SCORERS
 
 
 def stream_of_run(run_dir: str | Path):
@@ -128,7 +129,7 @@ def route_run(run_dir: str | Path, backbone: str | None = None, routers: Sequenc
     stream, identity, model = per_task_run(run, backbone, "routing picks one task per stream task")
     precision, batch_size, scored = run_scoring(run)
     default_len = identity["train"]["max_length"]
-    train, test, gold, labels, new_tokens = {}, {}, {}, {}, []
+    train, test, gold, labels, sources, new_tokens = {}, {}, {}, {}, {}, []
     # one bar over every batch: embedded once each, then each test batch scored per router and once by the true task
     bar = tqdm(total=0, desc="route: embedding and scoring", unit="batch", disable=not progress, leave=False)
     for t in stream:
@@ -142,12 +143,13 @@ def route_run(run_dir: str | Path, backbone: str | None = None, routers: Sequenc
         new_tokens.append(getattr(loader, "max_new_tokens", 0))
         test[t.name] = _Ticking(loader, bar)
         gold[t.name] = list(t.test["target"]) if t.generative else [t.label_names[y] for y in t.test["label"]]
+        sources[t.name] = loader.sources() if t.metric in SOURCE_SCORERS else None  # SARI judges against the prompt
         bar.total += len(train[t.name]) + len(test[t.name]) * (2 + len(routers))
     answer = match = None
     if all(t.generative for t in stream):  # answers generated through the routed task's delta
         metrics = {t.name: t.metric for t in stream}
         answer = lambda mixed, batches, slots: generated_answers(mixed, batches, slots, max(new_tokens))  # noqa: E731
-        match = lambda task, preds, refs: score_texts(preds, refs, metrics[task])["accuracy"]  # noqa: E731
+        match = lambda task, preds, refs: score_texts(preds, refs, metrics[task], sources[task])["accuracy"]  # noqa: E731
     elif any(t.generative for t in stream):
         raise ValueError("routing serves a stream of classification tasks or of generative tasks, not a mix of both")
     start = time.perf_counter()

@@ -239,6 +239,13 @@ class GenerationLoader:
         """The reference answers, in order."""
         return list(self.dataset["target"])
 
+    def sources(self) -> list[str]:
+        """The prompts as text, in order (decoded from the tokens the model reads, so cut where
+        they were cut): what a score that judges an answer against its prompt (SARI) needs."""
+        rows = self.dataset
+        return self.tokenizer.batch_decode([ids[:p] for ids, p in zip(rows["input_ids"], rows["prompt_len"])],
+                                           skip_special_tokens=True)
+
     def __len__(self) -> int:
         return -(-len(self.dataset) // self.batch_size)
 

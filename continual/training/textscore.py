@@ -1,14 +1,14 @@
-"""Scoring generated text against a reference: exact match, token F1, ROUGE-L and, for code,
-edit similarity (pure functions).
+"""Scoring generated text against a reference: exact match, token F1, ROUGE-L, for code edit
+similarity, and for rewriting SARI, which judges an answer against its prompt too (pure functions).
 
 Normalisation, the same for the three word scores (edit similarity compares code as written):
-SQuAD's (lower case, punctuation and the articles a/an/the removed, whitespace collapsed), so "Positive." matches "positive" and "the cat" matches
-"cat"; but a number keeps its sign and decimal point ("-1" does not match "1", nor "3.5" "35"),
-as arithmetic answers need. Where that would erase the whole text (an answer such as "A", "the" or "."), the text keeps
-its articles, and then its punctuation: "A" is the word "a" and matches "a." but not "the", "." or
-an empty answer. An empty answer (nothing generated) never scores. Exact match is what a
-verbalised classification task is scored by (its answer is one label word); token F1 and
-ROUGE-L give partial credit to free text.
+SQuAD's (lower case, punctuation and the articles a/an/the removed, whitespace collapsed), so
+"Positive." matches "positive" and "the cat" matches "cat"; but a number keeps its sign and decimal
+point ("-1" does not match "1", nor "3.5" "35"), as arithmetic answers need. Where that would erase
+the whole text (an answer such as "A", "the" or "."), the text keeps its articles, and then its
+punctuation: "A" is the word "a" and matches "a." but not "the", "." or an empty answer. An empty
+answer (nothing generated) never scores. Exact match is what a verbalised classification task is
+scored by (its answer is one label word); token F1 and ROUGE-L give partial credit to free text.
 """
 
 from __future__ import annotations
@@ -116,7 +116,67 @@ def edit_sim(pred: str, ref: str) -> float:
     return 2 * _lcs(p, r) / (len(p) + len(r))
 
 
+_WORDS = re.compile(r"\w+|[^\w\s]")
+
+
+def _ngrams(words: Sequence[str], n: int) -> Counter:
+    return Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+
+
+def _ratio(part: float, whole: float) -> float:
+    return part / whole if whole else 1.0  # nothing to keep, delete or add: that part is not wrong
+
+
+def _f1(p: float, r: float) -> float:
+    return 2 * p * r / (p + r) if p + r else 0.0
+
+
+def sari(pred: str, ref: str, source: str) -> float:
+    """SARI (Xu et al. 2016, "Optimizing Statistical Machine Translation for Text Simplification",
+    Eqs. 4-7), the score TRACE gives 20Minuten: how well the answer keeps, deletes and adds the
+    n-grams (n = 1..4) of the ``source`` against what the reference kept, deleted and added. Per
+    n: keeping is scored by F1 over n-gram counts (kept in the answer ``min(#I, #O)``, rightly so
+    ``min(#I, #O, #R)``), deleting by precision only (over ``#I - #O`` and ``#I - #R``, as counts),
+    adding by F1 over sets (n-grams of the answer not in the source); the score is the mean of
+    the three, each averaged over n. One reference (TRACE has one). Words are lower-cased, and
+    punctuation marks are words of their own.
+
+    Departures: HF ``evaluate``'s ``sari``, which TRACE loads, averages per-n-gram ratios where
+    the paper sums counts (the two agree when no n-gram repeats), tokenises with sacreBLEU's
+    ``13a`` and reports 0-100 (here 0-1, as every score); a part with nothing to keep, delete or
+    add counts as right (1), as there; and an empty answer scores 0, as every score here, where
+    SARI would credit it for deleting."""
+    o = _WORDS.findall(pred.lower())
+    if not o:
+        return 0.0
+    i, r = _WORDS.findall(source.lower()), _WORDS.findall(ref.lower())
+    keep, delete, add = [], [], []
+    for n in range(1, 5):
+        gi, go, gr = _ngrams(i, n), _ngrams(o, n), _ngrams(r, n)
+        kept, should_keep = gi & go, gi & gr
+        right = sum((kept & should_keep).values())
+        keep.append(_f1(_ratio(right, sum(kept.values())), _ratio(right, sum(should_keep.values()))))
+        deleted, should_delete = gi - go, gi - gr
+        delete.append(_ratio(sum((deleted & should_delete).values()), sum(deleted.values())))
+        added, should_add = set(go) - set(gi), set(gr) - set(gi)
+        good = len(added & should_add)
+        add.append(_f1(_ratio(good, len(added)), _ratio(good, len(should_add))))
+    return (float(np.mean(keep)) + float(np.mean(delete)) + float(np.mean(add))) / 3
+
+
 SCORERS = {"exact": exact_match, "token_f1": token_f1, "rouge_l": rouge_l, "edit_sim": edit_sim}
+# scores that judge an answer against its prompt too (what it kept, deleted and added)
+SOURCE_SCORERS = {"sari": sari}
+METRICS = (*SCORERS, *SOURCE_SCORERS)
+
+
+def score_each(metric: str, preds: Sequence[str], refs: Sequence[str], sources: Sequence[str] | None = None) -> list[float]:
+    """Each answer's score by ``metric``; ``sources`` (the prompts) for a metric that needs them."""
+    if metric in SOURCE_SCORERS:
+        if sources is None or len(sources) != len(preds):
+            raise ValueError(f"metric {metric!r} scores an answer against its prompt: give the prompts (sources)")
+        return [SOURCE_SCORERS[metric](p, r, s) for p, r, s in zip(preds, refs, sources)]
+    return [SCORERS[metric](p, r) for p, r in zip(preds, refs)]
 
 
 def answer_macro_f1(preds: Sequence[str], refs: Sequence[str]) -> float:
@@ -132,15 +192,19 @@ def answer_macro_f1(preds: Sequence[str], refs: Sequence[str]) -> float:
     return float(np.mean(scores)) if scores else 0.0
 
 
-def score_texts(preds: Sequence[str], refs: Sequence[str], metric: str) -> dict[str, float]:
-    """Every text score of a prediction set; ``accuracy`` is the task's own ``metric``, and
-    ``macro_f1`` the label-word macro-F1 (exact tasks) or the mean token F1 (free text), so the
-    accuracy and F1 matrices of a stream mean the same for generative and classification tasks."""
-    if metric not in SCORERS:
-        raise ValueError(f"unknown metric {metric!r}; known: {', '.join(SCORERS)}")
+def score_texts(preds: Sequence[str], refs: Sequence[str], metric: str,
+                sources: Sequence[str] | None = None) -> dict[str, float]:
+    """Every text score of a prediction set (and the task's own, where it needs the prompts:
+    ``sources``); ``accuracy`` is the task's own ``metric``, and ``macro_f1`` the label-word
+    macro-F1 (exact tasks) or the mean token F1 (free text), so the accuracy and F1 matrices of a
+    stream mean the same for generative and classification tasks."""
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
     if len(preds) != len(refs) or not refs:
         raise ValueError(f"{len(preds)} predictions for {len(refs)} references")
-    out = {name: float(np.mean([f(p, r) for p, r in zip(preds, refs)])) for name, f in SCORERS.items()}
+    out = {name: float(np.mean(score_each(name, preds, refs))) for name in SCORERS}
+    if metric in SOURCE_SCORERS:
+        out[metric] = float(np.mean(score_each(metric, preds, refs, sources)))
     out["accuracy"] = out[metric]
     out["macro_f1"] = answer_macro_f1(preds, refs) if metric == "exact" else out["token_f1"]
     return out
