@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from adapters import DeltaModel
 from streams import Task
 
-from .training import answers_cut, distributed, eval_loader, tokenize
+from .training import answers_cut, distributed, eval_loader, prompts_cut, tokenize
 
 
 def _digest(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
@@ -108,11 +108,13 @@ class TokenisedTasks:
         if task.name not in self._data:
             data = DatasetDict({s: tokenize(ds, self.tokenizer, self.length(task), task.metric, self.decoder_start)
                                 for s, ds in task.splits().items()})
-            cut = {s: answers_cut(data[s]) for s in ("train", "test")}
-            if any(cut.values()) and distributed.is_main():  # said, never silent: a cut answer caps the score
-                tqdm.write(f"task {task.name}: {cut['train']} of {len(data['train'])} training and {cut['test']} of "
-                           f"{len(data['test'])} test answers are longer than max_length {self.length(task)} leaves "
-                           "them and are cut; raise --max-length (or the task's max_length) to keep them whole")
+            for what, count, loses in (("answers", answers_cut, "are cut"), ("prompts", prompts_cut, "lose their start")):
+                cut = {s: count(data[s]) for s in ("train", "test")}
+                if any(cut.values()) and distributed.is_main():  # said, never silent: a cut answer caps the score,
+                    # a cut prompt loses what it began with (TRACE's instructions come first)
+                    tqdm.write(f"task {task.name}: {cut['train']} of {len(data['train'])} training and {cut['test']} of "
+                               f"{len(data['test'])} test {what} are longer than max_length {self.length(task)} leaves "
+                               f"them and {loses}; raise --max-length (or the task's max_length) to keep them whole")
             seen = task.seen_in_training()
             if any(seen.values()) and distributed.is_main():  # said, never silent: such scores flatter
                 tqdm.write(f"task {task.name}: " + " and ".join(f"{seen[s]} of {len(data[s])} {s}" for s in seen if seen[s])

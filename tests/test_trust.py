@@ -261,12 +261,15 @@ def test_generative_lengths_that_cannot_hold_an_answer_are_refused_and_cuts_are_
     from datasets import Dataset
 
     from conftest import toy_generative_stream
-    from continual.training import answers_cut, tokenize
+    from continual.training import answers_cut, prompts_cut, tokenize
 
     ds = Dataset.from_dict({"text": ["what is it ?"] * 3, "target": ["yes", "a very long answer " * 20, "no"]})
     with pytest.raises(ValueError, match="max_length 1 leaves a generative task's answer no token"):
         tokenize(ds, word_tokenizer, 1, "exact")
     assert answers_cut(tokenize(ds, word_tokenizer, 16, "rouge_l")) == 1  # 80 words in 7 answer tokens
+    assert prompts_cut(tokenize(ds, word_tokenizer, 16, "rouge_l")) == 0  # 4 prompt words fit beside each answer
+    assert prompts_cut(tokenize(ds, word_tokenizer, 6, "rouge_l")) == 1  # 4 prompt tokens fit beside "yes" + eos, not 2 + eos
+    assert prompts_cut(tokenize(ds, word_tokenizer, 4, "rouge_l")) == 3  # 2 tokens left for each prompt
     with pytest.raises(ValueError, match="max_length 3 leaves"):  # refused before anything is written
         run_stream(toy_generative_stream(), lm_model(), make_strategy("per-task", ["lora"]),
                    TrainConfig(**{**FAST, "max_length": 3}), tmp_path / "o")
@@ -276,6 +279,15 @@ def test_generative_lengths_that_cannot_hold_an_answer_are_refused_and_cuts_are_
     run_stream(stream, lm_model(), make_strategy("per-task", ["lora"]), TrainConfig(**{**FAST, "max_steps": 2}), tmp_path / "p")
     err = capsys.readouterr()
     assert f"task {stream.tasks[0].name}: 0 of " in err.out + err.err and "test answers are longer than" in err.out + err.err
+    # a prompt that loses its start is said too (at 32 tokens the toy prompts fit; b's test ones are made longer)
+    stream = toy_generative_stream()
+    stream.tasks[1].test = stream.tasks[1].test.map(lambda r: {"text": "apple river " * 20 + r["text"]})
+    run_stream(stream, lm_model(), make_strategy("per-task", ["lora"]), TrainConfig(**{**FAST, "max_steps": 2, "max_length": 32}),
+               tmp_path / "q")
+    said = "".join(capsys.readouterr())
+    n = len(stream.tasks[1].test)
+    assert f"task b: 0 of {len(stream.tasks[1].train)} training and {n} of {n} test prompts are longer than max_length 32" in said
+    assert "lose their start" in said and "task a: " not in said and "task c: " not in said
 
 
 @pytest.mark.integration  # sockets and MLflow's HTTP client

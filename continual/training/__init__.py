@@ -13,7 +13,7 @@
 
 from . import distributed, malloc
 from .config import COMPILE_MODES, DROPOUT_MASKS, Recipe, Runtime, TrainConfig, TrainResult, check_lengths, position_limit, resolve_device
-from .data import answers_cut, check_generative_length
+from .data import answers_cut, check_generative_length, prompts_cut
 from .data import bucket_batches, collate_rows, bucketed_loader, endless_batches, eval_loader, majority_rate, make_loader, task_loader, tokenize
 from .evaluate import answers, batch_logits, evaluate, evaluate_generation, macro_f1
 from .malloc import MALLOC, hold_freed_memory
@@ -26,5 +26,5 @@ __all__ = [
     "COMPILE_MODES", "DROPOUT_MASKS", "MALLOC", "hold_freed_memory", "malloc", "Protocol", "DivergedError", "distributed", "check_lengths", "position_limit", "Recipe", "Runtime", "TrainConfig", "TrainResult", "AdjustGrads", "ExtraLoss", "TrainStep", "bucket_batches", "bucketed_loader",
     "collate_rows", "endless_batches", "eval_loader", "evaluate", "fit", "lr_factor", "macro_f1", "majority_rate", "make_loader",
     "make_optimizer", "mfu", "param_groups", "resolve_device", "tokenize", "train_joint", "train_task",
-    "answers", "answers_cut", "batch_logits", "check_generative_length", "evaluate_generation", "score_texts", "task_loader", "token_loss",
+    "answers", "answers_cut", "prompts_cut", "batch_logits", "check_generative_length", "evaluate_generation", "score_texts", "task_loader", "token_loss",
 ]

@@ -99,6 +99,12 @@ def answers_cut(dataset: Dataset) -> int:
     return sum(dataset["answer_cut"]) if "answer_cut" in dataset.column_names else 0
 
 
+def prompts_cut(dataset: Dataset) -> int:
+    """How many of a tokenised generative split's prompts lost their start to fit the length (an
+    instruction placed first, as TRACE's are, goes with it)."""
+    return sum(dataset["prompt_cut"]) if "prompt_cut" in dataset.column_names else 0
+
+
 def _tokenize_generative(dataset: Dataset, tokenizer: Any, max_length: int, metric: str) -> Dataset:
     """prompt + target + eos, truncated to ``max_length``: the target keeps up to half of it, the
     prompt loses tokens from its start (templates put the question last)."""
@@ -111,10 +117,11 @@ def _tokenize_generative(dataset: Dataset, tokenizer: Any, max_length: int, metr
         prompts = tokenizer(batch["text"])["input_ids"]
         targets = tokenizer([" " + t.strip() for t in batch["target"]], add_special_tokens=False)["input_ids"]
         out: dict[str, list] = {"input_ids": [], "attention_mask": [], "lm_labels": [], "prompt_len": [], "metric": [],
-                                "answer_cut": []}
+                                "answer_cut": [], "prompt_cut": []}
         for p, t in zip(prompts, targets):
             out["answer_cut"].append(len(t) > answer_room(max_length))
             t = t[: answer_room(max_length)] + [tokenizer.eos_token_id]
+            out["prompt_cut"].append(len(p) > max_length - len(t))
             p = p[-(max_length - len(t)):]
             ids = p + t
             out["input_ids"].append(ids)
@@ -141,7 +148,8 @@ def _tokenize_seq2seq(dataset: Dataset, tokenizer: Any, max_length: int, metric:
         return {"input_ids": ids, "attention_mask": [[1] * len(p) for p in ids], "prompt_len": [len(p) for p in ids],
                 "target_ids": [t[: max_length - 1] + [tokenizer.eos_token_id] for t in targets],
                 "decoder_start": [start] * len(ids), "metric": [metric] * len(ids),
-                "answer_cut": [len(t) > max_length - 1 for t in targets]}
+                "answer_cut": [len(t) > max_length - 1 for t in targets],
+                "prompt_cut": [len(p) > max_length for p in prompts]}
 
     return _quiet_map(dataset, enc, [c for c in dataset.column_names if c not in ("target", "label")])
 
