@@ -270,6 +270,9 @@ def test_generative_lengths_that_cannot_hold_an_answer_are_refused_and_cuts_are_
     assert prompts_cut(tokenize(ds, word_tokenizer, 16, "rouge_l")) == 0  # 4 prompt words fit beside each answer
     assert prompts_cut(tokenize(ds, word_tokenizer, 6, "rouge_l")) == 1  # 4 prompt tokens fit beside "yes" + eos, not 2 + eos
     assert prompts_cut(tokenize(ds, word_tokenizer, 4, "rouge_l")) == 3  # 2 tokens left for each prompt
+    # an encoder-decoder's prompt is the encoder's alone: cut only past max_length itself
+    assert prompts_cut(tokenize(ds, word_tokenizer, 4, "rouge_l", decoder_start=0)) == 0
+    assert prompts_cut(tokenize(ds, word_tokenizer, 3, "rouge_l", decoder_start=0)) == 3
     with pytest.raises(ValueError, match="max_length 3 leaves"):  # refused before anything is written
         run_stream(toy_generative_stream(), lm_model(), make_strategy("per-task", ["lora"]),
                    TrainConfig(**{**FAST, "max_length": 3}), tmp_path / "o")
