@@ -100,9 +100,9 @@ class AccuracyMatrix:
     """R (each task's score), its macro-F1 twin and b, filled entry by entry as a stream runs.
 
     ``scores`` names what each task's entries are (``accuracy`` for a classifier, ``exact_match``,
-    ``token_f1``, ``rouge_l``, ``edit_sim`` or ``sari`` for a generative task; ``score`` for a run saved before scores were
-    named). The metrics are defined on "the task's score" whatever it is. A standalone metric
-    object in the Avalanche style: ``update`` / ``result`` / ``reset``."""
+    ``token_f1``, ``rouge_l``, ``edit_sim`` or ``sari`` for a generative task; ``score`` for a run
+    saved before scores were named). The metrics are defined on "the task's score" whatever it is.
+    A standalone metric object in the Avalanche style: ``update`` / ``result`` / ``reset``."""
 
     def __init__(self, tasks: list[str], scores: list[str] | None = None) -> None:
         self.tasks = list(tasks)

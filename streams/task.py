@@ -157,7 +157,8 @@ class Task:
 
     @property
     def score_name(self) -> str:
-        """What the task is judged by: ``accuracy``, or ``exact_match`` / ``token_f1`` / ``rouge_l`` / ``edit_sim`` / ``sari``."""
+        """What the task is judged by: ``accuracy``, or ``exact_match`` / ``token_f1`` / ``rouge_l``
+        / ``edit_sim`` / ``sari``."""
         return SCORE_NAMES[self.metric] if self.generative else "accuracy"
 
     @property

@@ -170,7 +170,8 @@ SOURCE_SCORERS = {"sari": sari}
 METRICS = (*SCORERS, *SOURCE_SCORERS)
 
 
-def score_each(metric: str, preds: Sequence[str], refs: Sequence[str], sources: Sequence[str] | None = None) -> list[float]:
+def score_each(metric: str, preds: Sequence[str], refs: Sequence[str],
+               sources: Sequence[str] | None = None) -> list[float]:
     """Each answer's score by ``metric``; ``sources`` (the prompts) for a metric that needs them."""
     if metric in SOURCE_SCORERS:
         if sources is None or len(sources) != len(preds):
