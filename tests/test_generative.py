@@ -275,6 +275,12 @@ def test_fusion_routing_and_transfer_on_generative_tasks(tiny_lm_dir, tmp_path):
     merged = merge_run(tmp_path / "run", ["linear", "ties"], backbone=str(tiny_lm_dir))
     assert merged.generative and "no task id" in merged.table() and np.isfinite(merged.scores["ties"]).all()
     np.testing.assert_allclose(merged.scores["own delta"], res.matrix.R[-1], atol=0.05)
+    # a task's metric is part of its fingerprint: scored otherwise now, the run is refused, the task named
+    from continual.rundir import RunStateError
+
+    toy_generative_yaml(tmp_path, {"b": "rouge_l"})  # the same files, b scored by ROUGE-L instead of SARI
+    with pytest.raises(RunStateError, match=r"task\(s\) b differ from the fingerprints .* a generative task's metric"):
+        route_run(tmp_path / "run", str(tiny_lm_dir), ["prototype"])
 
 
 @pytest.mark.integration  # end to end: a whole stream, resumed, logged or served

@@ -48,8 +48,11 @@ def stream_of_run(run_dir: str | Path):
         raise RunStateError(f"{run}'s stream was built in Python, so it cannot be rebuilt here; run a built-in or a YAML stream")
     else:
         stream = builtin_stream(spec["stream"], spec.get("seed", 0), spec.get("max_train"), spec.get("max_eval"))
-    if stream.fingerprints() != identity["data"]:
-        raise RunStateError(f"the data of {run}'s stream changed since it was run: its fingerprints differ")
+    now, then = stream.fingerprints(), identity["data"]
+    if now != then:  # name what changed: a generative task's metric is part of it (TRACE's moved once)
+        changed = [t for t in dict.fromkeys([*then, *now]) if now.get(t) != then.get(t)]
+        raise RunStateError(f"the data of {run}'s stream changed since it was run: task(s) {', '.join(changed)} differ from "
+                            "the fingerprints it recorded (their rows or label names, or a generative task's metric)")
     return stream, identity
 
 
