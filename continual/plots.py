@@ -191,14 +191,14 @@ def accuracy_curves(rows: dict[str, dict[str, Any]], path: str | Path) -> Path:
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False, sharey=True)
     for ax, (key, what) in zip(axes[0], panels):
         for label, row in rows.items():
-            y = np.array([np.nan if v is None else v for v in row.get(key) or []], dtype=float)
+            y = np.array(row.get(key) or [], dtype=float)  # (None, a point never measured, reads as NaN)
             if not len(y):
                 continue
             x = np.arange(1, len(y) + 1)
             line, = ax.plot(x, y, marker="o", label=label)
             std = row.get(f"{key}_std")
             if std:
-                s = np.array([np.nan if v is None else v for v in std], dtype=float)
+                s = np.array(std, dtype=float)
                 ax.fill_between(x, y - s, y + s, color=line.get_color(), alpha=0.15)
             ax.set_xticks(x)
         ax.set_xlabel("tasks learned")

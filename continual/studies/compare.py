@@ -190,7 +190,7 @@ def mean_row(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {k: float(np.mean([r[k] for r in rows])) if None not in [r[k] for r in rows] else None
                            for k in rows[0] if k not in curves}
     for k in curves:  # point by point over seeds; a point some seed lacks is None
-        points = np.array([[np.nan if v is None else v for v in r[k]] for r in rows], dtype=float)
+        points = np.array([r[k] for r in rows], dtype=float)  # None -> NaN
         out[k] = [None if np.isnan(v) else float(v) for v in points.mean(0)]
         out[f"{k}_std"] = [None if np.isnan(v) else float(v) for v in points.std(0, ddof=1)]
     for k in (*METRICS, *AGNOSTIC):
