@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -227,19 +227,21 @@ def _module(model: Any, path: str) -> nn.Module | None:
         return None
 
 
-def _layer_groups(model: Any, paths: Sequence[str]) -> dict[tuple[int, ...], list[str]]:
-    """Module paths as (block indices -> inner paths), so each group is one layer-wise config."""
+def _layer_groups(model: Any, paths: Sequence[str], kind: Callable[[str], Any] = lambda path: None
+                  ) -> dict[tuple[Any, tuple[int, ...]], list[str]]:
+    """Module paths as ((kind, block indices) -> inner paths), so each group is one layer-wise config.
+    ``kind``: what a config holds one value of (LoRA: the rank, which rank_pattern may set per layer)."""
     blocks = block_paths(model.backbone)
-    inner: dict[str, set[int]] = {}
+    inner: dict[tuple[str, Any], set[int]] = {}
     for path in paths:
         i = next((i for i, b in enumerate(blocks) if path.startswith(b + ".")), None)
         if i is None:
             raise CheckpointError(f"the adapter acts on {path}, outside the transformer blocks (embeddings, LM head): "
                                   "a delta here acts inside blocks only")
-        inner.setdefault(path[len(blocks[i]) + 1:], set()).add(i)
-    groups: dict[tuple[int, ...], list[str]] = {}
-    for name, layers in inner.items():
-        groups.setdefault(tuple(sorted(layers)), []).append(name)
+        inner.setdefault((path[len(blocks[i]) + 1:], kind(path)), set()).add(i)
+    groups: dict[tuple[Any, tuple[int, ...]], list[str]] = {}
+    for (name, value), layers in inner.items():
+        groups.setdefault((value, tuple(sorted(layers))), []).append(name)
     return groups
 
 
@@ -258,13 +260,11 @@ def _lora_in(model: Any, config: dict[str, Any], tensors: dict[str, torch.Tensor
     tensors = {k: v for k, v in tensors.items() if not k.endswith(".bias")}
     lora = _by_module(model, tensors, ("lora_A.weight", "lora_B.weight"))
     configs, state = [], {}
-    for layers, inner in _layer_groups(model, list(lora)).items():
-        ranks = {lora[p]["lora_A.weight"].shape[0] for p in lora if any(p.endswith("." + n) for n in inner)}
-        for r in sorted(ranks):
-            names = tuple(n for n in inner if any(lora[p]["lora_A.weight"].shape[0] == r for p in lora if p.endswith("." + n)))
-            alpha = float(config.get("lora_alpha", 8)) * (math.sqrt(r) if config.get("use_rslora") else 1.0)
-            configs.append(make_config({"method": "lora", "rank": r, "alpha": alpha, "targets": list(names),
-                                        "layers": _layers(model, layers), "dropout": float(config.get("lora_dropout") or 0.0)}))
+    rank = lambda path: lora[path]["lora_A.weight"].shape[0]  # noqa: E731
+    for (r, layers), names in sorted(_layer_groups(model, list(lora), rank).items(), key=lambda g: g[0][0]):
+        alpha = float(config.get("lora_alpha", 8)) * (math.sqrt(r) if config.get("use_rslora") else 1.0)
+        configs.append(make_config({"method": "lora", "rank": r, "alpha": alpha, "targets": names,
+                                    "layers": _layers(model, layers), "dropout": float(config.get("lora_dropout") or 0.0)}))
     for path, t in lora.items():
         state[f"{path}|lora_A"], state[f"{path}|lora_B"] = t["lora_A.weight"], t["lora_B.weight"]
     if bias:
@@ -290,7 +290,7 @@ def _bias_in(model: Any, tensors: dict[str, torch.Tensor]):
 def _ia3_in(model: Any, config: dict[str, Any], tensors: dict[str, torch.Tensor]):
     scales = _by_module(model, tensors, ("ia3_l",))
     configs, state = [], {}
-    for layers, inner in _layer_groups(model, list(scales)).items():
+    for (_, layers), inner in _layer_groups(model, list(scales)).items():
         ff = [n for n in inner if any(scales[p]["ia3_l"].shape[0] == 1 and p.endswith("." + n) and
                                       (linear_dims(model.backbone.get_submodule(p)) or (0, 0))[0] == scales[p]["ia3_l"].shape[1]
                                       for p in scales)]

@@ -274,6 +274,21 @@ def test_rslora_and_rank_pattern_from_peft_import(tmp_path):
     assert (ours(model, "t", "llama", b) - theirs(pm, "llama", b, 9))[mask].abs().max() < TOL
 
 
+def test_rank_pattern_for_one_layer_imports(tmp_path):
+    """rank_pattern may name one layer's module ("model.layers.0.self_attn.q_proj"): that module
+    has another rank in that layer only. It imports as a LoRA per (rank, layer set), giving PEFT's
+    outputs (it was refused as "trained for another model")."""
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
+                             rank_pattern={"model.layers.0.self_attn.q_proj": 2, "layers.1.self_attn.v_proj": 6})
+    model, pm = peft_trained_import(config, 0.2, tmp_path)
+    sites = sorted((c.rank, t, c.layers) for c in model.task("t").configs for t in c.targets)
+    assert sites == [(2, "self_attn.q_proj", (0,)), (4, "self_attn.q_proj", (1,)), (4, "self_attn.v_proj", (0,)),
+                     (6, "self_attn.v_proj", (1,))]
+    b = batch()
+    mask = b["attention_mask"].bool()
+    assert (ours(model, "t", "llama", b) - theirs(pm, "llama", b, 9))[mask].abs().max() < TOL
+
+
 @pytest.mark.parametrize("settings, match", [
     ({"alora_invocation_tokens": [5, 6]}, "alora_invocation_tokens"),  # acts only after the invocation tokens
     ({"lora_bias": True}, "lora_bias"),  # B has a bias of its own
