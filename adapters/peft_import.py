@@ -252,17 +252,19 @@ def _layers(model: Any, layers: tuple[int, ...]) -> tuple[int, ...] | None:
 def _lora_in(model: Any, config: dict[str, Any], tensors: dict[str, torch.Tensor]):
     if config.get("use_dora"):
         raise CheckpointError("DoRA adapters (use_dora) are not LoRA: not imported")
-    if config.get("alpha_pattern"):
-        raise CheckpointError("adapters with a per-module alpha_pattern are not imported")
     if config.get("bias", "none") not in ("none", "all"):
         raise CheckpointError(f"LoRA bias={config['bias']!r} is not imported (bias='none' or 'all' is)")
     bias = {k.replace(".base_layer.bias", ".bias"): v for k, v in tensors.items() if k.endswith(".bias")}
     tensors = {k: v for k, v in tensors.items() if not k.endswith(".bias")}
     lora = _by_module(model, tensors, ("lora_A.weight", "lora_B.weight"))
+    alphas = _alphas(config, [k[len(ROOT):-len(".lora_A.weight")] for k in tensors if k.endswith(".lora_A.weight")])
     configs, state = [], {}
-    rank = lambda path: lora[path]["lora_A.weight"].shape[0]  # noqa: E731
-    for (r, layers), names in sorted(_layer_groups(model, list(lora), rank).items(), key=lambda g: g[0][0]):
-        alpha = float(config.get("lora_alpha", 8)) * (math.sqrt(r) if config.get("use_rslora") else 1.0)
+
+    def kind(path: str) -> tuple[int, float]:  # a config holds one rank and one alpha; the patterns set them per module
+        return lora[path]["lora_A.weight"].shape[0], next(a for m, a in alphas.items() if m == path or m.endswith("." + path))
+
+    for ((r, alpha), layers), names in sorted(_layer_groups(model, list(lora), kind).items(), key=lambda g: g[0][0]):
+        alpha *= math.sqrt(r) if config.get("use_rslora") else 1.0
         configs.append(make_config({"method": "lora", "rank": r, "alpha": alpha, "targets": names,
                                     "layers": _layers(model, layers), "dropout": float(config.get("lora_dropout") or 0.0)}))
     for path, t in lora.items():
@@ -272,6 +274,17 @@ def _lora_in(model: Any, config: dict[str, Any], tensors: dict[str, torch.Tensor
         configs += configs_b
         state.update(state_b)
     return configs, state
+
+
+def _alphas(config: dict[str, Any], modules: Sequence[str]) -> dict[str, float]:
+    """Each module's lora_alpha, as PEFT reads its alpha_pattern: the first key (a regular
+    expression) that the module's name ends with, after a '.', gives it; lora_alpha otherwise."""
+    pattern = config.get("alpha_pattern") or {}
+    out = {}
+    for module in modules:
+        key = next((k for k in pattern if re.match(rf"(.*\.)?({k})$", module)), None)
+        out[module] = float(pattern[key] if key is not None else config.get("lora_alpha", 8))
+    return out
 
 
 def _bias_in(model: Any, tensors: dict[str, torch.Tensor]):

@@ -274,16 +274,20 @@ def test_rslora_and_rank_pattern_from_peft_import(tmp_path):
     assert (ours(model, "t", "llama", b) - theirs(pm, "llama", b, 9))[mask].abs().max() < TOL
 
 
-def test_rank_pattern_for_one_layer_imports(tmp_path):
-    """rank_pattern may name one layer's module ("model.layers.0.self_attn.q_proj"): that module
-    has another rank in that layer only. It imports as a LoRA per (rank, layer set), giving PEFT's
-    outputs (it was refused as "trained for another model")."""
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
-                             rank_pattern={"model.layers.0.self_attn.q_proj": 2, "layers.1.self_attn.v_proj": 6})
+@pytest.mark.parametrize("rslora", [False, True])
+def test_rank_and_alpha_patterns_for_one_layer_import(rslora, tmp_path):
+    """rank_pattern and alpha_pattern may name one layer's module ("model.layers.0.self_attn.q_proj")
+    or a regular expression: that module has its own rank or alpha there only. It imports as a LoRA
+    per (rank, alpha, layer set), giving PEFT's outputs (it was refused: "trained for another
+    model", or "alpha_pattern ... not imported")."""
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM", use_rslora=rslora,
+                             rank_pattern={"model.layers.0.self_attn.q_proj": 2, "layers.1.self_attn.v_proj": 6},
+                             alpha_pattern={"layers.1.self_attn.q_proj": 32, "v_pr.j": 3})
     model, pm = peft_trained_import(config, 0.2, tmp_path)
-    sites = sorted((c.rank, t, c.layers) for c in model.task("t").configs for t in c.targets)
-    assert sites == [(2, "self_attn.q_proj", (0,)), (4, "self_attn.q_proj", (1,)), (4, "self_attn.v_proj", (0,)),
-                     (6, "self_attn.v_proj", (1,))]
+    root = (lambda r: r ** 0.5) if rslora else (lambda r: 1.0)
+    sites = sorted((c.rank, round(c.alpha / root(c.rank), 9), t, c.layers) for c in model.task("t").configs for t in c.targets)
+    assert sites == [(2, 8, "self_attn.q_proj", (0,)), (4, 3, "self_attn.v_proj", (0,)), (4, 32, "self_attn.q_proj", (1,)),
+                     (6, 3, "self_attn.v_proj", (1,))]
     b = batch()
     mask = b["attention_mask"].bool()
     assert (ours(model, "t", "llama", b) - theirs(pm, "llama", b, 9))[mask].abs().max() < TOL
