@@ -449,3 +449,14 @@ def test_a_plus_joined_method_is_the_same_combination_as_repeated_methods(toy_ya
     joined, repeated = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("joined", "repeated"))
     assert joined["identity"]["train"] == repeated["identity"]["train"]
     assert "bitfit" in json.dumps(joined["identity"]) and joined["matrix"]["R"] == repeated["matrix"]["R"]
+
+
+def test_no_progress_silences_the_backbone_loading_bar(toy_yaml, tiny_backbone_dir, tmp_path, capsys):
+    """transformers draws a "Loading weights" bar as it loads the backbone: with --no-progress it went
+    to the log all the same. Without the flag it is still drawn, and the flag leaves it on after."""
+    common = ["run", "--stream", str(toy_yaml), "--backbone", str(tiny_backbone_dir), "--steps", "1", "--eval-every", "1",
+              "--max-length", "16", "--no-mlflow"]
+    assert main([*common, "--no-progress", "--out", str(tmp_path / "quiet")]) == 0
+    assert "Loading weights" not in capsys.readouterr().err
+    assert main([*common, "--out", str(tmp_path / "loud")]) == 0
+    assert "Loading weights" in capsys.readouterr().err

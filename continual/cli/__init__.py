@@ -3,9 +3,11 @@ and :func:`main`, which dispatches and turns the library's errors into one clear
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import sys
+from typing import Iterator
 
 from adapters import DeltaError
 from streams import DataError
@@ -22,7 +24,8 @@ __all__ = ["DEFAULTS", "build_parser", "main", "train_config", "training_options
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        with _quiet_libraries(getattr(args, "no_progress", False)):
+            return COMMANDS[args.command](args)
     except (DataError, DeltaError, RunStateError, PoolError, DivergedError, FileNotFoundError, ValueError, ImportError) as e:
         print(f"continual {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -52,6 +55,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ncontinual {args.command}: interrupted; finished tasks are saved, continue with --resume",
               file=sys.stderr)
         return 130
+
+
+@contextlib.contextmanager
+def _quiet_libraries(quiet: bool) -> Iterator[None]:
+    """``--no-progress`` silences the libraries' bars too: transformers draws one while it loads a
+    backbone's weights, and the hub one per download, which went to logs that asked for none."""
+    if not quiet:
+        yield
+        return
+    import huggingface_hub.utils as hub
+    from transformers.utils import logging as hf_logging
+
+    was_hf, was_hub = hf_logging.is_progress_bar_enabled(), not hub.are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()
+    hub.disable_progress_bars()
+    try:
+        yield
+    finally:  # main() runs again in one process (tests, notebooks): leave the bars as found
+        if was_hf:
+            hf_logging.enable_progress_bar()
+        if was_hub:
+            hub.enable_progress_bars()
 
 
 def tracking_failure(e: BaseException, uri: str) -> str:
