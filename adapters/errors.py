@@ -33,6 +33,16 @@ class CheckpointError(DeltaError, ValueError):
     """A checkpoint is missing, corrupt, truncated or for another backbone."""
 
 
+class BaseModelMismatch(CheckpointError):
+    """A PEFT adapter records another base model's name. ``reason`` says so without a remedy: the
+    check can be skipped (Python: ``strict_base=False``) where it is the same model under another
+    name, and each caller names its own way to skip it."""
+
+    def __init__(self, reason: str, remedy: str) -> None:
+        super().__init__(f"{reason}; {remedy}")
+        self.reason = reason
+
+
 class BackboneError(DeltaError, RuntimeError):
     """A backbone could not be loaded."""
 

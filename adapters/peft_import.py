@@ -22,7 +22,7 @@ from torch import nn
 
 from .fingerprint import backbone_fingerprint, json_digest, read_json, read_tensors, sha256_file
 from .config import DeltaConfig
-from .errors import CheckpointError, DeltaError
+from .errors import BaseModelMismatch, CheckpointError, DeltaError
 from .peft_export import CONFIG, HEAD, PREFIX_REASON, ROOT, SIDECAR, SIDECAR_FORMAT, WEIGHTS, rope_of, rotate_keys
 from .registry import make_config
 from .targets import block_paths, linear_dims
@@ -71,8 +71,8 @@ def check_base(model: Any, config: dict[str, Any], meta: dict[str, Any], where: 
     theirs = config.get("base_model_name_or_path")
     loaded_from = getattr(getattr(model.backbone, "config", None), "name_or_path", None) or ""
     if not (same_base(model.backbone_name, theirs) or same_base(loaded_from, theirs)):
-        raise CheckpointError(f"{where} was trained on {theirs!r}, not on this backbone ({model.backbone_name!r}); load it "
-                              "onto that model, or pass strict_base=False if it is the same model under another name")
+        raise BaseModelMismatch(f"{where} was trained on {theirs!r}, not on this backbone ({model.backbone_name!r})",
+                                "load it onto that model, or pass strict_base=False if it is the same model under another name")
     if meta.get("backbone") and meta["backbone"] != backbone_fingerprint(model.backbone):
         diff = sorted(k for k, v in meta["backbone"].items() if backbone_fingerprint(model.backbone).get(k) != v)
         raise CheckpointError(f"{where} was exported from another backbone ({meta.get('backbone_name')!r}); differs in {diff}")

@@ -272,3 +272,33 @@ def test_export_of_a_shared_delta_run_gives_each_state_as_a_causal_lm_adapter(tm
             states[name] = model.encode(**enc)[0]
             assert (states[name] - pm(**enc, output_hidden_states=True).hidden_states[-1]).abs().max() < 1e-5
     assert not torch.allclose(states["a-shared_delta"], states["c-shared_delta"])  # the delta after a, after c
+
+
+def test_stream_delta_of_another_base_model_names_the_stream_files_remedy(tmp_path, minilm_tokenizer):
+    """An adapter recorded for another base model was refused with "pass strict_base=False", a
+    Python argument a stream file cannot give: the refusal now names the file's own key, which works."""
+    import json
+
+    from continual.scheduler import run_stream
+    from continual.strategies import make_strategy
+    from continual.training import TrainConfig
+    from streams import load_stream
+
+    pm = peft_trained(tiny_text_backbone(minilm_tokenizer.vocab_size), peft.LoraConfig(r=4, target_modules=["query", "value"]),
+                      3, lambda m, ids: m(input_ids=ids).last_hidden_state.pow(2).mean())
+    pm.save_pretrained(tmp_path / "adapter")
+    cfg = tmp_path / "adapter" / "adapter_config.json"
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "base_model_name_or_path": "someone/bert-renamed"}))
+
+    def run(path, out):
+        model = adapters.DeltaModel(tiny_text_backbone(minilm_tokenizer.vocab_size), minilm_tokenizer, "tiny-bert")
+        return run_stream(load_stream(path), model, make_strategy("per-task", ["lora"]), TrainConfig(**FAST), tmp_path / out)
+
+    path = stream_file(tmp_path, tmp_path / "adapter")
+    with pytest.raises(adapters.CheckpointError, match=r"task 'a' .*'someone/bert-renamed'.*check_base: false") as e:
+        run(path, "refused")
+    assert "strict_base" not in str(e.value)
+    spec = yaml.safe_load(path.read_text())
+    spec["tasks"][0]["delta"]["check_base"] = False
+    path.write_text(yaml.safe_dump(spec))
+    assert run(path, "ran").matrix.R.shape == (2, 2)

@@ -14,6 +14,7 @@ from typing import Any, Callable, ClassVar, Sequence
 import torch
 
 from adapters import DEFAULT_METHOD, CheckpointError, DeltaConfig, DeltaModel, load_delta
+from adapters.errors import BaseModelMismatch
 from adapters.model import MethodSpec
 from adapters.spec import method_configs
 from streams import Task, TaskStream
@@ -59,6 +60,10 @@ def add_task(model: DeltaModel, task: Task, methods: Sequence[DeltaConfig]) -> N
         return
     try:
         load_delta(model, task.delta["path"], task.name, strict_backbone=task.delta["check_base"], **head_of(task))
+    except BaseModelMismatch as e:  # the Python remedy (strict_base=False) is not the stream file's
+        raise CheckpointError(f"task {task.name!r} (its 'delta:' in the stream file): {e.reason}; load it onto that "
+                              "model (--backbone), or, if it is the same model under another name, give the task "
+                              "delta: {path: ..., check_base: false}") from None
     except CheckpointError as e:  # the file's problem, said with the task whose 'delta:' names it
         raise CheckpointError(f"task {task.name!r} (its 'delta:' in the stream file): {e}") from None
     if not task.delta["train"]:
