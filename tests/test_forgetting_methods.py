@@ -212,6 +212,16 @@ def test_make_strategy_reads_method_specs_and_checks_options_by_name():
     assert make_strategy("seq-ft").methods == [] and make_strategy("seq-delta").methods[0].method == "bottleneck"
 
 
+def test_a_strategy_without_methods_gets_its_own_default():
+    """``--strategy inflora`` with no --method was refused ("its methods must be lora ...;
+    ['bottleneck'] are not"): the library's default replaced the strategy's own. A strategy that
+    names a default method gets it; the others the library's."""
+    for name, method in (("o-lora", "lora"), ("inflora", "lora"), ("prompt-pool", "prompt_pool"),
+                         ("progressive-prompts", "prompt"), ("per-task", "bottleneck"), ("ewc", "bottleneck")):
+        assert [m.method for m in make_strategy(name).methods] == [method], name
+    assert make_strategy("progressive-prompts").methods[0].num_tokens == 20  # the paper's length on BERT
+
+
 def test_ewc_fisher_under_fp16_is_estimated_in_fp32(text_model):
     """One example's gradients, unscaled, underflow in fp16: the Fisher is computed in fp32 there."""
     from continual.scoring import TokenisedTasks

@@ -64,19 +64,22 @@ def make_strategy(name: str, methods: Sequence[MethodSpec] | MethodSpec | None =
     """A strategy by name (see ``STRATEGIES``); ``options`` go to its constructor (e.g.
     ``memory_size`` for ``replay``, ``ewc_lambda`` for ``ewc``, ``temperature`` for ``per-task-fusion``).
     ``methods``: a list of method specs (names, ``"lora:rank=4"``, dicts, configs), or one spec
-    (``"lora+bitfit"`` is a combination, as on the command line); None: the default method, or
-    none for a strategy that fine-tunes the whole backbone (which refuses methods)."""
+    (``"lora+bitfit"`` is a combination, as on the command line); None: the strategy's own default
+    (lora for o-lora and inflora, prompt_pool for prompt-pool, a 20-token prompt for
+    progressive-prompts), else the library's default method, or none for a strategy that
+    fine-tunes the whole backbone (which refuses methods)."""
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; one of: {', '.join(STRATEGIES)}")
     cls = STRATEGIES[name]
     if cls.trains_backbone and methods is not None and methods != []:  # they were dropped without a word
         raise ValueError(f"{name} fine-tunes the whole backbone and trains no delta, so it takes no method; for one "
                          "delta trained on every task in turn use seq-delta (e.g. --strategy seq-delta --method lora)")
-    if methods is None:
-        methods = (DEFAULT_METHOD,)
+    params = inspect.signature(cls).parameters
+    if methods is None:  # the strategy's own default (o-lora and inflora: lora; prompt-pool: prompt_pool), else ours
+        default = params["methods"].default if "methods" in params else inspect.Parameter.empty
+        methods = (DEFAULT_METHOD,) if default is inspect.Parameter.empty else default
     else:
         methods = method_configs(methods)
-    params = inspect.signature(cls).parameters
     any_keyword = any(v.kind is inspect.Parameter.VAR_KEYWORD for v in params.values())
     named = [p for p, v in params.items() if p != "methods" and v.kind is not inspect.Parameter.VAR_KEYWORD]
     unknown = sorted(set(options) - set(named))

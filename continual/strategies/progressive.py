@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from adapters import DEFAULT_METHOD, DeltaModel, get_method
+from adapters import DeltaModel, get_method
 from adapters.model import MethodSpec
 from streams import Task, TaskStream
 
@@ -33,7 +33,7 @@ class ProgressivePrompts(Strategy):
     name = "progressive-prompts"
     description = "a new soft prompt + head per task, prepended with the earlier tasks' frozen prompts (--method prompt)"
 
-    def __init__(self, methods: Sequence[MethodSpec] = (DEFAULT_METHOD,)) -> None:
+    def __init__(self, methods: Sequence[MethodSpec] = ("prompt:num_tokens=20",)) -> None:  # the paper's length on BERT
         super().__init__(methods)
         kinds = [m.method for m in self.methods if not get_method(m.method).capabilities.input_transform]
         if kinds:
