@@ -216,8 +216,13 @@ def encode_labels(labels: Sequence[Any], names: list[str], where: str, column: s
     index = {n: i for i, n in enumerate(names)}
     normed = [_norm(v) for v in labels]
     if given and all(v.isdigit() for v in normed) and not any(v in index for v in normed):
-        if all(int(v) < len(names) for v in normed):
+        past = next((n for n, v in enumerate(normed, 1) if int(v) >= len(names)), None)
+        if past is None:
             return [int(v) for v in normed]
+        # 1-based class numbers (AG News' 1-4) against names indexed from 0
+        raise DataError(f"{where}: row {past}, column {column!r}: label {normed[past - 1]} is past label_names' last "
+                        f"position ({len(names) - 1}; known labels: {', '.join(names)}): integer labels index label_names "
+                        "from 0, so give them from 0 (1-based ones minus 1), or as many names as there are labels")
     out = []
     for n, v in enumerate(normed, 1):
         if v not in index:
