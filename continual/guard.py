@@ -39,11 +39,27 @@ def check_uri(uri: str) -> str:
         raise ValueError(f"tracking URI {uri!r} names no database file, so MLflow would log to memory and lose "
                          "everything; use e.g. sqlite:///mlflow.db")
     if uri.startswith(("http://", "https://")):
+        _check_server_url(uri)
         for k, v in QUICK_HTTP.items():
             os.environ.setdefault(k, v)
     if re.match(r"(postgresql|mysql|mssql|oracle)(\+\w+)?://", uri):
         _check_database_driver(uri)
     return uri
+
+
+def _check_server_url(uri: str) -> None:
+    """A server URL no server can have (no host, a port outside 1-65535), refused: the run went on
+    unlogged and pointed at a ``continual sync`` to the same URL, which could never work."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if not parts.hostname or port == -1 or port == 0:
+        raise ValueError(f"tracking URI {uri!r} is not a server address: it needs a host and, if any, a port from 1 "
+                         "to 65535, e.g. http://127.0.0.1:5000")
 
 
 def _check_database_driver(uri: str) -> None:

@@ -460,3 +460,13 @@ def test_no_progress_silences_the_backbone_loading_bar(toy_yaml, tiny_backbone_d
     assert "Loading weights" not in capsys.readouterr().err
     assert main([*common, "--out", str(tmp_path / "loud")]) == 0
     assert "Loading weights" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("uri", ["http://127.0.0.1:99999", "http://:5000", "https://", "http://127.0.0.1:0"])
+def test_a_server_address_no_server_can_have_is_refused_before_the_run(uri, toy_yaml, tiny_backbone_dir, tmp_path, capsys):
+    """A port past 65535 trained the whole run unlogged, then pointed at 'continual sync' to the same
+    address, which cannot work: refused before anything loads."""
+    argv = ["run", "--stream", str(toy_yaml), "--backbone", str(tiny_backbone_dir), "--steps", "1", "--no-progress",
+            "--out", str(tmp_path / "run"), "--tracking-uri", uri]
+    assert main(argv) == 2
+    assert "is not a server address" in capsys.readouterr().err and not (tmp_path / "run").exists()
