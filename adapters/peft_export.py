@@ -20,8 +20,10 @@ query at t against k rotated back by P. So the export rotates our prefix keys fo
 positions (the import back by P) and PEFT computes our function exactly. With absolute positions
 (BERT) the shift changes the token embeddings themselves, which no prefix can undo: refused.
 
-Also refused, with the reason: methods PEFT has no type for (bottleneck, parallel, Compacter,
-fusion), and combinations other than lora+bitfit (one PEFT adapter holds one method).
+Several LoRAs on disjoint modules (what an adapter saved with rank_pattern or alpha_pattern
+imports as) travel as one LORA with those patterns. Refused, with the reason: methods PEFT has no
+type for (bottleneck, parallel, Compacter, fusion), two LoRAs on one module, and other
+combinations than lora+bitfit (one PEFT adapter holds one method).
 
 A classification head has no exact PEFT form either: PEFT keeps it in ``modules_to_save`` of a
 ``*ForSequenceClassification`` model, whose head is that architecture's own (BERT pools [CLS]
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -57,10 +60,19 @@ PREFIX_REASON = ("PEFT passes a prefix to the model as past keys and values, whi
                  "exactly; this backbone has absolute positions, where no conversion can make the two agree")
 
 
-def exportable(configs: Sequence[DeltaConfig], model: Any = None) -> str | None:
+def exportable(configs: Sequence[DeltaConfig], model: Any = None, deltas: Sequence[Any] | None = None) -> str | None:
     """None when a task with these delta configs can be written as one PEFT adapter (on
-    ``model``'s backbone, where given), else why not."""
+    ``model``'s backbone, where given; ``deltas``, the task's, are checked too: several LoRAs
+    travel as one with rank_pattern / alpha_pattern where no two act on one module), else why not."""
     methods = sorted(c.method for c in configs)
+    loras = methods.count("lora")
+    if loras > 1 and [m for m in methods if m != "lora"] in ([], ["bitfit"]):
+        if deltas is not None:
+            clash = _shared_module([d for d in deltas if d.config.method == "lora"])
+            if clash:
+                return (f"{loras} LoRAs act on {clash}: a PEFT adapter holds one LoRA per module (rank_pattern and "
+                        "alpha_pattern give modules their own rank and alpha, not a second LoRA)")
+        return None
     if not methods:
         return "it has no delta of its own (a head only: its delta is another task's, e.g. a shared delta)"
     if methods == ["prefix"]:
@@ -101,14 +113,15 @@ def export_peft(model: Any, name: str, directory: str | Path, base_model: str | 
     (a shared delta) serves generative tasks, so it is the LM's adapter. Raises
     :class:`ConfigError` naming what can be exported when PEFT cannot hold the task's delta."""
     task = model.task(name)
-    why = exportable(task.configs, model)
+    why = exportable(task.configs, model, list(task.deltas.values()))
     if why:
         raise ConfigError(f"task {name!r}: {why}")
     kind = task_type(model, task, generative)
     prefix = module_prefix(model, kind)
+    loras = [d for c, d in zip(task.configs, task.deltas.values()) if c.method == "lora"]
     deltas = dict(zip([c.method for c in task.configs], task.deltas.values()))
     main = next(m for m in ("lora", "ia3", "prompt", "prefix") if m in deltas)
-    config, tensors = _EXPORTERS[main](model, deltas[main], prefix)
+    config, tensors = _loras_out(model, loras, prefix) if len(loras) > 1 else _EXPORTERS[main](model, deltas[main], prefix)
     if "bitfit" in deltas:
         config["bias"] = "all"
         wrapped = {k[:-len(".lora_A.weight")] for k in tensors if k.endswith(".lora_A.weight")}
@@ -187,6 +200,43 @@ def _lora_out(model: Any, delta: Any, prefix: str) -> tuple[dict[str, Any], dict
               "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {},
               "alpha_pattern": {}}
     return config, tensors
+
+
+def _shared_module(loras: Sequence[Any]) -> str | None:
+    seen: set[str] = set()
+    for delta in loras:
+        for site in delta.sites:
+            if site.output in seen:
+                return site.output
+            seen.add(site.output)
+    return None
+
+
+def _loras_out(model: Any, loras: Sequence[Any], prefix: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Several LoRAs on disjoint modules (an adapter PEFT saved with rank_pattern or alpha_pattern,
+    imported as one LoRA per rank, alpha and layer set) as one PEFT LoRA: ``r`` and ``lora_alpha``
+    those of the most modules, the others in ``rank_pattern`` / ``alpha_pattern`` under each
+    module's full name, which PEFT (and vLLM) match against the name's end."""
+    parts = [_lora_out(model, d, prefix) for d in loras]
+    paths = {d: _site_paths(d, prefix) for d in loras}
+    weight = {}
+    for d in loras:
+        weight[(d.config.rank, d.config.alpha)] = weight.get((d.config.rank, d.config.alpha), 0) + len(paths[d])
+    r, alpha = max(weight, key=weight.__getitem__)
+    names = [prefix + n for n, _ in model.backbone.named_modules() if n]
+    config = {**parts[0][0], "r": r, "lora_alpha": alpha, "fan_in_fan_out": any(c["fan_in_fan_out"] for c, _ in parts),
+              "target_modules": target_modules(model, [p for d in loras for p in paths[d]], prefix),
+              "rank_pattern": {_pattern(p, names): d.config.rank for d in loras if d.config.rank != r for p in paths[d]},
+              "alpha_pattern": {_pattern(p, names): d.config.alpha for d in loras if d.config.alpha != alpha for p in paths[d]}}
+    return config, {k: v for _, tensors in parts for k, v in tensors.items()}
+
+
+def _pattern(path: str, names: Sequence[str]) -> str:
+    """``path`` as a pattern key that PEFT's rule (the key, a regular expression, matching the end of
+    a module's name after a '.') gives to that module alone: itself, or escaped where its dots
+    would match another name's characters."""
+    hits = [n for n in names if re.match(rf"(.*\.)?({path})$", n)]
+    return path if hits == [path] else re.escape(path)
 
 
 def _ia3_out(model: Any, delta: Any, prefix: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -304,7 +354,7 @@ def vllm_problems(config: dict[str, Any], max_lora_rank: int = 16) -> list[str]:
         out.append("DoRA: vLLM does not support it")
     if config.get("bias", "none") != "none":
         out.append(f"bias={config['bias']!r}: needs vLLM's --enable-lora-bias")
-    r = config.get("r") or 0
+    r = max([config.get("r") or 0, *(config.get("rank_pattern") or {}).values()])  # rank_pattern's too, as vLLM checks
     if r > VLLM_MAX_RANKS[-1]:
         out.append(f"rank {r} is above vLLM's largest --max-lora-rank ({VLLM_MAX_RANKS[-1]})")
     elif r > max_lora_rank:

@@ -39,7 +39,7 @@ def export_run(run: str | Path, out: str | Path, backbone: str | None = None, ta
         raise ConfigError(f"{run} fine-tuned its whole backbone (seq-ft, avalanche-*): it holds no delta to export "
                           f"as an adapter, only task heads over that backbone ({Path(run) / 'checkpoints' / BACKBONE_FILE})")
     model, added = load_run_model(run, backbone, tasks)
-    reasons = {name: exportable(model.task(name).configs, model) for name in added}
+    reasons = {name: exportable(model.task(name).configs, model, list(model.task(name).deltas.values())) for name in added}
     if tasks is not None:
         bad = {t: reasons[t] for t in added if reasons[t] and model.task(t).configs}  # a head alone is listed, not an error
         if bad:

@@ -293,6 +293,31 @@ def test_rank_and_alpha_patterns_for_one_layer_import(rslora, tmp_path):
     assert (ours(model, "t", "llama", b) - theirs(pm, "llama", b, 9))[mask].abs().max() < TOL
 
 
+def test_patterned_lora_exports_back_as_one_peft_lora(tmp_path):
+    """An adapter PEFT saved with rank_pattern / alpha_pattern imports as several LoRAs (one per
+    rank, alpha and layer set); it exports back as one PEFT LoRA whose patterns give PEFT the same
+    outputs (it was refused: "PEFT cannot hold lora+lora+lora"). Two LoRAs on one module are
+    refused by name, and vLLM's rank check reads rank_pattern's ranks too."""
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
+                             rank_pattern={"model.layers.0.self_attn.q_proj": 2, "layers.1.self_attn.v_proj": 6},
+                             alpha_pattern={"layers.1.self_attn.q_proj": 32})
+    model, pm = peft_trained_import(config, 0.2, tmp_path / "theirs")
+    assert len(model.task("t").configs) == 4
+    model.export_peft("t", tmp_path / "ours")
+    saved = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert {saved["r"], *saved["rank_pattern"].values()} == {2, 4, 6} and saved["alpha_pattern"]
+    b = batch()
+    mask = b["attention_mask"].bool()
+    back = peft.PeftModel.from_pretrained(hf_model("llama"), tmp_path / "ours").eval()
+    assert (theirs(back, "llama", b, 9) - theirs(pm, "llama", b, 9))[mask].abs().max() < TOL
+    assert any("rank 6 is above --max-lora-rank 4" in p for p in vllm_problems(saved, 4))
+
+    twice = delta_model("llama")
+    twice.add_task("t", [{"method": "lora", "rank": 2}, {"method": "lora", "rank": 4}], generative=True)
+    with pytest.raises(ConfigError, match=r"2 LoRAs act on layers\.0\.self_attn\.q_proj: a PEFT adapter holds one LoRA per module"):
+        twice.export_peft("t", tmp_path / "twice")
+
+
 @pytest.mark.parametrize("settings, match", [
     ({"alora_invocation_tokens": [5, 6]}, "alora_invocation_tokens"),  # acts only after the invocation tokens
     ({"lora_bias": True}, "lora_bias"),  # B has a bias of its own
