@@ -91,4 +91,6 @@ def serving_recipe(exported: Sequence[Exported], max_lora_rank: int = 16) -> lis
     modules = " ".join(f"{e.task}={e.directory.resolve()}" for e in ok)
     return [f"vllm serve {base} --enable-lora --max-lora-rank {rank} --lora-modules {modules}",
             f"LORA_ADAPTERS={','.join(f'{e.task}={e.directory.resolve()}' for e in ok)} text-generation-launcher --model-id {base}",
-            "scaling as vLLM computes it: " + ", ".join(f"{e.task} {vllm_scaling(e.config):g}" for e in ok)]
+            "scaling as vLLM computes it: " + ", ".join(f"{e.task} {vllm_scaling(e.config):g}" + (
+                " (rank_pattern / alpha_pattern set some modules' own)" if e.config.get("rank_pattern") or
+                e.config.get("alpha_pattern") else "") for e in ok)]
