@@ -270,6 +270,7 @@ def test_fusion_routing_and_transfer_on_generative_tasks(tiny_lm_dir, tmp_path):
     assert routed.routed_acc <= routed.oracle_acc
     transfer = transfer_matrix(tmp_path / "run", str(tiny_lm_dir))
     assert not np.isnan(transfer.accuracy).any()  # every pair of generative tasks is comparable
+    assert "in brackets the score by the target's metric: " in transfer.table() and "accuracy" not in transfer.table()
     np.testing.assert_allclose(np.diag(transfer.accuracy), res.matrix.R[-1], atol=0.05)
     # one delta merged from the tasks' LoRAs answers every task through the shared LM head
     merged = merge_run(tmp_path / "run", ["linear", "ties"], backbone=str(tiny_lm_dir))

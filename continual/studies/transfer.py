@@ -34,6 +34,7 @@ class TransferMatrix:
     tasks: list[str]
     accuracy: np.ndarray
     scored: str = "in fp32"  # how every entry was scored (run_scoring's account)
+    scores: list[str] | None = None  # what each target's entries are (its metric; None: accuracy)
 
     @property
     def relative(self) -> np.ndarray:
@@ -50,8 +51,10 @@ class TransferMatrix:
             cells = ["" if np.isnan(a) else f"- ({a:.3f})" if np.isnan(v) else f"{v:.3f} ({a:.3f})"
                      for v, a in zip(rel[i], self.accuracy[i])]
             lines.append(f"| {t} | " + " | ".join(cells) + " |")
-        return ("\n".join(lines) + "\n\nrelative performance (accuracy in brackets); empty: label spaces differ; "
-                f"-: the target's own accuracy is 0, so there is no ratio; every entry scored {self.scored}")
+        kinds = sorted(set(self.scores or ["accuracy"]))
+        what = "accuracy in brackets" if kinds == ["accuracy"] else f"in brackets the score by the target's metric: {', '.join(kinds)}"
+        return ("\n".join(lines) + f"\n\nrelative performance ({what}); empty: label spaces differ; "
+                f"-: the target's own score is 0, so there is no ratio; every entry scored {self.scored}")
 
     def save(self, directory: str | Path) -> list[Path]:
         d = Path(directory)
@@ -85,7 +88,7 @@ def transfer_matrix(run_dir: str | Path, backbone: str | None = None, progress: 
             for i in sources[j]:
                 acc[i, j] = evaluate(model, stream.tasks[i].name, loader, precision=precision)["accuracy"]
                 bar.update()
-    return TransferMatrix(stream.names, acc, scored)
+    return TransferMatrix(stream.names, acc, scored, [t.score_name for t in stream])
 
 
 def log_transfer(run_dir: str | Path, files: list[Path], matrix: TransferMatrix) -> str | None:
