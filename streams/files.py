@@ -35,6 +35,8 @@ def read_table(path: Path, encoding: str = "utf-8") -> pd.DataFrame:
         raise DataError(f"{path}: cannot be read ({e.strerror})") from None
     if path.is_dir():
         raise DataError(f"{path}: is a directory, expected a data file")
+    if not path.is_file():  # a named pipe with no writer blocked the run before its first task, for good
+        raise DataError(f"{path}: not a regular file (a pipe, socket or device), expected a data file")
     kind = FORMATS.get(path.suffix.lower())
     if kind is None:
         raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(FORMATS)}")

@@ -2,6 +2,7 @@
 errors for bad input (naming file, row and column)."""
 
 import json
+import os
 
 import pandas as pd
 import pytest
@@ -91,6 +92,7 @@ def test_tokenisation_runs_once_per_split(tmp_path, minilm_tokenizer):
     ("unknown_key", r"unknown key\(s\) txt_column"),
     ("label_not_in_names", r"row 1, column 'label': label 'neg' never occurs in label_names"),
     ("one_label", r"single label"),
+    ("named_pipe", r"a\.csv: not a regular file \(a pipe, socket or device\)"),  # it blocked for good
     # AG News' classes are 1-4: they index label_names from 0, and 4 had been "label '1' never occurs"
     ("one_based_labels", r"row 4, column 'label': label 4 is past label_names' last position \(3; .*1-based ones minus 1"),
     ("hub_offline", r"cannot load the hub data set 'no-such-user/no-such-set'.*export the data to a local"),
@@ -130,6 +132,8 @@ def test_bad_user_streams_fail_clearly(tmp_path, monkeypatch, case, message):
     elif case == "label_not_in_names":
         write_csv(tmp_path / "a.csv", rows())
         entry["label_names"] = ["negative", "positive"]
+    elif case == "named_pipe":
+        os.mkfifo(tmp_path / "a.csv")
     elif case == "one_based_labels":
         write_csv(tmp_path / "a.csv", [(f"t{i}", i % 4 + 1) for i in range(12)])
         entry["label_names"] = ["World", "Sports", "Business", "Sci/Tech"]
