@@ -42,7 +42,15 @@ class PoolError(RuntimeError):
 
 
 def _set_threads(threads: int) -> None:
+    """A local worker's start: its share of the cores, and no library progress bars (transformers
+    draws one per backbone load; several workers' bars interleave in one log, and the study's own
+    bar is the parent's)."""
     torch.set_num_threads(threads)
+    import huggingface_hub.utils
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
 
 
 def threads_per_worker(workers: int) -> int:
