@@ -59,6 +59,10 @@ def test_run_then_report_from_directory_and_mlflow(toy_yaml, tiny_backbone_dir, 
     (tmp_path / "a-file").write_text("x")  # a plot path under a file: refused first, not a traceback after
     assert main(["report", str(tmp_path / "out"), "--plot", str(tmp_path / "a-file" / "p.png")]) == 2
     assert f"{tmp_path / 'a-file'} is a file, not a directory; give another --plot" in capsys.readouterr().err
+    for bad in ("p.txt", "p"):  # matplotlib refused .txt after the tables were printed; wrote p.png for "p"
+        assert main(["report", str(tmp_path / "out"), "--plot", str(tmp_path / bad)]) == 2
+        said = capsys.readouterr()
+        assert "give a picture file name ending in one of" in said.err and not said.out and not (tmp_path / "p.png.png").exists()
     # the same run read back from MLflow, by run name and by run id
     assert main(["report", "cli-toy", "--tracking-uri", uri, "--json", "--plot", str(tmp_path / "q.png")]) == 0
     from_mlflow = json.loads(capsys.readouterr().out)  # stdout is the JSON alone

@@ -19,7 +19,7 @@ from adapters.spec import methods_label, parse_combo, parse_options
 from streams import GENERATIVE_STREAMS, SOURCES, STREAMS, builtin_task, load_stream
 
 from ..metrics import AccuracyMatrix, score_label
-from ..plots import format_matrix, heatmap
+from ..plots import check_image_path, format_matrix, heatmap
 from ..rundir import check_out, not_a_run, run_info
 from ..scheduler import run_stream
 from ..strategies import STRATEGIES, make_strategy
@@ -140,6 +140,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if plot.is_dir():  # (an error by name before the tables, not an OSError traceback after them)
         raise ValueError(f"--plot {plot} is a directory; give a file name")
     check_out(plot.parent, "the heatmap", "--plot")
+    check_image_path(plot, "--plot")
     matrix = AccuracyMatrix.from_dict(data["matrix"])
     metrics = {k: (math.nan if v is None else v) for k, v in data["metrics"].items()}
     # with --json, stdout is the JSON alone (a pipe into jq or json.load); the rest goes to stderr
