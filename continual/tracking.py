@@ -1,13 +1,12 @@
 """Loggers for stream runs, behind one small interface; MLflow is the real one.
 
-MLflow layout of a stream run: one parent run per stream (params: strategy, methods, backbone,
-seeds, caps, data fingerprints; metrics: ``acc/<task>`` (a generative task's ``exact_match/``,
-``token_f1/``, ``rouge_l/``, ``edit_sim/`` or ``sari/<task>``) and ``f1/<task>`` with step = row of the matrix,
-``R.<i>.<j>``, the summary ACC / BWT / FWT / forgetting; artifacts: the matrix as CSV and JSON,
-its heatmap PNG, the stream config) and one nested run per training step (params of the task;
-step metrics ``train/loss``, ``train/lr``, ``train/samples_per_s``, ``dev/*``; the task's delta
-checkpoint under ``checkpoint/``). Default store: ``sqlite:///mlflow.db`` in the working
-directory, no server needed.
+MLflow layout of a stream run: one parent run per stream (params: strategy, methods, backbone, seeds,
+caps, data fingerprints; metrics: ``acc/<task>`` (a generative task's ``exact_match/``, ``token_f1/``,
+``rouge_l/``, ``edit_sim/`` or ``sari/<task>``) and ``f1/<task>`` with step = row of the matrix,
+``R.<i>.<j>``, the summary ACC / BWT / FWT / forgetting; artifacts: the matrix as CSV and JSON, its
+heatmap PNG, the stream config) and one nested run per training step (params of the task; step
+metrics ``train/loss``, ``train/lr``, ``train/samples_per_s``, ``dev/*``; the task's delta checkpoint
+under ``checkpoint/``). Default store: ``sqlite:///mlflow.db`` in the working directory, no server.
 
 This is the only module that imports mlflow, and every metric name the project logs is made by
 the functions of the "names" section below.
@@ -43,9 +42,7 @@ COMBINATIONS_EXPERIMENT = "combinations"
 
 # MLflow's documented limits per log_batch call: 1000 metrics and 100 params (900 leaves room for
 # the params and tags a call may carry); a param value holds at most 6000 characters.
-METRICS_PER_BATCH = 900
-PARAMS_PER_BATCH = 100
-PARAM_VALUE_CHARS = 6000
+METRICS_PER_BATCH, PARAMS_PER_BATCH, PARAM_VALUE_CHARS = 900, 100, 6000
 
 
 # -- names: every metric key the project logs --------------------------------------------------------
@@ -379,7 +376,8 @@ def fetch_results(run: str, tracking_uri: str, experiment_name: str) -> dict[str
     except MlflowException:
         exp = client.get_experiment_by_name(experiment_name)
         runs = [] if exp is None else client.search_runs([exp.experiment_id], f"attributes.run_name = '{run}'",
-                                                          order_by=["attributes.start_time DESC"], max_results=1)
+                                                          order_by=["attributes.start_time DESC"], max_results=50)
+        runs = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]  # a study's nested run is no stream run
         if not runs:
             raise FileNotFoundError(f"{run!r} is neither a run directory nor an MLflow run id / name in "
                                     f"{tracking_uri} (experiment {experiment_name!r})") from None
@@ -388,8 +386,10 @@ def fetch_results(run: str, tracking_uri: str, experiment_name: str) -> dict[str
         try:
             local = client.download_artifacts(run_obj.info.run_id, "results.json", tmp)
         except Exception:
-            raise FileNotFoundError(f"MLflow run {run_obj.info.run_id} has no results.json (unfinished?); report "
-                                    "on its output directory instead") from None
+            parent, rid = run_obj.data.tags.get("mlflow.parentRunId"), run_obj.info.run_id
+            raise FileNotFoundError(f"MLflow run {rid} ({run_obj.info.run_name!r}) is nested in run {parent}, a task's "
+                                    f"step or a study, not a stream run: report on {parent}" if parent else f"MLflow run {rid} has no results.json "
+                                    "(unfinished?); report on its output directory instead") from None
         from .rundir import RunStateError, run_info
         try:  # verified as a run folder's results.json is: a damaged or edited copy is no report
             return run_info(Path(local).parent)

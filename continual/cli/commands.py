@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -135,6 +136,7 @@ def load_report(run: str, tracking_uri: str, experiment: str) -> tuple[dict[str,
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one small file: a bar is noise
     data, directory = load_report(args.run, args.tracking_uri, args.experiment)
     plot = Path(args.plot) if args.plot else (directory / "heatmap.png" if directory else Path(f"{args.run}-heatmap.png"))
     if plot.is_dir():  # (an error by name before the tables, not an OSError traceback after them)
