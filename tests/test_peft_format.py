@@ -312,6 +312,11 @@ def test_patterned_lora_exports_back_as_one_peft_lora(tmp_path):
     assert (theirs(back, "llama", b, 9) - theirs(pm, "llama", b, 9))[mask].abs().max() < TOL
     assert any("rank 6 is above --max-lora-rank 4" in p for p in vllm_problems(saved, 4))
 
+    from continual.export import Exported, serving_recipe
+
+    recipe = serving_recipe([Exported("t", tmp_path / "ours", saved, vllm_problems(saved, 16))], 4)
+    assert "--max-lora-rank 8" in recipe[0] and "(rank_pattern / alpha_pattern set some modules' own)" in recipe[2]
+
     twice = delta_model("llama")
     twice.add_task("t", [{"method": "lora", "rank": 2}, {"method": "lora", "rank": 4}], generative=True)
     with pytest.raises(ConfigError, match=r"2 LoRAs act on layers\.0\.self_attn\.q_proj: a PEFT adapter holds one LoRA per module"):
