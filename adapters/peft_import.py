@@ -44,7 +44,7 @@ def import_peft(model: Any, source: str | Path, name: str | None = None, *, stri
     where = str(directory)
     if strict_base:
         check_base(model, config, meta, where)
-    configs, state = import_configs(model, config, tensors, where)
+    configs, state = import_configs(model, config, tensors, where, fresh_head=bool(head))
     own_head = not head and bool(meta) and not meta.get("generative")
     if not head and meta:
         head = {"generative": True} if meta.get("generative") else {
@@ -148,21 +148,34 @@ def same_base(ours: str, theirs: str | None) -> bool:
     return leaf(theirs) in {leaf(ours), leaf(hub_id(ours))}
 
 
-def import_configs(model: Any, config: dict[str, Any], tensors: dict[str, torch.Tensor], where: str = "the adapter"
-                   ) -> tuple[list[DeltaConfig], dict[str, torch.Tensor]]:
-    """Our delta configs for a PEFT adapter, and its tensors keyed by backbone module path."""
+def import_configs(model: Any, config: dict[str, Any], tensors: dict[str, torch.Tensor], where: str = "the adapter",
+                   fresh_head: bool = False) -> tuple[list[DeltaConfig], dict[str, torch.Tensor]]:
+    """Our delta configs for a PEFT adapter, and its tensors keyed by backbone module path.
+    ``fresh_head``: the caller gives the task a head of its own, so a classification head the
+    adapter saves whole (``modules_to_save``) is left out."""
     peft_type = config["peft_type"]
     if peft_type not in _IMPORTERS:
         raise CheckpointError(f"PEFT adapter type {peft_type} cannot become a delta here; supported: {', '.join(_IMPORTERS)}")
     if peft_type == "PREFIX_TUNING" and rope_of(model.backbone) is None:
         raise CheckpointError(f"PEFT prefix tuning is not imported: {PREFIX_REASON}")
     check_settings(config, where)
-    if config.get("modules_to_save"):
-        raise CheckpointError(f"the adapter also saves whole modules {config['modules_to_save']} (modules_to_save, e.g. a "
-                              "sequence-classification head): they are not a delta; import the adapter without them")
+    saved = config.get("modules_to_save") or []
+    if saved:
+        heads = {m.split(".")[-1] for m in saved} <= set(CLASSIFIER_HEADS)
+        if not (heads and fresh_head):
+            raise CheckpointError(
+                f"{where}: the adapter also saves whole modules {saved} (modules_to_save); " + (
+                    "a sequence-classification head is left out only where the task gets a fresh head: give "
+                    "label_names=[...] (a stream task always gets one)" if heads else
+                    "they change the model beyond a delta and cannot be imported"))
+        # the *ForSequenceClassification head (BERT's pools [CLS] through its pooler, Llama's has no
+        # bias) is not ours: its tensors stay behind, the delta comes as PEFT trained it
+        tensors = {k: v for k, v in tensors.items() if k[len(ROOT):].split(".")[0] not in CLASSIFIER_HEADS}
     return _IMPORTERS[peft_type](model, config, tensors)
 
 
+# the heads PEFT's SEQ_CLS task type saves whole (transformers' *ForSequenceClassification names)
+CLASSIFIER_HEADS = ("classifier", "score")
 # Every setting of each adapter type that is read here or cannot change what the adapter computes
 # (initialisation that leaves the base weights alone, names, bookkeeping). Anything else a config
 # sets (a variant such as aLoRA's invocation tokens, a LoRA bias, layer replication, or a newer

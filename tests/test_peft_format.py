@@ -188,6 +188,37 @@ def test_import_checks_backbone_files_and_kinds(tmp_path):
             delta_model("bert").import_peft(tmp_path / "a")
 
 
+def test_peft_sequence_classification_lora_imports_with_a_fresh_head(tmp_path):
+    """PEFT's SEQ_CLS task type saves the classifier whole (modules_to_save ["classifier", "score"]);
+    every PEFT classification LoRA was refused for it. Given label_names (a fresh head), the LoRA
+    imports as PEFT trained it (the token states PEFT's model computes) and the saved head stays
+    behind; without them, or with other saved modules, it is still refused, nothing added."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    hf = BertForSequenceClassification(BertConfig(**TINY, max_position_embeddings=256, num_labels=3)).eval()
+    hf.bert.load_state_dict(tiny_backbone("bert").state_dict(), strict=False)  # our backbone's weights (no pooler)
+    pm = peft.get_peft_model(hf, peft.LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name:
+                p.add_(torch.randn_like(p) * 0.2)
+    pm.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"]
+    with pytest.raises(CheckpointError, match="left out only where the task gets a fresh head: give label_names"):
+        delta_model("bert").import_peft(tmp_path, "t")
+    model = delta_model("bert")
+    model.import_peft(tmp_path, "t", label_names=["a", "b", "c"])
+    b = batch()
+    with torch.no_grad():
+        theirs_states = pm.eval().base_model.model.bert(**b).last_hidden_state
+    assert (ours(model, "t", "bert", b) - theirs_states).abs().max() < TOL and model.task("t").head.num_labels == 3
+    cfg = tmp_path / "adapter_config.json"
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "modules_to_save": ["classifier", "embeddings"]}))
+    with pytest.raises(CheckpointError, match="change the model beyond a delta"):
+        delta_model("bert").import_peft(tmp_path, "t", label_names=["a", "b", "c"])
+
+
 def test_export_over_an_earlier_export_leaves_no_stale_head(tmp_path):
     bert = delta_model("bert")
     bert.add_task("c", spec(["lora"]), label_names=["x", "y"])
