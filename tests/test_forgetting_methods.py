@@ -212,7 +212,7 @@ def test_make_strategy_reads_method_specs_and_checks_options_by_name():
     assert make_strategy("seq-ft").methods == [] and make_strategy("seq-delta").methods[0].method == "bottleneck"
 
 
-def test_a_strategy_without_methods_gets_its_own_default():
+def test_a_strategy_without_methods_gets_its_own_default(capsys):
     """``--strategy inflora`` with no --method was refused ("its methods must be lora ...;
     ['bottleneck'] are not"): the library's default replaced the strategy's own. A strategy that
     names a default method gets it; the others the library's."""
@@ -220,6 +220,12 @@ def test_a_strategy_without_methods_gets_its_own_default():
                          ("progressive-prompts", "prompt"), ("per-task", "bottleneck"), ("ewc", "bottleneck")):
         assert [m.method for m in make_strategy(name).methods] == [method], name
     assert make_strategy("progressive-prompts").methods[0].num_tokens == 20  # the paper's length on BERT
+    from continual.cli import main
+
+    assert main(["list", "strategies"]) == 0  # `list` says which strategies default to another method
+    shown = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
+    assert "[default --method lora]" in shown["inflora"] and "[default --method prompt_pool]" in shown["prompt-pool"]
+    assert "default --method" not in shown["per-task"] and "default --method" not in shown["seq-ft"]
 
 
 def test_ewc_fisher_under_fp16_is_estimated_in_fp32(text_model):

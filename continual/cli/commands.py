@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from adapters import BACKBONES, DeltaError, DeltaModel, available_methods, make_config
+from adapters import BACKBONES, DEFAULT_METHOD, DeltaError, DeltaModel, available_methods, make_config
 from adapters.spec import methods_label, parse_combo, parse_options
 from streams import GENERATIVE_STREAMS, SOURCES, STREAMS, builtin_task, load_stream
 
@@ -23,7 +23,7 @@ from ..metrics import AccuracyMatrix, score_label
 from ..plots import check_image_path, format_matrix, heatmap
 from ..rundir import check_out, not_a_run, run_info
 from ..scheduler import run_stream
-from ..strategies import STRATEGIES, make_strategy
+from ..strategies import STRATEGIES, default_methods, make_strategy
 from ..guard import check_resume_store
 from ..tracking import MLflowLogger, check_tracking_uri, fetch_results, log_combination
 from ..training import TrainConfig, distributed
@@ -312,7 +312,9 @@ def cmd_list(args: argparse.Namespace) -> int:
         print("strategies:")
         for k, v in STRATEGIES.items():
             opts = getattr(v, "defaults", {})
-            print(f"  {k:<16} {v.description}" + (f" [options: {', '.join(f'{o}={d}' for o, d in opts.items())}]" if opts else ""))
+            own = default_methods(k)
+            own = f" [default --method {'+'.join(map(str, own))}]" if own and own != (DEFAULT_METHOD,) else ""
+            print(f"  {k:<16} {v.description}{own}" + (f" [options: {', '.join(f'{o}={d}' for o, d in opts.items())}]" if opts else ""))
     if what in (None, "streams"):
         print("streams (or a YAML file, see streams/stream.py; or a published benchmark's folder: cl-benchmark:PATH:order=1..6, trace:PATH, see docs/streams.md):")
         for k, v in STREAMS.items():

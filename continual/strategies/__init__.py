@@ -60,6 +60,17 @@ STRATEGIES: dict[str, type[Strategy]] = {
 }
 
 
+def default_methods(name: str) -> tuple[MethodSpec, ...]:
+    """What strategy ``name`` trains without methods given: its own default (o-lora and inflora:
+    lora; prompt-pool: prompt_pool; progressive-prompts: a 20-token prompt), else the library's;
+    none for a strategy that fine-tunes the backbone."""
+    cls = STRATEGIES[name]
+    if cls.trains_backbone:
+        return ()
+    param = inspect.signature(cls).parameters.get("methods")
+    return (DEFAULT_METHOD,) if param is None or param.default is inspect.Parameter.empty else tuple(param.default)
+
+
 def make_strategy(name: str, methods: Sequence[MethodSpec] | MethodSpec | None = None, **options: Any) -> Strategy:
     """A strategy by name (see ``STRATEGIES``); ``options`` go to its constructor (e.g.
     ``memory_size`` for ``replay``, ``ewc_lambda`` for ``ewc``, ``temperature`` for ``per-task-fusion``).
@@ -75,11 +86,7 @@ def make_strategy(name: str, methods: Sequence[MethodSpec] | MethodSpec | None =
         raise ValueError(f"{name} fine-tunes the whole backbone and trains no delta, so it takes no method; for one "
                          "delta trained on every task in turn use seq-delta (e.g. --strategy seq-delta --method lora)")
     params = inspect.signature(cls).parameters
-    if methods is None:  # the strategy's own default (o-lora and inflora: lora; prompt-pool: prompt_pool), else ours
-        default = params["methods"].default if "methods" in params else inspect.Parameter.empty
-        methods = (DEFAULT_METHOD,) if default is inspect.Parameter.empty else default
-    else:
-        methods = method_configs(methods)
+    methods = default_methods(name) if methods is None else method_configs(methods)
     any_keyword = any(v.kind is inspect.Parameter.VAR_KEYWORD for v in params.values())
     named = [p for p, v in params.items() if p != "methods" and v.kind is not inspect.Parameter.VAR_KEYWORD]
     unknown = sorted(set(options) - set(named))
@@ -90,4 +97,4 @@ def make_strategy(name: str, methods: Sequence[MethodSpec] | MethodSpec | None =
 
 
 __all__ = ["AGEM", "DER", "EWC", "GEM", "InfLoRA", "OGD", "LwF", "MAS", "OLoRA", "PromptPool", "ProgressivePrompts", "Replay", "SHARED", "SI", "STRATEGIES", "ContinualFusion", "Joint", "PerTaskDelta", "SequentialDelta", "SequentialFineTune",
-           "Strategy", "TaskData", "make_strategy"]
+           "Strategy", "TaskData", "default_methods", "make_strategy"]
