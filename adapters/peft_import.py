@@ -1,6 +1,7 @@
 """Importing a HuggingFace PEFT adapter as a task of a :class:`~adapters.DeltaModel`: a LoRA,
-(IA)^3 or prompt-tuning adapter from a directory or the hub becomes the same delta here
-(:mod:`adapters.peft_export` says which forms match which, and why prefix tuning does not).
+AdaLoRA, (IA)^3, prompt- or prefix-tuning adapter from a directory or the hub becomes the same
+delta here (:mod:`adapters.peft_types` reads each type; :mod:`adapters.peft_export` says which
+forms match which, and where prefix tuning does not).
 
     model.import_peft("path/to/adapter", "reviews", label_names=["neg", "pos"])
 
@@ -12,20 +13,17 @@ tensor finds its place. Anything else is a :class:`CheckpointError` naming the f
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
-from torch import nn
 
 from .fingerprint import backbone_fingerprint, json_digest, read_json, read_tensors, sha256_file
 from .config import DeltaConfig
 from .errors import BaseModelMismatch, CheckpointError, DeltaError
-from .peft_export import CONFIG, HEAD, PREFIX_REASON, ROOT, SIDECAR, SIDECAR_FORMAT, WEIGHTS, rope_of, rotate_keys
-from .registry import make_config
-from .targets import block_paths, linear_dims
+from .peft_export import CONFIG, HEAD, PREFIX_REASON, ROOT, SIDECAR, SIDECAR_FORMAT, WEIGHTS, rope_of
+from .peft_types import IMPORTERS
 
 GENERATIVE_TYPES = ("CAUSAL_LM", "SEQ_2_SEQ_LM")
 
@@ -154,8 +152,8 @@ def import_configs(model: Any, config: dict[str, Any], tensors: dict[str, torch.
     ``fresh_head``: the caller gives the task a head of its own, so a classification head the
     adapter saves whole (``modules_to_save``) is left out."""
     peft_type = config["peft_type"]
-    if peft_type not in _IMPORTERS:
-        raise CheckpointError(f"PEFT adapter type {peft_type} cannot become a delta here; supported: {', '.join(_IMPORTERS)}")
+    if peft_type not in IMPORTERS:
+        raise CheckpointError(f"PEFT adapter type {peft_type} cannot become a delta here; supported: {', '.join(IMPORTERS)}")
     if peft_type == "PREFIX_TUNING" and rope_of(model.backbone) is None:
         raise CheckpointError(f"PEFT prefix tuning is not imported: {PREFIX_REASON}")
     check_settings(config, where)
@@ -171,7 +169,7 @@ def import_configs(model: Any, config: dict[str, Any], tensors: dict[str, torch.
         # the *ForSequenceClassification head (BERT's pools [CLS] through its pooler, Llama's has no
         # bias) is not ours: its tensors stay behind, the delta comes as PEFT trained it
         tensors = {k: v for k, v in tensors.items() if k[len(ROOT):].split(".")[0] not in CLASSIFIER_HEADS}
-    return _IMPORTERS[peft_type](model, config, tensors)
+    return IMPORTERS[peft_type](model, config, tensors)
 
 
 # the heads PEFT's SEQ_CLS task type saves whole (transformers' *ForSequenceClassification names)
@@ -189,6 +187,11 @@ _READ = {
              "megatron_core", "loftq_config", "eva_config", "corda_config", "lora_ga_config", "qalora_group_size",
              "runtime_config", "ensure_weight_tying"},
     "IA3": {"target_modules", "exclude_modules", "feedforward_modules", "fan_in_fan_out", "init_ia3_weights"},
+    # AdaLoRA's budget schedule only steers training; its rank_pattern (masks) already trimmed the tensors
+    "ADALORA": {"r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "fan_in_fan_out", "bias",
+                "init_lora_weights", "layers_to_transform", "layers_pattern", "rank_pattern", "megatron_core",
+                "qalora_group_size", "init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2",
+                "orth_reg_weight", "total_step", "ensure_weight_tying"},
     "PROMPT_TUNING": {"num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_attention_heads", "num_layers",
                       "prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path", "tokenizer_kwargs"},
     "PREFIX_TUNING": {"num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_attention_heads", "num_layers",
@@ -214,150 +217,6 @@ def check_settings(config: dict[str, Any], where: str) -> None:
                               "weights: its B A is relative to that changed base, not to this backbone. Save it with PEFT's "
                               "save_pretrained(..., path_initial_model_for_weight_conversion=...) to make it a LoRA of the "
                               "original weights, then import that")
-
-
-def _by_module(model: Any, tensors: dict[str, torch.Tensor], suffixes: Sequence[str]) -> dict[str, dict[str, torch.Tensor]]:
-    """Tensors grouped by the backbone module they belong to: ``{path: {suffix: tensor}}``."""
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        suffix = next((s for s in suffixes if key.endswith("." + s)), None)
-        if suffix is None or not key.startswith(ROOT):
-            raise CheckpointError(f"unexpected tensor {key!r} in the adapter (expected {ROOT}<module>.{'|'.join(suffixes)})")
-        groups.setdefault(key[len(ROOT):-len(suffix) - 1], {})[suffix] = value
-    prefixes = ["", model.backbone.base_model_prefix + "."]
-    for prefix in prefixes:
-        if all(p.startswith(prefix) and _module(model, p[len(prefix):]) is not None for p in groups):
-            return {p[len(prefix):]: v for p, v in groups.items()}
-    missing = next(p for p in groups if all(_module(model, p[len(x):] if p.startswith(x) else p) is None for x in prefixes))
-    raise CheckpointError(f"the adapter acts on {missing!r}, which this backbone ({model.backbone_name}, "
-                          f"{model.backbone.config.model_type}) does not have: it was trained for another architecture")
-
-
-def _module(model: Any, path: str) -> nn.Module | None:
-    try:
-        return model.backbone.get_submodule(path)
-    except AttributeError:
-        return None
-
-
-def _layer_groups(model: Any, paths: Sequence[str], kind: Callable[[str], Any] = lambda path: None
-                  ) -> dict[tuple[Any, tuple[int, ...]], list[str]]:
-    """Module paths as ((kind, block indices) -> inner paths), so each group is one layer-wise config.
-    ``kind``: what a config holds one value of (LoRA: the rank, which rank_pattern may set per layer)."""
-    blocks = block_paths(model.backbone)
-    inner: dict[tuple[str, Any], set[int]] = {}
-    for path in paths:
-        i = next((i for i, b in enumerate(blocks) if path.startswith(b + ".")), None)
-        if i is None:
-            raise CheckpointError(f"the adapter acts on {path}, outside the transformer blocks (embeddings, LM head): "
-                                  "a delta here acts inside blocks only")
-        inner.setdefault((path[len(blocks[i]) + 1:], kind(path)), set()).add(i)
-    groups: dict[tuple[Any, tuple[int, ...]], list[str]] = {}
-    for (name, value), layers in inner.items():
-        groups.setdefault((value, tuple(sorted(layers))), []).append(name)
-    return groups
-
-
-def _layers(model: Any, layers: tuple[int, ...]) -> tuple[int, ...] | None:
-    return None if len(layers) == len(block_paths(model.backbone)) else layers
-
-
-def _lora_in(model: Any, config: dict[str, Any], tensors: dict[str, torch.Tensor]):
-    if config.get("use_dora"):
-        raise CheckpointError("DoRA adapters (use_dora) are not LoRA: not imported")
-    if config.get("bias", "none") not in ("none", "all"):
-        raise CheckpointError(f"LoRA bias={config['bias']!r} is not imported (bias='none' or 'all' is)")
-    bias = {k.replace(".base_layer.bias", ".bias"): v for k, v in tensors.items() if k.endswith(".bias")}
-    tensors = {k: v for k, v in tensors.items() if not k.endswith(".bias")}
-    lora = _by_module(model, tensors, ("lora_A.weight", "lora_B.weight"))
-    alphas = _alphas(config, [k[len(ROOT):-len(".lora_A.weight")] for k in tensors if k.endswith(".lora_A.weight")])
-    configs, state = [], {}
-
-    def kind(path: str) -> tuple[int, float]:  # a config holds one rank and one alpha; the patterns set them per module
-        return lora[path]["lora_A.weight"].shape[0], next(a for m, a in alphas.items() if m == path or m.endswith("." + path))
-
-    for ((r, alpha), layers), names in sorted(_layer_groups(model, list(lora), kind).items(), key=lambda g: g[0][0]):
-        alpha *= math.sqrt(r) if config.get("use_rslora") else 1.0
-        configs.append(make_config({"method": "lora", "rank": r, "alpha": alpha, "targets": names,
-                                    "layers": _layers(model, layers), "dropout": float(config.get("lora_dropout") or 0.0)}))
-    for path, t in lora.items():
-        state[f"{path}|lora_A"], state[f"{path}|lora_B"] = t["lora_A.weight"], t["lora_B.weight"]
-    if bias:
-        configs_b, state_b = _bias_in(model, bias)
-        configs += configs_b
-        state.update(state_b)
-    return configs, state
-
-
-def _alphas(config: dict[str, Any], modules: Sequence[str]) -> dict[str, float]:
-    """Each module's lora_alpha, as PEFT reads its alpha_pattern: the first key (a regular
-    expression) that the module's name ends with, after a '.', gives it; lora_alpha otherwise."""
-    pattern = config.get("alpha_pattern") or {}
-    out = {}
-    for module in modules:
-        key = next((k for k in pattern if re.match(rf"(.*\.)?({k})$", module)), None)
-        out[module] = float(pattern[key] if key is not None else config.get("lora_alpha", 8))
-    return out
-
-
-def _bias_in(model: Any, tensors: dict[str, torch.Tensor]):
-    """PEFT's whole biases -> BitFit deltas (saved bias minus the backbone's)."""
-    groups = _by_module(model, tensors, ("bias",))
-    state = {}
-    for path, t in groups.items():
-        base = getattr(model.backbone.get_submodule(path), "bias", None)
-        if not isinstance(base, torch.Tensor) or base.shape != t["bias"].shape:
-            raise CheckpointError(f"the adapter saves a bias for {path}, which has none of that shape here")
-        state[f"{path}|bias"] = t["bias"].float() - base.detach().float().cpu()
-    pattern = "^(" + "|".join(re.escape(p) for p in sorted(groups)) + ")$"
-    return [make_config({"method": "bitfit", "patterns": [pattern], "exclude": []})], state
-
-
-def _ia3_in(model: Any, config: dict[str, Any], tensors: dict[str, torch.Tensor]):
-    scales = _by_module(model, tensors, ("ia3_l",))
-    configs, state = [], {}
-    for (_, layers), inner in _layer_groups(model, list(scales)).items():
-        ff = [n for n in inner if any(scales[p]["ia3_l"].shape[0] == 1 and p.endswith("." + n) and
-                                      (linear_dims(model.backbone.get_submodule(p)) or (0, 0))[0] == scales[p]["ia3_l"].shape[1]
-                                      for p in scales)]
-        configs.append(make_config({"method": "ia3", "targets": list(inner), "feedforward": ff, "layers": _layers(model, layers)}))
-    for path, t in scales.items():
-        state[f"{path}|scale"] = t["ia3_l"].reshape(-1)
-    return configs, state
-
-
-def _prompt_in(model: Any, config: dict[str, Any], tensors: dict[str, torch.Tensor]):
-    if set(tensors) != {"prompt_embeddings"}:
-        raise CheckpointError(f"a prompt-tuning adapter holds prompt_embeddings alone, not {sorted(tensors)}")
-    if (config.get("num_transformer_submodules") or 1) != 1:
-        raise CheckpointError("this prompt-tuning adapter also prompts the decoder (num_transformer_submodules=2, PEFT's "
-                              "default for seq2seq); a prompt here goes to the encoder only")
-    prompt = tensors["prompt_embeddings"]
-    return [make_config({"method": "prompt", "num_tokens": prompt.shape[0]})], {"|prompt": prompt}
-
-
-def _prefix_in(model: Any, config: dict[str, Any], tensors: dict[str, torch.Tensor]):
-    """PEFT's (P, layers*2*heads*head_dim) prefix as ours, keys rotated back by P (see
-    :mod:`adapters.peft_export`)."""
-    if set(tensors) != {"prompt_embeddings"}:
-        raise CheckpointError(f"a prefix-tuning adapter holds prompt_embeddings alone, not {sorted(tensors)}")
-    if (config.get("num_transformer_submodules") or 1) != 1:
-        raise CheckpointError("this prefix-tuning adapter is for an encoder-decoder (num_transformer_submodules=2)")
-    cfg = model.backbone.config
-    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    layers = len(block_paths(model.backbone))
-    emb = tensors["prompt_embeddings"].float()
-    if emb.ndim != 2 or emb.shape[1] != layers * 2 * heads * dim:
-        raise CheckpointError(f"the prefix has shape {tuple(emb.shape)}; this backbone needs (P, {layers * 2 * heads * dim}) "
-                              f"({layers} layers x 2 x {heads} heads x {dim}): it was trained for another model")
-    P = emb.shape[0]
-    kv = rotate_keys(model.backbone, emb.view(P, layers, 2, heads, dim).permute(1, 2, 3, 0, 4), -P)
-    return [make_config({"method": "prefix", "num_tokens": P, "reparameterize": False})], {"|prefix": kv}
-
-
-_IMPORTERS = {"LORA": _lora_in, "IA3": _ia3_in, "PROMPT_TUNING": _prompt_in, "PREFIX_TUNING": _prefix_in}
-
 
 
 def load_values(task: Any, state: dict[str, torch.Tensor], where: str) -> None:

@@ -324,6 +324,31 @@ def test_rank_and_alpha_patterns_for_one_layer_import(rslora, tmp_path):
     assert (ours(model, "t", "llama", b) - theirs(pm, "llama", b, 9))[mask].abs().max() < TOL
 
 
+def test_adalora_imports_as_lora_giving_peft_outputs(tmp_path):
+    """An AdaLoRA adapter (ADALORA: B (A * E) x, scaled by lora_alpha / init_r, some modules pruned
+    to fewer ranks by the allocator's rank_pattern) was refused as an unknown type; it imports
+    exactly as LoRAs (A * E for A), giving PEFT's outputs, and travels on as a PEFT LoRA."""
+    pm = peft.get_peft_model(hf_model("llama"), peft.AdaLoraConfig(init_r=6, target_r=4, total_step=10, lora_alpha=16,
+                                                                    target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+    pruned = "model.layers.0.self_attn.q_proj.lora_E"  # as the allocator records it: a mask of kept ranks
+    pm.peft_config["default"].rank_pattern = {pruned: [True, False, True, True, False, True]}
+    pm.save_pretrained(tmp_path / "ada")
+    theirs_model = peft.PeftModel.from_pretrained(hf_model("llama"), tmp_path / "ada").eval()
+    model = delta_model("llama")
+    model.import_peft(tmp_path / "ada", "t")
+    assert sorted(c.rank for c in model.task("t").configs) == [4, 6, 6]
+    b = batch()
+    mask = b["attention_mask"].bool()
+    assert (ours(model, "t", "llama", b) - theirs(theirs_model, "llama", b, 9))[mask].abs().max() < TOL
+    model.export_peft("t", tmp_path / "lora")  # on as a plain PEFT LoRA (rank_pattern for the pruned module)
+    again = peft.PeftModel.from_pretrained(hf_model("llama"), tmp_path / "lora").eval()
+    assert (theirs(again, "llama", b, 9) - theirs(theirs_model, "llama", b, 9))[mask].abs().max() < TOL
+
+
 def test_patterned_lora_exports_back_as_one_peft_lora(tmp_path):
     """An adapter PEFT saved with rank_pattern / alpha_pattern imports as several LoRAs (one per
     rank, alpha and layer set); it exports back as one PEFT LoRA whose patterns give PEFT the same
