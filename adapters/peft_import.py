@@ -168,12 +168,23 @@ def import_configs(model: Any, config: dict[str, Any], tensors: dict[str, torch.
                     "they change the model beyond a delta and cannot be imported"))
         # the *ForSequenceClassification head (BERT's pools [CLS] through its pooler, Llama's has no
         # bias) is not ours: its tensors stay behind, the delta comes as PEFT trained it
-        tensors = {k: v for k, v in tensors.items() if k[len(ROOT):].split(".")[0] not in CLASSIFIER_HEADS}
+        tensors = {k: v for k, v in tensors.items() if not _saved_head(k)}
     return IMPORTERS[peft_type](model, config, tensors)
 
 
 # the heads PEFT's SEQ_CLS task type saves whole (transformers' *ForSequenceClassification names)
 CLASSIFIER_HEADS = ("classifier", "score")
+
+
+def _saved_head(key: str) -> bool:
+    """Whether a saved tensor is such a head's: under ``base_model.model.`` (LoRA, (IA)^3) or, for
+    prompt learning, whose PEFT model wraps the HF model directly, under ``base_model.``."""
+    for root in (ROOT, "base_model."):
+        if key.startswith(root):
+            return key[len(root):].split(".")[0] in CLASSIFIER_HEADS
+    return False
+
+
 # Every setting of each adapter type that is read here or cannot change what the adapter computes
 # (initialisation that leaves the base weights alone, names, bookkeeping). Anything else a config
 # sets (a variant such as aLoRA's invocation tokens, a LoRA bias, layer replication, or a newer

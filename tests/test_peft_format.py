@@ -217,6 +217,13 @@ def test_peft_sequence_classification_lora_imports_with_a_fresh_head(tmp_path):
     cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "modules_to_save": ["classifier", "embeddings"]}))
     with pytest.raises(CheckpointError, match="change the model beyond a delta"):
         delta_model("bert").import_peft(tmp_path, "t", label_names=["a", "b", "c"])
+    # prompt tuning saves the head under base_model. (its PEFT model wraps the HF model directly)
+    prompt = peft.get_peft_model(BertForSequenceClassification(BertConfig(**TINY, num_labels=3)),
+                                 peft.PromptTuningConfig(num_virtual_tokens=3, task_type="SEQ_CLS"))
+    prompt.save_pretrained(tmp_path / "prompt")
+    model.import_peft(tmp_path / "prompt", "p", label_names=["a", "b", "c"])
+    saved = prompt.get_prompt_embedding_to_save("default")
+    assert torch.equal(next(iter(model.task("p").deltas.values())).prompt.detach(), saved)
 
 
 def test_export_over_an_earlier_export_leaves_no_stale_head(tmp_path):
