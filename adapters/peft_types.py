@@ -75,21 +75,32 @@ def _lora_in(model: Any, config: dict[str, Any], tensors: dict[str, torch.Tensor
     tensors = {k: v for k, v in tensors.items() if not k.endswith(".bias")}
     lora = _by_module(model, tensors, ("lora_A.weight", "lora_B.weight"))
     alphas = _alphas(config, [k[len(ROOT):-len(".lora_A.weight")] for k in tensors if k.endswith(".lora_A.weight")])
-    configs, state = [], {}
-
-    def kind(path: str) -> tuple[int, float]:  # a config holds one rank and one alpha; the patterns set them per module
-        return lora[path]["lora_A.weight"].shape[0], next(a for m, a in alphas.items() if m == path or m.endswith("." + path))
-
-    for ((r, alpha), layers), names in sorted(_layer_groups(model, list(lora), kind).items(), key=lambda g: g[0][0]):
-        alpha *= math.sqrt(r) if config.get("use_rslora") else 1.0
-        configs.append(make_config({"method": "lora", "rank": r, "alpha": alpha, "targets": names,
-                                    "layers": _layers(model, layers), "dropout": float(config.get("lora_dropout") or 0.0)}))
+    root = math.sqrt if config.get("use_rslora") else (lambda r: 1.0)  # rsLoRA scales by alpha / sqrt(r)
+    pairs = {}
     for path, t in lora.items():
-        state[f"{path}|lora_A"], state[f"{path}|lora_B"] = t["lora_A.weight"], t["lora_B.weight"]
+        r, alpha = t["lora_A.weight"].shape[0], next(a for m, a in alphas.items() if m == path or m.endswith("." + path))
+        pairs[path] = (t["lora_A.weight"], t["lora_B.weight"], alpha * root(r))
+    configs, state = _as_loras(model, config, pairs)
     if bias:
         configs_b, state_b = _bias_in(model, bias)
         configs += configs_b
         state.update(state_b)
+    return configs, state
+
+
+def _as_loras(model: Any, config: dict[str, Any], pairs: dict[str, tuple[torch.Tensor, torch.Tensor, float]]):
+    """Our LoRA configs and tensors for per-module ``(A, B, alpha)`` (scale ``alpha / rank``): one
+    config per (rank, alpha, layer set), as the patterns of PEFT's LoRA and AdaLoRA's pruning set
+    them per module."""
+    def kind(path: str) -> tuple[int, float]:
+        return pairs[path][0].shape[0], pairs[path][2]
+
+    groups = sorted(_layer_groups(model, list(pairs), kind).items(), key=lambda g: g[0][0])
+    configs = [make_config({"method": "lora", "rank": r, "alpha": alpha, "targets": names, "layers": _layers(model, layers),
+                            "dropout": float(config.get("lora_dropout") or 0.0)}) for ((r, alpha), layers), names in groups]
+    state = {}
+    for path, (a, b, _) in pairs.items():
+        state[f"{path}|lora_A"], state[f"{path}|lora_B"] = a, b
     return configs, state
 
 
@@ -175,19 +186,9 @@ def _adalora_in(model: Any, config: dict[str, Any], tensors: dict[str, torch.Ten
                 t["lora_E"].numel() != t["lora_A"].shape[0]), None)
     if bad is not None:
         raise CheckpointError(f"the AdaLoRA tensors of {bad} do not pair: lora_A, lora_B and lora_E with one value per rank")
-    kept = {p: t for p, t in svd.items() if t["lora_A"].shape[0] > 0}
-
-    def kind(path: str) -> int:
-        return kept[path]["lora_A"].shape[0]
-
-    configs = [make_config({"method": "lora", "rank": r, "alpha": alpha * r / (init_r + 1e-5), "targets": names,
-                            "layers": _layers(model, layers), "dropout": float(config.get("lora_dropout") or 0.0)})
-               for (r, layers), names in sorted(_layer_groups(model, list(kept), kind).items(), key=lambda g: g[0][0])]
-    state = {}
-    for path, t in kept.items():
-        state[f"{path}|lora_A"], state[f"{path}|lora_B"] = t["lora_A"] * t["lora_E"].reshape(-1, 1), t["lora_B"]
-    return configs, state
-
+    pairs = {p: (t["lora_A"] * t["lora_E"].reshape(-1, 1), t["lora_B"], alpha * t["lora_A"].shape[0] / (init_r + 1e-5))
+             for p, t in svd.items() if t["lora_A"].shape[0] > 0}
+    return _as_loras(model, config, pairs)
 
 IMPORTERS = {"LORA": _lora_in, "ADALORA": _adalora_in, "IA3": _ia3_in, "PROMPT_TUNING": _prompt_in,
              "PREFIX_TUNING": _prefix_in}
