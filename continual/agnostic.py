@@ -43,7 +43,7 @@ from streams import Task
 from .scoring import _digest
 from .training import answers, batch_logits, eval_loader
 from .training.data import length_order, sample_rows
-from .training.textscore import SOURCE_SCORERS, score_each
+from .training.textscore import score_each
 
 FIT_MAX = 1000  # training examples per task the router is fitted on (a seeded, label-stratified sample)
 PREFIX = "agnostic."  # of this scorer's tensors in a run's saved state
@@ -165,8 +165,7 @@ class AgnosticScorer:
         if task.generative:
             loader = self.data.loader(task).subset(subset)  # the whole split's answer length and metric
             preds, refs = answers(self.model, loader, active, self.precision)
-            sources = loader.sources() if loader.metric in SOURCE_SCORERS else None
-            return np.asarray(score_each(loader.metric, preds, refs, sources), dtype=float)
+            return np.asarray(score_each(loader.metric, preds, refs, loader.metric_sources()), dtype=float)
         names = self.model.task(by.name).label_names
         gold = [task.label_names[y] for y in subset["label"]]
         loader = eval_loader(subset, self.model.tokenizer, self.data.length(task), self.data.eval_batch)

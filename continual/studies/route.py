@@ -29,7 +29,6 @@ from ..rundir import RunStateError, not_a_run, run_info
 from ..tracking import log_nested_run
 from ..training import eval_loader, score_texts, task_loader
 from ..training.data import sample_rows
-from ..training.textscore import SOURCE_SCORERS
 
 
 def stream_of_run(run_dir: str | Path):
@@ -146,7 +145,7 @@ def route_run(run_dir: str | Path, backbone: str | None = None, routers: Sequenc
         new_tokens.append(getattr(loader, "max_new_tokens", 0))
         test[t.name] = _Ticking(loader, bar)
         gold[t.name] = list(t.test["target"]) if t.generative else [t.label_names[y] for y in t.test["label"]]
-        sources[t.name] = loader.sources() if t.metric in SOURCE_SCORERS else None  # SARI judges against the prompt
+        sources[t.name] = loader.metric_sources() if t.generative else None  # SARI judges against the prompt
         bar.total += len(train[t.name]) + len(test[t.name]) * (2 + len(routers))
     answer = match = None
     if all(t.generative for t in stream):  # answers generated through the routed task's delta

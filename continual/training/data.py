@@ -24,6 +24,8 @@ from torch.utils.data import DataLoader
 
 from streams.catalog import cap_indices
 
+from .textscore import SOURCE_SCORERS
+
 
 def _quiet_map(dataset: Dataset, fn: Callable, remove: list[str]) -> Dataset:
     # datasets' own per-map progress bar is noise next to the training bar
@@ -253,6 +255,11 @@ class GenerationLoader:
         rows = self.dataset
         return self.tokenizer.batch_decode([ids[:p] for ids, p in zip(rows["input_ids"], rows["prompt_len"])],
                                            skip_special_tokens=True)
+
+    def metric_sources(self) -> list[str] | None:
+        """:meth:`sources` where the loader's metric judges an answer against its prompt, else None
+        (no decoding where no score reads them)."""
+        return self.sources() if self.metric in SOURCE_SCORERS else None
 
     def __len__(self) -> int:
         return -(-len(self.dataset) // self.batch_size)

@@ -15,7 +15,7 @@ from adapters.generation import answer_batches
 from adapters.precision import autocast, inference_linears, resolve_precision
 
 from . import distributed
-from .textscore import SOURCE_SCORERS, score_each, score_texts
+from .textscore import score_each, score_texts
 
 
 def macro_f1(pred: np.ndarray, gold: np.ndarray, num_labels: int) -> float:
@@ -107,7 +107,7 @@ def evaluate_generation(model: DeltaModel, task: str, loader, active: Sequence[s
         preds, refs, failed = [], [], e.count if e.count is not None else len(loader.references())
     refuse_non_finite(sum(distributed.gather_lists([failed], loader)), f"answering task {task!r}")
     # several processes: each answered its shard (shard_loader); the metric is the whole split's
-    sources = loader.sources() if loader.metric in SOURCE_SCORERS else [""] * len(refs)
+    sources = loader.metric_sources() or [""] * len(refs)  # (gathered beside the answers)
     rows = distributed.gather_lists(list(zip(preds, refs, sources)), loader)
     preds, refs, sources = [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
     if per_example is not None:
