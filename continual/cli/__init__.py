@@ -13,7 +13,7 @@ from adapters import DeltaError
 from streams import DataError
 
 from ..rundir import RunStateError
-from ..studies.pool import PoolError
+from ..studies.pool import PoolError, library_bars
 from ..training import DivergedError
 from .commands import COMMANDS, train_config
 from .parser import DEFAULTS, build_parser, training_options
@@ -64,19 +64,11 @@ def _quiet_libraries(quiet: bool) -> Iterator[None]:
     if not quiet:
         yield
         return
-    import huggingface_hub.utils as hub
-    from transformers.utils import logging as hf_logging
-
-    was_hf, was_hub = hf_logging.is_progress_bar_enabled(), not hub.are_progress_bars_disabled()
-    hf_logging.disable_progress_bar()
-    hub.disable_progress_bars()
+    was = library_bars(False, False)
     try:
         yield
     finally:  # main() runs again in one process (tests, notebooks): leave the bars as found
-        if was_hf:
-            hf_logging.enable_progress_bar()
-        if was_hub:
-            hub.enable_progress_bars()
+        library_bars(*was)
 
 
 def tracking_failure(e: BaseException, uri: str) -> str:

@@ -46,11 +46,19 @@ def _set_threads(threads: int) -> None:
     draws one per backbone load; several workers' bars interleave in one log, and the study's own
     bar is the parent's)."""
     torch.set_num_threads(threads)
-    import huggingface_hub.utils
+    library_bars(False, False)
+
+
+def library_bars(transformers: bool, hub: bool) -> tuple[bool, bool]:
+    """Whether transformers (a bar per backbone load) and the HuggingFace hub (a bar per download)
+    draw progress bars, set; returns how they were. Off in a worker, and under ``--no-progress``."""
+    import huggingface_hub.utils as hub_utils
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
-    huggingface_hub.utils.disable_progress_bars()
+    was = hf_logging.is_progress_bar_enabled(), not hub_utils.are_progress_bars_disabled()
+    (hf_logging.enable_progress_bar if transformers else hf_logging.disable_progress_bar)()
+    (hub_utils.enable_progress_bars if hub else hub_utils.disable_progress_bars)()
+    return was
 
 
 def threads_per_worker(workers: int) -> int:
