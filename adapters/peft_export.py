@@ -330,6 +330,12 @@ VLLM_MAX_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's --max-
 VLLM_LLAMA_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
+def max_rank(config: dict[str, Any]) -> int:
+    """A PEFT LoRA config's largest rank: ``r`` or one ``rank_pattern`` gives (vLLM checks this
+    one against ``--max-lora-rank``)."""
+    return max([config.get("r") or 0, *(config.get("rank_pattern") or {}).values()])
+
+
 def vllm_scaling(config: dict[str, Any]) -> float:
     """The factor vLLM multiplies B A x by: lora_alpha / r, or lora_alpha / sqrt(r) for rsLoRA."""
     r, alpha = config["r"], config["lora_alpha"]
@@ -354,7 +360,7 @@ def vllm_problems(config: dict[str, Any], max_lora_rank: int = 16) -> list[str]:
         out.append("DoRA: vLLM does not support it")
     if config.get("bias", "none") != "none":
         out.append(f"bias={config['bias']!r}: needs vLLM's --enable-lora-bias")
-    r = max([config.get("r") or 0, *(config.get("rank_pattern") or {}).values()])  # rank_pattern's too, as vLLM checks
+    r = max_rank(config)
     if r > VLLM_MAX_RANKS[-1]:
         out.append(f"rank {r} is above vLLM's largest --max-lora-rank ({VLLM_MAX_RANKS[-1]})")
     elif r > max_lora_rank:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from adapters import ConfigError, export_peft, read_meta
-from adapters.peft_export import VLLM_MAX_RANKS, exportable, vllm_problems, vllm_scaling
+from adapters.peft_export import VLLM_MAX_RANKS, exportable, max_rank, vllm_problems, vllm_scaling
 
 from .loadrun import load_run_model, run_tasks
 from .rundir import BACKBONE_FILE, check_out
@@ -87,7 +87,7 @@ def serving_recipe(exported: Sequence[Exported], max_lora_rank: int = 16) -> lis
     if not ok:
         return []
     base = ok[0].config.get("base_model_name_or_path")
-    top = max(max_lora_rank, *(r for e in ok for r in (e.config["r"], *(e.config.get("rank_pattern") or {}).values())))
+    top = max(max_lora_rank, *(max_rank(e.config) for e in ok))
     rank = next((m for m in VLLM_MAX_RANKS if m >= top), top)  # a value vLLM's --max-lora-rank takes
     modules = " ".join(f"{e.task}={e.directory.resolve()}" for e in ok)
     return [f"vllm serve {base} --enable-lora --max-lora-rank {rank} --lora-modules {modules}",
