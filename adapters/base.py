@@ -43,6 +43,8 @@ class Capabilities:
       fusable           an AdapterFusion can weigh its per-module terms (needs ``site_terms``)
       folds             :meth:`Delta.fold` replaces a training-time reparameterisation when frozen
       composite         built over other tasks' deltas (fusion): not a ``--method`` of its own
+      decoders          can act on a decoder-only backbone (False where it selects by a query over
+                        the input: a decoder's training input holds the answer, a generated one not)
       why_not_mixed     shown when a user mixes a method that cannot be mixed
     """
 
@@ -53,6 +55,7 @@ class Capabilities:
     fusable: bool = False
     folds: bool = False
     composite: bool = False
+    decoders: bool = True
     why_not_mixed: str = "it changes the attention rather than adding a term at sites"
 
 

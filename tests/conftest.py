@@ -51,6 +51,7 @@ def method_config(method: str) -> dict:
         "parallel": {"bottleneck_dim": 8},
         "compacter": {"bottleneck_dim": 8},
         "lora": {"rank": 4},
+        "coda_prompt": {"pool_size": 8, "prompt_length": 2, "tasks": 2},  # the keys start orthogonal: <= hidden size
     }
     return {"method": method, **small.get(method, {})}
 
@@ -58,7 +59,8 @@ def method_config(method: str) -> dict:
 def supports(method: str, arch: str) -> bool:
     """Combinations the library refuses by design (with a clear error, tested separately)."""
     spec = adapters.ARCHITECTURES[arch]
-    return not ((method == "prefix" and spec.attention is None) or (method == "prompt_pool" and spec.kind == "decoder"))
+    decoders = adapters.get_method(method).capabilities.decoders
+    return not ((method == "prefix" and spec.attention is None) or (not decoders and spec.kind == "decoder"))
 
 
 def lora_model(arch: str = "bert", methods=("lora", "bottleneck")) -> adapters.DeltaModel:

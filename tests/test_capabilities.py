@@ -43,6 +43,13 @@ def test_declared_capabilities_match_behaviour(method):
     else:
         with pytest.raises(ConfigError, match="cannot share a batch"):
             model.mixed(["t0", "t1"])
+    # decoder-only backbones: refused, with the reason, exactly where declared
+    decoder = adapters.DeltaModel(tiny_backbone("llama"))
+    if caps.decoders:
+        decoder.add_task("t", [method_config(method)], num_labels=2)
+    else:
+        with pytest.raises(ConfigError, match="decoder-only backbone"):
+            decoder.add_task("t", [method_config(method)], num_labels=2)
     # fusion: accepted exactly when declared
     if caps.fusable:
         add_fusion(model, "f", ["t0", "t1"], ["x", "y"])

@@ -57,7 +57,7 @@ class PromptPoolConfig(DeltaConfig):
 
 
 # why a decoder-only backbone is refused (shared with the strategy's check before a run starts)
-DECODER_REFUSAL = ("prompt_pool selects prompts from a query over the input, but on a decoder-only backbone "
+DECODER_REFUSAL = ("{method} selects prompts from a query over the input, but on a decoder-only backbone "
                    "({backbone!r}) a training input holds its answer while a generated one does not, so training and "
                    "generation would select differently; use an encoder or an encoder-decoder (T5)")
 
@@ -70,10 +70,29 @@ def select(query: torch.Tensor, keys: torch.Tensor, top_k: int) -> tuple[torch.T
     return order, sim.gather(1, order)
 
 
+def frozen_query(ref: FrozenRef | None, embeds: torch.Tensor, mask: torch.Tensor, extra: dict[str, Any]) -> torch.Tensor:
+    """A query of each input for a delta that selects by it (L2P, CODA-Prompt): the frozen
+    backbone's (T5: its encoder's) mean last hidden state over the real tokens, with dropout off,
+    no delta acting and no gradient. ``ref`` holds the :class:`~adapters.DeltaModel`."""
+    model = ref() if ref is not None else None
+    if model is None:
+        raise ConfigError("a delta that selects by a query runs inside a DeltaModel (it needs the frozen backbone)")
+    body = model.backbone.get_encoder() if model.seq2seq else model.backbone
+    was_training = body.training
+    body.eval()
+    try:
+        with torch.no_grad(), model.disabled():
+            hidden = body(inputs_embeds=embeds, attention_mask=mask, **extra).last_hidden_state
+    finally:
+        body.train(was_training)
+    m = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
 @register
 class PromptPool(Delta):
     config_class = PromptPoolConfig
-    capabilities = Capabilities(identity_at_init=False, input_transform=True,
+    capabilities = Capabilities(identity_at_init=False, input_transform=True, decoders=False,
                                 why_not_mixed="each example already selects its own prompts, with a second backbone pass")
 
     @classmethod
@@ -83,7 +102,7 @@ class PromptPool(Delta):
     @classmethod
     def create(cls, config: DeltaConfig, model: Any) -> "PromptPool":
         if model.spec.kind == "decoder":
-            raise ConfigError(DECODER_REFUSAL.format(backbone=getattr(model, "backbone_name", "")))
+            raise ConfigError(DECODER_REFUSAL.format(method="prompt_pool", backbone=getattr(model, "backbone_name", "")))
         delta = cls(config, model.backbone)
         delta._model = FrozenRef(model)  # to run the query with no delta acting
         return delta
@@ -104,19 +123,7 @@ class PromptPool(Delta):
 
     def query(self, embeds: torch.Tensor, mask: torch.Tensor, extra: dict[str, Any]) -> torch.Tensor:
         """The frozen backbone's mean last hidden state over the real tokens, no delta acting."""
-        model = self._model() if self._model is not None else None
-        if model is None:
-            raise ConfigError("a prompt pool runs inside a DeltaModel (it needs the frozen backbone for its query)")
-        body = model.backbone.get_encoder() if model.seq2seq else model.backbone
-        was_training = body.training
-        body.eval()
-        try:
-            with torch.no_grad(), model.disabled():
-                hidden = body(inputs_embeds=embeds, attention_mask=mask, **extra).last_hidden_state
-        finally:
-            body.train(was_training)
-        m = mask.to(hidden.dtype).unsqueeze(-1)
-        return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+        return frozen_query(self._model, embeds, mask, extra)
 
     def transform_inputs(self, embeds, mask, extra):
         c = self.config

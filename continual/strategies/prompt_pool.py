@@ -45,7 +45,7 @@ class PromptPool(_SharedDelta):
     def check_stream(self, stream: TaskStream, model: DeltaModel, max_length: int | None = None) -> None:
         super().check_stream(stream, model, max_length)
         if model.spec.kind == "decoder":
-            raise ValueError(DECODER_REFUSAL.format(backbone=model.backbone_name))
+            raise ValueError(DECODER_REFUSAL.format(method="prompt_pool", backbone=model.backbone_name))
 
     def loss_term(self, model: DeltaModel, task: Task, config: TrainConfig, data: Any):
         if not self.pull_lambda:
