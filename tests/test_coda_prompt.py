@@ -123,3 +123,16 @@ def test_kill_and_resume_equal_the_uninterrupted_run(text_model, tmp_path):
                                     tmp_path / d, **kw)
     full, resumed = killed_and_resumed(go)
     assert_same_matrices(resumed, full)
+
+
+def test_a_generative_stream_on_t5(word_tokenizer, tmp_path):
+    from conftest import toy_generative_stream
+    from test_lora_subspaces import tiny_t5
+
+    stream = TaskStream("toy-gen", toy_generative_stream().tasks[:2])
+    config = TrainConfig(**{**FAST, "max_steps": 20, "lr": 3e-2, "max_length": 32, "eval_every": 10})
+    model = tiny_t5(word_tokenizer)
+    res = run_stream(stream, model, make_strategy("coda-prompt", POOL), config, tmp_path / "g")
+    assert not np.isnan(res.matrix.R[-1]).any()
+    np.testing.assert_allclose(res.matrix.A[-1], res.matrix.R[-1])  # one pool, the shared LM head
+    assert pool_of(model).keys[1].any() and not pool_of(model).keys[2].any()  # two tasks set up, the third not
