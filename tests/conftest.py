@@ -51,7 +51,8 @@ def method_config(method: str) -> dict:
         "parallel": {"bottleneck_dim": 8},
         "compacter": {"bottleneck_dim": 8},
         "lora": {"rank": 4},
-        "coda_prompt": {"pool_size": 8, "prompt_length": 2, "tasks": 2},  # the keys start orthogonal: <= hidden size
+        "coda_prompt": {"pool_size": 8, "prompt_length": 2, "tasks": 2},
+        "dual_prompt": {"g_length": 2, "e_length": 2, "tasks": 2},  # the keys start orthogonal: <= hidden size
     }
     return {"method": method, **small.get(method, {})}
 

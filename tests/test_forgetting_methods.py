@@ -216,7 +216,7 @@ def test_a_strategy_without_methods_gets_its_own_default(capsys):
     """``--strategy inflora`` with no --method was refused ("its methods must be lora ...;
     ['bottleneck'] are not"): the library's default replaced the strategy's own. A strategy that
     names a default method gets it; the others the library's."""
-    for name, method in (("o-lora", "lora"), ("inflora", "lora"), ("prompt-pool", "prompt_pool"), ("coda-prompt", "coda_prompt"),
+    for name, method in (("o-lora", "lora"), ("inflora", "lora"), ("prompt-pool", "prompt_pool"), ("coda-prompt", "coda_prompt"), ("dual-prompt", "dual_prompt"),
                          ("progressive-prompts", "prompt"), ("per-task", "bottleneck"), ("ewc", "bottleneck")):
         assert [m.method for m in make_strategy(name).methods] == [method], name
     assert make_strategy("progressive-prompts").methods[0].num_tokens == 20  # the paper's length on BERT

@@ -20,6 +20,8 @@
     prompt_pool.py   ``prompt-pool``: one pool of prompts with learned keys; each input selects its own (L2P)
     coda_prompt.py   ``coda-prompt``: one pool of prompt components, each task adding its own; each input
                      weighs them by learned keys and attention (CODA-Prompt)
+    dual_prompt.py   ``dual-prompt``: a prompt every task trains beside an expert prompt per task, chosen
+                     per input by its key (DualPrompt)
     finetune.py      ``seq-ft`` (sequential full fine-tuning: the catastrophic-forgetting baseline)
     avalanche/       ``avalanche-naive|ewc|lwf|replay|agem``: Avalanche's strategies on the same
                      backbone and stream (the ``[avalanche]`` extra)
@@ -50,6 +52,7 @@ from .inflora import InfLoRA
 from .o_lora import OLoRA
 from .prompt_pool import PromptPool
 from .coda_prompt import CodaPrompt
+from .dual_prompt import DualPrompt
 from .ewc import EWC
 from .lwf import LwF
 from .mas import MAS
@@ -58,14 +61,14 @@ from .replay import Replay
 from .shared_delta import SHARED, Joint, SequentialDelta
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    s.name: s for s in (PerTaskDelta, ContinualFusion, SequentialDelta, Replay, AGEM, GEM, OGD, DER, EWC, MAS, SI, LwF, ProgressivePrompts, OLoRA, InfLoRA, PromptPool, CodaPrompt,
+    s.name: s for s in (PerTaskDelta, ContinualFusion, SequentialDelta, Replay, AGEM, GEM, OGD, DER, EWC, MAS, SI, LwF, ProgressivePrompts, OLoRA, InfLoRA, PromptPool, CodaPrompt, DualPrompt,
                         SequentialFineTune, Joint, *AVALANCHE_STRATEGIES)
 }
 
 
 def default_methods(name: str) -> tuple[MethodSpec, ...]:
     """What strategy ``name`` trains without methods given: its own default (o-lora and inflora:
-    lora; prompt-pool: prompt_pool; coda-prompt: coda_prompt; progressive-prompts: a 20-token prompt), else the library's;
+    lora; prompt-pool: prompt_pool; coda-prompt: coda_prompt; dual-prompt: dual_prompt; progressive-prompts: a 20-token prompt), else the library's;
     none for a strategy that fine-tunes the backbone."""
     cls = STRATEGIES[name]
     if cls.trains_backbone:
@@ -79,7 +82,7 @@ def make_strategy(name: str, methods: Sequence[MethodSpec] | MethodSpec | None =
     ``memory_size`` for ``replay``, ``ewc_lambda`` for ``ewc``, ``temperature`` for ``per-task-fusion``).
     ``methods``: a list of method specs (names, ``"lora:rank=4"``, dicts, configs), or one spec
     (``"lora+bitfit"`` is a combination, as on the command line); None: the strategy's own default
-    (lora for o-lora and inflora, prompt_pool for prompt-pool, coda_prompt for coda-prompt, a 20-token prompt for
+    (lora for o-lora and inflora, prompt_pool for prompt-pool, coda_prompt for coda-prompt, dual_prompt for dual-prompt, a 20-token prompt for
     progressive-prompts), else the library's default method, or none for a strategy that
     fine-tunes the whole backbone (which refuses methods)."""
     if name not in STRATEGIES:
@@ -99,5 +102,5 @@ def make_strategy(name: str, methods: Sequence[MethodSpec] | MethodSpec | None =
     return cls(**options) if cls.trains_backbone else cls(methods, **options)
 
 
-__all__ = ["AGEM", "CodaPrompt", "DER", "EWC", "GEM", "InfLoRA", "OGD", "LwF", "MAS", "OLoRA", "PromptPool", "ProgressivePrompts", "Replay", "SHARED", "SI", "STRATEGIES", "ContinualFusion", "Joint", "PerTaskDelta", "SequentialDelta", "SequentialFineTune",
+__all__ = ["AGEM", "CodaPrompt", "DER", "DualPrompt", "EWC", "GEM", "InfLoRA", "OGD", "LwF", "MAS", "OLoRA", "PromptPool", "ProgressivePrompts", "Replay", "SHARED", "SI", "STRATEGIES", "ContinualFusion", "Joint", "PerTaskDelta", "SequentialDelta", "SequentialFineTune",
            "Strategy", "TaskData", "default_methods", "make_strategy"]
