@@ -106,7 +106,7 @@ def test_refusals_come_before_anything_runs(text_model, lm_model, tmp_path):
     with pytest.raises(ValueError, match="ortho_lambda"):
         make_strategy("coda-prompt", POOL, ortho_lambda=-1)
     short = make_strategy("coda-prompt", [{**POOL[0], "pool_size": 4, "tasks": 2}])
-    with pytest.raises(ValueError, match="split for 2 tasks and the stream has 3; give --method coda_prompt:tasks=3"):
+    with pytest.raises(ValueError, match="split for 2 tasks and the stream has 3; give --method coda_prompt:pool_size=6,tasks=3 "):
         run_stream(toy_stream(), text_model(), short, CONFIG, tmp_path / "short")
     assert not (tmp_path / "short").exists()
     with pytest.raises(ConfigError, match="multiple of tasks"):

@@ -99,7 +99,7 @@ def test_refusals_come_before_anything_runs(text_model, lm_model, tmp_path):
     with pytest.raises(ValueError, match="pull_lambda"):
         make_strategy("dual-prompt", PROMPTS, pull_lambda=float("nan"))
     short = make_strategy("dual-prompt", [{**PROMPTS[0], "tasks": 2}])
-    with pytest.raises(ValueError, match="it has 2 .* and the stream has 3 tasks; give --method dual_prompt:tasks=3"):
+    with pytest.raises(ValueError, match="it has 2 of them .* and the stream has 3 tasks; give --method dual_prompt:tasks=3"):
         run_stream(toy_stream(), text_model(), short, CONFIG, tmp_path / "short")
     assert not (tmp_path / "short").exists()
     with pytest.raises(ConfigError, match="e_length must be >= 1"):

@@ -65,11 +65,11 @@ class CodaPrompt(_SharedDelta):
         super().check_stream(stream, model, max_length)
         if model.spec.kind == "decoder":
             raise ValueError(DECODER_REFUSAL.format(method="coda_prompt", backbone=model.backbone_name))
-        tasks = self.methods[0].tasks
-        if len(stream) > tasks:
+        config, n = self.methods[0], len(stream)
+        if n > config.tasks:  # the suggestion keeps each task's share
             raise ValueError(f"coda-prompt gives each task pool_size / tasks components, but the pool is split for "
-                             f"{tasks} tasks and the stream has {len(stream)}; give --method coda_prompt:tasks="
-                             f"{len(stream)} (pool_size a multiple of it)")
+                             f"{config.tasks} tasks and the stream has {n}; give --method coda_prompt:pool_size="
+                             f"{config.per_task * n},tasks={n} ({config.per_task} components a task, as now)")
 
     @staticmethod
     def pool(model: DeltaModel) -> Pool:

@@ -50,7 +50,7 @@ class DualPrompt(_SharedDelta):
             raise ValueError(DECODER_REFUSAL.format(method="dual_prompt", backbone=model.backbone_name))
         tasks = self.methods[0].tasks
         if len(stream) > tasks:
-            raise ValueError(f"dual-prompt gives each task an expert prompt, but it has {tasks} (tasks={tasks}) and the "
+            raise ValueError(f"dual-prompt gives each task an expert prompt, but it has {tasks} of them (tasks={tasks}) and the "
                              f"stream has {len(stream)} tasks; give --method dual_prompt:tasks={len(stream)}")
 
     @staticmethod
