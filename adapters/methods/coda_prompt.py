@@ -33,18 +33,17 @@ are refused, as for L2P (a training input holds its answer, a generated one does
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import Capabilities, Delta, FrozenRef
+from ..base import Capabilities, FrozenRef
 from ..config import DeltaConfig
 from ..errors import ConfigError
 from ..registry import register
 from .prompt import prepend
-from .prompt_pool import DECODER_REFUSAL, frozen_query
+from .prompt_pool import QueryDelta
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +78,7 @@ def orthogonal_rows(earlier: torch.Tensor, k: int) -> torch.Tensor:
 
 
 @register
-class CodaPrompt(Delta):
+class CodaPrompt(QueryDelta):
     config_class = CodaPromptConfig
     capabilities = Capabilities(identity_at_init=False, input_transform=True, decoders=False,
                                 why_not_mixed="each example already weighs its own components, with a second backbone pass")
@@ -87,14 +86,6 @@ class CodaPrompt(Delta):
     @classmethod
     def positions_added(cls, config: CodaPromptConfig) -> int:
         return config.prompt_length
-
-    @classmethod
-    def create(cls, config: DeltaConfig, model: Any) -> "CodaPrompt":
-        if model.spec.kind == "decoder":
-            raise ConfigError(DECODER_REFUSAL.format(method="coda_prompt", backbone=getattr(model, "backbone_name", "")))
-        delta = cls(config, model.backbone)
-        delta._model = FrozenRef(model)  # to run the query with no delta acting
-        return delta
 
     def __init__(self, config: CodaPromptConfig, backbone: nn.Module) -> None:
         super().__init__(config, backbone)
@@ -111,10 +102,10 @@ class CodaPrompt(Delta):
         self.keys = nn.ParameterList([nn.Parameter(torch.zeros(n, d)) for _ in range(config.tasks)])
         self.attention = nn.ParameterList([nn.Parameter(torch.zeros(n, d)) for _ in range(config.tasks)])
         self.begin_task(0)  # so that the first task (and any strategy that never calls begin_task) trains
-        self._model: FrozenRef | None = None
+        self._model: FrozenRef | None = None  # set by create()
         self.weights: torch.Tensor | None = None  # the last forward pass's α (B, M)
 
-    def chunk_names(self, t: int) -> list[str]:
+    def task_names(self, t: int) -> list[str]:
         """Task ``t``'s parameters, by name within this module."""
         return [f"{kind}.{t}" for kind in ("components", "keys", "attention")]
 
@@ -144,6 +135,6 @@ class CodaPrompt(Delta):
         return alpha, torch.einsum("bm,mld->bld", alpha, components)
 
     def transform_inputs(self, embeds, mask, extra):
-        alpha, prompt = self.mix(frozen_query(self._model, embeds, mask, extra))
+        alpha, prompt = self.mix(self.query(embeds, mask, extra))
         self.weights = alpha
         return prepend(prompt, embeds, mask, extra)

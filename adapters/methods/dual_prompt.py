@@ -26,18 +26,18 @@ L2P (a training input holds its answer, a generated one does not).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import Capabilities, Delta, FrozenRef
+from ..base import Capabilities, FrozenRef
 from ..config import DeltaConfig
 from ..errors import ConfigError
 from ..registry import register
-from .prompt import prepend
-from .prompt_pool import DECODER_REFUSAL, frozen_query
+from .prompt import initial_tokens, prepend
+from .prompt_pool import QueryDelta
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +56,7 @@ class DualPromptConfig(DeltaConfig):
 
 
 @register
-class DualPrompt(Delta):
+class DualPrompt(QueryDelta):
     config_class = DualPromptConfig
     capabilities = Capabilities(identity_at_init=False, input_transform=True, decoders=False,
                                 why_not_mixed="each example already chooses its own expert prompt, with a second backbone pass")
@@ -65,32 +65,16 @@ class DualPrompt(Delta):
     def positions_added(cls, config: DualPromptConfig) -> int:
         return config.g_length + config.e_length
 
-    @classmethod
-    def create(cls, config: DeltaConfig, model: Any) -> "DualPrompt":
-        if model.spec.kind == "decoder":
-            raise ConfigError(DECODER_REFUSAL.format(method="dual_prompt", backbone=getattr(model, "backbone_name", "")))
-        delta = cls(config, model.backbone)
-        delta._model = FrozenRef(model)  # to run the query with no delta acting
-        return delta
-
     def __init__(self, config: DualPromptConfig, backbone: nn.Module) -> None:
         super().__init__(config, backbone)
         table = backbone.get_input_embeddings().weight
-        d = table.shape[1]
-
-        def prompt(n: int) -> nn.Parameter:
-            if config.init == "vocab":
-                rows = table.detach()[torch.randint(0, table.shape[0], (n,)).to(table.device)].clone().float().cpu()
-            else:
-                rows = torch.randn(n, d) * float(table.detach().float().std())
-            return nn.Parameter(rows)
-
-        self.general = prompt(config.g_length)
-        self.expert = nn.ParameterList([prompt(config.e_length) for _ in range(config.tasks)])
-        self.keys = nn.ParameterList([nn.Parameter(torch.zeros(d)) for _ in range(config.tasks)])
+        self.general = nn.Parameter(initial_tokens(table, config.g_length, config.init))
+        self.expert = nn.ParameterList([nn.Parameter(initial_tokens(table, config.e_length, config.init))
+                                        for _ in range(config.tasks)])
+        self.keys = nn.ParameterList([nn.Parameter(torch.zeros(table.shape[1])) for _ in range(config.tasks)])
         self.task: int | None = None  # the expert prompt training steps use (set by begin_task)
         self.begin_task(0)  # so that the first task (and any strategy that never calls begin_task) has a key
-        self._model: FrozenRef | None = None
+        self._model: FrozenRef | None = None  # set by create()
         self.pull: torch.Tensor | None = None  # the last training pass's mean 1 − cos(q, k_task)
         self.selected: torch.Tensor | None = None  # the last pass's expert prompt per example (B,)
 
@@ -116,13 +100,13 @@ class DualPrompt(Delta):
         return sim.argmax(dim=1)
 
     def transform_inputs(self, embeds, mask, extra):
-        q = frozen_query(self._model, embeds, mask, extra)
+        q = self.query(embeds, mask, extra)
         if torch.is_grad_enabled() and self.task is not None:  # a training step: the task's own prompt, its key pulled
             idx = torch.full((q.shape[0],), self.task, dtype=torch.long, device=q.device)
             self.pull = (1 - F.cosine_similarity(q.float(), self.keys[self.task].float().unsqueeze(0), dim=-1)).mean()
         else:
             idx = self.choose(q)
         self.selected = idx
-        expert = torch.stack(list(self.expert))[idx]  # (B, L_e, d)
+        expert = torch.index_select(torch.stack(list(self.expert)), 0, idx)  # (B, L_e, d); a deterministic backward
         prompt = torch.cat([self.general.unsqueeze(0).expand(q.shape[0], -1, -1), expert], dim=1)
         return prepend(prompt, embeds, mask, extra)

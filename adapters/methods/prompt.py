@@ -43,13 +43,7 @@ class Prompt(Delta):
 
     def __init__(self, config: PromptConfig, backbone: nn.Module) -> None:
         super().__init__(config, backbone)
-        table = backbone.get_input_embeddings().weight
-        if config.init == "vocab":
-            ids = torch.randint(0, table.shape[0], (config.num_tokens,))
-            init = table.detach()[ids.to(table.device)].clone().float().cpu()
-        else:
-            init = torch.randn(config.num_tokens, table.shape[1]) * float(table.detach().float().std())  # works on any device
-        self.prompt = nn.Parameter(init)
+        self.prompt = nn.Parameter(initial_tokens(backbone.get_input_embeddings().weight, config.num_tokens, config.init))
 
     @classmethod
     def stack_inputs(cls, deltas: list["Prompt | None"]) -> "GatheredPrompt":
@@ -66,6 +60,15 @@ class Prompt(Delta):
 
     def transform_inputs(self, embeds, mask, extra):
         return prepend(self.prompt.unsqueeze(0).expand(embeds.shape[0], -1, -1), embeds, mask, extra)
+
+
+def initial_tokens(table: torch.Tensor, n: int, init: str) -> torch.Tensor:
+    """``n`` soft tokens (n, d) on the CPU in fp32 to start a prompt from: rows of the embedding
+    ``table`` drawn at random (``"vocab"``), or Gaussian at the table's scale (``"random"``)."""
+    if init == "vocab":
+        ids = torch.randint(0, table.shape[0], (n,))
+        return table.detach()[ids.to(table.device)].clone().float().cpu()
+    return torch.randn(n, table.shape[1]) * float(table.detach().float().std())  # works on any device
 
 
 def prepend(prompts: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor, extra: dict):

@@ -36,7 +36,7 @@ from ..base import Capabilities, Delta, FrozenRef
 from ..config import DeltaConfig
 from ..errors import ConfigError
 from ..registry import register
-from .prompt import prepend
+from .prompt import initial_tokens, prepend
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,9 +57,9 @@ class PromptPoolConfig(DeltaConfig):
 
 
 # why a decoder-only backbone is refused (shared with the strategy's check before a run starts)
-DECODER_REFUSAL = ("{method} selects prompts from a query over the input, but on a decoder-only backbone "
+DECODER_REFUSAL = ("{method} chooses its prompt by a query over the input, but on a decoder-only backbone "
                    "({backbone!r}) a training input holds its answer while a generated one does not, so training and "
-                   "generation would select differently; use an encoder or an encoder-decoder (T5)")
+                   "generation would choose differently; use an encoder or an encoder-decoder (T5)")
 
 
 def select(query: torch.Tensor, keys: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,27 +70,38 @@ def select(query: torch.Tensor, keys: torch.Tensor, top_k: int) -> tuple[torch.T
     return order, sim.gather(1, order)
 
 
-def frozen_query(ref: FrozenRef | None, embeds: torch.Tensor, mask: torch.Tensor, extra: dict[str, Any]) -> torch.Tensor:
-    """A query of each input for a delta that selects by it (L2P, CODA-Prompt): the frozen
-    backbone's (T5: its encoder's) mean last hidden state over the real tokens, with dropout off,
-    no delta acting and no gradient. ``ref`` holds the :class:`~adapters.DeltaModel`."""
-    model = ref() if ref is not None else None
-    if model is None:
-        raise ConfigError("a delta that selects by a query runs inside a DeltaModel (it needs the frozen backbone)")
-    body = model.backbone.get_encoder() if model.seq2seq else model.backbone
-    was_training = body.training
-    body.eval()
-    try:
-        with torch.no_grad(), model.disabled():
-            hidden = body(inputs_embeds=embeds, attention_mask=mask, **extra).last_hidden_state
-    finally:
-        body.train(was_training)
-    m = mask.to(hidden.dtype).unsqueeze(-1)
-    return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+class QueryDelta(Delta):
+    """A delta that chooses, per input, by a query of it over the frozen backbone (L2P, CODA-Prompt,
+    DualPrompt): made inside a DeltaModel, refused on a decoder-only backbone (see DECODER_REFUSAL)."""
+
+    @classmethod
+    def create(cls, config: DeltaConfig, model: Any) -> "QueryDelta":
+        if model.spec.kind == "decoder":
+            raise ConfigError(DECODER_REFUSAL.format(method=config.method, backbone=getattr(model, "backbone_name", "")))
+        delta = cls(config, model.backbone)
+        delta._model = FrozenRef(model)  # to run the query with no delta acting
+        return delta
+
+    def query(self, embeds: torch.Tensor, mask: torch.Tensor, extra: dict[str, Any]) -> torch.Tensor:
+        """The frozen backbone's (T5: its encoder's) mean last hidden state over the real tokens,
+        with dropout off, no delta acting and no gradient."""
+        model = self._model() if getattr(self, "_model", None) is not None else None
+        if model is None:
+            raise ConfigError(f"{self.config.method} runs inside a DeltaModel (its query needs the frozen backbone)")
+        body = model.backbone.get_encoder() if model.seq2seq else model.backbone
+        was_training = body.training
+        body.eval()
+        try:
+            with torch.no_grad(), model.disabled():
+                hidden = body(inputs_embeds=embeds, attention_mask=mask, **extra).last_hidden_state
+        finally:
+            body.train(was_training)
+        m = mask.to(hidden.dtype).unsqueeze(-1)
+        return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
 @register
-class PromptPool(Delta):
+class PromptPool(QueryDelta):
     config_class = PromptPoolConfig
     capabilities = Capabilities(identity_at_init=False, input_transform=True, decoders=False,
                                 why_not_mixed="each example already selects its own prompts, with a second backbone pass")
@@ -99,34 +110,21 @@ class PromptPool(Delta):
     def positions_added(cls, config: PromptPoolConfig) -> int:
         return config.top_k * config.prompt_length
 
-    @classmethod
-    def create(cls, config: DeltaConfig, model: Any) -> "PromptPool":
-        if model.spec.kind == "decoder":
-            raise ConfigError(DECODER_REFUSAL.format(method="prompt_pool", backbone=getattr(model, "backbone_name", "")))
-        delta = cls(config, model.backbone)
-        delta._model = FrozenRef(model)  # to run the query with no delta acting
-        return delta
-
     def __init__(self, config: PromptPoolConfig, backbone: nn.Module) -> None:
         super().__init__(config, backbone)
         table = backbone.get_input_embeddings().weight
-        n, d = config.pool_size * config.prompt_length, table.shape[1]
-        if config.init == "vocab":
-            init = table.detach()[torch.randint(0, table.shape[0], (n,)).to(table.device)].clone().float().cpu()
-        else:
-            init = torch.randn(n, d) * float(table.detach().float().std())
-        self.prompts = nn.Parameter(init.reshape(config.pool_size, config.prompt_length, d))
-        self.keys = nn.Parameter(torch.rand(config.pool_size, d) * 2 - 1)
-        self._model: FrozenRef | None = None
+        init = initial_tokens(table, config.pool_size * config.prompt_length, config.init)
+        self.prompts = nn.Parameter(init.reshape(config.pool_size, config.prompt_length, table.shape[1]))
+        self.keys = nn.Parameter(torch.rand(config.pool_size, table.shape[1]) * 2 - 1)
+        self._model: FrozenRef | None = None  # set by create()
         self.pull: torch.Tensor | None = None  # Σ (1 − cos) of the last forward pass, mean over examples
         self.selected: torch.Tensor | None = None  # the last forward pass's prompt indices (B, N)
-
-    def query(self, embeds: torch.Tensor, mask: torch.Tensor, extra: dict[str, Any]) -> torch.Tensor:
-        """The frozen backbone's mean last hidden state over the real tokens, no delta acting."""
-        return frozen_query(self._model, embeds, mask, extra)
 
     def transform_inputs(self, embeds, mask, extra):
         c = self.config
         idx, sim = select(self.query(embeds, mask, extra), self.keys, c.top_k)
         self.selected, self.pull = idx, (1 - sim).sum(1).mean()
-        return prepend(self.prompts[idx].reshape(embeds.shape[0], c.top_k * c.prompt_length, -1), embeds, mask, extra)
+        # index_select, not self.prompts[idx]: indexing's backward adds the rows of a prompt chosen by several
+        # examples in a varying order on a CPU, so a seeded run's numbers changed from run to run
+        chosen = torch.index_select(self.prompts, 0, idx.reshape(-1))
+        return prepend(chosen.reshape(embeds.shape[0], c.top_k * c.prompt_length, -1), embeds, mask, extra)

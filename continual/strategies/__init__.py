@@ -22,6 +22,7 @@
                      weighs them by learned keys and attention (CODA-Prompt)
     dual_prompt.py   ``dual-prompt``: a prompt every task trains beside an expert prompt per task, chosen
                      per input by its key (DualPrompt)
+    query_prompts.py what those three share (one delta chosen per input by a query; a part per task)
     finetune.py      ``seq-ft`` (sequential full fine-tuning: the catastrophic-forgetting baseline)
     avalanche/       ``avalanche-naive|ewc|lwf|replay|agem``: Avalanche's strategies on the same
                      backbone and stream (the ``[avalanche]`` extra)

@@ -28,14 +28,12 @@ import torch
 import torch.nn.functional as F
 
 from adapters import DeltaModel
-from adapters.methods.coda_prompt import CodaPrompt as Pool
-from adapters.methods.prompt_pool import DECODER_REFUSAL
 from adapters.model import MethodSpec
-from streams import Task, TaskStream
+from streams import Task
 
 from ..training import TrainConfig
 from .base import check_option, finite_at_least
-from .shared_delta import SHARED, _SharedDelta
+from .query_prompts import TaskSlots
 
 
 def ortho_penalty(rows: torch.Tensor) -> torch.Tensor:
@@ -45,58 +43,34 @@ def ortho_penalty(rows: torch.Tensor) -> torch.Tensor:
     return (x @ x.t() - torch.eye(x.shape[0], device=x.device)).pow(2).sum()
 
 
-class CodaPrompt(_SharedDelta):
+class CodaPrompt(TaskSlots):
     name = "coda-prompt"
     description = ("one pool of prompt components shared by all tasks, each task adding its own; each input weighs "
                    "them by learned keys and attention (CODA-Prompt; --method coda_prompt)")
+    method, example = "coda_prompt", "pool_size=100,tasks=10"
     defaults = {"ortho_lambda": 0.0}
     data_parallel = False  # the penalty is added outside the data-parallel model
 
     def __init__(self, methods: Sequence[MethodSpec] = ("coda_prompt",), ortho_lambda: float = 0.0) -> None:
         super().__init__(methods)
-        if [m.method for m in self.methods] != ["coda_prompt"]:
-            raise ValueError(f"coda-prompt trains one pool of prompt components: its method must be coda_prompt alone "
-                             f"(e.g. --method coda_prompt:pool_size=100,tasks=10), got {[m.method for m in self.methods]}")
         check_option("coda-prompt", "ortho_lambda", ortho_lambda, finite_at_least(0), "a finite number >= 0")
         self.ortho_lambda = float(ortho_lambda)
-        self.current = 0  # the task whose components train (set by prepare; rebuilt on resume)
 
-    def check_stream(self, stream: TaskStream, model: DeltaModel, max_length: int | None = None) -> None:
-        super().check_stream(stream, model, max_length)
-        if model.spec.kind == "decoder":
-            raise ValueError(DECODER_REFUSAL.format(method="coda_prompt", backbone=model.backbone_name))
-        config, n = self.methods[0], len(stream)
-        if n > config.tasks:  # the suggestion keeps each task's share
-            raise ValueError(f"coda-prompt gives each task pool_size / tasks components, but the pool is split for "
-                             f"{config.tasks} tasks and the stream has {n}; give --method coda_prompt:pool_size="
-                             f"{config.per_task * n},tasks={n} ({config.per_task} components a task, as now)")
-
-    @staticmethod
-    def pool(model: DeltaModel) -> Pool:
-        return model.task(SHARED).deltas["coda_prompt"]
-
-    def prepare(self, model: DeltaModel, task: Task) -> None:
-        super().prepare(model, task)
-        self.current = len([n for n in model.tasks if n != SHARED]) - 1  # this task's place in the stream
-        pool = self.pool(model)
-        pool.begin_task(self.current)
-        mine = set(pool.chunk_names(self.current))
-        model.hold(SHARED, [f"deltas.coda_prompt.{n}" for n, _ in pool.named_parameters() if n not in mine])
+    def too_long(self, n: int) -> str:  # the suggestion keeps each task's share
+        config = self.methods[0]
+        return (f"coda-prompt gives each task pool_size / tasks components, but the pool is split for {config.tasks} "
+                f"tasks and the stream has {n}; give --method coda_prompt:pool_size={config.per_task * n},tasks={n} "
+                f"({config.per_task} components a task, as now)")
 
     def loss_term(self, model: DeltaModel, task: Task, config: TrainConfig, data: Any):
         if not self.ortho_lambda:
             return None
-        pool, used = self.pool(model), self.current + 1
+        pool, used = self.delta(model), self.current + 1
 
         def penalty(batch, labels, logits):
             return self.ortho_lambda * sum(ortho_penalty(torch.cat(list(getattr(pool, kind))[:used]))
                                            for kind in ("components", "keys", "attention"))
         return penalty
-
-    def trainable_parameters(self, model: DeltaModel, task: Task) -> int:
-        pool = self.pool(model)
-        mine = sum(p.numel() for n, p in pool.named_parameters() if n in set(pool.chunk_names(self.current)))
-        return mine + model.task(task.name).head_parameters()
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "ortho_lambda": self.ortho_lambda}

@@ -18,63 +18,38 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from adapters import DeltaModel
-from adapters.methods.dual_prompt import DualPrompt as Prompts
-from adapters.methods.prompt_pool import DECODER_REFUSAL
 from adapters.model import MethodSpec
-from streams import Task, TaskStream
+from streams import Task
 
 from ..training import TrainConfig
 from .base import check_option, finite_at_least
-from .shared_delta import SHARED, _SharedDelta
+from .query_prompts import TaskSlots
 
 
-class DualPrompt(_SharedDelta):
+class DualPrompt(TaskSlots):
     name = "dual-prompt"
     description = ("a prompt shared by all tasks and an expert prompt per task, chosen per input by its key "
                    "(DualPrompt; --method dual_prompt)")
+    method, example = "dual_prompt", "e_length=5"
+    always = frozenset({"general"})  # the G-prompt: every task trains it
     defaults = {"pull_lambda": 1.0}
     data_parallel = False  # the key term is added outside the data-parallel model
 
     def __init__(self, methods: Sequence[MethodSpec] = ("dual_prompt",), pull_lambda: float = 1.0) -> None:
         super().__init__(methods)
-        if [m.method for m in self.methods] != ["dual_prompt"]:
-            raise ValueError(f"dual-prompt trains one general and per-task expert prompts: its method must be dual_prompt "
-                             f"alone (e.g. --method dual_prompt:e_length=5), got {[m.method for m in self.methods]}")
         check_option("dual-prompt", "pull_lambda", pull_lambda, finite_at_least(0), "a finite number >= 0")
         self.pull_lambda = float(pull_lambda)
-        self.current = 0  # the task whose expert prompt trains (set by prepare; rebuilt on resume)
 
-    def check_stream(self, stream: TaskStream, model: DeltaModel, max_length: int | None = None) -> None:
-        super().check_stream(stream, model, max_length)
-        if model.spec.kind == "decoder":
-            raise ValueError(DECODER_REFUSAL.format(method="dual_prompt", backbone=model.backbone_name))
+    def too_long(self, n: int) -> str:
         tasks = self.methods[0].tasks
-        if len(stream) > tasks:
-            raise ValueError(f"dual-prompt gives each task an expert prompt, but it has {tasks} of them (tasks={tasks}) and the "
-                             f"stream has {len(stream)} tasks; give --method dual_prompt:tasks={len(stream)}")
-
-    @staticmethod
-    def prompts(model: DeltaModel) -> Prompts:
-        return model.task(SHARED).deltas["dual_prompt"]
-
-    def prepare(self, model: DeltaModel, task: Task) -> None:
-        super().prepare(model, task)
-        self.current = len([n for n in model.tasks if n != SHARED]) - 1  # this task's place in the stream
-        prompts = self.prompts(model)
-        prompts.begin_task(self.current)
-        mine = {"general", *prompts.task_names(self.current)}
-        model.hold(SHARED, [f"deltas.dual_prompt.{n}" for n, _ in prompts.named_parameters() if n not in mine])
+        return (f"dual-prompt gives each task an expert prompt, but it has {tasks} of them (tasks={tasks}) and the "
+                f"stream has {n} tasks; give --method dual_prompt:tasks={n}")
 
     def loss_term(self, model: DeltaModel, task: Task, config: TrainConfig, data: Any):
         if not self.pull_lambda:
             return None
-        prompts = self.prompts(model)
+        prompts = self.delta(model)
         return lambda batch, labels, logits: self.pull_lambda * prompts.pull
-
-    def trainable_parameters(self, model: DeltaModel, task: Task) -> int:
-        prompts = self.prompts(model)
-        mine = {"general", *prompts.task_names(self.current)}
-        return sum(p.numel() for n, p in prompts.named_parameters() if n in mine) + model.task(task.name).head_parameters()
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "pull_lambda": self.pull_lambda}

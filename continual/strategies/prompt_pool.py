@@ -20,37 +20,29 @@ from typing import Any, Sequence
 
 from adapters import DeltaModel
 from adapters.model import MethodSpec
-from adapters.methods.prompt_pool import DECODER_REFUSAL
-from streams import Task, TaskStream
+from streams import Task
 
 from ..training import TrainConfig
 from .base import check_option, finite_at_least
-from .shared_delta import SHARED, _SharedDelta
+from .query_prompts import QueryPrompts
 
 
-class PromptPool(_SharedDelta):
+class PromptPool(QueryPrompts):
     name = "prompt-pool"
     description = "one pool of prompts with learned keys, shared by all tasks; each input selects its prompts (L2P; --method prompt_pool)"
+    method, example = "prompt_pool", "pool_size=10"
     defaults = {"pull_lambda": 0.1}
     data_parallel = False  # the key term is added outside the data-parallel model
 
     def __init__(self, methods: Sequence[MethodSpec] = ("prompt_pool",), pull_lambda: float = 0.1) -> None:
         super().__init__(methods)
-        if [m.method for m in self.methods] != ["prompt_pool"]:
-            raise ValueError(f"prompt-pool trains one prompt pool: its method must be prompt_pool alone (e.g. --method "
-                             f"prompt_pool:pool_size=10), got {[m.method for m in self.methods]}")
         check_option("prompt-pool", "pull_lambda", pull_lambda, finite_at_least(0), "a finite number >= 0")
         self.pull_lambda = float(pull_lambda)
-
-    def check_stream(self, stream: TaskStream, model: DeltaModel, max_length: int | None = None) -> None:
-        super().check_stream(stream, model, max_length)
-        if model.spec.kind == "decoder":
-            raise ValueError(DECODER_REFUSAL.format(method="prompt_pool", backbone=model.backbone_name))
 
     def loss_term(self, model: DeltaModel, task: Task, config: TrainConfig, data: Any):
         if not self.pull_lambda:
             return None
-        pool = model.task(SHARED).deltas["prompt_pool"]
+        pool = self.delta(model)
         return lambda batch, labels, logits: self.pull_lambda * pool.pull
 
     def describe(self) -> dict[str, Any]:
