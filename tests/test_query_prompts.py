@@ -48,6 +48,9 @@ def test_a_generative_stream_on_t5_and_decoders_refused(name, lm_model, word_tok
     assert not (tmp_path / "d").exists()
     with pytest.raises(ConfigError, match="decoder-only backbone"):
         lm_model().add_task("t", [SMALL[name]], generative=True)
+    with pytest.raises(ValueError, match="decoder-only backbone"):  # under any strategy, before anything runs
+        run_stream(stream, lm_model(), make_strategy("per-task", [SMALL[name]]), config, tmp_path / "p")
+    assert not (tmp_path / "p").exists()
 
 
 @pytest.mark.parametrize("name", STRATEGIES)

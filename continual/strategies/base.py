@@ -13,8 +13,9 @@ from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 
-from adapters import DEFAULT_METHOD, CheckpointError, DeltaConfig, DeltaModel, load_delta
+from adapters import DEFAULT_METHOD, CheckpointError, DeltaConfig, DeltaModel, get_method, load_delta
 from adapters.errors import BaseModelMismatch
+from adapters.methods.prompt_pool import DECODER_REFUSAL
 from adapters.model import MethodSpec
 from adapters.spec import method_configs
 from streams import Task, TaskStream
@@ -110,13 +111,18 @@ class Strategy:
         """Refuse, before anything runs, a stream this strategy cannot train on ``model`` (tasks
         without their own length use ``max_length``):
         generative tasks on a backbone without a language-model head or under a strategy that only
-        trains classifiers; tasks that start from a saved delta under one that cannot use it."""
+        trains classifiers; a method that cannot act on a decoder-only backbone on one; tasks that
+        start from a saved delta under one that cannot use it."""
         generative = [t.name for t in stream if t.generative]
         if generative and model.lm_head is None:
             raise ValueError(f"tasks {generative} are generative (text answers), but the backbone {model.backbone_name!r} "
                              "has no language-model head; use a decoder, e.g. --backbone smollm2")
         if generative and not self.generative_tasks:
             raise ValueError(f"strategy {self.name!r} trains classification tasks only; tasks {generative} are generative")
+        if model.spec.kind == "decoder":  # a method that chooses by a query over the input (L2P, CODA-Prompt, ...)
+            for m in self.methods:
+                if not get_method(m.method).capabilities.decoders:
+                    raise ValueError(DECODER_REFUSAL.format(method=m.method, backbone=model.backbone_name))
         named = [t.name for t in stream if t.delta is not None]
         if named and not self.starts_from_deltas:
             raise ValueError(f"tasks {named} start from a saved delta ('delta:' in the stream file), which strategy "

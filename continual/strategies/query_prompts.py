@@ -2,9 +2,9 @@
 
 Each trains one delta of its own method shared by every task (a head per task on top), whose
 prompt each input chooses by its query over the frozen backbone, so no task id is needed at test
-time; decoder-only backbones are refused before anything runs (a training input holds its answer,
-a generated one does not). :class:`TaskSlots` adds what CODA-Prompt and DualPrompt share: the
-delta keeps a part per task (``delta.task_names(t)``), set up when the task starts
+time (decoder-only backbones are refused before anything runs, by :meth:`Strategy.check_stream`,
+as for every method whose ``capabilities.decoders`` is False). :class:`TaskSlots` adds what
+CODA-Prompt and DualPrompt share: the delta keeps a part per task (``delta.task_names(t)``), set up when the task starts
 (``delta.begin_task(t)``) and trained with the parts every task trains (``always``); the other
 tasks' parts are held fixed, and a stream longer than the delta's ``tasks`` is refused.
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import ClassVar, Sequence
 
 from adapters import DeltaModel
-from adapters.methods.prompt_pool import DECODER_REFUSAL
 from adapters.model import MethodSpec
 from streams import Task, TaskStream
 
@@ -30,11 +29,6 @@ class QueryPrompts(_SharedDelta):
         if [m.method for m in self.methods] != [self.method]:
             raise ValueError(f"{self.name} trains one {self.method} shared by every task: its method must be {self.method} "
                              f"alone (e.g. --method {self.method}:{self.example}), got {[m.method for m in self.methods]}")
-
-    def check_stream(self, stream: TaskStream, model: DeltaModel, max_length: int | None = None) -> None:
-        super().check_stream(stream, model, max_length)
-        if model.spec.kind == "decoder":
-            raise ValueError(DECODER_REFUSAL.format(method=self.method, backbone=model.backbone_name))
 
     def delta(self, model: DeltaModel):
         return model.task(SHARED).deltas[self.method]
