@@ -165,6 +165,7 @@ def test_list_and_help(capsys):
     # every strategy that takes options shows them (per-task-fusion's and seq-ft's were missing)
     lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
     assert "temperature=1.0" in lines["per-task-fusion"] and "backbone_lr=5e-05" in lines["seq-ft"]
+    assert "(encoders and T5 only)" in lines["coda_prompt"] and "only" not in lines["lora"]  # capabilities.decoders
     for cmd in ("run", "report", "list"):
         with pytest.raises(SystemExit) as e:
             main([cmd, "--help"])

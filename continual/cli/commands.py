@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from adapters import BACKBONES, DEFAULT_METHOD, DeltaError, DeltaModel, available_methods, make_config
+from adapters import BACKBONES, DEFAULT_METHOD, DeltaError, DeltaModel, available_methods, get_method, make_config
 from adapters.spec import methods_label, parse_combo, parse_options
 from streams import GENERATIVE_STREAMS, SOURCES, STREAMS, builtin_task, load_stream
 
@@ -305,7 +305,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         for m in available_methods():
             try:
                 cfg = make_config(m).to_dict()
-                print(f"  {m:<12} " + ", ".join(f"{k}={v}" for k, v in cfg.items() if k != "method"))
+                where = "" if get_method(m).capabilities.decoders else "   (encoders and T5 only)"
+                print(f"  {m:<12} " + ", ".join(f"{k}={v}" for k, v in cfg.items() if k != "method") + where)
             except DeltaError as e:  # a method with a required option
                 print(f"  {m:<12} ({e})")
     if what in (None, "strategies"):
