@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Sequence
 
-from adapters import DeltaModel
+from adapters import Delta, DeltaModel
 from adapters.model import MethodSpec
 from streams import Task, TaskStream
 
@@ -30,7 +30,8 @@ class QueryPrompts(_SharedDelta):
             raise ValueError(f"{self.name} trains one {self.method} shared by every task: its method must be {self.method} "
                              f"alone (e.g. --method {self.method}:{self.example}), got {[m.method for m in self.methods]}")
 
-    def delta(self, model: DeltaModel):
+    def delta(self, model: DeltaModel) -> Delta:
+        """The shared delta of the strategy's method."""
         return model.task(SHARED).deltas[self.method]
 
 
