@@ -76,8 +76,9 @@ def check_image_path(path: str | Path, option: str) -> None:
     """Refuse a picture path matplotlib cannot write by its suffix (before any table is printed:
     the error came after them), or one with none (matplotlib then writes PATH.png, not PATH)."""
     suffix = Path(path).suffix.lower().lstrip(".")
-    kinds = _pyplot().figure().canvas.get_supported_filetypes()
-    _pyplot().close("all")
+    fig = _pyplot().figure()
+    kinds = fig.canvas.get_supported_filetypes()
+    _pyplot().close(fig)  # only its own: a caller's open figures stay
     if suffix not in kinds:
         raise ValueError(f"{option} {path}: give a picture file name ending in one of "
                          f"{', '.join('.' + k for k in sorted(kinds))} (e.g. heatmap.png)")
