@@ -76,9 +76,10 @@ def _lora_in(model: Any, config: dict[str, Any], tensors: dict[str, torch.Tensor
     lora = _by_module(model, tensors, ("lora_A.weight", "lora_B.weight"))
     alphas = _alphas(config, [k[len(ROOT):-len(".lora_A.weight")] for k in tensors if k.endswith(".lora_A.weight")])
     root = math.sqrt if config.get("use_rslora") else (lambda r: 1.0)  # rsLoRA scales by alpha / sqrt(r)
+    pre = model.backbone.base_model_prefix + "."  # a path is its saved name, or that name less this prefix
     pairs = {}
     for path, t in lora.items():
-        r, alpha = t["lora_A.weight"].shape[0], next(a for m, a in alphas.items() if m == path or m.endswith("." + path))
+        r, alpha = t["lora_A.weight"].shape[0], alphas[path] if path in alphas else alphas[pre + path]
         pairs[path] = (t["lora_A.weight"], t["lora_B.weight"], alpha * root(r))
     configs, state = _as_loras(model, config, pairs)
     if bias:
