@@ -68,9 +68,9 @@ STRATEGIES: dict[str, type[Strategy]] = {
 
 
 def default_methods(name: str) -> tuple[MethodSpec, ...]:
-    """What strategy ``name`` trains without methods given: its own default (o-lora and inflora:
-    lora; prompt-pool: prompt_pool; coda-prompt: coda_prompt; dual-prompt: dual_prompt; progressive-prompts: a 20-token prompt), else the library's;
-    none for a strategy that fine-tunes the backbone."""
+    """What strategy ``name`` trains without methods given: its own default (its constructor's
+    ``methods`` default, e.g. lora for o-lora; ``continual list strategies`` shows each), else the
+    library's; none for a strategy that fine-tunes the backbone."""
     cls = STRATEGIES[name]
     if cls.trains_backbone:
         return ()
@@ -82,10 +82,9 @@ def make_strategy(name: str, methods: Sequence[MethodSpec] | MethodSpec | None =
     """A strategy by name (see ``STRATEGIES``); ``options`` go to its constructor (e.g.
     ``memory_size`` for ``replay``, ``ewc_lambda`` for ``ewc``, ``temperature`` for ``per-task-fusion``).
     ``methods``: a list of method specs (names, ``"lora:rank=4"``, dicts, configs), or one spec
-    (``"lora+bitfit"`` is a combination, as on the command line); None: the strategy's own default
-    (lora for o-lora and inflora, prompt_pool for prompt-pool, coda_prompt for coda-prompt, dual_prompt for dual-prompt, a 20-token prompt for
-    progressive-prompts), else the library's default method, or none for a strategy that
-    fine-tunes the whole backbone (which refuses methods)."""
+    (``"lora+bitfit"`` is a combination, as on the command line); None: :func:`default_methods`
+    (the strategy's own default, else the library's default method, or none for a strategy that
+    fine-tunes the whole backbone, which refuses methods)."""
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; one of: {', '.join(STRATEGIES)}")
     cls = STRATEGIES[name]
