@@ -49,7 +49,6 @@ class CodaPrompt(TaskSlots):
                    "them by learned keys and attention (CODA-Prompt; --method coda_prompt)")
     method, example = "coda_prompt", "pool_size=100,tasks=10"
     defaults = {"ortho_lambda": 0.0}
-    data_parallel = False  # the penalty is added outside the data-parallel model
 
     def __init__(self, methods: Sequence[MethodSpec] = ("coda_prompt",), ortho_lambda: float = 0.0) -> None:
         super().__init__(methods)

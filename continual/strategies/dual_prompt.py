@@ -15,14 +15,10 @@ the head, as for L2P (``prompt-pool``). See the method's docstring for the rest.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
-from adapters import DeltaModel
 from adapters.model import MethodSpec
-from streams import Task
 
-from ..training import TrainConfig
-from .base import check_option, finite_at_least
 from .query_prompts import TaskSlots
 
 
@@ -33,23 +29,11 @@ class DualPrompt(TaskSlots):
     method, example = "dual_prompt", "e_length=5"
     always = frozenset({"general"})  # the G-prompt: every task trains it
     defaults = {"pull_lambda": 1.0}
-    data_parallel = False  # the key term is added outside the data-parallel model
 
     def __init__(self, methods: Sequence[MethodSpec] = ("dual_prompt",), pull_lambda: float = 1.0) -> None:
-        super().__init__(methods)
-        check_option("dual-prompt", "pull_lambda", pull_lambda, finite_at_least(0), "a finite number >= 0")
-        self.pull_lambda = float(pull_lambda)
+        super().__init__(methods, pull_lambda)
 
     def too_long(self, n: int) -> str:
         tasks = self.methods[0].tasks
         return (f"dual-prompt gives each task an expert prompt, but it has {tasks} of them (tasks={tasks}) and the "
                 f"stream has {n} tasks; give --method dual_prompt:tasks={n}")
-
-    def loss_term(self, model: DeltaModel, task: Task, config: TrainConfig, data: Any):
-        if not self.pull_lambda:
-            return None
-        prompts = self.delta(model)
-        return lambda batch, labels, logits: self.pull_lambda * prompts.pull
-
-    def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "pull_lambda": self.pull_lambda}

@@ -16,14 +16,10 @@ setting). See the method's docstring for the rest.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
-from adapters import DeltaModel
 from adapters.model import MethodSpec
-from streams import Task
 
-from ..training import TrainConfig
-from .base import check_option, finite_at_least
 from .query_prompts import QueryPrompts
 
 
@@ -32,18 +28,6 @@ class PromptPool(QueryPrompts):
     description = "one pool of prompts with learned keys, shared by all tasks; each input selects its prompts (L2P; --method prompt_pool)"
     method, example = "prompt_pool", "pool_size=10"
     defaults = {"pull_lambda": 0.1}
-    data_parallel = False  # the key term is added outside the data-parallel model
 
     def __init__(self, methods: Sequence[MethodSpec] = ("prompt_pool",), pull_lambda: float = 0.1) -> None:
-        super().__init__(methods)
-        check_option("prompt-pool", "pull_lambda", pull_lambda, finite_at_least(0), "a finite number >= 0")
-        self.pull_lambda = float(pull_lambda)
-
-    def loss_term(self, model: DeltaModel, task: Task, config: TrainConfig, data: Any):
-        if not self.pull_lambda:
-            return None
-        pool = self.delta(model)
-        return lambda batch, labels, logits: self.pull_lambda * pool.pull
-
-    def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "pull_lambda": self.pull_lambda}
+        super().__init__(methods, pull_lambda)

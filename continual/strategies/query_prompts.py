@@ -11,24 +11,43 @@ tasks' parts are held fixed, and a stream longer than the delta's ``tasks`` is r
 
 from __future__ import annotations
 
-from typing import ClassVar, Sequence
+from typing import Any, ClassVar, Sequence
 
 from adapters import Delta, DeltaModel
 from adapters.model import MethodSpec
 from streams import Task, TaskStream
 
+from ..training import ExtraLoss, TrainConfig
+from .base import check_option, finite_at_least
 from .shared_delta import SHARED, _SharedDelta
 
 
 class QueryPrompts(_SharedDelta):
     method: ClassVar[str]   # the one method it trains
     example: ClassVar[str]  # a setting of it, shown when another method is given
+    data_parallel = False  # its loss term (a key pull, CODA-Prompt's penalty) is added outside the data-parallel model
 
-    def __init__(self, methods: Sequence[MethodSpec]) -> None:
+    def __init__(self, methods: Sequence[MethodSpec], pull_lambda: float | None = None) -> None:
+        """``pull_lambda``: the weight of the key pull the delta records after each forward pass
+        (``delta.pull``: L2P's and DualPrompt's matching term), added to each step's loss; None
+        for a delta without one."""
         super().__init__(methods)
         if [m.method for m in self.methods] != [self.method]:
             raise ValueError(f"{self.name} trains one {self.method} shared by every task: its method must be {self.method} "
                              f"alone (e.g. --method {self.method}:{self.example}), got {[m.method for m in self.methods]}")
+        if pull_lambda is not None:
+            check_option(self.name, "pull_lambda", pull_lambda, finite_at_least(0), "a finite number >= 0")
+        self.pull_lambda = None if pull_lambda is None else float(pull_lambda)
+
+    def loss_term(self, model: DeltaModel, task: Task, config: TrainConfig, data: Any) -> ExtraLoss | None:
+        if not self.pull_lambda:
+            return None
+        delta = self.delta(model)
+        return lambda batch, labels, logits: self.pull_lambda * delta.pull
+
+    def describe(self) -> dict[str, Any]:
+        out = super().describe()
+        return out if self.pull_lambda is None else {**out, "pull_lambda": self.pull_lambda}
 
     def delta(self, model: DeltaModel) -> Delta:
         """The shared delta of the strategy's method."""
@@ -38,8 +57,8 @@ class QueryPrompts(_SharedDelta):
 class TaskSlots(QueryPrompts):
     always: ClassVar[frozenset[str]] = frozenset()  # parameters every task trains (DualPrompt's general prompt)
 
-    def __init__(self, methods: Sequence[MethodSpec]) -> None:
-        super().__init__(methods)
+    def __init__(self, methods: Sequence[MethodSpec], pull_lambda: float | None = None) -> None:
+        super().__init__(methods, pull_lambda)
         self.current = 0  # the task whose part trains (set by prepare; rebuilt on resume)
 
     def too_long(self, n: int) -> str:
