@@ -13,6 +13,11 @@ backbone, whose own delta is zero), are combined by one of these rules (``how``)
 - ``dare``: DARE (Yu et al., ICML 2024, "Language Models are Super Mario"): each task vector's
   entries are dropped with probability ``1 - density`` and the rest rescaled by ``1 / density``
   (seeded), then merged linearly with the weights (default: the average).
+- ``magmax``: MagMax's merge (Marczak et al., ECCV 2024): each entry is taken whole from the task
+  vector that moved it most, ``v[j] = w_i v_i[j]`` with ``i = argmax_i |w_i v_i[j]|`` (a tie goes to
+  the later source, as the paper's sequence favours the newer task). Default weights 0.5: the
+  paper's lambda, which scales the selected vector, as the authors' released scripts set it. The
+  ``magmax`` strategy (:mod:`continual.strategies.magmax`) applies it along a stream.
 - ``cat``: the exact weighted sum of the deltas' *functions*, where a method has one form for it
   (:meth:`adapters.base.Delta.summed_config`): LoRA's ``sum_i w_i s_i B_i A_i`` is one LoRA of the
   summed rank, B and A concatenated (HuggingFace PEFT's "cat"). Averaging LoRA's A and B apart
@@ -59,7 +64,7 @@ def merge_tasks(
     head_from: str | None = None,
 ) -> TaskDelta:
     """Add task ``name`` whose delta merges the sources' deltas by rule ``how`` (``linear``,
-    ``ties``, ``dare`` or ``cat``, module docstring). ``density``: the fraction of each task
+    ``ties``, ``dare``, ``magmax`` or ``cat``, module docstring). ``density``: the fraction of each task
     vector TIES keeps (default 0.2) or DARE keeps in expectation (default 0.5); ``seed``: DARE's
     draw.
 
@@ -72,7 +77,7 @@ def merge_tasks(
         raise ConfigError("merge_tasks needs at least one source task")
     combine = merge_rule(how, density, seed)
     tasks = [model.task(s) for s in sources]
-    default = 1.0 if how == "ties" else 1.0 / len(tasks)
+    default = {"ties": 1.0, "magmax": MAGMAX_SCALE}.get(how, 1.0 / len(tasks))
     w = [default] * len(tasks) if weights is None else [float(x) for x in weights]
     if len(w) != len(tasks):
         raise ConfigError(f"{len(w)} weights for {len(tasks)} sources")
@@ -157,7 +162,8 @@ def _merge_vectors(merged: TaskDelta, states: list[dict[str, torch.Tensor]], com
     merged.deltas.load_state_dict(mine)
 
 
-MERGES = {"linear": None, "ties": 0.2, "dare": 0.5, "cat": None}  # each rule's default density (None: none)
+MERGES = {"linear": None, "ties": 0.2, "dare": 0.5, "magmax": None, "cat": None}  # each rule's default density (None: none)
+MAGMAX_SCALE = 0.5  # MagMax's lambda: the authors' released scripts merge with 0.5
 
 
 def merge_rule(how: str, density: float | None = None, seed: int = 0):
@@ -168,7 +174,7 @@ def merge_rule(how: str, density: float | None = None, seed: int = 0):
     if MERGES[how] is None:
         if density is not None:
             raise ConfigError(f"a {how} merge has no density (ties and dare do)")
-        return linear_merge  # cat: the weights are used by each method's load_sum
+        return magmax_merge if how == "magmax" else linear_merge  # cat: the weights are used by each method's load_sum
     density = MERGES[how] if density is None else density
     if not (isinstance(density, (int, float)) and 0.0 < density <= 1.0):  # NaN fails here too
         raise ConfigError(f"density must be in (0, 1], got {density!r}")
@@ -197,6 +203,16 @@ def ties_merge(vectors: torch.Tensor, weights: torch.Tensor, density: float) -> 
     sign = torch.sign(trimmed.sum(0))
     agree = (torch.sign(trimmed) == sign) & (trimmed != 0)
     return (trimmed * agree).sum(0) / agree.sum(0).clamp(min=1)
+
+
+def magmax_merge(vectors: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """MagMax (Marczak et al. 2024): each entry of the result is the entry of largest magnitude
+    among the rows of ``vectors`` (any shape ``(n, ...)``), each row scaled by its weight first; a tie
+    goes to the later row."""
+    scaled = vectors * weights.to(vectors.dtype).reshape(-1, *([1] * (vectors.dim() - 1)))
+    # argmax returns the first of equal maxima: searched in reverse, the last row wins a tie
+    last = scaled.shape[0] - 1 - scaled.abs().flip(0).argmax(0, keepdim=True)
+    return scaled.gather(0, last).squeeze(0)
 
 
 def dare_merge(vectors: torch.Tensor, weights: torch.Tensor, density: float, seed: int) -> torch.Tensor:

@@ -18,7 +18,7 @@ from test_fusion import _randomise
 from adapters import ConfigError, DeltaModel
 from continual.cli import main
 from fusion import merge_tasks
-from fusion.merge import dare_merge, linear_merge, ties_merge
+from fusion.merge import dare_merge, linear_merge, magmax_merge, ties_merge
 
 
 def test_ties_by_hand():
@@ -97,6 +97,9 @@ def test_merge_tasks_wires_the_rules_over_the_concatenated_delta():
         merged = merge_tasks(model, how, ["a", "b"], how=how, density=0.3, seed=5, head_from="a")
         got = torch.cat([p.detach().flatten() for _, p in merged.deltas.named_parameters()])
         torch.testing.assert_close(got, rule(vectors))
+    merged = merge_tasks(model, "magmax", ["a", "b"], how="magmax", head_from="a")  # default weights: MagMax's 0.5
+    got = torch.cat([p.detach().flatten() for _, p in merged.deltas.named_parameters()])
+    torch.testing.assert_close(got, magmax_merge(vectors, torch.full((2,), 0.5)))
 
 
 def test_cat_is_the_exact_sum_of_loras_as_if_both_acted_at_once():
@@ -132,7 +135,7 @@ def test_cat_refuses_methods_without_a_summed_form_and_ranks_above_a_layers_widt
 
 @pytest.mark.parametrize("how, density, seed, match", [
     ("mean", None, 0, "unknown merge"), ("ties", 0.0, 0, "density"), ("ties", 1.5, 0, "density"),
-    ("dare", math.nan, 0, "density"), ("linear", 0.5, 0, "no density"), ("dare", 0.5, 1.5, "seed"),
+    ("dare", math.nan, 0, "density"), ("linear", 0.5, 0, "no density"), ("magmax", 0.5, 0, "no density"), ("dare", 0.5, 1.5, "seed"),
 ])
 def test_bad_merge_settings_are_refused_before_the_task_is_added(how, density, seed, match):
     model = _two_tasks()

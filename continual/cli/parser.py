@@ -227,15 +227,17 @@ def _transfer(sub: argparse._SubParsersAction) -> None:
 def _merge(sub: argparse._SubParsersAction) -> None:
     me = sub.add_parser("merge", help="merge a finished run's task deltas into one and score every task with it",
                         description="Merge every task's delta of a finished per-task run into one (linear: the "
-                        "average; ties: TIES-Merging; dare: DARE drop-and-rescale, then the average; cat: LoRAs' exact "
+                        "average; ties: TIES-Merging; dare: DARE drop-and-rescale, then the average; magmax: each parameter "
+                        "from the task that moved it most, times 0.5 (MagMax); cat: LoRAs' exact "
                         "average update, their ranks concatenated) and score each "
                         "task's test set with it beside the task's own delta. A classifier keeps its own head; a "
                         "generative stream's merged delta answers every task with no task id. Writes merge.csv/.md/"
                         ".png into the run directory and logs them to its MLflow run.",
                         formatter_class=Formatter)
     _finished_run(me)
-    me.add_argument("--how", action="append", choices=["linear", "ties", "dare", "cat"],
-                    help="merge rule(s) to score (default: linear, ties, dare, and cat for LoRAs)%(default).0s")
+    me.add_argument("--how", action="append", choices=["linear", "ties", "dare", "magmax", "cat"],
+                    help="merge rule(s) to score (default: linear, ties, dare, and cat for LoRAs; magmax when "
+                    "asked)%(default).0s")
     me.add_argument("--density", type=float, default=None,
                     help="fraction of each task vector ties keeps / dare keeps in expectation, in (0, 1] "
                     "(default: 0.2 for ties, the TIES paper's; 0.5 for dare)%(default).0s")

@@ -13,6 +13,8 @@
     mas.py           ``mas``: the shared delta, anchored by its outputs' sensitivity to each parameter (Memory Aware Synapses)
     si.py            ``si``: the shared delta, anchored by each parameter's part in the loss's drop along the path (Synaptic Intelligence)
     lwf.py           ``lwf``: the shared delta, distilled from its previous values (Learning without Forgetting)
+    magmax.py        ``magmax``: the shared delta fine-tuned in turn, answering as the merge of each
+                     parameter's largest move over the tasks (MagMax)
     progressive.py   ``progressive-prompts``: a new soft prompt per task, in front of the earlier tasks' frozen ones
     o_lora.py        ``o-lora``: a new LoRA per task, orthogonal to the earlier ones; all LoRAs act at once
     inflora.py       ``inflora``: a new LoRA per task designed outside the earlier tasks' input subspace
@@ -56,13 +58,14 @@ from .coda_prompt import CodaPrompt
 from .dual_prompt import DualPrompt
 from .ewc import EWC
 from .lwf import LwF
+from .magmax import MagMax
 from .mas import MAS
 from .si import SI
 from .replay import Replay
 from .shared_delta import SHARED, Joint, SequentialDelta
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    s.name: s for s in (PerTaskDelta, ContinualFusion, SequentialDelta, Replay, AGEM, GEM, OGD, DER, EWC, MAS, SI, LwF, ProgressivePrompts, OLoRA, InfLoRA, PromptPool, CodaPrompt, DualPrompt,
+    s.name: s for s in (PerTaskDelta, ContinualFusion, SequentialDelta, Replay, AGEM, GEM, OGD, DER, EWC, MAS, SI, LwF, MagMax, ProgressivePrompts, OLoRA, InfLoRA, PromptPool, CodaPrompt, DualPrompt,
                         SequentialFineTune, Joint, *AVALANCHE_STRATEGIES)
 }
 
@@ -102,5 +105,5 @@ def make_strategy(name: str, methods: Sequence[MethodSpec] | MethodSpec | None =
     return cls(**options) if cls.trains_backbone else cls(methods, **options)
 
 
-__all__ = ["AGEM", "CodaPrompt", "DER", "DualPrompt", "EWC", "GEM", "InfLoRA", "OGD", "LwF", "MAS", "OLoRA", "PromptPool", "ProgressivePrompts", "Replay", "SHARED", "SI", "STRATEGIES", "ContinualFusion", "Joint", "PerTaskDelta", "SequentialDelta", "SequentialFineTune",
+__all__ = ["AGEM", "CodaPrompt", "DER", "DualPrompt", "EWC", "GEM", "InfLoRA", "OGD", "LwF", "MagMax", "MAS", "OLoRA", "PromptPool", "ProgressivePrompts", "Replay", "SHARED", "SI", "STRATEGIES", "ContinualFusion", "Joint", "PerTaskDelta", "SequentialDelta", "SequentialFineTune",
            "Strategy", "TaskData", "default_methods", "make_strategy"]

@@ -1,0 +1,95 @@
+"""``magmax``: one delta fine-tuned on each task in turn, answered as the merge of its largest moves.
+
+MagMax, Marczak, Twardowski, Trzciński & Cygert, "MagMax: Leveraging Model Merging for Seamless
+Continual Learning" (ECCV 2024). Training is plain sequential fine-tuning: task t starts where
+task t−1 ended and ends at θ_t. Its task vector is τ_t = θ_t − θ_0 (θ_0: the values before the
+first task), and the model that answers after task t is
+
+    θ_0 + λ · MaxMag(τ_1, …, τ_t),   MaxMag(τ_1, …, τ_t)[j] = τ_i[j] with i = argmax_i |τ_i[j]|,
+
+each parameter taken from the task vector that moved it furthest (:func:`fusion.merge.magmax_merge`;
+a tie goes to the later task). The chain of fine-tuning never sees the merge: task t+1 starts from
+θ_t. Because each τ_t of a chain holds the earlier tasks' moves too, the paper argues the largest
+move keeps what the tasks learned in common and what each learned alone. MaxMag is associative, so
+the strategy keeps the running merge, θ_0 and the chain's θ_t (three copies of the delta), not
+every τ; all three are part of the run's saved state, and the delta's own values (what checkpoints
+export and every score uses) are the merge.
+
+Here θ is the shared delta (the backbone is frozen; ``seq-delta`` is the same chain without the
+merge) and each task keeps its own head, trained with θ_t. ``scale`` is λ, 0.5 by default: the
+value the authors' released scripts merge with (the paper selects it on held-out data).
+
+How we depart from the paper: it merges fully fine-tuned CLIP image encoders under frozen
+zero-shot text heads; ours merges a delta under heads trained against the chain's θ_t, so a head
+answers with a smaller move than it was trained with (λ < 1) — an effect ``scale`` trades off. A
+delta's randomly initialised parts (LoRA's A, an adapter's down-projection) count their move from
+their initial values, as the paper's τ counts every weight's move from the pre-trained one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from adapters import DEFAULT_METHOD, DeltaModel
+from adapters.model import MethodSpec
+from fusion.merge import MAGMAX_SCALE, magmax_merge
+
+from .base import check_option
+from .shared_delta import _SharedDelta
+
+PARTS = ("init", "chain", "merged")  # θ_0, the chain's θ_t, MaxMag(τ_1..τ_t): the saved state's keys
+
+
+class MagMax(_SharedDelta):
+    name = "magmax"
+    description = ("one shared delta fine-tuned on each task in turn; it answers as the merge taking each parameter "
+                   "from the task that moved it most, scaled (MagMax)")
+    defaults = {"scale": MAGMAX_SCALE}
+
+    def __init__(self, methods: Sequence[MethodSpec] = (DEFAULT_METHOD,), scale: float = MAGMAX_SCALE) -> None:
+        super().__init__(methods)
+        check_option("magmax", "scale", scale, lambda v: 0 < v < float("inf"), "a finite number > 0")
+        self.scale = float(scale)
+        self.init: dict[str, torch.Tensor] = {}
+        self.chain: dict[str, torch.Tensor] = {}
+        self.merged: dict[str, torch.Tensor] = {}  # MaxMag of the task vectors so far (unscaled)
+
+    def train(self, model, tasks, config, data, callback):
+        shared = self.shared_params(model)
+        with torch.no_grad():
+            if not self.init:  # before the first task: θ_0
+                self.init = {k: p.detach().float().clone() for k, p in shared.items()}
+            else:  # the chain goes on from θ_{t-1}, not from the merge the last scores used
+                for k, p in shared.items():
+                    p.copy_(self.chain[k].to(p.dtype))
+        result = super().train(model, tasks, config, data, callback)
+        self.merge(shared)
+        return result
+
+    def merge(self, shared: dict[str, torch.nn.Parameter]) -> None:
+        """Take the delta's trained values as the chain's θ_t, add τ_t to the running MaxMag, and
+        put θ_0 + λ · MaxMag into the delta."""
+        with torch.no_grad():
+            self.chain = {k: p.detach().float().clone() for k, p in shared.items()}
+            for k, p in shared.items():
+                tau = self.chain[k] - self.init[k]
+                before = self.merged.get(k)
+                self.merged[k] = tau if before is None else magmax_merge(torch.stack([before, tau]), torch.ones(2))
+                p.copy_((self.init[k] + self.scale * self.merged[k]).to(p.dtype))
+
+    def state(self, model: DeltaModel) -> dict[str, torch.Tensor]:
+        out = super().state(model)
+        for part in PARTS:
+            out.update({f"magmax.{part}.{k}": v for k, v in getattr(self, part).items()})
+        return out
+
+    def load_state(self, model: DeltaModel, state: dict[str, torch.Tensor]) -> None:
+        super().load_state(model, state)
+        for part in PARTS:
+            prefix = f"magmax.{part}."
+            setattr(self, part, {k[len(prefix):]: v.to(model.device) for k, v in state.items() if k.startswith(prefix)})
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "scale": self.scale}
