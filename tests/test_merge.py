@@ -187,6 +187,8 @@ def test_a_one_task_run_merged_by_any_rule_at_density_one_scores_as_its_own_delt
     capsys.readouterr()
     assert list(scores()) == ["own delta", "linear", "ties", "dare", "cat"]
     assert scores()["linear"] == scores()["cat"] == scores()["own delta"]
+    assert main(["merge", str(out), "--how", "magmax"]) == 0  # asked for: said with its scale
+    assert "magmax: scale=0.5" in capsys.readouterr().out and list(scores()) == ["own delta", "magmax"]
 
 
 def test_merge_refusals_come_before_the_backbone_loads(toy_yaml, tiny_backbone_dir, tmp_path, capsys, monkeypatch):

@@ -23,7 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from adapters import get_method
-from fusion.merge import MERGES, merge_rule, merge_tasks
+from fusion.merge import MAGMAX_SCALE, MERGES, merge_rule, merge_tasks
 
 from ..plots import metric_bars
 from ..tracking import compare_metric, log_nested_run
@@ -94,6 +94,8 @@ def merge_run(run_dir: str | Path, rules: Sequence[str] | None = None, density: 
         rules = ["linear", "ties", "dare"] + (["cat"] if summed else [])
     settings = {r: {} if MERGES[r] is None else {"density": MERGES[r] if density is None else density,
                                                   **({"seed": seed} if r == "dare" else {})} for r in rules}
+    if "magmax" in settings:  # its weights scale the chosen entries: said, as a density is
+        settings["magmax"] = {"scale": MAGMAX_SCALE}
     scores: dict[str, list[float]] = {OWN: [], **{r: [] for r in rules}}
     # the merged delta's name, one no stream task has (a task may well be called "merged0")
     merged = next(n for n in (f"merged{i}" for i in range(len(names) + 1)) if n not in model.tasks)
