@@ -81,6 +81,35 @@ def test_generative_tasks_keep_the_largest_answer_logits(lm_model, tmp_path, mon
     assert not np.isnan(res.matrix.R[-1]).any()
 
 
+def test_a_generative_memory_batch_runs_the_lm_head_at_its_answer_positions_alone(lm_model, tmp_path):
+    """The memory loss of a generative task (replay's, A-GEM's, GEM's, DER's) asks the model for the
+    answer positions' logits only, as a training step does, and equals the cross-entropy over the
+    whole logits; DER's term for the task that just ended is still zero along that path."""
+    from continual.training import collate_rows, token_loss
+
+    stream = TaskStream("toy-gen", toy_generative_stream().tasks[:2])
+    model = lm_model()
+    der = make_strategy("der", LORA, memory_size=20, beta=0.0)
+    run_stream(stream, model, der, GEN, tmp_path / "g")
+    data = TokenisedTasks(model.tokenizer, GEN.max_length, 32)
+    task = stream[1]
+    picks = [(task, int(i)) for i in der.memory[task.name]]
+    asked = []
+    real_forward = model.forward
+    model.forward = lambda *a, **kw: (asked.append(kw.get("logit_positions")), real_forward(*a, **kw))[-1]
+    model.eval()
+    with torch.no_grad():
+        ce = der.memory_loss(model, data, picks).item()
+        dark = der.memory_loss(model, data, picks, der.dark_loss).item()
+    del model.forward
+    assert len(asked) == 2 and all(a is not None and 0 < int(a.sum()) < a.numel() for a in asked)
+    batch = {k: v.to(model.device) for k, v in collate_rows(data(task)["train"], [i for _, i in picks], model.tokenizer).items()}
+    labels = batch.pop("labels")
+    with torch.no_grad(), model.acting(*der.active(task.name)):
+        whole = token_loss(model(**batch), labels).item()
+    assert ce == pytest.approx(whole, rel=1e-5) and dark == pytest.approx(0.0, abs=1e-8)
+
+
 def test_bad_options_are_refused():
     for key, bad in (("alpha", -0.1), ("beta", float("nan")), ("alpha", float("inf")), ("beta", "1")):
         with pytest.raises(ValueError, match=f"der: {key} must be a finite number >= 0"):

@@ -72,7 +72,8 @@ class Replay(_SharedDelta):
                     loss: Callable[[Task, list[int], torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """Mean loss of a memory batch: each earlier task's rows through the shared delta and that
         task's own head, weighted by their share of the batch. ``loss(task, rows, outputs, labels)``
-        replaces the cross-entropy (a subclass's own memory loss, e.g. DER's logit matching)."""
+        replaces the cross-entropy (a subclass's own memory loss, e.g. DER's logit matching); for a
+        generative task it gets the (N, V) logits at the answer's N positions and their N labels."""
         total = torch.zeros((), dtype=torch.float32, device=model.device)
         for old in dict.fromkeys(t.name for t, _ in picks):
             t = next(t for t, _ in picks if t.name == old)
@@ -80,6 +81,9 @@ class Replay(_SharedDelta):
             mem = collate_rows(data(t)["train"], rows, model.tokenizer)
             mem = {k: v.to(model.device) for k, v in mem.items()}
             mem_labels = mem.pop("labels")
+            if mem_labels.dim() > 1:  # a generative task's: the LM head at its answer's positions alone, as in a step
+                mem["logit_positions"] = mem_labels != -100
+                mem_labels = mem_labels[mem["logit_positions"]]
             with model.acting(*self.active(old)):
                 out = model(**mem)
                 term = token_loss(out, mem_labels) if loss is None else loss(t, rows, out, mem_labels)
