@@ -89,6 +89,21 @@ def test_kill_and_resume_equal_the_uninterrupted_run(name, text_model, tmp_path)
     assert not np.isnan(np.diag(full.matrix.A)).any() and not np.isnan(full.matrix.A[-1]).any()
 
 
+@pytest.mark.parametrize("name, passes", [("ewc", 2), ("mas", 2), ("si", 3)])
+def test_the_importance_pass_after_the_streams_last_task_is_skipped(name, passes, text_model, tmp_path, monkeypatch):
+    """EWC's and MAS's importance costs a pass over data that no task after the last would use;
+    SI's is read from training and is kept for every task."""
+    from continual.strategies.ewc import EWC
+
+    strategy, calls = make_strategy(name, LORA, **OPTIONS[name]), []
+    real = type(strategy).task_importance
+    monkeypatch.setattr(type(strategy), "task_importance", lambda self, model, task, *a: (calls.append(task.name),
+                                                                                          real(self, model, task, *a))[-1])
+    assert isinstance(strategy, EWC)
+    run_stream(toy_stream(), text_model(), strategy, TrainConfig(**{**FAST, "max_steps": 10, "eval_every": 5}), tmp_path / "r")
+    assert calls == ["a", "b", "c"][:passes] and strategy.anchor  # the anchor is the last task's either way
+
+
 def test_replay_restores_its_memory_exactly_on_resume(text_model, tmp_path):
     from safetensors.torch import load_file
 

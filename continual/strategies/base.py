@@ -101,6 +101,8 @@ class Strategy:
     # True where reports() runs the model (rank 0 alone calls it: with a sharded backbone every
     # forward pass needs all processes, so such a strategy cannot shard it)
     reports_run_model: ClassVar[bool] = False
+    #: the stream's last task (set by :meth:`check_stream`, which a run calls first; None before)
+    final: str | None = None
 
     def __init__(self, methods: Sequence[MethodSpec] = (DEFAULT_METHOD,)) -> None:
         # typed at the edge: a method name or dict becomes its validated config here
@@ -123,6 +125,7 @@ class Strategy:
             for m in self.methods:
                 if not get_method(m.method).capabilities.decoders:
                     raise ValueError(DECODER_REFUSAL.format(method=m.method, backbone=model.backbone_name))
+        self.final = stream[len(stream) - 1].name if len(stream) else None
         named = [t.name for t in stream if t.delta is not None]
         if named and not self.starts_from_deltas:
             raise ValueError(f"tasks {named} start from a saved delta ('delta:' in the stream file), which strategy "
@@ -133,6 +136,11 @@ class Strategy:
         """Training steps: the task indices trained together at each step. One row of the
         accuracy matrix is filled after each step (the row of its last task)."""
         return [[i] for i in range(num_tasks)]
+
+    def ends_stream(self, tasks: Sequence[Task]) -> bool:
+        """True when a training step of ``tasks`` is the stream's last: what a strategy keeps only
+        for later tasks (EWC's Fisher, OGD's directions) need not be computed after it."""
+        return self.final is not None and tasks[-1].name == self.final
 
     def prepare(self, model: DeltaModel, task: Task) -> None:
         """Add the task's untrained parameters (the caller seeds the RNG first)."""

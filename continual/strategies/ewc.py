@@ -71,6 +71,9 @@ class EWC(_SharedDelta):
     description = "one shared delta; online EWC: a Fisher-weighted pull of its parameters toward their last anchor"
     defaults = {"ewc_lambda": 1000.0, "fisher_samples": 64}
     data_parallel = False  # the penalty is added outside the data-parallel model
+    # the importance costs a pass over data after each task: skipped after the stream's last,
+    # whose importance no later task would use (SI's is read from training, so it is kept)
+    importance_pass = True
 
     def __init__(self, methods: Sequence[MethodSpec] = (DEFAULT_METHOD,), ewc_lambda: float = 1000.0,
                  fisher_samples: int = 64) -> None:
@@ -89,7 +92,7 @@ class EWC(_SharedDelta):
 
     def train(self, model, tasks, config, data, callback):
         result = super().train(model, tasks, config, data, callback)
-        for t in tasks:
+        for t in [] if self.importance_pass and self.ends_stream(tasks) else tasks:
             fisher = self.task_importance(model, t, data(t)["train"], config)
             self.fisher = {k: self.fisher.get(k, 0) + v for k, v in fisher.items()}
         self.anchor = {k: p.detach().float().clone() for k, p in self.shared_params(model).items()}

@@ -114,6 +114,8 @@ class OGD(_SharedDelta):
 
     def train(self, model, tasks, config, data, callback):
         result = super().train(model, tasks, config, data, callback)
+        if self.ends_stream(tasks):  # no later step is projected off this task's directions
+            return result
         params = list(self.shared_params(model).values())
         basis = self.basis if len(self.basis) else torch.zeros(0, sum(p.numel() for p in params))
         basis, added = basis.to(model.device, torch.float64), []  # grown in float64, kept in float32

@@ -47,6 +47,7 @@ class SI(EWC):
     description = ("one shared delta; Synaptic Intelligence: parameters pulled toward their last anchor, weighted by "
                    "their part in each task's loss drop along its training path")
     defaults = {"si_lambda": 1.0, "xi": 1e-3}
+    importance_pass = False  # read from training's own gradients: computed after every task
 
     def __init__(self, methods: Sequence[MethodSpec] = (DEFAULT_METHOD,), si_lambda: float = 1.0, xi: float = 1e-3) -> None:
         check_option("si", "si_lambda", si_lambda, finite_at_least(0), "a finite number >= 0")
