@@ -15,7 +15,7 @@ backbone, whose own delta is zero), are combined by one of these rules (``how``)
   (seeded), then merged linearly with the weights (default: the average).
 - ``magmax``: MagMax's merge (Marczak et al., ECCV 2024): each entry is taken whole from the task
   vector that moved it most, ``v[j] = w_i v_i[j]`` with ``i = argmax_i |w_i v_i[j]|`` (a tie goes to
-  the later source, as the paper's sequence favours the newer task). Default weights 0.5: the
+  the later source, as the authors' released code breaks it). Default weights 0.5: the
   paper's lambda, which scales the selected vector, as the authors' released scripts set it. The
   ``magmax`` strategy (:mod:`continual.strategies.magmax`) applies it along a stream.
 - ``cat``: the exact weighted sum of the deltas' *functions*, where a method has one form for it
@@ -209,7 +209,7 @@ def magmax_merge(vectors: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """MagMax (Marczak et al. 2024): each entry of the result is the entry of largest magnitude
     among the rows of ``vectors`` (any shape ``(n, ...)``), each row scaled by its weight first; a tie
     goes to the later row."""
-    scaled = vectors * weights.to(vectors.dtype).reshape(-1, *([1] * (vectors.dim() - 1)))
+    scaled = vectors * weights.to(vectors.device, vectors.dtype).reshape(-1, *([1] * (vectors.dim() - 1)))
     # argmax returns the first of equal maxima: searched in reverse, the last row wins a tie
     last = scaled.shape[0] - 1 - scaled.abs().flip(0).argmax(0, keepdim=True)
     return scaled.gather(0, last).squeeze(0)

@@ -21,6 +21,8 @@ def test_the_rule_takes_each_entry_from_the_row_that_moved_it_most():
     # weights scale the rows before the choice: row 0 at 0.1 loses entry 0 (0.3 against -2 and 2, a
     # tie the last row wins), and row 2 at 2 ties row 1 in entry 2 and wins it
     torch.testing.assert_close(magmax_merge(v, torch.tensor([0.1, 1.0, 2.0])), torch.tensor([2.0, -4.0, 0.5, 0.0]))
+    # weights on the CPU with vectors elsewhere (a GPU run's delta; the meta device stands in here)
+    assert magmax_merge(torch.zeros(2, 3, device="meta"), torch.ones(2)).device.type == "meta"
     # any shape after the first dimension
     m = torch.randn(3, 2, 5, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(magmax_merge(m, torch.ones(3)).flatten(), magmax_merge(m.reshape(3, -1), torch.ones(3)))

@@ -9,8 +9,9 @@ first task), and the model that answers after task t is
 
 each parameter taken from the task vector that moved it furthest (:func:`fusion.merge.magmax_merge`;
 a tie goes to the later task). The chain of fine-tuning never sees the merge: task t+1 starts from
-θ_t. Because each τ_t of a chain holds the earlier tasks' moves too, the paper argues the largest
-move keeps what the tasks learned in common and what each learned alone. MaxMag is associative, so
+θ_t. The paper's argument: along a chain each τ_t already carries the earlier tasks' moves, so
+the vectors agree in direction, and the entry that moved most holds the most important change of
+some task; averaging would shrink it. MaxMag is associative, so
 the strategy keeps the running merge, θ_0 and the chain's θ_t (three copies of the delta), not
 every τ; all three are part of the run's saved state, and the delta's own values (what checkpoints
 export and every score uses) are the merge.
