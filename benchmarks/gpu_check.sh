@@ -3,16 +3,16 @@
 # the weights and data packages: run `python3 benchmarks/gpu_pack.py` first (it writes .gpu/, which
 # must travel with the checkout), then there:
 #
-#   bash benchmarks/gpu_check.sh OUT [PART ...]     # PART: decode, loop-minilm, loop-smollm2 (default: all)
+#   bash benchmarks/gpu_check.sh OUT [PART ...]     # PART: strategies, decode, loop-minilm, loop-smollm2 (default: all)
 #
 # Each part has its own time limit, so one that hangs or fails leaves the others their time; logs
 # and JSON land in OUT. Seen on an H200 (benchmarks/results/h200-gpu-check.md): decode ~140 s,
-# loop-minilm ~220 s; loop-smollm2 needs more than 125 s to compile each task, so it gets a
+# loop-minilm ~220 s (strategies: about 4 minutes on this project's 2-core CPU, not yet run on a GPU); loop-smollm2 needs more than 125 s to compile each task, so it gets a
 # call of its own.
 set -u
 out=${1:-gpu-check}
 shift || true
-parts=${*:-decode loop-minilm loop-smollm2}
+parts=${*:-strategies decode loop-minilm loop-smollm2}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/wheels/*.whl \
@@ -28,6 +28,8 @@ part() {  # part NAME SECONDS COMMAND...: run with a limit, log to OUT/NAME.log
     echo "== $name: exit $? after $((SECONDS - start)) s"
 }
 
+# every strategy a few steps on the GPU: do the tensors each builds on its own follow the model there?
+part strategies 300 python3 benchmarks/strategies_device.py --stream .gpu/streams/default/default.yaml --backbone .gpu/minilm
 # decoding: ours against HF generate + PEFT, one LoRA and mixed 8 / 64, bf16 and fp32 (random
 # SmolLM2 weights: the same shapes, so the same work)
 part decode 200 python3 benchmarks/decode_speed.py --backbone .gpu/smollm2 --random-init --prompts .gpu/prompts.json \
