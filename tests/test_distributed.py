@@ -111,8 +111,8 @@ def assert_same_run(one: Path, two: Path) -> None:
 
 
 @pytest.mark.parametrize("strategy,sharded", [("per-task", False), pytest.param("joint", False, marks=pytest.mark.slow),
-                                              ("per-task", True)],
-                         ids=["per-task", "joint", "per-task-sharded-backbone"])
+                                              pytest.param("magmax", False, marks=pytest.mark.slow), ("per-task", True)],
+                         ids=["per-task", "joint", "magmax", "per-task-sharded-backbone"])
 def test_two_processes_give_the_one_process_matrix(toy_yaml, tiny_backbone_dir, tmp_path, strategy, sharded):  # noqa: F811
     """``sharded``: the backbone's blocks sharded across the 2 processes (FSDP2), deltas under DDP."""
     extra = ["--strategy", strategy]
