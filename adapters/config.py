@@ -47,6 +47,12 @@ class DeltaConfig:
     def validate(self) -> None:
         """Check value ranges; subclasses override and raise :class:`ConfigError`."""
 
+    def require_positive(self, *keys: str) -> None:
+        """Refuse any of the integer fields ``keys`` below 1 (a size, a count), naming it."""
+        for key in keys:
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form, including the method name."""
         out: dict[str, Any] = {"method": self.method}

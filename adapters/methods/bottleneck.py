@@ -31,8 +31,7 @@ class BottleneckConfig(LayerwiseConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.bottleneck_dim < 1:
-            raise ConfigError(f"bottleneck_dim must be >= 1, got {self.bottleneck_dim}")
+        self.require_positive("bottleneck_dim")
         if self.reduction_factor is not None and self.reduction_factor <= 0:
             raise ConfigError(f"reduction_factor must be > 0, got {self.reduction_factor}")
 

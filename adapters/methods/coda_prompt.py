@@ -55,9 +55,7 @@ class CodaPromptConfig(DeltaConfig):
     tasks: int = 10
 
     def validate(self) -> None:
-        for key in ("pool_size", "prompt_length", "tasks"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+        self.require_positive("pool_size", "prompt_length", "tasks")
         if self.pool_size % self.tasks:
             raise ConfigError(f"pool_size ({self.pool_size}) must be a multiple of tasks ({self.tasks}): each task gets "
                               "pool_size / tasks components")

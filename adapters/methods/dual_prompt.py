@@ -50,9 +50,7 @@ class DualPromptConfig(DeltaConfig):
     init: Literal["vocab", "random"] = "vocab"
 
     def validate(self) -> None:
-        for key in ("g_length", "e_length", "tasks"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+        self.require_positive("g_length", "e_length", "tasks")
 
 
 @register

@@ -30,8 +30,7 @@ class LoRAConfig(LayerwiseConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.rank < 1:
-            raise ConfigError(f"rank must be >= 1, got {self.rank}")
+        self.require_positive("rank")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.alpha == 0:  # the update is scaled by alpha / rank: a LoRA that trains and changes nothing

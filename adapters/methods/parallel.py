@@ -29,8 +29,7 @@ class ParallelConfig(LayerwiseConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.bottleneck_dim < 1:
-            raise ConfigError(f"bottleneck_dim must be >= 1, got {self.bottleneck_dim}")
+        self.require_positive("bottleneck_dim")
         if self.scaling == 0:  # the adapter's output is multiplied by it: it would train and add nothing
             raise ConfigError("scaling 0 multiplies the parallel adapter's output by zero (it would train, and "
                               "change nothing); the paper's best variant uses 4, the default")

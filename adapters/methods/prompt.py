@@ -15,7 +15,6 @@ from torch import nn
 
 from ..base import Capabilities, Delta
 from ..config import DeltaConfig
-from ..errors import ConfigError
 from ..registry import register
 
 
@@ -27,8 +26,7 @@ class PromptConfig(DeltaConfig):
     init: Literal["vocab", "random"] = "vocab"
 
     def validate(self) -> None:
-        if self.num_tokens < 1:
-            raise ConfigError(f"num_tokens must be >= 1, got {self.num_tokens}")
+        self.require_positive("num_tokens")
 
 
 @register

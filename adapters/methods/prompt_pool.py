@@ -49,9 +49,7 @@ class PromptPoolConfig(DeltaConfig):
     init: Literal["vocab", "random"] = "vocab"
 
     def validate(self) -> None:
-        for key in ("pool_size", "prompt_length", "top_k"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+        self.require_positive("pool_size", "prompt_length", "top_k")
         if self.top_k > self.pool_size:
             raise ConfigError(f"top_k ({self.top_k}) cannot exceed pool_size ({self.pool_size})")
 

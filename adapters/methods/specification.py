@@ -28,8 +28,7 @@ class LastLayerConfig(DeltaConfig):
     params: tuple[str, ...] = ("weight", "bias")
 
     def validate(self) -> None:
-        if self.num_layers < 1:
-            raise ConfigError(f"num_layers must be >= 1, got {self.num_layers}")
+        self.require_positive("num_layers")
         check_params(self.method, self.params)
 
 
