@@ -9,6 +9,8 @@
     gem.py           ``gem``: the same, with one constraint per earlier task, solved as a small QP (GEM)
     ogd.py           ``ogd``: the shared delta; each step's gradient orthogonal to earlier tasks' gold-logit gradients (OGD)
     der.py           ``der``: replay whose memory also keeps the logits its examples got, matched while training (DER++)
+    i_lora.py        ``i-lora``: replay with a fast shared delta that trains and a slow one, its running
+                     interpolation, that answers (I-LoRA)
     ewc.py           ``ewc``: the shared delta, anchored by its Fisher information (online EWC)
     mas.py           ``mas``: the shared delta, anchored by its outputs' sensitivity to each parameter (Memory Aware Synapses)
     si.py            ``si``: the shared delta, anchored by each parameter's part in the loss's drop along the path (Synaptic Intelligence)
@@ -57,6 +59,7 @@ from .prompt_pool import PromptPool
 from .coda_prompt import CodaPrompt
 from .dual_prompt import DualPrompt
 from .ewc import EWC
+from .i_lora import ILoRA
 from .lwf import LwF
 from .magmax import MagMax
 from .mas import MAS
@@ -65,7 +68,7 @@ from .replay import Replay
 from .shared_delta import SHARED, Joint, SequentialDelta
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    s.name: s for s in (PerTaskDelta, ContinualFusion, SequentialDelta, Replay, AGEM, GEM, OGD, DER, EWC, MAS, SI, LwF, MagMax, ProgressivePrompts, OLoRA, InfLoRA, PromptPool, CodaPrompt, DualPrompt,
+    s.name: s for s in (PerTaskDelta, ContinualFusion, SequentialDelta, Replay, AGEM, GEM, OGD, DER, ILoRA, EWC, MAS, SI, LwF, MagMax, ProgressivePrompts, OLoRA, InfLoRA, PromptPool, CodaPrompt, DualPrompt,
                         SequentialFineTune, Joint, *AVALANCHE_STRATEGIES)
 }
 
@@ -105,5 +108,5 @@ def make_strategy(name: str, methods: Sequence[MethodSpec] | MethodSpec | None =
     return cls(**options) if cls.trains_backbone else cls(methods, **options)
 
 
-__all__ = ["AGEM", "CodaPrompt", "DER", "DualPrompt", "EWC", "GEM", "InfLoRA", "OGD", "LwF", "MagMax", "MAS", "OLoRA", "PromptPool", "ProgressivePrompts", "Replay", "SHARED", "SI", "STRATEGIES", "ContinualFusion", "Joint", "PerTaskDelta", "SequentialDelta", "SequentialFineTune",
+__all__ = ["AGEM", "CodaPrompt", "DER", "DualPrompt", "EWC", "GEM", "ILoRA", "InfLoRA", "OGD", "LwF", "MagMax", "MAS", "OLoRA", "PromptPool", "ProgressivePrompts", "Replay", "SHARED", "SI", "STRATEGIES", "ContinualFusion", "Joint", "PerTaskDelta", "SequentialDelta", "SequentialFineTune",
            "Strategy", "TaskData", "default_methods", "make_strategy"]

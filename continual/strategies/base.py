@@ -150,6 +150,11 @@ class Strategy:
         """Tasks to activate to run ``task`` (its own last: its head gives the logits)."""
         return (task,)
 
+    def trains_with(self, task: str) -> tuple[str, ...]:
+        """Tasks acting while ``task`` trains, its own last (default: what scores it, :meth:`active`;
+        I-LoRA trains a fast delta and answers with a slow one)."""
+        return self.active(task)
+
     def exported(self, task: str) -> tuple[str, ...]:
         """Tasks saved as shareable checkpoints after ``task``'s step (default: what it runs with)."""
         return self.active(task)
@@ -168,7 +173,7 @@ class Strategy:
                                  decoder_start=model.decoder_start_id)
             dev = evaluate(model, task.name, loader, self.active(task.name), config.precision)
             return TrainResult(dev, 0, 0, time.perf_counter() - start, [])
-        return train_task(model, task.name, data(task), config, callback=callback, active=self.active(task.name),
+        return train_task(model, task.name, data(task), config, callback=callback, active=self.trains_with(task.name),
                           extra_loss=self.loss_term(model, task, config, data),
                           adjust_grads=self.grad_change(model, task, config, data))
 

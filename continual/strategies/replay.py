@@ -84,7 +84,7 @@ class Replay(_SharedDelta):
             if mem_labels.dim() > 1:  # a generative task's: the LM head at its answer's positions alone, as in a step
                 mem["logit_positions"] = mem_labels != -100
                 mem_labels = mem_labels[mem["logit_positions"]]
-            with model.acting(*self.active(old)):
+            with model.acting(*self.trains_with(old)):
                 out = model(**mem)
                 term = token_loss(out, mem_labels) if loss is None else loss(t, rows, out, mem_labels)
                 total = total + term * (len(rows) / len(picks))

@@ -1,0 +1,130 @@
+"""i-lora (I-LoRA on a shared delta): the slow delta as the interpolation of the fast one's path,
+the consistency term against states computed by hand, its ends (no interpolation and no
+consistency is replay), and its refusals, on tiny models."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import FAST, toy_generative_stream, toy_stream
+from continual import TrainConfig, make_strategy, run_stream
+from continual.scoring import TokenisedTasks
+from continual.strategies import SHARED, base
+from continual.strategies.i_lora import SLOW, ILoRA, state_distance
+from continual.training import collate_rows
+from continual.training import step as step_module
+from streams import TaskStream
+
+CONFIG = TrainConfig(**{**FAST, "max_steps": 12, "eval_every": 4})
+LORA = [{"method": "lora", "rank": 4}]
+
+
+def values(model, name):
+    return [p.detach().clone() for p in model.task(name).deltas.parameters()]
+
+
+def test_state_distance_weighs_the_real_tokens_alone():
+    fast, slow = torch.zeros(2, 3, 4), torch.zeros(2, 3, 4)
+    slow[0, 0] = 2.0  # a real token, 4 entries off by 2
+    slow[1, 2] = 5.0  # a padding position
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0]])
+    assert state_distance(fast, slow, mask).item() == pytest.approx(4 * 4 / (4 * 4))
+    assert state_distance(fast, slow, None).item() == pytest.approx((4 * 4 + 4 * 25) / 24)
+    # a mask that does not line up with the states (a prompt's added positions): every position
+    assert state_distance(fast, slow, torch.ones(2, 2)).item() == pytest.approx((4 * 4 + 4 * 25) / 24)
+
+
+def test_the_slow_delta_is_the_interpolation_of_the_fast_ones_path(text_model, tmp_path, monkeypatch):
+    """Recorded apart from the strategy's code: the fast delta after every optimizer step, and as
+    each task's training leaves it (its best-on-dev values); the slow delta must be
+    θ_l ← λ_k θ_l + (1 − λ_k) θ_w over that path, λ_k = min(1 − 1/(k + 1), λ), from the fast
+    delta's start, with each task's last step replaced by its final values."""
+    model, lam = text_model(), 0.8
+    start, after_step, ends = [], [], []
+    real_step, real_train = step_module.TrainStep.__call__, base.train_task
+
+    def stepping(self, *a, **kw):
+        out = real_step(self, *a, **kw)
+        after_step[-1].append(values(model, SHARED))
+        return out
+
+    def training(m, task, *a, **kw):
+        if not start:
+            start.append(values(model, SHARED))
+        after_step.append([])
+        result = real_train(m, task, *a, **kw)
+        ends.append(values(model, SHARED))
+        return result
+
+    monkeypatch.setattr(step_module.TrainStep, "__call__", stepping)
+    monkeypatch.setattr(base, "train_task", training)
+    strategy = make_strategy("i-lora", LORA, memory_size=30, interpolation=lam)
+    res = run_stream(toy_stream(), model, strategy, CONFIG, tmp_path / "r")
+    assert not np.isnan(res.matrix.R[-1]).any() and len(after_step) == 3
+    path = [v for steps, end in zip(after_step, ends) for v in steps[:-1] + [end]]
+    assert strategy.steps == len(path) == sum(len(s) for s in after_step)
+    want = start[0]
+    for k, fast in enumerate(path, 1):
+        w = min(1 - 1 / (k + 1), lam)
+        want = [w * s + (1 - w) * f for s, f in zip(want, fast)]
+    slow = values(model, SLOW)
+    for got, expected in zip(slow, want):
+        torch.testing.assert_close(got, expected)
+    assert any(not torch.allclose(s, f) for s, f in zip(slow, ends[-1]))  # it lags the fast delta
+    # what answers, and what the run saves, is the slow delta
+    assert strategy.active("c") == (SLOW, "c") and strategy.trains_with("c") == (SHARED, "c")
+    assert (tmp_path / "r" / "checkpoints" / "c" / SLOW).is_dir()
+
+
+@pytest.mark.parametrize("generative", [False, True])
+def test_the_memory_term_is_replays_loss_plus_gamma_times_the_state_distance(generative, text_model, lm_model, tmp_path):
+    stream = TaskStream("toy-gen", toy_generative_stream().tasks[:2]) if generative else toy_stream()
+    model = lm_model() if generative else text_model()
+    config = dataclasses.replace(CONFIG, max_length=32, lr=3e-2) if generative else CONFIG
+    strategy = make_strategy("i-lora", LORA, memory_size=20, consistency=2.5)
+    run_stream(stream, model, strategy, config, tmp_path / "r")
+    with torch.no_grad():  # the slow delta away from the fast one
+        for p in model.task(SLOW).deltas.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    data = TokenisedTasks(model.tokenizer, config.max_length, 32)
+    old = stream[0]
+    picks = [(old, int(i)) for i in strategy.memory[old.name]]
+    model.eval()
+    with torch.no_grad():
+        term = strategy.memory_term(model, data, picks).item()
+        replay = strategy.memory_loss(model, data, picks).item()
+        rows = collate_rows(data(old)["train"], [i for _, i in picks], model.tokenizer)
+        batch = {k: v.to(model.device) for k, v in rows.items()}
+        batch.pop("labels")
+        states = {}
+        for name in (SHARED, SLOW):
+            with model.acting(name, old.name):
+                states[name], mask = model.encode(batch["input_ids"], batch["attention_mask"])
+        m = mask.float().unsqueeze(-1)
+        by_hand = (((states[SHARED] - states[SLOW]) ** 2) * m).sum() / (m.sum() * states[SLOW].shape[-1])
+    assert by_hand.item() > 1e-8
+    assert term == pytest.approx(replay + 2.5 * by_hand.item(), rel=1e-5)
+
+
+def test_no_interpolation_and_no_consistency_is_replay(text_model, tmp_path):
+    go = lambda name, d, **kw: run_stream(toy_stream(), text_model(), make_strategy(name, LORA, memory_size=30, **kw),  # noqa: E731
+                                          CONFIG, tmp_path / d).matrix
+    ends = go("i-lora", "ends", interpolation=0.0, consistency=0.0)
+    np.testing.assert_array_equal(ends.R, go("replay", "replay").R)
+    both = go("i-lora", "both")
+    assert not np.array_equal(both.R, ends.R) and not np.isnan(both.R[-1]).any()
+
+
+def test_bad_options_are_refused():
+    for bad in (1, 1.5, -0.1, float("nan"), True):
+        with pytest.raises(ValueError, match=r"i-lora: interpolation must be a number in \[0, 1\)"):
+            make_strategy("i-lora", LORA, interpolation=bad)
+    for bad in (-1, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="i-lora: consistency must be a finite number >= 0"):
+            make_strategy("i-lora", LORA, consistency=bad)
+    described = make_strategy("i-lora", LORA).describe()
+    assert (described["interpolation"], described["consistency"], described["memory_size"]) == (0.99, 1.0, 200)
+    with pytest.raises(ValueError, match=f"task name {SLOW!r} is reserved"):
+        ILoRA(LORA).prepare(None, type("T", (), {"name": SLOW})())
