@@ -1,4 +1,4 @@
-"""replay, A-GEM, DER++, EWC, MAS, SI, LwF and MagMax on a shared delta, and the task-agnostic matrix, on tiny models.
+"""replay, A-GEM, DER++, I-LoRA, EWC, MAS, SI, LwF and MagMax on a shared delta, and the task-agnostic matrix, on tiny models.
 
 Each strategy's own property (replay's memory balanced and restored on resume; EWC's penalty zero
 at the anchor and growing with the move; LwF's loss zero when the new delta equals the old), a
@@ -264,3 +264,18 @@ def test_a_memory_too_small_for_every_earlier_task_is_refused_before_the_run(nam
         run_stream(toy_stream(), text_model(), make_strategy(name, LORA, memory_size=1), CONFIG, tmp_path / "r")
     assert not (tmp_path / "r").exists()
     make_strategy(name, LORA, memory_size=2).check_stream(toy_stream(), text_model())  # one example each: runs
+
+
+@pytest.mark.parametrize("name, reserved", [("seq-delta", SHARED), ("lwf", OLD), ("i-lora", "ilora_slow"),
+                                            ("per-task-fusion", "c_fusion")])
+def test_a_reserved_task_name_is_refused_before_anything_trains(name, reserved, text_model, tmp_path):
+    """A strategy's own task's name given to the stream's last task: refused before the first task
+    trains (when the check waited for that task's turn, two tasks trained first)."""
+    import dataclasses
+
+    a, b, c = toy_stream().tasks
+    stream = TaskStream("reserved", [a, b, dataclasses.replace(c, name=reserved)])
+    with pytest.raises(ValueError, match=f"{reserved!r}.* reserved by the {name} strategy|reserved by the {name} strategy; "
+                                         f"rename {reserved!r}"):
+        run_stream(stream, text_model(), make_strategy(name, LORA), CONFIG, tmp_path / "r")
+    assert not (tmp_path / "r").exists()

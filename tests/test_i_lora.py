@@ -125,6 +125,6 @@ def test_bad_options_are_refused():
         with pytest.raises(ValueError, match="i-lora: consistency must be a finite number >= 0"):
             make_strategy("i-lora", LORA, consistency=bad)
     described = make_strategy("i-lora", LORA).describe()
-    assert (described["interpolation"], described["consistency"], described["memory_size"]) == (0.99, 1.0, 200)
-    with pytest.raises(ValueError, match=f"task name {SLOW!r} is reserved"):
-        ILoRA(LORA).prepare(None, type("T", (), {"name": SLOW})())
+    assert (described["interpolation"], described["consistency"], described["memory_size"]) == (0.25, 1.0, 200)
+    with pytest.raises(ValueError, match=f"task name {SLOW!r} is reserved by the i-lora strategy"):
+        ILoRA(LORA).check_name(SLOW)

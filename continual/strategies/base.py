@@ -103,6 +103,8 @@ class Strategy:
     reports_run_model: ClassVar[bool] = False
     #: the stream's last task (set by :meth:`check_stream`, which a run calls first; None before)
     final: str | None = None
+    #: names of the tasks a strategy adds for itself (a shared delta's holder): refused as a stream's
+    reserved: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, methods: Sequence[MethodSpec] = (DEFAULT_METHOD,)) -> None:
         # typed at the edge: a method name or dict becomes its validated config here
@@ -125,12 +127,19 @@ class Strategy:
             for m in self.methods:
                 if not get_method(m.method).capabilities.decoders:
                     raise ValueError(DECODER_REFUSAL.format(method=m.method, backbone=model.backbone_name))
+        for t in stream:  # here, not when the task's turn comes: earlier tasks would train first
+            self.check_name(t.name)
         self.final = stream[len(stream) - 1].name if len(stream) else None
         named = [t.name for t in stream if t.delta is not None]
         if named and not self.starts_from_deltas:
             raise ValueError(f"tasks {named} start from a saved delta ('delta:' in the stream file), which strategy "
                              f"{self.name!r} cannot use (it does not give each task a delta of its own); use per-task "
                              "or per-task-fusion")
+
+    def check_name(self, name: str) -> None:
+        """Refuse a task name this strategy uses for a task of its own (:attr:`reserved`)."""
+        if name in self.reserved:
+            raise ValueError(f"task name {name!r} is reserved by the {self.name} strategy; rename the task")
 
     def plan(self, num_tasks: int) -> list[list[int]]:
         """Training steps: the task indices trained together at each step. One row of the

@@ -52,6 +52,7 @@ class LwF(_SharedDelta):
     description = "one shared delta; distils its previous values' outputs (old heads, or the LM) on the new task's inputs"
     defaults = {"alpha": 1.0, "temperature": 2.0}
     data_parallel = False  # the teacher's pass runs outside the data-parallel model
+    reserved = (SHARED, OLD)
 
     def __init__(self, methods: Sequence[MethodSpec] = (DEFAULT_METHOD,), alpha: float = 1.0, temperature: float = 2.0) -> None:
         super().__init__(methods)
@@ -61,8 +62,6 @@ class LwF(_SharedDelta):
         self.seen: list[Task] = []
 
     def prepare(self, model: DeltaModel, task: Task) -> None:
-        if task.name == OLD:
-            raise ValueError(f"task name {OLD!r} is reserved by the {self.name} strategy; rename the task")
         super().prepare(model, task)
         if OLD not in model.tasks and self.seen:  # (after the head: the head's seeded start is seq-delta's)
             model.add_task(OLD, self.methods)  # never active in training, so it never trains (not frozen:

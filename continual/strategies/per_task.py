@@ -54,9 +54,12 @@ class ContinualFusion(PerTaskDelta):
     def fused(self, task: str) -> str:
         return task + self.SUFFIX
 
+    def check_name(self, name: str) -> None:
+        if name.endswith(self.SUFFIX):
+            raise ValueError(f"task names ending in {self.SUFFIX!r} are reserved by the {self.name} strategy; rename {name!r}")
+
     def prepare(self, model: DeltaModel, task: Task) -> None:
-        if task.name.endswith(self.SUFFIX):
-            raise ValueError(f"task names ending in {self.SUFFIX!r} are reserved by the {self.name} strategy; rename {task.name!r}")
+        self.check_name(task.name)
         super().prepare(model, task)
         sources = tuple(n for n in model.tasks if not n.endswith(self.SUFFIX))
         model.add_task(self.fused(task.name), [FusionConfig(sources=sources, **self.fusion)], **head_of(task))

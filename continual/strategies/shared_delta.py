@@ -18,9 +18,10 @@ SHARED = "shared_delta"  # the task holding a shared delta (no head)
 class _SharedDelta(Strategy):
     """One delta shared by every task (a head-only task per task on top of it)."""
 
+    reserved = (SHARED,)
+
     def prepare(self, model: DeltaModel, task: Task) -> None:
-        if task.name == SHARED:
-            raise ValueError(f"task name {SHARED!r} is reserved by the {self.name} strategy; rename the task")
+        self.check_name(task.name)
         if SHARED not in model.tasks:
             model.add_task(SHARED, self.methods)
         model.add_task(task.name, [], **head_of(task))
