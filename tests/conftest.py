@@ -266,6 +266,17 @@ def lm_model(word_tokenizer):
     return lambda: adapters.DeltaModel(tiny_lm_backbone(len(tok), tok.eos_token_id, tok.pad_token_id), tok, "tiny-llama")
 
 
+def tiny_t5(tok) -> adapters.DeltaModel:
+    """A tiny random-init T5 (encoder-decoder) on ``tok``'s vocabulary, seeded."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    t5 = T5ForConditionalGeneration(T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+                                             vocab_size=len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                                             decoder_start_token_id=tok.pad_token_id)).eval()
+    return adapters.DeltaModel(t5, tok, "tiny-t5")
+
+
 @pytest.fixture(scope="session")
 def tiny_lm_dir(tmp_path_factory, word_tokenizer):
     """The tiny Llama LM saved with the word tokenizer: a local path the CLI can load."""

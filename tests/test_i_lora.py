@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FAST, toy_generative_stream, toy_stream
+from conftest import FAST, tiny_t5, toy_generative_stream, toy_stream
 from continual import TrainConfig, make_strategy, run_stream
 from continual.scoring import TokenisedTasks
 from continual.strategies import SHARED, base
@@ -78,17 +78,30 @@ def test_the_slow_delta_is_the_interpolation_of_the_fast_ones_path(text_model, t
     assert (tmp_path / "r" / "checkpoints" / "c" / SLOW).is_dir()
 
 
-@pytest.mark.parametrize("generative", [False, True])
-def test_the_memory_term_is_replays_loss_plus_gamma_times_the_state_distance(generative, text_model, lm_model, tmp_path):
+def hand_states(model, batch, generative):
+    """The token states a head reads, computed without the strategy's hook: T5's decoder's last
+    layer (after its final norm) for a generative task, else :meth:`DeltaModel.encode`'s, with the
+    mask that weighs them (None: every position)."""
+    if model.seq2seq and generative:
+        out = model.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             decoder_input_ids=batch["decoder_input_ids"], output_hidden_states=True)
+        return out.decoder_hidden_states[-1], None
+    return model.encode(batch["input_ids"], batch["attention_mask"])
+
+
+@pytest.mark.parametrize("kind", ["encoder", "decoder", "t5"])
+def test_the_memory_term_is_replays_loss_plus_gamma_times_the_state_distance(kind, text_model, lm_model, word_tokenizer,
+                                                                             tmp_path):
+    generative = kind != "encoder"
     stream = TaskStream("toy-gen", toy_generative_stream().tasks[:2]) if generative else toy_stream()
-    model = lm_model() if generative else text_model()
+    model = {"encoder": text_model, "decoder": lm_model, "t5": lambda: tiny_t5(word_tokenizer)}[kind]()
     config = dataclasses.replace(CONFIG, max_length=32, lr=3e-2) if generative else CONFIG
     strategy = make_strategy("i-lora", LORA, memory_size=20, consistency=2.5)
     run_stream(stream, model, strategy, config, tmp_path / "r")
     with torch.no_grad():  # the slow delta away from the fast one
         for p in model.task(SLOW).deltas.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    data = TokenisedTasks(model.tokenizer, config.max_length, 32)
+    data = TokenisedTasks(model.tokenizer, config.max_length, 32, decoder_start=model.decoder_start_id)
     old = stream[0]
     picks = [(old, int(i)) for i in strategy.memory[old.name]]
     model.eval()
@@ -97,12 +110,12 @@ def test_the_memory_term_is_replays_loss_plus_gamma_times_the_state_distance(gen
         replay = strategy.memory_loss(model, data, picks).item()
         rows = collate_rows(data(old)["train"], [i for _, i in picks], model.tokenizer)
         batch = {k: v.to(model.device) for k, v in rows.items()}
-        batch.pop("labels")
         states = {}
         for name in (SHARED, SLOW):
             with model.acting(name, old.name):
-                states[name], mask = model.encode(batch["input_ids"], batch["attention_mask"])
-        m = mask.float().unsqueeze(-1)
+                states[name], mask = hand_states(model, batch, generative)
+        m = torch.ones(states[SLOW].shape[:2]) if mask is None else mask.float()
+        m = m.unsqueeze(-1)
         by_hand = (((states[SHARED] - states[SLOW]) ** 2) * m).sum() / (m.sum() * states[SLOW].shape[-1])
     assert by_hand.item() > 1e-8
     assert term == pytest.approx(replay + 2.5 * by_hand.item(), rel=1e-5)

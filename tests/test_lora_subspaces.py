@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FAST, assert_same_matrices, killed_and_resumed, toy_generative_stream, toy_stream
+from conftest import FAST, assert_same_matrices, killed_and_resumed, tiny_t5, toy_generative_stream, toy_stream
 from continual import StreamLogger, TrainConfig, make_strategy, run_stream
 from streams import TaskStream
 from continual.strategies.inflora import design, grow
@@ -139,18 +139,6 @@ def test_a_task_left_no_free_direction_is_said(text_model, tmp_path, capsys):
     assert "task a (inflora)" not in out
     for t in ("b", "c"):
         assert f"task {t} (inflora): the earlier tasks' input subspace leaves no free direction at" in out
-
-
-def tiny_t5(tok):
-    from transformers import T5Config, T5ForConditionalGeneration
-
-    import adapters
-
-    torch.manual_seed(0)
-    t5 = T5ForConditionalGeneration(T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
-                                             vocab_size=len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                                             decoder_start_token_id=tok.pad_token_id)).eval()
-    return adapters.DeltaModel(t5, tok, "tiny-t5")
 
 
 @pytest.mark.parametrize("name", ["o-lora", "inflora"])
