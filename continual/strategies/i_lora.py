@@ -1,8 +1,8 @@
 """``i-lora``: replay with two copies of the shared delta, a fast one that trains and a slow one
 that follows it by interpolation and answers (I-LoRA).
 
-Interpolation-based LoRA, Ren, Xu, Wang, Yang, Zhang, Gan, Zhao & Li, "Analyzing and Reducing
-Catastrophic Forgetting in Parameter Efficient Tuning" (2024, arXiv:2402.18865). The paper finds
+Interpolation-based LoRA, Ren et al., "Analyzing and Reducing Catastrophic Forgetting in Parameter
+Efficient Tuning" (2024, arXiv:2402.18865; code: github.com/which47/LLMCL). The paper finds
 low-loss paths between the minima a delta reaches on successive tasks (mode connectivity) and
 builds a dual-memory replay on it: a *fast* delta θ_w (working memory) trains on each batch of
 the new task and on a batch of the replay memory; after every step a *slow* delta θ_l (long-term
@@ -31,13 +31,16 @@ How we depart from the paper:
   averaged over the batch's real tokens where the mask lines up with them, over every position
   otherwise (a prompt method's added positions). The authors' released script compares every
   layer's states and takes, entry by entry, the larger of the two as the target; we use the
-  paper's plain squared distance to the slow delta's states.
+  plain squared distance to the slow delta's states.
 - λ warms up as in the released script, λ_k = min(1 − 1/(k + 1), λ) at the k-th step, with k
   counted over the whole stream (the script's count restarts with each task, which would let a
   new task's first steps overwrite half of the long-term memory); the slow delta starts equal to
   the fast one, so before step 1/(1 − λ) it is the running mean of the fast delta's path.
 - The last interpolation of a task uses the fast delta as training leaves it: its best-on-dev
   values (the protocol restores them; the dev scores that choose them are the fast delta's).
+- The interpolation is over the delta's trained parameters, whatever the method: LoRA's A and B
+  (so the slow delta's product BA is not the interpolation of the fast one's), or a prefix's
+  reparameterising MLP rather than the prefixes it gives.
 - Each task keeps its own head (a classifier, trained through the fast delta; generative tasks
   share the LM head); an earlier task's head stays frozen, as under ``replay``.
 """
