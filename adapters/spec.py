@@ -34,6 +34,9 @@ def parse_options(text: str, context: str | None = None, given: dict[str, Any] |
         if not eq or not key.strip():
             raise ConfigError(f"option {item!r} must be key=value (in {context or text!r})")
         key = key.strip()
+        if not value.strip():  # "rank=" is a slip (a value lost in the shell), not a request for the default
+            raise ConfigError(f"option {key!r} has no value (in {context or text!r}); give one, or leave the option out "
+                              "for its default")
         if key in out or key in (given or {}):
             raise ConfigError(f"option {key!r} is given twice (in {context or text!r}): give it once")
         try:

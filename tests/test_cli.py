@@ -146,6 +146,8 @@ def test_ambiguous_options_and_textless_lengths_are_refused(toy_yaml, tiny_backb
            ("--method", "lora:method=bitfit"): "'method' is not an option",
            ("--strategy", "ewc", "--strategy-option", "ewc_lambda=1", "--strategy-option", "ewc_lambda=2"):
                "option 'ewc_lambda' is given twice",
+           ("--strategy", "replay", "--strategy-option", "memory_size="): "option 'memory_size' has no value",
+           ("--method", "lora:rank="): "option 'rank' has no value",
            ("--max-length", "1"): "max_length 1 leaves no room for text",
            ("--max-length", "2"): "adds 2 special tokens to every example; use a max_length of at least 3"}
     for i, (extra, message) in enumerate(bad.items()):
@@ -155,6 +157,10 @@ def test_ambiguous_options_and_textless_lengths_are_refused(toy_yaml, tiny_backb
     assert main(["compare", "--stream", str(toy_yaml), "--backbone", str(tiny_backbone_dir), "--entry",
                  "per-task:lora:rank=4,rank=2", "--out", str(tmp_path / "c"), "--no-mlflow"]) == 2
     assert "option 'rank' is given twice" in capsys.readouterr().err
+    # an empty value was read as None: the study started, and every run failed with a TypeError
+    assert main(["compare", "--stream", str(toy_yaml), "--backbone", str(tiny_backbone_dir), "--entry",
+                 "replay@memory_size=:lora", "--out", str(tmp_path / "e"), "--no-mlflow"]) == 2
+    assert "option 'memory_size' has no value" in capsys.readouterr().err and not (tmp_path / "e").exists()
 
 
 def test_list_and_help(capsys):

@@ -259,6 +259,8 @@ def test_ewc_fisher_under_fp16_is_estimated_in_fp32(text_model):
 
 @pytest.mark.parametrize("name", ["replay", "agem", "gem", "der", "i-lora"])
 def test_a_memory_too_small_for_every_earlier_task_is_refused_before_the_run(name, text_model, tmp_path):
+    with pytest.raises(ValueError, match=f"{name}: memory_size must be an integer >= 1, got None"):
+        make_strategy(name, LORA, memory_size=None)  # (memory_size=null on the command line: a TypeError mid-run)
     with pytest.raises(ValueError, match=f"{name}: memory_size=1 cannot keep one example of each earlier task: the "
                                          r"stream's last task trains with 2 before it; use memory_size >= 2"):
         run_stream(toy_stream(), text_model(), make_strategy(name, LORA, memory_size=1), CONFIG, tmp_path / "r")

@@ -50,7 +50,7 @@ class Replay(_SharedDelta):
                  replay_batch: int | None = None) -> None:
         super().__init__(methods)
         for key, v in (("memory_size", memory_size), ("replay_batch", replay_batch)):
-            if v is not None:
+            if v is not None or key == "memory_size":  # replay_batch None: the batch size; a memory needs a size
                 check_option(self.name, key, v, lambda n: n >= 1, "an integer >= 1", integer=True)
         self.memory_size, self.replay_batch = memory_size, replay_batch
         self.memory: dict[str, torch.Tensor] = {}  # task -> indices into its tokenised training split, in order
