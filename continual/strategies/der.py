@@ -95,7 +95,7 @@ class DER(Replay):
             return None
         return lambda batch, labels, logits: self.memory_loss(model, data, draw(), self.dark_loss)
 
-    def dark_loss(self, task: Task, rows: list[int], out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def dark_loss(self, task: Task, rows: list[int], out: torch.Tensor, labels: torch.Tensor, _batch: Any = None) -> torch.Tensor:
         """α · logit matching + β · cross-entropy on one earlier task's memory rows."""
         counts, indices, values = self.recorded[task.name]
         starts = torch.cumsum(counts, 0) - counts

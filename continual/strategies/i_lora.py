@@ -55,7 +55,7 @@ from adapters import DEFAULT_METHOD, DeltaModel
 from adapters.model import MethodSpec
 from streams import Task
 
-from ..training import TrainConfig, collate_rows, token_loss
+from ..training import TrainConfig, token_loss
 from .base import check_option, finite_at_least
 from .replay import Replay
 from .shared_delta import SHARED
@@ -100,9 +100,7 @@ class ILoRA(Replay):
         super().prepare(model, task)
         if SLOW not in model.tasks:  # the slow delta starts where the fast one does
             model.add_task(SLOW, self.methods)
-            with torch.no_grad():
-                for s, f in zip(model.task(SLOW).deltas.parameters(), model.task(SHARED).deltas.parameters()):
-                    s.copy_(f)
+            model.task(SLOW).deltas.load_state_dict(model.task(SHARED).deltas.state_dict())
             model.freeze_delta(SLOW)  # never trained (not frozen with folding: it must keep the fast one's shape)
 
     def active(self, task: str) -> tuple[str, ...]:
@@ -137,17 +135,13 @@ class ILoRA(Replay):
         squared distance of its token states from the slow delta's on the same rows."""
         captured: dict[torch.nn.Module, torch.Tensor] = {}  # the states module -> its last output
 
-        def loss(t: Task, rows: list[int], out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        def loss(t: Task, rows: list[int], out: torch.Tensor, labels: torch.Tensor, mem: dict) -> torch.Tensor:
             ce = token_loss(out, labels)
             if not self.consistency:
                 return ce
             where = states_module(model, t.generative)
             fast = captured[where]
-            mem = {k: v.to(model.device) for k, v in collate_rows(data(t)["train"], rows, model.tokenizer).items()}
-            positions = mem.pop("labels")
-            if positions.dim() > 1:  # a generative task's LM head runs at the answer alone, as in the fast pass
-                mem["logit_positions"] = positions != -100
-            with torch.no_grad(), model.acting(SLOW, t.name):
+            with torch.no_grad(), model.acting(SLOW, t.name):  # the same batch, through the slow delta
                 model(**mem)
             slow = captured[where]
             mask = None if model.seq2seq and t.generative else mem.get("attention_mask")

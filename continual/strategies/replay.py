@@ -69,11 +69,13 @@ class Replay(_SharedDelta):
             self.seen.append(task)
 
     def memory_loss(self, model: DeltaModel, data: Any, picks: list[tuple[Task, int]],
-                    loss: Callable[[Task, list[int], torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+                    loss: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
         """Mean loss of a memory batch: each earlier task's rows through the shared delta and that
-        task's own head, weighted by their share of the batch. ``loss(task, rows, outputs, labels)``
-        replaces the cross-entropy (a subclass's own memory loss, e.g. DER's logit matching); for a
-        generative task it gets the (N, V) logits at the answer's N positions and their N labels."""
+        task's own head, weighted by their share of the batch. ``loss(task, rows, outputs, labels,
+        batch)`` replaces the cross-entropy (a subclass's own memory loss, e.g. DER's logit
+        matching); for a generative task it gets the (N, V) logits at the answer's N positions and
+        their N labels; ``batch`` is the model's input for those rows (to run them again, e.g.
+        through another delta)."""
         total = torch.zeros((), dtype=torch.float32, device=model.device)
         for old in dict.fromkeys(t.name for t, _ in picks):
             t = next(t for t, _ in picks if t.name == old)
@@ -86,7 +88,7 @@ class Replay(_SharedDelta):
                 mem_labels = mem_labels[mem["logit_positions"]]
             with model.acting(*self.trains_with(old)):
                 out = model(**mem)
-                term = token_loss(out, mem_labels) if loss is None else loss(t, rows, out, mem_labels)
+                term = token_loss(out, mem_labels) if loss is None else loss(t, rows, out, mem_labels, mem)
                 total = total + term * (len(rows) / len(picks))
         return total
 
