@@ -45,6 +45,10 @@ class Capabilities:
       composite         built over other tasks' deltas (fusion): not a ``--method`` of its own
       decoders          can act on a decoder-only backbone (False where it selects by a query over
                         the input: a decoder's training input holds the answer, a generated one not)
+      linear_units      its site modules name each trained linear map and its output for an input,
+                        ``linear_outputs(x, h) -> [(weight, bias or None, output)]`` in the order the
+                        maps run, the last output being the site's term: what a strategy that masks
+                        a map's output units reads (``migu``)
       why_not_mixed     shown when a user mixes a method that cannot be mixed
     """
 
@@ -56,6 +60,7 @@ class Capabilities:
     folds: bool = False
     composite: bool = False
     decoders: bool = True
+    linear_units: bool = False
     why_not_mixed: str = "it changes the attention rather than adding a term at sites"
 
 

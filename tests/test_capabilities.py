@@ -50,6 +50,7 @@ def test_declared_capabilities_match_behaviour(method):
     else:
         with pytest.raises(ConfigError, match="decoder-only backbone"):
             decoder.add_task("t", [method_config(method)], num_labels=2)
+    check_linear_units(caps, model)
     # fusion: accepted exactly when declared
     if caps.fusable:
         add_fusion(model, "f", ["t0", "t1"], ["x", "y"])
@@ -57,6 +58,33 @@ def test_declared_capabilities_match_behaviour(method):
     else:
         with pytest.raises(ConfigError, match="cannot fuse"):
             add_fusion(model, "f", ["t0", "t1"], ["x", "y"])
+
+
+def check_linear_units(caps, model):
+    """linear units <=> the site modules name their linear maps: every trained parameter once, each
+    output with one unit per weight row, the last output equal to the term the site adds."""
+    delta = next(iter(model.task("t0").deltas.values()))
+    sites = dict(getattr(delta, "site_modules", {}))
+    assert caps.linear_units == (bool(sites) and all(hasattr(s, "linear_outputs") for s in sites.values()))
+    if not caps.linear_units:
+        return
+    seen = {}
+    handles = [s.register_forward_hook(lambda m, args, out, k=k: seen.__setitem__(k, (args, out))) for k, s in sites.items()]
+    with torch.no_grad():
+        for p in delta.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # LoRA's B and an adapter's up-projection start at zero
+        model.activate("t0")
+        model(**batch())
+    for h in handles:
+        h.remove()
+    assert set(seen) == set(sites)
+    for key, site in sites.items():
+        (x, h), term = seen[key]
+        maps = site.linear_outputs(x, h)
+        named = [id(w) for w, _, _ in maps] + [id(b) for _, b, _ in maps if b is not None]
+        assert sorted(named) == sorted(id(p) for p in site.parameters())
+        assert all(out.shape[-1] == w.shape[0] for w, _, out in maps)
+        torch.testing.assert_close(maps[-1][2], term)
 
 
 def test_composite_methods_are_not_offered_as_methods():

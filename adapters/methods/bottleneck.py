@@ -12,7 +12,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from ..base import LayerwiseConfig, SiteDelta, make_activation
+from ..base import Capabilities, LayerwiseConfig, SiteDelta, make_activation
 from ..errors import ConfigError
 from ..registry import register
 from ..targets import Site
@@ -54,6 +54,11 @@ class Bottleneck(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.up(self.act(self.down(z.to(self.down.weight.dtype))))
+
+    def linear_outputs(self, z: torch.Tensor, scale: float = 1.0) -> list[tuple[nn.Parameter, nn.Parameter, torch.Tensor]]:
+        """The down-projection's output and the up-projection's (times ``scale``, as the site adds it)."""
+        down = self.down(z.to(self.down.weight.dtype))
+        return [(self.down.weight, self.down.bias, down), (self.up.weight, self.up.bias, self.up(self.act(down)) * scale)]
 
 
 class GatheredMLP(nn.Module):
@@ -113,10 +118,14 @@ class SequentialSite(nn.Module):
     def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         return self.mlp(h)
 
+    def linear_outputs(self, x: torch.Tensor, h: torch.Tensor) -> list[tuple[nn.Parameter, nn.Parameter, torch.Tensor]]:
+        return self.mlp.linear_outputs(h)
+
 
 @register
 class BottleneckAdapter(SiteDelta):
     config_class = BottleneckConfig
+    capabilities = Capabilities(site_terms=True, mixed_batches=True, fusable=True, linear_units=True)
 
     def build_site(self, site: Site, d_in: int, d_out: int, backbone: nn.Module) -> nn.Module:
         return SequentialSite(Bottleneck(d_out, d_out, self.config.dim_for(d_out), self.config.activation))

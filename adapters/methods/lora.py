@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from ..base import LayerwiseConfig, SiteDelta
+from ..base import Capabilities, LayerwiseConfig, SiteDelta
 from ..errors import ConfigError
 from ..precision import lowrank_precision
 from ..registry import register
@@ -52,10 +52,18 @@ class LoRASite(nn.Module):
             x = self.dropout(x.to(self.lora_A.dtype))
             return (x @ self.lora_A.t()) @ self.lora_B.t() * self.scaling
 
+    def linear_outputs(self, x: torch.Tensor, h: torch.Tensor) -> list[tuple[nn.Parameter, None, torch.Tensor]]:
+        """A's output ``A x`` (rank units) and B's, the term ``s B A x`` (output units); without
+        dropout (``capabilities.linear_units``)."""
+        with lowrank_precision(x):
+            a = x.to(self.lora_A.dtype) @ self.lora_A.t()
+            return [(self.lora_A, None, a), (self.lora_B, None, a @ self.lora_B.t() * self.scaling)]
+
 
 @register
 class LoRA(SiteDelta):
     config_class = LoRAConfig
+    capabilities = Capabilities(site_terms=True, mixed_batches=True, fusable=True, linear_units=True)
 
     def build_site(self, site: Site, d_in: int, d_out: int, backbone: nn.Module) -> nn.Module:
         c = self.config

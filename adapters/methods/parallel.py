@@ -11,7 +11,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from ..base import LayerwiseConfig, SiteDelta
+from ..base import Capabilities, LayerwiseConfig, SiteDelta
 from ..errors import ConfigError
 from ..registry import register
 from ..targets import Site
@@ -44,10 +44,14 @@ class ParallelSite(nn.Module):
     def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         return self.scaling * self.mlp(x)
 
+    def linear_outputs(self, x: torch.Tensor, h: torch.Tensor) -> list[tuple[nn.Parameter, nn.Parameter, torch.Tensor]]:
+        return self.mlp.linear_outputs(x, self.scaling)
+
 
 @register
 class ParallelAdapter(SiteDelta):
     config_class = ParallelConfig
+    capabilities = Capabilities(site_terms=True, mixed_batches=True, fusable=True, linear_units=True)
 
     def build_site(self, site: Site, d_in: int, d_out: int, backbone: nn.Module) -> nn.Module:
         c = self.config

@@ -14,6 +14,8 @@
     ewc.py           ``ewc``: the shared delta, anchored by its Fisher information (online EWC)
     mas.py           ``mas``: the shared delta, anchored by its outputs' sensitivity to each parameter (Memory Aware Synapses)
     si.py            ``si``: the shared delta, anchored by each parameter's part in the loss's drop along the path (Synaptic Intelligence)
+    migu.py          ``migu``: the shared delta; after the first task each step updates only the output
+                     units of its linear maps that answered the batch most strongly (MIGU)
     lwf.py           ``lwf``: the shared delta, distilled from its previous values (Learning without Forgetting)
     magmax.py        ``magmax``: the shared delta fine-tuned in turn, answering as the merge of each
                      parameter's largest move over the tasks (MagMax)
@@ -62,13 +64,14 @@ from .ewc import EWC
 from .i_lora import ILoRA
 from .lwf import LwF
 from .magmax import MagMax
+from .migu import MIGU
 from .mas import MAS
 from .si import SI
 from .replay import Replay
 from .shared_delta import SHARED, Joint, SequentialDelta
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    s.name: s for s in (PerTaskDelta, ContinualFusion, SequentialDelta, Replay, AGEM, GEM, OGD, DER, ILoRA, EWC, MAS, SI, LwF, MagMax, ProgressivePrompts, OLoRA, InfLoRA, PromptPool, CodaPrompt, DualPrompt,
+    s.name: s for s in (PerTaskDelta, ContinualFusion, SequentialDelta, Replay, AGEM, GEM, OGD, DER, ILoRA, MIGU, EWC, MAS, SI, LwF, MagMax, ProgressivePrompts, OLoRA, InfLoRA, PromptPool, CodaPrompt, DualPrompt,
                         SequentialFineTune, Joint, *AVALANCHE_STRATEGIES)
 }
 
@@ -108,5 +111,5 @@ def make_strategy(name: str, methods: Sequence[MethodSpec] | MethodSpec | None =
     return cls(**options) if cls.trains_backbone else cls(methods, **options)
 
 
-__all__ = ["AGEM", "CodaPrompt", "DER", "DualPrompt", "EWC", "GEM", "ILoRA", "InfLoRA", "OGD", "LwF", "MagMax", "MAS", "OLoRA", "PromptPool", "ProgressivePrompts", "Replay", "SHARED", "SI", "STRATEGIES", "ContinualFusion", "Joint", "PerTaskDelta", "SequentialDelta", "SequentialFineTune",
+__all__ = ["AGEM", "CodaPrompt", "DER", "DualPrompt", "EWC", "GEM", "ILoRA", "InfLoRA", "OGD", "LwF", "MagMax", "MAS", "MIGU", "OLoRA", "PromptPool", "ProgressivePrompts", "Replay", "SHARED", "SI", "STRATEGIES", "ContinualFusion", "Joint", "PerTaskDelta", "SequentialDelta", "SequentialFineTune",
            "Strategy", "TaskData", "default_methods", "make_strategy"]
