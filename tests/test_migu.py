@@ -6,11 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FAST, toy_stream
+import dataclasses
+
+from conftest import FAST, tiny_t5, toy_generative_stream, toy_stream
 from continual import TrainConfig, make_strategy, run_stream
 from continual.strategies import SHARED
 from continual.strategies import migu as migu_module
 from continual.strategies.migu import UnitMagnitudes
+from streams import TaskStream
 
 CONFIG = TrainConfig(**{**FAST, "max_steps": 12, "eval_every": 4})
 LORA = [{"method": "lora", "rank": 4}]
@@ -108,6 +111,21 @@ def test_adapter_maps_are_masked_row_by_row_with_their_biases(method, text_model
     assert not np.isnan(res.matrix.R[-1]).any()
     assert shares and 0.3 < np.mean(shares) < 0.6  # about half of each map's rows zeroed
     assert biases and all(biases)  # a unit's bias goes with its row
+
+
+@pytest.mark.parametrize("kind", ["decoder", "t5"])
+def test_generative_tasks_are_masked_on_a_decoder_and_on_t5(kind, lm_model, word_tokenizer, tmp_path, monkeypatch):
+    """T5's LoRA sites are in its encoder and its decoder; every one is masked in every step."""
+    calls = []
+    real = UnitMagnitudes.mask
+    monkeypatch.setattr(UnitMagnitudes, "mask", lambda self, params: (calls.append(len(self.sums)), real(self, params)))
+    model = lm_model() if kind == "decoder" else tiny_t5(word_tokenizer)
+    config = dataclasses.replace(CONFIG, max_length=32, lr=3e-2)
+    res = run_stream(TaskStream("toy-gen", toy_generative_stream().tasks[:2]), model, make_strategy("migu", LORA),
+                     config, tmp_path / "r")
+    sites = sum(len(d.site_modules) for d in model.task(SHARED).deltas.values())
+    assert not np.isnan(res.matrix.R[-1]).any()
+    assert len(calls) == config.max_steps and set(calls) == {2 * sites}
 
 
 def test_a_method_without_linear_maps_and_bad_thresholds_are_refused():
