@@ -226,7 +226,7 @@ def check_distributed(strategy: Strategy, config: TrainConfig) -> None:
     if not distributed.active():
         return
     if not strategy.data_parallel:
-        why = "it trains with its own loop" if strategy.own_loop else "its loss has a term computed outside the model"
+        why = "it trains with its own loop" if strategy.own_loop else strategy.data_parallel_why
         raise ValueError(f"strategy {strategy.name!r} cannot run on {distributed.world_size()} processes ({why}); "
                          "run it as one process")
     distributed.check_batch(config.batch_size)

@@ -142,3 +142,13 @@ def test_a_method_without_linear_maps_and_bad_thresholds_are_refused():
 def test_a_step_that_saw_no_output_is_an_error():
     with pytest.raises(RuntimeError, match="no output of the shared delta's linear maps"):
         migu_module.UnitMagnitudes([], 0.5).mask([])
+
+
+def test_several_processes_are_refused_with_the_reason(monkeypatch):
+    from continual import scheduler
+
+    monkeypatch.setattr(scheduler.distributed, "active", lambda: True)
+    monkeypatch.setattr(scheduler.distributed, "world_size", lambda: 2)
+    with pytest.raises(ValueError, match=r"'migu' cannot run on 2 processes \(its gradient mask is chosen from one "
+                                         r"process's batch"):
+        scheduler.check_distributed(make_strategy("migu", LORA), CONFIG)

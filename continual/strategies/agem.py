@@ -67,6 +67,7 @@ class AGEM(Replay):
                    "of earlier tasks' examples does not rise (A-GEM)")
     defaults = {"memory_size": 200, "sample_size": None}
     vetoed_by = "the memory's"  # for the per-task count of projected steps
+    data_parallel_why = "its gradient projection runs outside the data-parallel model"
 
     def __init__(self, methods: Sequence[MethodSpec] = (DEFAULT_METHOD,), memory_size: int = 200,
                  sample_size: int | None = None) -> None:

@@ -91,6 +91,8 @@ class Strategy:
     # False where training does not go through continual.training.fit (Avalanche's own trainer),
     # which is what runs data-parallel over several processes, or adds a loss term outside the model
     data_parallel: ClassVar[bool] = True
+    #: why it cannot (said when a run on several processes is refused)
+    data_parallel_why: ClassVar[str] = "its loss has a term computed outside the model"
     # True where training runs in another library's loop (Avalanche's), which keeps dropout on
     own_loop: ClassVar[bool] = False
     #: the options a strategy takes and their defaults (shown by ``continual list strategies``)

@@ -103,7 +103,8 @@ class MIGU(_SharedDelta):
     description = ("one shared delta; after the first task each step updates only the output units of its linear "
                    "maps with the largest outputs on the batch (MIGU)")
     defaults = {"threshold": 0.7}
-    data_parallel = False  # the magnitudes are one process's batch; the mask runs outside the data-parallel model
+    data_parallel = False
+    data_parallel_why = "its gradient mask is chosen from one process's batch, outside the data-parallel model"
 
     def __init__(self, methods: Sequence[MethodSpec] = ("lora",), threshold: float = 0.7) -> None:
         super().__init__(methods)

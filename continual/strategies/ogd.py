@@ -97,7 +97,8 @@ class OGD(_SharedDelta):
     description = ("one shared delta; each step's gradient made orthogonal to the gradients of earlier tasks' "
                    "gold logits (OGD)")
     defaults = {"samples": 32}
-    data_parallel = False  # the projection runs outside the data-parallel model
+    data_parallel = False
+    data_parallel_why = "its gradient projection runs outside the data-parallel model"
 
     def __init__(self, methods: Sequence[MethodSpec] = (DEFAULT_METHOD,), samples: int = 32) -> None:
         super().__init__(methods)
