@@ -125,14 +125,16 @@ class MIGU(_SharedDelta):
         if not self.masks(model, task):
             return super().train(model, tasks, config, data, callback)
         sites = [s for d in model.task(SHARED).deltas.values() for s in d.site_modules.values()]
-        with UnitMagnitudes(sites, self.threshold) as self._units:
-            try:
-                return super().train(model, tasks, config, data, callback)
-            finally:
-                kept, self._units = self._units.kept, None
-                if kept:  # what the mask did: about 1 - threshold, more where outputs tie
-                    tqdm.write(f"task {task.name} (migu): {100 * sum(kept) / len(kept):.0f}% of the shared delta's "
-                               f"units updated per step, over {len(kept)} steps")
+        units = self._units = UnitMagnitudes(sites, self.threshold)
+        try:
+            with units:
+                result = super().train(model, tasks, config, data, callback)
+        finally:
+            self._units = None
+        if units.kept:  # what the mask did: about 1 - threshold, more where outputs tie
+            tqdm.write(f"task {task.name} (migu): {100 * sum(units.kept) / len(units.kept):.0f}% of the shared "
+                       f"delta's units updated per step, over {len(units.kept)} steps")
+        return result
 
     def grad_change(self, model: DeltaModel, task: Task, config: TrainConfig, data: Any) -> AdjustGrads | None:
         return None if self._units is None else self._units.mask
