@@ -80,7 +80,7 @@ def test_replay_memory_is_balanced_seeded_and_shrinks_by_cutting():
     assert torch.equal(again.memory["a"], first)  # seeded
 
 
-@pytest.mark.parametrize("name", ["replay", "der", "magmax", "i-lora", "migu", pytest.param("agem", marks=pytest.mark.slow), pytest.param("gem", marks=pytest.mark.slow), pytest.param("ogd", marks=pytest.mark.slow), pytest.param("ewc", marks=pytest.mark.slow), pytest.param("mas", marks=pytest.mark.slow), pytest.param("si", marks=pytest.mark.slow), pytest.param("lwf", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["replay", "der", "magmax", "i-lora", "migu", "agem", "gem", "ogd", "ewc", "mas", "si", "lwf"])
 def test_kill_and_resume_equal_the_uninterrupted_run(name, text_model, tmp_path):
     go = lambda d, **kw: run_stream(toy_stream(), text_model(), make_strategy(name, LORA, **OPTIONS[name]), CONFIG,  # noqa: E731
                                     tmp_path / d, **kw)

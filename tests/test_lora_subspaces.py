@@ -110,7 +110,7 @@ def test_inflora_keeps_old_outputs_and_trains_only_the_up_projection(text_model,
     assert result.steps[0]["trainable_params"]["a"] == lora_b + model.task("a").head_parameters()
 
 
-@pytest.mark.parametrize("name", ["o-lora", pytest.param("inflora", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["o-lora", "inflora"])
 def test_kill_and_resume_equal_the_uninterrupted_run(text_model, tmp_path, name):
     go = lambda d, **kw: run_stream(toy_stream(), text_model(), make_strategy(name, LORA), CONFIG,  # noqa: E731
                                     tmp_path / d, **kw)
