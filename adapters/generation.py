@@ -1,4 +1,4 @@
-"""Text generation through task deltas: greedy decoding with a KV cache, one task or a mixed batch.
+"""Text generation through task deltas: greedy (or top-k sampled) decoding with a KV cache, one task or a mixed batch.
 
     model = DeltaModel.from_pretrained("smollm2")                 # a decoder, with its LM head
     model.add_task("sentiment", "lora", generative=True)
@@ -165,15 +165,22 @@ def generate(
     mixed: Any = None,
     task_ids: Sequence[str] | torch.Tensor | None = None,
     use_cache: bool = True,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
 ) -> list[list[int]]:
     """Greedy continuation of each prompt: the new token ids of each example, up to (not
-    including) its end-of-sequence token.
+    including) its end-of-sequence token. With ``top_k``, each token is instead sampled from the
+    ``top_k`` most likely ones (renormalised; temperature 1), drawn with ``generator`` (on the
+    model's device; seeded by the caller, so a run repeats its samples) — what a language model's
+    pseudo-examples are drawn with (LAMOL's top-k sampling).
 
     Without ``mixed`` the model's active tasks act (the last one generative). With ``mixed`` (a
     :class:`~adapters.mixed.MixedTasks` of generative tasks) example i goes through the delta of
     ``task_ids[i]``. ``eos_token_id`` defaults to the tokenizer's."""
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
+        raise ValueError(f"top_k must be None (greedy) or an integer >= 1, got {top_k!r}")
     attention_mask = checked_batch(input_ids, attention_mask)
     empty = torch.nonzero(attention_mask.sum(-1) == 0).flatten().tolist()
     if empty:  # nothing to continue from: the row would decode from padding alone
@@ -202,14 +209,35 @@ def generate(
             inputs = _Inputs(model, mixed)
             stepper = (_Seq2Seq(model, inputs, input_ids, attention_mask, use_cache) if model.seq2seq else
                        _Causal(model, inputs, input_ids, attention_mask, use_cache, max_new_tokens))
-            new = _greedy(stepper, input_ids.shape[0], max_new_tokens, eos, pad)
+            pick = _greatest if top_k is None else _top_k_sampler(top_k, generator)
+            new = _greedy(stepper, input_ids.shape[0], max_new_tokens, eos, pad, pick)
     finally:
         model.train(was_training)
     return new
 
 
-def _greedy(stepper: Any, b: int, max_new: int, eos: torch.Tensor, pad: int) -> list[list[int]]:
-    """Greedy decoding: each row's new tokens up to its end-of-sequence token (not included)."""
+def _greatest(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # one reduction gives the token (the first maximum, as argmax) and its value: a row's max is
+    # NaN if the row holds a NaN, +inf if it holds +inf; -inf (a masked token) passes
+    return logits.max(-1)
+
+
+def _top_k_sampler(k: int, generator: torch.Generator | None):
+    def pick(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        top, _ = logits.max(-1)  # (the non-finite check reads it, as for greedy)
+        values, tokens = logits.topk(min(k, logits.shape[-1]), dim=-1)
+        probs = torch.softmax(values.float(), dim=-1)
+        # a row that is not finite gets a valid draw here (multinomial refuses NaN); decoding then
+        # refuses it by its max, as greedy decoding does
+        probs = torch.where(torch.isfinite(probs).all(-1, keepdim=True), probs, torch.ones_like(probs))
+        choice = torch.multinomial(probs, 1, generator=generator)
+        return top, tokens.gather(-1, choice).squeeze(-1)
+    return pick
+
+
+def _greedy(stepper: Any, b: int, max_new: int, eos: torch.Tensor, pad: int, pick=_greatest) -> list[list[int]]:
+    """Decoding (greedy, or as ``pick`` chooses each step's tokens): each row's new tokens up to its
+    end-of-sequence token (not included)."""
     device = eos.device
     done = torch.zeros(b, dtype=torch.bool, device=device)
     out = torch.full((b, max_new), pad, dtype=torch.long, device=device)
@@ -217,9 +245,7 @@ def _greedy(stepper: Any, b: int, max_new: int, eos: torch.Tensor, pad: int) -> 
     bad = torch.zeros(b, dtype=torch.bool, device=device)  # rows whose logits held NaN / +inf (read once, at the end)
     logits = stepper.first()
     for i in range(max_new):
-        # one reduction gives the token (the first maximum, as argmax) and its value: a row's max is
-        # NaN if the row holds a NaN, +inf if it holds +inf; -inf (a masked token) passes
-        top, best = logits.max(-1)
+        top, best = pick(logits)
         bad |= ~(top < float("inf")) & ~done
         token = torch.where(done, torch.full((b,), pad, dtype=torch.long, device=device), best)
         out[:, i] = token

@@ -1,4 +1,4 @@
-"""replay, A-GEM, DER++, I-LoRA, EWC, MAS, SI, LwF, MagMax and MIGU on a shared delta, and the task-agnostic matrix, on tiny models.
+"""replay, A-GEM, DER++, I-LoRA, EWC, MAS, SI, LwF, MagMax, MIGU and LAMOL (generative streams) on a shared delta, and the task-agnostic matrix, on tiny models.
 
 Each strategy's own property (replay's memory balanced and restored on resume; EWC's penalty zero
 at the anchor and growing with the move; LwF's loss zero when the new delta equals the old), a
@@ -19,7 +19,7 @@ from streams import TaskStream
 CONFIG = TrainConfig(**{**FAST, "max_steps": 40})
 GEN = TrainConfig(**{**FAST, "max_steps": 40, "lr": 3e-2, "max_length": 32, "eval_every": 20})
 LORA = [{"method": "lora", "rank": 4}]
-OPTIONS = {"replay": {"memory_size": 30}, "agem": {"memory_size": 30}, "gem": {"memory_size": 30}, "ogd": {"samples": 8}, "der": {"memory_size": 30}, "i-lora": {"memory_size": 30}, "ewc": {"fisher_samples": 8}, "mas": {"importance_samples": 8}, "si": {}, "lwf": {}, "magmax": {}, "migu": {}}
+OPTIONS = {"replay": {"memory_size": 30}, "agem": {"memory_size": 30}, "gem": {"memory_size": 30}, "ogd": {"samples": 8}, "der": {"memory_size": 30}, "i-lora": {"memory_size": 30}, "ewc": {"fisher_samples": 8}, "mas": {"importance_samples": 8}, "si": {}, "lwf": {}, "magmax": {}, "migu": {}, "lamol": {"gamma": 0.5}}
 
 
 def test_ewc_penalty_is_zero_at_the_anchor_and_grows_with_the_move():
@@ -122,7 +122,7 @@ def test_replay_restores_its_memory_exactly_on_resume(text_model, tmp_path):
 
 def test_generative_stream_trains_with_each_method(lm_model, tmp_path):
     stream = TaskStream("toy-gen", toy_generative_stream().tasks[:2])
-    for name in ("replay", "agem", "gem", "ogd", "der", "i-lora", "ewc", "mas", "si", "lwf", "magmax", "migu"):
+    for name in ("replay", "agem", "gem", "ogd", "der", "i-lora", "ewc", "mas", "si", "lwf", "magmax", "migu", "lamol"):
         res = run_stream(stream, lm_model(), make_strategy(name, LORA, **OPTIONS[name]), GEN, tmp_path / name)
         assert not np.isnan(res.matrix.R[-1]).any() and not np.isnan(res.matrix.A[-1]).any()
         # one shared delta and the shared LM head: routing cannot change a generative answer

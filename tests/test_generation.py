@@ -136,6 +136,36 @@ def test_t5_refuses_prefix_tuning_with_the_reason():
         tiny_lm("t5").add_task("p", "prefix", generative=True)
 
 
+@pytest.mark.parametrize("arch", LMS)
+def test_top_k_sampling_draws_from_the_top_k_and_repeats_with_its_seed(arch):
+    """k = 1 is greedy decoding; a seeded draw repeats and another seed draws otherwise; every
+    sampled token is among the k most likely at its step (checked by running the model again on
+    the prompt and the tokens drawn before it, without a cache)."""
+    model = tiny_lm(arch)
+    model.add_task("t", "lora", generative=True)
+    perturb(model.task("t"))
+    model.activate("t")
+    ids, mask = prompts()
+    greedy = generate(model, ids, mask, max_new_tokens=6, eos_token_id=EOS)
+    assert generate(model, ids, mask, max_new_tokens=6, eos_token_id=EOS, top_k=1) == greedy
+    draw = lambda seed: generate(model, ids, mask, max_new_tokens=6, eos_token_id=EOS, top_k=3,  # noqa: E731
+                                 generator=torch.Generator().manual_seed(seed))
+    first = draw(0)
+    assert draw(0) == first and any(draw(s) != first for s in (1, 2, 3))
+    for s in (0, 1, 2):
+        for r, row in enumerate(draw(s)):
+            prompt = ids[r, mask[r].bool()].tolist()
+            for i, token in enumerate(row):
+                if arch == "llama":
+                    logits = model(input_ids=torch.tensor([prompt + row[:i]]))[0, -1]
+                else:  # T5: the decoder's step i, teacher-forced after its start token
+                    logits = model(input_ids=torch.tensor([prompt]), decoder_input_ids=torch.tensor([[0] + row[:i]]))[0, -1]
+                assert token in logits.topk(3).indices.tolist()
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="top_k must be None"):
+            generate(model, ids, mask, top_k=bad)
+
+
 def test_generation_errors_are_clear():
     model = tiny_lm()
     model.add_task("cls", "lora", num_labels=2)

@@ -14,6 +14,8 @@
     ewc.py           ``ewc``: the shared delta, anchored by its Fisher information (online EWC)
     mas.py           ``mas``: the shared delta, anchored by its outputs' sensitivity to each parameter (Memory Aware Synapses)
     si.py            ``si``: the shared delta, anchored by each parameter's part in the loss's drop along the path (Synaptic Intelligence)
+    lamol.py         ``lamol``: the shared delta on a decoder that also learns to write its tasks' examples;
+                     before each task it writes pseudo-examples of the earlier ones to train on (LAMOL)
     migu.py          ``migu``: the shared delta; after the first task each step updates only the output
                      units of its linear maps that answered the batch most strongly (MIGU)
     lwf.py           ``lwf``: the shared delta, distilled from its previous values (Learning without Forgetting)
@@ -63,6 +65,7 @@ from .dual_prompt import DualPrompt
 from .ewc import EWC
 from .i_lora import ILoRA
 from .lwf import LwF
+from .lamol import LAMOL
 from .magmax import MagMax
 from .migu import MIGU
 from .mas import MAS
@@ -71,7 +74,7 @@ from .replay import Replay
 from .shared_delta import SHARED, Joint, SequentialDelta
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    s.name: s for s in (PerTaskDelta, ContinualFusion, SequentialDelta, Replay, AGEM, GEM, OGD, DER, ILoRA, MIGU, EWC, MAS, SI, LwF, MagMax, ProgressivePrompts, OLoRA, InfLoRA, PromptPool, CodaPrompt, DualPrompt,
+    s.name: s for s in (PerTaskDelta, ContinualFusion, SequentialDelta, Replay, AGEM, GEM, OGD, DER, ILoRA, LAMOL, MIGU, EWC, MAS, SI, LwF, MagMax, ProgressivePrompts, OLoRA, InfLoRA, PromptPool, CodaPrompt, DualPrompt,
                         SequentialFineTune, Joint, *AVALANCHE_STRATEGIES)
 }
 
@@ -111,5 +114,5 @@ def make_strategy(name: str, methods: Sequence[MethodSpec] | MethodSpec | None =
     return cls(**options) if cls.trains_backbone else cls(methods, **options)
 
 
-__all__ = ["AGEM", "CodaPrompt", "DER", "DualPrompt", "EWC", "GEM", "ILoRA", "InfLoRA", "OGD", "LwF", "MagMax", "MAS", "MIGU", "OLoRA", "PromptPool", "ProgressivePrompts", "Replay", "SHARED", "SI", "STRATEGIES", "ContinualFusion", "Joint", "PerTaskDelta", "SequentialDelta", "SequentialFineTune",
+__all__ = ["AGEM", "CodaPrompt", "DER", "DualPrompt", "EWC", "GEM", "ILoRA", "InfLoRA", "LAMOL", "OGD", "LwF", "MagMax", "MAS", "MIGU", "OLoRA", "PromptPool", "ProgressivePrompts", "Replay", "SHARED", "SI", "STRATEGIES", "ContinualFusion", "Joint", "PerTaskDelta", "SequentialDelta", "SequentialFineTune",
            "Strategy", "TaskData", "default_methods", "make_strategy"]

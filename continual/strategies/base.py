@@ -88,6 +88,8 @@ class Strategy:
     updates_old_tasks: ClassVar[bool] = False
     # False where a strategy can only train classification tasks (Avalanche's, through its model)
     generative_tasks: ClassVar[bool] = True
+    # False where a strategy can only train generative tasks (LAMOL's language model writes its examples)
+    classification_tasks: ClassVar[bool] = True
     # False where training does not go through continual.training.fit (Avalanche's own trainer),
     # which is what runs data-parallel over several processes, or adds a loss term outside the model
     data_parallel: ClassVar[bool] = True
@@ -125,6 +127,11 @@ class Strategy:
                              "has no language-model head; use a decoder, e.g. --backbone smollm2")
         if generative and not self.generative_tasks:
             raise ValueError(f"strategy {self.name!r} trains classification tasks only; tasks {generative} are generative")
+        classifiers = [t.name for t in stream if not t.generative]
+        if classifiers and not self.classification_tasks:
+            raise ValueError(f"strategy {self.name!r} trains generative tasks only (text answers, on a decoder); tasks "
+                             f"{classifiers} are classification tasks; use generative ones (e.g. --stream generative "
+                             "--backbone smollm2)")
         if model.spec.kind == "decoder":  # a method that chooses by a query over the input (L2P, CODA-Prompt, ...)
             for m in self.methods:
                 if not get_method(m.method).capabilities.decoders:
