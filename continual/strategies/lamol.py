@@ -36,6 +36,11 @@ How we depart from the paper:
   and writes them to ``reports/<task>/pseudo-examples.jsonl``.
 - Only decoder-only backbones with generative tasks (the paper's setting); a classification task,
   or an encoder-decoder (T5), is refused before anything runs.
+
+The paper fine-tunes all of GPT-2 for several epochs a task; a pseudo-example comes back
+well-formed only once the delta has learnt to write the task's prompts, so with a LoRA and short
+tasks few do (SmolLM2, 100 steps on 64 examples a task: 0 to 8 of 13 kept; see
+benchmarks/results/forgetting-methods-cpu.md), and the run says so per task.
 """
 
 from __future__ import annotations
@@ -121,14 +126,17 @@ class LAMOL(_SharedDelta):
             raise ValueError(f"lamol trains a decoder-only language model to answer every task and to write examples "
                              f"of it, and the backbone {model.backbone_name!r} is an encoder-decoder; use a decoder "
                              "(e.g. --backbone smollm2)")
-        limit, tok = position_limit(model), model.tokenizer
-        marker = len(tok(ANSWER, add_special_tokens=False)["input_ids"])
-        for t in stream:  # the longest language-model sample: its generation token, prompt, marker, answer
-            reach = len(tok(generation_token(t.name), add_special_tokens=False)["input_ids"]) + marker + \
-                (t.max_length or max_length or 0)
-            if limit is not None and reach > limit:
-                raise ValueError(f"lamol: task {t.name!r}'s language-model samples reach position {reach}, past the "
-                                 f"{limit} of the backbone {model.backbone_name!r}; use a shorter max_length")
+        limit = position_limit(model)
+        if limit is None or not len(stream):
+            return
+        # the longest language-model sample, trained or written: any task's generation token, then a
+        # prompt and answer as long as the longest task's (an earlier task is written at a later one's
+        # length), and the marker
+        token = max(len(self._ids(model, generation_token(t.name))) for t in stream)
+        reach = token + len(self._ids(model, ANSWER)) + max(t.max_length or max_length or 0 for t in stream)
+        if reach > limit:
+            raise ValueError(f"lamol: the stream's language-model samples reach position {reach}, past the {limit} of "
+                             f"the backbone {model.backbone_name!r}; use a shorter max_length")
 
     def _ids(self, model: DeltaModel, text: str) -> list[int]:
         return model.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -151,11 +159,10 @@ class LAMOL(_SharedDelta):
         share, extra = divmod(math.ceil(self.gamma * n_train), len(earlier))
         gen = torch.Generator(device=model.device).manual_seed(config.seed)
         precision = resolve_precision(config.precision, model.device)
+        counts = [max(1, share + (1 if i < extra else 0)) if self.gamma > 0 else 0 for i in range(len(earlier))]
         rows: list[Row] = []
-        wanted = 0
-        for i, name in enumerate(earlier):
-            n = max(1, share + (1 if i < extra else 0)) if self.gamma > 0 else 0
-            wanted += n
+        bar = tqdm(total=sum(counts), desc=f"task {task.name}: pseudo-examples", disable=not config.progress, leave=False)
+        for name, n in zip(earlier, counts):
             prefix = self._ids(model, generation_token(name))
             with model.acting(*self.trains_with(name)), autocast(precision, model.device), inference_linears(model):
                 for b in range(0, n, config.batch_size * 2):
@@ -166,9 +173,11 @@ class LAMOL(_SharedDelta):
                         if parts and len(parts[1]) <= answer_room(config.max_length) and \
                                 len(parts[0]) + len(parts[1]) + 1 <= config.max_length:
                             rows.append((name, parts[0], parts[1] + [eos]))
+                    bar.update(size)
+        bar.close()
         self._texts[task.name] = [{"task": n, "prompt": tok.decode(p), "answer": tok.decode(a[:-1]).strip()}
                                   for n, p, a in rows]
-        tqdm.write(f"task {task.name} (lamol): {len(rows)} of {wanted} pseudo-examples of {len(earlier)} earlier "
+        tqdm.write(f"task {task.name} (lamol): {len(rows)} of {sum(counts)} pseudo-examples of {len(earlier)} earlier "
                    f"task(s) kept, written in {time.perf_counter() - start:.0f} s")
         return rows
 
