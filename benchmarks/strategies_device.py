@@ -75,8 +75,8 @@ def main() -> int:
           f"stream {stream.name} ({', '.join(stream.names)}), {args.steps} steps per task\n")
     print("| strategy | ACC | ACC, no task id | seconds | peak GPU memory |\n|---|---|---|---|---|")
     failed = 0
+    kinds = {t.generative for t in stream}
     for name in names:
-        kinds = {t.generative for t in stream}
         if (True in kinds and not STRATEGIES[name].generative_tasks) or \
                 (False in kinds and not STRATEGIES[name].classification_tasks):
             print(f"| {name} | skipped: it refuses this stream's kind of task by design | | | |", flush=True)
