@@ -64,7 +64,7 @@ from ..training import TrainConfig
 from ..training.config import position_limit
 from ..training.data import answer_room
 from .base import check_option
-from .shared_delta import SHARED, _SharedDelta
+from .shared_delta import _SharedDelta
 
 ANSWER = " __ans__"  # the answer marker, as text (no new vocabulary on a frozen backbone)
 
@@ -143,7 +143,7 @@ class LAMOL(_SharedDelta):
 
     def train(self, model, tasks, config, data, callback):
         (task,) = tasks
-        earlier = [n for n in model.tasks if n not in (SHARED, task.name)]  # in the order they came
+        earlier = self.earlier_tasks(model, task)
         self.pseudo = self._write(model, task, earlier, config, len(data(task)["train"])) if earlier else []
         try:
             return super().train(model, tasks, config, data, callback)

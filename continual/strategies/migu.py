@@ -118,7 +118,7 @@ class MIGU(_SharedDelta):
 
     def masks(self, model: DeltaModel, task: Task) -> bool:
         """True after the first task: an earlier task's head is in the model (so a resumed run knows too)."""
-        return any(name not in (SHARED, task.name) for name in model.tasks)
+        return bool(self.earlier_tasks(model, task))
 
     def train(self, model, tasks, config, data, callback):
         (task,) = tasks

@@ -34,6 +34,11 @@ class _SharedDelta(Strategy):
         """The shared delta's parameters by name (what EWC, MAS, SI and OGD weigh or project)."""
         return dict(model.task(SHARED).deltas.named_parameters())
 
+    def earlier_tasks(self, model: DeltaModel, task: Task) -> list[str]:
+        """The tasks trained before ``task``, in their order: the model's tasks but this one and
+        those the strategy adds for itself (a resumed run has rebuilt them before it trains)."""
+        return [n for n in model.tasks if n not in (*self.reserved, task.name)]
+
     def finish(self, model: DeltaModel, task: Task) -> None:
         model.freeze(task.name)  # the head; the shared delta keeps training on the next task
 
