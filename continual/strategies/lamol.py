@@ -162,13 +162,17 @@ class LAMOL(_SharedDelta):
         counts = [max(1, share + (1 if i < extra else 0)) if self.gamma > 0 else 0 for i in range(len(earlier))]
         rows: list[Row] = []
         bar = tqdm(total=sum(counts), desc=f"task {task.name}: pseudo-examples", disable=not config.progress, leave=False)
-        for name, n in zip(earlier, counts):
-            prefix = self._ids(model, generation_token(name))
-            with model.acting(*self.trains_with(name)), autocast(precision, model.device), inference_linears(model):
+        # the frozen weights copied once for every earlier task's batches (what changes between
+        # tasks is which deltas act, not the backbone)
+        with autocast(precision, model.device), inference_linears(model):
+            for name, n in zip(earlier, counts):
+                prefix = self._ids(model, generation_token(name))
                 for b in range(0, n, config.batch_size * 2):
                     size = min(config.batch_size * 2, n - b)
                     ids = torch.tensor([prefix] * size, device=model.device)
-                    for new in generate(model, ids, max_new_tokens=width, top_k=self.top_k, generator=gen):
+                    with model.acting(*self.trains_with(name)):
+                        new_rows = generate(model, ids, max_new_tokens=width, top_k=self.top_k, generator=gen)
+                    for new in new_rows:
                         parts = split_sample(new, marker, ended=len(new) < width)
                         if parts and len(parts[1]) <= answer_room(config.max_length) and \
                                 len(parts[0]) + len(parts[1]) + 1 <= config.max_length:
