@@ -36,6 +36,18 @@ def test_state_distance_weighs_the_real_tokens_alone():
     assert state_distance(fast, slow, torch.ones(2, 2)).item() == pytest.approx((4 * 4 + 4 * 25) / 24)
 
 
+def test_one_sided_distance_counts_only_entries_where_fast_is_below_slow():
+    fast = torch.tensor([[[1.0, 5.0], [0.0, 0.0]]])  # (1, 2, 2); the second position is padding
+    slow = torch.tensor([[[3.0, 4.0], [9.0, 9.0]]])
+    mask = torch.tensor([[1, 0]])
+    # target max(fast, slow) = [3, 5]: only the first entry is off, by 2
+    assert state_distance(fast, slow, mask, one_sided=True).item() == pytest.approx(4 / 2)
+    assert state_distance(fast, slow, mask).item() == pytest.approx((4 + 1) / 2)
+    fast.requires_grad_(True)
+    state_distance(fast, slow, mask, one_sided=True).backward()
+    assert fast.grad[0, 0].tolist() == [pytest.approx(-2.0), 0.0]  # d/dfast of (3 - fast)^2 / 2 at fast = 1
+
+
 def test_the_slow_delta_is_the_interpolation_of_the_fast_ones_path(text_model, tmp_path, monkeypatch):
     """Recorded apart from the strategy's code: the fast delta after every optimizer step, and as
     each task's training leaves it (its best-on-dev values); the slow delta must be
@@ -137,7 +149,64 @@ def test_bad_options_are_refused():
     for bad in (-1, float("inf"), float("nan")):
         with pytest.raises(ValueError, match="i-lora: consistency must be a finite number >= 0"):
             make_strategy("i-lora", LORA, consistency=bad)
+    with pytest.raises(ValueError, match="i-lora: features must be one of last, all-max, got 'all'"):
+        make_strategy("i-lora", LORA, features="all")
     described = make_strategy("i-lora", LORA).describe()
     assert (described["interpolation"], described["consistency"], described["memory_size"]) == (0.25, 1.0, 200)
+    assert described["features"] == "last"
     with pytest.raises(ValueError, match=f"task name {SLOW!r} is reserved by the i-lora strategy"):
         ILoRA(LORA).check_name(SLOW)
+
+
+def test_all_max_features_weigh_every_blocks_states_one_sided(text_model, tmp_path):
+    """``features="all-max"``: replay's loss plus γ times the mean over the encoder's blocks of the
+    one-sided distance of their outputs, computed by hand from the backbone's hidden states (entry
+    0, the embeddings' output, left out)."""
+    model = text_model()
+    strategy = make_strategy("i-lora", LORA, memory_size=20, consistency=2.5, features="all-max")
+    run_stream(toy_stream(), model, strategy, CONFIG, tmp_path / "r")
+    with torch.no_grad():
+        for p in model.task(SLOW).deltas.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    data = TokenisedTasks(model.tokenizer, CONFIG.max_length, 32)
+    old = toy_stream()[0]
+    picks = [(old, int(i)) for i in strategy.memory[old.name]]
+    model.eval()
+    with torch.no_grad():
+        term = strategy.memory_term(model, data, picks).item()
+        replay = strategy.memory_loss(model, data, picks).item()
+        rows = collate_rows(data(old)["train"], [i for _, i in picks], model.tokenizer)
+        states = {}
+        for name in (SHARED, SLOW):
+            with model.acting(name, old.name):
+                states[name] = model.backbone(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"],
+                                              output_hidden_states=True).hidden_states[1:]
+        m = rows["attention_mask"].float().unsqueeze(-1)
+        per_block = [(((s - f).clamp_min(0) ** 2) * m).sum() / (m.sum() * f.shape[-1])
+                     for f, s in zip(states[SHARED], states[SLOW])]
+        by_hand = torch.stack(per_block).mean().item()
+        plain = sum((((s - f) ** 2) * m).sum() / (m.sum() * f.shape[-1]) for f, s in zip(states[SHARED], states[SLOW]))
+    assert len(per_block) > 1 and by_hand > 1e-8 and by_hand < plain.item() / len(per_block)
+    assert term == pytest.approx(replay + 2.5 * by_hand, rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["decoder", "t5"])
+def test_all_max_features_on_generative_backbones(kind, lm_model, word_tokenizer, tmp_path):
+    """On a decoder and on T5 (encoder and decoder blocks) the all-block term trains a stream and is
+    zero when the two copies agree, positive when they do not."""
+    stream = TaskStream("toy-gen", toy_generative_stream().tasks[:2])
+    model = lm_model() if kind == "decoder" else tiny_t5(word_tokenizer)
+    config = dataclasses.replace(CONFIG, max_length=32, lr=3e-2)
+    strategy = make_strategy("i-lora", LORA, memory_size=20, features="all-max")
+    res = run_stream(stream, model, strategy, config, tmp_path / "r")
+    assert not np.isnan(res.matrix.R[-1]).any()
+    data = TokenisedTasks(model.tokenizer, config.max_length, 32, decoder_start=model.decoder_start_id)
+    picks = [(stream[0], int(i)) for i in strategy.memory[stream[0].name]]
+    model.eval()
+    with torch.no_grad():
+        model.task(SLOW).deltas.load_state_dict(model.task(SHARED).deltas.state_dict())
+        replay = strategy.memory_loss(model, data, picks).item()
+        assert strategy.memory_term(model, data, picks).item() == pytest.approx(replay, rel=1e-6)
+        for p in model.task(SLOW).deltas.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        assert strategy.memory_term(model, data, picks).item() > replay + 1e-8

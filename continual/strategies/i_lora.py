@@ -29,9 +29,14 @@ How we depart from the paper:
   losses, where replay adds them).
 - h is the last layer's token states (what a head reads; T5's decoder's for a generative task),
   averaged over the batch's real tokens where the mask lines up with them, over every position
-  otherwise (a prompt method's added positions). The authors' released script compares every
-  layer's states and takes, entry by entry, the larger of the two as the target; we use the
-  plain squared distance to the slow delta's states.
+  otherwise (a prompt method's added positions), by default (``features="last"``). The authors'
+  released script compares every layer's states and takes, entry by entry, the larger of the two
+  as the target, max(h_w, h_l), so only entries where the fast delta's state is below the slow
+  one's count, as (h_l − h_w)²; ``features="all-max"`` does that over every transformer block's
+  output (T5: its encoder's and, for a generative task, its decoder's blocks), the mean over blocks
+  of each block's mean over the real tokens. It leaves out the embeddings' output (the script's
+  first hidden state, the same for both copies but a prompt's positions) and takes a Llama-family
+  model's last block before its final norm (the script's last hidden state is after it).
 - λ warms up as in the released script, λ_k = min(1 − 1/(k + 1), λ) at the k-th step, with k
   counted over the whole stream (the script's count restarts with each task, which would let a
   new task's first steps overwrite half of the long-term memory); the slow delta starts equal to
@@ -55,12 +60,15 @@ from adapters import DEFAULT_METHOD, DeltaModel
 from adapters.model import MethodSpec
 from streams import Task
 
+from adapters.targets import block_paths
+
 from ..training import TrainConfig, token_loss
 from .base import check_option, finite_at_least
 from .replay import Replay
 from .shared_delta import SHARED
 
 SLOW = "ilora_slow"  # the task holding the slow delta (no head): what answers
+FEATURES = ("last", "all-max")  # the consistency term's states: see the module docstring
 
 
 def states_module(model: DeltaModel, generative: bool) -> torch.nn.Module:
@@ -71,10 +79,14 @@ def states_module(model: DeltaModel, generative: bool) -> torch.nn.Module:
     return model.backbone
 
 
-def state_distance(fast: torch.Tensor, slow: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def state_distance(fast: torch.Tensor, slow: torch.Tensor, mask: torch.Tensor | None,
+                   one_sided: bool = False) -> torch.Tensor:
     """Mean squared difference of two (B, T, H) token states over the real tokens of ``mask``
-    ((B, T); every position where it is None or does not line up with the states)."""
-    sq = (fast.float() - slow.float()) ** 2
+    ((B, T); every position where it is None or does not line up with the states). ``one_sided``:
+    the distance to max(fast, slow), entry by entry, so only entries where ``fast`` is below
+    ``slow`` count (the released script's target)."""
+    diff = slow.float() - fast.float()
+    sq = (diff.clamp_min(0) if one_sided else diff) ** 2
     if mask is None or mask.shape != sq.shape[:2]:
         return sq.mean()
     weights = mask.to(sq.dtype).unsqueeze(-1)
@@ -85,15 +97,18 @@ class ILoRA(Replay):
     name = "i-lora"
     description = ("replay with a fast shared delta that trains and a slow one, its running interpolation, that "
                    "answers; a consistency term keeps their features on the memory close (I-LoRA)")
-    defaults = {"memory_size": 200, "replay_batch": None, "interpolation": 0.25, "consistency": 1.0}
+    defaults = {"memory_size": 200, "replay_batch": None, "interpolation": 0.25, "consistency": 1.0, "features": "last"}
     reserved = (SHARED, SLOW)
 
     def __init__(self, methods: Sequence[MethodSpec] = (DEFAULT_METHOD,), memory_size: int = 200,
-                 replay_batch: int | None = None, interpolation: float = 0.25, consistency: float = 1.0) -> None:
+                 replay_batch: int | None = None, interpolation: float = 0.25, consistency: float = 1.0,
+                 features: str = "last") -> None:
         super().__init__(methods, memory_size, replay_batch)
         check_option(self.name, "interpolation", interpolation, lambda v: 0 <= v < 1, "a number in [0, 1)")
         check_option(self.name, "consistency", consistency, finite_at_least(0), "a finite number >= 0")
-        self.interpolation, self.consistency = float(interpolation), float(consistency)
+        if features not in FEATURES:
+            raise ValueError(f"{self.name}: features must be one of {', '.join(FEATURES)}, got {features!r}")
+        self.interpolation, self.consistency, self.features = float(interpolation), float(consistency), features
         self.steps = 0  # interpolation steps over the stream so far (λ's warm-up)
 
     def prepare(self, model: DeltaModel, task: Task) -> None:
@@ -133,22 +148,36 @@ class ILoRA(Replay):
     def memory_term(self, model: DeltaModel, data: Any, picks: list[tuple[Task, int]]) -> torch.Tensor:
         """Replay's cross-entropy on the memory batch through the fast delta, plus γ times the
         squared distance of its token states from the slow delta's on the same rows."""
-        captured: dict[torch.nn.Module, torch.Tensor] = {}  # the states module -> its last output
+        captured: dict[torch.nn.Module, torch.Tensor] = {}  # each hooked module -> its last output
 
         def loss(t: Task, rows: list[int], out: torch.Tensor, labels: torch.Tensor, mem: dict) -> torch.Tensor:
             ce = token_loss(out, labels)
             if not self.consistency:
                 return ce
-            where = states_module(model, t.generative)
-            fast = captured[where]
+            fast = dict(captured)  # the modules this task's forward ran (a T5 classifier: no decoder)
             with torch.no_grad(), model.acting(SLOW, t.name):  # the same batch, through the slow delta
                 model(**mem)
-            slow = captured[where]
-            mask = None if model.seq2seq and t.generative else mem.get("attention_mask")
-            return ce + self.consistency * state_distance(fast, slow, mask)
+            slow = dict(captured)
+            captured.clear()
+            if self.features == "last":
+                where = states_module(model, t.generative)
+                mask = None if model.seq2seq and t.generative else mem.get("attention_mask")
+                return ce + self.consistency * state_distance(fast[where], slow[where], mask)
+            terms = [state_distance(fast[m], slow[m], None if m in decoder else mem.get("attention_mask"), one_sided=True)
+                     for m in fast]
+            return ce + self.consistency * torch.stack(terms).mean()
 
-        hooks = {states_module(model, g) for g in {t.generative for t, _ in picks}}
-        handles = [m.register_forward_hook(lambda m, _i, out: captured.__setitem__(m, out[0])) for m in hooks]
+        if self.features == "last":
+            hooks = {states_module(model, g) for g in {t.generative for t, _ in picks}}
+        else:
+            hooks = {model.backbone.get_submodule(p) for p in block_paths(model.backbone)}
+        # a T5 decoder's states do not line up with the input's mask: every position counts there
+        decoder = set(model.backbone.get_decoder().modules()) if model.seq2seq else set()
+
+        def keep(m: torch.nn.Module, _i: Any, out: Any) -> None:
+            captured[m] = out if isinstance(out, torch.Tensor) else out[0]  # a block's tuple, or a model output
+
+        handles = [m.register_forward_hook(keep) for m in hooks]
         try:
             return self.memory_loss(model, data, picks, loss)
         finally:
@@ -168,4 +197,5 @@ class ILoRA(Replay):
         self.steps = int(state["ilora.steps"])
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "interpolation": self.interpolation, "consistency": self.consistency}
+        return {**super().describe(), "interpolation": self.interpolation, "consistency": self.consistency,
+                "features": self.features}
