@@ -87,8 +87,8 @@ def merge_run(run_dir: str | Path, rules: Sequence[str] | None = None, density: 
     ``density`` applies to the rules that have one (ties, dare; default each one's own). Every
     column is scored as the run scored its matrix (:func:`~continual.studies.route.run_scoring`)."""
     check_rules(rules or ["linear", "ties", "dare"], density, seed)  # before anything loads
-    stream, identity, model = per_task_run(Path(run_dir), backbone, "a merge combines one delta per stream task")
-    names, (precision, batch_size, scored) = stream.names, run_scoring(run_dir)
+    stream, info, model = per_task_run(Path(run_dir), backbone, "a merge combines one delta per stream task")
+    names, (precision, batch_size, scored) = stream.names, run_scoring(info)
     if rules is None:  # cat where the deltas have a summed form
         summed = all(get_method(c.method).summed_config(c, len(names)) is not None for c in model.task(names[0]).configs)
         rules = ["linear", "ties", "dare"] + (["cat"] if summed else [])
@@ -101,7 +101,7 @@ def merge_run(run_dir: str | Path, rules: Sequence[str] | None = None, density: 
     merged = next(n for n in (f"merged{i}" for i in range(len(names) + 1)) if n not in model.tasks)
     bar = tqdm(total=len(names) * (1 + len(rules)), desc="merge: scoring", unit="score", disable=not progress, leave=False)
     for target in stream:
-        loader = task_loader(target, "test", model, target.max_length or identity["train"]["max_length"], batch_size)
+        loader = task_loader(target, "test", model, target.max_length or info["identity"]["train"]["max_length"], batch_size)
         scores[OWN].append(evaluate(model, target.name, loader, precision=precision)["accuracy"])
         bar.update()
         for r in rules:  # re-merged per target only to give it the target's head; each merge draws the same

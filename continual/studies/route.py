@@ -32,7 +32,8 @@ from ..training.data import sample_rows
 
 
 def stream_of_run(run_dir: str | Path):
-    """The :class:`~streams.TaskStream` a run was made from, checked against its fingerprints."""
+    """(the :class:`~streams.TaskStream` a run was made from, checked against its fingerprints; what
+    its results.json says, verified: read once, so every study's account comes from one reading)."""
     from streams import builtin_stream, stream_from_yaml
 
     run = Path(run_dir)
@@ -40,7 +41,8 @@ def stream_of_run(run_dir: str | Path):
     if not spec_path.exists() or not results.exists():
         raise RunStateError(not_a_run(run, "is not a finished stream run (stream.yaml and results.json are needed)"))
     spec = yaml.safe_load(spec_path.read_text())
-    identity = run_info(run)["identity"]  # verified against its checksum
+    info = run_info(run)  # verified against its checksum
+    identity = info["identity"]
     if spec.get("file"):
         stream = stream_from_yaml(spec["file"], spec.get("seed", 0), spec.get("max_train"), spec.get("max_eval"))
     elif "stream" not in spec:
@@ -52,21 +54,22 @@ def stream_of_run(run_dir: str | Path):
         changed = [t for t in dict.fromkeys([*then, *now]) if now.get(t) != then.get(t)]
         raise RunStateError(f"the data of {run}'s stream changed since it was run: task(s) {', '.join(changed)} differ from "
                             "the fingerprints it recorded (their rows or label names, or a generative task's metric)")
-    return stream, identity
+    return stream, info
 
 
 #: how a study scores a run whose rows do not say how they were scored (or say different things)
 STUDY_SCORING = ("fp32", 64)
 
 
-def run_scoring(run_dir: str | Path) -> tuple[str, int, str]:
+def run_scoring(info: dict[str, Any]) -> tuple[str, int, str]:
     """(precision, batch size, what to tell the user): how the run scored its matrix, read from
     its rows' records, so that a study scoring the run's own deltas again (merge, transfer) gets
     the matrix's numbers for them. In bf16 the batch's rounding can flip a generated answer, so
     both are matched (a run scored by several processes split its batches between them, so there
     the numbers can still differ by rounding). :data:`STUDY_SCORING` where the rows do not record
-    it (runs made before they did) or disagree (a run resumed with another precision)."""
-    recorded = [r.get("scored_with") for r in run_info(Path(run_dir))["steps"]]
+    it (runs made before they did) or disagree (a run resumed with another precision). ``info``:
+    the run's results (:func:`stream_of_run`)."""
+    recorded = [r.get("scored_with") for r in info["steps"]]
     kinds = {json.dumps(r, sort_keys=True) for r in recorded}
     first = recorded[0] if recorded else None
     if (len(kinds) == 1 and isinstance(first, dict) and first.get("precision") in set(PRECISIONS) - {"auto"}
@@ -84,8 +87,8 @@ def run_scoring(run_dir: str | Path) -> tuple[str, int, str]:
 
 
 def per_task_run(run_dir: str | Path, backbone: str | None, why: str):
-    """(stream, identity, model with the run's tasks loaded) for a run with one task per stream task."""
-    stream, identity = stream_of_run(run_dir)
+    """(stream, the run's results, model with the run's tasks loaded) for a run with one task per stream task."""
+    stream, info = stream_of_run(run_dir)
 
     def check(loaded: list[str]) -> None:
         if loaded != stream.names:
@@ -95,7 +98,7 @@ def per_task_run(run_dir: str | Path, backbone: str | None, why: str):
     check(run_task_names(run_dir))  # from the folder: refused before the backbone loads
     model, loaded = load_run_model(run_dir, backbone)
     check(loaded)
-    return stream, identity, model
+    return stream, info, model
 
 
 class _Ticking(list):
@@ -128,8 +131,8 @@ def route_run(run_dir: str | Path, backbone: str | None = None, routers: Sequenc
     if fit_max is not None and (not isinstance(fit_max, int) or fit_max < 1):
         raise ValueError(f"fit_max must be None (no cap) or an integer >= 1, got {fit_max!r}")
     run = Path(run_dir)
-    stream, identity, model = per_task_run(run, backbone, "routing picks one task per stream task")
-    precision, batch_size, scored = run_scoring(run)
+    stream, info, model = per_task_run(run, backbone, "routing picks one task per stream task")
+    identity, (precision, batch_size, scored) = info["identity"], run_scoring(info)
     default_len = identity["train"]["max_length"]
     train, test, gold, labels, sources, new_tokens = {}, {}, {}, {}, {}, []
     # one bar over every batch: embedded once each, then each test batch scored per router and once by the true task

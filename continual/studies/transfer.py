@@ -76,15 +76,15 @@ def transfer_matrix(run_dir: str | Path, backbone: str | None = None, progress: 
     """Score every task's delta + head on every task with the same label names (every pair of
     generative tasks), as the run scored its matrix. ``backbone``: default, the one the run's
     checkpoints name."""
-    stream, identity, model = per_task_run(Path(run_dir), backbone, "the transfer matrix applies one delta per stream task")
-    precision, batch_size, scored = run_scoring(run_dir)
+    stream, info, model = per_task_run(Path(run_dir), backbone, "the transfer matrix applies one delta per stream task")
+    precision, batch_size, scored = run_scoring(info)
     T = len(stream)
     acc = np.full((T, T), np.nan)
     sources = [[i for i, s in enumerate(stream) if s.label_names == t.label_names or (s.generative and t.generative)]
                for t in stream]  # the comparable sources of each target
     with tqdm(total=sum(map(len, sources)), desc="transfer: scoring", unit="pair", disable=not progress, leave=False) as bar:
         for j, target in enumerate(stream):
-            loader = task_loader(target, "test", model, target.max_length or identity["train"]["max_length"], batch_size)
+            loader = task_loader(target, "test", model, target.max_length or info["identity"]["train"]["max_length"], batch_size)
             for i in sources[j]:
                 acc[i, j] = evaluate(model, stream.tasks[i].name, loader, precision=precision)["accuracy"]
                 bar.update()
