@@ -3,7 +3,8 @@
 # the weights and data packages: run `python3 benchmarks/gpu_pack.py` first (it writes .gpu/, which
 # must travel with the checkout), then there:
 #
-#   bash benchmarks/gpu_check.sh OUT [PART ...]     # PART: strategies, decode, loop-minilm, loop-smollm2 (default: all)
+#   bash benchmarks/gpu_check.sh OUT [PART ...]     # PART: strategies, strategies-gen, decode, loop-minilm,
+#                                                   # loop-smollm2 (default: all)
 #
 # Each part has its own time limit, so one that hangs or fails leaves the others their time; logs
 # and JSON land in OUT. Seen on an H200 (benchmarks/results/h200-gpu-check.md): decode ~140 s,
@@ -12,7 +13,7 @@
 set -u
 out=${1:-gpu-check}
 shift || true
-parts=${*:-strategies decode loop-minilm loop-smollm2}
+parts=${*:-strategies strategies-gen decode loop-minilm loop-smollm2}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/wheels/*.whl \
@@ -30,6 +31,10 @@ part() {  # part NAME SECONDS COMMAND...: run with a limit, log to OUT/NAME.log
 
 # every strategy a few steps on the GPU: do the tensors each builds on its own follow the model there?
 part strategies 300 python3 benchmarks/strategies_device.py --stream .gpu/streams/default/default.yaml --backbone .gpu/minilm
+# the newer generative paths on a decoder (random SmolLM2 weights): lamol's seeded sampling, MIGU's
+# masks, I-LoRA's states, OGD's directions, DER's logits on the GPU
+part strategies-gen 240 python3 benchmarks/strategies_device.py --stream .gpu/streams/generative/generative.yaml \
+    --backbone .gpu/smollm2 --random-init --only lamol,migu,i-lora,ogd,der,magmax
 # decoding: ours against HF generate + PEFT, one LoRA and mixed 8 / 64, bf16 and fp32 (random
 # SmolLM2 weights: the same shapes, so the same work)
 part decode 200 python3 benchmarks/decode_speed.py --backbone .gpu/smollm2 --random-init --prompts .gpu/prompts.json \

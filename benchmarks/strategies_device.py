@@ -3,6 +3,8 @@
     python3 benchmarks/strategies_device.py                                   # here: default stream, MiniLM
     python3 benchmarks/strategies_device.py --stream .gpu/streams/default/default.yaml --backbone .gpu/minilm
                                                                               # on the GPU machine (gpu_check.sh)
+    python3 benchmarks/strategies_device.py --stream .gpu/streams/generative/generative.yaml \
+        --backbone .gpu/smollm2 --random-init                                  # there, generative (lamol's)
 
 The unit tests run every strategy on a CPU, where a tensor a strategy builds on its own (a memory,
 a basis, a merge's weights) is on the model's device by accident. On a GPU such a tensor meets the
@@ -13,7 +15,8 @@ with and without the task id, its seconds and peak GPU memory, or the error it s
 exit code is the number of strategies that failed (a check, not a benchmark of accuracy: a few
 steps say nothing of how well a method does). A strategy that refuses the stream's kind of task by
 design (Avalanche's on generative tasks, ``lamol`` on classification) is listed as skipped: run a
-generative stream on a decoder for those.
+generative stream on a decoder for those (``--random-init`` builds a backbone whose weights are not
+carried, as ``decode_speed.py`` does: the same shapes and code paths, answers that mean nothing).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # decode_speed's random_backbone
 
 
 def run_one(name: str, stream, backbone: str, config, out: Path) -> str:
@@ -64,7 +68,13 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=6, help="training steps per task (default: 6)")
     p.add_argument("--device", default=None, help="default: a GPU where there is one, else the CPU")
     p.add_argument("--only", default=None, help="comma-separated strategies (default: all)")
+    p.add_argument("--random-init", action="store_true", help="the backbone's config with random weights (see decode_speed.py)")
     args = p.parse_args()
+    kept = tempfile.TemporaryDirectory()  # a random backbone's files, removed when the checks end
+    if args.random_init:
+        from decode_speed import random_backbone
+
+        args.backbone = random_backbone(args.backbone, Path(kept.name) / "backbone")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     stream = load_stream(args.stream, seed=0, max_train=32, max_eval=16)
     stream = type(stream)(stream.name, stream.tasks[:args.tasks])
