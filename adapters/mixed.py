@@ -104,6 +104,11 @@ class MixedTasks(nn.Module):
         if len(kinds) > 1:
             raise TaskError("a mixed set holds either classification tasks or generative tasks, not both")
         self.generative = kinds == {True}
+        for t in entries:  # by its declaration, before any hook is placed
+            for d in t.deltas.values():
+                if not d.capabilities.mixed_batches:
+                    raise ConfigError(f"task {t.name!r} uses {d.config.method}, which cannot share a batch with "
+                                      f"other tasks' examples: {d.capabilities.why_not_mixed}")
         groups = self._collect(entries)
         backbone = model.backbone
         dtype = dtype or next(backbone.parameters()).dtype
@@ -119,10 +124,6 @@ class MixedTasks(nn.Module):
             self._handles += hook_site(backbone, site, self._on, self._term(module, site.output), self._captured)
         self.inputs = nn.ModuleDict()  # input transforms (prompt tuning), stacked across tasks
         for dkey, (cls, deltas) in self._collect_inputs(entries).items():
-            if not cls.capabilities.mixed_batches:
-                user = next(t.name for t, d in zip(entries, deltas) if d is not None)
-                raise ConfigError(f"task {user!r} uses {cls.config_class.method}, which cannot share a batch with "
-                                  f"other tasks' examples: {cls.capabilities.why_not_mixed}")
             self.inputs[dkey] = cls.stack_inputs(deltas)
         if not self.generative:  # generative tasks share the backbone's own LM head
             self._stack_heads(entries)

@@ -13,7 +13,8 @@ from adapters.mixed import LoopSites
 from conftest import ARCHS, batch, method_config, supports, tiny_backbone
 from test_methods import perturb
 
-SITE_METHODS = [m for m in adapters.available_methods() if adapters.get_method(m).capabilities.site_terms]
+SITE_METHODS = [m for m in adapters.available_methods()  # the site methods that declare mixed batches
+                if adapters.get_method(m).capabilities.site_terms and adapters.get_method(m).capabilities.mixed_batches]
 CASES = [(m, a) for m in SITE_METHODS for a in ARCHS if supports(m, a)]
 # methods with their own stack_sites run batched matrix products, the others the per-task loop
 STACKED = {m for m in SITE_METHODS if adapters.get_method(m).stack_sites.__func__ is not SiteDelta.stack_sites.__func__}
