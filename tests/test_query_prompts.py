@@ -1,4 +1,4 @@
-"""What the prompt strategies that choose by a query share (L2P, CODA-Prompt, DualPrompt): a
+"""What the strategies that choose by a query share (L2P, CODA-Prompt, DualPrompt, SAPT): a
 killed run resumes to the uninterrupted one's numbers, a generative stream trains on T5 with one
 shared delta, and decoder-only backbones are refused before anything runs."""
 
@@ -16,6 +16,7 @@ SMALL = {  # each strategy with a small delta of its method
     "prompt-pool": {"method": "prompt_pool", "pool_size": 6, "prompt_length": 2, "top_k": 2},
     "coda-prompt": {"method": "coda_prompt", "pool_size": 6, "prompt_length": 2, "tasks": 3},
     "dual-prompt": {"method": "dual_prompt", "g_length": 2, "e_length": 2, "tasks": 3},
+    "sapt": {"method": "sapt_lora", "rank": 2, "tasks": 3},  # no prompt, but chosen per input by its keys the same way
 }
 STRATEGIES = list(SMALL)
 

@@ -31,6 +31,8 @@
     dual_prompt.py   ``dual-prompt``: a prompt every task trains beside an expert prompt per task, chosen
                      per input by its key (DualPrompt)
     query_prompts.py what those three share (one delta chosen per input by a query; a part per task)
+    sapt.py          ``sapt``: a LoRA and key per task, each input mixing every task's LoRA by its attention
+                     over the keys; a memory of earlier inputs keeps their attention (SAPT)
     finetune.py      ``seq-ft`` (sequential full fine-tuning: the catastrophic-forgetting baseline)
     avalanche/       ``avalanche-naive|ewc|lwf|replay|agem``: Avalanche's strategies on the same
                      backbone and stream (the ``[avalanche]`` extra)
@@ -71,10 +73,11 @@ from .migu import MIGU
 from .mas import MAS
 from .si import SI
 from .replay import Replay
+from .sapt import Sapt
 from .shared_delta import SHARED, Joint, SequentialDelta
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    s.name: s for s in (PerTaskDelta, ContinualFusion, SequentialDelta, Replay, AGEM, GEM, OGD, DER, ILoRA, LAMOL, MIGU, EWC, MAS, SI, LwF, MagMax, ProgressivePrompts, OLoRA, InfLoRA, PromptPool, CodaPrompt, DualPrompt,
+    s.name: s for s in (PerTaskDelta, ContinualFusion, SequentialDelta, Replay, AGEM, GEM, OGD, DER, ILoRA, LAMOL, MIGU, EWC, MAS, SI, LwF, MagMax, ProgressivePrompts, OLoRA, InfLoRA, PromptPool, CodaPrompt, DualPrompt, Sapt,
                         SequentialFineTune, Joint, *AVALANCHE_STRATEGIES)
 }
 
