@@ -101,6 +101,21 @@ def hand_states(model, batch, generative):
     return model.encode(batch["input_ids"], batch["attention_mask"])
 
 
+def slow_apart_terms(model, strategy, old, config):
+    """After a run: the slow delta moved away from the fast one, then (the memory term, replay's
+    loss, both on all of ``old``'s memory, the memory's tokenised rows)."""
+    with torch.no_grad():
+        for p in model.task(SLOW).deltas.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    data = TokenisedTasks(model.tokenizer, config.max_length, 32, decoder_start=model.decoder_start_id)
+    picks = [(old, int(i)) for i in strategy.memory[old.name]]
+    model.eval()
+    with torch.no_grad():
+        term = strategy.memory_term(model, data, picks).item()
+        replay = strategy.memory_loss(model, data, picks).item()
+    return term, replay, collate_rows(data(old)["train"], [i for _, i in picks], model.tokenizer)
+
+
 @pytest.mark.parametrize("kind", ["encoder", "decoder", "t5"])
 def test_the_memory_term_is_replays_loss_plus_gamma_times_the_state_distance(kind, text_model, lm_model, word_tokenizer,
                                                                              tmp_path):
@@ -110,17 +125,9 @@ def test_the_memory_term_is_replays_loss_plus_gamma_times_the_state_distance(kin
     config = dataclasses.replace(CONFIG, max_length=32, lr=3e-2) if generative else CONFIG
     strategy = make_strategy("i-lora", LORA, memory_size=20, consistency=2.5)
     run_stream(stream, model, strategy, config, tmp_path / "r")
-    with torch.no_grad():  # the slow delta away from the fast one
-        for p in model.task(SLOW).deltas.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    data = TokenisedTasks(model.tokenizer, config.max_length, 32, decoder_start=model.decoder_start_id)
+    term, replay, rows = slow_apart_terms(model, strategy, stream[0], config)
     old = stream[0]
-    picks = [(old, int(i)) for i in strategy.memory[old.name]]
-    model.eval()
     with torch.no_grad():
-        term = strategy.memory_term(model, data, picks).item()
-        replay = strategy.memory_loss(model, data, picks).item()
-        rows = collate_rows(data(old)["train"], [i for _, i in picks], model.tokenizer)
         batch = {k: v.to(model.device) for k, v in rows.items()}
         states = {}
         for name in (SHARED, SLOW):
@@ -165,17 +172,9 @@ def test_all_max_features_weigh_every_blocks_states_one_sided(text_model, tmp_pa
     model = text_model()
     strategy = make_strategy("i-lora", LORA, memory_size=20, consistency=2.5, features="all-max")
     run_stream(toy_stream(), model, strategy, CONFIG, tmp_path / "r")
-    with torch.no_grad():
-        for p in model.task(SLOW).deltas.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    data = TokenisedTasks(model.tokenizer, CONFIG.max_length, 32)
+    term, replay, rows = slow_apart_terms(model, strategy, toy_stream()[0], CONFIG)
     old = toy_stream()[0]
-    picks = [(old, int(i)) for i in strategy.memory[old.name]]
-    model.eval()
     with torch.no_grad():
-        term = strategy.memory_term(model, data, picks).item()
-        replay = strategy.memory_loss(model, data, picks).item()
-        rows = collate_rows(data(old)["train"], [i for _, i in picks], model.tokenizer)
         states = {}
         for name in (SHARED, SLOW):
             with model.acting(name, old.name):
