@@ -70,11 +70,11 @@ class Sapt(TaskSlots):
         super().__init__(methods)
         check_option(self.name, "kl_lambda", kl_lambda, finite_at_least(0), "a finite number >= 0")
         check_option(self.name, "own_lambda", own_lambda, finite_at_least(0), "a finite number >= 0")
-        self.own_lambda = float(own_lambda)
         check_option(self.name, "memory_size", memory_size, lambda n: n >= 1, "an integer >= 1", integer=True)
         if replay_batch is not None:
             check_option(self.name, "replay_batch", replay_batch, lambda n: n >= 1, "an integer >= 1", integer=True)
-        self.kl_lambda, self.memory_size, self.replay_batch = float(kl_lambda), memory_size, replay_batch
+        self.kl_lambda, self.own_lambda = float(kl_lambda), float(own_lambda)
+        self.memory_size, self.replay_batch = memory_size, replay_batch
         self.memory: dict[str, torch.Tensor] = {}   # task -> indices into its tokenised training split
         self.targets: dict[str, torch.Tensor] = {}  # task -> its mean attention over the slots when it ended
         self.seen: list[Task] = []
@@ -122,7 +122,8 @@ class Sapt(TaskSlots):
             self.targets[t.name] = self.mean_attention(model, t, data, config.batch_size)  # a_t, as it ends
             # where every task's inputs go now (its own slot: the diagonal): the step's report
             seen = [s for s in self.seen if s.name != t.name] + [t]
-            table = torch.stack([self.mean_attention(model, s, data, config.batch_size)[:len(seen)] for s in seen])
+            table = torch.stack([(self.targets[t.name] if s is t else self.mean_attention(model, s, data, config.batch_size))
+                                 [:len(seen)] for s in seen])
             self._tables[t.name] = ([s.name for s in seen], table.cpu())
             low = [s.name for i, s in enumerate(seen) if i and float(table[i, i]) < 0.1]
             tqdm.write(f"task {t.name} (sapt): weight of each task's own LoRA on its inputs: "
