@@ -55,7 +55,7 @@ class PromptPoolConfig(DeltaConfig):
 
 
 # why a decoder-only backbone is refused (shared with the strategy's check before a run starts)
-DECODER_REFUSAL = ("{method} chooses its prompt by a query over the input, but on a decoder-only backbone "
+DECODER_REFUSAL = ("{method} chooses what acts on each input by a query over that input, but on a decoder-only backbone "
                    "({backbone!r}) a training input holds its answer while a generated one does not, so training and "
                    "generation would choose differently; use an encoder or an encoder-decoder (T5)")
 
