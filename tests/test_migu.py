@@ -30,10 +30,12 @@ def shared_lora(text_model):
     return model, strategy
 
 
-def test_the_mask_keeps_the_rows_whose_outputs_were_largest(text_model):
-    """Each LoRA site's input is recorded by a hook of its own; A's and B's output magnitudes are
-    computed by hand from it, |x Aᵀ| and |s x Aᵀ Bᵀ| summed over the positions. The rows at or above
-    the threshold quantile keep their gradient exactly; the others are zero. A pass without
+@pytest.mark.parametrize("layer", [False, True])
+def test_the_mask_keeps_the_rows_whose_outputs_were_largest(layer, text_model):
+    """Each LoRA site's input (and the frozen layer's output h) is recorded by a hook of its own;
+    A's and B's output magnitudes are computed by hand from it, |x Aᵀ| and |s x Aᵀ Bᵀ| (with
+    ``layer``, B's: the whole layer's |h + s x Aᵀ Bᵀ|) summed over the positions. The rows at or
+    above the threshold quantile keep their gradient exactly; the others are zero. A pass without
     gradients (a dev score) counts for nothing."""
     model, strategy = shared_lora(text_model)
     sites = [s for d in model.task(SHARED).deltas.values() for s in d.site_modules.values()]
@@ -41,10 +43,11 @@ def test_the_mask_keeps_the_rows_whose_outputs_were_largest(text_model):
     batch = dict(model.tokenizer(list(b.train["text"][:6]), padding=True, return_tensors="pt"))
     labels = torch.tensor(list(b.train["label"][:6]))
     inputs = {}
-    handles = [s.register_forward_hook(lambda m, args, out: inputs.__setitem__(m, args[0].detach())) for s in sites]
+    handles = [s.register_forward_hook(lambda m, args, out: inputs.__setitem__(m, (args[0].detach(), args[1].detach())))
+               for s in sites]
     model.activate(*strategy.active("b"))
     params = [p for p in model.parameters() if p.requires_grad]
-    with UnitMagnitudes(sites, 0.75) as units:
+    with UnitMagnitudes(sites, 0.75, layer=layer) as units:
         with torch.no_grad():
             other = dict(model.tokenizer(["a different text"] * 3, return_tensors="pt"))
             model(**other)  # not counted
@@ -57,9 +60,10 @@ def test_the_mask_keeps_the_rows_whose_outputs_were_largest(text_model):
     assert len(inputs) == len(sites) == 4  # query and value of the tiny backbone's two layers
     checked = 0
     for site in sites:
-        x = inputs[site].reshape(-1, inputs[site].shape[-1])
+        x, h = (v.reshape(-1, v.shape[-1]) for v in inputs[site])
         a = x @ site.lora_A.detach().t()
-        for weight, out in ((site.lora_A, a), (site.lora_B, site.scaling * a @ site.lora_B.detach().t())):
+        term = site.scaling * a @ site.lora_B.detach().t()
+        for weight, out in ((site.lora_A, a), (site.lora_B, h + term if layer else term)):
             m = out.abs().sum(0)
             keep = m >= torch.quantile(m, 0.75)
             assert 0 < int(keep.sum()) < len(keep)
@@ -135,7 +139,10 @@ def test_a_method_without_linear_maps_and_bad_thresholds_are_refused():
     for bad in (1, 1.5, -0.1, float("nan"), True, "0.5"):
         with pytest.raises(ValueError, match=r"migu: threshold must be a number in \[0, 1\)"):
             make_strategy("migu", LORA, threshold=bad)
+    with pytest.raises(ValueError, match="migu: magnitudes must be term or layer, got 'output'"):
+        make_strategy("migu", LORA, magnitudes="output")
     assert make_strategy("migu").describe()["threshold"] == 0.7
+    assert make_strategy("migu").describe()["magnitudes"] == "term"
     assert [m.method for m in make_strategy("migu").methods] == ["lora"]
 
 

@@ -25,8 +25,11 @@ How we depart from the paper and its released code:
 - The paper applies MIGU to full fine-tuning and to LoRA; here it acts on the shared delta of
   any method that names its maps. The per-task head (a classifier; generative tasks share the
   frozen LM head) is not masked.
-- B's magnitudes are those of B's own output, the LoRA term ``s B A x``; the released LoRA code can
-  instead take them from the whole layer's output (frozen layer plus term), an option.
+- B's magnitudes are those of B's own output, the LoRA term ``s B A x`` (``magnitudes="term"``, the
+  default); the released LoRA code can instead take them from the whole layer's output, the frozen
+  layer plus the term, ``h + s B A x``: ``magnitudes="layer"`` (for an adapter's up-projection too:
+  the sub-layer's output plus the adapter's term). Only each site's last map changes; LoRA's A and
+  an adapter's down-projection have no layer output of their own.
 - Ties at the threshold keep their gradient (``>=``); the released code's strict ``>`` zeroes every
   unit of a map whose outputs are all equal (all zero, say), which would stop it training.
 - The magnitudes are recomputed from the map's input after the forward pass (without dropout),
@@ -60,8 +63,8 @@ class UnitMagnitudes:
     build a gradient (evaluation under ``no_grad`` is not counted); :meth:`mask` zeroes the gradient
     rows below the threshold quantile and starts the next step's sums."""
 
-    def __init__(self, sites: Sequence[torch.nn.Module], threshold: float) -> None:
-        self.sites, self.threshold = list(sites), threshold
+    def __init__(self, sites: Sequence[torch.nn.Module], threshold: float, layer: bool = False) -> None:
+        self.sites, self.threshold, self.layer = list(sites), threshold, layer
         self.sums: dict[int, tuple[torch.nn.Parameter, torch.nn.Parameter | None, torch.Tensor]] = {}
         self.kept: list[float] = []  # the share of units kept, per step (what the mask did)
         self._handles: list[Any] = []
@@ -79,7 +82,10 @@ class UnitMagnitudes:
         if not torch.is_grad_enabled():
             return
         with torch.no_grad():
-            for weight, bias, out in site.linear_outputs(*args):
+            maps = site.linear_outputs(*args)
+            for i, (weight, bias, out) in enumerate(maps):
+                if self.layer and i == len(maps) - 1:  # the site's term: the whole layer's output, h + term
+                    out = args[1].detach().float() + out.float()
                 m = out.detach().abs().float().reshape(-1, out.shape[-1]).sum(0)
                 key = id(weight)
                 self.sums[key] = (weight, bias, self.sums[key][2] + m if key in self.sums else m)
@@ -102,13 +108,16 @@ class MIGU(_SharedDelta):
     name = "migu"
     description = ("one shared delta; after the first task each step updates only the output units of its linear "
                    "maps with the largest outputs on the batch (MIGU)")
-    defaults = {"threshold": 0.7}
+    defaults = {"threshold": 0.7, "magnitudes": "term"}
     data_parallel = False
     data_parallel_why = "its gradient mask is chosen from one process's batch, outside the data-parallel model"
 
-    def __init__(self, methods: Sequence[MethodSpec] = ("lora",), threshold: float = 0.7) -> None:
+    def __init__(self, methods: Sequence[MethodSpec] = ("lora",), threshold: float = 0.7, magnitudes: str = "term") -> None:
         super().__init__(methods)
         check_option(self.name, "threshold", threshold, lambda v: 0 <= v < 1, "a number in [0, 1)")
+        if magnitudes not in ("term", "layer"):
+            raise ValueError(f"migu: magnitudes must be term or layer, got {magnitudes!r}")
+        self.magnitudes = magnitudes
         bad = [m.method for m in self.methods if not get_method(m.method).capabilities.linear_units]
         if bad:
             raise ValueError(f"migu masks the output units of a delta's linear maps; {', '.join(bad)} has none it "
@@ -125,7 +134,7 @@ class MIGU(_SharedDelta):
         if not self.masks(model, task):
             return super().train(model, tasks, config, data, callback)
         sites = [s for d in model.task(SHARED).deltas.values() for s in d.site_modules.values()]
-        units = self._units = UnitMagnitudes(sites, self.threshold)
+        units = self._units = UnitMagnitudes(sites, self.threshold, layer=self.magnitudes == "layer")
         try:
             with units:
                 result = super().train(model, tasks, config, data, callback)
@@ -140,4 +149,4 @@ class MIGU(_SharedDelta):
         return None if self._units is None else self._units.mask
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "threshold": self.threshold}
+        return {**super().describe(), "threshold": self.threshold, "magnitudes": self.magnitudes}
