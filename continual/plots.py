@@ -155,6 +155,14 @@ def write_fusion_report(weights: Any, directory: str | Path) -> list[Path]:
     return [weights.to_csv(d / f"fusion-{weights.task}.csv"), md, fusion_heatmap(weights, d / f"fusion-{weights.task}.png")]
 
 
+def task_attention_heatmap(names: Sequence[str], table: np.ndarray, path: str | Path, title: str) -> Path:
+    """A tasks' inputs x tasks' deltas table of mean weights (SAPT's attention) as a PNG."""
+    n = len(names)
+    return annotated_heatmap(np.asarray(table, dtype=float), path, list(names), list(names), title,
+                             xlabel="mean weight on the LoRA of", ylabel="inputs of", cmap="Blues",
+                             white_text=lambda v: v > 0.6, figsize=(1.0 * n + 2.5, 0.8 * n + 2))
+
+
 def routing_heatmap(result: Any, path: str | Path) -> Path:
     """A :class:`fusion.routing.RoutingResult`'s row-normalised confusion (true x routed task) as a PNG."""
     frac = result.confusion / result.confusion.sum(1, keepdims=True)

@@ -113,6 +113,7 @@ def test_earlier_tasks_loras_and_keys_are_held_and_their_attention_recorded(text
     table = (tmp_path / "r" / "reports" / "c" / "attention.csv").read_text().splitlines()
     assert table[0] == "inputs of,a,b,c" and len(table) == 4
     assert sum(float(v) for v in table[3].split(",")[1:]) == pytest.approx(1.0, abs=1e-3)
+    assert (tmp_path / "r" / "reports" / "c" / "attention.png").stat().st_size > 1000
 
 
 def test_the_reflection_and_own_terms_equal_the_hand_computed_ones(text_model, tmp_path):
