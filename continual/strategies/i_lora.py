@@ -58,9 +58,8 @@ import torch
 
 from adapters import DEFAULT_METHOD, DeltaModel
 from adapters.model import MethodSpec
-from streams import Task
-
 from adapters.targets import block_paths
+from streams import Task
 
 from ..training import TrainConfig, token_loss
 from .base import check_option, finite_at_least
