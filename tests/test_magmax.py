@@ -1,5 +1,6 @@
 """magmax (MagMax on a shared delta) and the magmax merge rule: the rule by hand, the strategy's
-chain and merge against the paper's equation over a real toy stream, and its refusals."""
+chain and merge against the paper's equation over a real toy stream, λ chosen on the dev sets
+(scale="dev") against dev accuracies computed by hand, and its refusals."""
 
 import numpy as np
 import pytest
@@ -7,8 +8,10 @@ import torch
 
 from conftest import FAST, toy_stream
 from continual import TrainConfig, make_strategy, run_stream
-from continual.strategies import base
-from continual.strategies.magmax import MagMax
+from continual.scoring import TokenisedTasks
+from continual.strategies import SHARED, base
+from continual.strategies.magmax import SCALES, MagMax
+from continual.training import collate_rows
 from fusion.merge import magmax_merge
 
 LORA = [{"method": "lora", "rank": 4}]
@@ -58,8 +61,38 @@ def test_the_delta_answers_with_the_merge_of_its_chains_task_vectors(text_model,
     assert moved > 0  # some parameters keep an earlier task's move: the merge is not the last task's delta
 
 
+def test_scale_dev_keeps_the_scale_with_the_best_mean_dev_score(text_model, tmp_path, monkeypatch):
+    picked = []
+    real = MagMax.choose_scale
+    monkeypatch.setattr(MagMax, "choose_scale", lambda self, *a: (picked.append(real(self, *a)), picked[-1])[-1])
+    model, config = text_model(), TrainConfig(**{**FAST, "max_steps": 30, "eval_every": 15})
+    strategy = make_strategy("magmax", LORA, scale="dev")
+    run_stream(toy_stream(), model, strategy, config, tmp_path / "r")
+    assert len(picked) == 3 and all(v in SCALES for v in picked)
+    final = {k: p.detach().clone() for k, p in MagMax.shared_params(model).items()}
+    # by hand: each λ's delta, each task's dev accuracy through its own head, the mean over the three
+    data, means = TokenisedTasks(model.tokenizer, config.max_length, 32), {}
+    model.eval()
+    for lam in SCALES:
+        accs = []
+        with torch.no_grad():
+            for k, p in MagMax.shared_params(model).items():
+                p.copy_(strategy.init[k] + lam * strategy.merged[k])
+            for t in toy_stream():
+                dev = data(t)["dev"]
+                rows = collate_rows(dev, list(range(len(dev))), model.tokenizer)
+                with model.acting(SHARED, t.name):
+                    logits = model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"])
+                accs.append(float((logits.argmax(-1) == rows["labels"]).float().mean()))
+        means[lam] = sum(accs) / len(accs)
+    best = max(SCALES, key=lambda v: (means[v], -v))  # the smaller λ on a tie
+    assert picked[-1] == best, means
+    for k, theta0 in strategy.init.items():
+        torch.testing.assert_close(final[k], theta0 + best * strategy.merged[k])
+
+
 def test_bad_scales_are_refused():
-    for bad in (0, -1.0, float("nan"), float("inf"), True):
-        with pytest.raises(ValueError, match="magmax: scale must be a finite number > 0"):
+    for bad in (0, -1.0, float("nan"), float("inf"), True, "best"):
+        with pytest.raises(ValueError, match=r"magmax: scale must be a finite number > 0 \(or dev\)"):
             make_strategy("magmax", LORA, scale=bad)
     assert make_strategy("magmax", LORA).describe()["scale"] == 0.5
