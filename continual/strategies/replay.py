@@ -40,6 +40,25 @@ from .base import check_option
 from .shared_delta import _SharedDelta
 
 
+def check_memory_size(strategy: str, size: int, stream: TaskStream, what: str = "example") -> None:
+    """Refuse a memory too small to keep one ``what`` of each task the stream's last task trains
+    beside (a task left out would be replayed never)."""
+    earlier = len(stream) - 1
+    if size < earlier:
+        raise ValueError(f"{strategy}: memory_size={size} cannot keep one {what} of each earlier task: the stream's "
+                         f"last task trains with {earlier} before it; use memory_size >= {earlier}")
+
+
+def store_share(memory: dict[str, torch.Tensor], task: str, n: int, seed: int, size: int) -> None:
+    """Add ``task``'s share of a task-balanced memory of ``size`` indices (the start of a seeded
+    permutation of its ``n`` training rows); every task's share shrinks to the even split, the
+    earliest tasks keeping the remainder."""
+    memory[task] = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    share, extra = divmod(size, len(memory))
+    for i, name in enumerate(memory):
+        memory[name] = memory[name][:share + (1 if i < extra else 0)].clone()
+
+
 class Replay(_SharedDelta):
     name = "replay"
     description = "one shared delta; a seeded, task-balanced memory of earlier tasks' examples replayed each step"
@@ -58,10 +77,7 @@ class Replay(_SharedDelta):
 
     def check_stream(self, stream: TaskStream, model: DeltaModel, max_length: int | None = None) -> None:
         super().check_stream(stream, model, max_length)
-        earlier = len(stream) - 1  # the tasks in the memory while the last one trains
-        if self.memory_size < earlier:  # some of them would keep no example, and be replayed never
-            raise ValueError(f"{self.name}: memory_size={self.memory_size} cannot keep one example of each earlier task: "
-                             f"the stream's last task trains with {earlier} before it; use memory_size >= {earlier}")
+        check_memory_size(self.name, self.memory_size, stream)
 
     def finish(self, model: DeltaModel, task: Task) -> None:
         super().finish(model, task)
@@ -119,12 +135,7 @@ class Replay(_SharedDelta):
 
     def _store(self, task: Task, n: int, seed: int) -> None:
         """Add ``task``'s share of the memory; every task's share shrinks to the even split."""
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-        self.memory[task.name] = order
-        names = list(self.memory)
-        share, extra = divmod(self.memory_size, len(names))
-        for i, name in enumerate(names):
-            self.memory[name] = self.memory[name][:share + (1 if i < extra else 0)].clone()
+        store_share(self.memory, task.name, n, seed, self.memory_size)
 
     def state(self, model: DeltaModel) -> dict[str, torch.Tensor]:
         out = super().state(model)

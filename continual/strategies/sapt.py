@@ -57,6 +57,7 @@ from ..plots import task_attention_heatmap
 from ..training import TrainConfig, collate_rows
 from .base import check_option, finite_at_least
 from .query_prompts import TaskSlots
+from .replay import check_memory_size, store_share
 
 
 class Sapt(TaskSlots):
@@ -87,9 +88,7 @@ class Sapt(TaskSlots):
 
     def check_stream(self, stream: TaskStream, model: DeltaModel, max_length: int | None = None) -> None:
         super().check_stream(stream, model, max_length)
-        if self.memory_size < len(stream) - 1:  # an earlier task would keep no input, and be reflected never
-            raise ValueError(f"sapt: memory_size={self.memory_size} cannot keep one input of each earlier task: the "
-                             f"stream's last task trains with {len(stream) - 1} before it; use memory_size >= {len(stream) - 1}")
+        check_memory_size(self.name, self.memory_size, stream, "input")
 
     def own(self, model: DeltaModel) -> set[str]:
         delta = self.delta(model)
@@ -119,7 +118,7 @@ class Sapt(TaskSlots):
     def train(self, model, tasks, config, data, callback):
         result = super().train(model, tasks, config, data, callback)
         for t in tasks:
-            self._store(t, len(data(t)["train"]), config.seed)
+            store_share(self.memory, t.name, len(data(t)["train"]), config.seed, self.memory_size)
             self.targets[t.name] = self.mean_attention(model, t, data, config.batch_size)  # a_t, as it ends
             # where every task's inputs go now (its own slot: the diagonal): the step's report
             seen = [s for s in self.seen if s.name != t.name] + [t]
@@ -149,13 +148,6 @@ class Sapt(TaskSlots):
         png = task_attention_heatmap(names, table.numpy(), directory / "attention.png",
                                      f"SAPT attention after {task.name}")
         return {"attention": path, "attention-heatmap": png}
-
-    def _store(self, task: Task, n: int, seed: int) -> None:
-        """Add ``task``'s inputs to the memory; every task's share shrinks to the even split."""
-        self.memory[task.name] = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-        share, extra = divmod(self.memory_size, len(self.memory))
-        for i, name in enumerate(self.memory):
-            self.memory[name] = self.memory[name][:share + (1 if i < extra else 0)].clone()
 
     def loss_term(self, model: DeltaModel, task: Task, config: TrainConfig, data: Any):
         earlier = [t for t in self.seen if t.name != task.name and t.name in self.targets] if self.kl_lambda else []
