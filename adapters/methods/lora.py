@@ -38,6 +38,17 @@ class LoRAConfig(LayerwiseConfig):
                               "the usual choice is alpha = 2 * rank, or the default 16")
 
 
+def check_low_rank_site(config: LoRAConfig, site: Site, d_in: int, d_out: int, backbone: nn.Module) -> None:
+    """A low-rank term ``B A x`` (LoRA's, and every LoRA of ``sapt_lora``) goes on a linear layer at
+    least ``config.rank`` wide."""
+    if linear_dims(backbone.get_submodule(site.output)) is None:
+        raise ConfigError(f"{config.method} targets linear layers; {site.output} is not one")
+    if config.rank > min(d_in, d_out):  # B A then holds more numbers than the layer's own update can use
+        raise ConfigError(f"{config.method} rank {config.rank} is above the width of {site.output} ({d_in} -> {d_out}): "
+                          f"a rank beyond {min(d_in, d_out)} adds parameters and memory but nothing it can express; "
+                          f"use rank <= {min(d_in, d_out)}")
+
+
 class LoRASite(nn.Module):
     def __init__(self, d_in: int, d_out: int, rank: int, scaling: float, dropout: float) -> None:
         super().__init__()
@@ -67,12 +78,7 @@ class LoRA(SiteDelta):
 
     def build_site(self, site: Site, d_in: int, d_out: int, backbone: nn.Module) -> nn.Module:
         c = self.config
-        if linear_dims(backbone.get_submodule(site.output)) is None:
-            raise ConfigError(f"LoRA targets linear layers; {site.output} is not one")
-        if c.rank > min(d_in, d_out):  # B A then holds more numbers than the layer's own update can use
-            raise ConfigError(f"lora rank {c.rank} is above the width of {site.output} ({d_in} -> {d_out}): a rank "
-                              f"beyond {min(d_in, d_out)} adds parameters and memory but nothing it can express; "
-                              f"use rank <= {min(d_in, d_out)}")
+        check_low_rank_site(c, site, d_in, d_out, backbone)
         return LoRASite(d_in, d_out, c.rank, c.alpha / c.rank, c.dropout)
 
     @classmethod

@@ -40,32 +40,26 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..base import Capabilities, LayerwiseConfig, SiteDelta
+from ..base import Capabilities, SiteDelta
 from ..errors import ConfigError
 from ..precision import lowrank_precision
 from ..registry import register
-from ..targets import Site, linear_dims
+from ..targets import Site
+from .lora import LoRAConfig, check_low_rank_site
 from .prompt_pool import DECODER_REFUSAL
 
 
 @dataclasses.dataclass(frozen=True)
-class SaptLoRAConfig(LayerwiseConfig):
+class SaptLoRAConfig(LoRAConfig):
+    """LoRA's fields and checks (each task's LoRA is one), the query map's width and the slots."""
+
     method = "sapt_lora"
-    default_lr = 1e-3
-    targets: tuple[str, ...] = ("query", "value")
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
     query_dim: int = 100
     tasks: int = 10
 
     def validate(self) -> None:
         super().validate()
-        self.require_positive("rank", "query_dim", "tasks")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.alpha == 0:
-            raise ConfigError("alpha 0 scales every LoRA term to zero (it would train, and change nothing)")
+        self.require_positive("query_dim", "tasks")
 
 
 class SlotLoRASite(nn.Module):
@@ -112,11 +106,7 @@ class SaptLoRA(SiteDelta):
 
     def build_site(self, site: Site, d_in: int, d_out: int, backbone: nn.Module) -> nn.Module:
         c = self.config
-        if linear_dims(backbone.get_submodule(site.output)) is None:
-            raise ConfigError(f"sapt_lora targets linear layers; {site.output} is not one")
-        if c.rank > min(d_in, d_out):
-            raise ConfigError(f"sapt_lora rank {c.rank} is above the width of {site.output} ({d_in} -> {d_out}); "
-                              f"use rank <= {min(d_in, d_out)}")
+        check_low_rank_site(c, site, d_in, d_out, backbone)
         return SlotLoRASite(d_in, d_out, c.rank, c.alpha / c.rank, c.dropout, c.tasks)
 
     def task_names(self, t: int) -> list[str]:
