@@ -166,12 +166,13 @@ class ILoRA(Replay):
                      for m in fast]
             return ce + self.consistency * torch.stack(terms).mean()
 
+        decoder: set[torch.nn.Module] = set()
         if self.features == "last":
             hooks = {states_module(model, g) for g in {t.generative for t, _ in picks}}
         else:
             hooks = {model.backbone.get_submodule(p) for p in block_paths(model.backbone)}
-        # a T5 decoder's states do not line up with the input's mask: every position counts there
-        decoder = set(model.backbone.get_decoder().modules()) if model.seq2seq else set()
+            if model.seq2seq:  # a T5 decoder's states do not line up with the input's mask: every position counts
+                decoder = set(model.backbone.get_decoder().modules()) & hooks
 
         def keep(m: torch.nn.Module, _i: Any, out: Any) -> None:
             captured[m] = out if isinstance(out, torch.Tensor) else out[0]  # a block's tuple, or a model output
