@@ -44,7 +44,8 @@ class Capabilities:
       folds             :meth:`Delta.fold` replaces a training-time reparameterisation when frozen
       composite         built over other tasks' deltas (fusion): not a ``--method`` of its own
       decoders          can act on a decoder-only backbone (False where it selects by a query over
-                        the input: a decoder's training input holds the answer, a generated one not)
+                        the input: a decoder's training input holds the answer, a generated one not;
+                        such a method is refused when a task is added, with DECODER_REFUSAL)
       linear_units      its site modules name each trained linear map and its output for an input,
                         ``linear_outputs(x, h) -> [(weight, bias or None, output)]`` in the order the
                         maps run, the last output being the site's term: what a strategy that masks
@@ -62,6 +63,13 @@ class Capabilities:
     decoders: bool = True
     linear_units: bool = False
     why_not_mixed: str = "it changes the attention rather than adding a term at sites"
+
+
+# why a method declaring ``decoders=False`` is refused on a decoder-only backbone (when a task is
+# added, and by a strategy's check before a run starts)
+DECODER_REFUSAL = ("{method} chooses what acts on each input by a query over that input, but on a decoder-only backbone "
+                   "({backbone!r}) a training input holds its answer while a generated one does not, so training and "
+                   "generation would choose differently; use an encoder or an encoder-decoder (T5)")
 
 
 class FrozenRef:

@@ -22,7 +22,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from .base import Delta
+from .base import DECODER_REFUSAL, Delta
 from .config import DeltaConfig
 from .errors import ConfigError, TaskError
 from .heads import ClassificationHead, LMHead
@@ -56,7 +56,10 @@ class TaskDelta(nn.Module):
         self.deltas = nn.ModuleDict()
         for i, config in enumerate(self.configs):
             key = config.method if config.method not in self.deltas else f"{config.method}_{i}"
-            self.deltas[key] = get_method(config.method).create(config, model)
+            method = get_method(config.method)
+            if not method.capabilities.decoders and model.spec.kind == "decoder":  # by its declaration, for every method
+                raise ConfigError(DECODER_REFUSAL.format(method=config.method, backbone=getattr(model, "backbone_name", "")))
+            self.deltas[key] = method.create(config, model)
         self.head = head
         self.label_names = list(label_names) if label_names is not None else None
         self.frozen = False

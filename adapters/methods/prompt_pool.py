@@ -54,10 +54,6 @@ class PromptPoolConfig(DeltaConfig):
             raise ConfigError(f"top_k ({self.top_k}) cannot exceed pool_size ({self.pool_size})")
 
 
-# why a decoder-only backbone is refused (shared with the strategy's check before a run starts)
-DECODER_REFUSAL = ("{method} chooses what acts on each input by a query over that input, but on a decoder-only backbone "
-                   "({backbone!r}) a training input holds its answer while a generated one does not, so training and "
-                   "generation would choose differently; use an encoder or an encoder-decoder (T5)")
 
 
 def select(query: torch.Tensor, keys: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,13 +66,12 @@ def select(query: torch.Tensor, keys: torch.Tensor, top_k: int) -> tuple[torch.T
 
 class QueryDelta(Delta):
     """A delta that chooses, per input, by a query of it over the frozen backbone (L2P, CODA-Prompt,
-    DualPrompt): made inside a DeltaModel, refused on a decoder-only backbone (see DECODER_REFUSAL)."""
+    DualPrompt): made inside a DeltaModel, refused on a decoder-only backbone (``decoders=False``:
+    see :data:`adapters.base.DECODER_REFUSAL`)."""
 
     @classmethod
     def create(cls, config: DeltaConfig, model: Any) -> "QueryDelta":
-        if model.spec.kind == "decoder":
-            raise ConfigError(DECODER_REFUSAL.format(method=config.method, backbone=getattr(model, "backbone_name", "")))
-        delta = cls(config, model.backbone)
+        delta = cls(config, model.backbone)  # a decoder-only backbone was refused by its capabilities
         delta._model = FrozenRef(model)  # to run the query with no delta acting
         return delta
 

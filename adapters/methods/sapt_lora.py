@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
 
 import torch
 from torch import nn
@@ -46,7 +45,6 @@ from ..precision import lowrank_precision
 from ..registry import register
 from ..targets import Site
 from .lora import LoRAConfig, check_low_rank_site
-from .prompt_pool import DECODER_REFUSAL
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,12 +85,6 @@ class SaptLoRA(SiteDelta):
     config_class = SaptLoRAConfig
     capabilities = Capabilities(site_terms=True, input_transform=True, decoders=False,
                                 why_not_mixed="each example already weighs every task's LoRA by its own attention")
-
-    @classmethod
-    def create(cls, config: SaptLoRAConfig, model: Any) -> "SaptLoRA":
-        if model.spec.kind == "decoder":
-            raise ConfigError(DECODER_REFUSAL.format(method=config.method, backbone=getattr(model, "backbone_name", "")))
-        return cls(config, model.backbone)
 
     def __init__(self, config: SaptLoRAConfig, backbone: nn.Module) -> None:
         super().__init__(config, backbone)

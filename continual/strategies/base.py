@@ -14,8 +14,8 @@ from typing import Any, Callable, ClassVar, Sequence
 import torch
 
 from adapters import DEFAULT_METHOD, CheckpointError, DeltaConfig, DeltaModel, get_method, load_delta
+from adapters.base import DECODER_REFUSAL
 from adapters.errors import BaseModelMismatch
-from adapters.methods.prompt_pool import DECODER_REFUSAL
 from adapters.model import MethodSpec
 from adapters.spec import method_configs
 from streams import Task, TaskStream
