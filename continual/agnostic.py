@@ -5,7 +5,7 @@ continual-learning literature on deltas publishes (O-LoRA, InfLoRA, SAPT, TRACE)
 way: one model answers every input and nothing says which task it came from. After each row of
 R the scheduler therefore also fills a row of ``A``:
 
-1. a router (:mod:`fusion.routing`: ``prototype`` or ``linear``, ``TrainConfig.router``) is fitted
+1. a router (:mod:`fusion.routing`: ``mahalanobis``, ``prototype`` or ``linear``, ``TrainConfig.router``) is fitted
    inside the run on the tasks seen so far only: the frozen backbone's sentence embeddings of up
    to :data:`FIT_MAX` training examples of each task, added when the task's step ends;
 2. every test example of every task seen so far is sent to the task the router picks, and is
@@ -37,7 +37,7 @@ import torch
 
 from adapters import DeltaModel
 from adapters.errors import non_finite_rows, refuse_non_finite
-from fusion.routing import ROUTERS, embed
+from fusion.routing import embed, make_router
 from streams import Task
 
 from .scoring import _digest
@@ -77,7 +77,7 @@ class AgnosticScorer:
     ``data``: the run's :class:`~continual.scoring.TokenisedTasks`; ``active``: the strategy's
     ``active``; ``precision``: the run's."""
 
-    def __init__(self, model: DeltaModel, data: Any, active: Callable[[str], tuple[str, ...]], router: str = "prototype",
+    def __init__(self, model: DeltaModel, data: Any, active: Callable[[str], tuple[str, ...]], router: str = "mahalanobis",
                  seed: int = 0, precision: str = "fp32") -> None:
         self.model, self.data, self.active, self.precision = model, data, active, precision
         self.router_name, self.seed = router, seed
@@ -87,7 +87,7 @@ class AgnosticScorer:
         self._scores: dict[tuple[str, str], np.ndarray] = {}  # (task, function key) -> per-example, NaN = not yet
 
     def _new_router(self) -> Any:
-        return ROUTERS[self.router_name](seed=self.seed) if self.router_name == "linear" else ROUTERS[self.router_name]()
+        return make_router(self.router_name, self.seed)
 
     # -- fitting -------------------------------------------------------------------------------------
     def add_task(self, task: Task) -> None:

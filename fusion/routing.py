@@ -4,13 +4,15 @@ Routers work on the frozen backbone's own sentence embedding (mean-pooled, L2-no
 active). MiniLM was trained for exactly this (sentence similarity), and the embedding costs one
 backbone pass that no task delta changes, so it can be computed once per request.
 
-- :class:`PrototypeRouter` (default): the mean embedding of each (task, label) pair; an example
-  goes to the task of its most similar prototype (cosine). Fits the lifelong setting: a new task
-  only *adds* its prototypes, no data of old tasks is kept or revisited, old routes never retrain.
-  Per-label prototypes, rather than one per task, keep tasks whose classes lie far apart (news
-  topics) from being averaged into one blurred point.
+- :class:`MahalanobisRouter` (default): the nearest task mean under one covariance pooled over
+  the tasks and shrunk (ABSCL's selector, with Ledoit-Wolf shrinkage). Incremental: a new task adds
+  its mean and its scatter to one d x d sum; no example is kept, old means never move.
+- :class:`PrototypeRouter`: the mean embedding of each (task, label) pair; an example goes to the
+  task of its most similar prototype (cosine). Also incremental and keeps no data. Per-label
+  prototypes, rather than one per task, keep tasks whose classes lie far apart (news topics) from
+  being averaged into one blurred point.
 - :class:`LinearRouter`: softmax regression over the stored embeddings of every task seen so far
-  (needs those features kept: feature replay). Usually more accurate; shown for comparison.
+  (needs those features kept: feature replay); shown for comparison.
 
 :func:`route_and_score` routes every test example of a stream, serves them all through one
 mixed-task model (each example through its routed task's delta and head, in one batch), and
@@ -103,6 +105,7 @@ class LinearRouter:
     """Softmax regression on stored embeddings of all tasks (refit after each new task)."""
 
     name = "linear"
+    seeded = True
 
     def __init__(self, epochs: int = 300, lr: float = 0.1, weight_decay: float = 1e-4, seed: int = 0) -> None:
         self.tasks: list[str] = []
@@ -141,7 +144,100 @@ class LinearRouter:
         return self.linear(embeddings * 10).argmax(1)
 
 
-ROUTERS = {"prototype": PrototypeRouter, "linear": LinearRouter}
+class MahalanobisRouter:
+    """Nearest task mean under one covariance shared by every task (Mahalanobis distance);
+    incremental, keeps no data.
+
+    From Ding et al. 2024, "Boosting Large Language Models with Continual Learning for Aspect-based
+    Sentiment Analysis" (arXiv:2405.05496; ABSCL in EasyCL): an input without its task id goes to
+    the task t minimising (x − μ_t)ᵀ Σ⁻¹ (x − μ_t), μ_t the mean feature of task t's training
+    inputs and Σ the within-task covariance pooled over all tasks so far. A new task adds only its
+    sufficient statistics (its mean, its scatter Σ_x (x − μ_t)(x − μ_t)ᵀ added to one d × d sum,
+    and the scalar Σ_x ‖x − μ_t‖⁴), so no example is kept and old tasks' means never move; Σ is
+    re-estimated from the sums, which is what makes old routes sharpen as tasks arrive.
+
+    Departures: the feature is the one every router here reads (the frozen backbone's
+    mean-pooled, L2-normalised embedding; ABSCL: a decoder's last-token state of its second-to-last
+    layer). Σ is the Ledoit-Wolf estimate (Ledoit and Wolf 2004, "A well-conditioned estimator for
+    large-dimensional covariance matrices"): the pooled sample covariance shrunk towards tr(S)/d · I
+    by the weight their formula gives from the same sums, where ABSCL adds 1e-5 to the diagonal;
+    MiniLM's 384-d features from a first task of a few hundred examples give a singular S, whose
+    near-null directions a fixed 1e-5 turns into huge distances (measured in
+    benchmarks/results/routing-default-cpu.md). Where even the Ledoit-Wolf Σ is singular (a couple
+    of examples in all, or no spread at all), the plain nearest mean is used (weight 1).
+    ``shrinkage`` (0 to 1) fixes the weight instead; a singular Σ at that weight is refused.
+    """
+
+    name = "mahalanobis"
+
+    def __init__(self, shrinkage: float | None = None) -> None:
+        if shrinkage is not None and not 0 <= shrinkage <= 1:
+            raise ValueError(f"shrinkage must be None (Ledoit-Wolf) or in [0, 1], got {shrinkage!r}")
+        self.tasks: list[str] = []
+        self.dim: int | None = None
+        self.shrinkage = shrinkage
+        self._means: list[torch.Tensor] = []
+        self._scatter: torch.Tensor | None = None  # float64: sums over thousands of rows
+        self._fourth = 0.0
+        self._count = 0
+        self._precision: torch.Tensor | None = None  # Σ⁻¹, refreshed by add_task
+        self.weight: float | None = None  # the shrinkage weight in use
+
+    def add_task(self, task: str, embeddings: torch.Tensor, labels: Sequence[int]) -> None:
+        _check_fit(self, task, embeddings, labels)
+        x = embeddings.double()
+        mean = x.mean(0)
+        centred = x - mean
+        scatter = centred.t() @ centred
+        self._scatter = scatter if self._scatter is None else self._scatter + scatter
+        self._fourth += float((centred.pow(2).sum(1) ** 2).sum())
+        self._count += len(x)
+        self._means.append(mean)
+        self.tasks.append(task)
+        self._precision = self._estimate()
+
+    def _estimate(self) -> torch.Tensor:
+        """Σ⁻¹ from the sums: S = scatter / N shrunk towards m·I, m = tr(S) / d."""
+        n, d = self._count, self._scatter.shape[0]
+        sample = self._scatter / n
+        m = float(torch.trace(sample)) / d
+        eye = torch.eye(d, dtype=sample.dtype)
+        if self.shrinkage is not None:
+            weight = self.shrinkage
+        else:  # Ledoit-Wolf: b̄² = (1/N²) Σ ‖x xᵀ − S‖²_F = (Σ ‖x‖⁴ / N − ‖S‖²_F) / N, d² = ‖S − m I‖²_F
+            spread = float(((sample - m * eye) ** 2).sum())
+            noise = (self._fourth / n - float((sample ** 2).sum())) / n
+            weight = 1.0 if spread <= 0 else min(max(noise, 0.0), spread) / spread
+        cov = (1 - weight) * sample + weight * m * eye
+        if m <= 0 or torch.linalg.matrix_rank(cov) < d:
+            if self.shrinkage is not None:
+                raise ValueError(f"the pooled covariance of tasks {self.tasks} is singular at shrinkage {weight:.3g} "
+                                 "(identical embeddings, or fewer examples than dimensions with no shrinkage); "
+                                 "leave shrinkage to Ledoit-Wolf (None) or give a weight above 0")
+            # a handful of examples (two mirror-image rows give b̄² = 0), or none apart from its
+            # task's mean (m = 0): the estimate has nothing to go on, so the nearest mean in the plain metric
+            weight, cov = 1.0, (m if m > 0 else 1.0) * eye
+        self.weight = weight
+        return torch.linalg.inv(cov)
+
+    @torch.no_grad()
+    def predict(self, embeddings: torch.Tensor) -> torch.Tensor:
+        _check_predict(self, embeddings)
+        # (x − μ)ᵀP(x − μ) = xᵀPx − 2 xᵀPμ + μᵀPμ: no (examples, tasks, d) tensor
+        x, means = embeddings.double(), torch.stack(self._means)
+        xp = x @ self._precision
+        dist = (xp * x).sum(1, keepdim=True) - 2 * xp @ means.t() + ((means @ self._precision) * means).sum(1)
+        return dist.argmin(1)
+
+
+ROUTERS = {"prototype": PrototypeRouter, "linear": LinearRouter, "mahalanobis": MahalanobisRouter}
+
+
+def make_router(name: str, seed: int = 0) -> Any:
+    """A new router of ``name`` (a key of :data:`ROUTERS`); ``seed`` reaches those that draw
+    random numbers (``seeded = True``), the others are deterministic."""
+    cls = ROUTERS[name]
+    return cls(seed=seed) if getattr(cls, "seeded", False) else cls()
 
 
 @dataclasses.dataclass

@@ -46,7 +46,7 @@ def test_run_then_report_from_directory_and_mlflow(toy_yaml, tiny_backbone_dir, 
     assert results["matrix"]["tasks"] == ["a", "b", "c"] and results["metrics"]["BWT"] == 0.0
     assert (tmp_path / "out" / "heatmap.png").stat().st_size > 1000
     # the same run without the task id: printed, saved, and in results.json
-    assert "without the task id (prototype router" in out and "routing=" in out
+    assert "without the task id (mahalanobis router" in out and "routing=" in out
     A = np.array(results["matrix"]["R_agnostic"], dtype=float)
     assert not np.isnan(np.diag(A)).any() and results["metrics"]["ACC_agnostic"] == pytest.approx(np.mean(A[-1]))
     assert (tmp_path / "out" / "matrix_agnostic.csv").read_text().splitlines()[0] == "after,a,b,c"

@@ -7,7 +7,7 @@ import torch
 from conftest import FAST, toy_stream
 from continual import TrainConfig, eval_loader, evaluate, make_strategy, run_stream
 from continual.plots import routing_heatmap
-from fusion.routing import LinearRouter, PrototypeRouter, RoutingData, embed, route_and_score
+from fusion.routing import LinearRouter, MahalanobisRouter, PrototypeRouter, RoutingData, embed, route_and_score
 
 
 def clusters(seed: int, n: int = 40) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -23,7 +23,7 @@ def clusters(seed: int, n: int = 40) -> tuple[list[torch.Tensor], list[torch.Ten
     return xs, ys
 
 
-@pytest.mark.parametrize("router_cls", [PrototypeRouter, LinearRouter])
+@pytest.mark.parametrize("router_cls", [PrototypeRouter, LinearRouter, MahalanobisRouter])
 def test_routers_find_separated_tasks(router_cls):
     xs, ys = clusters(0)
     router = router_cls()
@@ -46,7 +46,7 @@ def test_prototype_router_is_incremental():
         router.add_task("t2", xs[2][:0], [])
 
 
-@pytest.mark.parametrize("router", [PrototypeRouter, LinearRouter])
+@pytest.mark.parametrize("router", [PrototypeRouter, LinearRouter, MahalanobisRouter])
 def test_a_router_refuses_what_it_would_learn_wrong(router):
     xs, ys = clusters(1)
     r = router()
@@ -135,3 +135,83 @@ def test_routers_fit_on_every_label_of_a_file_sorted_by_label(text_model, monkey
     # "a cap of 1 keeps none", raised after the run's first task had trained
     one = sample_rows(ds, 1, 3)
     assert len(one) == 1 and one == sample_rows(ds, 1, 3) and {tuple(sample_rows(ds, 1, s)) for s in range(20)} != {tuple(one)}
+
+
+def test_router_names_in_the_config_are_the_routers():
+    from continual.training.config import ROUTERS as NAMES
+    from fusion.routing import ROUTERS
+
+    assert NAMES == tuple(ROUTERS)
+
+
+def _tasks_apart_along_a_quiet_direction(seed: int, n: int = 200) -> list[torch.Tensor]:
+    """Two tasks whose means differ by 0.3 along a direction of spread 0.05, while both spread
+    1.0 along another (a shared nuisance, e.g. length): the cosine to the means mostly measures
+    the nuisance, the pooled covariance tells it apart."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for shift in (0.0, 0.3):
+        x = torch.randn(n, 8, generator=g) * torch.tensor([1.0, 0.05, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2])
+        x[:, 1] += shift
+        x[:, 2] += 1.0  # away from the origin, so cosines are defined
+        out.append(x)
+    return out
+
+
+def test_mahalanobis_router_reads_the_shared_covariance():
+    fit, test = _tasks_apart_along_a_quiet_direction(0), _tasks_apart_along_a_quiet_direction(1)
+    maha, proto = MahalanobisRouter(), PrototypeRouter()
+    for t, x in enumerate(fit):
+        maha.add_task(f"t{t}", x, [0] * len(x))
+        proto.add_task(f"t{t}", x, [0] * len(x))
+    right = lambda r: float(np.mean([(r.predict(x) == t).float().mean() for t, x in enumerate(test)]))  # noqa: E731
+    assert right(maha) > 0.95 and right(proto) < 0.75
+    # the distance is the paper's: argmin over tasks of (x - mu_t)^T Sigma^-1 (x - mu_t), by hand in numpy
+    x = torch.cat(test).double().numpy()
+    centred = np.concatenate([f.double().numpy() - f.double().numpy().mean(0) for f in fit])
+    s = centred.T @ centred / len(centred)
+    cov = (1 - maha.weight) * s + maha.weight * np.trace(s) / 8 * np.eye(8)
+    means = np.stack([f.double().numpy().mean(0) for f in fit])
+    dist = np.stack([np.einsum("ed,df,ef->e", x - m, np.linalg.inv(cov), x - m) for m in means], 1)
+    assert maha.predict(torch.cat(test)).tolist() == dist.argmin(1).tolist()
+
+
+def test_mahalanobis_router_shrinks_as_ledoit_wolf_does():
+    """The pooled covariance's shrinkage weight is Ledoit and Wolf's, checked against scikit-learn's
+    own estimator on the same per-task-centred rows; one task of fewer rows than dimensions (a
+    singular sample covariance) still routes."""
+    covariance = pytest.importorskip("sklearn.covariance")
+
+    g = torch.Generator().manual_seed(2)
+    xs = [torch.randn(12, 20, generator=g) * torch.linspace(0.1, 2, 20) + t for t in range(3)]
+    router = MahalanobisRouter()
+    for t, x in enumerate(xs):
+        router.add_task(f"t{t}", x, [0] * len(x))
+        centred = torch.cat([v - v.mean(0) for v in xs[:t + 1]]).double().numpy()
+        cov, weight = covariance.ledoit_wolf(centred, assume_centered=True)
+        assert router.weight == pytest.approx(weight, rel=1e-6)
+        np.testing.assert_allclose(np.linalg.inv(router._precision.numpy()), cov, rtol=1e-6, atol=1e-7)
+    assert 0 < router.weight < 1
+    assert router.predict(xs[2]).tolist().count(2) > 6
+
+
+def test_mahalanobis_router_is_incremental_and_refuses_a_singular_covariance():
+    xs, ys = clusters(3)
+    router = MahalanobisRouter()
+    router.add_task("t0", xs[0], ys[0].tolist())
+    mean = router._means[0].clone()
+    router.add_task("t1", xs[1], ys[1].tolist())
+    assert torch.equal(router._means[0], mean) and router._scatter.shape == (16, 16)  # sums, no rows kept
+    with pytest.raises(ValueError, match="shrinkage must be"):
+        MahalanobisRouter(shrinkage=1.5)
+    few = MahalanobisRouter(shrinkage=0.0)  # 10 rows in 16 dimensions: singular, and no shrinkage
+    with pytest.raises(ValueError, match="singular at shrinkage 0"):
+        few.add_task("t0", xs[0][:10], ys[0][:10].tolist())
+    # the estimate itself can have nothing to go on: two mirror-image rows (Ledoit-Wolf weight 0,
+    # a rank-1 sample covariance) or one row per task (no spread); the plain nearest mean routes
+    for rows in ([torch.tensor([[1.0, 0.0, 0.0], [-1.0, 0.0, 0.0]]) + 2], [torch.ones(1, 3), torch.zeros(1, 3)]):
+        tiny = MahalanobisRouter()
+        for t, x in enumerate(rows):
+            tiny.add_task(f"t{t}", x, [0] * len(x))
+        assert tiny.weight == 1.0
+        assert tiny.predict(torch.cat(rows)).tolist() == [t for t, x in enumerate(rows) for _ in x]

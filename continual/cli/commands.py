@@ -27,7 +27,7 @@ from ..strategies import STRATEGIES, default_methods, make_strategy
 from ..guard import check_resume_store
 from ..tracking import MLflowLogger, check_tracking_uri, fetch_results, log_combination
 from ..training import TrainConfig, distributed
-from ..training.config import MAX_RUN_SEED, check_seed
+from ..training.config import MAX_RUN_SEED, ROUTERS, check_seed
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
@@ -173,7 +173,7 @@ def cmd_route(args: argparse.Namespace) -> int:
     if args.tracking_uri:
         check_tracking_uri(args.tracking_uri)
     # --fit-max 0: no cap, as every cap of the commands (it used to fit on no example and fail in torch.cat)
-    results = route_run(args.run, args.backbone, args.router or ["prototype", "linear"], _cap(args.fit_max),
+    results = route_run(args.run, args.backbone, args.router or list(ROUTERS), _cap(args.fit_max),
                         args.tracking_uri, progress=not args.no_progress)
     print(format_results(results))
     files, child = log_routing(args.run, results, args.tracking_uri)  # after the tables it logs

@@ -119,7 +119,8 @@ def training_options(p: argparse.ArgumentParser, steps_help: str | None = None, 
     if routed:
         p.add_argument("--router", default=d.router, choices=ROUTERS,
                        help="how test examples find their task when no task id is given (the task-agnostic matrix): "
-                       "nearest (task, label) prototype, or a linear classifier refitted on every task so far")
+                       "the nearest task mean under a pooled, shrunk covariance (mahalanobis, ABSCL's selector), the nearest "
+                       "(task, label) prototype, or a linear classifier refitted on every task so far")
     p.add_argument("--no-dropout", action="store_true",
                    help="train with dropout off (a deterministic forward pass: a run on N processes under torchrun "
                    "then gives the 1-process numbers, up to float rounding)")
@@ -207,8 +208,8 @@ def _route(sub: argparse._SubParsersAction) -> None:
                         "routing-<router>.md/.png into the run directory and logs them to the run's MLflow store.",
                         formatter_class=Formatter)
     _finished_run(ro)
-    ro.add_argument("--router", action="append", choices=["prototype", "linear"],
-                    help="router(s) to evaluate (default: both)%(default).0s")
+    ro.add_argument("--router", action="append", choices=ROUTERS,
+                    help="router(s) to evaluate, repeatable (default: every one)%(default).0s")
     ro.add_argument("--fit-max", type=count, default=None, help="cap on training examples per task used to fit routers (0: no cap)")
     ro.add_argument("--tracking-uri", default=None, help="MLflow store (default: the one the run was logged to)%(default).0s")
     ro.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -1,6 +1,6 @@
 """Task-free inference on a finished stream: route each test example to a task, score it.
 
-    python -m continual route runs/default-per-task-bottleneck-s0          # prototype + linear routers
+    python -m continual route runs/default-per-task-bottleneck-s0          # every router
 
 Rebuilds the run's stream (checked against the data fingerprints it recorded), loads its task
 checkpoints, fits each router task by task on the training splits (only the frozen backbone's
@@ -28,6 +28,7 @@ from ..loadrun import load_run_model, run_task_names
 from ..rundir import RunStateError, not_a_run, run_info
 from ..tracking import log_nested_run
 from ..training import eval_loader, score_texts, task_loader
+from ..training.config import ROUTERS as ROUTER_NAMES
 from ..training.data import sample_rows
 
 
@@ -114,13 +115,13 @@ class _Ticking(list):
             self.bar.update(1)
 
 
-def route_run(run_dir: str | Path, backbone: str | None = None, routers: Sequence[str] = ("prototype", "linear"),
+def route_run(run_dir: str | Path, backbone: str | None = None, routers: Sequence[str] = ROUTER_NAMES,
               fit_max: int | None = None, tracking_uri: str | None = None, progress: bool = True) -> list[Any]:
     """Route a finished run's test sets with each router; returns the :class:`RoutingResult` list
     (tables and routing.json written into the run; :func:`log_routing` logs them).
     ``backbone``: default, the one the run's checkpoints name. Embeddings and scores are computed
     in the precision and at the batch size the run scored its matrix with (:func:`run_scoring`)."""
-    from fusion.routing import ROUTERS, RoutingData, generated_answers, route_and_score
+    from fusion.routing import ROUTERS, RoutingData, generated_answers, make_router, route_and_score
 
     unknown = [r for r in routers if r not in ROUTERS]
     if unknown:
@@ -165,7 +166,7 @@ def route_run(run_dir: str | Path, backbone: str | None = None, routers: Sequenc
         results = []
         for name in routers:
             start = time.perf_counter()
-            res = route_and_score(model, data, ROUTERS[name](), answer, match, precision)
+            res = route_and_score(model, data, make_router(name, identity.get("seed", 0)), answer, match, precision)
             res.seconds = time.perf_counter() - start
             results.append(res)
             table, picture = _router_files(run, name)

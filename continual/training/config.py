@@ -31,8 +31,8 @@ Precision = Literal["fp32", "bf16", "fp16", "auto"]
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 DropoutMasks = Literal["torch", "fast"]
 Malloc = Literal["default", "hold"]
-Router = Literal["prototype", "linear"]
-ROUTERS = ("prototype", "linear")  # fusion.routing.ROUTERS, named here so a config is checked without importing it
+Router = Literal["prototype", "linear", "mahalanobis"]
+ROUTERS = ("prototype", "linear", "mahalanobis")  # fusion.routing.ROUTERS, named here so a config is checked without importing it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +60,9 @@ class Recipe:
     dropout: bool = True
     # how a stream's test examples are sent to a task when no task id is given (the task-agnostic
     # matrix, continual.agnostic): fitted inside the run on the tasks seen so far
-    router: Router = "prototype"
+    # (mahalanobis: the nearest task mean under a pooled, shrunk covariance; it routed the default
+    # stream best of the three and, like prototype, keeps no example: benchmarks/results/routing-default-cpu.md)
+    router: Router = "mahalanobis"
 
     def __post_init__(self) -> None:
         Recipe._check(self)
