@@ -318,6 +318,7 @@ def test_compare_command_writes_a_report(toy_yaml, tiny_backbone_dir, tmp_path, 
     client = MlflowClient(uri)
     run = client.search_runs([client.get_experiment_by_name("continual").experiment_id], "tags.kind = 'compare'")[0]
     assert run.data.metrics["ACC/seq-ft"] == pytest.approx(rows["seq-ft"]["ACC"])
+    assert run.data.tags["router"] == "mahalanobis" and rows["seq-ft"]["router"] == "mahalanobis"
     history = client.get_metric_history(run.info.run_id, f"ACC_curve/{lora}".replace("(", "_").replace(")", "_").replace("=", "_"))
     assert [(m.step, m.value) for m in history] == [(i + 1, pytest.approx(v)) for i, v in enumerate(rows[lora]["ACC_curve"])]
     assert "curves.png" in [f.path.split("/")[-1] for f in client.list_artifacts(run.info.run_id, "compare")]
@@ -459,6 +460,10 @@ def test_accuracy_curves_over_seeds_and_a_run_scored_only_at_its_end(tmp_path, m
     text = report_markdown("s", {"two-seeds": mean, "one": rows[0]})
     assert "| two-seeds | 0.8000 ± 0.1414 | 0.5000 ± 0.1414 |" in text and "| one | 0.9000 | 0.6000 |" in text
     assert "| two-seeds | n/a | 0.4000 ± 0.1414 |" in text  # without the task id: its first point is not there
+    assert "without the task id (a router, fitted" in text  # rows that do not say which router
+    named = [{**r, "router": "mahalanobis"} for r in rows]
+    assert mean_row(named)["router"] == "mahalanobis"
+    assert "without the task id (the mahalanobis router, fitted" in report_markdown("s", {"m": mean_row(named)})
 
 
 def test_a_plus_joined_method_is_the_same_combination_as_repeated_methods(toy_yaml, tiny_backbone_dir, tmp_path):

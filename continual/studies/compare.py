@@ -94,6 +94,8 @@ def summarize_run(directory: Path) -> dict[str, Any]:
         "trainable_params_per_task": int(np.mean(per_task)) if per_task else 0,
         "delta_bytes_on_disk": _dir_bytes(directory / "checkpoints"),
         "wall_seconds": results["seconds"],
+        # which router made the second group of columns (older runs' identities may lack it)
+        "router": (results.get("identity") or {}).get("train", {}).get("router"),
     })
     matrix = AccuracyMatrix.from_dict(results["matrix"])
     for key, R in (("ACC_curve", matrix.R), ("ACC_agnostic_curve", matrix.A)):
@@ -188,7 +190,9 @@ def mean_row(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     metrics (sample standard deviation), ``seeds`` how many."""
     curves = [k for k in rows[0] if k.endswith("_curve")]
     out: dict[str, Any] = {k: float(np.mean([r[k] for r in rows])) if None not in [r[k] for r in rows] else None
-                           for k in rows[0] if k not in curves}
+                           for k in rows[0] if k not in curves and k != "router"}
+    if "router" in rows[0]:  # one config for every seed, so one router
+        out["router"] = rows[0]["router"]
     for k in curves:  # point by point over seeds; a point some seed lacks is None
         points = np.array([r[k] for r in rows], dtype=float)  # None -> NaN
         out[k] = [None if np.isnan(v) else float(v) for v in points.mean(0)]
@@ -215,13 +219,15 @@ def report_markdown(stream: str, rows: dict[str, dict[str, Any]]) -> str:
              "| method | ACC | BWT | FWT | forgetting | ACC, no task id | BWT, no task id | forgetting, no task id "
              "| routing | trainable params / task | delta on disk | wall time |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    routers = sorted({r.get("router") for r in rows.values()} - {None})
+    router = f"the {' or '.join(routers)} router" if routers else "a router"
     for label, r in rows.items():
         lines.append(f"| {label} | " + " | ".join(_cell(r, k) for k in (*METRICS, *AGNOSTIC))
                      + f" | {r['trainable_params_per_task']:,} | {r['delta_bytes_on_disk'] / 1e6:.2f} MB | {r['wall_seconds']:.0f} s |")
     lines += ["", "ACC: mean final score (each task's own: accuracy, exact match, token F1 or ROUGE-L); BWT < 0 and "
               "forgetting > 0 mean forgetting; FWT: gain from earlier tasks before training. The first group is "
               "task-aware (each test example run with its own task's delta and head); the second is the same run "
-              "scored without the task id (a router fitted on the tasks seen so far picks the delta or head; "
+              f"scored without the task id ({router}, fitted on the tasks seen so far, picks the delta or head; "
               "routing: the share of test examples it sent to their own task, after the last task): the "
               "setting of the published continual-learning tables. Delta on disk: all task checkpoints the run "
               "saved, with the fine-tuned backbone for the strategies that train it (seq-ft, avalanche-*)."]
