@@ -335,16 +335,13 @@ def _standalone_run(uri: str, experiment_name: str, run_name: str, tags: dict[st
 
 
 @best_effort
-def log_compare(uri: str, stream: str, rows: dict[str, dict[str, Any]], files: list[Path]) -> str:
+def log_compare(uri: str, stream: str, rows: dict[str, dict[str, Any]], files: list[Path], router: str = "") -> str:
     """The comparison report as a ``compare`` run: each row's numbers, its curves (one step per
-    task learned, from 1), the report files."""
+    task learned, from 1), the report files; ``router`` (behind the no-task-id columns) as a tag."""
     metrics = {compare_metric(k, label): v for label, r in rows.items() for k, v in r.items() if not isinstance(v, (list, str))}
     series = tuple((compare_metric(k, label), float(v), step) for label, r in rows.items() for k, c in r.items()
                    if isinstance(c, list) for step, v in enumerate(c, 1) if v is not None and not math.isnan(v))
-    tags = {"kind": "compare", "stream": stream}
-    routers = sorted({r["router"] for r in rows.values() if isinstance(r.get("router"), str)})
-    if routers:  # the router behind the no-task-id columns: a tag, not a metric
-        tags["router"] = ",".join(routers)
+    tags = {"kind": "compare", "stream": stream, **({"router": router} if router else {})}
     return _standalone_run(uri, DEFAULT_EXPERIMENT, f"compare-{stream}", tags, {}, metrics, files, "compare", series)
 
 

@@ -212,6 +212,11 @@ def _cell(r: dict[str, Any], k: str) -> str:
     return f"{v:+.4f}" + (f" ± {std:.4f}" if std is not None else "")
 
 
+def _routers(rows: dict[str, dict[str, Any]]) -> list[str]:
+    """The routers behind the rows' no-task-id columns (none named by rows of older runs)."""
+    return sorted({r["router"] for r in rows.values() if isinstance(r.get("router"), str)})
+
+
 def report_markdown(stream: str, rows: dict[str, dict[str, Any]]) -> str:
     seeds = {r.get("seeds", 1) for r in rows.values()}
     title = f"# Comparison on stream `{stream}`" + (f" (mean ± std over {max(seeds)} seeds)" if max(seeds) > 1 else "")
@@ -219,7 +224,7 @@ def report_markdown(stream: str, rows: dict[str, dict[str, Any]]) -> str:
              "| method | ACC | BWT | FWT | forgetting | ACC, no task id | BWT, no task id | forgetting, no task id "
              "| routing | trainable params / task | delta on disk | wall time |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    routers = sorted({r.get("router") for r in rows.values()} - {None})
+    routers = _routers(rows)
     router = f"the {' or '.join(routers)} router" if routers else "a router"
     for label, r in rows.items():
         lines.append(f"| {label} | " + " | ".join(_cell(r, k) for k in (*METRICS, *AGNOSTIC))
@@ -263,5 +268,5 @@ def write_report(stream: str, rows: dict[str, dict[str, Any]], out: str | Path, 
     if all(r.get("ACC_curve") for r in rows.values()):  # (rows a caller made without summarize_run may lack them)
         files.append(accuracy_curves(rows, out / "curves.png"))
     if tracking_uri:
-        log_compare(tracking_uri, stream, clean, files)
+        log_compare(tracking_uri, stream, clean, files, ",".join(_routers(rows)))
     return files
