@@ -55,7 +55,7 @@ def test_run_then_report_from_directory_and_mlflow(toy_yaml, tiny_backbone_dir, 
     assert main(["report", str(tmp_path / "out"), "--plot", str(tmp_path / "p.png")]) == 0
     shown = capsys.readouterr().out
     assert "toy / per-task" in shown and "untrained (b)" in shown and (tmp_path / "p.png").exists()
-    assert "without the task id" in shown and (tmp_path / "p_agnostic.png").exists()
+    assert "without the task id (mahalanobis router):" in shown and (tmp_path / "p_agnostic.png").exists()
     (tmp_path / "a-file").write_text("x")  # a plot path under a file: refused first, not a traceback after
     assert main(["report", str(tmp_path / "out"), "--plot", str(tmp_path / "a-file" / "p.png")]) == 2
     assert f"{tmp_path / 'a-file'} is a file, not a directory; give another --plot" in capsys.readouterr().err

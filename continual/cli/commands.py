@@ -157,7 +157,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"{data['identity']['stream']} / {data['identity']['strategy']['strategy']}{tag}")
         print(format_matrix(matrix, metrics, args.f1))
         if not np.isnan(matrix.A).all():  # (runs saved before task-agnostic scoring have none)
-            print(f"\nwithout the task id:\n{format_matrix(matrix, metrics, agnostic=True)}")
+            router = data["identity"].get("train", {}).get("router")  # (older runs' identities lack it)
+            print(f"\nwithout the task id{f' ({router} router)' if router else ''}:\n{format_matrix(matrix, metrics, agnostic=True)}")
     heatmap(matrix, plot, f1=args.f1)
     note(f"heatmap: {plot}")
     if not np.isnan(matrix.A).all():
