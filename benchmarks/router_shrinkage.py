@@ -29,10 +29,9 @@ class Ridge(routing.MahalanobisRouter):
 
     name = "ridge-1e-5"
 
-    def _estimate(self) -> torch.Tensor:
-        sample = self._scatter / self._count
-        self.weight = float("nan")
-        return torch.linalg.inv(sample + 1e-5 * torch.eye(sample.shape[0], dtype=sample.dtype))
+    def _estimate(self, scatter: torch.Tensor, fourth: float, n: int, tasks: list[str]) -> tuple[torch.Tensor, float]:
+        sample = scatter / n
+        return torch.linalg.inv(sample + 1e-5 * torch.eye(sample.shape[0], dtype=sample.dtype)), float("nan")
 
 
 def main() -> None:

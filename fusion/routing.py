@@ -188,37 +188,37 @@ class MahalanobisRouter:
         x = embeddings.double()
         mean = x.mean(0)
         centred = x - mean
-        scatter = centred.t() @ centred
-        self._scatter = scatter if self._scatter is None else self._scatter + scatter
-        self._fourth += float((centred.pow(2).sum(1) ** 2).sum())
-        self._count += len(x)
+        scatter = centred.t() @ centred if self._scatter is None else self._scatter + centred.t() @ centred
+        fourth = self._fourth + float((centred.pow(2).sum(1) ** 2).sum())
+        count = self._count + len(x)
+        # estimated before anything is kept: a refused task leaves the router as it was
+        self._precision, self.weight = self._estimate(scatter, fourth, count, [*self.tasks, task])
+        self._scatter, self._fourth, self._count = scatter, fourth, count
         self._means.append(mean)
         self.tasks.append(task)
-        self._precision = self._estimate()
 
-    def _estimate(self) -> torch.Tensor:
-        """Σ⁻¹ from the sums: S = scatter / N shrunk towards m·I, m = tr(S) / d."""
-        n, d = self._count, self._scatter.shape[0]
-        sample = self._scatter / n
+    def _estimate(self, scatter: torch.Tensor, fourth: float, n: int, tasks: list[str]) -> tuple[torch.Tensor, float]:
+        """Σ⁻¹ and the weight from the sums: S = scatter / N shrunk towards m·I, m = tr(S) / d."""
+        d = scatter.shape[0]
+        sample = scatter / n
         m = float(torch.trace(sample)) / d
         eye = torch.eye(d, dtype=sample.dtype)
         if self.shrinkage is not None:
             weight = self.shrinkage
         else:  # Ledoit-Wolf: b̄² = (1/N²) Σ ‖x xᵀ − S‖²_F = (Σ ‖x‖⁴ / N − ‖S‖²_F) / N, d² = ‖S − m I‖²_F
             spread = float(((sample - m * eye) ** 2).sum())
-            noise = (self._fourth / n - float((sample ** 2).sum())) / n
+            noise = (fourth / n - float((sample ** 2).sum())) / n
             weight = 1.0 if spread <= 0 else min(max(noise, 0.0), spread) / spread
         cov = (1 - weight) * sample + weight * m * eye
         if m <= 0 or torch.linalg.matrix_rank(cov) < d:
             if self.shrinkage is not None:
-                raise ValueError(f"the pooled covariance of tasks {self.tasks} is singular at shrinkage {weight:.3g} "
+                raise ValueError(f"the pooled covariance of tasks {tasks} is singular at shrinkage {weight:.3g} "
                                  "(identical embeddings, or fewer examples than dimensions with no shrinkage); "
                                  "leave shrinkage to Ledoit-Wolf (None) or give a weight above 0")
             # a handful of examples (two mirror-image rows give b̄² = 0), or none apart from its
             # task's mean (m = 0): the estimate has nothing to go on, so the nearest mean in the plain metric
             weight, cov = 1.0, (m if m > 0 else 1.0) * eye
-        self.weight = weight
-        return torch.linalg.inv(cov)
+        return torch.linalg.inv(cov), weight
 
     @torch.no_grad()
     def predict(self, embeddings: torch.Tensor) -> torch.Tensor:

@@ -207,6 +207,9 @@ def test_mahalanobis_router_is_incremental_and_refuses_a_singular_covariance():
     few = MahalanobisRouter(shrinkage=0.0)  # 10 rows in 16 dimensions: singular, and no shrinkage
     with pytest.raises(ValueError, match="singular at shrinkage 0"):
         few.add_task("t0", xs[0][:10], ys[0][:10].tolist())
+    assert few.tasks == [] and few._means == [] and few._count == 0 and few._scatter is None  # nothing kept
+    few.add_task("t0", xs[0], ys[0].tolist())  # 40 rows: well estimated, and the refused one left no trace
+    assert few.tasks == ["t0"] and few._count == 40
     # the estimate itself can have nothing to go on: two mirror-image rows (Ledoit-Wolf weight 0,
     # a rank-1 sample covariance) or one row per task (no spread); the plain nearest mean routes
     for rows in ([torch.tensor([[1.0, 0.0, 0.0], [-1.0, 0.0, 0.0]]) + 2], [torch.ones(1, 3), torch.zeros(1, 3)]):
