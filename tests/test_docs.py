@@ -121,3 +121,15 @@ def test_the_guides_whole_programs_run(page, index, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(shrunk, f"{page} (python block {index})", "exec"), {"__name__": "__guide__"})
     assert any((tmp_path / "runs").iterdir())
+
+
+@pytest.mark.integration  # MiniLM and real data
+def test_the_library_guides_routing_program_runs(capsys):
+    """The library page's routing example runs as written (fewer examples) and routes most test
+    inputs of three unlike tasks to their own task."""
+    (code,) = [b for b in python_blocks(ROOT / "docs" / "library.md") if "MahalanobisRouter" in b]
+    shrunk = re.sub(r"max_train=\d+", "max_train=120", re.sub(r"max_eval=\d+", "max_eval=40", code))
+    assert shrunk != code
+    exec(compile(shrunk, "docs/library.md (routing)", "exec"), {"__name__": "__guide__"})
+    shares = [float(line.rsplit(" ", 1)[1]) for line in capsys.readouterr().out.splitlines() if "sent to its own task" in line]
+    assert len(shares) == 3 and min(shares) > 0.7
