@@ -54,8 +54,6 @@ class PromptPoolConfig(DeltaConfig):
             raise ConfigError(f"top_k ({self.top_k}) cannot exceed pool_size ({self.pool_size})")
 
 
-
-
 def select(query: torch.Tensor, keys: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per example, the ``top_k`` keys most similar (cosine) to its query: (indices (B, N), their
     similarities (B, N)); ties go to the lower index (a stable sort), so selection is deterministic."""
