@@ -298,6 +298,9 @@ def run_stream(
     identity = run_identity(stream, model, strategy, config)
     distributed.check_same(identity, "settings, stream and data")  # before any rank waits on another
     state, lock = _open_on_main(out, identity, len(run.plan), resume, overwrite)
+    if resume and run.main:  # a mistyped --out must not start a long run from scratch unannounced
+        tqdm.write(f"resuming {out}: {len(state.done)}/{len(run.plan)} stream steps done" if state else
+                   f"{out} holds no run to resume: starting it from the first task")
     try:
         return _execute(run, state, identity, device, extra_params)
     finally:

@@ -206,7 +206,11 @@ def test_sigkilled_run_resumes_to_the_same_matrix(toy_yaml, tiny_backbone_dir, t
     partial = json.loads(shown.out, parse_constant=lambda c: pytest.fail(f"{c} in --json output"))
     assert partial["ACC"] is None and "is unfinished" in shown.err and "heatmap: " in shown.err
     assert main(args(toy_yaml, tiny_backbone_dir, killed, "--no-mlflow", "--patience", "0", "--steps", "150", "--resume")) == 0
-    assert main(args(toy_yaml, tiny_backbone_dir, tmp_path / "full", "--no-mlflow", "--patience", "0", "--steps", "150")) == 0
+    assert f"resuming {killed}: 1/3 stream steps done" in capsys.readouterr().out
+    # --resume where no run is (a mistyped --out) starts one, and says so
+    assert main(args(toy_yaml, tiny_backbone_dir, tmp_path / "full", "--no-mlflow", "--patience", "0", "--steps", "150",
+                     "--resume")) == 0
+    assert f"{tmp_path / 'full'} holds no run to resume: starting it from the first task" in capsys.readouterr().out
     a, b = (json.loads((d / "results.json").read_text()) for d in (killed, tmp_path / "full"))
     assert [s["tasks"] for s in a["steps"]] == [["a"], ["b"], ["c"]]
     np.testing.assert_array_equal(np.array(a["matrix"]["R"], dtype=float), np.array(b["matrix"]["R"], dtype=float))
