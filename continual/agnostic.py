@@ -7,7 +7,9 @@ R the scheduler therefore also fills a row of ``A``:
 
 1. a router (:mod:`fusion.routing`: ``mahalanobis``, ``prototype`` or ``linear``, ``TrainConfig.router``) is fitted
    inside the run on the tasks seen so far only: the frozen backbone's sentence embeddings of up
-   to :data:`FIT_MAX` training examples of each task, added when the task's step ends;
+   to :data:`FIT_MAX` training examples of each task, added when the task's step ends (the
+   ``perplexity`` router fits nothing: each seen task's deltas say how surprising each test
+   example is to them, :mod:`fusion.perplexity`);
 2. every test example of every task seen so far is sent to the task the router picks, and is
    answered with that task's ``strategy.active`` deltas and head: a classifier's answer is the
    routed head's label *name*, right when it equals the gold name; a generative answer is
@@ -37,7 +39,7 @@ import torch
 
 from adapters import DeltaModel
 from adapters.errors import non_finite_rows, refuse_non_finite
-from fusion.routing import embed, make_router
+from fusion.routing import ROUTERS, embed, make_router, surprise
 from streams import Task
 
 from .scoring import _digest
@@ -71,6 +73,14 @@ def function_key(model: DeltaModel, active: Sequence[str], backbone: str) -> str
     return hashlib.blake2b("|".join([*header, _digest(state)]).encode(), digest_size=20).hexdigest()
 
 
+def check_router(name: str, tasks: Sequence[Task], model: DeltaModel) -> None:
+    """Refuse, before the run, a router that cannot route these tasks on this model (its own
+    ``refusal``: the perplexity router on a stream mixing kinds of task, or a T5 prompt)."""
+    why = getattr(ROUTERS[name], "refusal", lambda *a: None)([t.generative for t in tasks], model.seq2seq)
+    if why:
+        raise ValueError(f"{why}; choose another router (--router)")
+
+
 class AgnosticScorer:
     """The router and the per-example score store of one stream run (see the module docstring).
 
@@ -84,6 +94,9 @@ class AgnosticScorer:
         self.router = self._new_router()
         self.fitted: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # (task, embeddings, labels), in order
         self._test_emb: dict[tuple[str, str], torch.Tensor] = {}
+        # a router that reads the deltas' surprise (perplexity) fits on nothing and embeds nothing
+        self.reads = getattr(ROUTERS[router], "reads", "embeddings")
+        self._surprise: dict[tuple[str, str], torch.Tensor] = {}  # (task, function key) -> per test example
         self._scores: dict[tuple[str, str], np.ndarray] = {}  # (task, function key) -> per-example, NaN = not yet
 
     def _new_router(self) -> Any:
@@ -92,6 +105,9 @@ class AgnosticScorer:
     # -- fitting -------------------------------------------------------------------------------------
     def add_task(self, task: Task) -> None:
         """Fit the router on ``task`` too (at most :data:`FIT_MAX` training examples: :func:`~continual.training.data.sample_rows`)."""
+        if self.reads == "surprise":  # only the task's place: its deltas are asked at scoring time
+            self._fit(task.name, torch.zeros(0, 0), torch.zeros(0, dtype=torch.long))
+            return
         train = self.data(task)["train"]  # tokenised; a classification task's keeps its "label" column
         first = train.select(sample_rows(train, FIT_MAX, self.seed))
         labels = torch.as_tensor(first["label"] if "label" in first.column_names else [0] * len(first))  # free text: one prototype
@@ -131,6 +147,18 @@ class AgnosticScorer:
             self._test_emb[key] = embed(self.model, self.data.loader(task), self.precision)
         return self._test_emb[key]
 
+    def _surprises(self, task: Task, tasks: Sequence[Task], keys: Sequence[str]) -> torch.Tensor:
+        """(test examples of ``task``, ``tasks``): each one's surprise under each task's function
+        (cached by function, as the scores are: a frozen task's column is computed once)."""
+        self._surprise = {k: v for k, v in self._surprise.items() if k[1] in keys}  # changed functions' go
+        columns = []
+        for by, key in zip(tasks, keys):
+            if (task.name, key) not in self._surprise:
+                self._surprise[(task.name, key)] = surprise(self.model, self.data.loader(task), self.active(by.name),
+                                                            self.precision)
+            columns.append(self._surprise[(task.name, key)])
+        return torch.stack(columns, 1)
+
     def row(self, tasks: Sequence[Task], backbone: str) -> tuple[list[float], float]:
         """Each of ``tasks``' score with routed tasks (in order) and the routing accuracy.
         ``tasks``: the stream's tasks seen so far, each fitted (:meth:`add_task`) already."""
@@ -140,7 +168,8 @@ class AgnosticScorer:
         keys = [function_key(self.model, self.active(t.name), backbone) for t in tasks]
         scores, right, total = [], 0, 0
         for j, task in enumerate(tasks):
-            slots = self.router.predict(self._embeddings(task, backbone)).numpy()
+            routed = self._surprises(task, tasks, keys) if self.reads == "surprise" else self._embeddings(task, backbone)
+            slots = self.router.predict(routed).numpy()
             right, total = right + int((slots == j).sum()), total + len(slots)
             per_example = np.full(len(slots), np.nan)
             for k in np.unique(slots):

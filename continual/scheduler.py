@@ -291,6 +291,7 @@ def run_stream(
         check_generative_length(length)
         check_generation_room(model, length, positions_added(strategy.methods))
     check_distributed(strategy, config)
+    agnostic.check_router(config.router, stream.tasks, model)
     if not distributed.is_main():
         config = dataclasses.replace(config, progress=False)  # one set of progress bars: rank 0's
     out = Path(out_dir)

@@ -13,6 +13,9 @@ backbone pass that no task delta changes, so it can be computed once per request
   being averaged into one blurred point.
 - :class:`LinearRouter`: softmax regression over the stored embeddings of every task seen so far
   (needs those features kept: feature replay); shown for comparison.
+- :class:`~fusion.perplexity.PerplexityRouter` (AdapterCL's selection) reads no embedding: each
+  task's deltas score how surprising the input is to them (a prompt's perplexity, a head's
+  entropy), and the least surprised task answers; one pass per task so far for every input.
 
 :func:`route_and_score` routes every test example of a stream, serves them all through one
 mixed-task model (each example through its routed task's delta and head, in one batch), and
@@ -31,6 +34,8 @@ from adapters import DeltaModel
 from adapters.errors import non_finite_rows, refuse_non_finite
 from adapters.heads import pool
 from adapters.precision import autocast, inference_linears, resolve_precision
+
+from .perplexity import PerplexityRouter, surprise
 
 
 @torch.no_grad()
@@ -230,7 +235,8 @@ class MahalanobisRouter:
         return dist.argmin(1)
 
 
-ROUTERS = {"prototype": PrototypeRouter, "linear": LinearRouter, "mahalanobis": MahalanobisRouter}
+ROUTERS = {"prototype": PrototypeRouter, "linear": LinearRouter, "mahalanobis": MahalanobisRouter,
+           "perplexity": PerplexityRouter}
 
 
 def make_router(name: str, seed: int = 0) -> Any:
@@ -346,7 +352,11 @@ def route_and_score(model: DeltaModel, data: RoutingData, router: Any,
         match = lambda t, preds, gold: float(np.mean([a == g for a, g in zip(preds, gold)]))  # noqa: E731
     score = lambda t, slots: match(t, answer(mixed, data.test[t], slots), data.gold[t])  # noqa: E731
     device = model.device
-    slots = {t: router.predict(data.test_emb[t]) for t in tasks}  # (in fp32: outside the serving's autocast)
+    if getattr(router, "reads", "embeddings") == "surprise":  # each task's deltas judge every input (per-task: active = own)
+        slots = {t: router.predict(torch.stack([surprise(model, data.test[t], (k,), precision) for k in tasks], 1))
+                 for t in tasks}
+    else:
+        slots = {t: router.predict(data.test_emb[t]) for t in tasks}  # (in fp32: outside the serving's autocast)
     for i, t in enumerate(tasks):
         np.add.at(confusion[i], slots[t].numpy(), 1)
     try:

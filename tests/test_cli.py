@@ -259,6 +259,25 @@ def test_route_command_on_a_finished_run(toy_yaml, tiny_backbone_dir, tmp_path, 
     assert "routers ['linear'] are given more than once" in capsys.readouterr().err
 
 
+def test_route_scores_every_router_that_can_route_the_run(toy_yaml, tiny_backbone_dir, tmp_path, capsys, monkeypatch):
+    from fusion.perplexity import PerplexityRouter
+
+    out = tmp_path / "out"
+    assert main(args(toy_yaml, tiny_backbone_dir, out, "--no-mlflow")) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert main(["route", str(out), "--no-progress"]) == 0
+    routing = json.loads((out / "routing.json").read_text())
+    assert list(routing) == ["prototype", "linear", "mahalanobis", "perplexity"]
+    assert routing["perplexity"]["oracle_ACC"] == pytest.approx(results["metrics"]["ACC"])
+    assert f"| perplexity | {routing['perplexity']['routing_accuracy']:.3f} |" in capsys.readouterr().out
+    # where it cannot route the run (a T5 generative run), the default leaves it out and naming it is refused
+    monkeypatch.setattr(PerplexityRouter, "refusal", staticmethod(lambda generative, encoder_decoder: "it cannot, here"))
+    assert main(["route", str(out), "--no-progress"]) == 0
+    assert list(json.loads((out / "routing.json").read_text())) == ["prototype", "linear", "mahalanobis"]
+    assert main(["route", str(out), "--router", "perplexity"]) == 2
+    assert "perplexity: it cannot, here; route with another --router" in capsys.readouterr().err
+
+
 def test_transfer_matrix_command(toy_yaml, tiny_backbone_dir, tmp_path, capsys):
     """The toy tasks share labels (no/yes): every pair is comparable; the diagonal is 1 and equals
     the stream's own final scores; a task's head on another's data is scored as it is."""

@@ -263,8 +263,9 @@ def test_fusion_routing_and_transfer_on_generative_tasks(tiny_lm_dir, tmp_path):
     stream = stream_from_yaml(toy_generative_yaml(tmp_path, {"b": "sari"}))  # route scores b against its prompts
     res = run_stream(stream, adapters.DeltaModel.from_pretrained(str(tiny_lm_dir)),
                      make_strategy("per-task", LORA), GEN, tmp_path / "run")
-    (routed,) = route_run(tmp_path / "run", str(tiny_lm_dir), ["prototype"])
-    assert routed.confusion.sum() == sum(len(t.test) for t in stream)
+    routed, by_perplexity = route_run(tmp_path / "run", str(tiny_lm_dir), ["prototype", "perplexity"])
+    assert routed.confusion.sum() == sum(len(t.test) for t in stream) == by_perplexity.confusion.sum()
+    assert by_perplexity.oracle_accuracy == routed.oracle_accuracy
     np.testing.assert_allclose(list(routed.oracle_accuracy.values()), res.matrix.R[-1], atol=0.05)
     # the toy tasks share one prompt template, so the router cannot tell them apart: routed < oracle
     assert routed.routed_acc <= routed.oracle_acc

@@ -174,7 +174,7 @@ def cmd_route(args: argparse.Namespace) -> int:
     if args.tracking_uri:
         check_tracking_uri(args.tracking_uri)
     # --fit-max 0: no cap, as every cap of the commands (it used to fit on no example and fail in torch.cat)
-    results = route_run(args.run, args.backbone, args.router or list(ROUTERS), _cap(args.fit_max),
+    results = route_run(args.run, args.backbone, args.router, _cap(args.fit_max),
                         args.tracking_uri, progress=not args.no_progress)
     print(format_results(results))
     files, child = log_routing(args.run, results, args.tracking_uri)  # after the tables it logs

@@ -120,7 +120,9 @@ def training_options(p: argparse.ArgumentParser, steps_help: str | None = None, 
         p.add_argument("--router", default=d.router, choices=ROUTERS,
                        help="how test examples find their task when no task id is given (the task-agnostic matrix): "
                        "the nearest task mean under a pooled, shrunk covariance (mahalanobis, ABSCL's selector), the nearest "
-                       "(task, label) prototype, or a linear classifier refitted on every task so far")
+                       "(task, label) prototype, a linear classifier refitted on every task so far, or the task whose "
+                       "deltas find the input least surprising (perplexity, AdapterCL's selection: its prompt's perplexity, "
+                       "a head's entropy; one pass per task so far for each input)")
     p.add_argument("--no-dropout", action="store_true",
                    help="train with dropout off (a deterministic forward pass: a run on N processes under torchrun "
                    "then gives the 1-process numbers, up to float rounding)")
@@ -203,13 +205,14 @@ def _report(sub: argparse._SubParsersAction) -> None:
 def _route(sub: argparse._SubParsersAction) -> None:
     ro = sub.add_parser("route", help="task-free inference: route a finished run's test examples to tasks",
                         description="Fit routers on a finished per-task run's training data (frozen backbone "
-                        "embeddings), route every test example to a task, serve them through one mixed-task model, "
+                        "embeddings; the perplexity router asks each task's delta instead), route every test example to a task, serve them through one mixed-task model, "
                         "and report routing accuracy and ACC with routed vs true tasks. Writes routing.json, "
                         "routing-<router>.md/.png into the run directory and logs them to the run's MLflow store.",
                         formatter_class=Formatter)
     _finished_run(ro)
     ro.add_argument("--router", action="append", choices=ROUTERS,
-                    help="router(s) to evaluate, repeatable (default: every one)%(default).0s")
+                    help="router(s) to evaluate, repeatable (default: every one that can route the run: not "
+                    "perplexity on a T5 generative run)%(default).0s")
     ro.add_argument("--fit-max", type=count, default=None, help="cap on training examples per task used to fit routers (0: no cap)")
     ro.add_argument("--tracking-uri", default=None, help="MLflow store (default: the one the run was logged to)%(default).0s")
     ro.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -31,8 +31,8 @@ Precision = Literal["fp32", "bf16", "fp16", "auto"]
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 DropoutMasks = Literal["torch", "fast"]
 Malloc = Literal["default", "hold"]
-Router = Literal["prototype", "linear", "mahalanobis"]
-ROUTERS = ("prototype", "linear", "mahalanobis")  # fusion.routing.ROUTERS, named here so a config is checked without importing it
+Router = Literal["prototype", "linear", "mahalanobis", "perplexity"]
+ROUTERS = ("prototype", "linear", "mahalanobis", "perplexity")  # fusion.routing.ROUTERS, named here so a config is checked without importing it
 
 
 @dataclasses.dataclass(frozen=True)
