@@ -27,7 +27,7 @@ from ..strategies import STRATEGIES, default_methods, make_strategy
 from ..guard import check_resume_store
 from ..tracking import MLflowLogger, check_tracking_uri, fetch_results, log_combination
 from ..training import TrainConfig, distributed
-from ..training.config import MAX_RUN_SEED, ROUTERS, check_seed
+from ..training.config import MAX_RUN_SEED, check_seed
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
