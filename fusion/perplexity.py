@@ -72,12 +72,19 @@ class PerplexityRouter:
         return None
 
 
-def _right_padded(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded prompts (as they are batched for generation) moved to the start of their rows,
-    so each token sits at the position it has when the prompt is read alone."""
+def _right_padded(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
+    """A batch's tensors on ``device``, left-padded rows (prompts, as they are batched for
+    generation) moved to the start of their rows, so each token sits at the position it has when
+    the prompt is read alone; every tensor of the ids' shape (token types) moves with them."""
+    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     shift = mask.ne(0).int().argmax(1, keepdim=True)  # leading padding only: a right-padded row stays as it is
-    index = (torch.arange(ids.shape[1], device=ids.device) + shift) % ids.shape[1]
-    return ids.gather(1, index), mask.gather(1, index)
+    index = (torch.arange(ids.shape[1], device=device) + shift) % ids.shape[1]
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor) and k != "labels":
+            v = v.to(device)
+            out[k] = v.gather(1, index) if v.shape == ids.shape else v
+    return out
 
 
 @torch.no_grad()
@@ -93,11 +100,10 @@ def surprise(model: Any, batches: Any, active: Sequence[str], precision: str = "
     try:
         with model.using(*active), autocast(resolve_precision(precision, device), device), inference_linears(model):
             for b in batches:
-                extra = {k: v.to(device) for k, v in b.items()
-                         if isinstance(v, torch.Tensor) and k not in ("input_ids", "attention_mask", "labels")}
-                ids, mask = _right_padded(b["input_ids"].to(device), b["attention_mask"].to(device))
-                logits = model(input_ids=ids, attention_mask=mask, **extra).float()
-                out.append((_entropy(logits) if logits.dim() == 2 else _prompt_nll(logits, ids, mask)).cpu())
+                b = _right_padded(b, device)
+                logits = model(**b).float()
+                out.append((_entropy(logits) if logits.dim() == 2 else
+                            _prompt_nll(logits, b["input_ids"], b["attention_mask"])).cpu())
     finally:
         model.train(was_training)
     result = torch.cat(out) if out else torch.zeros(0)
