@@ -8,8 +8,8 @@ heatmap PNG, the stream config) and one nested run per training step (params of 
 metrics ``train/loss``, ``train/lr``, ``train/samples_per_s``, ``dev/*``; the task's delta checkpoint
 under ``checkpoint/``). Default store: ``sqlite:///mlflow.db`` in the working directory, no server.
 
-This is the only module that imports mlflow, and every metric name the project logs is made by
-the functions of the "names" section below.
+This is the only module that imports mlflow; every metric name the project logs is made by
+:mod:`continual.metric_names`.
 
 The run directory is the source of truth, MLflow a copy: the scheduler writes a step's state
 before it logs it, and wraps every logger in a :class:`GuardedLogger`, so a tracking server that
@@ -31,9 +31,10 @@ from typing import Any
 
 from .guard import GuardedLogger, best_effort, check_uri, sqlite_file, store_lock
 from .logger import StreamLogger
+from .metric_names import finite_values, compare_metric, fusion_metric, matrix_metrics, record_metric, step_metrics
 
 __all__ = ["DEFAULT_EXPERIMENT", "DEFAULT_TRACKING_URI", "GuardedLogger", "MLflowLogger", "StreamLogger", "check_tracking_uri",
-           "check_uri", "experiment", "fetch_results", "log_combination", "log_compare", "log_fusion_weights", "log_nested_run",
+           "check_experiment", "check_uri", "experiment", "fetch_results", "log_combination", "log_compare", "log_fusion_weights", "log_nested_run",
            "matrix_metrics", "record_metric", "step_metrics"]
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -43,59 +44,6 @@ COMBINATIONS_EXPERIMENT = "combinations"
 # MLflow's documented limits per log_batch call: 1000 metrics and 100 params (900 leaves room for
 # the params and tags a call may carry); a param value holds at most 6000 characters.
 METRICS_PER_BATCH, PARAMS_PER_BATCH, PARAM_VALUE_CHARS = 900, 100, 6000
-
-
-# -- names: every metric key the project logs --------------------------------------------------------
-def record_metric(field: str) -> str:
-    """A training record's field: ``dev_accuracy`` -> ``dev/accuracy``, ``loss`` -> ``train/loss``."""
-    return f"dev/{field[4:]}" if field.startswith("dev_") else f"train/{field}"
-
-
-def matrix_metrics(row: int, tasks: list[str], R_row: list[float], F1_row: list[float],
-                   summary: dict[str, float], scores: dict[str, str] | None = None,
-                   A_row: list[float] | None = None) -> list[tuple[str, float, int]]:
-    """(name, value, step) of one row of the matrix: ``<score>/<task>`` (``acc/<task>`` for a
-    classifier's accuracy, a generative task's metric, ``exact_match/<task>``, ``rouge_l/<task>``,
-    ..., from ``scores``) and ``f1/<task>`` (step = row), ``R.<row>.<j>``, and
-    ``so_far/<metric>`` (the stream's metrics as if it ended at this row); from the task-agnostic
-    row ``A_row``, ``agnostic/<task>`` (step = row) and ``A.<row>.<j>``."""
-    out = []
-    for j, name in enumerate(tasks):
-        if A_row is not None and not math.isnan(A_row[j]):
-            out += [(f"agnostic/{name}", float(A_row[j]), row), (f"A.{row}.{j}", float(A_row[j]), 0)]
-        score = (scores or {}).get(name, "accuracy")
-        for prefix, values in (("acc" if score == "accuracy" else score, R_row), ("f1", F1_row)):
-            if not math.isnan(values[j]):
-                out.append((f"{prefix}/{name}", float(values[j]), row))
-        if not math.isnan(R_row[j]):
-            out.append((f"R.{row}.{j}", float(R_row[j]), 0))
-    out += [(f"so_far/{k}", v, row) for k, v in _finite(summary).items()]
-    return out
-
-
-def step_metrics(result: Any, untrained: dict[str, float], test: dict[str, float],
-                 trainable: dict[str, int]) -> dict[str, float]:
-    """The metrics of one training step's nested run (per task: test accuracy, trainable parameters,
-    and the accuracy before training where it was measured)."""
-    out = {"best_dev_accuracy": result.best_dev["accuracy"], "train_seconds": result.seconds, "steps": result.steps,
-           "best_step": result.best_step}
-    out.update({f"untrained_test_accuracy/{t}": v for t, v in untrained.items()})
-    out.update({f"test_accuracy/{t}": v for t, v in test.items()})
-    out.update({f"trainable_params/{t}": v for t, v in trainable.items()})
-    return out
-
-
-def compare_metric(field: str, label: str) -> str:
-    """``ACC/per-task_lora``: a comparison row's field (MLflow names allow no '@', '=', ',')."""
-    return f"{field}/" + re.sub(r"[^\w\-. :/]", "_", label)
-
-
-def fusion_metric(task: str, source: str) -> str:
-    return f"fusion_weight/{task}/{source}"
-
-
-def _finite(d: dict[str, float]) -> dict[str, float]:
-    return {k: float(v) for k, v in d.items() if v is not None and not math.isnan(v)}
 
 
 def _flat(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -167,8 +115,31 @@ def experiment(uri: str, name: str) -> tuple[Any, str]:
     with store_lock(uri):
         exp = client.get_experiment_by_name(name)
         if exp is not None:
+            _refuse_deleted(uri, exp)
             return client, exp.experiment_id
         return client, client.create_experiment(name, artifact_location=sqlite_artifact_root(uri))
+
+
+def _refuse_deleted(uri: str, exp: Any) -> None:
+    if exp.lifecycle_stage == "deleted":  # MLflow refuses its runs, and a name stays taken until it is purged
+        raise ValueError(f"experiment {exp.name!r} was deleted in {uri}; restore it (mlflow experiments restore "
+                         f"--experiment-id {exp.experiment_id}, with MLFLOW_TRACKING_URI={uri}) or give another --experiment")
+
+
+def check_experiment(uri: str, name: str) -> None:
+    """Refuse, before a command loads or trains anything, an experiment ``name`` that the store at
+    ``uri`` holds as deleted: a run there trained unlogged and then pointed at a ``continual sync``
+    into the same experiment. A store that does not exist yet, or does not answer now, is left to
+    the run's guarded logger (a server may come up later; a run never waits for one)."""
+    db = sqlite_file(uri)
+    if db is not None and not db.exists():
+        return  # (opening it would create it: the run does that when it logs)
+    try:
+        exp = client_for(uri).get_experiment_by_name(name)
+    except Exception:  # noqa: BLE001 - unreachable or failing: the guard handles it during the run
+        return
+    if exp is not None:
+        _refuse_deleted(uri, exp)
 
 
 @best_effort
@@ -191,7 +162,7 @@ def log_nested_run(run_dir: str | Path, name: str, metrics: dict[str, float], fi
         raise LookupError(f"{uri} does not hold this run (it was logged to {tracking.get('tracking_uri')}); "
                           f"upload it there first: continual sync {run_dir} --tracking-uri {uri}") from None
     child = client.create_run(exp_id, run_name=name, tags={"mlflow.parentRunId": parent, "kind": name}).info.run_id
-    _log_metrics(client, child, [(k, v, 0) for k, v in _finite(metrics).items()])
+    _log_metrics(client, child, [(k, v, 0) for k, v in finite_values(metrics).items()])
     for f in files:
         client.log_artifact(child, str(f), name)
     client.set_terminated(child)
@@ -278,7 +249,7 @@ class MLflowLogger(StreamLogger):
 
         self._flush()
         now = int(time.time() * 1000)
-        self.client.log_batch(self.child, metrics=[Metric(k, v, now, row) for k, v in _finite(metrics).items()])
+        self.client.log_batch(self.child, metrics=[Metric(k, v, now, row) for k, v in finite_values(metrics).items()])
         for name, path in artifacts.items():
             if Path(path).is_dir():
                 self.client.log_artifacts(self.child, str(path), name)
@@ -301,7 +272,7 @@ class MLflowLogger(StreamLogger):
         if self.parent is None:
             return
         now = int(time.time() * 1000)
-        ms = [Metric(k, v, now, 0) for k, v in _finite(summary).items()]
+        ms = [Metric(k, v, now, 0) for k, v in finite_values(summary).items()]
         if ms:
             self.client.log_batch(self.parent, metrics=ms)
         for path in artifacts:
@@ -327,7 +298,7 @@ def _standalone_run(uri: str, experiment_name: str, run_name: str, tags: dict[st
     run_id = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
     for k, v in params.items():
         client.log_param(run_id, k, v)
-    _log_metrics(client, run_id, [(k, v, 0) for k, v in _finite(metrics).items()] + list(series))
+    _log_metrics(client, run_id, [(k, v, 0) for k, v in finite_values(metrics).items()] + list(series))
     for f in files:
         client.log_artifact(run_id, str(f), artifact_dir)
     client.set_terminated(run_id)

@@ -186,6 +186,31 @@ def test_out_that_cannot_hold_a_run_is_refused_before_anything_loads(tmp_path, c
         assert "not writable" in capsys.readouterr().err
 
 
+def test_an_experiment_the_store_deleted_is_refused_before_anything_loads(tmp_path, capsys):
+    """MLflow keeps a deleted experiment's name and refuses runs in it: a run there trained
+    unlogged, then pointed at a ``continual sync`` into the same experiment, which failed alike."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    client = MlflowClient(uri)
+    for name in ("gone", "continual", "combinations"):
+        client.delete_experiment(client.create_experiment(name))
+    commands = [["run", "--experiment", "gone", "--out", str(tmp_path / "r")],
+                ["compare", "--out", str(tmp_path / "c")],  # its runs go to the default experiment, continual
+                ["combine", "--task", "movie", "--out", str(tmp_path / "k")]]
+    for command in commands:
+        assert main([*command, "--backbone", "no-such-backbone", "--tracking-uri", uri]) == 2
+        err = capsys.readouterr().err
+        assert "was deleted in" in err and "mlflow experiments restore --experiment-id" in err, err
+    assert main(["sync", str(tmp_path / "nothing"), "--experiment", "gone", "--tracking-uri", uri]) == 2
+    assert "experiment 'gone' was deleted" in capsys.readouterr().err
+    assert not any((tmp_path / d).exists() for d in "rck")
+    # a store that does not exist yet is not made by the check (the run makes it when it logs)
+    assert main(["run", "--backbone", "no-such-backbone", "--tracking-uri", f"sqlite:///{tmp_path}/new.db",
+                 "--out", str(tmp_path / "n")]) == 2
+    assert "was deleted" not in capsys.readouterr().err and not (tmp_path / "new.db").exists()
+
+
 def test_a_ray_pool_without_ray_is_refused_before_anything_loads(tmp_path, capsys):
     import importlib.util
 

@@ -25,7 +25,8 @@ from ..rundir import check_out, not_a_run, run_info
 from ..scheduler import run_stream
 from ..strategies import STRATEGIES, default_methods, make_strategy
 from ..guard import check_resume_store
-from ..tracking import MLflowLogger, check_tracking_uri, fetch_results, log_combination
+from ..tracking import (COMBINATIONS_EXPERIMENT, DEFAULT_EXPERIMENT, MLflowLogger, check_experiment, check_tracking_uri,
+                        fetch_results, log_combination)
 from ..training import TrainConfig, distributed
 from ..training.config import MAX_RUN_SEED, check_seed
 
@@ -62,6 +63,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     device = config.torch_device()  # an unusable --device is an error before anything is loaded or deleted
     if not args.no_mlflow:
         check_tracking_uri(args.tracking_uri)
+        check_experiment(args.tracking_uri, args.experiment)  # a deleted one: refused before the run, not after
     started = distributed.init_from_env(device)  # under torchrun / accelerate launch: join the group
     try:
         return _run(args, strategy, config)
@@ -111,6 +113,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
     from ..sync import logged_already, sync_run
 
     check_tracking_uri(args.tracking_uri)  # quick HTTP timeouts: a silent server is an error within seconds, not a hang
+    check_experiment(args.tracking_uri, args.experiment)
     existing = None if args.again else logged_already(run_info(Path(args.run)), args.tracking_uri, args.experiment)
     if existing:
         print(f"{args.run} is already in {args.tracking_uri} as MLflow run {existing} (experiment "
@@ -214,6 +217,7 @@ def cmd_combine(args: argparse.Namespace) -> int:
     check_out(out)  # a file, a path under a file or a read-only mount: refused before anything loads
     if not args.no_mlflow:
         check_tracking_uri(args.tracking_uri)
+        check_experiment(args.tracking_uri, COMBINATIONS_EXPERIMENT)
     task = builtin_task(args.task, args.seed, _cap(args.max_train), _cap(args.max_eval))
     torch.manual_seed(args.seed)
     model = DeltaModel.from_pretrained(args.backbone)
@@ -251,6 +255,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     uri = None if args.no_mlflow else args.tracking_uri
     if uri:
         check_tracking_uri(uri)
+        check_experiment(uri, DEFAULT_EXPERIMENT)
     tag = f"s{seeds[0]}" if len(seeds) == 1 else "s" + "-".join(map(str, seeds))
     out = Path(args.out or f"runs/compare-{Path(args.stream).stem}-{tag}")
     check_out(out)  # a file, a path under a file or a read-only mount: refused before anything loads
