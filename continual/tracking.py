@@ -39,6 +39,7 @@ __all__ = ["DEFAULT_EXPERIMENT", "DEFAULT_TRACKING_URI", "GuardedLogger", "MLflo
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "continual"
+MAX_EXPERIMENT_NAME = 500  # MLflow's (mlflow.utils.validation.MAX_EXPERIMENT_NAME_LENGTH), checked where names come in
 COMBINATIONS_EXPERIMENT = "combinations"
 
 # MLflow's documented limits per log_batch call: 1000 metrics and 100 params (900 leaves room for
@@ -174,6 +175,9 @@ class MLflowLogger(StreamLogger):
 
     def __init__(self, tracking_uri: str = DEFAULT_TRACKING_URI, experiment: str = DEFAULT_EXPERIMENT,
                  run_name: str | None = None, flush_every: int = 50) -> None:
+        if not experiment.strip() or len(experiment) > MAX_EXPERIMENT_NAME:  # MLflow refused it once the run had trained
+            raise ValueError(f"an MLflow experiment name is 1 to {MAX_EXPERIMENT_NAME} characters, not blank; got "
+                             f"{len(experiment)}")
         self.uri, self.experiment, self.run_name = check_tracking_uri(tracking_uri), experiment, run_name
         self._client: Any = None  # made at first use, inside the scheduler's guard (a server may be down)
         self.flush_every = flush_every

@@ -211,6 +211,21 @@ def test_an_experiment_the_store_deleted_is_refused_before_anything_loads(tmp_pa
     assert "was deleted" not in capsys.readouterr().err and not (tmp_path / "new.db").exists()
 
 
+def test_an_experiment_name_mlflow_cannot_hold_is_refused_before_anything_loads(tmp_path, capsys):
+    from mlflow.utils.validation import MAX_EXPERIMENT_NAME_LENGTH
+
+    from continual.tracking import MAX_EXPERIMENT_NAME, MLflowLogger
+
+    assert MAX_EXPERIMENT_NAME == MAX_EXPERIMENT_NAME_LENGTH
+    # 501 characters: the run trained unlogged, MLflow refusing the name only when the first run was made
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--backbone", "no-such-backbone", "--experiment", "e" * 501, "--out", str(tmp_path / "r")])
+    assert e.value.code == 2 and "MLflow takes at most 500 characters, got 501" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="1 to 500 characters"):
+        MLflowLogger(f"sqlite:///{tmp_path}/m.db", "e" * 501)
+    assert MLflowLogger(f"sqlite:///{tmp_path}/m.db", "e" * 500).experiment == "e" * 500
+
+
 def test_a_ray_pool_without_ray_is_refused_before_anything_loads(tmp_path, capsys):
     import importlib.util
 

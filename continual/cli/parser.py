@@ -14,7 +14,7 @@ from adapters.precision import PRECISIONS
 from streams import GENERATIVE_STREAMS, STREAMS
 
 from ..strategies import STRATEGIES
-from ..tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI
+from ..tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI, MAX_EXPERIMENT_NAME
 from ..training import COMPILE_MODES, DROPOUT_MASKS, MALLOC, TrainConfig
 from ..training.config import MAX_RUN_SEED, ROUTERS, check_seed
 
@@ -69,6 +69,14 @@ def mlflow_name(text: str) -> str:
     experiment name only once the run has trained, and logging then stops)."""
     if not text.strip():
         raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+def experiment_name(text: str) -> str:
+    """An argparse type: an MLflow experiment name (:func:`mlflow_name`, at most MLflow's 500
+    characters: a longer one was refused by MLflow once the run had trained)."""
+    if len(mlflow_name(text)) > MAX_EXPERIMENT_NAME:
+        raise argparse.ArgumentTypeError(f"MLflow takes at most {MAX_EXPERIMENT_NAME} characters, got {len(text)}")
     return text
 
 
@@ -186,7 +194,7 @@ def _run(sub: argparse._SubParsersAction) -> None:
                    "backbone weights changed; the others' scores are carried over: same numbers, less time)%(default).0s")
     r.add_argument("--overwrite", action="store_true", help="replace a run saved in --out")
     _tracking_options(r)
-    r.add_argument("--experiment", type=mlflow_name, default=DEFAULT_EXPERIMENT, help="MLflow experiment name")
+    r.add_argument("--experiment", type=experiment_name, default=DEFAULT_EXPERIMENT, help="MLflow experiment name")
     r.add_argument("--run-name", type=mlflow_name, default=None, help="MLflow run name (default: the output directory's name)%(default).0s")
 
 
@@ -194,7 +202,7 @@ def _report(sub: argparse._SubParsersAction) -> None:
     rep = sub.add_parser("report", help="print the matrix and metrics of a run and write its heatmap", formatter_class=Formatter)
     rep.add_argument("run", help="a run's output directory, or an MLflow run id / run name")
     rep.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI, help="MLflow store, for a run id / name")
-    rep.add_argument("--experiment", type=mlflow_name, default=DEFAULT_EXPERIMENT)
+    rep.add_argument("--experiment", type=experiment_name, default=DEFAULT_EXPERIMENT)
     rep.add_argument("--plot", default=None, help="heatmap PNG path (default: heatmap.png in the run directory, "
                      "or ./<run>-heatmap.png for an MLflow run)%(default).0s")
     rep.add_argument("--f1", action="store_true", help="show macro-F1 instead of accuracy")
@@ -324,7 +332,7 @@ def _sync(sub: argparse._SubParsersAction) -> None:
                         formatter_class=Formatter)
     sy.add_argument("run", help="a run's output directory (finished or not)")
     sy.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI, help="MLflow store or server")
-    sy.add_argument("--experiment", type=mlflow_name, default=DEFAULT_EXPERIMENT, help="MLflow experiment name")
+    sy.add_argument("--experiment", type=experiment_name, default=DEFAULT_EXPERIMENT, help="MLflow experiment name")
     sy.add_argument("--run-name", type=mlflow_name, default=None, help="MLflow run name (default: the directory's name)%(default).0s")
     sy.add_argument("--again", action="store_true",
                     help="log a copy even when the store already holds this run (by default a second sync logs nothing)")
