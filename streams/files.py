@@ -153,15 +153,26 @@ def extract(
 
 
 def _one_kind(labels: list[Any], where: str, column: str) -> None:
-    """A typed file (JSON lines, parquet) whose labels mix numbers and words (1 and "yes") is
-    refused: each spelling became a class of its own, so one class was learned as two."""
-    numeric = (int, float, np.number)
-    number = next((n for n, v in enumerate(labels, 1) if isinstance(v, numeric) and not isinstance(v, (bool, np.bool_))), None)
-    word = next((n for n, v in enumerate(labels, 1) if isinstance(v, str) and not _norm(v).lstrip("-").isdigit()), None)
-    if number is not None and word is not None:
-        raise DataError(f"{where}: column {column!r} mixes numbers (row {number}: {labels[number - 1]!r}) and words "
-                        f"(row {word}: {labels[word - 1]!r}); each spelling would be a class of its own: write every "
+    """A typed file (JSON lines, parquet) whose labels mix numbers, words and booleans (1 and
+    "yes"; true and "true") is refused: each spelling became a class of its own, so one class was
+    learned as two."""
+    first: dict[str, int] = {}
+    for n, v in enumerate(labels, 1):
+        first.setdefault(_label_kind(v), n)
+    kinds = [k for k in ("numbers", "words", "booleans") if k in first][:2]
+    if len(kinds) == 2:
+        (a, i), (b, j) = ((k, first[k]) for k in kinds)
+        raise DataError(f"{where}: column {column!r} mixes {a} (row {i}: {labels[i - 1]!r}) and {b} "
+                        f"(row {j}: {labels[j - 1]!r}); each spelling would be a class of its own: write every "
                         "label the same way")
+
+
+def _label_kind(v: Any) -> str:
+    if isinstance(v, (bool, np.bool_)):  # (before numbers: a bool is an int in Python)
+        return "booleans"
+    if isinstance(v, (int, float, np.number)) or _norm(v).lstrip("-").isdigit():  # "0" reads as 0
+        return "numbers"
+    return "words"
 
 
 def extract_targets(frame: pd.DataFrame, where: str, text_column: str, target_column: str) -> tuple[list[str], list[str]]:

@@ -88,6 +88,8 @@ def test_tokenisation_runs_once_per_split(tmp_path, minilm_tokenizer):
     ("missing_file", r"nothere\.csv: file not found"),
     ("bad_jsonl", r"a\.jsonl: line 2 is not valid JSON"),
     ("mixed_label_kinds", r"a\.jsonl: column 'label' mixes numbers \(row 2: 1\) and words \(row 1: 'pos'\)"),
+    # JSON true / false beside "true" / "false" were four classes (True, False, true, false)
+    ("mixed_bools", r"a\.jsonl: column 'label' mixes words \(row 2: 'true'\) and booleans \(row 1: True\)"),
     ("empty_text", r"a\.csv: row 2, column 'text': empty text"),
     ("unknown_key", r"unknown key\(s\) txt_column"),
     ("label_not_in_names", r"row 1, column 'label': label 'neg' never occurs in label_names"),
@@ -123,6 +125,10 @@ def test_bad_user_streams_fail_clearly(tmp_path, monkeypatch, case, message):
     elif case == "mixed_label_kinds":  # one class written two ways (1 and "pos") had become two classes
         (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": f"t{i}", "label": ["pos", 1, "0", 0][i % 4]}) + "\n"
                                                   for i in range(12)))
+        entry["train"] = "a.jsonl"
+    elif case == "mixed_bools":
+        (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": f"t{i}", "label": [True, "true", False, "false"][i % 4]})
+                                                  + "\n" for i in range(12)))
         entry["train"] = "a.jsonl"
     elif case == "empty_text":
         (tmp_path / "a.csv").write_text("text,label\nfine,pos\n,neg\n")
