@@ -115,6 +115,13 @@ class Strategy:
         # (a string in the command line's grammar too: "lora:rank=4")
         self.methods: list[DeltaConfig] = method_configs(methods)
 
+    def remember(self, task: Task) -> None:
+        """Add ``task`` to ``self.seen``, the tasks finished so far in stream order, once (a resumed
+        run finishes its done steps again to rebuild them), for strategies that look back at them."""
+        seen = self.__dict__.setdefault("seen", [])
+        if task.name not in [t.name for t in seen]:
+            seen.append(task)
+
     def check_stream(self, stream: TaskStream, model: DeltaModel, max_length: int | None = None) -> None:
         """Refuse, before anything runs, a stream this strategy cannot train on ``model`` (tasks
         without their own length use ``max_length``):

@@ -69,8 +69,7 @@ class LwF(_SharedDelta):
 
     def finish(self, model: DeltaModel, task: Task) -> None:
         super().finish(model, task)
-        if task.name not in [t.name for t in self.seen]:
-            self.seen.append(task)
+        self.remember(task)
 
     def loss_term(self, model: DeltaModel, task: Task, config: TrainConfig, data: Any):
         old = [t for t in self.seen if t.name != task.name and t.generative == task.generative]

@@ -116,8 +116,7 @@ class MagMax(_SharedDelta):
 
     def finish(self, model: DeltaModel, task: Task) -> None:
         super().finish(model, task)
-        if task.name not in [t.name for t in self.seen]:
-            self.seen.append(task)
+        self.remember(task)
 
     def state(self, model: DeltaModel) -> dict[str, torch.Tensor]:
         out = super().state(model)

@@ -81,8 +81,7 @@ class Replay(_SharedDelta):
 
     def finish(self, model: DeltaModel, task: Task) -> None:
         super().finish(model, task)
-        if task.name not in [t.name for t in self.seen]:
-            self.seen.append(task)
+        self.remember(task)
 
     def memory_loss(self, model: DeltaModel, data: Any, picks: list[tuple[Task, int]],
                     loss: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:

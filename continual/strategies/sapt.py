@@ -96,8 +96,7 @@ class Sapt(TaskSlots):
 
     def finish(self, model: DeltaModel, task: Task) -> None:
         super().finish(model, task)
-        if task.name not in [t.name for t in self.seen]:
-            self.seen.append(task)
+        self.remember(task)
 
     def attention(self, model: DeltaModel, rows: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
         """Log-weights of the begun slots (B, n) for tokenised ``rows``, and those slots."""
