@@ -139,7 +139,7 @@ def test_a_method_without_linear_maps_and_bad_thresholds_are_refused():
     for bad in (1, 1.5, -0.1, float("nan"), True, "0.5"):
         with pytest.raises(ValueError, match=r"migu: threshold must be a number in \[0, 1\)"):
             make_strategy("migu", LORA, threshold=bad)
-    with pytest.raises(ValueError, match="migu: magnitudes must be term or layer, got 'output'"):
+    with pytest.raises(ValueError, match="migu: magnitudes must be one of term, layer, got 'output'"):
         make_strategy("migu", LORA, magnitudes="output")
     assert make_strategy("migu").describe()["threshold"] == 0.7
     assert make_strategy("migu").describe()["magnitudes"] == "term"

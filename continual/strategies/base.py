@@ -34,6 +34,13 @@ def check_option(strategy: str, key: str, value: Any, ok: Callable[[Any], bool],
         raise ValueError(f"{strategy}: {key} must be {what}, got {value!r}")
 
 
+def check_choice(strategy: str, key: str, value: Any, choices: Sequence[str]) -> None:
+    """Refuse a strategy option that is not one of ``choices``, as ``<strategy>: <key> must be one
+    of <choices>, got <value>``."""
+    if value not in choices:
+        raise ValueError(f"{strategy}: {key} must be one of {', '.join(choices)}, got {value!r}")
+
+
 def flat(tensors: Sequence[torch.Tensor | None], like: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """``tensors`` as one vector, each None as zeros shaped like its partner in ``like`` (a
     gradient a parameter did not get): what the gradient projections compute with."""

@@ -62,7 +62,7 @@ from adapters.targets import block_paths
 from streams import Task
 
 from ..training import TrainConfig, token_loss
-from .base import check_option, finite_at_least
+from .base import check_choice, check_option, finite_at_least
 from .replay import Replay
 from .shared_delta import SHARED
 
@@ -105,8 +105,7 @@ class ILoRA(Replay):
         super().__init__(methods, memory_size, replay_batch)
         check_option(self.name, "interpolation", interpolation, lambda v: 0 <= v < 1, "a number in [0, 1)")
         check_option(self.name, "consistency", consistency, finite_at_least(0), "a finite number >= 0")
-        if features not in FEATURES:
-            raise ValueError(f"{self.name}: features must be one of {', '.join(FEATURES)}, got {features!r}")
+        check_choice(self.name, "features", features, FEATURES)
         self.interpolation, self.consistency, self.features = float(interpolation), float(consistency), features
         self.steps = 0  # interpolation steps over the stream so far (λ's warm-up)
 

@@ -54,7 +54,7 @@ from adapters.model import MethodSpec
 from streams import Task
 
 from ..training import AdjustGrads, TrainConfig
-from .base import check_option
+from .base import check_choice, check_option
 from .shared_delta import SHARED, _SharedDelta
 
 
@@ -115,8 +115,7 @@ class MIGU(_SharedDelta):
     def __init__(self, methods: Sequence[MethodSpec] = ("lora",), threshold: float = 0.7, magnitudes: str = "term") -> None:
         super().__init__(methods)
         check_option(self.name, "threshold", threshold, lambda v: 0 <= v < 1, "a number in [0, 1)")
-        if magnitudes not in ("term", "layer"):
-            raise ValueError(f"migu: magnitudes must be term or layer, got {magnitudes!r}")
+        check_choice("migu", "magnitudes", magnitudes, ("term", "layer"))
         self.magnitudes = magnitudes
         bad = [m.method for m in self.methods if not get_method(m.method).capabilities.linear_units]
         if bad:
