@@ -276,6 +276,8 @@ def run_stream(
     ``overwrite=True``. ``rescore_all=True`` scores every old task again after each step instead of
     carrying over the scores of those whose inputs did not change (same numbers, more time)."""
     # every setting is checked before anything is deleted (--overwrite), loaded or trained
+    if resume and overwrite:
+        raise ValueError("resume continues the run in out_dir and overwrite replaces it: give one of them")
     if model.tokenizer is None:
         raise ValueError("run_stream needs a model with a tokenizer")
     if model.tasks:

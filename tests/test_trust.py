@@ -226,6 +226,17 @@ def test_an_experiment_name_mlflow_cannot_hold_is_refused_before_anything_loads(
     assert MLflowLogger(f"sqlite:///{tmp_path}/m.db", "e" * 500).experiment == "e" * 500
 
 
+def test_resume_and_overwrite_together_are_refused(text_model, tmp_path, capsys):
+    """Together, --resume had won, and a run that did not match was told to use --overwrite, given already."""
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--backbone", "no-such-backbone", "--resume", "--overwrite", "--out", str(tmp_path / "r")])
+    assert e.value.code == 2 and "argument --overwrite: not allowed with argument --resume" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="give one of them"):
+        run_stream(toy_stream(), text_model(), make_strategy("per-task", ["lora"]), CONFIG, tmp_path / "r",
+                   resume=True, overwrite=True)
+    assert not (tmp_path / "r").exists()
+
+
 def test_a_ray_pool_without_ray_is_refused_before_anything_loads(tmp_path, capsys):
     import importlib.util
 

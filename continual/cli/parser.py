@@ -188,11 +188,12 @@ def _run(sub: argparse._SubParsersAction) -> None:
                    help="under torchrun: shard the frozen backbone's blocks across the processes (FSDP2) instead "
                    "of a full copy in each; the deltas stay replicated (docs/distributed.md)")
     r.add_argument("--out", default=None, help="output directory (default: runs/<stream>-<strategy>-<methods>-s<seed>)%(default).0s")
-    r.add_argument("--resume", action="store_true", help="continue the run saved in --out after its last finished task")
+    again = r.add_mutually_exclusive_group()  # both: --resume won, and a mismatch was told to use --overwrite
+    again.add_argument("--resume", action="store_true", help="continue the run saved in --out after its last finished task")
+    again.add_argument("--overwrite", action="store_true", help="replace a run saved in --out")
     r.add_argument("--rescore-all", action="store_true",
                    help="score every old task again after each task (default: only those whose delta, head or "
                    "backbone weights changed; the others' scores are carried over: same numbers, less time)%(default).0s")
-    r.add_argument("--overwrite", action="store_true", help="replace a run saved in --out")
     _tracking_options(r)
     r.add_argument("--experiment", type=experiment_name, default=DEFAULT_EXPERIMENT, help="MLflow experiment name")
     r.add_argument("--run-name", type=mlflow_name, default=None, help="MLflow run name (default: the output directory's name)%(default).0s")
