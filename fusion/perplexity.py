@@ -40,6 +40,8 @@ class PerplexityRouter:
     task in the order they were added, not embeddings (``reads = "surprise"``)."""
 
     name = "perplexity"
+    summary = ("the task whose delta and head find the input least surprising (AdapterCL's selection); "
+               "one pass per task so far for each input")
     reads = "surprise"
 
     def __init__(self) -> None:

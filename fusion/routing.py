@@ -83,6 +83,7 @@ class PrototypeRouter:
     """Nearest (task, label) prototype by cosine similarity; incremental, keeps no data."""
 
     name = "prototype"
+    summary = "the task of the nearest (task, label) mean embedding, by cosine; keeps no example"
 
     def __init__(self) -> None:
         self.tasks: list[str] = []
@@ -110,6 +111,7 @@ class LinearRouter:
     """Softmax regression on stored embeddings of all tasks (refit after each new task)."""
 
     name = "linear"
+    summary = "softmax regression refitted on every task's stored embeddings (feature replay)"
     seeded = True
 
     def __init__(self, epochs: int = 300, lr: float = 0.1, weight_decay: float = 1e-4, seed: int = 0) -> None:
@@ -174,6 +176,7 @@ class MahalanobisRouter:
     """
 
     name = "mahalanobis"
+    summary = "the nearest task mean under one pooled, shrunk covariance (ABSCL's selector); keeps no example"
 
     def __init__(self, shrinkage: float | None = None) -> None:
         if shrinkage is not None and not 0 <= shrinkage <= 1:

@@ -172,6 +172,10 @@ def test_list_and_help(capsys):
     lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
     assert "temperature=1.0" in lines["per-task-fusion"] and "backbone_lr=5e-05" in lines["seq-ft"]
     assert "(encoders and T5 only)" in lines["coda_prompt"] and "only" not in lines["lora"]  # capabilities.decoders
+    from fusion.routing import ROUTERS
+
+    assert all(name in lines for name in ROUTERS) and lines["mahalanobis"].endswith("(default)")
+    assert "(default)" not in lines["perplexity"]
     for cmd in ("run", "report", "list"):
         with pytest.raises(SystemExit) as e:
             main([cmd, "--help"])

@@ -330,6 +330,12 @@ def cmd_list(args: argparse.Namespace) -> int:
             print(f"  {k:<18} {' -> '.join(v)}   (text-to-text: needs a decoder, e.g. --backbone smollm2)")
     if what in (None, "data"):
         print(f"built-in data sets (for YAML 'source:'): {', '.join(SOURCES)}")
+    if what in (None, "routers"):
+        from fusion.routing import ROUTERS
+
+        print("routers (--router; who answers an input that comes without its task id):")
+        for k, v in ROUTERS.items():
+            print(f"  {k:<12} {v.summary}" + ("   (default)" if k == TrainConfig.router else ""))
     if what in (None, "backbones"):
         print(f"backbones: {', '.join(BACKBONES)} (default minilm), a local path, or a hub id (needs network)")
     return 0

@@ -340,5 +340,5 @@ def _sync(sub: argparse._SubParsersAction) -> None:
 
 
 def _list(sub: argparse._SubParsersAction) -> None:
-    ls = sub.add_parser("list", help="list methods, streams, backbones and strategies")
-    ls.add_argument("what", nargs="?", choices=["methods", "streams", "backbones", "strategies", "data"], default=None)
+    ls = sub.add_parser("list", help="list methods, strategies, routers, streams, data and backbones")
+    ls.add_argument("what", nargs="?", choices=["methods", "strategies", "routers", "streams", "data", "backbones"], default=None)
