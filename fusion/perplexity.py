@@ -21,6 +21,10 @@ same order). Departures from the paper:
   read by its encoder: the model gives no probability of it);
 - AdapterCL scores the dialogue history; here the task's prompt as the model reads it (cut to the
   task's ``max_length``).
+
+Where tasks answer through one function (one shared delta on generative tasks, which share the LM
+head: seq-delta, o-lora, ...), every task is equally surprised and the first one is picked: the
+routing accuracy then measures nothing, while the answers, and so A, are R's.
 """
 
 from __future__ import annotations
