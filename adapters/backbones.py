@@ -157,6 +157,11 @@ def load_backbone(name: str = DEFAULT_BACKBONE, dtype: torch.dtype | None = None
         path, local = str(BACKBONES[name]()), True
     elif Path(name).expanduser().exists():
         path, local = str(Path(name).expanduser()), True
+        held = [f for f in ("config.json", "adapter_config.json") if (Path(path) / f).is_file()]  # (a PEFT folder: transformers')
+        if not held:  # transformers said "not a valid JSON file" of a file, "Unrecognized model" of an empty folder
+            what = "a file" if Path(path).is_file() else "a folder without config.json"
+            raise BackboneError(f"cannot load backbone from {name}: it is {what}; give the folder of a saved "
+                                "HuggingFace model (config.json, its weights and tokenizer files)")
     elif name.startswith(("/", ".", "~")) or name.count("/") > 1:  # a path, and no hub id ('org/name')
         # asking the hub for it failed as "offline?" with the hub's complaint about the id's characters
         raise BackboneError(f"cannot load backbone from {name}: no such directory")

@@ -61,6 +61,15 @@ def test_a_missing_directory_is_named_without_asking_the_hub(tmp_path):
             adapters.load_backbone(str(path))
 
 
+def test_a_file_or_a_folder_without_a_model_is_named_as_such(tmp_path):
+    (tmp_path / "s.yaml").write_text("tasks: []")
+    (tmp_path / "empty").mkdir()
+    # transformers said "not a valid JSON file" of the one and "Unrecognized model ... model_type" of the other
+    for path, what in ((tmp_path / "s.yaml", "a file"), (tmp_path / "empty", "a folder without config.json")):
+        with pytest.raises(BackboneError, match=f"cannot load backbone from {path}: it is {what}; give the folder"):
+            adapters.load_backbone(str(path))
+
+
 def test_broken_local_directory_fails_clearly(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(BackboneError, match="cannot load backbone from"):
