@@ -31,11 +31,11 @@ from typing import Any
 
 from .guard import GuardedLogger, best_effort, check_uri, sqlite_file, store_lock
 from .logger import StreamLogger
-from .metric_names import finite_values, compare_metric, fusion_metric, matrix_metrics, record_metric, step_metrics
+from .metric_names import compare_metric, finite_values, fusion_metric, matrix_metrics, record_metric, step_metrics
 
-__all__ = ["DEFAULT_EXPERIMENT", "DEFAULT_TRACKING_URI", "GuardedLogger", "MLflowLogger", "StreamLogger", "check_tracking_uri",
-           "check_experiment", "check_uri", "experiment", "fetch_results", "log_combination", "log_compare", "log_fusion_weights", "log_nested_run",
-           "matrix_metrics", "record_metric", "step_metrics"]
+__all__ = ["DEFAULT_EXPERIMENT", "DEFAULT_TRACKING_URI", "GuardedLogger", "MLflowLogger", "StreamLogger", "check_experiment",
+           "check_tracking_uri", "check_uri", "experiment", "fetch_results", "log_combination", "log_compare",
+           "log_fusion_weights", "log_nested_run", "matrix_metrics", "record_metric", "step_metrics"]
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "continual"
