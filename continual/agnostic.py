@@ -39,7 +39,7 @@ import torch
 
 from adapters import DeltaModel
 from adapters.errors import non_finite_rows, refuse_non_finite
-from fusion.routing import ROUTERS, embed, make_router, surprise
+from fusion.routing import embed, make_router, reads_surprise, router_refusal, surprise
 from streams import Task
 
 from .scoring import _digest
@@ -76,7 +76,7 @@ def function_key(model: DeltaModel, active: Sequence[str], backbone: str) -> str
 def check_router(name: str, tasks: Sequence[Task], model: DeltaModel) -> None:
     """Refuse, before the run, a router that cannot route these tasks on this model (its own
     ``refusal``: the perplexity router on a stream mixing kinds of task, or a T5 prompt)."""
-    why = getattr(ROUTERS[name], "refusal", lambda *a: None)([t.generative for t in tasks], model.seq2seq)
+    why = router_refusal(name, [t.generative for t in tasks], model.seq2seq)
     if why:
         raise ValueError(f"{why}; choose another router (--router)")
 
@@ -95,7 +95,7 @@ class AgnosticScorer:
         self.fitted: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # (task, embeddings, labels), in order
         self._test_emb: dict[tuple[str, str], torch.Tensor] = {}
         # a router that reads the deltas' surprise (perplexity) fits on nothing and embeds nothing
-        self.reads = getattr(ROUTERS[router], "reads", "embeddings")
+        self.by_surprise = reads_surprise(self.router)
         self._surprise: dict[tuple[str, str], torch.Tensor] = {}  # (task, function key) -> per test example
         self._scores: dict[tuple[str, str], np.ndarray] = {}  # (task, function key) -> per-example, NaN = not yet
 
@@ -105,7 +105,7 @@ class AgnosticScorer:
     # -- fitting -------------------------------------------------------------------------------------
     def add_task(self, task: Task) -> None:
         """Fit the router on ``task`` too (at most :data:`FIT_MAX` training examples: :func:`~continual.training.data.sample_rows`)."""
-        if self.reads == "surprise":  # only the task's place: its deltas are asked at scoring time
+        if self.by_surprise:  # only the task's place: its deltas are asked at scoring time
             self._fit(task.name, torch.zeros(0, 0), torch.zeros(0, dtype=torch.long))
             return
         train = self.data(task)["train"]  # tokenised; a classification task's keeps its "label" column
@@ -168,7 +168,7 @@ class AgnosticScorer:
         keys = [function_key(self.model, self.active(t.name), backbone) for t in tasks]
         scores, right, total = [], 0, 0
         for j, task in enumerate(tasks):
-            routed = self._surprises(task, tasks, keys) if self.reads == "surprise" else self._embeddings(task, backbone)
+            routed = self._surprises(task, tasks, keys) if self.by_surprise else self._embeddings(task, backbone)
             slots = self.router.predict(routed).numpy()
             right, total = right + int((slots == j).sum()), total + len(slots)
             per_example = np.full(len(slots), np.nan)

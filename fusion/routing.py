@@ -242,6 +242,19 @@ ROUTERS = {"prototype": PrototypeRouter, "linear": LinearRouter, "mahalanobis": 
            "perplexity": PerplexityRouter}
 
 
+def reads_surprise(router: Any) -> bool:
+    """Whether ``router`` (a router or its class) routes by the deltas' surprise (an (examples,
+    tasks) matrix from :func:`~fusion.perplexity.surprise`) rather than by embeddings."""
+    return getattr(router, "reads", "embeddings") == "surprise"
+
+
+def router_refusal(name: str, generative: Sequence[bool], encoder_decoder: bool) -> str | None:
+    """Why router ``name`` cannot route tasks of these kinds (one ``generative`` flag per task) on
+    such a model, from its own ``refusal``; None where it can (every embedding router)."""
+    why = getattr(ROUTERS[name], "refusal", None)
+    return why(generative, encoder_decoder) if why else None
+
+
 def make_router(name: str, seed: int = 0) -> Any:
     """A new router of ``name`` (a key of :data:`ROUTERS`); ``seed`` reaches those that draw
     random numbers (``seeded = True``), the others are deterministic."""
@@ -355,7 +368,7 @@ def route_and_score(model: DeltaModel, data: RoutingData, router: Any,
         match = lambda t, preds, gold: float(np.mean([a == g for a, g in zip(preds, gold)]))  # noqa: E731
     score = lambda t, slots: match(t, answer(mixed, data.test[t], slots), data.gold[t])  # noqa: E731
     device = model.device
-    if getattr(router, "reads", "embeddings") == "surprise":  # each task's deltas judge every input (per-task: active = own)
+    if reads_surprise(router):  # each task's deltas judge every input (per-task: active = own)
         slots = {t: router.predict(torch.stack([surprise(model, data.test[t], (k,), precision) for k in tasks], 1))
                  for t in tasks}
     else:

@@ -122,7 +122,8 @@ def route_run(run_dir: str | Path, backbone: str | None = None, routers: Sequenc
     :func:`log_routing` logs them).
     ``backbone``: default, the one the run's checkpoints name. Embeddings and scores are computed
     in the precision and at the batch size the run scored its matrix with (:func:`run_scoring`)."""
-    from fusion.routing import ROUTERS, RoutingData, generated_answers, make_router, route_and_score
+    from fusion.routing import (ROUTERS, RoutingData, generated_answers, make_router, reads_surprise, route_and_score,
+                                router_refusal)
 
     chosen = routers is not None
     routers = list(ROUTER_NAMES if routers is None else routers)
@@ -136,11 +137,12 @@ def route_run(run_dir: str | Path, backbone: str | None = None, routers: Sequenc
         raise ValueError(f"fit_max must be None (no cap) or an integer >= 1, got {fit_max!r}")
     run = Path(run_dir)
     stream, info, model = per_task_run(run, backbone, "routing picks one task per stream task")
-    refusals = {r: getattr(ROUTERS[r], "refusal", lambda *a: None)([t.generative for t in stream], model.seq2seq)
-                for r in routers}
+    refusals = {r: router_refusal(r, [t.generative for t in stream], model.seq2seq) for r in routers}
     if chosen and any(refusals.values()):
         raise ValueError("; ".join(f"{r}: {why}" for r, why in refusals.items() if why) + "; route with another --router")
     routers = [r for r in routers if not refusals[r]]  # by default, every router that can
+    # a router that reads the deltas' surprise passes each test batch once per task, the others once
+    passes = sum(len(stream) if reads_surprise(ROUTERS[r]) else 1 for r in routers)
     identity, (precision, batch_size, scored) = info["identity"], run_scoring(info)
     default_len = identity["train"]["max_length"]
     train, test, gold, labels, sources, new_tokens = {}, {}, {}, {}, {}, []
@@ -158,8 +160,6 @@ def route_run(run_dir: str | Path, backbone: str | None = None, routers: Sequenc
         test[t.name] = _Ticking(loader, bar)
         gold[t.name] = list(t.test["target"]) if t.generative else [t.label_names[y] for y in t.test["label"]]
         sources[t.name] = loader.metric_sources() if t.generative else None  # SARI judges against the prompt
-        # a router that reads the deltas' surprise passes each test batch once per task
-        passes = sum(len(stream) if getattr(ROUTERS[r], "reads", "") == "surprise" else 1 for r in routers)
         bar.total += len(train[t.name]) + len(test[t.name]) * (2 + passes)
     answer = match = None
     if all(t.generative for t in stream):  # answers generated through the routed task's delta
